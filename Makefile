@@ -1,0 +1,48 @@
+# cevpn — two commands on a fresh Debian 12 machine: `make demo` and `make test`.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+YANGDIR := yang
+IETF    := $(VENV)/share/yang/modules
+MODULES := $(YANGDIR)/cevpn-types.yang $(YANGDIR)/cevpn-ce.yang $(YANGDIR)/cevpn-service.yang
+
+.PHONY: all deps venv docs bindings lint lint-yang test unit demo clean
+
+all: test
+
+deps:
+	@tools/install-debian-packages
+
+$(VENV)/.stamp: pyproject.toml tools/debian-packages.txt | deps
+	@test -x $(VPY) || $(PY) -m venv $(VENV)
+	@$(VPY) -m pip install -q --upgrade pip
+	@$(VPY) -m pip install -q -e '.[dev]'
+	@# pyangbind declares enum34, which breaks Python 3.11: install it without dependencies.
+	@$(VPY) -m pip install -q --no-deps pyangbind==0.8.7
+	@touch $@
+
+venv: deps $(VENV)/.stamp
+
+# The generated bindings are committed; tests/test_bindings.py fails when they are stale.
+docs: venv
+	@$(VPY) tools/gen_model_docs.py
+
+bindings: venv
+	@$(VPY) tools/gen_bindings.py
+
+lint-yang: venv
+	@$(VPY) tools/lint_yang.py
+
+lint: lint-yang
+	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/ruff format --check nc_core nc_server nc_agent tools tests interop bench
+	@$(VENV)/bin/mypy
+
+test: venv lint
+	@$(VPY) -m pytest
+
+demo: venv
+	@$(VPY) tools/demo.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

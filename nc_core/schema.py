@@ -1,0 +1,187 @@
+"""The YANG schema a server serves, loaded into libyang, and validation against it.
+
+libyang is used because it is the only Python-reachable validator that checks
+everything RFC 7950 asks of a datastore (types, patterns, ranges, mandatory,
+unique, min/max-elements, leafref, must, when) at the speed a NETCONF server
+needs (../shared/NETCONF-NOTES.md: 10,000 list entries in 0.16 s).
+
+The IETF modules we import are the ones pyang installs under
+``<prefix>/share/yang/modules``; they are found there instead of being copied
+into this repository.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import libyang
+from _libyang import ffi, lib
+
+CEVPN_YANG_DIR = Path(__file__).resolve().parent.parent / "yang"
+
+CE_MODULES = ("cevpn-types", "cevpn-ce")
+SERVICE_MODULES = ("cevpn-types", "cevpn-service")
+
+_LOCATION = re.compile(r'(?:Data|Schema) location "(?P<path>[^"]*)"')
+_LINE = re.compile(r"[Ll]ine number (?P<line>\d+)")
+
+
+def ietf_module_dirs() -> list[Path]:
+    """Directories holding the IETF and IANA modules that pyang ships."""
+    roots = [Path(sys.prefix), Path(sys.base_prefix), Path("/usr/local"), Path("/usr")]
+    dirs: list[Path] = []
+    for root in roots:
+        base = root / "share" / "yang" / "modules"
+        for sub in ("ietf", "iana"):
+            if (base / sub).is_dir() and base / sub not in dirs:
+                dirs.append(base / sub)
+    if not dirs:
+        raise FileNotFoundError(
+            "the IETF YANG modules that pyang installs were not found under "
+            f"{', '.join(str(r / 'share/yang/modules') for r in roots)}; install pyang"
+        )
+    return dirs
+
+
+def _silence_libyang_logger() -> None:
+    # libyang only records the data path of an error when its log callback is
+    # on (LY_LOLOG).  Messages can quote rejected values, and a rejected value
+    # may be a key, so the Python logger they go to is muted: errors are
+    # reported to the client that sent the data, never written to a log.
+    libyang.configure_logging(True, logging.ERROR)
+    ly_logger = logging.getLogger("libyang")
+    ly_logger.propagate = False
+    ly_logger.handlers[:] = [logging.NullHandler()]
+
+
+_silence_libyang_logger()
+
+
+@dataclass(frozen=True)
+class SchemaIssue:
+    """One problem libyang found, as a client should see it."""
+
+    message: str
+    path: str | None = None
+    """The data path in libyang's JSON notation, e.g. ``/cevpn-ce:ce/peer[name='b']/sp-address``."""
+    app_tag: str | None = None
+    """libyang's error-app-tag, e.g. ``must-violation``, ``too-few-elements``."""
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f" (at {self.path})" if self.path else ""
+        return f"{self.message}{where}"
+
+
+class ValidationFailed(Exception):
+    """Data does not conform to the schema; ``issues`` says where and why."""
+
+    def __init__(self, issues: Sequence[SchemaIssue]) -> None:
+        self.issues = list(issues) or [SchemaIssue("invalid data")]
+        super().__init__("; ".join(str(i) for i in self.issues))
+
+
+def take_errors(ctx: Any) -> list[SchemaIssue]:
+    """Collect and clear libyang's stored errors for ``ctx``."""
+    issues: list[SchemaIssue] = []
+    err = lib.ly_err_first(ctx.cdata)
+    while err:
+        text = ffi.string(err.msg).decode() if err.msg else "invalid data"
+        raw_path = ffi.string(err.path).decode() if err.path else ""
+        app_tag = ffi.string(err.apptag).decode() if err.apptag else None
+        path_match = _LOCATION.search(raw_path)
+        line_match = _LINE.search(raw_path)
+        issues.append(
+            SchemaIssue(
+                message=text,
+                path=path_match.group("path") if path_match else None,
+                app_tag=app_tag,
+                line=int(line_match.group("line")) if line_match else None,
+            )
+        )
+        err = err.next
+    lib.ly_err_clean(ctx.cdata, ffi.NULL)
+    return issues
+
+
+class _Context(libyang.Context):
+    """A libyang context that keeps its errors structured.
+
+    The binding's ``error()`` flattens libyang's error list into one string
+    and clears it; ours stores the list first, so a caller can report
+    error-path and error-app-tag.
+    """
+
+    last_issues: list[SchemaIssue]
+
+    def error(self, msg: str, *args: Any) -> Any:
+        self.last_issues = take_errors(self)
+        text = msg % args if args else msg
+        details = "; ".join(str(i) for i in self.last_issues)
+        return libyang.LibyangError(f"{text}: {details}" if details else text)
+
+    def take_issues(self, fallback: str) -> list[SchemaIssue]:
+        issues = getattr(self, "last_issues", None) or take_errors(self)
+        self.last_issues = []
+        return issues or [SchemaIssue(fallback)]
+
+
+class Schema:
+    """A libyang context holding a server's modules, implemented and ready to validate."""
+
+    def __init__(
+        self,
+        modules: Iterable[str],
+        *,
+        features: dict[str, Sequence[str]] | None = None,
+        search_dirs: Sequence[Path] = (),
+    ) -> None:
+        dirs = [CEVPN_YANG_DIR, *search_dirs, *ietf_module_dirs()]
+        self.search_dirs = dirs
+        self.ctx = _Context(":".join(str(d) for d in dirs))
+        self.modules: dict[str, Any] = {}
+        features = features or {}
+        for name in modules:
+            try:
+                module = self.ctx.load_module(name)
+            except libyang.LibyangError as exc:
+                raise ValidationFailed(self.ctx.take_issues(str(exc))) from exc
+            for feature in features.get(name, ()):
+                module.feature_enable(feature)
+            self.modules[name] = module
+
+    def parse_config(self, text: str | bytes, fmt: str) -> Any:
+        """Parse a complete configuration document and validate it as a datastore.
+
+        ``fmt`` is ``"xml"`` or ``"json"`` (RFC 7951).  State data is refused.
+        Returns the libyang data tree (possibly ``None`` for an empty document).
+        """
+        try:
+            return self.ctx.parse_data_mem(
+                text, fmt, no_state=True, strict=True, validate_present=True
+            )
+        except libyang.LibyangError as exc:
+            raise ValidationFailed(self.ctx.take_issues(str(exc))) from exc
+
+    def parse_config_file(self, path: Path) -> Any:
+        """Parse and validate an instance document; the format follows the suffix."""
+        fmt = {".xml": "xml", ".json": "json"}.get(path.suffix)
+        if fmt is None:
+            raise ValueError(f"{path}: instance documents end in .xml or .json")
+        return self.parse_config(path.read_bytes(), fmt)
+
+
+def ce_schema() -> Schema:
+    """The schema the CE agent serves (cevpn-ce and what it imports)."""
+    return Schema(CE_MODULES)
+
+
+def service_schema() -> Schema:
+    """The schema the SP VPN server serves (cevpn-service and what it imports)."""
+    return Schema(SERVICE_MODULES)

@@ -1,0 +1,28 @@
+"""Shared fixtures for the cevpn test suite."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+EXAMPLES = ROOT / "tests" / "examples"
+
+
+@pytest.fixture(scope="session")
+def ce_schema():
+    from nc_core.schema import ce_schema
+
+    return ce_schema()
+
+
+@pytest.fixture(scope="session")
+def service_schema():
+    from nc_core.schema import service_schema
+
+    return service_schema()
