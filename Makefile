@@ -35,7 +35,7 @@ lint-yang: venv
 
 lint: lint-yang
 	@$(VENV)/bin/ruff check .
-	@$(VENV)/bin/ruff format --check nc_core nc_server nc_agent tools tests interop bench
+	@$(VENV)/bin/ruff format --check .
 	@$(VENV)/bin/mypy
 
 test: venv lint
