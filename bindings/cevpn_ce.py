@@ -49,9 +49,9 @@ than one when backup servers exist (seed 2.3).
       self._path_helper = False
 
     self._extmethods = False
-    self.__address = YANGDynClass(base=[RestrictedClassType(base_type=str, restriction_dict={'pattern': '(([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])\\.){3}([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])(%[\\p{N}\\p{L}]+)?'}),RestrictedClassType(base_type=str, restriction_dict={'pattern': '((:|[0-9a-fA-F]{0,4}):)([0-9a-fA-F]{0,4}:){0,5}((([0-9a-fA-F]{0,4}:)?(:|[0-9a-fA-F]{0,4}))|(((25[0-5]|2[0-4][0-9]|[01]?[0-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|[01]?[0-9]?[0-9])))(%[\\p{N}\\p{L}]+)?'}),RestrictedClassType(base_type=str, restriction_dict={'pattern': '((([a-zA-Z0-9_]([a-zA-Z0-9\\-_]){0,61})?[a-zA-Z0-9]\\.)*([a-zA-Z0-9_]([a-zA-Z0-9\\-_]){0,61})?[a-zA-Z0-9]\\.?)|\\.', 'length': ['1..253']}),], is_leaf=True, yang_name="address", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, is_keyval=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='inet:host', is_config=True)
-    self.__port = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['0..65535']}), default=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16)(830), is_leaf=True, yang_name="port", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='inet:port-number', is_config=True)
-    self.__host_key = YANGDynClass(unique=True, base=TypedListType(allowed_type=RestrictedClassType(base_type=str, restriction_dict={'pattern': '(ssh-ed25519|ecdsa-sha2-nistp256|ecdsa-sha2-nistp384|ecdsa-sha2-nistp521|rsa-sha2-256|rsa-sha2-512|ssh-rsa) [A-Za-z0-9+/]+=*( .*)?'})), is_leaf=False, yang_name="host-key", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='ssh-public-key', is_config=True)
+    self.__address = YANGDynClass(base=[RestrictedClassType(base_type=str, restriction_dict={'pattern': '(([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])\\.){3}([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])(%[\\p{N}\\p{L}]+)?'}),RestrictedClassType(base_type=str, restriction_dict={'pattern': '((:|[0-9a-fA-F]{0,4}):)([0-9a-fA-F]{0,4}:){0,5}((([0-9a-fA-F]{0,4}:)?(:|[0-9a-fA-F]{0,4}))|(((25[0-5]|2[0-4][0-9]|[01]?[0-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|[01]?[0-9]?[0-9])))(%[\\p{N}\\p{L}]+)?'}),RestrictedClassType(base_type=str, restriction_dict={'pattern': '((([a-zA-Z0-9_]([a-zA-Z0-9\\-_]){0,61})?[a-zA-Z0-9]\\.)*([a-zA-Z0-9_]([a-zA-Z0-9\\-_]){0,61})?[a-zA-Z0-9]\\.?)|\\.', 'length': ['1..253']}),], is_leaf=True, yang_name="address", parent=self, choice=('location', 'endpoint'), path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, is_keyval=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='inet:host', is_config=True)
+    self.__port = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['0..65535']}), default=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16)(830), is_leaf=True, yang_name="port", parent=self, choice=('location', 'endpoint'), path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='inet:port-number', is_config=True)
+    self.__host_key = YANGDynClass(unique=True, base=TypedListType(allowed_type=RestrictedClassType(base_type=str, restriction_dict={'pattern': '(ssh-ed25519|ecdsa-sha2-nistp256|ecdsa-sha2-nistp384|ecdsa-sha2-nistp521|rsa-sha2-256|rsa-sha2-512|ssh-rsa) [A-Za-z0-9+/]+=*( .*)?'})), is_leaf=False, yang_name="host-key", parent=self, choice=('location', 'endpoint'), path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='ssh-public-key', is_config=True)
 
     load = kwargs.pop("load", None)
     if args:
@@ -106,12 +106,12 @@ than one when backup servers exist (seed 2.3).
     if hasattr(v, "_utype"):
       v = v._utype(v)
     try:
-      t = YANGDynClass(v,base=[RestrictedClassType(base_type=str, restriction_dict={'pattern': '(([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])\\.){3}([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])(%[\\p{N}\\p{L}]+)?'}),RestrictedClassType(base_type=str, restriction_dict={'pattern': '((:|[0-9a-fA-F]{0,4}):)([0-9a-fA-F]{0,4}:){0,5}((([0-9a-fA-F]{0,4}:)?(:|[0-9a-fA-F]{0,4}))|(((25[0-5]|2[0-4][0-9]|[01]?[0-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|[01]?[0-9]?[0-9])))(%[\\p{N}\\p{L}]+)?'}),RestrictedClassType(base_type=str, restriction_dict={'pattern': '((([a-zA-Z0-9_]([a-zA-Z0-9\\-_]){0,61})?[a-zA-Z0-9]\\.)*([a-zA-Z0-9_]([a-zA-Z0-9\\-_]){0,61})?[a-zA-Z0-9]\\.?)|\\.', 'length': ['1..253']}),], is_leaf=True, yang_name="address", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, is_keyval=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='inet:host', is_config=True)
+      t = YANGDynClass(v,base=[RestrictedClassType(base_type=str, restriction_dict={'pattern': '(([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])\\.){3}([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])(%[\\p{N}\\p{L}]+)?'}),RestrictedClassType(base_type=str, restriction_dict={'pattern': '((:|[0-9a-fA-F]{0,4}):)([0-9a-fA-F]{0,4}:){0,5}((([0-9a-fA-F]{0,4}:)?(:|[0-9a-fA-F]{0,4}))|(((25[0-5]|2[0-4][0-9]|[01]?[0-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|[01]?[0-9]?[0-9])))(%[\\p{N}\\p{L}]+)?'}),RestrictedClassType(base_type=str, restriction_dict={'pattern': '((([a-zA-Z0-9_]([a-zA-Z0-9\\-_]){0,61})?[a-zA-Z0-9]\\.)*([a-zA-Z0-9_]([a-zA-Z0-9\\-_]){0,61})?[a-zA-Z0-9]\\.?)|\\.', 'length': ['1..253']}),], is_leaf=True, yang_name="address", parent=self, choice=('location', 'endpoint'), path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, is_keyval=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='inet:host', is_config=True)
     except (TypeError, ValueError):
       raise ValueError({
           'error-string': """address must be of a type compatible with inet:host""",
           'defined-type': "inet:host",
-          'generated-type': """YANGDynClass(base=[RestrictedClassType(base_type=str, restriction_dict={'pattern': '(([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])\\.){3}([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])(%[\\p{N}\\p{L}]+)?'}),RestrictedClassType(base_type=str, restriction_dict={'pattern': '((:|[0-9a-fA-F]{0,4}):)([0-9a-fA-F]{0,4}:){0,5}((([0-9a-fA-F]{0,4}:)?(:|[0-9a-fA-F]{0,4}))|(((25[0-5]|2[0-4][0-9]|[01]?[0-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|[01]?[0-9]?[0-9])))(%[\\p{N}\\p{L}]+)?'}),RestrictedClassType(base_type=str, restriction_dict={'pattern': '((([a-zA-Z0-9_]([a-zA-Z0-9\\-_]){0,61})?[a-zA-Z0-9]\\.)*([a-zA-Z0-9_]([a-zA-Z0-9\\-_]){0,61})?[a-zA-Z0-9]\\.?)|\\.', 'length': ['1..253']}),], is_leaf=True, yang_name="address", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, is_keyval=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='inet:host', is_config=True)""",
+          'generated-type': """YANGDynClass(base=[RestrictedClassType(base_type=str, restriction_dict={'pattern': '(([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])\\.){3}([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])(%[\\p{N}\\p{L}]+)?'}),RestrictedClassType(base_type=str, restriction_dict={'pattern': '((:|[0-9a-fA-F]{0,4}):)([0-9a-fA-F]{0,4}:){0,5}((([0-9a-fA-F]{0,4}:)?(:|[0-9a-fA-F]{0,4}))|(((25[0-5]|2[0-4][0-9]|[01]?[0-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|[01]?[0-9]?[0-9])))(%[\\p{N}\\p{L}]+)?'}),RestrictedClassType(base_type=str, restriction_dict={'pattern': '((([a-zA-Z0-9_]([a-zA-Z0-9\\-_]){0,61})?[a-zA-Z0-9]\\.)*([a-zA-Z0-9_]([a-zA-Z0-9\\-_]){0,61})?[a-zA-Z0-9]\\.?)|\\.', 'length': ['1..253']}),], is_leaf=True, yang_name="address", parent=self, choice=('location', 'endpoint'), path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, is_keyval=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='inet:host', is_config=True)""",
         })
 
     self.__address = t
@@ -119,7 +119,7 @@ than one when backup servers exist (seed 2.3).
       self._set()
 
   def _unset_address(self):
-    self.__address = YANGDynClass(base=[RestrictedClassType(base_type=str, restriction_dict={'pattern': '(([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])\\.){3}([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])(%[\\p{N}\\p{L}]+)?'}),RestrictedClassType(base_type=str, restriction_dict={'pattern': '((:|[0-9a-fA-F]{0,4}):)([0-9a-fA-F]{0,4}:){0,5}((([0-9a-fA-F]{0,4}:)?(:|[0-9a-fA-F]{0,4}))|(((25[0-5]|2[0-4][0-9]|[01]?[0-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|[01]?[0-9]?[0-9])))(%[\\p{N}\\p{L}]+)?'}),RestrictedClassType(base_type=str, restriction_dict={'pattern': '((([a-zA-Z0-9_]([a-zA-Z0-9\\-_]){0,61})?[a-zA-Z0-9]\\.)*([a-zA-Z0-9_]([a-zA-Z0-9\\-_]){0,61})?[a-zA-Z0-9]\\.?)|\\.', 'length': ['1..253']}),], is_leaf=True, yang_name="address", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, is_keyval=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='inet:host', is_config=True)
+    self.__address = YANGDynClass(base=[RestrictedClassType(base_type=str, restriction_dict={'pattern': '(([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])\\.){3}([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])(%[\\p{N}\\p{L}]+)?'}),RestrictedClassType(base_type=str, restriction_dict={'pattern': '((:|[0-9a-fA-F]{0,4}):)([0-9a-fA-F]{0,4}:){0,5}((([0-9a-fA-F]{0,4}:)?(:|[0-9a-fA-F]{0,4}))|(((25[0-5]|2[0-4][0-9]|[01]?[0-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|[01]?[0-9]?[0-9])))(%[\\p{N}\\p{L}]+)?'}),RestrictedClassType(base_type=str, restriction_dict={'pattern': '((([a-zA-Z0-9_]([a-zA-Z0-9\\-_]){0,61})?[a-zA-Z0-9]\\.)*([a-zA-Z0-9_]([a-zA-Z0-9\\-_]){0,61})?[a-zA-Z0-9]\\.?)|\\.', 'length': ['1..253']}),], is_leaf=True, yang_name="address", parent=self, choice=('location', 'endpoint'), path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, is_keyval=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='inet:host', is_config=True)
 
 
   def _get_port(self):
@@ -143,12 +143,12 @@ than one when backup servers exist (seed 2.3).
     if hasattr(v, "_utype"):
       v = v._utype(v)
     try:
-      t = YANGDynClass(v,base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['0..65535']}), default=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16)(830), is_leaf=True, yang_name="port", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='inet:port-number', is_config=True)
+      t = YANGDynClass(v,base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['0..65535']}), default=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16)(830), is_leaf=True, yang_name="port", parent=self, choice=('location', 'endpoint'), path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='inet:port-number', is_config=True)
     except (TypeError, ValueError):
       raise ValueError({
           'error-string': """port must be of a type compatible with inet:port-number""",
           'defined-type': "inet:port-number",
-          'generated-type': """YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['0..65535']}), default=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16)(830), is_leaf=True, yang_name="port", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='inet:port-number', is_config=True)""",
+          'generated-type': """YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['0..65535']}), default=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16)(830), is_leaf=True, yang_name="port", parent=self, choice=('location', 'endpoint'), path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='inet:port-number', is_config=True)""",
         })
 
     self.__port = t
@@ -156,7 +156,7 @@ than one when backup servers exist (seed 2.3).
       self._set()
 
   def _unset_port(self):
-    self.__port = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['0..65535']}), default=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16)(830), is_leaf=True, yang_name="port", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='inet:port-number', is_config=True)
+    self.__port = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['0..65535']}), default=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16)(830), is_leaf=True, yang_name="port", parent=self, choice=('location', 'endpoint'), path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='inet:port-number', is_config=True)
 
 
   def _get_host_key(self):
@@ -184,12 +184,12 @@ learned on first use.
     if hasattr(v, "_utype"):
       v = v._utype(v)
     try:
-      t = YANGDynClass(v,unique=True, base=TypedListType(allowed_type=RestrictedClassType(base_type=str, restriction_dict={'pattern': '(ssh-ed25519|ecdsa-sha2-nistp256|ecdsa-sha2-nistp384|ecdsa-sha2-nistp521|rsa-sha2-256|rsa-sha2-512|ssh-rsa) [A-Za-z0-9+/]+=*( .*)?'})), is_leaf=False, yang_name="host-key", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='ssh-public-key', is_config=True)
+      t = YANGDynClass(v,unique=True, base=TypedListType(allowed_type=RestrictedClassType(base_type=str, restriction_dict={'pattern': '(ssh-ed25519|ecdsa-sha2-nistp256|ecdsa-sha2-nistp384|ecdsa-sha2-nistp521|rsa-sha2-256|rsa-sha2-512|ssh-rsa) [A-Za-z0-9+/]+=*( .*)?'})), is_leaf=False, yang_name="host-key", parent=self, choice=('location', 'endpoint'), path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='ssh-public-key', is_config=True)
     except (TypeError, ValueError):
       raise ValueError({
           'error-string': """host_key must be of a type compatible with ssh-public-key""",
           'defined-type': "cevpn-ce:ssh-public-key",
-          'generated-type': """YANGDynClass(unique=True, base=TypedListType(allowed_type=RestrictedClassType(base_type=str, restriction_dict={'pattern': '(ssh-ed25519|ecdsa-sha2-nistp256|ecdsa-sha2-nistp384|ecdsa-sha2-nistp521|rsa-sha2-256|rsa-sha2-512|ssh-rsa) [A-Za-z0-9+/]+=*( .*)?'})), is_leaf=False, yang_name="host-key", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='ssh-public-key', is_config=True)""",
+          'generated-type': """YANGDynClass(unique=True, base=TypedListType(allowed_type=RestrictedClassType(base_type=str, restriction_dict={'pattern': '(ssh-ed25519|ecdsa-sha2-nistp256|ecdsa-sha2-nistp384|ecdsa-sha2-nistp521|rsa-sha2-256|rsa-sha2-512|ssh-rsa) [A-Za-z0-9+/]+=*( .*)?'})), is_leaf=False, yang_name="host-key", parent=self, choice=('location', 'endpoint'), path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='ssh-public-key', is_config=True)""",
         })
 
     self.__host_key = t
@@ -197,13 +197,13 @@ learned on first use.
       self._set()
 
   def _unset_host_key(self):
-    self.__host_key = YANGDynClass(unique=True, base=TypedListType(allowed_type=RestrictedClassType(base_type=str, restriction_dict={'pattern': '(ssh-ed25519|ecdsa-sha2-nistp256|ecdsa-sha2-nistp384|ecdsa-sha2-nistp521|rsa-sha2-256|rsa-sha2-512|ssh-rsa) [A-Za-z0-9+/]+=*( .*)?'})), is_leaf=False, yang_name="host-key", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='ssh-public-key', is_config=True)
+    self.__host_key = YANGDynClass(unique=True, base=TypedListType(allowed_type=RestrictedClassType(base_type=str, restriction_dict={'pattern': '(ssh-ed25519|ecdsa-sha2-nistp256|ecdsa-sha2-nistp384|ecdsa-sha2-nistp521|rsa-sha2-256|rsa-sha2-512|ssh-rsa) [A-Za-z0-9+/]+=*( .*)?'})), is_leaf=False, yang_name="host-key", parent=self, choice=('location', 'endpoint'), path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='ssh-public-key', is_config=True)
 
   address = __builtin__.property(_get_address, _set_address)
   port = __builtin__.property(_get_port, _set_port)
   host_key = __builtin__.property(_get_host_key, _set_host_key)
 
-
+  __choices__ = {'location': {'endpoint': ['address', 'port', 'host_key']}}
   _pyangbind_elements = OrderedDict([('address', address), ('port', port), ('host_key', host_key), ])
 
 
@@ -217,7 +217,7 @@ class yc_vpn_server_cevpn_ce__ce_pre_configuration_vpn_server(PybindBase):
   YANG Description: The SP's VPN server (seed 3.2: 'the IP address (s) of the
 Service Provider's VPN server or ... a URL').
   """
-  __slots__ = ('_path_helper', '_extmethods', '__endpoint','__username','__client_private_key',)
+  __slots__ = ('_path_helper', '_extmethods', '__endpoint','__url','__url_host_key','__username','__client_private_key',)
 
   _yang_name = 'vpn-server'
   _yang_namespace = 'urn:cevpn:yang:cevpn-ce'
@@ -238,7 +238,9 @@ Service Provider's VPN server or ... a URL').
       self._path_helper = False
 
     self._extmethods = False
-    self.__endpoint = YANGDynClass(base=YANGListType("address",yc_endpoint_cevpn_ce__ce_pre_configuration_vpn_server_endpoint, yang_name="endpoint", parent=self, is_container='list', user_ordered=True, path_helper=self._path_helper, yang_keys='address', extensions=None), is_container='list', yang_name="endpoint", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, extensions=None, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='list', is_config=True)
+    self.__endpoint = YANGDynClass(base=YANGListType("address",yc_endpoint_cevpn_ce__ce_pre_configuration_vpn_server_endpoint, yang_name="endpoint", parent=self, is_container='list', user_ordered=True, path_helper=self._path_helper, yang_keys='address', extensions=None, choice=False), is_container='list', yang_name="endpoint", parent=self, choice=('location', 'endpoint'), path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, extensions=None, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='list', is_config=True)
+    self.__url = YANGDynClass(base=RestrictedClassType(base_type=str, restriction_dict={'pattern': 'ssh://[^/?#]+(/.*)?'}), is_leaf=True, yang_name="url", parent=self, choice=('location', 'url'), path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='inet:uri', is_config=True)
+    self.__url_host_key = YANGDynClass(unique=True, base=TypedListType(allowed_type=RestrictedClassType(base_type=str, restriction_dict={'pattern': '(ssh-ed25519|ecdsa-sha2-nistp256|ecdsa-sha2-nistp384|ecdsa-sha2-nistp521|rsa-sha2-256|rsa-sha2-512|ssh-rsa) [A-Za-z0-9+/]+=*( .*)?'})), is_leaf=False, yang_name="url-host-key", parent=self, choice=('location', 'url'), path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='ssh-public-key', is_config=True)
     self.__username = YANGDynClass(base=RestrictedClassType(base_type=str, restriction_dict={'length': ['1..64']}), is_leaf=True, yang_name="username", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='string', is_config=True)
     self.__client_private_key = YANGDynClass(base=RestrictedClassType(base_type=str, restriction_dict={'pattern': '\\s*-----BEGIN (EC |RSA |OPENSSH )?PRIVATE KEY-----[A-Za-z0-9+/=\\s]+-----END (EC |RSA |OPENSSH )?PRIVATE KEY-----\\s*'}), is_leaf=True, yang_name="client-private-key", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='pem-private-key', is_config=True)
 
@@ -292,12 +294,12 @@ than one when backup servers exist (seed 2.3).
     if hasattr(v, "_utype"):
       v = v._utype(v)
     try:
-      t = YANGDynClass(v,base=YANGListType("address",yc_endpoint_cevpn_ce__ce_pre_configuration_vpn_server_endpoint, yang_name="endpoint", parent=self, is_container='list', user_ordered=True, path_helper=self._path_helper, yang_keys='address', extensions=None), is_container='list', yang_name="endpoint", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, extensions=None, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='list', is_config=True)
+      t = YANGDynClass(v,base=YANGListType("address",yc_endpoint_cevpn_ce__ce_pre_configuration_vpn_server_endpoint, yang_name="endpoint", parent=self, is_container='list', user_ordered=True, path_helper=self._path_helper, yang_keys='address', extensions=None, choice=False), is_container='list', yang_name="endpoint", parent=self, choice=('location', 'endpoint'), path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, extensions=None, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='list', is_config=True)
     except (TypeError, ValueError):
       raise ValueError({
           'error-string': """endpoint must be of a type compatible with list""",
           'defined-type': "list",
-          'generated-type': """YANGDynClass(base=YANGListType("address",yc_endpoint_cevpn_ce__ce_pre_configuration_vpn_server_endpoint, yang_name="endpoint", parent=self, is_container='list', user_ordered=True, path_helper=self._path_helper, yang_keys='address', extensions=None), is_container='list', yang_name="endpoint", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, extensions=None, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='list', is_config=True)""",
+          'generated-type': """YANGDynClass(base=YANGListType("address",yc_endpoint_cevpn_ce__ce_pre_configuration_vpn_server_endpoint, yang_name="endpoint", parent=self, is_container='list', user_ordered=True, path_helper=self._path_helper, yang_keys='address', extensions=None, choice=False), is_container='list', yang_name="endpoint", parent=self, choice=('location', 'endpoint'), path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, extensions=None, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='list', is_config=True)""",
         })
 
     self.__endpoint = t
@@ -305,7 +307,89 @@ than one when backup servers exist (seed 2.3).
       self._set()
 
   def _unset_endpoint(self):
-    self.__endpoint = YANGDynClass(base=YANGListType("address",yc_endpoint_cevpn_ce__ce_pre_configuration_vpn_server_endpoint, yang_name="endpoint", parent=self, is_container='list', user_ordered=True, path_helper=self._path_helper, yang_keys='address', extensions=None), is_container='list', yang_name="endpoint", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, extensions=None, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='list', is_config=True)
+    self.__endpoint = YANGDynClass(base=YANGListType("address",yc_endpoint_cevpn_ce__ce_pre_configuration_vpn_server_endpoint, yang_name="endpoint", parent=self, is_container='list', user_ordered=True, path_helper=self._path_helper, yang_keys='address', extensions=None, choice=False), is_container='list', yang_name="endpoint", parent=self, choice=('location', 'endpoint'), path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, extensions=None, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='list', is_config=True)
+
+
+  def _get_url(self):
+    """
+    Getter method for url, mapped from YANG variable /ce/pre_configuration/vpn_server/url (inet:uri)
+
+    YANG Description: A URL to this CE's VPN information on the VPN server
+(seed 3.2), in the 'ssh' scheme of RFC 6242's
+transport: ssh://host[:port]/path.  The path names the
+CE's configuration; the port defaults to 830.
+    """
+    return self.__url
+      
+  def _set_url(self, v, load=False):
+    """
+    Setter method for url, mapped from YANG variable /ce/pre_configuration/vpn_server/url (inet:uri)
+    If this variable is read-only (config: false) in the
+    source YANG file, then _set_url is considered as a private
+    method. Backends looking to populate this variable should
+    do so via calling thisObj._set_url() directly.
+
+    YANG Description: A URL to this CE's VPN information on the VPN server
+(seed 3.2), in the 'ssh' scheme of RFC 6242's
+transport: ssh://host[:port]/path.  The path names the
+CE's configuration; the port defaults to 830.
+    """
+    if hasattr(v, "_utype"):
+      v = v._utype(v)
+    try:
+      t = YANGDynClass(v,base=RestrictedClassType(base_type=str, restriction_dict={'pattern': 'ssh://[^/?#]+(/.*)?'}), is_leaf=True, yang_name="url", parent=self, choice=('location', 'url'), path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='inet:uri', is_config=True)
+    except (TypeError, ValueError):
+      raise ValueError({
+          'error-string': """url must be of a type compatible with inet:uri""",
+          'defined-type': "inet:uri",
+          'generated-type': """YANGDynClass(base=RestrictedClassType(base_type=str, restriction_dict={'pattern': 'ssh://[^/?#]+(/.*)?'}), is_leaf=True, yang_name="url", parent=self, choice=('location', 'url'), path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='inet:uri', is_config=True)""",
+        })
+
+    self.__url = t
+    if hasattr(self, '_set'):
+      self._set()
+
+  def _unset_url(self):
+    self.__url = YANGDynClass(base=RestrictedClassType(base_type=str, restriction_dict={'pattern': 'ssh://[^/?#]+(/.*)?'}), is_leaf=True, yang_name="url", parent=self, choice=('location', 'url'), path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='inet:uri', is_config=True)
+
+
+  def _get_url_host_key(self):
+    """
+    Getter method for url_host_key, mapped from YANG variable /ce/pre_configuration/vpn_server/url_host_key (ssh-public-key)
+
+    YANG Description: The host keys the server at 'url' may present: pinned,
+never learned on first use.
+    """
+    return self.__url_host_key
+      
+  def _set_url_host_key(self, v, load=False):
+    """
+    Setter method for url_host_key, mapped from YANG variable /ce/pre_configuration/vpn_server/url_host_key (ssh-public-key)
+    If this variable is read-only (config: false) in the
+    source YANG file, then _set_url_host_key is considered as a private
+    method. Backends looking to populate this variable should
+    do so via calling thisObj._set_url_host_key() directly.
+
+    YANG Description: The host keys the server at 'url' may present: pinned,
+never learned on first use.
+    """
+    if hasattr(v, "_utype"):
+      v = v._utype(v)
+    try:
+      t = YANGDynClass(v,unique=True, base=TypedListType(allowed_type=RestrictedClassType(base_type=str, restriction_dict={'pattern': '(ssh-ed25519|ecdsa-sha2-nistp256|ecdsa-sha2-nistp384|ecdsa-sha2-nistp521|rsa-sha2-256|rsa-sha2-512|ssh-rsa) [A-Za-z0-9+/]+=*( .*)?'})), is_leaf=False, yang_name="url-host-key", parent=self, choice=('location', 'url'), path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='ssh-public-key', is_config=True)
+    except (TypeError, ValueError):
+      raise ValueError({
+          'error-string': """url_host_key must be of a type compatible with ssh-public-key""",
+          'defined-type': "cevpn-ce:ssh-public-key",
+          'generated-type': """YANGDynClass(unique=True, base=TypedListType(allowed_type=RestrictedClassType(base_type=str, restriction_dict={'pattern': '(ssh-ed25519|ecdsa-sha2-nistp256|ecdsa-sha2-nistp384|ecdsa-sha2-nistp521|rsa-sha2-256|rsa-sha2-512|ssh-rsa) [A-Za-z0-9+/]+=*( .*)?'})), is_leaf=False, yang_name="url-host-key", parent=self, choice=('location', 'url'), path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='ssh-public-key', is_config=True)""",
+        })
+
+    self.__url_host_key = t
+    if hasattr(self, '_set'):
+      self._set()
+
+  def _unset_url_host_key(self):
+    self.__url_host_key = YANGDynClass(unique=True, base=TypedListType(allowed_type=RestrictedClassType(base_type=str, restriction_dict={'pattern': '(ssh-ed25519|ecdsa-sha2-nistp256|ecdsa-sha2-nistp384|ecdsa-sha2-nistp521|rsa-sha2-256|rsa-sha2-512|ssh-rsa) [A-Za-z0-9+/]+=*( .*)?'})), is_leaf=False, yang_name="url-host-key", parent=self, choice=('location', 'url'), path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='ssh-public-key', is_config=True)
 
 
   def _get_username(self):
@@ -386,11 +470,13 @@ server.
     self.__client_private_key = YANGDynClass(base=RestrictedClassType(base_type=str, restriction_dict={'pattern': '\\s*-----BEGIN (EC |RSA |OPENSSH )?PRIVATE KEY-----[A-Za-z0-9+/=\\s]+-----END (EC |RSA |OPENSSH )?PRIVATE KEY-----\\s*'}), is_leaf=True, yang_name="client-private-key", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='pem-private-key', is_config=True)
 
   endpoint = __builtin__.property(_get_endpoint, _set_endpoint)
+  url = __builtin__.property(_get_url, _set_url)
+  url_host_key = __builtin__.property(_get_url_host_key, _set_url_host_key)
   username = __builtin__.property(_get_username, _set_username)
   client_private_key = __builtin__.property(_get_client_private_key, _set_client_private_key)
 
-
-  _pyangbind_elements = OrderedDict([('endpoint', endpoint), ('username', username), ('client_private_key', client_private_key), ])
+  __choices__ = {'location': {'endpoint': ['endpoint'], 'url': ['url', 'url_host_key']}}
+  _pyangbind_elements = OrderedDict([('endpoint', endpoint), ('url', url), ('url_host_key', url_host_key), ('username', username), ('client_private_key', client_private_key), ])
 
 
 class yc_management_cevpn_ce__ce_pre_configuration_management(PybindBase):

@@ -221,3 +221,40 @@ def test_state_data_is_refused_in_a_configuration_document(ce_schema):
             "</ce-state>",
             "xml",
         )
+
+
+PRECONFIG = """<ce xmlns="urn:cevpn:yang:cevpn-ce"><pre-configuration>
+<site-id>a</site-id><vpn-id>v</vpn-id><sp-address>192.0.2.1</sp-address>
+<vpn-server>{location}<username>ce-a</username></vpn-server>
+<management><server-username>vpn-server</server-username><server-authorized-key>{server_key}\
+</server-authorized-key></management></pre-configuration></ce>"""
+HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINNE7SiAB0dX9CNpmIAVxlfhKpncGUay/WKMnEVvJLOU h"
+SERVER_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOUExW9Ajh9Sbqm7lpNpatUIlOzK45/zUIRlybyD+Vyp s"
+
+
+def preconfig(location: str) -> str:
+    return PRECONFIG.format(location=location, server_key=SERVER_KEY)
+
+
+def test_vpn_server_may_be_given_as_a_url_with_a_pinned_host_key(ce_schema):
+    location = f"<url>ssh://vpn.example.net:830/site-a</url><url-host-key>{HOST_KEY}</url-host-key>"
+    assert ce_schema.parse_config(preconfig(location), "xml") is not None
+
+
+def test_vpn_server_url_without_a_pinned_host_key_is_refused(ce_schema):
+    with pytest.raises(ValidationFailed) as caught:
+        ce_schema.parse_config(preconfig("<url>ssh://vpn/a</url>"), "xml")
+    assert caught.value.issues[0].path.endswith("url-host-key")
+
+
+def test_vpn_server_url_must_use_the_ssh_scheme(ce_schema):
+    location = f"<url>https://vpn.example.net/a</url><url-host-key>{HOST_KEY}</url-host-key>"
+    with pytest.raises(ValidationFailed) as caught:
+        ce_schema.parse_config(preconfig(location), "xml")
+    assert caught.value.issues[0].path.endswith("vpn-server/url")
+
+
+def test_pre_configuration_needs_a_vpn_server_location(ce_schema):
+    with pytest.raises(ValidationFailed) as caught:
+        ce_schema.parse_config(preconfig(""), "xml")
+    assert 'choice "location"' in caught.value.issues[0].message
