@@ -185,3 +185,123 @@ def ce_schema() -> Schema:
 def service_schema() -> Schema:
     """The schema the SP VPN server serves (cevpn-service and what it imports)."""
     return Schema(SERVICE_MODULES)
+
+
+# --------------------------------------------------------------------------
+# Schema index: what an XML element in a datastore is, in YANG terms.
+# --------------------------------------------------------------------------
+
+_KIND = {
+    lib.LYS_CONTAINER: "container",
+    lib.LYS_LIST: "list",
+    lib.LYS_LEAF: "leaf",
+    lib.LYS_LEAFLIST: "leaf-list",
+    lib.LYS_ANYDATA: "anydata",
+    lib.LYS_ANYXML: "anyxml",
+    lib.LYS_RPC: "rpc",
+    lib.LYS_ACTION: "action",
+    lib.LYS_NOTIF: "notification",
+}
+
+
+def module_namespace(module: Any) -> str:
+    return str(ffi.string(module.cdata.ns).decode())
+
+
+@dataclass
+class SchemaNode:
+    """A data node of the schema, with what edit-config, filters and NACM need to know."""
+
+    kind: str
+    name: str
+    module: str
+    namespace: str
+    config: bool
+    presence: bool
+    keys: tuple[str, ...]
+    user_ordered: bool
+    cases: tuple[tuple[str, str], ...]
+    """(choice schema path, case name) pairs between the data parent and this node."""
+    deny_all: bool
+    deny_write: bool
+    path: str
+    """Schema path in JSON notation, e.g. ``/cevpn-ce:ce/peer/name``: for messages."""
+    snode: Any = None
+    _children: dict[tuple[str, str], SchemaNode] | None = None
+
+    def children(self) -> dict[tuple[str, str], SchemaNode]:
+        if self._children is None:
+            self._children = {}
+            if self.kind in ("container", "list", "rpc", "action", "notification"):
+                for child in self.snode.children():
+                    node = _make_node(child, self.snode, self.path, self.module)
+                    if node is not None:
+                        self._children[(node.namespace, node.name)] = node
+        return self._children
+
+    def child(self, ns: str | None, name: str) -> SchemaNode | None:
+        if ns is None:
+            return None
+        return self.children().get((ns, name))
+
+    @property
+    def is_key(self) -> bool:
+        return self.kind == "leaf" and bool(self.snode.is_key())
+
+
+def _make_node(
+    snode: Any, data_parent: Any, parent_path: str, parent_module: str
+) -> SchemaNode | None:
+    kind = _KIND.get(snode.nodetype())
+    if kind is None:
+        return None
+    cases: list[tuple[str, str]] = []
+    up = snode.parent()
+    while up is not None and (data_parent is None or up.cdata != data_parent.cdata):
+        if up.nodetype() == lib.LYS_CASE:
+            choice = up.parent()
+            cases.append((choice.schema_path(), up.name()))
+        elif up.nodetype() not in (lib.LYS_CHOICE, lib.LYS_INPUT, lib.LYS_OUTPUT):
+            break
+        up = up.parent()
+    module = snode.module()
+    mod_name = module.name()
+    prefix = f"{mod_name}:" if mod_name != parent_module else ""
+    ext_names = {(e.module().name(), e.name()) for e in snode.extensions()}
+    return SchemaNode(
+        kind=kind,
+        name=snode.name(),
+        module=mod_name,
+        namespace=module_namespace(module),
+        config=not snode.config_false(),
+        presence=kind == "container" and bool(snode.presence()),
+        keys=tuple(k.name() for k in snode.keys()) if kind == "list" else (),
+        user_ordered=bool(snode.ordered()) if kind in ("list", "leaf-list") else False,
+        cases=tuple(reversed(cases)),
+        deny_all=("ietf-netconf-acm", "default-deny-all") in ext_names,
+        deny_write=("ietf-netconf-acm", "default-deny-write") in ext_names,
+        path=f"{parent_path}/{prefix}{snode.name()}",
+        snode=snode,
+    )
+
+
+class SchemaIndex:
+    """Top-level data nodes of every implemented module, by (namespace, name)."""
+
+    def __init__(self, schema: Schema) -> None:
+        self.schema = schema
+        self.top: dict[tuple[str, str], SchemaNode] = {}
+        self.namespaces: dict[str, str] = {}
+        """namespace -> module name, for every implemented module."""
+        for module in schema.ctx:
+            ns = module_namespace(module)
+            self.namespaces[ns] = module.name()
+            for snode in module.children():
+                node = _make_node(snode, None, "", "")
+                if node is not None:
+                    self.top[(node.namespace, node.name)] = node
+
+    def top_node(self, ns: str | None, name: str) -> SchemaNode | None:
+        if ns is None:
+            return None
+        return self.top.get((ns, name))

@@ -1,0 +1,116 @@
+"""XML as NETCONF uses it: namespaces, and a parser that cannot be turned against us.
+
+Every byte a client sends goes through :func:`parse_message`: no DTD is loaded,
+no entity is expanded, nothing is fetched from the network, and a document
+carrying a DOCTYPE is refused outright (NETCONF never needs one; entity bombs
+and external entities always arrive in one).  Depth is bounded by libxml2's
+default limit (256) and by our own check; size is bounded by the framer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lxml import etree
+
+NC_NS = "urn:ietf:params:xml:ns:netconf:base:1.0"
+NOTIF_NS = "urn:ietf:params:xml:ns:netconf:notification:1.0"
+NC_NOTIF_NS = "urn:ietf:params:xml:ns:netmod:notification"
+WD_NS = "urn:ietf:params:xml:ns:yang:ietf-netconf-with-defaults"
+WD_ATTR_NS = "urn:ietf:params:xml:ns:netconf:default:1.0"
+MON_NS = "urn:ietf:params:xml:ns:yang:ietf-netconf-monitoring"
+YANGLIB_NS = "urn:ietf:params:xml:ns:yang:ietf-yang-library"
+NACM_NS = "urn:ietf:params:xml:ns:yang:ietf-netconf-acm"
+SYS_NS = "urn:ietf:params:xml:ns:yang:ietf-system"
+NCN_NS = "urn:ietf:params:xml:ns:yang:ietf-netconf-notifications"
+NETCONF_YANG_NS = NC_NS  # ietf-netconf's namespace is the base namespace
+
+MAX_DEPTH = 128
+"""Deeper documents are refused; our models are far shallower than this."""
+
+
+class XmlRejected(ValueError):
+    """The bytes are not a well-formed, acceptable XML document."""
+
+
+def qn(ns: str, name: str) -> str:
+    """Clark notation: ``{ns}name``."""
+    return f"{{{ns}}}{name}"
+
+
+def local(tag: object) -> str:
+    """Local part of an element's tag ('' for comments and processing instructions)."""
+    if not isinstance(tag, str):
+        return ""
+    return tag.rpartition("}")[2]
+
+
+def namespace(tag: object) -> str | None:
+    if not isinstance(tag, str) or not tag.startswith("{"):
+        return None
+    return tag[1:].partition("}")[0]
+
+
+class _RefuseEverything(etree.Resolver):
+    """libxml2 may still try to open an external subset; never let it."""
+
+    def resolve(  # type: ignore[override]  # lxml passes a context the stubs omit
+        self, system_url: str, public_id: str, context: object
+    ) -> None:
+        raise XmlRejected("external resources are not allowed")
+
+
+def _parser() -> etree.XMLParser:
+    parser = etree.XMLParser(
+        resolve_entities=False,
+        no_network=True,
+        load_dtd=False,
+        dtd_validation=False,
+        huge_tree=False,
+        remove_comments=True,
+        remove_pis=True,
+        remove_blank_text=False,
+        collect_ids=False,
+    )
+    parser.resolvers.add(_RefuseEverything())
+    return parser
+
+
+_PARSER = _parser()
+
+
+def parse_message(data: bytes) -> etree._Element:
+    """Parse one NETCONF message; raise :class:`XmlRejected` with a reason a person can read."""
+    # Refuse before libxml2 sees it: a DOCTYPE can name a file (/dev/zero)
+    # that the parser would open while reading the external subset.
+    if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
+        raise XmlRejected("a DOCTYPE is not allowed in NETCONF messages")
+    try:
+        root = etree.fromstring(data, _PARSER)
+    except etree.XMLSyntaxError as exc:
+        raise XmlRejected(f"not well-formed XML: {exc.msg}") from None
+    except ValueError as exc:  # e.g. an encoding declaration lxml refuses
+        raise XmlRejected(f"not acceptable XML: {exc}") from None
+    docinfo: Any = root.getroottree().docinfo
+    if docinfo.doctype or docinfo.internalDTD is not None:
+        raise XmlRejected("a DOCTYPE is not allowed in NETCONF messages")
+    _check_depth(root)
+    return root
+
+
+def _check_depth(root: etree._Element) -> None:
+    # Iterative: a recursive walk is what a deep document would exploit.
+    stack = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise XmlRejected(f"XML nested deeper than {MAX_DEPTH} levels")
+        for child in node:
+            if isinstance(child, etree._Entity):
+                raise XmlRejected("entity references are not allowed")
+            if isinstance(child.tag, str):
+                stack.append((child, depth + 1))
+
+
+def strip_text(elem: etree._Element) -> str:
+    return (elem.text or "").strip()
