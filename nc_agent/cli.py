@@ -1,12 +1,32 @@
-"""`cevpn-agent`: the CE agent's command line."""
+"""`cevpn-agent`: the CE agent's command line.
+
+cevpn-agent --state-dir DIR [--listen HOST:PORT]        serve cevpn-ce over NETCONF
+cevpn-agent adduser --state-dir DIR NAME [--password-file F] [--key F.pub] [--group G]
+cevpn-agent host-key --state-dir DIR                    the host key clients must pin
+cevpn-agent validate FILE...                            check documents against the YANG
+"""
 
 from __future__ import annotations
 
 import argparse
 from importlib.metadata import version
 
-from nc_core.cli_common import add_validate_command, run_validate
-from nc_core.schema import ce_schema
+from nc_core.cli_common import (
+    add_common_commands,
+    add_server_arguments,
+    run_adduser,
+    run_host_key,
+    run_server,
+    run_validate,
+)
+from nc_core.schema import CE_MODULES, Schema
+from nc_core.transaction import Application
+
+
+class CeApplication(Application):
+    """The CE configuration served as a datastore; the kernel data plane joins it in nc_agent."""
+
+    modules = CE_MODULES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,13 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="CE agent of cevpn: serves cevpn-ce over NETCONF and applies it to the kernel.",
     )
     parser.add_argument("--version", action="version", version=f"cevpn {version('cevpn')}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    add_validate_command(commands)
+    add_server_arguments(parser)
+    commands = parser.add_subparsers(dest="command", required=False)
+    add_common_commands(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "validate":
-        return run_validate(ce_schema(), args.documents)
-    raise AssertionError(args.command)
+        return run_validate(Schema(CE_MODULES), args.documents)
+    if args.command == "adduser":
+        return run_adduser(args, CeApplication)
+    if args.command == "host-key":
+        return run_host_key(args)
+    return run_server(args, CeApplication, "cevpn-agent")

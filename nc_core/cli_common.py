@@ -1,16 +1,77 @@
-"""Command-line pieces shared by cevpn-server and cevpn-agent."""
+"""Command-line pieces shared by cevpn-server and cevpn-agent.
+
+Both commands serve NETCONF over SSH from a state directory (datastores, host
+key, locks) and share the same subcommands: ``adduser`` to create an account
+before the first start (no account exists by default; nothing is anonymous),
+``host-key`` to print the public host key clients must pin, and ``validate``
+to check instance documents against the served YANG.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import logging
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from nc_core.schema import Schema, ValidationFailed
+from nc_core.transaction import Application
 
 
-def add_validate_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    cmd = subparsers.add_parser(
+def parse_listen(text: str) -> tuple[str, int]:
+    """HOST:PORT, [IPv6]:PORT or :PORT (all addresses)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    host = host.strip("[]")
+    return host or "::", int(port)
+
+
+def add_server_arguments(parser: argparse.ArgumentParser, default_port: int = 830) -> None:
+    parser.add_argument("--state-dir", type=Path, help="state directory (datastores, host key)")
+    parser.add_argument(
+        "--listen",
+        type=parse_listen,
+        default=("::", default_port),
+        metavar="HOST:PORT",
+        help=f"address to listen on (default: all addresses, port {default_port})",
+    )
+    parser.add_argument(
+        "--max-message-size",
+        type=int,
+        default=64 * 1024 * 1024,
+        metavar="OCTETS",
+        help="largest NETCONF message accepted (default 64 MiB)",
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+
+
+def add_common_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    add = commands.add_parser(
+        "adduser",
+        help="create or update a NETCONF account in the state directory (server stopped)",
+        description="Add an account to /system/authentication/user of the running "
+        "datastore, with a password (read from a file, first line) and/or SSH public keys, "
+        "and put it in NACM groups.  Group 'admin' has full access.",
+    )
+    add.add_argument("--state-dir", type=Path, required=True)
+    add.add_argument("name")
+    add.add_argument("--password-file", type=Path, help="file whose first line is the password")
+    add.add_argument(
+        "--key", type=Path, action="append", default=[], help="OpenSSH public key file"
+    )
+    add.add_argument("--group", action="append", default=[], help="NACM group (repeatable)")
+
+    hk = commands.add_parser("host-key", help="print the SSH host public key clients must pin")
+    hk.add_argument("--state-dir", type=Path, required=True)
+
+    cmd = commands.add_parser(
         "validate",
         help="check configuration documents (XML or RFC 7951 JSON) against the served YANG",
         description="Validate instance documents with libyang: types, patterns, ranges, "
@@ -35,3 +96,89 @@ def run_validate(schema: Schema, documents: list[Path]) -> int:
         else:
             print(f"{path}: valid")
     return status
+
+
+def run_adduser(args: argparse.Namespace, make_app: Callable[[], Application]) -> int:
+    from nc_core.server import NetconfServer, ServerOptions, StateDirLocked
+
+    password = None
+    if args.password_file is not None:
+        password = (
+            args.password_file.read_text().splitlines()[0]
+            if args.password_file.stat().st_size
+            else ""
+        )
+        if not password:
+            print(f"{args.password_file}: empty password", file=sys.stderr)
+            return 2
+    keys = [line for path in args.key for line in path.read_text().splitlines() if line.strip()]
+    if password is None and not keys:
+        print("adduser: give --password-file or --key (an account needs a way in)", file=sys.stderr)
+        return 2
+    server = NetconfServer(ServerOptions(state_dir=args.state_dir), make_app())
+    try:
+        server.add_user_offline(args.name, password=password, public_keys=keys, groups=args.group)
+    except StateDirLocked as exc:
+        print(
+            f"adduser: {exc}: stop it first, or add the user over NETCONF "
+            "(/system/authentication/user and /nacm/groups)",
+            file=sys.stderr,
+        )
+        return 1
+    except ValueError as exc:
+        print(f"adduser: {exc}", file=sys.stderr)
+        return 2
+    groups = f" in group(s) {', '.join(args.group)}" if args.group else ""
+    print(f"user {args.name!r} saved{groups}")
+    return 0
+
+
+def run_host_key(args: argparse.Namespace) -> int:
+    from nc_core.transport_ssh import host_key_line
+
+    args.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    print(host_key_line(args.state_dir))
+    return 0
+
+
+def run_server(args: argparse.Namespace, make_app: Callable[[], Application], name: str) -> int:
+    from nc_core.server import NetconfServer, ServerOptions, StateDirLocked
+    from nc_core.transport_ssh import serve_forever
+
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s",
+    )
+    if args.state_dir is None:
+        print(f"{name}: --state-dir is required", file=sys.stderr)
+        return 2
+    host, port = args.listen
+    options = ServerOptions(
+        state_dir=args.state_dir,
+        host=host,
+        port=port,
+        max_message_size=args.max_message_size,
+        name=name,
+    )
+
+    async def main() -> None:
+        server = NetconfServer(options, make_app())
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        await serve_forever(server, stop)
+
+    try:
+        asyncio.run(main())
+    except StateDirLocked as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{name}: cannot listen on {host} port {port}: {exc}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -148,13 +148,18 @@ class Schema:
         self.modules: dict[str, Any] = {}
         features = features or {}
         for name in modules:
-            try:
-                module = self.ctx.load_module(name)
-            except libyang.LibyangError as exc:
-                raise ValidationFailed(self.ctx.take_issues(str(exc))) from exc
-            for feature in features.get(name, ()):
-                module.feature_enable(feature)
-            self.modules[name] = module
+            self.modules[name] = self._load(name, features.get(name, ()))
+
+    def _load(self, name: str, features: Sequence[str]) -> Any:
+        # The binding's feature_enable() replaces the feature set on each call,
+        # so features that depend on each other (if-feature) must be enabled
+        # together, when the module is loaded.
+        keep = [ffi.new("char[]", f.encode()) for f in features]
+        array = ffi.new("char *[]", [*keep, ffi.NULL]) if features else ffi.NULL
+        cmod = lib.ly_ctx_load_module(self.ctx.cdata, name.encode(), ffi.NULL, array)
+        if not cmod:
+            raise ValidationFailed(self.ctx.take_issues(f"cannot load YANG module {name}"))
+        return self.ctx.get_module(name)
 
     def parse_config(self, text: str | bytes, fmt: str) -> Any:
         """Parse a complete configuration document and validate it as a datastore.

@@ -1,12 +1,32 @@
-"""`cevpn-server`: the SP VPN server's command line."""
+"""`cevpn-server`: the SP VPN server's command line.
+
+cevpn-server --state-dir DIR [--listen HOST:PORT]       serve cevpn-service over NETCONF
+cevpn-server adduser --state-dir DIR NAME [--password-file F] [--key F.pub] [--group G]
+cevpn-server host-key --state-dir DIR                   the host key clients must pin
+cevpn-server validate FILE...                           check documents against the YANG
+"""
 
 from __future__ import annotations
 
 import argparse
 from importlib.metadata import version
 
-from nc_core.cli_common import add_validate_command, run_validate
-from nc_core.schema import service_schema
+from nc_core.cli_common import (
+    add_common_commands,
+    add_server_arguments,
+    run_adduser,
+    run_host_key,
+    run_server,
+    run_validate,
+)
+from nc_core.schema import SERVICE_MODULES, Schema
+from nc_core.transaction import Application
+
+
+class ServiceApplication(Application):
+    """The VPN database served as a datastore; the controller logic joins it in nc_server."""
+
+    modules = SERVICE_MODULES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,13 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="SP VPN server of cevpn: the VPN database (cevpn-service) over NETCONF.",
     )
     parser.add_argument("--version", action="version", version=f"cevpn {version('cevpn')}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    add_validate_command(commands)
+    add_server_arguments(parser)
+    commands = parser.add_subparsers(dest="command", required=False)
+    add_common_commands(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "validate":
-        return run_validate(service_schema(), args.documents)
-    raise AssertionError(args.command)
+        return run_validate(Schema(SERVICE_MODULES), args.documents)
+    if args.command == "adduser":
+        return run_adduser(args, ServiceApplication)
+    if args.command == "host-key":
+        return run_host_key(args)
+    return run_server(args, ServiceApplication, "cevpn-server")

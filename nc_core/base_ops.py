@@ -1,0 +1,384 @@
+"""The base protocol operations of RFC 6241 Section 7, and <validate> (8.6) and
+<discard-changes> (8.3.4.2).
+
+<commit>, <cancel-commit> and confirmed commit are in confirmed_commit; this
+module is the rest of what ietf-netconf defines.
+"""
+
+from __future__ import annotations
+
+from copy import deepcopy
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from lxml import etree
+
+from nc_core.datastore import subtree_tags
+from nc_core.edit import DEFAULT_OPERATIONS, Editor, diff
+from nc_core.errors import (
+    RpcError,
+    RpcErrors,
+    bad_element,
+    missing_element,
+    operation_not_supported,
+)
+from nc_core.filters import apply_filter
+from nc_core.users import hash_clear_text_passwords
+from nc_core.with_defaults import requested_mode
+from nc_core.xmlutil import NC_NS, local, qn
+
+if TYPE_CHECKING:
+    from nc_core.server import NetconfServer, RpcContext
+
+
+def free(tree: object) -> None:
+    if tree is not None:
+        tree.free()  # type: ignore[attr-defined]
+
+
+MODULE = "ietf-netconf"
+
+
+def register(server: NetconfServer) -> None:
+    for name, handler in [
+        ("get", get),
+        ("get-config", get_config),
+        ("edit-config", edit_config),
+        ("copy-config", copy_config),
+        ("delete-config", delete_config),
+        ("lock", lock),
+        ("unlock", unlock),
+        ("close-session", close_session),
+        ("kill-session", kill_session),
+        ("validate", validate),
+        ("discard-changes", discard_changes),
+    ]:
+        server.register(NC_NS, name, MODULE, handler)
+
+
+# -- parameters ------------------------------------------------------------------
+
+
+def _param(op: etree._Element, name: str, *, required: bool = True) -> etree._Element | None:
+    elem = op.find(qn(NC_NS, name))
+    if elem is None and required:
+        raise missing_element(name, f"<{local(op.tag)}> needs a <{name}> parameter.")
+    return elem
+
+
+def datastore_name(op: etree._Element, param: str, allowed: tuple[str, ...]) -> str:
+    """The datastore named by <source>/<target> (e.g. <target><running/></target>)."""
+    elem = _param(op, param)
+    assert elem is not None
+    choices = [c for c in elem if isinstance(c.tag, str)]
+    if len(choices) != 1:
+        raise missing_element(param, f"<{param}> must name exactly one datastore.")
+    choice = choices[0]
+    name = local(choice.tag)
+    if name == "url":
+        raise operation_not_supported("The :url capability is not supported.")
+    if choice.tag not in {qn(NC_NS, a) for a in allowed}:
+        if name in ("running", "candidate", "startup", "config"):
+            raise RpcError(
+                "invalid-value",
+                f"<{name}> cannot be the {param} of <{local(op.tag)}>; "
+                f"allowed: {', '.join(allowed)}.",
+                type="protocol",
+                info=[("bad-element", name)],
+            )
+        raise bad_element(name, f"<{name}> is not a datastore.")
+    return name
+
+
+def inline_config(op: etree._Element, param: str) -> etree._Element:
+    elem = _param(op, param)
+    assert elem is not None
+    config = elem.find(qn(NC_NS, "config"))
+    assert config is not None
+    return config
+
+
+def _filter(op: etree._Element) -> etree._Element | None:
+    return op.find(qn(NC_NS, "filter"))
+
+
+def _data(root: etree._Element) -> list[etree._Element]:
+    return [root]
+
+
+# -- get, get-config (7.1, 7.7) ----------------------------------------------------
+
+
+async def get(ctx: RpcContext, op: etree._Element) -> list[etree._Element]:
+    mode = requested_mode(op)
+    root = await ctx.server.full_tree(ctx.session, mode)
+    root = ctx.server.readable(ctx.session, root)
+    return _data(apply_filter(root, _filter(op), ctx.server.keys_of))
+
+
+async def get_config(ctx: RpcContext, op: etree._Element) -> list[etree._Element]:
+    name = datastore_name(op, "source", ("running", "candidate", "startup"))
+    mode = requested_mode(op)
+    root = ctx.server.config_tree(name, mode)
+    root = ctx.server.readable(ctx.session, root)
+    return _data(apply_filter(root, _filter(op), ctx.server.keys_of))
+
+
+# -- edit-config (7.2) ---------------------------------------------------------------
+
+
+def _enum_param(
+    op: etree._Element, name: str, allowed: frozenset[str] | set[str], default: str
+) -> str:
+    elem = op.find(qn(NC_NS, name))
+    if elem is None:
+        return default
+    value = (elem.text or "").strip()
+    if value not in allowed:
+        raise RpcError(
+            "invalid-value",
+            f"<{name}> {value!r} is not one of {', '.join(sorted(allowed))}.",
+            type="protocol",
+            info=[("bad-element", name)],
+        )
+    return value
+
+
+async def edit_config(ctx: RpcContext, op: etree._Element) -> None:
+    server, session = ctx.server, ctx.session
+    target = datastore_name(op, "target", ("running", "candidate"))
+    default_op = _enum_param(op, "default-operation", DEFAULT_OPERATIONS, "merge")
+    test_option = _enum_param(
+        op, "test-option", {"test-then-set", "set", "test-only"}, "test-then-set"
+    )
+    error_option = _enum_param(
+        op,
+        "error-option",
+        {"stop-on-error", "continue-on-error", "rollback-on-error"},
+        "stop-on-error",
+    )
+    config = op.find(qn(NC_NS, "config"))
+    if config is None:
+        if op.find(qn(NC_NS, "url")) is not None:
+            raise operation_not_supported("The :url capability is not supported.")
+        raise missing_element("config", "<edit-config> needs a <config> parameter.")
+    async with server.config_lock:
+        server.check_not_locked(target, session)
+        ds = server.datastores[target]
+        work = deepcopy(ds.root)
+        editor = Editor(server.index, continue_on_error=error_option == "continue-on-error")
+        editor.apply(work, config, default_op)
+        tags = subtree_tags(config)
+        if target == "running":
+            if test_option == "test-only":
+                _test_only(server, session, ds.root, work, tags)
+            else:
+                await server.change_running(work, session, reason="edit", only=tags)
+        else:
+            hash_clear_text_passwords(work)
+            if test_option == "test-only":
+                _test_only(server, session, ds.root, work, tags)
+            else:
+                tree = server.validator.validate(work, full=False)
+                try:
+                    canonical = server.validator.canonical(tree)
+                finally:
+                    free(tree)
+                changes = diff(ds.root, canonical, server.index, only=tags)
+                server.nacm.check_write(session.user, changes)
+                if changes:
+                    ds.root = canonical
+                    ds.tree = None
+                    server.candidate_modified = True
+        if editor.errors:
+            raise RpcErrors(editor.errors)
+
+
+def _test_only(
+    server: NetconfServer,
+    session: object,
+    old: etree._Element,
+    work: etree._Element,
+    tags: set[str],
+) -> None:
+    tree = server.validator.validate(work, full=True)
+    try:
+        canonical = server.validator.canonical(tree)
+    finally:
+        free(tree)
+    changes = diff(old, canonical, server.index, only=tags)
+    server.nacm.check_write(session.user, changes)  # type: ignore[attr-defined]
+
+
+# -- copy-config, delete-config (7.3, 7.4) --------------------------------------------
+
+
+async def copy_config(ctx: RpcContext, op: etree._Element) -> None:
+    server, session = ctx.server, ctx.session
+    target = datastore_name(op, "target", ("running", "candidate", "startup"))
+    source = datastore_name(op, "source", ("running", "candidate", "startup", "config"))
+    requested_mode(op)  # validated; datastores always store explicit values
+    if source == target:
+        raise RpcError(
+            "invalid-value",
+            f"<copy-config> from {source} to itself does nothing.",
+            type="protocol",
+            info=[("bad-element", source)],
+        )
+    async with server.config_lock:
+        server.check_not_locked(target, session)
+        if source == "config":
+            config = inline_config(op, "source")
+            root = deepcopy(server.datastores["running"].root)
+            for child in list(root):
+                root.remove(child)
+            Editor(server.index).apply(root, config, "merge")
+        else:
+            root = deepcopy(server.datastores[source].root)
+        if target == "running":
+            await server.change_running(root, session, reason="copy")
+        elif target == "candidate":
+            hash_clear_text_passwords(root)
+            tree = server.validator.validate(root, full=False)
+            try:
+                canonical = server.validator.canonical(tree)
+            finally:
+                free(tree)
+            server.nacm.check_write(
+                session.user, diff(server.datastores["candidate"].root, canonical, server.index)
+            )
+            server.datastores["candidate"].root = canonical
+            server.datastores["candidate"].tree = None
+            server.candidate_modified = True
+        else:
+            hash_clear_text_passwords(root)
+            server.nacm.check_write(
+                session.user, diff(server.datastores["startup"].root, root, server.index)
+            )
+            server.save_startup(root)
+
+
+async def delete_config(ctx: RpcContext, op: etree._Element) -> None:
+    server, session = ctx.server, ctx.session
+    target = datastore_name(op, "target", ("startup",))
+    async with server.config_lock:
+        server.check_not_locked(target, session)
+        from nc_core.edit import new_datastore
+
+        startup = server.datastores["startup"]
+        server.nacm.check_write(session.user, diff(startup.root, new_datastore(), server.index))
+        startup.root = new_datastore()
+        free(startup.tree)
+        startup.tree = None
+        startup.save()
+
+
+# -- lock, unlock (7.5, 7.6) ---------------------------------------------------------
+
+
+async def lock(ctx: RpcContext, op: etree._Element) -> None:
+    server, session = ctx.server, ctx.session
+    target = datastore_name(op, "target", ("running", "candidate", "startup"))
+    holder = server.locks.get(target)
+    if holder is not None:
+        raise RpcError(
+            "lock-denied",
+            f"The {target} datastore is already locked by session {holder}.",
+            type="protocol",
+            info=[("session-id", str(holder))],
+        )
+    if target == "candidate" and server.candidate_modified:
+        raise RpcError(
+            "lock-denied",
+            "The candidate has uncommitted changes: commit or discard them before locking it "
+            "(RFC 6241 7.5).",
+            type="protocol",
+            info=[("session-id", "0")],
+        )
+    pending = server.confirmed.pending_session()
+    if target == "running" and pending is not None and pending != session.id:
+        raise RpcError(
+            "lock-denied",
+            f"Session {pending} has a confirmed commit in progress (RFC 6241 7.5).",
+            type="protocol",
+            info=[("session-id", str(pending))],
+        )
+    server.locks[target] = session.id
+    server.lock_times[target] = datetime.now(UTC)
+
+
+async def unlock(ctx: RpcContext, op: etree._Element) -> None:
+    server, session = ctx.server, ctx.session
+    target = datastore_name(op, "target", ("running", "candidate", "startup"))
+    holder = server.locks.get(target)
+    if holder != session.id:
+        why = "is not locked" if holder is None else f"is locked by session {holder}, not by you"
+        raise RpcError(
+            "operation-failed",
+            f"The {target} datastore {why}.",
+            type="protocol",
+            info=[("session-id", str(holder))] if holder is not None else [],
+        )
+    del server.locks[target]
+    server.lock_times.pop(target, None)
+
+
+# -- close-session, kill-session (7.8, 7.9) --------------------------------------------
+
+
+async def close_session(ctx: RpcContext, op: etree._Element) -> None:
+    ctx.session.close_after_reply("closed")
+
+
+async def kill_session(ctx: RpcContext, op: etree._Element) -> None:
+    elem = _param(op, "session-id")
+    assert elem is not None
+    text = (elem.text or "").strip()
+    if not text.isdigit():
+        raise RpcError(
+            "invalid-value",
+            f"session-id {text!r} is not a number.",
+            type="protocol",
+            info=[("bad-element", "session-id")],
+        )
+    victim_id = int(text)
+    if victim_id == ctx.session.id:
+        raise RpcError(
+            "invalid-value",
+            "A session cannot kill itself: use <close-session>.",
+            type="protocol",
+            info=[("bad-element", "session-id")],
+        )
+    victim = ctx.server.sessions.get(victim_id)
+    if victim is None:
+        raise RpcError(
+            "invalid-value",
+            f"There is no session {victim_id}.",
+            type="protocol",
+            info=[("bad-element", "session-id")],
+        )
+    victim.killed_by = ctx.session.id
+    victim.close("killed")
+
+
+# -- validate (8.6), discard-changes (8.3.4.2) ------------------------------------------
+
+
+async def validate(ctx: RpcContext, op: etree._Element) -> None:
+    server = ctx.server
+    source = datastore_name(op, "source", ("running", "candidate", "startup", "config"))
+    if source == "config":
+        root = deepcopy(server.datastores["running"].root)
+        for child in list(root):
+            root.remove(child)
+        Editor(server.index).apply(root, inline_config(op, "source"), "merge")
+    else:
+        root = server.datastores[source].root
+    free(server.validator.validate(root, full=True))
+
+
+async def discard_changes(ctx: RpcContext, op: etree._Element) -> None:
+    server, session = ctx.server, ctx.session
+    async with server.config_lock:
+        server.check_not_locked("candidate", session)
+        server.reset_candidate()

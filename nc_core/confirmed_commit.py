@@ -1,0 +1,245 @@
+"""<commit>, confirmed commit and <cancel-commit> (RFC 6241 Sections 8.3.4 and 8.4, :confirmed-commit:1.1).
+
+A confirmed commit applies the candidate at once but keeps the previous
+running configuration; unless a confirming <commit> arrives within the
+timeout, the server puts the old configuration back.  That is what lets a VPN
+server push a change that might cut its own management path: if the CE cannot
+be reached to confirm, it rolls back by itself.
+
+The previous configuration is also written to the state directory while a
+confirmed commit is pending, so a crash or a kill -9 during that window rolls
+back at the next start instead of keeping an unconfirmed change forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from copy import deepcopy
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from lxml import etree
+
+from nc_core.datastore import document_bytes, write_atomically
+from nc_core.errors import RpcError
+from nc_core.xmlutil import NC_NS, qn
+
+if TYPE_CHECKING:
+    from nc_core.server import NetconfServer, RpcContext
+    from nc_core.session import Session
+
+log = logging.getLogger("cevpn.netconf")
+
+DEFAULT_TIMEOUT = 600  # seconds, RFC 6241 8.4.5.1
+
+
+@dataclass
+class PendingCommit:
+    session_id: int
+    user: str
+    source_host: str
+    persist: str | None
+    rollback_to: etree._Element
+    timer: asyncio.TimerHandle | None = None
+
+
+class ConfirmedCommit:
+    def __init__(self, server: NetconfServer) -> None:
+        self.server = server
+        self.pending: PendingCommit | None = None
+        self.backup = server.options.state_dir / "confirmed-commit-rollback.xml"
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def pending_session(self) -> int | None:
+        return self.pending.session_id if self.pending is not None else None
+
+    # -- operations -------------------------------------------------------------
+
+    async def commit(self, ctx: RpcContext, op: etree._Element) -> None:
+        server, session = self.server, ctx.session
+        confirmed = op.find(qn(NC_NS, "confirmed")) is not None
+        timeout = _timeout(op)
+        persist = _text(op, "persist")
+        persist_id = _text(op, "persist-id")
+        if not confirmed and (timeout is not None or persist is not None):
+            name = "confirm-timeout" if timeout is not None else "persist"
+            raise RpcError(
+                "invalid-value",
+                f"<{name}> only makes sense with <confirmed/>.",
+                type="protocol",
+                info=[("bad-element", name)],
+            )
+        async with server.config_lock:
+            server.check_not_locked("running", session)
+            server.check_not_locked("candidate", session)
+            pending = self.pending
+            if pending is None:
+                if persist_id is not None:
+                    raise RpcError(
+                        "invalid-value",
+                        "No confirmed commit is pending, so there is nothing to confirm with "
+                        f"persist-id {persist_id!r}.",
+                        type="protocol",
+                        info=[("bad-element", "persist-id")],
+                    )
+                if not confirmed:
+                    await self._commit_candidate(session)
+                    return
+                rollback_to = deepcopy(server.datastores["running"].root)
+                write_atomically(self.backup, document_bytes(rollback_to))
+                try:
+                    await self._commit_candidate(session)
+                except BaseException:
+                    self.backup.unlink(missing_ok=True)
+                    raise
+                self.pending = PendingCommit(
+                    session.id, session.user, session.source_host, persist, rollback_to
+                )
+                self._arm(timeout or DEFAULT_TIMEOUT)
+                server.notifications.confirmed_commit(session, "start", timeout or DEFAULT_TIMEOUT)
+                return
+            self._check_owner(pending, session, persist_id, "commit")
+            await self._commit_candidate(session)
+            if confirmed:  # a follow-up confirmed commit extends the window
+                if persist is not None:
+                    pending.persist = persist
+                self._arm(timeout or DEFAULT_TIMEOUT)
+                server.notifications.confirmed_commit(session, "extend", timeout or DEFAULT_TIMEOUT)
+            else:
+                self._finish()
+                server.notifications.confirmed_commit(session, "complete", None)
+
+    async def cancel_commit(self, ctx: RpcContext, op: etree._Element) -> None:
+        persist_id = _text(op, "persist-id")
+        async with self.server.config_lock:
+            pending = self.pending
+            if pending is None:
+                raise RpcError(
+                    "operation-failed",
+                    "No confirmed commit is in progress.",
+                    type="protocol",
+                )
+            self._check_owner(pending, ctx.session, persist_id, "cancel-commit")
+            await self._rollback("cancel", ctx.session)
+
+    def _check_owner(
+        self, pending: PendingCommit, session: Session, persist_id: str | None, what: str
+    ) -> None:
+        if pending.persist is not None:
+            if persist_id != pending.persist:
+                raise RpcError(
+                    "invalid-value",
+                    f"A persistent confirmed commit is pending: <{what}> needs its <persist-id>"
+                    + ("" if persist_id is None else f" ({persist_id!r} does not match)")
+                    + ".",
+                    type="protocol",
+                    info=[("bad-element", "persist-id")],
+                )
+        elif persist_id is not None:
+            raise RpcError(
+                "invalid-value",
+                "The pending confirmed commit was not given a <persist> token.",
+                type="protocol",
+                info=[("bad-element", "persist-id")],
+            )
+        elif pending.session_id != session.id:
+            raise RpcError(
+                "in-use",
+                f"Session {pending.session_id} has a confirmed commit in progress; only it can "
+                f"{'confirm' if what == 'commit' else 'cancel'} it.",
+                type="protocol",
+                info=[("session-id", str(pending.session_id))],
+            )
+
+    async def _commit_candidate(self, session: Session) -> None:
+        server = self.server
+        candidate = deepcopy(server.datastores["candidate"].root)
+        await server.change_running(candidate, session, reason="commit")
+        server.reset_candidate()
+
+    # -- rollback ---------------------------------------------------------------
+
+    def _arm(self, timeout: int) -> None:
+        assert self.pending is not None
+        if self.pending.timer is not None:
+            self.pending.timer.cancel()
+        loop = asyncio.get_running_loop()
+        self.pending.timer = loop.call_later(timeout, self._spawn_rollback, "timeout")
+
+    def _spawn_rollback(self, reason: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._locked_rollback(reason))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _locked_rollback(self, reason: str) -> None:
+        async with self.server.config_lock:
+            if self.pending is not None:
+                await self._rollback(reason, None)
+
+    async def _rollback(self, reason: str, session: Session | None) -> None:
+        pending = self.pending
+        assert pending is not None
+        log.warning("confirmed commit of session %d rolled back (%s)", pending.session_id, reason)
+        try:
+            await self.server.change_running(
+                deepcopy(pending.rollback_to), None, reason="rollback", check_access=False
+            )
+        except Exception:
+            log.exception("rollback of a confirmed commit failed; keeping the rollback file")
+            raise
+        self.server.reset_candidate()
+        self._finish()
+        self.server.notifications.confirmed_commit(session, reason, None, pending=pending)
+
+    def _finish(self) -> None:
+        if self.pending is not None and self.pending.timer is not None:
+            self.pending.timer.cancel()
+        self.pending = None
+        self.backup.unlink(missing_ok=True)
+
+    def session_ended(self, session: Session) -> None:
+        """RFC 6241 8.4.1: a non-persistent confirmed commit dies with its session."""
+        pending = self.pending
+        if pending is not None and pending.persist is None and pending.session_id == session.id:
+            self._spawn_rollback("cancel")
+
+    def recover_after_restart(self) -> None:
+        """A confirmed commit pending when the server died is rolled back now."""
+        if not self.backup.exists():
+            return
+        running = self.server.datastores["running"].path
+        assert running is not None
+        log.warning("rolling back a confirmed commit left pending by the previous run")
+        write_atomically(running, self.backup.read_bytes())
+        self.backup.unlink()
+
+    def shutdown(self) -> None:
+        if self.pending is not None and self.pending.timer is not None:
+            self.pending.timer.cancel()
+
+
+def _text(op: etree._Element, name: str) -> str | None:
+    elem = op.find(qn(NC_NS, name))
+    return None if elem is None else (elem.text or "").strip()
+
+
+def _timeout(op: etree._Element) -> int | None:
+    text = _text(op, "confirm-timeout")
+    if text is None:
+        return None
+    if not text.isdigit() or not 0 < int(text) <= 0xFFFFFFFF:
+        raise RpcError(
+            "invalid-value",
+            f"confirm-timeout {text!r} is not a number of seconds between 1 and 4294967295.",
+            type="protocol",
+            info=[("bad-element", "confirm-timeout")],
+        )
+    return int(text)
+
+
+def register(server: NetconfServer) -> ConfirmedCommit:
+    confirmed = ConfirmedCommit(server)
+    server.register(NC_NS, "commit", "ietf-netconf", confirmed.commit)
+    server.register(NC_NS, "cancel-commit", "ietf-netconf", confirmed.cancel_commit)
+    return confirmed

@@ -1,0 +1,689 @@
+"""<edit-config> semantics on a datastore tree (RFC 6241 Section 7.2, RFC 7950 Section 7.8.6).
+
+A datastore is an lxml tree: a ``<data>`` element in the NETCONF base namespace
+whose children are top-level YANG data nodes.  This module applies the
+``operation`` attributes (merge, replace, create, delete, remove, and the
+``none`` default operation), the YANG ``insert`` attributes for ordered-by user
+lists, and the implicit deletion of other cases when a node of one case of a
+choice is created (RFC 7950 Section 7.9).  It never validates: the caller
+validates the result with libyang and throws it away if invalid, so a client
+never sees a half-applied edit.
+
+It also computes the difference between two trees as a list of
+:class:`Change` -- what NACM checks write access against (RFC 8341 3.4.5) and
+what an application's transaction handler receives.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from copy import deepcopy
+from dataclasses import dataclass
+from typing import Literal
+
+from lxml import etree
+
+from nc_core.errors import RpcError
+from nc_core.schema import SchemaIndex, SchemaNode
+from nc_core.xmlutil import NC_NS, local, namespace, qn
+
+YANG_NS = "urn:ietf:params:xml:ns:yang:1"
+OPERATION = qn(NC_NS, "operation")
+INSERT = qn(YANG_NS, "insert")
+KEY = qn(YANG_NS, "key")
+VALUE = qn(YANG_NS, "value")
+EDIT_OPERATIONS = frozenset({"merge", "replace", "create", "delete", "remove"})
+DEFAULT_OPERATIONS = frozenset({"merge", "replace", "none"})
+
+
+@dataclass(frozen=True)
+class Change:
+    """One node created, updated or deleted by a change of a datastore."""
+
+    op: Literal["create", "update", "delete"]
+    element: etree._Element
+    """The node in the new tree (create, update) or in the old tree (delete);
+    its ancestors are reachable with getparent() up to the <data> root."""
+
+
+def new_datastore() -> etree._Element:
+    return etree.Element(qn(NC_NS, "data"), nsmap={None: NC_NS})  # type: ignore[dict-item]
+
+
+# --------------------------------------------------------------------------
+# Identity of data nodes
+# --------------------------------------------------------------------------
+
+
+def key_values(elem: etree._Element, snode: SchemaNode) -> tuple[str, ...] | None:
+    """The key leaf values of a list entry, or None if one is missing."""
+    values = []
+    ns = snode.namespace
+    for key in snode.keys:
+        child = elem.find(qn(ns, key))
+        if child is None:
+            return None
+        values.append((child.text or "").strip())
+    return tuple(values)
+
+
+def _identity(elem: etree._Element, snode: SchemaNode) -> tuple[str, ...]:
+    if snode.kind == "list":
+        return key_values(elem, snode) or ()
+    if snode.kind == "leaf-list":
+        return ((elem.text or "").strip(),)
+    return ()
+
+
+def find_instance(
+    parent: etree._Element, tag: str, snode: SchemaNode, ident: tuple[str, ...]
+) -> etree._Element | None:
+    for child in parent.iterchildren(tag):
+        if snode.kind not in ("list", "leaf-list") or _identity(child, snode) == ident:
+            return child
+    return None
+
+
+def schema_of(
+    index: SchemaIndex, parent_snode: SchemaNode | None, elem: etree._Element
+) -> SchemaNode | None:
+    ns, name = namespace(elem.tag), local(elem.tag)
+    if parent_snode is None:
+        return index.top_node(ns, name)
+    return parent_snode.child(ns, name)
+
+
+# --------------------------------------------------------------------------
+# Paths for error messages (error-path is an XPath with declared prefixes)
+# --------------------------------------------------------------------------
+
+
+def instance_path(elem: etree._Element, index: SchemaIndex) -> tuple[str, dict[str, str]]:
+    """Absolute XPath of a data node, prefixes being module names, and the prefix map."""
+    steps: list[tuple[etree._Element, str]] = []
+    node: etree._Element | None = elem
+    while node is not None and not (
+        namespace(node.tag) == NC_NS and local(node.tag) in ("data", "config")
+    ):
+        steps.append((node, node.tag))
+        node = node.getparent()
+    steps.reverse()
+    nsmap: dict[str, str] = {}
+    out = []
+    snode: SchemaNode | None = None
+    for step, tag in steps:
+        ns = namespace(tag) or ""
+        prefix = index.namespaces.get(ns, "ns")
+        nsmap[prefix] = ns
+        snode = schema_of(index, snode, step) if (snode is not None or not out) else None
+        text = f"/{prefix}:{local(tag)}"
+        if snode is not None and snode.kind == "list":
+            for key in snode.keys:
+                key_elem = step.find(qn(snode.namespace, key))
+                if key_elem is not None:
+                    text += f"[{prefix}:{key}={_xpath_literal((key_elem.text or '').strip())}]"
+        elif snode is not None and snode.kind == "leaf-list":
+            text += f"[.={_xpath_literal((step.text or '').strip())}]"
+        out.append(text)
+    return "".join(out) or "/", nsmap
+
+
+def _xpath_literal(value: str) -> str:
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    parts = value.split("'")
+    return "concat(" + ', "\'", '.join(f"'{p}'" for p in parts) + ")"
+
+
+def _error(
+    tag: str, message: str, elem: etree._Element, index: SchemaIndex, **kw: object
+) -> RpcError:
+    path, nsmap = instance_path(elem, index)
+    return RpcError(tag, message, path=path, path_ns=nsmap, **kw)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------
+# Applying an edit
+# --------------------------------------------------------------------------
+
+
+class Editor:
+    """Applies one <edit-config>'s <config> to a datastore tree, in place."""
+
+    def __init__(self, index: SchemaIndex, *, continue_on_error: bool = False) -> None:
+        self.index = index
+        self.continue_on_error = continue_on_error
+        self.errors: list[RpcError] = []
+
+    def apply(self, target: etree._Element, config: etree._Element, default_operation: str) -> None:
+        """Apply every top-level node of ``config`` to ``target``.
+
+        Raises the first RpcError (stop-on-error); with continue_on_error the
+        errors are collected in ``self.errors`` and the rest is applied.
+        """
+        for edit in config:
+            if not isinstance(edit.tag, str):
+                continue
+            snode = self.index.top_node(namespace(edit.tag), local(edit.tag))
+            self._guard(lambda e=edit, s=snode: self._edit(target, e, s, default_operation))
+
+    def _guard(self, step: object) -> None:
+        try:
+            step()  # type: ignore[operator]
+        except RpcError as err:
+            if not self.continue_on_error:
+                raise
+            self.errors.append(err)
+
+    def _unknown(self, edit: etree._Element, parent: etree._Element) -> RpcError:
+        ns = namespace(edit.tag)
+        name = local(edit.tag)
+        if ns is None:
+            return RpcError(
+                "unknown-namespace" if parent.getparent() is None else "unknown-element",
+                f"<{name}> has no namespace: every data node must be in its module's namespace.",
+                info=[("bad-element", name)],
+            )
+        if ns not in self.index.namespaces:
+            return RpcError(
+                "unknown-namespace",
+                f"No module served here has the namespace {ns!r} of <{name}>.",
+                info=[("bad-element", name), ("bad-namespace", ns)],
+            )
+        where, nsmap = instance_path(parent, self.index)
+        return RpcError(
+            "unknown-element",
+            f"<{name}> is not a node of the data model here"
+            + (f" (under {where})" if where != "/" else "")
+            + ".",
+            path=where if where != "/" else None,
+            path_ns=nsmap,
+            info=[("bad-element", name)],
+        )
+
+    def _operation(self, edit: etree._Element, inherited: str) -> str:
+        op = edit.get(OPERATION)
+        if op is None:
+            return inherited
+        if op not in EDIT_OPERATIONS:
+            raise RpcError(
+                "bad-attribute",
+                f"operation={op!r} is not one of {', '.join(sorted(EDIT_OPERATIONS))}.",
+                type="protocol",
+                info=[("bad-attribute", "operation"), ("bad-element", local(edit.tag))],
+            )
+        return op
+
+    def _edit(
+        self,
+        parent: etree._Element,
+        edit: etree._Element,
+        snode: SchemaNode | None,
+        inherited: str,
+    ) -> None:
+        if snode is None:
+            raise self._unknown(edit, parent)
+        op = self._operation(edit, inherited)
+        if not snode.config:
+            raise RpcError(
+                "invalid-value",
+                f"{snode.path} is state data: it cannot be configured.",
+                info=[("bad-element", snode.name)],
+            )
+        ident = self._edit_identity(edit, snode, parent)
+        existing = find_instance(parent, edit.tag, snode, ident)
+
+        if op == "create" and existing is not None:
+            raise _error(
+                "data-exists",
+                f"{snode.path} already exists: 'create' only makes new nodes (use merge or replace).",
+                existing,
+                self.index,
+            )
+        if op in ("delete", "remove"):
+            if existing is None:
+                if op == "delete":
+                    raise RpcError(
+                        "data-missing",
+                        f"{snode.path}{_ident_text(snode, ident)} does not exist, so it "
+                        "cannot be deleted (use 'remove' to ignore missing data).",
+                        path=self._child_path(parent, snode, ident)[0],
+                        path_ns=self._child_path(parent, snode, ident)[1],
+                    )
+                return
+            parent.remove(existing)
+            return
+        if op == "none":
+            if existing is None:
+                if not _creates_something(edit):
+                    if _only_removes(edit):
+                        return
+                    # RFC 6241 7.2 'none': data with no corresponding level in the target.
+                    path, path_ns = self._child_path(parent, snode, ident)
+                    raise RpcError(
+                        "data-missing",
+                        f"{snode.path}{_ident_text(snode, ident)} does not exist, and with "
+                        "default-operation 'none' nothing is created unless an operation "
+                        "attribute asks for it.",
+                        path=path,
+                        path_ns=path_ns,
+                    )
+                existing = self._insert_new(parent, edit, snode, shell=True)
+            self._move_if_asked(parent, existing, edit, snode)
+            self._edit_children(existing, edit, snode, "none")
+            return
+        if op == "replace" and existing is not None:
+            replacement = self._build(edit, snode)
+            self._drop_other_cases(parent, snode)
+            existing.addprevious(replacement)
+            parent.remove(existing)
+            self._move_if_asked(parent, replacement, edit, snode)
+            return
+        if existing is None:  # create, merge or replace of a new node
+            self._drop_other_cases(parent, snode)
+            if op == "merge":
+                new = self._insert_new(parent, edit, snode, shell=True)
+                self._edit_children(new, edit, snode, "merge")
+            else:
+                built = self._build(edit, snode)
+                self._place(parent, built, edit, snode)
+            return
+        # merge into an existing node
+        self._move_if_asked(parent, existing, edit, snode)
+        if snode.kind in ("leaf", "anydata", "anyxml"):
+            self._set_value(existing, edit, snode)
+        elif snode.kind == "leaf-list":
+            pass
+        else:
+            self._edit_children(existing, edit, snode, "merge")
+
+    def _edit_children(
+        self, target: etree._Element, edit: etree._Element, snode: SchemaNode, inherited: str
+    ) -> None:
+        if snode.kind in ("leaf", "leaf-list", "anydata", "anyxml"):
+            if snode.kind == "leaf" and inherited != "none":
+                self._set_value(target, edit, snode)
+            return
+        for child in edit:
+            if not isinstance(child.tag, str):
+                continue
+            child_snode = snode.child(namespace(child.tag), local(child.tag))
+            if child_snode is not None and child_snode.is_key and snode.kind == "list":
+                if child.get(OPERATION) in ("delete", "remove", "replace", "create"):
+                    raise _error(
+                        "bad-attribute",
+                        f"The key {child_snode.path} identifies the entry: it cannot be "
+                        f"given operation={child.get(OPERATION)!r}.",
+                        target,
+                        self.index,
+                        info=[("bad-attribute", "operation"), ("bad-element", child_snode.name)],
+                    )
+                continue
+            self._guard(
+                lambda c=child, s=child_snode: self._edit(target, c, s, inherited)  # type: ignore[misc]
+            )
+
+    def _edit_identity(
+        self, edit: etree._Element, snode: SchemaNode, parent: etree._Element
+    ) -> tuple[str, ...]:
+        if snode.kind == "list":
+            ident = key_values(edit, snode)
+            if ident is None:
+                missing = [k for k in snode.keys if edit.find(qn(snode.namespace, k)) is None]
+                where, nsmap = instance_path(parent, self.index)
+                raise RpcError(
+                    "missing-element",
+                    f"An entry of {snode.path} needs its key {missing[0]!r}.",
+                    path=where if where != "/" else None,
+                    path_ns=nsmap,
+                    info=[("bad-element", missing[0])],
+                )
+            return ident
+        if snode.kind == "leaf-list":
+            return ((edit.text or "").strip(),)
+        return ()
+
+    def _child_path(
+        self, parent: etree._Element, snode: SchemaNode, ident: tuple[str, ...]
+    ) -> tuple[str, dict[str, str]]:
+        where, nsmap = instance_path(parent, self.index)
+        prefix = snode.module
+        nsmap = {**nsmap, prefix: snode.namespace}
+        step = f"/{prefix}:{snode.name}"
+        if snode.kind == "list":
+            step += "".join(
+                f"[{prefix}:{k}={_xpath_literal(v)}]"
+                for k, v in zip(snode.keys, ident, strict=True)
+            )
+        elif snode.kind == "leaf-list":
+            step += f"[.={_xpath_literal(ident[0])}]"
+        return (where.rstrip("/") if where != "/" else "") + step, nsmap
+
+    def _set_value(self, target: etree._Element, edit: etree._Element, snode: SchemaNode) -> None:
+        if snode.kind in ("anydata", "anyxml"):
+            for child in list(target):
+                target.remove(child)
+            target.text = edit.text
+            for child in edit:
+                target.append(_clean(deepcopy(child)))
+            return
+        target.text = edit.text
+        _copy_value_namespaces(edit, target)
+
+    def _build(self, edit: etree._Element, snode: SchemaNode) -> etree._Element:
+        """A new node from an edit subtree, for create/replace: sub-operations are honoured."""
+        if snode.kind in ("leaf", "leaf-list", "anydata", "anyxml"):
+            node = etree.Element(edit.tag, nsmap=_value_nsmap(edit))
+            node.text = edit.text
+            for child in edit:
+                node.append(_clean(deepcopy(child)))
+            return node
+        node = etree.Element(edit.tag)
+        if snode.kind == "list":
+            for key in snode.keys:
+                key_edit = edit.find(qn(snode.namespace, key))
+                assert key_edit is not None
+                key_node = etree.SubElement(node, key_edit.tag, nsmap=_value_nsmap(key_edit))
+                key_node.text = key_edit.text
+        self._edit_children(node, edit, snode, "merge")
+        return node
+
+    def _insert_new(
+        self, parent: etree._Element, edit: etree._Element, snode: SchemaNode, *, shell: bool
+    ) -> etree._Element:
+        if snode.kind in ("leaf", "leaf-list", "anydata", "anyxml"):
+            node = self._build(edit, snode)
+        else:
+            node = etree.Element(edit.tag)
+            if snode.kind == "list":
+                for key in snode.keys:
+                    key_edit = edit.find(qn(snode.namespace, key))
+                    assert key_edit is not None
+                    key_node = etree.SubElement(node, key_edit.tag, nsmap=_value_nsmap(key_edit))
+                    key_node.text = key_edit.text
+        self._drop_other_cases(parent, snode)
+        self._place(parent, node, edit, snode)
+        return node
+
+    def _drop_other_cases(self, parent: etree._Element, snode: SchemaNode) -> None:
+        """RFC 7950 7.9: creating a node of one case removes the nodes of every other case."""
+        if not snode.cases:
+            return
+        parent_snode = None if parent.getparent() is None else self._snode_of(parent)
+        mine = dict(snode.cases)
+        for child in list(parent):
+            if not isinstance(child.tag, str):
+                continue
+            other = (
+                self.index.top_node(namespace(child.tag), local(child.tag))
+                if parent_snode is None
+                else parent_snode.child(namespace(child.tag), local(child.tag))
+            )
+            if other is None or not other.cases:
+                continue
+            for choice, case in other.cases:
+                if choice in mine and mine[choice] != case:
+                    parent.remove(child)
+                    break
+
+    def _snode_of(self, elem: etree._Element) -> SchemaNode | None:
+        chain: list[etree._Element] = []
+        node: etree._Element | None = elem
+        while node is not None and node.getparent() is not None:
+            chain.append(node)
+            node = node.getparent()
+        snode: SchemaNode | None = None
+        for step in reversed(chain):
+            snode = schema_of(self.index, snode, step)
+            if snode is None:
+                return None
+        return snode
+
+    # ordered-by user ------------------------------------------------------
+
+    def _place(
+        self, parent: etree._Element, node: etree._Element, edit: etree._Element, snode: SchemaNode
+    ) -> None:
+        siblings = list(parent.iterchildren(node.tag))
+        if siblings:
+            siblings[-1].addnext(node)
+        else:
+            parent.append(node)
+        if snode.user_ordered:
+            self._move_if_asked(parent, node, edit, snode)
+
+    def _move_if_asked(
+        self, parent: etree._Element, node: etree._Element, edit: etree._Element, snode: SchemaNode
+    ) -> None:
+        where = edit.get(INSERT)
+        if where is None:
+            return
+        if not snode.user_ordered:
+            raise _error(
+                "bad-attribute",
+                f"{snode.path} is not ordered-by user: 'insert' does not apply to it.",
+                node,
+                self.index,
+                type="protocol",
+                info=[("bad-attribute", "insert"), ("bad-element", snode.name)],
+            )
+        siblings = [s for s in parent.iterchildren(node.tag) if s is not node]
+        if where == "first":
+            if siblings:
+                siblings[0].addprevious(node)
+        elif where == "last":
+            if siblings:
+                siblings[-1].addnext(node)
+        elif where in ("before", "after"):
+            anchor = self._anchor(parent, node, edit, snode, siblings)
+            if where == "before":
+                anchor.addprevious(node)
+            else:
+                anchor.addnext(node)
+        else:
+            raise _error(
+                "bad-attribute",
+                f"insert={where!r} is not one of first, last, before, after.",
+                node,
+                self.index,
+                type="protocol",
+                info=[("bad-attribute", "insert"), ("bad-element", snode.name)],
+            )
+
+    def _anchor(
+        self,
+        parent: etree._Element,
+        node: etree._Element,
+        edit: etree._Element,
+        snode: SchemaNode,
+        siblings: Sequence[etree._Element],
+    ) -> etree._Element:
+        attr = KEY if snode.kind == "list" else VALUE
+        ref = edit.get(attr)
+        if ref is None:
+            raise _error(
+                "missing-attribute",
+                f"insert={edit.get(INSERT)!r} needs the yang:{local(attr)} attribute.",
+                node,
+                self.index,
+                type="protocol",
+                info=[("bad-attribute", local(attr)), ("bad-element", snode.name)],
+            )
+        want = _parse_key_predicates(ref) if snode.kind == "list" else (ref.strip(),)
+        for sibling in siblings:
+            ident = _identity(sibling, snode)
+            if snode.kind == "list":
+                keys = dict(zip(snode.keys, ident, strict=True))
+                if all(keys.get(k) == v for k, v in want):
+                    return sibling
+            elif ident == want:
+                return sibling
+        raise _error(
+            "bad-attribute",
+            f"yang:{local(attr)}={ref!r} names no existing entry of {snode.path} "
+            "(RFC 7950 15.7 missing-instance).",
+            node,
+            self.index,
+            app_tag="missing-instance",
+            info=[("bad-attribute", local(attr)), ("bad-element", snode.name)],
+        )
+
+
+_PREDICATE = re.compile(r"\[\s*(?:[\w.-]+:)?([\w.-]+)\s*=\s*(?:'([^']*)'|\"([^\"]*)\")\s*\]")
+
+
+def _parse_key_predicates(text: str) -> list[tuple[str, str]]:
+    return [
+        (m.group(1), m.group(2) if m.group(2) is not None else m.group(3))
+        for m in _PREDICATE.finditer(text)
+    ]
+
+
+def _ident_text(snode: SchemaNode, ident: tuple[str, ...]) -> str:
+    if snode.kind == "list":
+        return "".join(f"[{k}='{v}']" for k, v in zip(snode.keys, ident, strict=True))
+    if snode.kind == "leaf-list":
+        return f"[.='{ident[0]}']"
+    return ""
+
+
+def _walk_ops(edit: etree._Element) -> Iterator[str]:
+    for node in edit.iter():
+        if isinstance(node.tag, str):
+            op = node.get(OPERATION)
+            if op is not None:
+                yield op
+
+
+def _creates_something(edit: etree._Element) -> bool:
+    return any(op in ("create", "merge", "replace") for op in _walk_ops(edit))
+
+
+def _only_removes(edit: etree._Element) -> bool:
+    ops = set(_walk_ops(edit))
+    return bool(ops) and ops <= {"remove"}
+
+
+def _clean(elem: etree._Element) -> etree._Element:
+    for node in elem.iter():
+        if isinstance(node.tag, str):
+            for attr in (OPERATION, INSERT, KEY, VALUE):
+                if attr in node.attrib:
+                    del node.attrib[attr]
+    return elem
+
+
+def _value_nsmap(edit: etree._Element) -> dict[str | None, str]:
+    """Namespace declarations a value may need (identityref, instance-identifier prefixes)."""
+    text = edit.text or ""
+    if ":" not in text:
+        return {}
+    return {p: ns for p, ns in edit.nsmap.items() if p is not None and f"{p}:" in text}
+
+
+def _copy_value_namespaces(edit: etree._Element, target: etree._Element) -> None:
+    needed = _value_nsmap(edit)
+    if all(target.nsmap.get(p) == ns for p, ns in needed.items()):
+        return
+    # lxml cannot add declarations to an existing element: rebuild it.
+    replacement = etree.Element(target.tag, nsmap={**target.nsmap, **needed})
+    replacement.text = target.text
+    replacement.tail = target.tail
+    parent = target.getparent()
+    if parent is not None:
+        parent.replace(target, replacement)
+
+
+# --------------------------------------------------------------------------
+# Differences between two datastore trees
+# --------------------------------------------------------------------------
+
+
+def diff(
+    old: etree._Element,
+    new: etree._Element,
+    index: SchemaIndex,
+    only: set[str] | None = None,
+) -> list[Change]:
+    """Every node created, updated (leaf value changed, or an ordered list moved) or deleted.
+
+    Created and deleted subtrees are reported node by node, parents first, so
+    access control can check each node (RFC 8341 3.4.5).  ``only`` restricts
+    the comparison to top-level nodes with these tags.
+    """
+    changes: list[Change] = []
+    _diff_children(old, new, None, index, changes, only)
+    return changes
+
+
+def _children_by_identity(
+    elem: etree._Element, parent_snode: SchemaNode | None, index: SchemaIndex, only: set[str] | None
+) -> dict[tuple[str, tuple[str, ...]], tuple[etree._Element, SchemaNode | None]]:
+    out: dict[tuple[str, tuple[str, ...]], tuple[etree._Element, SchemaNode | None]] = {}
+    for child in elem:
+        if not isinstance(child.tag, str) or (only is not None and child.tag not in only):
+            continue
+        snode = schema_of(index, parent_snode, child)
+        ident = _identity(child, snode) if snode is not None else ()
+        out[(child.tag, ident)] = (child, snode)
+    return out
+
+
+def _diff_children(
+    old: etree._Element,
+    new: etree._Element,
+    parent_snode: SchemaNode | None,
+    index: SchemaIndex,
+    changes: list[Change],
+    only: set[str] | None = None,
+) -> None:
+    old_children = _children_by_identity(old, parent_snode, index, only)
+    new_children = _children_by_identity(new, parent_snode, index, only)
+    for ident, (old_child, snode) in old_children.items():
+        if ident not in new_children:
+            changes.extend(Change("delete", n) for n in _subtree(old_child))
+    for ident, (new_child, snode) in new_children.items():
+        previous = old_children.get(ident)
+        if previous is None:
+            changes.extend(Change("create", n) for n in _subtree(new_child))
+            continue
+        old_child = previous[0]
+        if snode is None or snode.kind in ("leaf", "anydata", "anyxml"):
+            if _value(old_child) != _value(new_child):
+                changes.append(Change("update", new_child))
+        elif snode.kind == "leaf-list":
+            pass
+        else:
+            _diff_children(old_child, new_child, snode, index, changes)
+    _diff_order(old_children, new_children, changes)
+
+
+def _diff_order(
+    old_children: dict[tuple[str, tuple[str, ...]], tuple[etree._Element, SchemaNode | None]],
+    new_children: dict[tuple[str, tuple[str, ...]], tuple[etree._Element, SchemaNode | None]],
+    changes: list[Change],
+) -> None:
+    """A user-ordered list or leaf-list whose surviving entries changed order is an update."""
+    tags = {tag for (tag, _), (_, s) in new_children.items() if s is not None and s.user_ordered}
+    for tag in tags:
+        old_order = [i for (t, i) in old_children if t == tag and (t, i) in new_children]
+        new_order = [i for (t, i) in new_children if t == tag and (t, i) in old_children]
+        if old_order != new_order:
+            for (t, i), (elem, _) in new_children.items():
+                if t == tag and (t, i) in old_children:
+                    changes.append(Change("update", elem))
+
+
+def _subtree(elem: etree._Element) -> Iterator[etree._Element]:
+    for node in elem.iter():
+        if isinstance(node.tag, str):
+            yield node
+
+
+def _value(elem: etree._Element) -> bytes:
+    if len(elem):
+        return etree.tostring(elem, method="c14n")
+    return (elem.text or "").strip().encode()

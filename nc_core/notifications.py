@@ -1,0 +1,325 @@
+"""Event notifications (RFC 5277) and the events of ietf-netconf-notifications (RFC 6470).
+
+One stream, NETCONF, carries every event.  A bounded in-memory log keeps the
+most recent notifications for replay (startTime/stopTime, RFC 5277 2.1.1);
+after a replay a <replayComplete/> follows, and a subscription whose stopTime
+passes ends with <notificationComplete/>.  The :interleave capability holds:
+a subscribed session can still send RPCs.  Each notification is filtered
+(subtree or XPath, as for <get>) and checked against NACM (RFC 8341 3.4.6)
+for each subscriber.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from lxml import etree
+
+from nc_core.edit import Change, instance_path
+from nc_core.errors import RpcError
+from nc_core.filters import apply_filter
+from nc_core.xmlutil import NC_NS, NCN_NS, NOTIF_NS, NC_NOTIF_NS, local, namespace, qn
+
+if TYPE_CHECKING:
+    from nc_core.server import NetconfServer, RpcContext
+    from nc_core.session import Session
+
+STREAM = "NETCONF"
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def date_and_time(moment: datetime) -> str:
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def parse_date_and_time(text: str, name: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise RpcError(
+            "bad-element",
+            f"<{name}> {text!r} is not a date-and-time (RFC 3339).",
+            type="protocol",
+            info=[("bad-element", name)],
+        ) from None
+    if moment.tzinfo is None:
+        raise RpcError(
+            "bad-element",
+            f"<{name}> {text!r} needs a time zone (RFC 3339).",
+            type="protocol",
+            info=[("bad-element", name)],
+        )
+    return moment
+
+
+@dataclass
+class Logged:
+    time: datetime
+    content: etree._Element
+    module: str
+    name: str
+
+
+@dataclass
+class Subscription:
+    session: Session
+    filter: etree._Element | None
+    start: datetime | None
+    stop: datetime | None
+    replaying: bool = False
+    queued: list[Logged] = field(default_factory=list)
+    stop_timer: asyncio.TimerHandle | None = None
+
+
+class NotificationCenter:
+    def __init__(self, server: NetconfServer) -> None:
+        self.server = server
+        self.log: deque[Logged] = deque(maxlen=server.options.notification_log_size)
+        self.created = now()
+        self.subscriptions: dict[int, Subscription] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- subscribing -------------------------------------------------------------
+
+    async def create_subscription(self, ctx: RpcContext, op: etree._Element) -> None:
+        session = ctx.session
+        if session.id in self.subscriptions:
+            raise RpcError(
+                "in-use",
+                "This session already has a subscription (RFC 5277 2.1.1): open another "
+                "session for a second one.",
+                type="protocol",
+            )
+        stream = op.findtext(qn(NOTIF_NS, "stream"))
+        if stream is not None and stream.strip() != STREAM:
+            raise RpcError(
+                "invalid-value",
+                f"There is no stream {stream.strip()!r}; the only stream is {STREAM!r}.",
+                type="protocol",
+                info=[("bad-element", "stream")],
+            )
+        start_text = op.findtext(qn(NOTIF_NS, "startTime"))
+        stop_text = op.findtext(qn(NOTIF_NS, "stopTime"))
+        start = parse_date_and_time(start_text, "startTime") if start_text is not None else None
+        stop = parse_date_and_time(stop_text, "stopTime") if stop_text is not None else None
+        if stop is not None and start is None:
+            raise RpcError(
+                "missing-element",
+                "<stopTime> needs a <startTime> (RFC 5277 2.1.1).",
+                type="protocol",
+                info=[("bad-element", "startTime")],
+            )
+        if start is not None and start > now():
+            raise RpcError(
+                "bad-element",
+                "<startTime> is in the future.",
+                type="protocol",
+                info=[("bad-element", "startTime")],
+            )
+        if start is not None and stop is not None and stop < start:
+            raise RpcError(
+                "bad-element",
+                "<stopTime> is earlier than <startTime>.",
+                type="protocol",
+                info=[("bad-element", "stopTime")],
+            )
+        filter_elem = op.find(qn(NOTIF_NS, "filter"))
+        if filter_elem is not None:
+            # Same semantics as a <get> filter; validate it now, on an empty tree.
+            filter_elem = _as_nc_filter(filter_elem)
+            apply_filter(etree.Element(qn(NC_NS, "data")), filter_elem, self.server.keys_of)
+        sub = Subscription(session, filter_elem, start, stop, replaying=start is not None)
+        session.subscription = sub  # type: ignore[assignment]
+        self.subscriptions[session.id] = sub
+        if start is not None:
+            task = asyncio.get_running_loop().create_task(self._replay(sub))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif stop is not None:  # pragma: no cover - stop without start is refused above
+            pass
+
+    async def _replay(self, sub: Subscription) -> None:
+        await asyncio.sleep(0)  # let the <ok/> go out first
+        assert sub.start is not None
+        for entry in list(self.log):
+            if entry.time < sub.start:
+                continue
+            if sub.stop is not None and entry.time > sub.stop:
+                break
+            self._deliver(sub, entry)
+        self._send_marker(sub, "replayComplete")
+        sub.replaying = False
+        for entry in sub.queued:
+            self._deliver(sub, entry)
+        sub.queued.clear()
+        if sub.stop is not None:
+            delay = (sub.stop - now()).total_seconds()
+            if delay <= 0:
+                self._complete(sub)
+            else:
+                sub.stop_timer = asyncio.get_running_loop().call_later(delay, self._complete, sub)
+
+    def _complete(self, sub: Subscription) -> None:
+        self._send_marker(sub, "notificationComplete")
+        self.unsubscribe(sub.session)
+
+    def unsubscribe(self, session: Session) -> None:
+        sub = self.subscriptions.pop(session.id, None)
+        if sub is not None and sub.stop_timer is not None:
+            sub.stop_timer.cancel()
+        session.subscription = None
+
+    # -- emitting ------------------------------------------------------------------
+
+    def emit(self, content: etree._Element) -> None:
+        """Publish one event: log it for replay and send it to every subscriber allowed to see it."""
+        ns = namespace(content.tag) or ""
+        entry = Logged(now(), content, self.server.index.namespaces.get(ns, ""), local(content.tag))
+        self.log.append(entry)
+        for sub in list(self.subscriptions.values()):
+            if sub.replaying:
+                sub.queued.append(entry)
+            elif sub.stop is None or entry.time <= sub.stop:
+                self._deliver(sub, entry)
+
+    def _deliver(self, sub: Subscription, entry: Logged) -> None:
+        session = sub.session
+        if not self.server.nacm.may_notify(session.user, entry.module, entry.name):
+            return
+        data = etree.Element(qn(NC_NS, "data"))
+        data.append(_copy(entry.content))
+        data = self.server.nacm.filter_read(session.user, data)
+        if sub.filter is not None:
+            data = apply_filter(data, sub.filter, self.server.keys_of)
+        parts = [c for c in data if isinstance(c.tag, str)]
+        if not parts:
+            return
+        session.send_notification(_envelope(entry.time, parts))
+
+    def _send_marker(self, sub: Subscription, name: str) -> None:
+        marker = etree.Element(qn(NC_NOTIF_NS, name), nsmap={None: NC_NOTIF_NS})  # type: ignore[dict-item]
+        sub.session.send_notification(_envelope(now(), [marker]))
+
+    # -- ietf-netconf-notifications (RFC 6470) ---------------------------------------
+
+    def _changed_by(self, parent: etree._Element, session: Session | None) -> None:
+        by = etree.SubElement(parent, qn(NCN_NS, "changed-by"))
+        if session is None:
+            etree.SubElement(by, qn(NCN_NS, "server"))
+        else:
+            _session_info(by, session)
+
+    def session_start(self, session: Session) -> None:
+        event = _event("netconf-session-start")
+        _session_info(event, session)
+        self.emit(event)
+
+    def session_end(self, session: Session) -> None:
+        event = _event("netconf-session-end")
+        _session_info(event, session)
+        if session.killed_by is not None:
+            etree.SubElement(event, qn(NCN_NS, "killed-by")).text = str(session.killed_by)
+        reason = session.termination_reason
+        if reason not in ("closed", "killed", "dropped", "timeout", "bad-hello", "other"):
+            reason = "other"
+        etree.SubElement(event, qn(NCN_NS, "termination-reason")).text = reason
+        self.emit(event)
+
+    def config_change(
+        self, session: Session | None, datastore: str, changes: Sequence[Change]
+    ) -> None:
+        event = _event("netconf-config-change")
+        self._changed_by(event, session)
+        etree.SubElement(event, qn(NCN_NS, "datastore")).text = datastore
+        for change in _top_changes(changes):
+            edit = etree.SubElement(event, qn(NCN_NS, "edit"))
+            path, nsmap = instance_path(change.element, self.server.index)
+            target = etree.SubElement(edit, qn(NCN_NS, "target"), nsmap=nsmap)  # type: ignore[arg-type]
+            target.text = path
+            op = {"create": "create", "delete": "delete", "update": "replace"}[change.op]
+            etree.SubElement(edit, qn(NCN_NS, "operation")).text = op
+        self.emit(event)
+
+    def confirmed_commit(
+        self,
+        session: Session | None,
+        event_name: str,
+        timeout: int | None,
+        pending: object | None = None,
+    ) -> None:
+        event = _event("netconf-confirmed-commit")
+        if session is not None:
+            _session_info(event, session)
+        elif pending is not None:
+            etree.SubElement(event, qn(NCN_NS, "username")).text = getattr(pending, "user", "")
+            etree.SubElement(event, qn(NCN_NS, "session-id")).text = str(
+                getattr(pending, "session_id", 0)
+            )
+        etree.SubElement(event, qn(NCN_NS, "confirm-event")).text = event_name
+        if timeout is not None:
+            etree.SubElement(event, qn(NCN_NS, "timeout")).text = str(timeout)
+        self.emit(event)
+
+
+def _event(name: str) -> etree._Element:
+    return etree.Element(qn(NCN_NS, name), nsmap={None: NCN_NS})  # type: ignore[dict-item]
+
+
+def _session_info(parent: etree._Element, session: Session) -> None:
+    etree.SubElement(parent, qn(NCN_NS, "username")).text = session.user
+    etree.SubElement(parent, qn(NCN_NS, "session-id")).text = str(session.id)
+    if session.source_host:
+        etree.SubElement(parent, qn(NCN_NS, "source-host")).text = session.source_host
+
+
+def _top_changes(changes: Sequence[Change]) -> list[Change]:
+    """Only the top of each created or deleted subtree, and updated leaves."""
+    out: list[Change] = []
+    seen: set[int] = set()
+    for change in changes:
+        parent = change.element.getparent()
+        if change.op != "update" and parent is not None and id(parent) in seen:
+            seen.add(id(change.element))
+            continue
+        seen.add(id(change.element))
+        out.append(change)
+    return out
+
+
+def _copy(elem: etree._Element) -> etree._Element:
+    from copy import deepcopy
+
+    return deepcopy(elem)
+
+
+def _envelope(moment: datetime, parts: list[etree._Element]) -> bytes:
+    notification = etree.Element(qn(NOTIF_NS, "notification"), nsmap={None: NOTIF_NS})  # type: ignore[dict-item]
+    etree.SubElement(notification, qn(NOTIF_NS, "eventTime")).text = date_and_time(moment)
+    for part in parts:
+        notification.append(part)
+    return etree.tostring(notification, encoding="UTF-8", xml_declaration=True)
+
+
+def _as_nc_filter(filter_elem: etree._Element) -> etree._Element:
+    """RFC 5277's <filter> is in the notification namespace; reuse the <get> filter code."""
+    copy = etree.Element(qn(NC_NS, "filter"), nsmap=filter_elem.nsmap)
+    for name, value in filter_elem.attrib.items():
+        copy.set(name, value)
+    for child in filter_elem:
+        copy.append(_copy(child))
+    copy.text = filter_elem.text
+    return copy
+
+
+def register(server: NetconfServer) -> NotificationCenter:
+    center = NotificationCenter(server)
+    server.register(NOTIF_NS, "create-subscription", "notifications", center.create_subscription)
+    return center

@@ -1,0 +1,541 @@
+"""The NETCONF server engine: datastores, sessions, locks and the commit transaction.
+
+Protocol operations live in their own modules (base_ops for RFC 6241 Section
+7, confirmed_commit for 8.3/8.4, notifications for RFC 5277, monitoring for
+RFC 6022 and the YANG library, nacm for RFC 8341); this module holds the state
+they share and the one path by which the running configuration ever changes:
+:meth:`NetconfServer.change_running` -- validate with libyang, check access,
+hand the transaction to the application (validate, prepare, apply or abort),
+persist atomically, then publish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from copy import deepcopy
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from lxml import etree
+
+from nc_core.datastore import Datastore, Validator, document_bytes, write_atomically
+from nc_core.edit import Change, diff, new_datastore, schema_of
+from nc_core.errors import RpcError, RpcErrors, operation_not_supported
+from nc_core.nacm import Nacm
+from nc_core.schema import Schema, SchemaIndex
+from nc_core.session import BASE_10, BASE_11, Session
+from nc_core.transaction import Application, Transaction
+from nc_core.users import User, hash_clear_text_passwords, initial_nacm, users_from
+from nc_core.with_defaults import (
+    BASIC_MODE,
+    CAPABILITY as WITH_DEFAULTS_CAPABILITY,
+)
+from nc_core.with_defaults import add_implicit_defaults, as_datastore_tree, print_xml
+from nc_core.xmlutil import NC_NS, local, namespace, qn
+
+log = logging.getLogger("cevpn.netconf")
+
+BASE_MODULES: tuple[str, ...] = (
+    "ietf-netconf",
+    "ietf-netconf-with-defaults",
+    "ietf-netconf-monitoring",
+    "ietf-netconf-notifications",
+    "ietf-netconf-acm",
+    "ietf-system",
+    "cevpn-system-deviations",
+)
+BASE_FEATURES: dict[str, tuple[str, ...]] = {
+    "ietf-netconf": (
+        "writable-running",
+        "candidate",
+        "confirmed-commit",
+        "rollback-on-error",
+        "validate",
+        "startup",
+        "xpath",
+    ),
+    "ietf-system": ("authentication", "local-users"),
+}
+
+CAP = "urn:ietf:params:netconf:capability:"
+PROTOCOL_CAPABILITIES = (
+    BASE_10,
+    BASE_11,
+    CAP + "writable-running:1.0",
+    CAP + "candidate:1.0",
+    CAP + "confirmed-commit:1.0",
+    CAP + "confirmed-commit:1.1",
+    CAP + "rollback-on-error:1.0",
+    CAP + "validate:1.0",
+    CAP + "validate:1.1",
+    CAP + "startup:1.0",
+    CAP + "xpath:1.0",
+    CAP + "notification:1.0",
+    CAP + "interleave:1.0",
+    WITH_DEFAULTS_CAPABILITY,
+)
+
+Handler = Callable[["RpcContext", etree._Element], Awaitable[list[etree._Element] | None]]
+
+
+@dataclass
+class ServerOptions:
+    state_dir: Path
+    host: str = "::"
+    port: int = 830
+    max_message_size: int = 64 * 1024 * 1024
+    """Largest message accepted, in octets (the bench's 10,000-entry edit is ~1 MB)."""
+    hello_timeout: float = 60.0
+    max_sessions: int = 256
+    recovery_user: str | None = None
+    """A user for whom NACM is not enforced (RFC 8341 3.4 'recovery session')."""
+    notification_log_size: int = 10_000
+    name: str = "cevpn"
+
+
+@dataclass
+class ServerStats:
+    """RFC 6022 /netconf-state/statistics."""
+
+    netconf_start_time: datetime = field(default_factory=lambda: datetime.now(UTC))
+    in_bad_hellos: int = 0
+    in_sessions: int = 0
+    dropped_sessions: int = 0
+    in_rpcs: int = 0
+    in_bad_rpcs: int = 0
+    out_rpc_errors: int = 0
+    out_notifications: int = 0
+
+
+@dataclass
+class RpcContext:
+    server: NetconfServer
+    session: Session
+
+
+class StateDirLocked(RuntimeError):
+    """Another process (a running server) holds the state directory."""
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Take the state directory's lock; raise StateDirLocked if a server holds it."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StateDirLocked(f"{state_dir} is in use by a running server") from None
+    return fd
+
+
+class NetconfServer:
+    """Everything one NETCONF server holds; transports feed it sessions."""
+
+    def __init__(self, options: ServerOptions, application: Application | None = None) -> None:
+        from nc_core import base_ops, confirmed_commit, monitoring, notifications
+
+        self.options = options
+        self.app = application or Application()
+        features: dict[str, Sequence[str]] = dict(BASE_FEATURES)
+        features.update(self.app.features)
+        modules = list(dict.fromkeys([*BASE_MODULES, *self.app.modules]))
+        self.schema = Schema(modules, features=features)
+        self.index = SchemaIndex(self.schema)
+        self.validator = Validator(self.schema, self.index)
+        state = options.state_dir
+        self.datastores = {
+            "running": Datastore("running", path=state / "running.xml"),
+            "candidate": Datastore("candidate"),
+            "startup": Datastore("startup", path=state / "startup.xml"),
+        }
+        self.locks: dict[str, int] = {}
+        self.lock_times: dict[str, datetime] = {}
+        self.candidate_modified = False
+        self.sessions: dict[int, Session] = {}
+        self._next_session_id = 1
+        self.config_lock = asyncio.Lock()
+        self.nacm = Nacm(self.index, options.recovery_user)
+        self.users: dict[str, User] = {}
+        self.stats = ServerStats()
+        self.handlers: dict[tuple[str, str], tuple[str, Handler]] = {}
+        base_ops.register(self)
+        self.confirmed = confirmed_commit.register(self)
+        self.notifications = notifications.register(self)
+        self.monitoring = monitoring.register(self)
+        for ns, name in self.app.rpc_names():
+            self.handlers[(ns, name)] = (self.index.namespaces.get(ns, ""), self._app_rpc)
+        self._lock_fd: int | None = None
+        self.app.attach(self)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def load(self) -> None:
+        """Read the persisted datastores (or create the initial ones) and apply running."""
+        state = self.options.state_dir
+        self._lock_fd = lock_state_dir(state)
+        os.chmod(state, 0o700)
+        running = self.datastores["running"]
+        startup = self.datastores["startup"]
+        assert running.path is not None and startup.path is not None
+        # A change staged but never committed (the process died during apply)
+        # is discarded: the application reconciles the world to running below.
+        running.path.with_name(".running.xml.staged").unlink(missing_ok=True)
+        self.confirmed.recover_after_restart()
+        if running.path.exists():
+            running.root, running.tree = self.validator.load_file(running.path)
+        elif startup.path.exists():
+            running.root, running.tree = self.validator.load_file(startup.path)
+            running.save()
+        else:
+            root = new_datastore()
+            root.append(initial_nacm())
+            running.tree = self.validator.validate(root)
+            running.root = self.validator.canonical(running.tree)
+            running.save()
+        if startup.path.exists():
+            startup.root, startup.tree = self.validator.load_file(startup.path)
+        else:
+            startup.root, startup.tree = deepcopy(running.root), None
+            startup.save()
+        self.reset_candidate()
+        self._publish_running()
+        txn = Transaction(
+            old=new_datastore(),
+            new=running.root,
+            old_tree=None,
+            new_tree=running.tree,
+            changes=diff(new_datastore(), running.root, self.index),
+            user=None,
+            session_id=0,
+            reason="startup",
+        )
+        await self.app.validate(txn)
+        await self.app.prepare(txn)
+        try:
+            await self.app.apply(txn)
+        except BaseException:
+            await self.app.abort(txn)
+            raise
+
+    def add_user_offline(
+        self, name: str, *, password: str | None, public_keys: list[str], groups: list[str]
+    ) -> None:
+        """Add an account to the persisted running datastore while no server runs (`adduser`)."""
+        from nc_core.users import add_user
+
+        fd = lock_state_dir(self.options.state_dir)
+        try:
+            path = self.datastores["running"].path
+            assert path is not None
+            if path.exists():
+                root, tree = self.validator.load_file(path)
+                free(tree)
+            else:
+                root = new_datastore()
+                root.append(initial_nacm())
+            add_user(root, name, password=password, public_keys=public_keys, groups=groups)
+            try:
+                tree = self.validator.validate(root)
+            except RpcErrors as exc:
+                raise ValueError(f"the account is not valid: {exc}") from None
+            try:
+                write_atomically(path, document_bytes(self.validator.canonical(tree)))
+            finally:
+                free(tree)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        for session in list(self.sessions.values()):
+            session.close("closed")
+        self.confirmed.shutdown()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- sessions --------------------------------------------------------------
+
+    def new_session(
+        self,
+        user: str,
+        source_host: str,
+        write: Callable[[bytes], None],
+        close_transport: Callable[[], None],
+        **kw: Any,
+    ) -> Session:
+        session_id = self._next_session_id
+        self._next_session_id += 1
+        session = Session(self, session_id, user, source_host, write, close_transport, **kw)
+        self.sessions[session_id] = session
+        return session
+
+    def session_started(self, session: Session) -> None:
+        self.stats.in_sessions += 1
+        self.notifications.session_start(session)
+
+    def session_ended(self, session: Session) -> None:
+        self.sessions.pop(session.id, None)
+        if session.termination_reason in ("dropped", "bad-hello") or not session.hello_received:
+            if session.hello_received:
+                self.stats.dropped_sessions += 1
+        for name, holder in list(self.locks.items()):
+            if holder == session.id:
+                del self.locks[name]
+                if name == "candidate":  # RFC 6241 8.3.5.2: changes of a dead lock holder go
+                    self.reset_candidate()
+        self.confirmed.session_ended(session)
+        self.notifications.unsubscribe(session)
+        if session.hello_received:
+            self.notifications.session_end(session)
+
+    def capabilities(self) -> list[str]:
+        return [*PROTOCOL_CAPABILITIES, *self.monitoring.capabilities()]
+
+    def hello(self, session_id: int) -> bytes:
+        hello = etree.Element(qn(NC_NS, "hello"), nsmap={None: NC_NS})  # type: ignore[dict-item]
+        caps = etree.SubElement(hello, qn(NC_NS, "capabilities"))
+        for cap in self.capabilities():
+            etree.SubElement(caps, qn(NC_NS, "capability")).text = cap
+        etree.SubElement(hello, qn(NC_NS, "session-id")).text = str(session_id)
+        return etree.tostring(hello, encoding="UTF-8", xml_declaration=True)
+
+    # -- dispatch ----------------------------------------------------------------
+
+    def register(self, ns: str, name: str, module: str, handler: Handler) -> None:
+        self.handlers[(ns, name)] = (module, handler)
+
+    async def dispatch(self, session: Session, rpc: etree._Element) -> list[etree._Element] | None:
+        operations = [c for c in rpc if isinstance(c.tag, str)]
+        if len(operations) != 1:
+            raise RpcError(
+                "malformed-message" if not operations else "bad-element",
+                "An <rpc> carries exactly one operation element.",
+                type="rpc",
+                info=[("bad-element", local(operations[1].tag))] if len(operations) > 1 else [],
+            )
+        op = operations[0]
+        key = (namespace(op.tag) or "", local(op.tag))
+        entry = self.handlers.get(key)
+        if entry is None:
+            if key[0] and key[0] not in self.index.namespaces:
+                raise RpcError(
+                    "unknown-namespace",
+                    f"No module served here has the namespace {key[0]!r}.",
+                    type="protocol",
+                    info=[("bad-element", key[1]), ("bad-namespace", key[0])],
+                )
+            raise operation_not_supported(f"The operation <{key[1]}> is not supported here.")
+        module, handler = entry
+        snode = self.index.top_node(key[0], key[1])
+        deny_all = bool(snode is not None and snode.deny_all)
+        if key != (NC_NS, "close-session") and not self.nacm.may_exec(
+            session.user, module, key[1], default_deny_all=deny_all
+        ):
+            raise RpcError(
+                "access-denied",
+                f"User {session.user!r} may not use the operation <{key[1]}> ({module}).",
+                type="protocol",
+            )
+        return await handler(RpcContext(self, session), op)
+
+    async def _app_rpc(self, ctx: RpcContext, op: etree._Element) -> list[etree._Element] | None:
+        self.monitoring.validate_rpc_input(op)
+        return await self.app.rpc(ctx.session, op) or None
+
+    # -- locks ---------------------------------------------------------------------
+
+    def check_not_locked(self, name: str, session: Session) -> None:
+        holder = self.locks.get(name)
+        if holder is not None and holder != session.id:
+            raise RpcError(
+                "in-use",
+                f"The {name} datastore is locked by session {holder}.",
+                type="protocol",
+                info=[("session-id", str(holder))],
+            )
+
+    # -- reading -----------------------------------------------------------------
+
+    def keys_of(self, elem: etree._Element) -> tuple[str, ...]:
+        """Clark tags of the key leaves if ``elem`` is a list entry of a data tree."""
+        chain = []
+        node: etree._Element | None = elem
+        while node is not None and node.getparent() is not None:
+            chain.append(node)
+            node = node.getparent()
+        snode = None
+        for step in reversed(chain):
+            snode = schema_of(self.index, snode, step)
+            if snode is None:
+                return ()
+        if snode is None or snode.kind != "list":
+            return ()
+        return tuple(qn(snode.namespace, k) for k in snode.keys)
+
+    def config_tree(self, name: str, mode: str = BASIC_MODE) -> etree._Element:
+        """A copy of a configuration datastore, with defaults per RFC 6243 ``mode``."""
+        ds = self.datastores[name]
+        if mode == BASIC_MODE:
+            return deepcopy(ds.root)
+        tree = ds.tree
+        owned = False
+        if tree is None:
+            tree = self.validator.parse_only(ds.root)
+            add_implicit_defaults(tree)
+            owned = True
+        try:
+            return as_datastore_tree(print_xml(tree, mode))
+        finally:
+            if owned:
+                free(tree)
+
+    async def full_tree(self, session: Session | None, mode: str = BASIC_MODE) -> etree._Element:
+        """Running configuration plus state data (for <get>)."""
+        root = deepcopy(self.datastores["running"].root)
+        extra = [*self.monitoring.state(), *await self.app.operational(session)]
+        for elem in extra:
+            merge_into(root, elem, self)
+        if mode == BASIC_MODE:
+            return root
+        tree = self.validator.parse_only(root, state=True)
+        add_implicit_defaults(tree)
+        try:
+            return as_datastore_tree(print_xml(tree, mode))
+        finally:
+            free(tree)
+
+    def readable(self, session: Session, root: etree._Element) -> etree._Element:
+        return self.nacm.filter_read(session.user, root)
+
+    # -- writing -------------------------------------------------------------------
+
+    def reset_candidate(self) -> None:
+        running = self.datastores["running"]
+        self.datastores["candidate"].root = deepcopy(running.root)
+        self.datastores["candidate"].tree = None
+        self.candidate_modified = False
+
+    async def change_running(
+        self,
+        new_root: etree._Element,
+        session: Session | None,
+        *,
+        reason: str,
+        check_access: bool = True,
+        only: set[str] | None = None,
+    ) -> list[Change]:
+        """The one way the running configuration changes.  Caller holds config_lock.
+
+        Validates fully, checks NACM write access, runs the application's
+        transaction and persists atomically; on any failure nothing changes.
+        """
+        running = self.datastores["running"]
+        hash_clear_text_passwords(new_root)
+        new_tree = self.validator.validate(new_root, full=True)
+        try:
+            canonical = self.validator.canonical(new_tree)
+            changes = diff(running.root, canonical, self.index, only=only)
+            if check_access and session is not None:
+                self.nacm.check_write(session.user, changes)
+            if not changes:
+                free(new_tree)
+                return []
+            txn = Transaction(
+                old=running.root,
+                new=canonical,
+                old_tree=running.tree,
+                new_tree=new_tree,
+                changes=changes,
+                user=session.user if session else None,
+                session_id=session.id if session else 0,
+                reason=reason,
+            )
+            await self.app.validate(txn)
+            await self.app.prepare(txn)
+        except BaseException:
+            free(new_tree)
+            raise
+        assert running.path is not None
+        staged = running.path.with_name(".running.xml.staged")
+        try:
+            write_atomically(staged, document_bytes(canonical))
+            await self.app.apply(txn)
+        except BaseException as exc:
+            staged.unlink(missing_ok=True)
+            try:
+                await self.app.abort(txn)
+            finally:
+                free(new_tree)
+            if isinstance(exc, (RpcError, RpcErrors)):
+                raise
+            if isinstance(exc, Exception):
+                log.exception("apply failed")
+                raise RpcError(
+                    "operation-failed",
+                    f"The change could not be applied and was rolled back: {exc}",
+                ) from exc
+            raise
+        os.replace(staged, running.path)
+        old_tree = running.tree
+        running.root, running.tree = canonical, new_tree
+        free(old_tree)
+        self._publish_running()
+        self.notifications.config_change(session, "running", changes)
+        return changes
+
+    def _publish_running(self) -> None:
+        root = self.datastores["running"].root
+        self.nacm.load(root)
+        self.users = users_from(root)
+
+    def save_startup(self, root: etree._Element) -> None:
+        startup = self.datastores["startup"]
+        tree = self.validator.validate(root, full=True)
+        startup.root = self.validator.canonical(tree)
+        free(startup.tree)
+        startup.tree = tree
+        startup.save()
+
+
+def free(tree: Any) -> None:
+    """Release a libyang tree (None: nothing to release)."""
+    if tree is not None:
+        tree.free()
+
+
+def merge_into(root: etree._Element, elem: etree._Element, server: NetconfServer) -> None:
+    """Merge a top-level state subtree into a data tree, matching list entries by key."""
+    _merge(root, elem, None, server.index)
+
+
+def _merge(
+    parent: etree._Element, elem: etree._Element, parent_snode: Any, index: SchemaIndex
+) -> None:
+    from nc_core.edit import _identity, find_instance
+
+    snode = schema_of(index, parent_snode, elem)
+    if snode is None:
+        parent.append(deepcopy(elem))
+        return
+    ident = _identity(elem, snode)
+    existing = find_instance(parent, elem.tag, snode, ident)
+    if existing is None:
+        parent.append(deepcopy(elem))
+        return
+    if snode.kind in ("leaf", "leaf-list", "anydata", "anyxml"):
+        existing.text = elem.text
+        return
+    for child in elem:
+        if isinstance(child.tag, str):
+            _merge(existing, child, snode, index)
+
+
+def write_document(path: Path, root: etree._Element) -> None:
+    write_atomically(path, document_bytes(root))

@@ -1,0 +1,109 @@
+"""The application hook: what a server built on nc_core implements.
+
+Modelled on FRR's northbound layer: every change of the running datastore is
+one transaction, handed to the application in phases.
+
+- ``validate``: refuse what the YANG cannot express (raise RpcError with a
+  precise error-path); nothing has been touched yet.
+- ``prepare``: allocate what apply will need (SPIs, device names, keys), so
+  apply does not fail for lack of resources.
+- ``apply``: change the world.  If it raises, nc_core calls ``abort`` and the
+  datastore stays as it was: the application must leave the world as it was
+  too (undo what it did).  The client gets the rpc-error.
+- ``abort``: release what prepare allocated.
+
+The application sees the old and the new configuration (lxml trees and
+libyang trees) and the list of changed nodes.  It also produces operational
+state for <get>, answers its own RPCs, and may emit notifications through the
+server.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from lxml import etree
+
+from nc_core.edit import Change
+
+if TYPE_CHECKING:
+    from nc_core.server import NetconfServer
+    from nc_core.session import Session
+
+
+@dataclass
+class Transaction:
+    """One change of the running configuration."""
+
+    old: etree._Element
+    new: etree._Element
+    old_tree: Any
+    """libyang tree of the old configuration (with defaults), or None if it was empty."""
+    new_tree: Any
+    changes: Sequence[Change]
+    user: str | None
+    """Who made the change; None for the server itself (start-up, rollback)."""
+    session_id: int
+    reason: str = "edit"
+    """'edit', 'commit', 'copy', 'rollback' (confirmed-commit timeout/cancel) or 'startup'."""
+    scratch: dict[str, Any] = field(default_factory=dict)
+    """The application's own notes between phases (allocations made in prepare)."""
+
+    def new_json(self) -> dict[str, Any]:
+        """The new configuration as RFC 7951 JSON, defaults included."""
+        return _as_json(self.new_tree)
+
+    def old_json(self) -> dict[str, Any]:
+        return _as_json(self.old_tree)
+
+
+def _as_json(tree: Any) -> dict[str, Any]:
+    if tree is None:
+        return {}
+    text = tree.print_mem("json", with_siblings=True, include_implicit_defaults=True)
+    return json.loads(text) if text else {}  # type: ignore[no-any-return]
+
+
+class Application:
+    """Base class: a server with no behaviour beyond storing its configuration."""
+
+    modules: Sequence[str] = ()
+    """YANG modules this application serves, loaded into the server's schema."""
+    features: Mapping[str, Sequence[str]] = {}
+
+    def attach(self, server: NetconfServer) -> None:
+        """Called once the server exists, before it loads its datastores."""
+        self.server = server
+
+    async def validate(self, txn: Transaction) -> None:
+        return None
+
+    async def prepare(self, txn: Transaction) -> None:
+        return None
+
+    async def apply(self, txn: Transaction) -> None:
+        return None
+
+    async def abort(self, txn: Transaction) -> None:
+        return None
+
+    async def operational(self, session: Session | None) -> list[etree._Element]:
+        """State data for <get>: top-level elements, merged into the configuration."""
+        return []
+
+    def rpc_names(self) -> set[tuple[str, str]]:
+        """(namespace, name) of the RPCs :meth:`rpc` answers."""
+        return set()
+
+    async def rpc(self, session: Session, rpc: etree._Element) -> list[etree._Element]:
+        """Answer one of :meth:`rpc_names`; return the output nodes (empty list: <ok/>)."""
+        raise NotImplementedError(rpc.tag)  # only called for names from rpc_names()
+
+    async def started(self) -> None:
+        """The server listens and its running configuration has been applied."""
+
+    async def stopping(self) -> None:
+        """The server is shutting down."""
