@@ -1,4 +1,4 @@
-"""<commit>, confirmed commit and <cancel-commit> (RFC 6241 Sections 8.3.4 and 8.4, :confirmed-commit:1.1).
+"""<commit>, confirmed commit and <cancel-commit> (RFC 6241 8.3.4 and 8.4, :confirmed-commit:1.1).
 
 A confirmed commit applies the candidate at once but keeps the previous
 running configuration; unless a confirming <commit> arrives within the

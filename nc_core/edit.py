@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterator, Sequence
 from copy import deepcopy
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from lxml import etree
 
@@ -110,7 +110,7 @@ def instance_path(elem: etree._Element, index: SchemaIndex) -> tuple[str, dict[s
         node = node.getparent()
     steps.reverse()
     nsmap: dict[str, str] = {}
-    out = []
+    out: list[str] = []
     snode: SchemaNode | None = None
     for step, tag in steps:
         ns = namespace(tag) or ""
@@ -239,7 +239,8 @@ class Editor:
         if op == "create" and existing is not None:
             raise _error(
                 "data-exists",
-                f"{snode.path} already exists: 'create' only makes new nodes (use merge or replace).",
+                f"{snode.path} already exists: 'create' only makes new nodes "
+                "(use merge or replace).",
                 existing,
                 self.index,
             )
@@ -271,7 +272,7 @@ class Editor:
                         path=path,
                         path_ns=path_ns,
                     )
-                existing = self._insert_new(parent, edit, snode, shell=True)
+                existing = self._insert_new(parent, edit, snode)
             self._move_if_asked(parent, existing, edit, snode)
             self._edit_children(existing, edit, snode, "none")
             return
@@ -285,7 +286,7 @@ class Editor:
         if existing is None:  # create, merge or replace of a new node
             self._drop_other_cases(parent, snode)
             if op == "merge":
-                new = self._insert_new(parent, edit, snode, shell=True)
+                new = self._insert_new(parent, edit, snode)
                 self._edit_children(new, edit, snode, "merge")
             else:
                 built = self._build(edit, snode)
@@ -322,9 +323,7 @@ class Editor:
                         info=[("bad-attribute", "operation"), ("bad-element", child_snode.name)],
                     )
                 continue
-            self._guard(
-                lambda c=child, s=child_snode: self._edit(target, c, s, inherited)  # type: ignore[misc]
-            )
+            self._guard(lambda c=child, s=child_snode: self._edit(target, c, s, inherited))
 
     def _edit_identity(
         self, edit: etree._Element, snode: SchemaNode, parent: etree._Element
@@ -392,8 +391,9 @@ class Editor:
         return node
 
     def _insert_new(
-        self, parent: etree._Element, edit: etree._Element, snode: SchemaNode, *, shell: bool
+        self, parent: etree._Element, edit: etree._Element, snode: SchemaNode
     ) -> etree._Element:
+        """An empty new node (with its keys), to be filled by the edit's children."""
         if snode.kind in ("leaf", "leaf-list", "anydata", "anyxml"):
             node = self._build(edit, snode)
         else:
@@ -512,14 +512,13 @@ class Editor:
                 type="protocol",
                 info=[("bad-attribute", local(attr)), ("bad-element", snode.name)],
             )
-        want = _parse_key_predicates(ref) if snode.kind == "list" else (ref.strip(),)
         for sibling in siblings:
             ident = _identity(sibling, snode)
             if snode.kind == "list":
                 keys = dict(zip(snode.keys, ident, strict=True))
-                if all(keys.get(k) == v for k, v in want):
+                if all(keys.get(k) == v for k, v in _parse_key_predicates(ref)):
                     return sibling
-            elif ident == want:
+            elif ident == (ref.strip(),):
                 return sibling
         raise _error(
             "bad-attribute",
@@ -576,7 +575,7 @@ def _clean(elem: etree._Element) -> etree._Element:
     return elem
 
 
-def _value_nsmap(edit: etree._Element) -> dict[str | None, str]:
+def _value_nsmap(edit: etree._Element) -> Any:
     """Namespace declarations a value may need (identityref, instance-identifier prefixes)."""
     text = edit.text or ""
     if ":" not in text:
@@ -589,7 +588,8 @@ def _copy_value_namespaces(edit: etree._Element, target: etree._Element) -> None
     if all(target.nsmap.get(p) == ns for p, ns in needed.items()):
         return
     # lxml cannot add declarations to an existing element: rebuild it.
-    replacement = etree.Element(target.tag, nsmap={**target.nsmap, **needed})
+    merged: Any = {**target.nsmap, **needed}
+    replacement = etree.Element(target.tag, nsmap=merged)
     replacement.text = target.text
     replacement.tail = target.tail
     parent = target.getparent()
@@ -642,7 +642,7 @@ def _diff_children(
 ) -> None:
     old_children = _children_by_identity(old, parent_snode, index, only)
     new_children = _children_by_identity(new, parent_snode, index, only)
-    for ident, (old_child, snode) in old_children.items():
+    for ident, (old_child, _) in old_children.items():
         if ident not in new_children:
             changes.extend(Change("delete", n) for n in _subtree(old_child))
     for ident, (new_child, snode) in new_children.items():

@@ -19,13 +19,13 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from _libyang import ffi, lib
 from lxml import etree
 
 from nc_core.errors import RpcError, missing_element
 from nc_core.notifications import date_and_time
-from nc_core.xmlutil import MON_NS, NC_NS, SYS_NS, YANGLIB_NS, qn
 from nc_core.with_defaults import as_datastore_tree
-from _libyang import ffi, lib
+from nc_core.xmlutil import MON_NS, NC_NS, SYS_NS, YANGLIB_NS, qn
 
 if TYPE_CHECKING:
     from nc_core.server import NetconfServer, RpcContext
@@ -52,13 +52,13 @@ class Monitoring:
             raise RuntimeError("libyang could not produce YANG library data")
         tree = DNode.new(ctx, root[0])
         try:
-            text: str = tree.print_mem("xml", with_siblings=True, pretty=False)
+            text = str(tree.print_mem("xml", with_siblings=True, pretty=False))
         finally:
             tree.free()
         return text
 
     def _module_list(self) -> list[dict[str, Any]]:
-        """Implemented modules from /modules-state: name, revision, namespace, features, deviations."""
+        """Implemented modules (/modules-state): name, revision, namespace, features, deviations."""
         doc = as_datastore_tree(self._yanglib_text)
         modules = []
         state = doc.find(qn(YANGLIB_NS, "modules-state"))
@@ -237,7 +237,7 @@ class Monitoring:
         """Check an application RPC's input against its YANG before the application sees it."""
         import libyang
 
-        text = etree.tostring(op)
+        text = etree.tostring(op).decode()
         ctx = self.server.schema.ctx
         try:
             tree = ctx.parse_op_mem("xml", text, libyang.DataType.RPC_YANG)

@@ -16,14 +16,14 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
 from nc_core.edit import Change, instance_path
 from nc_core.errors import RpcError
 from nc_core.filters import apply_filter
-from nc_core.xmlutil import NC_NS, NCN_NS, NOTIF_NS, NC_NOTIF_NS, local, namespace, qn
+from nc_core.xmlutil import NC_NOTIF_NS, NC_NS, NCN_NS, NOTIF_NS, local, namespace, qn
 
 if TYPE_CHECKING:
     from nc_core.server import NetconfServer, RpcContext
@@ -137,7 +137,7 @@ class NotificationCenter:
             filter_elem = _as_nc_filter(filter_elem)
             apply_filter(etree.Element(qn(NC_NS, "data")), filter_elem, self.server.keys_of)
         sub = Subscription(session, filter_elem, start, stop, replaying=start is not None)
-        session.subscription = sub  # type: ignore[assignment]
+        session.subscription = sub
         self.subscriptions[session.id] = sub
         if start is not None:
             task = asyncio.get_running_loop().create_task(self._replay(sub))
@@ -180,7 +180,7 @@ class NotificationCenter:
     # -- emitting ------------------------------------------------------------------
 
     def emit(self, content: etree._Element) -> None:
-        """Publish one event: log it for replay and send it to every subscriber allowed to see it."""
+        """Publish an event: log it for replay, send it to every subscriber allowed to see it."""
         ns = namespace(content.tag) or ""
         entry = Logged(now(), content, self.server.index.namespaces.get(ns, ""), local(content.tag))
         self.log.append(entry)
@@ -242,7 +242,7 @@ class NotificationCenter:
         for change in _top_changes(changes):
             edit = etree.SubElement(event, qn(NCN_NS, "edit"))
             path, nsmap = instance_path(change.element, self.server.index)
-            target = etree.SubElement(edit, qn(NCN_NS, "target"), nsmap=nsmap)  # type: ignore[arg-type]
+            target = etree.SubElement(edit, qn(NCN_NS, "target"), nsmap=nsmap)
             target.text = path
             op = {"create": "create", "delete": "delete", "update": "replace"}[change.op]
             etree.SubElement(edit, qn(NCN_NS, "operation")).text = op
@@ -310,7 +310,8 @@ def _envelope(moment: datetime, parts: list[etree._Element]) -> bytes:
 
 def _as_nc_filter(filter_elem: etree._Element) -> etree._Element:
     """RFC 5277's <filter> is in the notification namespace; reuse the <get> filter code."""
-    copy = etree.Element(qn(NC_NS, "filter"), nsmap=filter_elem.nsmap)
+    nsmap: Any = filter_elem.nsmap
+    copy = etree.Element(qn(NC_NS, "filter"), nsmap=nsmap)
     for name, value in filter_elem.attrib.items():
         copy.set(name, value)
     for child in filter_elem:

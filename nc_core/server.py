@@ -34,9 +34,13 @@ from nc_core.transaction import Application, Transaction
 from nc_core.users import User, hash_clear_text_passwords, initial_nacm, users_from
 from nc_core.with_defaults import (
     BASIC_MODE,
+    add_implicit_defaults,
+    as_datastore_tree,
+    print_xml,
+)
+from nc_core.with_defaults import (
     CAPABILITY as WITH_DEFAULTS_CAPABILITY,
 )
-from nc_core.with_defaults import add_implicit_defaults, as_datastore_tree, print_xml
 from nc_core.xmlutil import NC_NS, local, namespace, qn
 
 log = logging.getLogger("cevpn.netconf")

@@ -196,7 +196,7 @@ class Session:
             else:  # malformed-message must not be sent to base:1.0 peers (RFC 6241 App. A)
                 self.close("dropped")
             return
-        attrs = dict(rpc.attrib)
+        attrs: dict[str, str] = {str(k): str(v) for k, v in rpc.attrib.items()}
         if rpc.tag != qn(NC_NS, "rpc"):
             self.counters.in_bad_rpcs += 1
             self.server.stats.in_bad_rpcs += 1

@@ -64,7 +64,7 @@ def _as_json(tree: Any) -> dict[str, Any]:
     if tree is None:
         return {}
     text = tree.print_mem("json", with_siblings=True, include_implicit_defaults=True)
-    return json.loads(text) if text else {}  # type: ignore[no-any-return]
+    return json.loads(text) if text else {}
 
 
 class Application:

@@ -103,7 +103,7 @@ class _NetconfChannel(asyncssh.SSHServerSession[bytes]):
         self.session: Session | None = None
         self.subsystem_ok = False
 
-    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:  # type: ignore[override]
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         self.chan = chan
 
     def pty_requested(self, term_type: str, term_size: Any, term_modes: Any) -> bool:

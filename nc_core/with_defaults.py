@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from _libyang import ffi, lib
 from lxml import etree
 
 from nc_core.errors import RpcError
 from nc_core.xmlutil import NC_NS, WD_NS, XmlRejected, parse_message, qn
-from _libyang import ffi, lib
 
 MODES = ("report-all", "trim", "explicit", "report-all-tagged")
 BASIC_MODE = "explicit"
