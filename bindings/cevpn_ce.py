@@ -2798,7 +2798,7 @@ class yc_retry_policy_cevpn_ce__ce_retry_policy(PybindBase):
     self._extmethods = False
     self.__minimum_wait = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), restriction_dict={'range': ['1..max']}), default=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32)(5), is_leaf=True, yang_name="minimum-wait", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='timer-seconds', is_config=True)
     self.__t1 = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), restriction_dict={'range': ['1..max']}), default=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32)(10), is_leaf=True, yang_name="t1", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='timer-seconds', is_config=True)
-    self.__backoff_factor = YANGDynClass(base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['1.0..10.0']}), default=Decimal(2.0), is_leaf=True, yang_name="backoff-factor", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='decimal64', is_config=True)
+    self.__backoff_factor = YANGDynClass(base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['1.0 .. 10.0']}), default=Decimal(2.0), is_leaf=True, yang_name="backoff-factor", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='decimal64', is_config=True)
     self.__limit = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), restriction_dict={'range': ['1..max']}), default=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32)(600), is_leaf=True, yang_name="limit", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='timer-seconds', is_config=True)
 
     load = kwargs.pop("load", None)
@@ -2927,12 +2927,12 @@ factor.
     if hasattr(v, "_utype"):
       v = v._utype(v)
     try:
-      t = YANGDynClass(v,base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['1.0..10.0']}), default=Decimal(2.0), is_leaf=True, yang_name="backoff-factor", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='decimal64', is_config=True)
+      t = YANGDynClass(v,base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['1.0 .. 10.0']}), default=Decimal(2.0), is_leaf=True, yang_name="backoff-factor", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='decimal64', is_config=True)
     except (TypeError, ValueError):
       raise ValueError({
           'error-string': """backoff_factor must be of a type compatible with decimal64""",
           'defined-type': "decimal64",
-          'generated-type': """YANGDynClass(base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['1.0..10.0']}), default=Decimal(2.0), is_leaf=True, yang_name="backoff-factor", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='decimal64', is_config=True)""",
+          'generated-type': """YANGDynClass(base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['1.0 .. 10.0']}), default=Decimal(2.0), is_leaf=True, yang_name="backoff-factor", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='decimal64', is_config=True)""",
         })
 
     self.__backoff_factor = t
@@ -2940,7 +2940,7 @@ factor.
       self._set()
 
   def _unset_backoff_factor(self):
-    self.__backoff_factor = YANGDynClass(base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['1.0..10.0']}), default=Decimal(2.0), is_leaf=True, yang_name="backoff-factor", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='decimal64', is_config=True)
+    self.__backoff_factor = YANGDynClass(base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['1.0 .. 10.0']}), default=Decimal(2.0), is_leaf=True, yang_name="backoff-factor", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='decimal64', is_config=True)
 
 
   def _get_limit(self):

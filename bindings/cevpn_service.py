@@ -2489,7 +2489,7 @@ class yc_retry_policy_cevpn_service__vpn_service_vpn_tunnel_defaults_retry_polic
     self._extmethods = False
     self.__minimum_wait = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), restriction_dict={'range': ['1..max']}), default=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32)(5), is_leaf=True, yang_name="minimum-wait", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='cevpn-t:timer-seconds', is_config=True)
     self.__t1 = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), restriction_dict={'range': ['1..max']}), default=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32)(10), is_leaf=True, yang_name="t1", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='cevpn-t:timer-seconds', is_config=True)
-    self.__backoff_factor = YANGDynClass(base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['1.0..10.0']}), default=Decimal(2.0), is_leaf=True, yang_name="backoff-factor", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='decimal64', is_config=True)
+    self.__backoff_factor = YANGDynClass(base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['1.0 .. 10.0']}), default=Decimal(2.0), is_leaf=True, yang_name="backoff-factor", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='decimal64', is_config=True)
     self.__limit = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), restriction_dict={'range': ['1..max']}), default=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32)(600), is_leaf=True, yang_name="limit", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='cevpn-t:timer-seconds', is_config=True)
 
     load = kwargs.pop("load", None)
@@ -2614,12 +2614,12 @@ class yc_retry_policy_cevpn_service__vpn_service_vpn_tunnel_defaults_retry_polic
     if hasattr(v, "_utype"):
       v = v._utype(v)
     try:
-      t = YANGDynClass(v,base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['1.0..10.0']}), default=Decimal(2.0), is_leaf=True, yang_name="backoff-factor", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='decimal64', is_config=True)
+      t = YANGDynClass(v,base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['1.0 .. 10.0']}), default=Decimal(2.0), is_leaf=True, yang_name="backoff-factor", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='decimal64', is_config=True)
     except (TypeError, ValueError):
       raise ValueError({
           'error-string': """backoff_factor must be of a type compatible with decimal64""",
           'defined-type': "decimal64",
-          'generated-type': """YANGDynClass(base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['1.0..10.0']}), default=Decimal(2.0), is_leaf=True, yang_name="backoff-factor", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='decimal64', is_config=True)""",
+          'generated-type': """YANGDynClass(base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['1.0 .. 10.0']}), default=Decimal(2.0), is_leaf=True, yang_name="backoff-factor", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='decimal64', is_config=True)""",
         })
 
     self.__backoff_factor = t
@@ -2627,7 +2627,7 @@ class yc_retry_policy_cevpn_service__vpn_service_vpn_tunnel_defaults_retry_polic
       self._set()
 
   def _unset_backoff_factor(self):
-    self.__backoff_factor = YANGDynClass(base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['1.0..10.0']}), default=Decimal(2.0), is_leaf=True, yang_name="backoff-factor", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='decimal64', is_config=True)
+    self.__backoff_factor = YANGDynClass(base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['1.0 .. 10.0']}), default=Decimal(2.0), is_leaf=True, yang_name="backoff-factor", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='decimal64', is_config=True)
 
 
   def _get_limit(self):
@@ -3479,7 +3479,7 @@ class yc_retry_policy_cevpn_service__vpn_service_vpn_site_overrides_retry_policy
     self._extmethods = False
     self.__minimum_wait = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), restriction_dict={'range': ['1..max']}), is_leaf=True, yang_name="minimum-wait", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='cevpn-t:timer-seconds', is_config=True)
     self.__t1 = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), restriction_dict={'range': ['1..max']}), is_leaf=True, yang_name="t1", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='cevpn-t:timer-seconds', is_config=True)
-    self.__backoff_factor = YANGDynClass(base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['1.0..10.0']}), is_leaf=True, yang_name="backoff-factor", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='decimal64', is_config=True)
+    self.__backoff_factor = YANGDynClass(base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['1.0 .. 10.0']}), is_leaf=True, yang_name="backoff-factor", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='decimal64', is_config=True)
     self.__limit = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), restriction_dict={'range': ['1..max']}), is_leaf=True, yang_name="limit", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='cevpn-t:timer-seconds', is_config=True)
 
     load = kwargs.pop("load", None)
@@ -3604,12 +3604,12 @@ class yc_retry_policy_cevpn_service__vpn_service_vpn_site_overrides_retry_policy
     if hasattr(v, "_utype"):
       v = v._utype(v)
     try:
-      t = YANGDynClass(v,base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['1.0..10.0']}), is_leaf=True, yang_name="backoff-factor", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='decimal64', is_config=True)
+      t = YANGDynClass(v,base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['1.0 .. 10.0']}), is_leaf=True, yang_name="backoff-factor", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='decimal64', is_config=True)
     except (TypeError, ValueError):
       raise ValueError({
           'error-string': """backoff_factor must be of a type compatible with decimal64""",
           'defined-type': "decimal64",
-          'generated-type': """YANGDynClass(base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['1.0..10.0']}), is_leaf=True, yang_name="backoff-factor", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='decimal64', is_config=True)""",
+          'generated-type': """YANGDynClass(base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['1.0 .. 10.0']}), is_leaf=True, yang_name="backoff-factor", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='decimal64', is_config=True)""",
         })
 
     self.__backoff_factor = t
@@ -3617,7 +3617,7 @@ class yc_retry_policy_cevpn_service__vpn_service_vpn_site_overrides_retry_policy
       self._set()
 
   def _unset_backoff_factor(self):
-    self.__backoff_factor = YANGDynClass(base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['1.0..10.0']}), is_leaf=True, yang_name="backoff-factor", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='decimal64', is_config=True)
+    self.__backoff_factor = YANGDynClass(base=RestrictedClassType(base_type=Decimal, restriction_dict={'range': ['1.0 .. 10.0']}), is_leaf=True, yang_name="backoff-factor", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='decimal64', is_config=True)
 
 
   def _get_limit(self):
@@ -3732,7 +3732,7 @@ class yc_overrides_cevpn_service__vpn_service_vpn_site_overrides(PybindBase):
     """
     Getter method for establishment, mapped from YANG variable /vpn_service/vpn/site/overrides/establishment (cevpn-t:tunnel-establishment)
 
-    YANG Description: Permanent or traffic-driven tunnels (seed 3.4).
+    YANG Description: Permanent or traffic-driven tunnels for this site.
     """
     return self.__establishment
       
@@ -3744,7 +3744,7 @@ class yc_overrides_cevpn_service__vpn_service_vpn_site_overrides(PybindBase):
     method. Backends looking to populate this variable should
     do so via calling thisObj._set_establishment() directly.
 
-    YANG Description: Permanent or traffic-driven tunnels (seed 3.4).
+    YANG Description: Permanent or traffic-driven tunnels for this site.
     """
     if hasattr(v, "_utype"):
       v = v._utype(v)
@@ -3769,8 +3769,7 @@ class yc_overrides_cevpn_service__vpn_service_vpn_site_overrides(PybindBase):
     """
     Getter method for idle_timeout, mapped from YANG variable /vpn_service/vpn/site/overrides/idle_timeout (cevpn-t:timer-seconds)
 
-    YANG Description: Idle time after which a traffic-driven tunnel is torn
-down.
+    YANG Description: Idle time of this site's traffic-driven tunnels.
     """
     return self.__idle_timeout
       
@@ -3782,8 +3781,7 @@ down.
     method. Backends looking to populate this variable should
     do so via calling thisObj._set_idle_timeout() directly.
 
-    YANG Description: Idle time after which a traffic-driven tunnel is torn
-down.
+    YANG Description: Idle time of this site's traffic-driven tunnels.
     """
     if hasattr(v, "_utype"):
       v = v._utype(v)
@@ -3808,7 +3806,7 @@ down.
     """
     Getter method for encapsulation, mapped from YANG variable /vpn_service/vpn/site/overrides/encapsulation (cevpn-t:encapsulation)
 
-    YANG Description: Tunnel mode or transport mode over IP-in-IP (seed 5).
+    YANG Description: Tunnel mode or transport mode for this site's tunnels.
     """
     return self.__encapsulation
       
@@ -3820,7 +3818,7 @@ down.
     method. Backends looking to populate this variable should
     do so via calling thisObj._set_encapsulation() directly.
 
-    YANG Description: Tunnel mode or transport mode over IP-in-IP (seed 5).
+    YANG Description: Tunnel mode or transport mode for this site's tunnels.
     """
     if hasattr(v, "_utype"):
       v = v._utype(v)
