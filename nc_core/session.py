@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
@@ -201,7 +201,7 @@ class Session:
             self.counters.in_bad_rpcs += 1
             self.server.stats.in_bad_rpcs += 1
             self._send_reply(
-                None,
+                rpc,
                 attrs,
                 errors=[
                     RpcError(
@@ -223,7 +223,7 @@ class Session:
             self.counters.in_bad_rpcs += 1
             self.server.stats.in_bad_rpcs += 1
             self._send_reply(
-                None,
+                rpc,
                 attrs,
                 errors=[
                     RpcError(
@@ -256,7 +256,11 @@ class Session:
     ) -> None:
         if self.closed:
             return
-        reply = etree.Element(qn(NC_NS, "rpc-reply"), nsmap={None: NC_NS})  # type: ignore[dict-item]
+        # Keep the client's prefixes for the attributes echoed back (RFC 6241 4.2).
+        nsmap: Any = {None: NC_NS}
+        if rpc is not None:
+            nsmap.update({p: ns for p, ns in rpc.nsmap.items() if p is not None})
+        reply = etree.Element(qn(NC_NS, "rpc-reply"), nsmap=nsmap)
         for name, value in attrs.items():  # RFC 6241 4.2: all attributes of <rpc> come back
             reply.set(name, value)
         if errors:

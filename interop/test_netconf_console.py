@@ -1,0 +1,165 @@
+"""netconf-console2 (3.0.1, the command-line client many operators script with)
+against a running cevpn-server.  Host keys are verified through a private
+known_hosts file named by an OpenSSH config (--ssh-config, --hostkey-verify).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.netconf_server import ADMIN, ServerProcess, running_server
+
+SVC = "urn:cevpn:yang:cevpn-service"
+CONSOLE = str(Path(sys.executable).parent / "netconf-console2")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    with running_server(tmp_path_factory.mktemp("console")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def ssh_config(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("console-ssh")
+    known = home / "known_hosts"
+    known.write_text(f"[{server.host}]:{server.port} {server.host_key_line}\n")
+    config = home / "config"
+    config.write_text(
+        f"Host {server.host}\n  UserKnownHostsFile {known}\n  StrictHostKeyChecking yes\n"
+    )
+    return config
+
+
+def console(server: ServerProcess, ssh_config: Path, *args: str, check: bool = True) -> str:
+    proc = subprocess.run(
+        [
+            CONSOLE,
+            "--host",
+            server.host,
+            "--port",
+            str(server.port),
+            "-u",
+            ADMIN[0],
+            "-p",
+            ADMIN[1],
+            "--ssh-config",
+            str(ssh_config),
+            "--hostkey-verify",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def xml_file(ssh_config: Path, name: str, text: str) -> str:
+    path = ssh_config.parent / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_hello_lists_our_capabilities(server, ssh_config):
+    out = console(server, ssh_config, "--hello")
+    assert "urn:ietf:params:netconf:base:1.1" in out
+    assert "module=cevpn-service" in out
+
+
+def test_edit_then_get_config_with_subtree_filter(server, ssh_config):
+    console(
+        server,
+        ssh_config,
+        "--edit-config",
+        xml_file(
+            ssh_config,
+            "acme.xml",
+            f'<vpn-service xmlns="{SVC}"><vpn><id>acme</id><customer>ACME</customer></vpn>'
+            "</vpn-service>",
+        ),
+    )
+    out = console(
+        server,
+        ssh_config,
+        "--get-config",
+        "--filter",  # netconf-console2 turns this path into a subtree filter
+        "/s:vpn-service/s:vpn[s:id='acme']",
+        "-N",
+        f"s={SVC}",
+    )
+    assert "<customer>ACME</customer>" in out
+
+
+def test_get_with_xpath_filter(server, ssh_config):
+    out = console(
+        server,
+        ssh_config,
+        "--get",
+        "-x",
+        "/ncm:netconf-state/ncm:datastores",
+        "-N",
+        "ncm=urn:ietf:params:xml:ns:yang:ietf-netconf-monitoring",
+    )
+    assert "<name>running</name>" in out
+
+
+def test_get_schema(server, ssh_config):
+    out = console(server, ssh_config, "--get-schema", "cevpn-types")
+    assert "module cevpn-types" in out
+
+
+def test_invalid_edit_prints_the_rpc_error(server, ssh_config):
+    out = console(
+        server,
+        ssh_config,
+        "--edit-config",
+        xml_file(
+            ssh_config,
+            "bad.xml",
+            f'<vpn-service xmlns="{SVC}"><vpn><id>bad</id><customer>B</customer>'
+            "<topology><type>hub-and-spoke</type></topology></vpn></vpn-service>",
+        ),
+        check=False,
+    )
+    assert "<error-tag>operation-failed</error-tag>" in out
+    assert "vpn[cevpn-service:id='bad']" in out
+
+
+def test_candidate_edit_and_commit(server, ssh_config):
+    console(
+        server,
+        ssh_config,
+        "--db",
+        "candidate",
+        "--edit-config",
+        xml_file(
+            ssh_config,
+            "cand.xml",
+            f'<vpn-service xmlns="{SVC}"><vpn><id>cand</id><customer>C</customer></vpn>'
+            "</vpn-service>",
+        ),
+        "--commit",
+    )
+    out = console(server, ssh_config, "--get-config")
+    assert "<id>cand</id>" in out
+
+
+def test_with_defaults_report_all_shows_defaults(server, ssh_config):
+    out = console(server, ssh_config, "--get-config", "--with-defaults", "report-all")
+    assert "<keying>ike</keying>" in out  # a default, never configured
+    explicit = console(server, ssh_config, "--get-config")
+    assert "<keying>" not in explicit
+
+
+def test_lock_and_unlock(server, ssh_config):
+    out = console(server, ssh_config, "--lock", "--unlock")
+    assert "rpc-error" not in out

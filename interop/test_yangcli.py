@@ -1,0 +1,99 @@
+"""yangcli (yuma123 2.13, Debian's package) against a running cevpn-server.
+
+yangcli discovers our modules from the hello and the YANG library, downloads
+them with <get-schema>, and then builds every request from them -- a strict
+test that our schemas are usable by a client nobody here wrote.  It wants a
+terminal even in batch mode (run under `script`) and a private --home.
+
+yangcli has no option to verify a server's host key (libssh2 is used without
+a known_hosts check); it only ever talks to 127.0.0.1 here.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.netconf_server import ADMIN, ServerProcess, running_server
+
+pytestmark = pytest.mark.skipif(shutil.which("yangcli") is None, reason="Debian yangcli missing")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    with running_server(tmp_path_factory.mktemp("yangcli")) as srv:
+        yield srv
+
+
+def yangcli(server: ServerProcess, home: Path, *commands: str) -> str:
+    script = home / "script.txt"
+    script.write_text("\n".join(commands) + "\n")
+    command = (
+        f"yangcli --server={server.host} --ncport={server.port} --user={ADMIN[0]} "
+        f"--password={ADMIN[1]} --batch-mode --run-script={script} --home={home} "
+        "--log-level=info"
+    )
+    proc = subprocess.run(
+        ["script", "-qec", command, "/dev/null"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    return proc.stdout.replace("\r\n", "\n")
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+def test_yangcli_loads_every_module_it_needs_through_get_schema(server, home):
+    out = yangcli(server, home, "get-schema identifier=cevpn-service")
+    assert "NETCONF session established" in out
+    assert "Auto-load for module 'cevpn-service' failed" not in out
+    assert "module cevpn-service {" in out
+
+
+def test_create_commit_and_subtree_get(server, home):
+    out = yangcli(
+        server,
+        home,
+        "create /vpn-service/vpn -- id=acme customer=ACME",
+        "commit",
+        "sget-config /vpn-service source=running",
+    )
+    assert "RPC OK Reply" in out
+    assert "vpn acme {" in out
+    assert "customer ACME" in out
+
+
+def test_xpath_get_with_an_unprefixed_path(server, home):
+    yangcli(server, home, "create /vpn-service/vpn -- id=globex customer=Globex", "commit")
+    out = yangcli(server, home, "xget-config /vpn-service/vpn[id='globex'] source=running")
+    assert "vpn globex {" in out
+    assert "vpn acme {" not in out
+
+
+def test_a_rejected_commit_shows_the_error_and_changes_nothing(server, home):
+    out = yangcli(
+        server,
+        home,
+        "create /vpn-service/vpn -- id=nohub customer=N",
+        "merge /vpn-service/vpn[id='nohub']/topology -- type=hub-and-spoke",
+        "commit",
+        "discard-changes",
+        "sget-config /vpn-service source=running",
+    )
+    assert "operation-failed" in out
+    assert "needs at least one site with role 'hub'" in out
+    assert "vpn nohub" not in out.split("RPC Data Reply")[-1]
+
+
+def test_lock_and_unlock_running(server, home):
+    out = yangcli(server, home, "lock target=running", "unlock target=running")
+    assert out.count("RPC OK Reply") == 2
