@@ -18,14 +18,17 @@ references are refused (RFC 6241 gives the expression no variable bindings).
 An XPath filter's absolute paths start at the conceptual root whose children
 are the top-level data nodes, while our datastore is one ``<data>`` element
 inside its document, so absolute paths are re-anchored on ``<data>`` by a small
-tokenizer (XPath 1.0 Section 3.7) before evaluation.
+tokenizer (XPath 1.0 Section 3.7) before evaluation.  The same tokenizer
+makes unprefixed element names match by local name: every data node has a
+namespace, so such a name could never match, yet yangcli and others send them
+(``/vpn-service/vpn``) and established servers accept them.
 """
 
 from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from typing import Any
 
 from lxml import etree
@@ -152,9 +155,9 @@ def _subtree_top(data: etree._Element, filters: list[etree._Element]) -> Selecti
     reply for every module, or one successful match into the whole datastore.
     """
     selection: Selection = {}
-    children = _by_name(data)
+    children = _Children(data)
     for f in filters:
-        for child in _matching(f, children):
+        for child in children.candidates(f):
             if not _is_content_match(f) or _same_text(f, child):
                 _merge(selection, child, _select_node(f, child))
     return selection
@@ -170,12 +173,12 @@ def _select_node(f: etree._Element, node: etree._Element) -> Selection | None:
 
 def _select_children(parent: etree._Element, filters: list[etree._Element]) -> Selection | None:
     """Apply one sibling set of filter nodes to the children of one data instance (6.2.5)."""
-    children = _by_name(parent)
+    children = _Children(parent)
     content = [f for f in filters if _is_content_match(f)]
     others = [f for f in filters if not _is_content_match(f)]
     selection: Selection = {}
     for f in content:
-        hits = [c for c in _matching(f, children) if _same_text(f, c)]
+        hits = [c for c in children.named(f) if _same_text(f, c)]
         if not hits:
             return {}  # one false content match: nothing of this instance is selected
         for hit in hits:
@@ -183,7 +186,7 @@ def _select_children(parent: etree._Element, filters: list[etree._Element]) -> S
     if not others:
         return None  # only content match nodes, all true: the whole instance
     for f in others:
-        for child in _matching(f, children):
+        for child in children.candidates(f):
             _merge(selection, child, _select_node(f, child))
     return selection
 
@@ -196,22 +199,48 @@ def _same_text(f: etree._Element, node: etree._Element) -> bool:
     return strip_text(f) == strip_text(node)
 
 
-def _by_name(parent: etree._Element) -> dict[str, list[etree._Element]]:
-    """parent's children by local name, so a large filter meets a large list in linear time."""
-    index: dict[str, list[etree._Element]] = {}
-    for child in _element_children(parent):
-        index.setdefault(local(child.tag), []).append(child)
-    return index
+class _Children:
+    """The children of one data instance, indexed for the filter nodes applied to them."""
+
+    def __init__(self, parent: etree._Element) -> None:
+        self._by_name: dict[str, list[etree._Element]] = {}
+        for child in _element_children(parent):
+            self._by_name.setdefault(local(child.tag), []).append(child)
+        self._by_value: dict[tuple[str, str], dict[str, list[etree._Element]]] = {}
+
+    def named(self, f: etree._Element) -> list[etree._Element]:
+        """The children f matches."""
+        return _matching(f, self._by_name.get(local(f.tag), ()))
+
+    def candidates(self, f: etree._Element) -> list[etree._Element]:
+        """The children f may select.
+
+        If f tests a leaf's value (a list key, typically), only the entries having that value
+        are candidates, and the entries are indexed by that leaf once: a filter picking many
+        entries of a long list then takes linear, not quadratic, time.
+        """
+        probe = next((c for c in _element_children(f) if _is_content_match(c)), None)
+        if probe is None:
+            return self.named(f)
+        key = (local(f.tag), local(probe.tag))
+        if key not in self._by_value:
+            index = self._by_value[key] = {}
+            for entry in self._by_name.get(key[0], ()):
+                leaves = _element_children(entry)
+                for value in {strip_text(leaf) for leaf in leaves if local(leaf.tag) == key[1]}:
+                    index.setdefault(value, []).append(entry)
+        return _matching(f, self._by_value[key].get(strip_text(probe), ()))
 
 
-def _matching(f: etree._Element, children: dict[str, list[etree._Element]]) -> list[etree._Element]:
-    """The children f matches: namespace selection (6.2.1), attribute match expressions (6.2.2)."""
+def _matching(f: etree._Element, nodes: Iterable[etree._Element]) -> list[etree._Element]:
+    """The nodes filter node f names (6.2.1) whose attributes it matches (6.2.2)."""
     f_ns = namespace(f.tag)  # None for xmlns="": then any namespace will do
     return [
-        child
-        for child in children.get(local(f.tag), ())
-        if (f_ns is None or child.tag == f.tag)
-        and all(child.get(name) == value for name, value in f.attrib.items())
+        node
+        for node in nodes
+        if local(node.tag) == local(f.tag)
+        and (f_ns is None or node.tag == f.tag)
+        and all(node.get(name) == value for name, value in f.attrib.items())
     ]
 
 
@@ -254,9 +283,11 @@ def _anchor_absolute_paths(select: str, prefixes: Container[str]) -> str:
     edits: list[tuple[int, int, str]] = []
     operand_next = True
     lone_slash: int | None = None  # position of an absolute '/' that may be the whole path
+    before, previous = "", ""  # the two tokens before this one
     for m in _TOKEN.finditer(select):
         kind = m.lastgroup or "other"
         tok, start = m[kind], m.start(kind)
+        axis = f"{before}{previous}"
         if lone_slash is not None:
             if kind != "name" and tok not in _STARTS_STEP:
                 edits.append((lone_slash, lone_slash + 1, ""))  # '/' alone: <data> itself
@@ -269,6 +300,11 @@ def _anchor_absolute_paths(select: str, prefixes: Container[str]) -> str:
                 raise _bad_select(
                     f"The XPath prefix {prefix!r} is not declared on the <filter> element."
                 )
+            if not colon and _is_element_name_test(select, m.end(kind), previous, axis):
+                # Every data node has a namespace, so an unprefixed name test could
+                # never match; clients such as yangcli send /vpn-service/vpn all the
+                # same, and servers (netconfd, ConfD) match such names by local name.
+                edits.append((start, start + len(tok), f"*[local-name()='{tok}']"))
             operand_next = False
         elif kind == "op" and tok == "$":
             raise _bad_select("XPath variables are not available in a filter.")
@@ -281,6 +317,7 @@ def _anchor_absolute_paths(select: str, prefixes: Container[str]) -> str:
             operand_next = tok not in _ENDS_OPERAND
         else:  # literal, number, or something lxml will reject
             operand_next = False
+        before, previous = previous, tok
     if lone_slash is not None:
         edits.append((lone_slash, lone_slash + 1, ""))
     pieces: list[str] = []
@@ -290,6 +327,18 @@ def _anchor_absolute_paths(select: str, prefixes: Container[str]) -> str:
         pos = end
     pieces.append(select[pos:])
     return "".join(pieces)
+
+
+def _is_element_name_test(select: str, end: int, previous: str, axis: str) -> bool:
+    """Is the unprefixed name ending at ``end`` a name test on elements?
+
+    Not a function call or node-type test (followed by '('), not an axis name
+    (followed by '::'), not an attribute (after '@' or 'attribute::').
+    """
+    rest = select[end:].lstrip()
+    if rest.startswith(("(", "::")):
+        return False
+    return previous != "@" and axis != "attribute::"
 
 
 def _xpath_selection(data: etree._Element, filter_elem: etree._Element) -> Selection | None:

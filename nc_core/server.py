@@ -491,6 +491,10 @@ class NetconfServer:
         running.root, running.tree = canonical, new_tree
         free(old_tree)
         self._publish_running()
+        if not self.candidate_modified:
+            # An untouched candidate follows running, so a client that edits
+            # running and then the candidate does not commit stale data.
+            self.reset_candidate()
         self.notifications.config_change(session, "running", changes)
         return changes
 

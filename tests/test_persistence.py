@@ -1,0 +1,123 @@
+"""Committed configuration survives kill -9 at any moment; unconfirmed commits do not."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from lxml import etree
+from ncclient.operations.rpc import RPCError
+
+from tests.netconf_server import ADMIN, ServerProcess, free_port, ncclient_connect
+
+SVC = "urn:cevpn:yang:cevpn-service"
+NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
+
+
+def vpn(vpn_id: str) -> str:
+    return (
+        f'<config xmlns="{NC}"><vpn-service xmlns="{SVC}"><vpn><id>{vpn_id}</id>'
+        f"<customer>c-{vpn_id}</customer></vpn></vpn-service></config>"
+    )
+
+
+def vpn_ids(m) -> list[str]:  # type: ignore[no-untyped-def]
+    data = etree.fromstring(m.get_config("running").data_xml.encode())
+    return data.xpath("//s:vpn/s:id/text()", namespaces={"s": SVC})
+
+
+@pytest.fixture
+def server(tmp_path: Path):  # type: ignore[no-untyped-def]
+    srv = ServerProcess("cevpn-server", tmp_path / "state", free_port())
+    srv.adduser(ADMIN[0], ADMIN[1], ("admin",))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def test_committed_configuration_survives_kill_9(server):
+    with ncclient_connect(server) as m:
+        m.edit_config(target="running", config=vpn("acme"))
+    server.kill9()
+    server.start()
+    with ncclient_connect(server) as m:
+        assert vpn_ids(m) == ["acme"]
+
+
+def test_kill_9_at_random_moments_during_edits_never_loses_or_tears_a_commit(server):
+    rng = random.Random(7)
+    committed: list[str] = []
+    for round_ in range(5):
+        stop = threading.Event()
+        acked: list[str] = []
+
+        def edit_loop(prefix: str = f"r{round_}") -> None:
+            try:
+                with ncclient_connect(server) as m:
+                    for i in range(1000):
+                        if stop.is_set():
+                            return
+                        name = f"{prefix}-{i}"
+                        m.edit_config(target="running", config=vpn(name))
+                        acked.append(name)
+            except Exception:  # the server is killed under us: expected
+                return
+
+        worker = threading.Thread(target=edit_loop)
+        worker.start()
+        time.sleep(0.3 + rng.random() * 0.7)
+        server.kill9()
+        stop.set()
+        worker.join(30)
+        committed += acked
+        server.start()
+        with ncclient_connect(server) as m:
+            present = set(vpn_ids(m))
+        # every acknowledged commit is there; at most the one in flight is extra
+        assert set(committed) <= present
+        assert len(present - set(committed)) <= 1
+        committed = sorted(present)
+
+
+def test_pending_confirmed_commit_is_rolled_back_after_kill_9(server):
+    with ncclient_connect(server) as m:
+        m.edit_config(target="running", config=vpn("kept"))
+        m.edit_config(target="candidate", config=vpn("unconfirmed"))
+        m.commit(confirmed=True, timeout="600")
+        assert sorted(vpn_ids(m)) == ["kept", "unconfirmed"]
+    server.kill9()
+    server.start()
+    with ncclient_connect(server) as m:
+        assert vpn_ids(m) == ["kept"]
+
+
+def test_startup_is_saved_by_copy_config_and_used_when_running_is_lost(server):
+    with ncclient_connect(server) as m:
+        m.edit_config(target="running", config=vpn("saved"))
+        m.copy_config(source="running", target="startup")
+        m.edit_config(target="running", config=vpn("unsaved"))
+        startup = etree.fromstring(m.get_config("startup").data_xml.encode())
+        assert startup.xpath("//s:vpn/s:id/text()", namespaces={"s": SVC}) == ["saved"]
+    server.stop()
+    (server.state_dir / "running.xml").unlink()
+    server.start()
+    with ncclient_connect(server) as m:
+        assert vpn_ids(m) == ["saved"]
+
+
+def test_running_cannot_be_deleted_but_startup_can(server):
+    with ncclient_connect(server) as m:
+        with pytest.raises(RPCError) as err:
+            m.delete_config(target="running")
+        assert err.value.tag == "invalid-value"
+        m.delete_config(target="startup")
+        assert "<vpn-service" not in m.get_config("startup").data_xml
+
+
+def test_datastore_files_are_private(server):
+    for name in ("running.xml", "startup.xml", "ssh_host_ed25519_key"):
+        assert (server.state_dir / name).stat().st_mode & 0o077 == 0, name
+    assert server.state_dir.stat().st_mode & 0o077 == 0
