@@ -68,9 +68,9 @@ def test_create_of_an_existing_entry_is_data_exists_with_its_path(index):
 
 def test_delete_of_a_missing_entry_is_data_missing_and_remove_is_silent(index):
     with pytest.raises(RpcError) as err:
-        apply(index, new_datastore(), f'<peer nc:operation="delete"><name>x</name></peer>')
+        apply(index, new_datastore(), '<peer nc:operation="delete"><name>x</name></peer>')
     assert err.value.tag == "data-missing"
-    root = apply(index, new_datastore(), f'<peer nc:operation="remove"><name>x</name></peer>')
+    root = apply(index, new_datastore(), '<peer nc:operation="remove"><name>x</name></peer>')
     assert names(root) == []
 
 
@@ -86,7 +86,7 @@ def test_default_operation_none_only_navigates(index):
     root = apply(
         index,
         root,
-        f'<peer><name>b</name><description nc:operation="create">d</description></peer>',
+        '<peer><name>b</name><description nc:operation="create">d</description></peer>',
         "none",
     )
     assert root.findtext(f".//{{{CE}}}description") == "d"

@@ -54,7 +54,11 @@ def test_kill_9_at_random_moments_during_edits_never_loses_or_tears_a_commit(ser
         stop = threading.Event()
         acked: list[str] = []
 
-        def edit_loop(prefix: str = f"r{round_}") -> None:
+        def edit_loop(
+            prefix: str = f"r{round_}",
+            stop: threading.Event = stop,
+            acked: list[str] = acked,
+        ) -> None:
             try:
                 with ncclient_connect(server) as m:
                     for i in range(1000):
