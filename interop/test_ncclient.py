@@ -273,3 +273,37 @@ def test_wrong_password_is_refused(server):
 
     with pytest.raises(AuthenticationError):
         ncclient_connect(server, (ADMIN[0], "wrong"))
+
+
+def test_with_defaults_modes(m):
+    m.edit_config(
+        target="running",
+        config=vpn_config("acme", extra="<keying>ike</keying><autodiscovery>pull</autodiscovery>"),
+    )
+    flt = ("subtree", f'<vpn-service xmlns="{SVC}"><vpn><id>acme</id></vpn></vpn-service>')
+    explicit = m.get_config("running", filter=flt).data_xml
+    assert "<keying>ike</keying>" in explicit  # set explicitly, even though it is the default
+    assert "<site-removal>" not in explicit
+    report_all = m.get_config("running", filter=flt, with_defaults="report-all").data_xml
+    assert "<site-removal>deprovision</site-removal>" in report_all
+    trim = m.get_config("running", filter=flt, with_defaults="trim").data_xml
+    assert "<keying>" not in trim and "<autodiscovery>pull</autodiscovery>" in trim
+    tagged = m.get_config("running", filter=flt, with_defaults="report-all-tagged").data_xml
+    assert 'default="true"' in tagged and "urn:ietf:params:xml:ns:netconf:default:1.0" in tagged
+
+
+def test_keys_are_invisible_to_a_user_without_an_explicit_rule(server, m):
+    keys = (
+        "<site><id>a</id><ce-address>192.0.2.1</ce-address></site>"
+        "<site><id>b</id><ce-address>192.0.2.2</ce-address></site>"
+        "<keys><pre-shared-key><site-a>a</site-a><site-b>b</site-b>"
+        "<key>0123456789abcdef0123456789abcdef</key></pre-shared-key></keys>"
+    )
+    m.edit_config(target="running", config=vpn_config("acme", extra=keys))
+    assert "0123456789abcdef0123456789abcdef" in m.get_config("running").data_xml
+    with ncclient_connect(server, VIEWER) as viewer:
+        data = viewer.get_config("running").data_xml
+        assert "<id>acme</id>" in data  # readable by default
+        assert "<keys>" not in data and "0123456789abcdef" not in data
+        data = viewer.get().data_xml
+        assert "0123456789abcdef" not in data

@@ -15,7 +15,7 @@ from _libyang import ffi, lib
 from lxml import etree
 
 from nc_core.errors import RpcError
-from nc_core.xmlutil import NC_NS, WD_NS, XmlRejected, parse_message, qn
+from nc_core.xmlutil import NC_NS, WD_ATTR_NS, WD_NS, XmlRejected, parse_message, qn
 
 MODES = ("report-all", "trim", "explicit", "report-all-tagged")
 BASIC_MODE = "explicit"
@@ -66,11 +66,23 @@ def print_xml(tree: Any, mode: str = BASIC_MODE) -> str:
 
 
 def as_datastore_tree(text: str) -> etree._Element:
-    """Wrap printed top-level nodes in a <data> element."""
+    """Wrap printed top-level nodes in a <data> element.
+
+    libyang tags defaults with the ietf-netconf-with-defaults module's
+    namespace; NETCONF's attribute is in urn:ietf:params:xml:ns:netconf:default:1.0
+    (RFC 6243 Section 6), so tags are moved there.
+    """
     try:
-        return parse_message(f'<data xmlns="{NC_NS}">{text}</data>'.encode())
+        root = parse_message(f'<data xmlns="{NC_NS}">{text}</data>'.encode())
     except XmlRejected as exc:  # pragma: no cover - libyang prints well-formed XML
         raise RuntimeError(f"libyang printed unparsable XML: {exc}") from exc
+    yang_tag, netconf_tag = qn(WD_NS, "default"), qn(WD_ATTR_NS, "default")
+    if WD_NS in text:
+        for elem in root.iter():
+            value = elem.attrib.pop(yang_tag, None)
+            if value is not None:
+                elem.set(netconf_tag, value)
+    return root
 
 
 def add_implicit_defaults(tree: Any) -> None:
