@@ -79,8 +79,9 @@ def as_datastore_tree(text: str) -> etree._Element:
     yang_tag, netconf_tag = qn(WD_NS, "default"), qn(WD_ATTR_NS, "default")
     if WD_NS in text:
         for elem in root.iter():
-            value = elem.attrib.pop(yang_tag, None)
+            value = elem.get(yang_tag)
             if value is not None:
+                del elem.attrib[yang_tag]
                 elem.set(netconf_tag, value)
     return root
 
