@@ -119,8 +119,7 @@ async def get(ctx: RpcContext, op: etree._Element) -> list[etree._Element]:
 async def get_config(ctx: RpcContext, op: etree._Element) -> list[etree._Element]:
     name = datastore_name(op, "source", ("running", "candidate", "startup"))
     mode = requested_mode(op)
-    root = ctx.server.config_tree(name, mode)
-    root = ctx.server.readable(ctx.session, root)
+    root = ctx.server.readable_config(name, ctx.session, mode)
     return _data(apply_filter(root, _filter(op), ctx.server.keys_of))
 
 

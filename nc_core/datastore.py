@@ -30,10 +30,10 @@ from nc_core.xmlutil import NC_NS, XmlRejected, parse_message, qn
 CONFIG_DATASTORES = ("running", "candidate", "startup")
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old or the new content."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def write_staged(path: Path, data: bytes) -> Path:
+    """Write ``data`` next to ``path`` and flush it to disk; :func:`commit_staged` publishes it."""
+    staged = path.with_name(f".{path.name}.staged")
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         view = memoryview(data)
         while view:
@@ -42,12 +42,22 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
+    return staged
+
+
+def commit_staged(staged: Path, path: Path) -> None:
+    """Rename a staged file over ``path`` and make the rename durable."""
+    os.replace(staged, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new content."""
+    commit_staged(write_staged(path, data), path)
 
 
 # --------------------------------------------------------------------------
@@ -56,6 +66,10 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 _STEP = re.compile(r"/(?:(?P<prefix>[\w.-]+):)?(?P<name>[\w.-]+)(?P<preds>(?:\[[^\]]*\])*)")
 _PRED = re.compile(r"\[(?:(?P<kp>[\w.-]+):)?(?P<key>[\w.-]+|\.)=(?P<val>'[^']*'|\"[^\"]*\")\]")
+
+
+_MISSING_KEY = re.compile(r'missing its key "([^"]+)"')
+_UNKNOWN_CHILD = re.compile(r'Node "([^"]+)" not found as a child')
 
 
 def libyang_path_to_xpath(path: str) -> tuple[str, dict[str, str], str | None]:
@@ -91,6 +105,8 @@ def issue_to_error(issue: SchemaIssue, index: SchemaIndex) -> RpcError:
         tag = "operation-failed"
     elif app_tag in ("instance-required", "missing-choice"):
         tag = "data-missing"
+    elif "missing its key" in lowered:
+        tag = "missing-element"
     elif "mandatory node" in lowered:
         tag, app_tag = "data-missing", app_tag
     elif "not found as a child" in lowered or "node not found" in lowered:
@@ -109,6 +125,12 @@ def issue_to_error(issue: SchemaIssue, index: SchemaIndex) -> RpcError:
         if len(path_ns) != len(modules):
             xpath, path_ns = None, {}
     info = [("bad-element", last)] if last and tag in ("unknown-element", "invalid-value") else []
+    key = _MISSING_KEY.search(message)
+    if tag == "missing-element" and key:
+        info = [("bad-element", key.group(1))]
+    unknown = _UNKNOWN_CHILD.search(message)
+    if tag == "unknown-element" and unknown:
+        info = [("bad-element", unknown.group(1))]
     return RpcError(tag, message, path=xpath, path_ns=path_ns, app_tag=app_tag, info=info)
 
 

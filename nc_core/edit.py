@@ -26,7 +26,7 @@ from lxml import etree
 
 from nc_core.errors import RpcError
 from nc_core.schema import SchemaIndex, SchemaNode
-from nc_core.xmlutil import NC_NS, local, namespace, qn
+from nc_core.xmlutil import _PARSER, NC_NS, local, namespace, qn
 
 YANG_NS = "urn:ietf:params:xml:ns:yang:1"
 OPERATION = qn(NC_NS, "operation")
@@ -76,13 +76,66 @@ def _identity(elem: etree._Element, snode: SchemaNode) -> tuple[str, ...]:
     return ()
 
 
-def find_instance(
-    parent: etree._Element, tag: str, snode: SchemaNode, ident: tuple[str, ...]
-) -> etree._Element | None:
-    for child in parent.iterchildren(tag):
-        if snode.kind not in ("list", "leaf-list") or _identity(child, snode) == ident:
-            return child
-    return None
+class Instances:
+    """List and leaf-list entries indexed by identity, built on first use per parent.
+
+    An edit that creates 10,000 list entries would otherwise scan the list
+    for every entry it adds (quadratic time); with the index each lookup,
+    insertion and removal is O(1).  Valid while its owner is the only one
+    changing the tree.
+    """
+
+    def __init__(self) -> None:
+        self._maps: dict[tuple[int, str], dict[tuple[str, ...], etree._Element]] = {}
+        self._last: dict[tuple[int, str], etree._Element | None] = {}
+        self._alive: list[etree._Element] = []  # keep parents alive: ids stay unique
+
+    def _map(
+        self, parent: etree._Element, tag: str, snode: SchemaNode
+    ) -> dict[tuple[str, ...], etree._Element]:
+        key = (id(parent), tag)
+        found = self._maps.get(key)
+        if found is None:
+            found = {_identity(c, snode): c for c in parent.iterchildren(tag)}
+            self._maps[key] = found
+            self._alive.append(parent)
+        return found
+
+    def find(
+        self, parent: etree._Element, tag: str, snode: SchemaNode, ident: tuple[str, ...]
+    ) -> etree._Element | None:
+        if snode.kind not in ("list", "leaf-list"):
+            return parent.find(tag)
+        return self._map(parent, tag, snode).get(ident)
+
+    def last(self, parent: etree._Element, tag: str) -> etree._Element | None:
+        key = (id(parent), tag)
+        if key not in self._last:
+            self._last[key] = next(parent.iterchildren(tag, reversed=True), None)
+            self._alive.append(parent)
+        return self._last[key]
+
+    def added(self, parent: etree._Element, node: etree._Element, snode: SchemaNode) -> None:
+        key = (id(parent), node.tag)
+        if snode.kind in ("list", "leaf-list") and key in self._maps:
+            self._maps[key][_identity(node, snode)] = node
+        self._last.pop(key, None)
+
+    def appended(self, parent: etree._Element, node: etree._Element, snode: SchemaNode) -> None:
+        """``node`` was placed after every sibling of its tag."""
+        self.added(parent, node, snode)
+        self._last[(id(parent), node.tag)] = node
+
+    def removed(
+        self, parent: etree._Element, node: etree._Element, snode: SchemaNode | None
+    ) -> None:
+        key = (id(parent), node.tag)
+        if snode is not None and snode.kind in ("list", "leaf-list") and key in self._maps:
+            self._maps[key].pop(_identity(node, snode), None)
+        self._last.pop(key, None)
+
+    def moved(self, parent: etree._Element, tag: str) -> None:
+        self._last.pop((id(parent), tag), None)
 
 
 def schema_of(
@@ -157,6 +210,8 @@ class Editor:
         self.index = index
         self.continue_on_error = continue_on_error
         self.errors: list[RpcError] = []
+        self.instances = Instances()
+        self._marked: set[etree._Element] = set()
 
     def apply(self, target: etree._Element, config: etree._Element, default_operation: str) -> None:
         """Apply every top-level node of ``config`` to ``target``.
@@ -164,6 +219,7 @@ class Editor:
         Raises the first RpcError (stop-on-error); with continue_on_error the
         errors are collected in ``self.errors`` and the rest is applied.
         """
+        self._marked = _with_edit_attributes(config)
         for edit in config:
             if not isinstance(edit.tag, str):
                 continue
@@ -234,7 +290,7 @@ class Editor:
                 info=[("bad-element", snode.name)],
             )
         ident = self._edit_identity(edit, snode, parent)
-        existing = find_instance(parent, edit.tag, snode, ident)
+        existing = self.instances.find(parent, edit.tag, snode, ident)
 
         if op == "create" and existing is not None:
             raise _error(
@@ -256,6 +312,7 @@ class Editor:
                     )
                 return
             parent.remove(existing)
+            self.instances.removed(parent, existing, snode)
             return
         if op == "none":
             if existing is None:
@@ -281,10 +338,19 @@ class Editor:
             self._drop_other_cases(parent, snode)
             existing.addprevious(replacement)
             parent.remove(existing)
+            self.instances.removed(parent, existing, snode)
+            self.instances.added(parent, replacement, snode)
             self._move_if_asked(parent, replacement, edit, snode)
             return
         if existing is None:  # create, merge or replace of a new node
             self._drop_other_cases(parent, snode)
+            if edit not in self._marked:
+                # Nothing below asks for another operation: the new node is the
+                # edit's subtree as it is.  What the copy does not check here
+                # (unknown or state nodes, missing keys, two cases of a choice)
+                # libyang's validation of the result refuses, naming the node.
+                self._place(parent, _copy_in_scope(edit), edit, snode)
+                return
             if op == "merge":
                 new = self._insert_new(parent, edit, snode)
                 self._edit_children(new, edit, snode, "merge")
@@ -427,6 +493,7 @@ class Editor:
             for choice, case in other.cases:
                 if choice in mine and mine[choice] != case:
                     parent.remove(child)
+                    self.instances.removed(parent, child, other)
                     break
 
     def _snode_of(self, elem: etree._Element) -> SchemaNode | None:
@@ -447,11 +514,12 @@ class Editor:
     def _place(
         self, parent: etree._Element, node: etree._Element, edit: etree._Element, snode: SchemaNode
     ) -> None:
-        siblings = list(parent.iterchildren(node.tag))
-        if siblings:
-            siblings[-1].addnext(node)
+        last = self.instances.last(parent, node.tag)
+        if last is not None:
+            last.addnext(node)
         else:
             parent.append(node)
+        self.instances.appended(parent, node, snode)
         if snode.user_ordered:
             self._move_if_asked(parent, node, edit, snode)
 
@@ -471,6 +539,7 @@ class Editor:
                 info=[("bad-attribute", "insert"), ("bad-element", snode.name)],
             )
         siblings = [s for s in parent.iterchildren(node.tag) if s is not node]
+        self.instances.moved(parent, node.tag)
         if where == "first":
             if siblings:
                 siblings[0].addprevious(node)
@@ -549,6 +618,37 @@ def _ident_text(snode: SchemaNode, ident: tuple[str, ...]) -> str:
     return ""
 
 
+_EDIT_ATTRIBUTES = etree.XPath(
+    "descendant-or-self::*[@nc:operation or @yang:insert or @yang:key or @yang:value]",
+    namespaces={"nc": NC_NS, "yang": YANG_NS},
+)
+
+
+def _with_edit_attributes(config: etree._Element) -> set[etree._Element]:
+    """Elements of an edit that carry an edit attribute or have a descendant that does."""
+    marked: set[etree._Element] = set()
+    found: Any = _EDIT_ATTRIBUTES(config)
+    for elem in found:
+        node: etree._Element | None = elem
+        while node is not None and node not in marked:
+            marked.add(node)
+            node = node.getparent()
+    return marked
+
+
+def _copy_in_scope(edit: etree._Element) -> etree._Element:
+    """A copy of an edit subtree that keeps every namespace prefix in scope.
+
+    Values (identityrefs, instance-identifiers) may use prefixes declared on
+    an ancestor such as <config> or <rpc>; deepcopy keeps only the
+    declarations element names need, serialising keeps them all.
+    """
+    copy = deepcopy(edit)
+    if all(copy.nsmap.get(p) == ns for p, ns in edit.nsmap.items()):
+        return copy
+    return etree.fromstring(etree.tostring(edit), _PARSER)
+
+
 def _walk_ops(edit: etree._Element) -> Iterator[str]:
     for node in edit.iter():
         if isinstance(node.tag, str):
@@ -608,10 +708,11 @@ def diff(
     index: SchemaIndex,
     only: set[str] | None = None,
 ) -> list[Change]:
-    """Every node created, updated (leaf value changed, or an ordered list moved) or deleted.
+    """The nodes created, updated (leaf value changed, or an ordered list moved) or deleted.
 
-    Created and deleted subtrees are reported node by node, parents first, so
-    access control can check each node (RFC 8341 3.4.5).  ``only`` restricts
+    A created or deleted subtree is reported once, by its top node: its
+    descendants come and go with it (NACM checks them through it, RFC 8341
+    3.4.5, and an application walks it if it needs them).  ``only`` restricts
     the comparison to top-level nodes with these tags.
     """
     changes: list[Change] = []
@@ -644,11 +745,11 @@ def _diff_children(
     new_children = _children_by_identity(new, parent_snode, index, only)
     for ident, (old_child, _) in old_children.items():
         if ident not in new_children:
-            changes.extend(Change("delete", n) for n in _subtree(old_child))
+            changes.append(Change("delete", old_child))
     for ident, (new_child, snode) in new_children.items():
         previous = old_children.get(ident)
         if previous is None:
-            changes.extend(Change("create", n) for n in _subtree(new_child))
+            changes.append(Change("create", new_child))
             continue
         old_child = previous[0]
         if snode is None or snode.kind in ("leaf", "anydata", "anyxml"):
@@ -675,12 +776,6 @@ def _diff_order(
             for (t, i), (elem, _) in new_children.items():
                 if t == tag and (t, i) in old_children:
                     changes.append(Change("update", elem))
-
-
-def _subtree(elem: etree._Element) -> Iterator[etree._Element]:
-    for node in elem.iter():
-        if isinstance(node.tag, str):
-            yield node
 
 
 def _value(elem: etree._Element) -> bytes:

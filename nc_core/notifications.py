@@ -239,12 +239,11 @@ class NotificationCenter:
         event = _event("netconf-config-change")
         self._changed_by(event, session)
         etree.SubElement(event, qn(NCN_NS, "datastore")).text = datastore
-        for change in _top_changes(changes):
+        for node, op in _top_changes(changes):
             edit = etree.SubElement(event, qn(NCN_NS, "edit"))
-            path, nsmap = instance_path(change.element, self.server.index)
+            path, nsmap = instance_path(node, self.server.index)
             target = etree.SubElement(edit, qn(NCN_NS, "target"), nsmap=nsmap)
             target.text = path
-            op = {"create": "create", "delete": "delete", "update": "replace"}[change.op]
             etree.SubElement(edit, qn(NCN_NS, "operation")).text = op
         self.emit(event)
 
@@ -280,17 +279,37 @@ def _session_info(parent: etree._Element, session: Session) -> None:
         etree.SubElement(parent, qn(NCN_NS, "source-host")).text = session.source_host
 
 
-def _top_changes(changes: Sequence[Change]) -> list[Change]:
-    """Only the top of each created or deleted subtree, and updated leaves."""
-    out: list[Change] = []
-    seen: set[int] = set()
-    for change in changes:
+MAX_EDITS_PER_PARENT = 16
+"""More changed children than this under one node are reported as one 'merge' of it."""
+
+
+def _top_changes(changes: Sequence[Change]) -> list[tuple[etree._Element, str]]:
+    """(node, operation) for the top of each created or deleted subtree and each update.
+
+    A commit that creates 10,000 list entries yields one edit record for
+    their parent, not 10,000: RFC 6470 leaves the granularity of edit
+    records to the server, and a listener can read the data it needs.
+    """
+    tops = list(changes)  # created and deleted subtrees come as their top node
+    per_parent: dict[int, int] = {}
+    for change in tops:
         parent = change.element.getparent()
-        if change.op != "update" and parent is not None and id(parent) in seen:
-            seen.add(id(change.element))
+        per_parent[id(parent)] = per_parent.get(id(parent), 0) + 1
+    out: list[tuple[etree._Element, str]] = []
+    summarised: set[int] = set()
+    names = {"create": "create", "delete": "delete", "update": "replace"}
+    for change in tops:
+        parent = change.element.getparent()
+        if (
+            parent is not None
+            and parent.getparent() is not None
+            and per_parent[id(parent)] > MAX_EDITS_PER_PARENT
+        ):
+            if id(parent) not in summarised:
+                summarised.add(id(parent))
+                out.append((parent, "merge"))
             continue
-        seen.add(id(change.element))
-        out.append(change)
+        out.append((change.element, names[change.op]))
     return out
 
 

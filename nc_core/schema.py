@@ -58,6 +58,8 @@ def _silence_libyang_logger() -> None:
     ly_logger = logging.getLogger("libyang")
     ly_logger.propagate = False
     ly_logger.handlers[:] = [logging.NullHandler()]
+    ly_logger.setLevel(logging.CRITICAL + 10)  # never enabled: records are not even made
+    ly_logger.disabled = True
 
 
 _silence_libyang_logger()
@@ -249,9 +251,7 @@ class SchemaNode:
             return None
         return self.children().get((ns, name))
 
-    @property
-    def is_key(self) -> bool:
-        return self.kind == "leaf" and bool(self.snode.is_key())
+    is_key: bool = False
 
 
 def _make_node(
@@ -287,6 +287,7 @@ def _make_node(
         deny_write=("ietf-netconf-acm", "default-deny-write") in ext_names,
         path=f"{parent_path}/{prefix}{snode.name()}",
         snode=snode,
+        is_key=kind == "leaf" and bool(snode.is_key()),
     )
 
 

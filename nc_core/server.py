@@ -24,7 +24,14 @@ from typing import Any
 
 from lxml import etree
 
-from nc_core.datastore import Datastore, Validator, document_bytes, write_atomically
+from nc_core.datastore import (
+    Datastore,
+    Validator,
+    commit_staged,
+    document_bytes,
+    write_atomically,
+    write_staged,
+)
 from nc_core.edit import Change, diff, new_datastore, schema_of
 from nc_core.errors import RpcError, RpcErrors, operation_not_supported
 from nc_core.nacm import Nacm
@@ -41,7 +48,7 @@ from nc_core.with_defaults import (
 from nc_core.with_defaults import (
     CAPABILITY as WITH_DEFAULTS_CAPABILITY,
 )
-from nc_core.xmlutil import NC_NS, local, namespace, qn
+from nc_core.xmlutil import NACM_NS, NC_NS, SYS_NS, local, namespace, qn
 
 log = logging.getLogger("cevpn.netconf")
 
@@ -101,6 +108,8 @@ class ServerOptions:
     """A user for whom NACM is not enforced (RFC 8341 3.4 'recovery session')."""
     notification_log_size: int = 10_000
     name: str = "cevpn"
+    yang_dirs: tuple[Path, ...] = ()
+    """Extra directories searched for the application's YANG modules."""
 
 
 @dataclass
@@ -150,7 +159,7 @@ class NetconfServer:
         features: dict[str, Sequence[str]] = dict(BASE_FEATURES)
         features.update(self.app.features)
         modules = list(dict.fromkeys([*BASE_MODULES, *self.app.modules]))
-        self.schema = Schema(modules, features=features)
+        self.schema = Schema(modules, features=features, search_dirs=options.yang_dirs)
         self.index = SchemaIndex(self.schema)
         self.validator = Validator(self.schema, self.index)
         state = options.state_dir
@@ -404,8 +413,7 @@ class NetconfServer:
         """Running configuration plus state data (for <get>)."""
         root = deepcopy(self.datastores["running"].root)
         extra = [*self.monitoring.state(), *await self.app.operational(session)]
-        for elem in extra:
-            merge_into(root, elem, self)
+        merge_into(root, extra, self)
         if mode == BASIC_MODE:
             return root
         tree = self.validator.parse_only(root, state=True)
@@ -416,7 +424,18 @@ class NetconfServer:
             free(tree)
 
     def readable(self, session: Session, root: etree._Element) -> etree._Element:
+        """``root`` with what the session's user may not read removed (in place)."""
         return self.nacm.filter_read(session.user, root)
+
+    def readable_config(self, name: str, session: Session, mode: str) -> etree._Element:
+        """A configuration datastore as the user may read it; the caller must not modify it.
+
+        Filtering always copies, so for a user who may read everything the
+        stored tree itself is handed to the filter instead of a copy of it.
+        """
+        if mode == BASIC_MODE and self.nacm.permits_all(session.user, "read"):
+            return self.datastores[name].root
+        return self.nacm.filter_read(session.user, self.config_tree(name, mode))
 
     # -- writing -------------------------------------------------------------------
 
@@ -469,7 +488,7 @@ class NetconfServer:
         assert running.path is not None
         staged = running.path.with_name(".running.xml.staged")
         try:
-            write_atomically(staged, document_bytes(canonical))
+            write_staged(running.path, document_bytes(canonical))
             await self.app.apply(txn)
         except BaseException as exc:
             staged.unlink(missing_ok=True)
@@ -486,11 +505,12 @@ class NetconfServer:
                     f"The change could not be applied and was rolled back: {exc}",
                 ) from exc
             raise
-        os.replace(staged, running.path)
+        commit_staged(staged, running.path)
         old_tree = running.tree
         running.root, running.tree = canonical, new_tree
         free(old_tree)
-        self._publish_running()
+        if _touches(changes, (qn(NACM_NS, "nacm"), qn(SYS_NS, "system"))):
+            self._publish_running()
         if not self.candidate_modified:
             # An untouched candidate follows running, so a client that edits
             # running and then the candidate does not commit stale data.
@@ -512,37 +532,57 @@ class NetconfServer:
         startup.save()
 
 
+def _touches(changes: Sequence[Change], tops: tuple[str, ...]) -> bool:
+    """Does any change fall under one of these top-level nodes?"""
+    for change in changes:
+        node = change.element
+        while node.getparent() is not None and node.getparent().getparent() is not None:  # type: ignore[union-attr]
+            node = node.getparent()  # type: ignore[assignment]
+        if node.tag in tops:
+            return True
+    return False
+
+
 def free(tree: Any) -> None:
     """Release a libyang tree (None: nothing to release)."""
     if tree is not None:
         tree.free()
 
 
-def merge_into(root: etree._Element, elem: etree._Element, server: NetconfServer) -> None:
-    """Merge a top-level state subtree into a data tree, matching list entries by key."""
-    _merge(root, elem, None, server.index)
+def merge_into(root: etree._Element, elems: list[etree._Element], server: NetconfServer) -> None:
+    """Merge top-level state subtrees into a data tree, matching list entries by key."""
+    from nc_core.edit import Instances
+
+    instances = Instances()
+    for elem in elems:
+        _merge(root, elem, None, server.index, instances)
 
 
 def _merge(
-    parent: etree._Element, elem: etree._Element, parent_snode: Any, index: SchemaIndex
+    parent: etree._Element,
+    elem: etree._Element,
+    parent_snode: Any,
+    index: SchemaIndex,
+    instances: Any,
 ) -> None:
-    from nc_core.edit import _identity, find_instance
+    from nc_core.edit import _identity
 
     snode = schema_of(index, parent_snode, elem)
     if snode is None:
         parent.append(deepcopy(elem))
         return
-    ident = _identity(elem, snode)
-    existing = find_instance(parent, elem.tag, snode, ident)
+    existing = instances.find(parent, elem.tag, snode, _identity(elem, snode))
     if existing is None:
-        parent.append(deepcopy(elem))
+        node = deepcopy(elem)
+        parent.append(node)
+        instances.appended(parent, node, snode)
         return
     if snode.kind in ("leaf", "leaf-list", "anydata", "anyxml"):
         existing.text = elem.text
         return
     for child in elem:
         if isinstance(child.tag, str):
-            _merge(existing, child, snode, index)
+            _merge(existing, child, snode, index, instances)
 
 
 def write_document(path: Path, root: etree._Element) -> None:

@@ -9,7 +9,7 @@ from lxml import etree
 
 from nc_core.datastore import Validator
 from nc_core.edit import Editor, diff, new_datastore
-from nc_core.errors import RpcError
+from nc_core.errors import RpcError, RpcErrors
 from nc_core.schema import SchemaIndex
 
 NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
@@ -44,9 +44,22 @@ def peer(name: str, address: str = "192.0.2.2", op: str = "", extra: str = "") -
 
 
 def apply(index, root, body: str, default: str = "merge") -> etree._Element:
+    """Edit a copy, then parse it as the server does for the candidate."""
     work = deepcopy(root)
     Editor(index).apply(work, config(body), default)
+    try:
+        _VALIDATOR[0].validate(work, full=False)
+    except RpcErrors as errs:
+        raise errs.errors[0] from None
     return work
+
+
+_VALIDATOR: list[Validator] = []
+
+
+@pytest.fixture(autouse=True)
+def _remember_validator(validator):
+    _VALIDATOR[:] = [validator]
 
 
 def names(root: etree._Element, tag: str = "peer") -> list[str]:
@@ -195,15 +208,21 @@ def test_continue_on_error_applies_the_good_parts(index):
     assert [e.tag for e in editor.errors] == ["data-missing"]
 
 
-def test_diff_reports_each_created_node_and_updated_leaf(index, validator):
+def test_diff_reports_created_subtrees_by_their_top_and_updated_leaves(index, validator):
     old = validator.canonical(validator.validate(apply(index, new_datastore(), peer("b"))))
     new = apply(index, old, peer("b", "192.0.2.7") + peer("c", "192.0.2.3"))
     changes = diff(old, new, index)
     updated = [c.element.tag.split("}")[1] for c in changes if c.op == "update"]
-    created = [c.element.tag.split("}")[1] for c in changes if c.op == "create"]
+    created = [c.element for c in changes if c.op == "create"]
     assert updated == ["sp-address"]
-    assert created[:2] == ["peer", "name"]
-    assert "pre-shared-key" in created
+    assert [e.findtext(f"{{{CE}}}name") for e in created] == ["c"]  # the new peer, whole
+
+
+def test_diff_reports_a_deleted_subtree_once(index, validator):
+    old = validator.canonical(validator.validate(apply(index, new_datastore(), peer("b"))))
+    new = apply(index, old, '<peer nc:operation="delete"><name>b</name></peer>')
+    changes = diff(old, new, index)
+    assert [(c.op, c.element.tag.split("}")[1]) for c in changes] == [("delete", "peer")]
 
 
 def test_diff_of_identical_trees_is_empty(index):

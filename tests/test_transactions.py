@@ -141,8 +141,9 @@ def test_an_edit_runs_validate_prepare_apply_with_the_changes(srv):
     assert srv.app.phases == [("validate", "edit"), ("prepare", "edit"), ("apply", "edit")]
     txn = srv.app.last
     assert txn is not None and txn.user == "admin"
-    created = {c.element.tag.split("}")[1] for c in txn.changes if c.op == "create"}
-    assert {"peer", "name", "sp-address", "pre-shared-key"} <= created
+    created = [c.element for c in txn.changes if c.op == "create"]
+    assert [e.tag.split("}")[1] for e in created] == ["ce"]  # the new subtree, by its top
+    assert created[0].findtext(f".//{{{CE}}}pre-shared-key") == PSK
     assert txn.new_json()["cevpn-ce:ce"]["peer"][0]["tunnel"]["establishment"] == "permanent"
 
 

@@ -1,0 +1,1 @@
+"""cevpn benchmarks: reference servers, a thin NETCONF client and the workload."""
