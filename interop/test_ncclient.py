@@ -307,3 +307,103 @@ def test_keys_are_invisible_to_a_user_without_an_explicit_rule(server, m):
         assert "<keys>" not in data and "0123456789abcdef" not in data
         data = viewer.get().data_xml
         assert "0123456789abcdef" not in data
+
+
+def test_subscription_filter_selects_which_events_arrive(server, m):
+    ncn = "urn:ietf:params:xml:ns:yang:ietf-netconf-notifications"
+    with ncclient_connect(server) as listener:
+        listener.create_subscription(filter=("subtree", f'<netconf-session-start xmlns="{ncn}"/>'))
+        m.edit_config(target="running", config=vpn_config("acme"))  # a config change: filtered out
+        with ncclient_connect(server):
+            pass
+        notif = listener.take_notification(timeout=10)
+        assert notif is not None
+        assert "netconf-session-start" in notif.notification_xml
+        assert "netconf-config-change" not in notif.notification_xml
+
+
+def test_replay_with_stop_time_ends_with_notification_complete(server, m):
+    m.edit_config(target="running", config=vpn_config("acme"))
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 1))
+    with ncclient_connect(server) as listener:
+        listener.create_subscription(start_time="2000-01-01T00:00:00Z", stop_time=now)
+        kinds = []
+        while True:
+            notif = listener.take_notification(timeout=15)
+            assert notif is not None
+            kinds.append(notif.notification_xml)
+            if "notificationComplete" in notif.notification_xml:
+                break
+    assert any("replayComplete" in k for k in kinds)
+
+
+def test_confirmed_commit_events_are_notified(server, m):
+    with ncclient_connect(server) as listener:
+        listener.create_subscription()
+        m.discard_changes()
+        m.edit_config(target="candidate", config=vpn_config("acme"))
+        m.commit(confirmed=True, timeout="60")
+        m.commit()
+        seen = ""
+        while "<confirm-event>complete</confirm-event>" not in seen:
+            notif = listener.take_notification(timeout=10)
+            assert notif is not None
+            seen += notif.notification_xml
+        assert "<confirm-event>start</confirm-event>" in seen
+        assert "<timeout>60</timeout>" in seen
+
+
+def test_monitoring_shows_a_lock_and_the_schemas(server, m):
+    mon = "urn:ietf:params:xml:ns:yang:ietf-netconf-monitoring"
+    m.lock("candidate")
+    try:
+        data = m.get(
+            filter=(
+                "subtree",
+                f'<netconf-state xmlns="{mon}"><datastores/><schemas/></netconf-state>',
+            )
+        ).data_xml
+    finally:
+        m.unlock("candidate")
+    assert f"<locked-by-session>{m.session_id}</locked-by-session>" in data
+    assert "<identifier>cevpn-service</identifier>" in data
+    assert "<location>NETCONF</location>" in data
+
+
+def test_yang_library_lists_modules_in_both_forms(m):
+    lib = "urn:ietf:params:xml:ns:yang:ietf-yang-library"
+    new = m.get(filter=("subtree", f'<yang-library xmlns="{lib}"/>')).data_xml
+    old = m.get(filter=("subtree", f'<modules-state xmlns="{lib}"/>')).data_xml
+    assert "<name>cevpn-service</name>" in new and "<content-id>" in new
+    assert "<name>cevpn-service</name>" in old and "<module-set-id>" in old
+    assert "<deviation>" in old and "cevpn-system-deviations" in old
+    assert "file://" not in new + old  # no server paths leak
+
+
+def test_public_key_authentication(server, tmp_path):
+    import subprocess
+
+    key = tmp_path / "id"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    with ncclient_connect(server) as admin:
+        user = (
+            '<system xmlns="urn:ietf:params:xml:ns:yang:ietf-system"><authentication><user>'
+            "<name>keyed</name><authorized-key><name>k</name><algorithm>ssh-ed25519</algorithm>"
+            f"<key-data>{key.with_suffix('.pub').read_text().split()[1]}</key-data>"
+            "</authorized-key></user></authentication></system>"
+        )
+        admin.edit_config(target="running", config=f'<config xmlns="{NC}">{user}</config>')
+    from ncclient import manager
+
+    with manager.connect(
+        host=server.host,
+        port=server.port,
+        username="keyed",
+        key_filename=str(key),
+        hostkey_verify=True,
+        hostkey_b64=server.host_key_b64,
+        allow_agent=False,
+        look_for_keys=False,
+        timeout=30,
+    ) as keyed:
+        assert keyed.get_config("running").ok

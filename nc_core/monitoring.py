@@ -102,8 +102,11 @@ class Monitoring:
 
     def state(self) -> list[etree._Element]:
         library = as_datastore_tree(self._yanglib_text)
-        for location in list(library.iter(qn(YANGLIB_NS, "location"))):
-            location.getparent().remove(location)  # type: ignore[union-attr]  # local paths: use get-schema
+        # Local file paths (RFC 8525 location, RFC 7895 schema) mean nothing to a
+        # client and reveal the server's layout: clients use <get-schema>.
+        for elem in list(library.iter(qn(YANGLIB_NS, "location"), qn(YANGLIB_NS, "schema"))):
+            if (elem.text or "").startswith("file:"):
+                elem.getparent().remove(elem)  # type: ignore[union-attr]
         for content_id in library.iter(qn(YANGLIB_NS, "content-id")):
             content_id.text = self.content_id
         for set_id in library.iter(qn(YANGLIB_NS, "module-set-id")):

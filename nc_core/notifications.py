@@ -131,7 +131,11 @@ class NotificationCenter:
                 type="protocol",
                 info=[("bad-element", "stopTime")],
             )
+        # RFC 5277 puts <filter> in the notification namespace; ncclient and
+        # others send it in the base namespace, as for <get>: accept both.
         filter_elem = op.find(qn(NOTIF_NS, "filter"))
+        if filter_elem is None:
+            filter_elem = op.find(qn(NC_NS, "filter"))
         if filter_elem is not None:
             # Same semantics as a <get> filter; validate it now, on an empty tree.
             filter_elem = _as_nc_filter(filter_elem)
