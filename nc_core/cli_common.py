@@ -48,6 +48,12 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_port: int = 83
         metavar="OCTETS",
         help="largest NETCONF message accepted (default 64 MiB)",
     )
+    parser.add_argument(
+        "--recovery-user",
+        metavar="NAME",
+        help="an account NACM never restricts: the recovery session of RFC 8341 3.4, "
+        "for repairing a rule set that locked everyone out (default: none)",
+    )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
 
 
@@ -166,6 +172,7 @@ def run_server(args: argparse.Namespace, make_app: Callable[[], Application], na
         host=host,
         port=port,
         max_message_size=args.max_message_size,
+        recovery_user=args.recovery_user,
         name=name,
     )
 
