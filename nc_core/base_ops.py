@@ -29,6 +29,7 @@ from nc_core.xmlutil import NC_NS, local, qn
 
 if TYPE_CHECKING:
     from nc_core.server import NetconfServer, RpcContext
+    from nc_core.session import Session
 
 
 def free(tree: object) -> None:
@@ -195,7 +196,7 @@ async def edit_config(ctx: RpcContext, op: etree._Element) -> None:
 
 def _test_only(
     server: NetconfServer,
-    session: object,
+    session: Session,
     old: etree._Element,
     work: etree._Element,
     tags: set[str],
@@ -206,7 +207,7 @@ def _test_only(
     finally:
         free(tree)
     changes = diff(old, canonical, server.index, only=tags)
-    server.nacm.check_write(session.user, changes)  # type: ignore[attr-defined]
+    server.nacm.check_write(session.user, changes)
 
 
 # -- copy-config, delete-config (7.3, 7.4) --------------------------------------------

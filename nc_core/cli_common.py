@@ -110,11 +110,8 @@ def run_adduser(args: argparse.Namespace, make_app: Callable[[], Application]) -
 
     password = None
     if args.password_file is not None:
-        password = (
-            args.password_file.read_text().splitlines()[0]
-            if args.password_file.stat().st_size
-            else ""
-        )
+        lines = args.password_file.read_text().splitlines()
+        password = lines[0] if lines else ""
         if not password:
             print(f"{args.password_file}: empty password", file=sys.stderr)
             return 2

@@ -17,9 +17,10 @@ what an application's transaction handler receives.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from copy import deepcopy
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 from lxml import etree
@@ -224,11 +225,11 @@ class Editor:
             if not isinstance(edit.tag, str):
                 continue
             snode = self.index.top_node(namespace(edit.tag), local(edit.tag))
-            self._guard(lambda e=edit, s=snode: self._edit(target, e, s, default_operation))
+            self._guard(partial(self._edit, target, edit, snode, default_operation))
 
-    def _guard(self, step: object) -> None:
+    def _guard(self, step: Callable[[], None]) -> None:
         try:
-            step()  # type: ignore[operator]
+            step()
         except RpcError as err:
             if not self.continue_on_error:
                 raise
@@ -389,7 +390,7 @@ class Editor:
                         info=[("bad-attribute", "operation"), ("bad-element", child_snode.name)],
                     )
                 continue
-            self._guard(lambda c=child, s=child_snode: self._edit(target, c, s, inherited))
+            self._guard(partial(self._edit, target, child, child_snode, inherited))
 
     def _edit_identity(
         self, edit: etree._Element, snode: SchemaNode, parent: etree._Element

@@ -25,7 +25,7 @@ from lxml import etree
 from nc_core.errors import RpcError, missing_element
 from nc_core.notifications import date_and_time
 from nc_core.with_defaults import as_datastore_tree
-from nc_core.xmlutil import MON_NS, NC_NS, SYS_NS, YANGLIB_NS, qn
+from nc_core.xmlutil import MON_NS, SYS_NS, YANGLIB_NS, qn
 
 if TYPE_CHECKING:
     from nc_core.server import NetconfServer, RpcContext
@@ -275,6 +275,3 @@ def register(server: NetconfServer) -> Monitoring:
     monitoring = Monitoring(server)
     server.register(MON_NS, "get-schema", "ietf-netconf-monitoring", monitoring.get_schema)
     return monitoring
-
-
-__all__ = ["NC_NS", "Monitoring", "register"]

@@ -147,8 +147,6 @@ class NotificationCenter:
             task = asyncio.get_running_loop().create_task(self._replay(sub))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        elif stop is not None:  # pragma: no cover - stop without start is refused above
-            pass
 
     async def _replay(self, sub: Subscription) -> None:
         await asyncio.sleep(0)  # let the <ok/> go out first

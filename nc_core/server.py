@@ -295,9 +295,9 @@ class NetconfServer:
 
     def session_ended(self, session: Session) -> None:
         self.sessions.pop(session.id, None)
-        if session.termination_reason in ("dropped", "bad-hello") or not session.hello_received:
-            if session.hello_received:
-                self.stats.dropped_sessions += 1
+        # RFC 6022: sessions ended abnormally, not by close-session or kill-session.
+        if session.hello_received and session.termination_reason not in ("closed", "killed"):
+            self.stats.dropped_sessions += 1
         for name, holder in list(self.locks.items()):
             if holder == session.id:
                 del self.locks[name]

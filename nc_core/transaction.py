@@ -100,7 +100,9 @@ class Application:
 
     async def rpc(self, session: Session, rpc: etree._Element) -> list[etree._Element]:
         """Answer one of :meth:`rpc_names`; return the output nodes (empty list: <ok/>)."""
-        raise NotImplementedError(rpc.tag)  # only called for names from rpc_names()
+        from nc_core.errors import operation_not_supported
+
+        raise operation_not_supported(f"The operation <{rpc.tag}> is not supported here.")
 
     async def started(self) -> None:
         """The server listens and its running configuration has been applied."""

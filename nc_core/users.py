@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from lxml import etree
 
-from nc_core.xmlutil import NC_NS, SYS_NS, qn
+from nc_core.xmlutil import NACM_NS, SYS_NS, qn
 
 _SALT_CHARS = string.ascii_letters + string.digits + "./"
 
@@ -121,8 +121,6 @@ def add_user(
     groups: list[str],
 ) -> None:
     """Add or update an account in a datastore tree (the `adduser` command)."""
-    from nc_core.xmlutil import NACM_NS
-
     system = _child(root, qn(SYS_NS, "system"), nsmap={None: SYS_NS})
     auth = _child(system, qn(SYS_NS, "authentication"))
     user = None
@@ -190,8 +188,6 @@ def initial_nacm() -> etree._Element:
     Other groups get RFC 8341's defaults (read permitted except default-deny-all
     nodes, write denied, exec permitted except default-deny-all operations).
     """
-    from nc_core.xmlutil import NACM_NS
-
     nacm = etree.Element(qn(NACM_NS, "nacm"), nsmap={None: NACM_NS})  # type: ignore[dict-item]
     rule_list = etree.SubElement(nacm, qn(NACM_NS, "rule-list"))
     etree.SubElement(rule_list, qn(NACM_NS, "name")).text = "admin"
@@ -205,17 +201,3 @@ def initial_nacm() -> etree._Element:
         rule, qn(NACM_NS, "comment")
     ).text = "Members of group admin have full access, keys included."
     return nacm
-
-
-__all__ = [
-    "NC_NS",
-    "AuthorizedKey",
-    "User",
-    "add_user",
-    "check_password",
-    "crypt",
-    "hash_clear_text_passwords",
-    "hash_password",
-    "initial_nacm",
-    "users_from",
-]
