@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,23 +37,23 @@ def ssh_config(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) 
     return config
 
 
+def argv(server: ServerProcess, ssh_config: Path, *args: str) -> list[str]:
+    return [
+        CONSOLE, "--host", server.host, "--port", str(server.port), "-u", ADMIN[0],
+        "-p", ADMIN[1], "--ssh-config", str(ssh_config), "--hostkey-verify", *args,
+    ]  # fmt: skip
+
+
+def vpn_xml(vpn: str, customer: str) -> str:
+    return (
+        f'<vpn-service xmlns="{SVC}"><vpn><id>{vpn}</id><customer>{customer}</customer></vpn>'
+        "</vpn-service>"
+    )
+
+
 def console(server: ServerProcess, ssh_config: Path, *args: str, check: bool = True) -> str:
     proc = subprocess.run(
-        [
-            CONSOLE,
-            "--host",
-            server.host,
-            "--port",
-            str(server.port),
-            "-u",
-            ADMIN[0],
-            "-p",
-            ADMIN[1],
-            "--ssh-config",
-            str(ssh_config),
-            "--hostkey-verify",
-            *args,
-        ],
+        argv(server, ssh_config, *args),
         capture_output=True,
         text=True,
         timeout=60,
@@ -163,3 +164,126 @@ def test_with_defaults_report_all_shows_defaults(server, ssh_config):
 def test_lock_and_unlock(server, ssh_config):
     out = console(server, ssh_config, "--lock", "--unlock")
     assert "rpc-error" not in out
+
+
+def test_set_create_and_delete_with_both_delete_operations(server, ssh_config):
+    ns = ["-N", f"s={SVC}"]
+    console(server, ssh_config, *ns, "--set", "/s:vpn-service/s:vpn[s:id='setv']/s:customer=Set")
+    assert "<id>setv</id>" in console(server, ssh_config, "--get-config")
+    console(
+        server,
+        ssh_config,
+        *ns,
+        "--delete",
+        "/s:vpn-service/s:vpn[s:id='setv']",
+        "--del-operation",
+        "delete",
+    )
+    assert "<id>setv</id>" not in console(server, ssh_config, "--get-config")
+    out = console(
+        server,
+        ssh_config,
+        *ns,
+        "--delete",
+        "/s:vpn-service/s:vpn[s:id='setv']",
+        "--del-operation",
+        "delete",
+        check=False,
+    )
+    assert "<error-tag>data-missing</error-tag>" in out
+    out = console(
+        server,
+        ssh_config,
+        *ns,
+        "--delete",
+        "/s:vpn-service/s:vpn[s:id='setv']",
+        "--del-operation",
+        "remove",
+    )
+    assert "rpc-error" not in out
+
+
+def test_replace_operation(server, ssh_config):
+    path = xml_file(
+        ssh_config,
+        "rep.xml",
+        f'<vpn-service xmlns="{SVC}"><vpn><id>rep</id><customer>One</customer>'
+        "<description>gone after replace</description></vpn></vpn-service>",
+    )
+    console(server, ssh_config, "--edit-config", path)
+    path = xml_file(
+        ssh_config,
+        "rep2.xml",
+        f'<vpn-service xmlns="{SVC}" xmlns:nc="urn:ietf:params:xml:ns:netconf:base:1.0">'
+        '<vpn nc:operation="replace"><id>rep</id><customer>Two</customer></vpn></vpn-service>',
+    )
+    console(server, ssh_config, "--edit-config", path)
+    out = console(
+        server,
+        ssh_config,
+        "--get-config",
+        "-x",
+        "/s:vpn-service/s:vpn[s:id='rep']",
+        "-N",
+        f"s={SVC}",
+    )
+    assert "<customer>Two</customer>" in out and "gone after replace" not in out
+
+
+def test_lock_held_by_one_console_is_denied_to_another(server, ssh_config):
+    holder = subprocess.Popen(
+        argv(server, ssh_config, "--lock", "--sleep", "4", "--unlock"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(2)
+        out = console(server, ssh_config, "--lock", check=False)
+        assert "<error-tag>lock-denied</error-tag>" in out
+        assert "<session-id>" in out
+    finally:
+        holder.wait(20)
+    assert "rpc-error" not in (holder.stdout.read() if holder.stdout else "")
+
+
+def test_confirmed_commit_rolls_back_after_its_timeout(server, ssh_config):
+    path = xml_file(
+        ssh_config,
+        "conf.xml",
+        f'<vpn-service xmlns="{SVC}"><vpn><id>unconfirmed</id><customer>U</customer></vpn>'
+        "</vpn-service>",
+    )
+    # One session: commit with a 2 s timeout, read, wait, read again.
+    out = console(
+        server, ssh_config, "--db", "candidate", "--edit-config", path,
+        "--commit", "confirmed", "--timeout", "2",
+        "--get-config", "--sleep", "3.5", "--get-config",
+    )  # fmt: skip
+    first, _, second = out.partition("</data>")
+    assert "<id>unconfirmed</id>" in first
+    assert "<id>unconfirmed</id>" not in second
+
+
+def test_confirmed_commit_is_rolled_back_when_its_session_ends(server, ssh_config):
+    path = xml_file(
+        ssh_config,
+        "conf2.xml",
+        vpn_xml("orphan", "O"),
+    )
+    console(server, ssh_config, "--db", "candidate", "--edit-config", path, "--commit", "confirmed")
+    assert "<id>orphan</id>" not in console(server, ssh_config, "--get-config")
+
+
+def test_create_subscription_receives_notifications(server, ssh_config):
+    listener = subprocess.Popen(
+        argv(server, ssh_config, "--create-subscription", "--sleep", "4"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    time.sleep(1.5)
+    path = xml_file(
+        ssh_config,
+        "notif.xml",
+        vpn_xml("notified", "N"),
+    )
+    console(server, ssh_config, "--edit-config", path)
+    out, _ = listener.communicate(timeout=30)
+    assert "netconf-config-change" in out

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,14 +87,66 @@ def test_a_rejected_commit_shows_the_error_and_changes_nothing(server, home):
         "create /vpn-service/vpn -- id=nohub customer=N",
         "merge /vpn-service/vpn[id='nohub']/topology -- type=hub-and-spoke",
         "commit",
-        "discard-changes",
-        "sget-config /vpn-service source=running",
     )
     assert "operation-failed" in out
     assert "needs at least one site with role 'hub'" in out
-    assert "vpn nohub" not in out.split("RPC Data Reply")[-1]
+    # yangcli stops a script at the first error: clean the shared candidate up apart.
+    yangcli(server, home, "discard-changes")
+    out = yangcli(server, home, "sget-config /vpn-service source=running")
+    assert "vpn nohub" not in out
 
 
 def test_lock_and_unlock_running(server, home):
     out = yangcli(server, home, "lock target=running", "unlock target=running")
     assert out.count("RPC OK Reply") == 2
+
+
+def test_replace_and_delete(server, home):
+    yangcli(
+        server,
+        home,
+        "create /vpn-service/vpn -- id=rd customer=First description=old",
+        "commit",
+    )
+    out = yangcli(
+        server,
+        home,
+        "replace /vpn-service/vpn -- id=rd customer=Second",
+        "commit",
+        "sget-config /vpn-service/vpn[id='rd'] source=running",
+    )
+    assert "customer Second" in out and "description" not in out.split("RPC Data Reply")[-1]
+    out = yangcli(
+        server,
+        home,
+        "delete /vpn-service/vpn[id='rd']",
+        "commit",
+        "sget-config /vpn-service source=running",
+    )
+    assert "vpn rd" not in out.split("RPC Data Reply")[-1]
+
+
+def test_persistent_confirmed_commit_times_out_and_rolls_back(server, home):
+    out = yangcli(
+        server,
+        home,
+        "create /vpn-service/vpn -- id=tmo customer=T",
+        "commit confirmed confirm-timeout=2 persist=tok-1",
+    )
+    assert "RPC OK Reply" in out
+    assert "vpn tmo {" in yangcli(server, home, "sget-config /vpn-service source=running")
+    time.sleep(3.5)
+    assert "vpn tmo {" not in yangcli(server, home, "sget-config /vpn-service source=running")
+
+
+def test_persistent_confirmed_commit_confirmed_from_another_session(server, home):
+    yangcli(
+        server,
+        home,
+        "create /vpn-service/vpn -- id=conf customer=C",
+        "commit confirmed confirm-timeout=30 persist=tok-2",
+    )
+    out = yangcli(server, home, "commit persist-id=tok-2")
+    assert "RPC OK Reply" in out
+    time.sleep(0.5)
+    assert "vpn conf {" in yangcli(server, home, "sget-config /vpn-service source=running")
