@@ -1,0 +1,223 @@
+"""Tunnel devices and VPN-space routes, through pyroute2 (seed 2.2, 5).
+
+A CE keeps two routing spaces apart: the SP space (the agent's network
+namespace: the CE's SP address, the XFRM state) and the VPN space (another
+namespace: the site LAN, the routing daemon).  Each peer's tunnel device is
+created in the SP space -- so its encapsulated side stays there, under the
+XFRM policies -- and then moved into the VPN space, where routes to the
+peer's prefixes point into it.  Packets cross between the spaces only by
+tunnelling (seed figure 2), so overlapping addresses are harmless and no
+route leaks either way (seed 4).
+
+- transport-ipip: an IP-in-IP device per peer; XFRM transport-mode policies
+  on protocol 4 between the two SP addresses protect it.
+- tunnel-mode: a VTI device per peer; its ikey/okey is the mark of the
+  peer's XFRM policies and SAs (route-based tunnel mode).
+
+Devices cevpn owns are named ``cvi`` (IP-in-IP) or ``cvt`` (VTI) followed by
+four hex digits of the peer's reqid, so they are recognisable and nothing
+else in the kernel is ever touched.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pyroute2 import NetNS
+from pyroute2.netlink.exceptions import NetlinkError
+
+IPIP_PREFIX = "cvi"
+VTI_PREFIX = "cvt"
+OWNED_PREFIXES = (IPIP_PREFIX, VTI_PREFIX)
+
+Encapsulation = Literal["transport-ipip", "tunnel-mode"]
+
+
+class LinkError(Exception):
+    """The kernel refused a device or route change; says which and why."""
+
+
+def device_name(encapsulation: Encapsulation, reqid: int) -> str:
+    prefix = IPIP_PREFIX if encapsulation == "transport-ipip" else VTI_PREFIX
+    return f"{prefix}{reqid & 0xFFFF:04x}"
+
+
+def esp_overhead(cipher: str, icv_bits: int) -> int:
+    """Worst-case octets ESP adds to a packet (RFC 4303 2): header, IV, padding, trailer, ICV.
+
+    Block ciphers in CBC mode carry a 16-octet IV and pad to 16 octets; AEAD
+    and counter modes carry an 8-octet IV and pad to 4 (RFC 4106, 3686, 7634).
+    """
+    cbc = "cbc(" in cipher
+    iv = 16 if cbc else 8
+    padding = 15 if cbc else 3
+    return 8 + iv + padding + 2 + icv_bits // 8
+
+
+def tunnel_mtu(link_mtu: int, cipher: str, icv_bits: int) -> int:
+    """The tunnel device MTU leaving room for the outer header and ESP (LAB.md: 1446, GCM)."""
+    return link_mtu - 20 - esp_overhead(cipher, icv_bits)
+
+
+@dataclass(frozen=True)
+class Tunnel:
+    """One peer's tunnel device, as the kernel should have it."""
+
+    name: str
+    encapsulation: Encapsulation
+    local: str
+    remote: str
+    mtu: int
+    key: int = 0
+    """VTI ikey/okey: the mark of the peer's XFRM objects (0 for IP-in-IP)."""
+    routes: tuple[str, ...] = ()
+    """VPN-space prefixes routed into the device."""
+    address: str | None = None
+    """VPN-space address (a /32, the router ID) for unnumbered point-to-point use."""
+
+
+@dataclass(frozen=True)
+class Existing:
+    name: str
+    kind: str
+    local: str
+    remote: str
+    mtu: int
+    key: int
+    up: bool
+    routes: tuple[str, ...]
+
+
+@contextmanager
+def _ns(name: str | None) -> Iterator[Any]:
+    handle = NetNS(name) if name else NetNS()
+    try:
+        yield handle
+    finally:
+        handle.close()
+
+
+def _attr(msg: Any, name: str, default: Any = None) -> Any:
+    value = msg.get_attr(name)
+    return default if value is None else value
+
+
+class Links:
+    """Tunnel devices of one CE: created in ``sp_netns``, living in ``vpn_netns``."""
+
+    def __init__(self, vpn_netns: str, sp_netns: str | None = None) -> None:
+        self.vpn_netns = vpn_netns
+        self.sp_netns = sp_netns
+
+    # -- reading ---------------------------------------------------------------
+
+    def existing(self) -> dict[str, Existing]:
+        """cevpn's tunnel devices in the VPN space, with the routes into them."""
+        out: dict[str, Existing] = {}
+        with _ns(self.vpn_netns) as vpn:
+            routes: dict[int, list[str]] = {}
+            for route in vpn.get_routes(family=2):
+                oif = _attr(route, "RTA_OIF")
+                dst = _attr(route, "RTA_DST")
+                if oif is not None and dst is not None:
+                    routes.setdefault(oif, []).append(f"{dst}/{route['dst_len']}")
+            for link in vpn.get_links():
+                name = _attr(link, "IFLA_IFNAME", "")
+                if not name.startswith(OWNED_PREFIXES):
+                    continue
+                info = _attr(link, "IFLA_LINKINFO")
+                kind = info.get_attr("IFLA_INFO_KIND") if info is not None else ""
+                data = info.get_attr("IFLA_INFO_DATA") if info is not None else None
+                prefix = "IFLA_IPIP" if kind == "ipip" else "IFLA_VTI"
+                local = remote = ""
+                key = 0
+                if data is not None:
+                    local = data.get_attr(f"{prefix}_LOCAL") or ""
+                    remote = data.get_attr(f"{prefix}_REMOTE") or ""
+                    if kind == "vti":
+                        key = data.get_attr("IFLA_VTI_IKEY") or 0
+                out[name] = Existing(
+                    name=name,
+                    kind=kind,
+                    local=local,
+                    remote=remote,
+                    mtu=_attr(link, "IFLA_MTU", 0),
+                    key=key,
+                    up=bool(link["flags"] & 1),
+                    routes=tuple(sorted(routes.get(link["index"], []))),
+                )
+        return out
+
+    # -- changing --------------------------------------------------------------
+
+    def add(self, tunnel: Tunnel) -> None:
+        """Create the device in the SP space, move it to the VPN space, configure it there."""
+        try:
+            with _ns(self.sp_netns) as sp:
+                if tunnel.encapsulation == "transport-ipip":
+                    sp.link(
+                        "add",
+                        ifname=tunnel.name,
+                        kind="ipip",
+                        ipip_local=tunnel.local,
+                        ipip_remote=tunnel.remote,
+                        ipip_ttl=64,
+                    )
+                else:
+                    sp.link(
+                        "add",
+                        ifname=tunnel.name,
+                        kind="vti",
+                        vti_local=tunnel.local,
+                        vti_remote=tunnel.remote,
+                        vti_ikey=tunnel.key,
+                        vti_okey=tunnel.key,
+                    )
+                index = sp.link_lookup(ifname=tunnel.name)[0]
+                sp.link("set", index=index, mtu=tunnel.mtu)
+                sp.link("set", index=index, net_ns_fd=self.vpn_netns)
+        except NetlinkError as exc:
+            reason = exc.args[1] if len(exc.args) > 1 else str(exc)
+            raise LinkError(
+                f"creating {tunnel.name} ({tunnel.local} -> {tunnel.remote}): {reason}"
+            ) from exc
+        self.configure(tunnel)
+
+    def configure(self, tunnel: Tunnel) -> None:
+        """Bring the device up with its MTU, address and routes (idempotent)."""
+        try:
+            with _ns(self.vpn_netns) as vpn:
+                found = vpn.link_lookup(ifname=tunnel.name)
+                if not found:
+                    raise LinkError(f"{tunnel.name} is missing from the VPN space {self.vpn_netns}")
+                index = found[0]
+                vpn.link("set", index=index, mtu=tunnel.mtu, state="up")
+                if tunnel.address:
+                    present = {_attr(a, "IFA_ADDRESS") for a in vpn.get_addr(index=index, family=2)}
+                    if tunnel.address not in present:
+                        vpn.addr("add", index=index, address=tunnel.address, prefixlen=32)
+                current = {
+                    f"{_attr(r, 'RTA_DST')}/{r['dst_len']}"
+                    for r in vpn.get_routes(family=2, oif=index)
+                    if _attr(r, "RTA_DST") is not None
+                }
+                wanted = {str(ipaddress.ip_network(p, strict=False)) for p in tunnel.routes}
+                for prefix in sorted(current - wanted):
+                    vpn.route("del", dst=prefix, oif=index)
+                for prefix in sorted(wanted - current):
+                    vpn.route("replace", dst=prefix, oif=index)
+        except NetlinkError as exc:
+            raise LinkError(f"configuring {tunnel.name}: {exc}") from exc
+
+    def remove(self, name: str) -> None:
+        """Delete one of our devices (its routes go with it); a missing device is fine."""
+        if not name.startswith(OWNED_PREFIXES):
+            raise ValueError(f"{name} is not a cevpn device")
+        with _ns(self.vpn_netns) as vpn:
+            found = vpn.link_lookup(ifname=name)
+            if found:
+                vpn.link("del", index=found[0])
