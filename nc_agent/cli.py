@@ -24,7 +24,7 @@ from nc_core.transaction import Application
 
 
 class CeApplication(Application):
-    """The CE configuration served as a datastore; the kernel data plane joins it in nc_agent."""
+    """The cevpn-ce datastore without a data plane: for validate and adduser only."""
 
     modules = CE_MODULES
 
@@ -36,6 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"cevpn {version('cevpn')}")
     add_server_arguments(parser)
+    parser.add_argument(
+        "--vpn-netns",
+        metavar="NAME",
+        help="network namespace of the VPN routing space (site LAN, tunnel devices)",
+    )
+    parser.add_argument(
+        "--sp-netns",
+        metavar="NAME",
+        help="network namespace of the SP routing space (default: the agent's own)",
+    )
     commands = parser.add_subparsers(dest="command", required=False)
     add_common_commands(commands)
     return parser
@@ -49,4 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         return run_adduser(args, CeApplication)
     if args.command == "host-key":
         return run_host_key(args)
-    return run_server(args, CeApplication, "cevpn-agent")
+    if not args.vpn_netns:
+        print("cevpn-agent: --vpn-netns is required to serve (the VPN routing space)")
+        return 2
+    from nc_agent.application import AgentApplication
+
+    return run_server(
+        args,
+        lambda: AgentApplication(args.state_dir, args.vpn_netns, args.sp_netns),
+        "cevpn-agent",
+    )

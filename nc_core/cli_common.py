@@ -177,9 +177,13 @@ def run_server(args: argparse.Namespace, make_app: Callable[[], Application], na
         server = NetconfServer(options, make_app())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        def shutdown(sig: signal.Signals) -> None:
+            logging.getLogger("cevpn").info("%s received: shutting down", sig.name)
+            stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
+                loop.add_signal_handler(sig, shutdown, sig)
         await serve_forever(server, stop)
 
     try:

@@ -22,19 +22,21 @@ else in the kernel is ever touched.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from pyroute2 import NetNS
+from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
+from nc_agent.dataplane.netns import create_in
 
 IPIP_PREFIX = "cvi"
 VTI_PREFIX = "cvt"
 OWNED_PREFIXES = (IPIP_PREFIX, VTI_PREFIX)
 
 Encapsulation = Literal["transport-ipip", "tunnel-mode"]
+T = TypeVar("T")
 
 
 class LinkError(Exception):
@@ -92,18 +94,27 @@ class Existing:
     routes: tuple[str, ...]
 
 
-@contextmanager
-def _ns(name: str | None) -> Iterator[Any]:
-    handle = NetNS(name) if name else NetNS()
-    try:
-        yield handle
-    finally:
-        handle.close()
-
-
 def _attr(msg: Any, name: str, default: Any = None) -> Any:
     value = msg.get_attr(name)
     return default if value is None else value
+
+
+def _with_ipr(netns: str | None, work: Callable[[Any], T]) -> T:
+    """Run ``work(ipr)`` with an rtnetlink handle of namespace ``netns``.
+
+    pyroute2 creates its socket in the thread that first uses it, so the
+    handle is created and used by one thread that entered the namespace.
+    """
+
+    def run() -> T:
+        with IPRoute() as ipr:
+            return work(ipr)
+
+    return create_in(netns, run)
+
+
+def _netlink_reason(exc: NetlinkError) -> str:
+    return str(exc.args[1]) if len(exc.args) > 1 else str(exc)
 
 
 class Links:
@@ -117,107 +128,119 @@ class Links:
 
     def existing(self) -> dict[str, Existing]:
         """cevpn's tunnel devices in the VPN space, with the routes into them."""
-        out: dict[str, Existing] = {}
-        with _ns(self.vpn_netns) as vpn:
-            routes: dict[int, list[str]] = {}
-            for route in vpn.get_routes(family=2):
-                oif = _attr(route, "RTA_OIF")
-                dst = _attr(route, "RTA_DST")
-                if oif is not None and dst is not None:
-                    routes.setdefault(oif, []).append(f"{dst}/{route['dst_len']}")
-            for link in vpn.get_links():
-                name = _attr(link, "IFLA_IFNAME", "")
-                if not name.startswith(OWNED_PREFIXES):
-                    continue
-                info = _attr(link, "IFLA_LINKINFO")
-                kind = info.get_attr("IFLA_INFO_KIND") if info is not None else ""
-                data = info.get_attr("IFLA_INFO_DATA") if info is not None else None
-                prefix = "IFLA_IPIP" if kind == "ipip" else "IFLA_VTI"
-                local = remote = ""
-                key = 0
-                if data is not None:
-                    local = data.get_attr(f"{prefix}_LOCAL") or ""
-                    remote = data.get_attr(f"{prefix}_REMOTE") or ""
-                    if kind == "vti":
-                        key = data.get_attr("IFLA_VTI_IKEY") or 0
-                out[name] = Existing(
-                    name=name,
-                    kind=kind,
-                    local=local,
-                    remote=remote,
-                    mtu=_attr(link, "IFLA_MTU", 0),
-                    key=key,
-                    up=bool(link["flags"] & 1),
-                    routes=tuple(sorted(routes.get(link["index"], []))),
-                )
-        return out
+        return _with_ipr(self.vpn_netns, _existing)
 
     # -- changing --------------------------------------------------------------
 
     def add(self, tunnel: Tunnel) -> None:
         """Create the device in the SP space, move it to the VPN space, configure it there."""
         try:
-            with _ns(self.sp_netns) as sp:
-                if tunnel.encapsulation == "transport-ipip":
-                    sp.link(
-                        "add",
-                        ifname=tunnel.name,
-                        kind="ipip",
-                        ipip_local=tunnel.local,
-                        ipip_remote=tunnel.remote,
-                        ipip_ttl=64,
-                    )
-                else:
-                    sp.link(
-                        "add",
-                        ifname=tunnel.name,
-                        kind="vti",
-                        vti_local=tunnel.local,
-                        vti_remote=tunnel.remote,
-                        vti_ikey=tunnel.key,
-                        vti_okey=tunnel.key,
-                    )
-                index = sp.link_lookup(ifname=tunnel.name)[0]
-                sp.link("set", index=index, mtu=tunnel.mtu)
-                sp.link("set", index=index, net_ns_fd=self.vpn_netns)
+            _with_ipr(self.sp_netns, lambda sp: _create(sp, tunnel, self.vpn_netns))
         except NetlinkError as exc:
-            reason = exc.args[1] if len(exc.args) > 1 else str(exc)
             raise LinkError(
-                f"creating {tunnel.name} ({tunnel.local} -> {tunnel.remote}): {reason}"
+                f"creating {tunnel.name} ({tunnel.local} -> {tunnel.remote}): "
+                f"{_netlink_reason(exc)}"
             ) from exc
         self.configure(tunnel)
 
     def configure(self, tunnel: Tunnel) -> None:
         """Bring the device up with its MTU, address and routes (idempotent)."""
         try:
-            with _ns(self.vpn_netns) as vpn:
-                found = vpn.link_lookup(ifname=tunnel.name)
-                if not found:
-                    raise LinkError(f"{tunnel.name} is missing from the VPN space {self.vpn_netns}")
-                index = found[0]
-                vpn.link("set", index=index, mtu=tunnel.mtu, state="up")
-                if tunnel.address:
-                    present = {_attr(a, "IFA_ADDRESS") for a in vpn.get_addr(index=index, family=2)}
-                    if tunnel.address not in present:
-                        vpn.addr("add", index=index, address=tunnel.address, prefixlen=32)
-                current = {
-                    f"{_attr(r, 'RTA_DST')}/{r['dst_len']}"
-                    for r in vpn.get_routes(family=2, oif=index)
-                    if _attr(r, "RTA_DST") is not None
-                }
-                wanted = {str(ipaddress.ip_network(p, strict=False)) for p in tunnel.routes}
-                for prefix in sorted(current - wanted):
-                    vpn.route("del", dst=prefix, oif=index)
-                for prefix in sorted(wanted - current):
-                    vpn.route("replace", dst=prefix, oif=index)
+            _with_ipr(self.vpn_netns, lambda vpn: _configure(vpn, tunnel, self.vpn_netns))
         except NetlinkError as exc:
-            raise LinkError(f"configuring {tunnel.name}: {exc}") from exc
+            raise LinkError(f"configuring {tunnel.name}: {_netlink_reason(exc)}") from exc
 
     def remove(self, name: str) -> None:
         """Delete one of our devices (its routes go with it); a missing device is fine."""
         if not name.startswith(OWNED_PREFIXES):
             raise ValueError(f"{name} is not a cevpn device")
-        with _ns(self.vpn_netns) as vpn:
+
+        def delete(vpn: Any) -> None:
             found = vpn.link_lookup(ifname=name)
             if found:
                 vpn.link("del", index=found[0])
+
+        _with_ipr(self.vpn_netns, delete)
+
+
+def _existing(vpn: Any) -> dict[str, Existing]:
+    out: dict[str, Existing] = {}
+    routes: dict[int, list[str]] = {}
+    for route in vpn.get_routes(family=2):
+        oif = _attr(route, "RTA_OIF")
+        dst = _attr(route, "RTA_DST")
+        if oif is not None and dst is not None:
+            routes.setdefault(oif, []).append(f"{dst}/{route['dst_len']}")
+    for link in vpn.get_links():
+        name = _attr(link, "IFLA_IFNAME", "")
+        if not name.startswith(OWNED_PREFIXES):
+            continue
+        info = _attr(link, "IFLA_LINKINFO")
+        kind = info.get_attr("IFLA_INFO_KIND") if info is not None else ""
+        data = info.get_attr("IFLA_INFO_DATA") if info is not None else None
+        prefix = "IFLA_IPIP" if kind == "ipip" else "IFLA_VTI"
+        local = remote = ""
+        key = 0
+        if data is not None:
+            local = data.get_attr(f"{prefix}_LOCAL") or ""
+            remote = data.get_attr(f"{prefix}_REMOTE") or ""
+            if kind == "vti":
+                key = data.get_attr("IFLA_VTI_IKEY") or 0
+        out[name] = Existing(
+            name=name,
+            kind=kind,
+            local=local,
+            remote=remote,
+            mtu=_attr(link, "IFLA_MTU", 0),
+            key=key,
+            up=bool(link["flags"] & 1),
+            routes=tuple(sorted(routes.get(link["index"], []))),
+        )
+    return out
+
+
+def _create(sp: Any, tunnel: Tunnel, vpn_netns: str) -> None:
+    if tunnel.encapsulation == "transport-ipip":
+        sp.link(
+            "add",
+            ifname=tunnel.name,
+            kind="ipip",
+            ipip_local=tunnel.local,
+            ipip_remote=tunnel.remote,
+            ipip_ttl=64,
+        )
+    else:
+        sp.link(
+            "add",
+            ifname=tunnel.name,
+            kind="vti",
+            vti_local=tunnel.local,
+            vti_remote=tunnel.remote,
+            vti_ikey=tunnel.key,
+            vti_okey=tunnel.key,
+        )
+    index = sp.link_lookup(ifname=tunnel.name)[0]
+    sp.link("set", index=index, mtu=tunnel.mtu)
+    sp.link("set", index=index, net_ns_fd=vpn_netns)
+
+
+def _configure(vpn: Any, tunnel: Tunnel, vpn_netns: str) -> None:
+    found = vpn.link_lookup(ifname=tunnel.name)
+    if not found:
+        raise LinkError(f"{tunnel.name} is missing from the VPN space {vpn_netns}")
+    index = found[0]
+    vpn.link("set", index=index, mtu=tunnel.mtu, state="up")
+    if tunnel.address:
+        present = {_attr(a, "IFA_ADDRESS") for a in vpn.get_addr(index=index, family=2)}
+        if tunnel.address not in present:
+            vpn.addr("add", index=index, address=tunnel.address, prefixlen=32)
+    current = {
+        f"{_attr(r, 'RTA_DST')}/{r['dst_len']}"
+        for r in vpn.get_routes(family=2, oif=index)
+        if _attr(r, "RTA_DST") is not None
+    }
+    wanted = {str(ipaddress.ip_network(p, strict=False)) for p in tunnel.routes}
+    for prefix in sorted(current - wanted):
+        vpn.route("del", dst=prefix, oif=index)
+    for prefix in sorted(wanted - current):
+        vpn.route("replace", dst=prefix, oif=index)

@@ -58,15 +58,15 @@ itself fails (someone else changed the same objects meanwhile) the
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno as errno_mod
 import os
 import socket
 import struct
-import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
+
+from nc_agent.dataplane.netns import create_in
 
 OWNED_REQIDS = range(0x0CE00001, 0x0CE10000)
 
@@ -640,14 +640,6 @@ def decode_event(kind: int, data: bytes | memoryview, end: int) -> Event | None:
 # ------------------------------------------------------------------ sockets
 SO_SNDBUFFORCE = 32  # asm-generic/socket.h (not in Python's socket module)
 SO_RCVBUFFORCE = 33
-_libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNET = 0x40000000
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 def _netlink_socket(netns: str | None, groups: int = 0) -> socket.socket:
@@ -662,29 +654,7 @@ def _netlink_socket(netns: str | None, groups: int = 0) -> socket.socket:
         sock.bind((0, groups))
         return sock
 
-    if netns is None:
-        sock = create()
-    else:
-        result: list[socket.socket | BaseException] = []
-
-        def in_netns() -> None:
-            try:
-                with open("/proc/thread-self/ns/net") as own, open(f"/run/netns/{netns}") as target:
-                    _setns(target.fileno())
-                    try:
-                        result.append(create())
-                    finally:
-                        _setns(own.fileno())
-            except BaseException as exc:
-                result.append(exc)
-
-        worker = threading.Thread(target=in_netns, name=f"xfrm-netns-{netns}")
-        worker.start()
-        worker.join()
-        got = result[0]
-        if isinstance(got, BaseException):
-            raise got
-        sock = got
+    sock = create_in(netns, create)
     for opt in (NETLINK_CAP_ACK, NETLINK_EXT_ACK):
         with contextlib.suppress(OSError):
             sock.setsockopt(SOL_NETLINK, opt, 1)

@@ -87,7 +87,7 @@ def run_guest(
     script: str,
     *,
     timeout: float = 300.0,
-    mem: str = "768M",
+    mem: str = "1536M",
     workdir: Path | None = None,
 ) -> GuestResult:
     """Boot a guest that runs ``script`` (bash) and return its exit status and output.

@@ -1,0 +1,295 @@
+"""The CE agent: its cevpn-ce datastore, made real in the kernel (issue 4, IKE-less keying).
+
+Every commit of the running configuration is one transaction (nc_core):
+- validate: the configuration must be realisable (IKE peers wait for the
+  strongSwan integration; peers need the CE's SP address);
+- prepare: each new peer gets a reqid (its mark and device name follow);
+- apply: the kernel moves from the old state to the new one, fail-closed and
+  all-or-nothing; a refusal answers an rpc-error naming the peer and the
+  kernel's reason, and the datastore stays as it was;
+- abort: new reqids are released.
+At start-up the same code reconciles: whatever the kernel holds of ours is
+compared with running, stale objects are removed and missing ones added, so
+a kill -9 in the middle of an apply converges on restart.
+
+A rekey of IKE-less SAs keeps the replaced inbound SA for the peer's
+rekey-grace seconds, so packets the peer sent with it still arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lxml import etree
+
+from nc_agent.allocations import Allocations
+from nc_agent.dataplane.xfrm import OWNED_REQIDS, SAKey, XfrmEvents
+from nc_agent.desired import ConfigProblem, Desired, compile_desired
+from nc_agent.kernel import Kernel, KernelRefused, sa_key
+from nc_core.errors import RpcError
+from nc_core.schema import CE_MODULES
+from nc_core.transaction import Application, Transaction
+
+if TYPE_CHECKING:
+    from nc_core.session import Session
+
+log = logging.getLogger("cevpn.agent")
+CE_NS = "urn:cevpn:yang:cevpn-ce"
+
+
+def _q(name: str) -> str:
+    return f"{{{CE_NS}}}{name}"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _peer_path(peer: str | None) -> tuple[str | None, dict[str, str]]:
+    if peer is None:
+        return None, {}
+    return f"/cevpn-ce:ce/cevpn-ce:peer[cevpn-ce:name='{peer}']", {"cevpn-ce": CE_NS}
+
+
+class AgentApplication(Application):
+    modules = CE_MODULES
+
+    def __init__(self, state_dir: Path, vpn_netns: str, sp_netns: str | None = None) -> None:
+        self.state_dir = state_dir
+        self.vpn_netns = vpn_netns
+        self.sp_netns = sp_netns
+        self.kernel: Kernel | None = None
+        self.allocations: Allocations | None = None
+        self.current = Desired()
+        self.lingering: dict[SAKey, asyncio.TimerHandle] = {}
+        self.since: dict[str, str] = {}
+        self.last_error: dict[str, str] = {}
+        self.applied_version: str | None = None
+        self.events: XfrmEvents | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def _kernel(self) -> Kernel:
+        if self.kernel is None:
+            self.kernel = Kernel(self.vpn_netns, self.sp_netns)
+            self.allocations = Allocations(self.state_dir / "dataplane.json")
+        return self.kernel
+
+    async def started(self) -> None:
+        kernel = self._kernel()
+        self.events = kernel.xfrm.events()
+        asyncio.get_running_loop().add_reader(self.events.fileno(), self._on_kernel_events)
+
+    async def stopping(self) -> None:
+        if self.events is not None:
+            asyncio.get_running_loop().remove_reader(self.events.fileno())
+            self.events.close()
+        for timer in self.lingering.values():
+            timer.cancel()
+        if self.kernel is not None:
+            self.kernel.close()
+
+    # -- transaction -----------------------------------------------------------
+
+    async def validate(self, txn: Transaction) -> None:
+        config = txn.new_json()
+        peers = [p["name"] for p in config.get("cevpn-ce:ce", {}).get("peer", [])]
+        provisional = {name: OWNED_REQIDS[i] for i, name in enumerate(peers)}
+        try:
+            compile_desired(config, provisional)
+        except ConfigProblem as exc:
+            path, ns = _peer_path(exc.peer)
+            raise RpcError(
+                "operation-not-supported" if "IKE" in str(exc) else "invalid-value",
+                str(exc),
+                path=path,
+                path_ns=ns,
+            ) from None
+
+    async def prepare(self, txn: Transaction) -> None:
+        self._kernel()
+        assert self.allocations is not None
+        config = txn.new_json()
+        peers = [p["name"] for p in config.get("cevpn-ce:ce", {}).get("peer", [])]
+        txn.scratch["fresh"] = self.allocations.reserve(peers)
+        txn.scratch["desired"] = compile_desired(config, self.allocations.reqids)
+
+    async def apply(self, txn: Transaction) -> None:
+        kernel = self._kernel()
+        assert self.allocations is not None
+        new: Desired = txn.scratch["desired"]
+        old = self.current
+        keep = self._keep_for_grace(old, new)
+        try:
+            if txn.reason == "startup":
+                await asyncio.to_thread(kernel.reconcile, new, set(self.lingering))
+            else:
+                await asyncio.to_thread(
+                    kernel.transition, old, new, set(self.lingering) | set(keep)
+                )
+        except KernelRefused as exc:
+            path, ns = _peer_path(exc.peer)
+            if exc.peer:
+                self.last_error[exc.peer] = str(exc)
+            who = f"peer {exc.peer}: " if exc.peer else ""
+            raise RpcError(
+                "operation-failed",
+                f"The kernel refused the change ({who}{exc}); nothing was changed.",
+                path=path,
+                path_ns=ns,
+            ) from None
+        for key, grace in keep.items():
+            self._linger(key, grace)
+        self.current = new
+        self.allocations.keep_only(set(new.peers))
+        self.allocations.save()
+        self.applied_version = txn.new_json().get("cevpn-ce:ce", {}).get("configuration-version")
+        self._announce(old, new, txn)
+
+    async def abort(self, txn: Transaction) -> None:
+        if self.allocations is not None:
+            self.allocations.release(list(txn.scratch.get("fresh", {})))
+
+    # -- rekey grace -----------------------------------------------------------
+
+    def _keep_for_grace(self, old: Desired, new: Desired) -> dict[SAKey, int]:
+        """Inbound SAs replaced by a rekey of a peer that stays: keep them a while."""
+        keep: dict[SAKey, int] = {}
+        for name, before in old.peers.items():
+            after = new.peers.get(name)
+            if after is not None and sa_key(after.inbound) != sa_key(before.inbound):
+                keep[sa_key(before.inbound)] = after.rekey_grace
+        return keep
+
+    def _linger(self, key: SAKey, grace: int) -> None:
+        loop = asyncio.get_running_loop()
+        previous = self.lingering.pop(key, None)
+        if previous is not None:
+            previous.cancel()
+        self.lingering[key] = loop.call_later(grace, self._expire_lingering, key)
+
+    def _expire_lingering(self, key: SAKey) -> None:
+        self.lingering.pop(key, None)
+        if self.kernel is not None and key not in {sa_key(s) for s in self.current.sas()}:
+            self.kernel.remove_sas([key])
+
+    # -- state and notifications ----------------------------------------------
+
+    def _announce(self, old: Desired, new: Desired, txn: Transaction) -> None:
+        stamp = _now()
+        for name, peer in new.peers.items():
+            before = old.peers.get(name)
+            if before is None or before.outbound != peer.outbound or before.inbound != peer.inbound:
+                self.since[name] = stamp
+                self.last_error.pop(name, None)
+                self._notify(
+                    "tunnel-up",
+                    peer=name,
+                    **{
+                        "peer-address": peer.tunnel.remote,
+                        "outbound-spi": str(peer.outbound.spi),
+                        "inbound-spi": str(peer.inbound.spi),
+                    },
+                )
+        for name, peer in old.peers.items():
+            if name not in new.peers:
+                self.since.pop(name, None)
+                self._notify(
+                    "tunnel-down",
+                    peer=name,
+                    **{
+                        "peer-address": peer.tunnel.remote,
+                        "reason": "removed from the configuration",
+                    },
+                )
+        if txn.reason != "startup":
+            version = txn.new_json().get("cevpn-ce:ce", {}).get("configuration-version", "")
+            self._notify("configuration-updated", version=str(version), source="local")
+
+    def _notify(self, name: str, **leaves: str) -> None:
+        server = getattr(self, "server", None)
+        if server is None:
+            return
+        event = etree.Element(_q(name), nsmap={None: CE_NS})  # type: ignore[dict-item]
+        for leaf, value in leaves.items():
+            etree.SubElement(event, _q(leaf)).text = value
+        server.notifications.emit(event)
+
+    def _on_kernel_events(self) -> None:
+        if self.events is None:
+            return
+        from nc_agent.dataplane.xfrm import Expire
+
+        try:
+            events = self.events.read_events()
+        except OSError as exc:
+            log.warning("reading XFRM events: %s", exc)
+            return
+        by_key = {}
+        for peer in self.current.peers.values():
+            by_key[sa_key(peer.outbound)] = (peer, "outbound")
+            by_key[sa_key(peer.inbound)] = (peer, "inbound")
+        for event in events:
+            if not isinstance(event, Expire):
+                continue
+            found = by_key.get(SAKey(event.sa.dst, event.sa.spi, mark=event.sa.mark))
+            if found is None:
+                continue
+            peer, direction = found
+            self._notify(
+                "sa-expired",
+                peer=peer.name,
+                **{
+                    "peer-address": peer.tunnel.remote,
+                    "spi": str(event.sa.spi),
+                    "direction": direction,
+                    "hard": "true" if event.hard else "false",
+                },
+            )
+            if event.hard:
+                self.last_error[peer.name] = (
+                    f"{direction} SA {event.sa.spi:#x} reached its hard lifetime"
+                )
+
+    async def operational(self, session: Session | None) -> list[etree._Element]:
+        kernel = self._kernel()
+        observed = await asyncio.to_thread(kernel.observe)
+        ce = etree.Element(_q("ce"), nsmap={None: CE_NS})  # type: ignore[dict-item]
+        for name, peer in self.current.peers.items():
+            entry = etree.SubElement(ce, _q("peer"))
+            etree.SubElement(entry, _q("name")).text = name
+            state = etree.SubElement(entry, _q("state"))
+            out_state = observed.sas.get(sa_key(peer.outbound))
+            in_state = observed.sas.get(sa_key(peer.inbound))
+            tunnel = observed.tunnels.get(peer.tunnel.name)
+            up = out_state is not None and in_state is not None and tunnel is not None and tunnel.up
+            etree.SubElement(state, _q("status")).text = "up" if up else "down"
+            if name in self.since:
+                etree.SubElement(state, _q("status-since")).text = self.since[name]
+            etree.SubElement(state, _q("device")).text = peer.tunnel.name
+            etree.SubElement(state, _q("outbound-spi")).text = str(peer.outbound.spi)
+            etree.SubElement(state, _q("inbound-spi")).text = str(peer.inbound.spi)
+            if in_state is not None:
+                etree.SubElement(state, _q("in-octets")).text = str(in_state.bytes)
+                etree.SubElement(state, _q("in-packets")).text = str(in_state.packets)
+            if out_state is not None:
+                etree.SubElement(state, _q("out-octets")).text = str(out_state.bytes)
+                etree.SubElement(state, _q("out-packets")).text = str(out_state.packets)
+            if in_state is not None:
+                errors = in_state.replay_failures + in_state.integrity_failures
+                etree.SubElement(state, _q("in-errors")).text = str(errors)
+                if in_state.add_time:
+                    moment = datetime.fromtimestamp(in_state.add_time, UTC)
+                    etree.SubElement(state, _q("established-at")).text = moment.isoformat(
+                        timespec="seconds"
+                    ).replace("+00:00", "Z")
+            if name in self.last_error:
+                etree.SubElement(state, _q("last-error")).text = self.last_error[name]
+        ce_state = etree.Element(_q("ce-state"), nsmap={None: CE_NS})  # type: ignore[dict-item]
+        if self.applied_version:
+            etree.SubElement(ce_state, _q("applied-version")).text = self.applied_version
+        return [ce, ce_state]

@@ -1,0 +1,238 @@
+"""From a cevpn-ce configuration to the kernel objects that realise it.
+
+Pure logic, no kernel: given the running configuration (RFC 7951 JSON, with
+defaults) and the reqid allocated to each peer, compute for every enabled
+peer its tunnel device, its SAs and its XFRM policies, plus the CE-wide
+fail-closed guard.  The apply and reconcile code compares two such states;
+nothing here touches netlink.
+
+Kernel mapping (seed 5, ../shared/ARCHITECTURE.md):
+- transport-ipip: an IP-in-IP device; transport-mode SAs; policies on
+  protocol 4 between the two SP addresses, both directions.
+- tunnel-mode: a VTI device whose key is the peer's mark (= its reqid);
+  tunnel-mode SAs and policies carrying that mark.
+- guard: an 'out' policy blocking every IP-in-IP packet from this CE's SP
+  address that no peer policy covers, so an IP-in-IP device can never send
+  in clear, whatever happens to a peer's policies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from nc_agent.dataplane.links import Tunnel, device_name, tunnel_mtu
+from nc_agent.dataplane.xfrm import OWNED_REQIDS, SA, Algorithm, Lifetime, Policy
+
+PEER_PRIORITY = 1000
+GUARD_PRIORITY = 0x0CE0_0000
+"""Lower values win in the kernel: the guard only catches what no peer policy covers."""
+GUARD_REQID = OWNED_REQIDS[-1]
+"""Never given to a peer: marks the guard policy as cevpn's (its template carries it)."""
+
+# cevpn-types identity -> (kind, kernel algorithm name, ICV or truncation bits)
+ENCRYPTION: Mapping[str, tuple[Literal["aead", "enc"], str, int]] = {
+    "encr-aes-gcm-16-128": ("aead", "rfc4106(gcm(aes))", 128),
+    "encr-aes-gcm-16-192": ("aead", "rfc4106(gcm(aes))", 128),
+    "encr-aes-gcm-16-256": ("aead", "rfc4106(gcm(aes))", 128),
+    "encr-aes-ccm-16-128": ("aead", "rfc4309(ccm(aes))", 128),
+    "encr-aes-ccm-16-256": ("aead", "rfc4309(ccm(aes))", 128),
+    "encr-chacha20-poly1305": ("aead", "rfc7539esp(chacha20,poly1305)", 128),
+    "encr-aes-cbc-128": ("enc", "cbc(aes)", 0),
+    "encr-aes-cbc-192": ("enc", "cbc(aes)", 0),
+    "encr-aes-cbc-256": ("enc", "cbc(aes)", 0),
+    "encr-aes-ctr-128": ("enc", "rfc3686(ctr(aes))", 0),
+    "encr-aes-ctr-256": ("enc", "rfc3686(ctr(aes))", 0),
+    "encr-3des": ("enc", "cbc(des3_ede)", 0),
+}
+INTEGRITY: Mapping[str, tuple[str, int]] = {
+    "auth-hmac-sha1-96": ("hmac(sha1)", 96),
+    "auth-aes-xcbc-96": ("xcbc(aes)", 96),
+    "auth-hmac-sha2-256-128": ("hmac(sha256)", 128),
+    "auth-hmac-sha2-384-192": ("hmac(sha384)", 192),
+    "auth-hmac-sha2-512-256": ("hmac(sha512)", 256),
+}
+
+
+class ConfigProblem(Exception):
+    """The configuration cannot be realised; ``peer`` names where (None: CE-wide)."""
+
+    def __init__(self, message: str, peer: str | None = None) -> None:
+        super().__init__(message)
+        self.peer = peer
+
+
+@dataclass(frozen=True)
+class PeerObjects:
+    """Everything the kernel holds for one peer."""
+
+    name: str
+    reqid: int
+    tunnel: Tunnel
+    outbound: SA
+    inbound: SA
+    policies: tuple[Policy, ...]
+    rekey_grace: int = 30
+
+
+@dataclass
+class Desired:
+    """The kernel state one configuration asks for."""
+
+    sp_address: str | None = None
+    peers: dict[str, PeerObjects] = field(default_factory=dict)
+    guard: tuple[Policy, ...] = ()
+
+    def sas(self) -> set[SA]:
+        return {sa for p in self.peers.values() for sa in (p.outbound, p.inbound)}
+
+    def policies(self) -> set[Policy]:
+        return {pol for p in self.peers.values() for pol in p.policies} | set(self.guard)
+
+    def tunnels(self) -> dict[str, Tunnel]:
+        return {p.tunnel.name: p.tunnel for p in self.peers.values()}
+
+
+def identity_name(value: str) -> str:
+    """'cevpn-types:encr-aes-gcm-16-256' -> 'encr-aes-gcm-16-256'."""
+    return value.rpartition(":")[2]
+
+
+def key_bytes(text: str) -> bytes:
+    return bytes.fromhex(text.replace(":", ""))
+
+
+def _lifetime(node: Mapping[str, Any]) -> Lifetime:
+    lt = node.get("lifetime", {})
+    return Lifetime(
+        soft_bytes=int(lt.get("soft-bytes", 0)),
+        hard_bytes=int(lt.get("hard-bytes", 0)),
+        soft_seconds=int(lt.get("soft-seconds", 0)),
+        hard_seconds=int(lt.get("hard-seconds", 0)),
+    )
+
+
+def make_sa(
+    sa: Mapping[str, Any],
+    *,
+    src: str,
+    dst: str,
+    reqid: int,
+    mode: Literal["transport", "tunnel"],
+    mark: int | None,
+    replay_window: int,
+) -> SA:
+    kind, name, bits = ENCRYPTION[identity_name(sa["encryption-algorithm"])]
+    key = key_bytes(sa["encryption-key"])
+    aead = enc = auth = None
+    if kind == "aead":
+        aead = Algorithm(name, key, bits)
+    else:
+        enc = Algorithm(name, key)
+        auth_name, trunc = INTEGRITY[identity_name(sa["integrity-algorithm"])]
+        auth = Algorithm(auth_name, key_bytes(sa["integrity-key"]), trunc)
+    return SA(
+        src=src,
+        dst=dst,
+        spi=int(sa["spi"]),
+        reqid=reqid,
+        mode=mode,
+        aead=aead,
+        enc=enc,
+        auth=auth,
+        replay_window=replay_window,
+        mark=mark,
+        lifetime=_lifetime(sa),
+    )
+
+
+def _mtu_for(sa: SA, link_mtu: int) -> int:
+    alg = sa.aead or sa.enc
+    assert alg is not None
+    icv = alg.bits if sa.aead is not None else (sa.auth.bits if sa.auth is not None else 0)
+    return tunnel_mtu(link_mtu, alg.name, icv)
+
+
+def compile_desired(
+    config: Mapping[str, Any],
+    reqids: Mapping[str, int],
+    *,
+    link_mtu: int = 1500,
+) -> Desired:
+    """The kernel objects for a cevpn-ce configuration (RFC 7951 JSON with defaults)."""
+    ce = config.get("cevpn-ce:ce", {})
+    pre = ce.get("pre-configuration", {})
+    local = pre.get("sp-address")
+    desired = Desired(sp_address=local)
+    peers = [p for p in ce.get("peer", []) if p.get("enabled", True)]
+    if peers and not local:
+        raise ConfigProblem(
+            "Peers need this CE's own SP address: set pre-configuration/sp-address."
+        )
+    router_id = ce.get("routing", {}).get("router-id")
+    for peer in peers:
+        name = peer["name"]
+        if "ike" in peer:
+            raise ConfigProblem(
+                f"Peer {name} uses IKE keying, which this agent does not provide yet "
+                "(strongSwan integration); configure IKE-less SAs for it.",
+                name,
+            )
+        reqid = reqids[name]
+        tunnel_cfg = peer.get("tunnel", {})
+        encap = tunnel_cfg.get("encapsulation", "transport-ipip")
+        remote = peer["sp-address"]
+        ikeless = peer["ikeless"]
+        replay = int(ikeless.get("replay-window", 1024))
+        tunnel_mode = encap == "tunnel-mode"
+        mode: Literal["transport", "tunnel"] = "tunnel" if tunnel_mode else "transport"
+        mark = reqid if tunnel_mode else None
+        outbound = make_sa(
+            ikeless["outbound"], src=local, dst=remote, reqid=reqid, mode=mode, mark=mark,
+            replay_window=replay,
+        )  # fmt: skip
+        inbound = make_sa(
+            ikeless["inbound"], src=remote, dst=local, reqid=reqid, mode=mode, mark=mark,
+            replay_window=replay,
+        )  # fmt: skip
+        if tunnel_mode:
+            policies = (
+                Policy("out", "0.0.0.0/0", "0.0.0.0/0", tmpl_src=local, tmpl_dst=remote,
+                       mode="tunnel", reqid=reqid, mark=mark, priority=PEER_PRIORITY),
+                Policy("in", "0.0.0.0/0", "0.0.0.0/0", tmpl_src=remote, tmpl_dst=local,
+                       mode="tunnel", reqid=reqid, mark=mark, priority=PEER_PRIORITY),
+            )  # fmt: skip
+        else:
+            policies = (
+                Policy("out", f"{local}/32", f"{remote}/32", proto=4, mode="transport",
+                       reqid=reqid, priority=PEER_PRIORITY),
+                Policy("in", f"{remote}/32", f"{local}/32", proto=4, mode="transport",
+                       reqid=reqid, priority=PEER_PRIORITY),
+            )  # fmt: skip
+        mtu = int(tunnel_cfg.get("mtu", 0)) or _mtu_for(outbound, link_mtu)
+        tunnel = Tunnel(
+            name=device_name(encap, reqid),
+            encapsulation=encap,
+            local=local,
+            remote=remote,
+            mtu=mtu,
+            key=mark or 0,
+            routes=tuple(tunnel_cfg.get("remote-prefix", ())),
+            address=f"{router_id}" if router_id else None,
+        )
+        desired.peers[name] = PeerObjects(
+            name=name,
+            reqid=reqid,
+            tunnel=tunnel,
+            outbound=outbound,
+            inbound=inbound,
+            policies=policies,
+            rekey_grace=int(ikeless.get("rekey-grace", 30)),
+        )
+    if local:
+        desired.guard = (
+            Policy("out", f"{local}/32", "0.0.0.0/0", proto=4, priority=GUARD_PRIORITY,
+                   reqid=GUARD_REQID, action="block"),
+        )  # fmt: skip
+    return desired

@@ -1,0 +1,234 @@
+"""Run inside a lab guest: real cevpn agents on every CE, configured over NETCONF with ncclient.
+
+    python -m tests.lab.agent_scenarios SCENARIO N      (after `tests.lab.topology build N`)
+
+Each agent runs in its CE's SP namespace and serves NETCONF on the CE's SP
+address; the driver runs in the provider core's namespace (`pe`), the way a
+VPN server reaches CEs.  Results go to $WORK/report.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ncclient import manager
+
+from tests.lab.topology import Site
+
+ROOT = Path(__file__).resolve().parents[2]
+AGENT = str(ROOT / ".venv" / "bin" / "cevpn-agent")
+WORK = Path(os.environ.get("WORK", "/tmp"))
+NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
+CE = "urn:cevpn:yang:cevpn-ce"
+T = "urn:cevpn:yang:cevpn-types"
+PASSWORD = "lab-admin-password"
+SERVER_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOUExW9Ajh9Sbqm7lpNpatUIlOzK45/zUIRlybyD+Vyp s"
+
+
+@dataclass
+class Agent:
+    site: Site
+    state: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.state.mkdir(parents=True, exist_ok=True)
+        if not (self.state / "running.xml").exists():
+            pw = self.state.parent / f"{self.site.ce}.pw"
+            pw.write_text(PASSWORD + "\n")
+            subprocess.run(
+                [AGENT, "adduser", "--state-dir", str(self.state), "admin",
+                 "--password-file", str(pw), "--group", "admin"],
+                check=True, capture_output=True,
+            )  # fmt: skip
+        log = (self.state.parent / f"{self.site.ce}.log").open("ab")
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.site.ce, AGENT, "--state-dir", str(self.state),
+             "--listen", f"{self.site.sp_address}:830", "--vpn-netns", self.site.vpn],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent {self.site.ce} exited with status {self.proc.returncode}")
+            with suppress(OSError), socket.create_connection((self.site.sp_address, 830), 0.5):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"agent {self.site.ce} did not listen")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(20)
+
+    def connect(self) -> Any:
+        key = (self.state / "ssh_host_ed25519_key.pub").read_text().split()[1]
+        return manager.connect(
+            host=self.site.sp_address, port=830, username="admin", password=PASSWORD,
+            hostkey_verify=True, hostkey_b64=key, allow_agent=False, look_for_keys=False,
+            timeout=60,
+        )  # fmt: skip
+
+
+def hexkey(n: int) -> str:
+    return ":".join(f"{b:02x}" for b in secrets.token_bytes(n))
+
+
+def preconfiguration(site: Site) -> str:
+    return (
+        f"<pre-configuration><site-id>site-{site.n}</site-id><vpn-id>lab</vpn-id>"
+        f"<sp-address>{site.sp_address}</sp-address><vpn-server><endpoint>"
+        f"<address>198.51.100.1</address><host-key>{SERVER_KEY}</host-key></endpoint>"
+        "<username>ce</username></vpn-server><management><server-username>vpn-server"
+        f"</server-username><server-authorized-key>{SERVER_KEY}</server-authorized-key>"
+        "</management></pre-configuration>"
+    )
+
+
+@dataclass(frozen=True)
+class PairKeys:
+    spi_ab: int
+    spi_ba: int
+    key_ab: str
+    key_ba: str
+
+
+def pair_keys(a: Site, b: Site, generation: int = 1) -> PairKeys:
+    base = 0x1000_0000 + generation * 0x10000
+    return PairKeys(base + a.n * 256 + b.n, base + b.n * 256 + a.n, hexkey(36), hexkey(36))
+
+
+def ikeless_sa(spi: int, key: str) -> str:
+    return (
+        f"<spi>{spi}</spi><encryption-algorithm>t:encr-aes-gcm-16-256</encryption-algorithm>"
+        f"<encryption-key>{key}</encryption-key>"
+    )
+
+
+def peer_xml(me: Site, other: Site, keys: PairKeys, encapsulation: str) -> str:
+    outbound = (keys.spi_ab, keys.key_ab) if me.n < other.n else (keys.spi_ba, keys.key_ba)
+    inbound = (keys.spi_ba, keys.key_ba) if me.n < other.n else (keys.spi_ab, keys.key_ab)
+    return (
+        f"<peer><name>site-{other.n}</name><sp-address>{other.sp_address}</sp-address>"
+        f"<tunnel><encapsulation>{encapsulation}</encapsulation>"
+        f"<remote-prefix>{other.lan_prefix}</remote-prefix></tunnel>"
+        f"<ikeless><outbound>{ikeless_sa(*outbound)}</outbound>"
+        f"<inbound>{ikeless_sa(*inbound)}</inbound></ikeless></peer>"
+    )
+
+
+def config(body: str) -> str:
+    return f'<config xmlns="{NC}"><ce xmlns="{CE}" xmlns:t="{T}">{body}</ce></config>'
+
+
+def ping(src: Site, dst: Site, count: int = 2) -> bool:
+    return (
+        subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                src.host,
+                "ping",
+                "-c",
+                str(count),
+                "-W",
+                "2",
+                dst.host_address,
+            ],
+            capture_output=True,
+        ).returncode
+        == 0
+    )
+
+
+def capture(name: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", "pe", "tcpdump", "-nni", "any", "-w", str(WORK / f"{name}.pcap"),
+         "--immediate-mode", "ip"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    time.sleep(1.5)
+    return proc
+
+
+def stop_capture(proc: subprocess.Popen[bytes], name: str) -> list[str]:
+    time.sleep(0.5)
+    proc.terminate()
+    proc.wait(10)
+    out = subprocess.run(
+        ["tcpdump", "-nn", "-r", str(WORK / f"{name}.pcap")], capture_output=True, text=True
+    ).stdout
+    return [line for line in out.splitlines() if line.strip()]
+
+
+def mesh(count: int, encapsulation: str) -> dict[str, Any]:
+    sites = [Site(n) for n in range(1, count + 1)]
+    agents = {s.n: Agent(s, WORK / s.ce) for s in sites}
+    report: dict[str, Any] = {}
+    try:
+        for agent in agents.values():
+            agent.start()
+        keys = {(a.n, b.n): pair_keys(a, b) for a in sites for b in sites if a.n < b.n}
+        for me in sites:
+            peers = "".join(
+                peer_xml(me, other, keys[tuple(sorted((me.n, other.n)))], encapsulation)  # type: ignore[index]
+                for other in sites
+                if other.n != me.n
+            )
+            with agents[me.n].connect() as m:
+                m.edit_config(target="running", config=config(preconfiguration(me) + peers))
+        cap = capture("mesh")
+        report["pings"] = {f"{a.n}->{b.n}": ping(a, b) for a in sites for b in sites if a != b}
+        report["pe_ipv4"] = stop_capture(cap, "mesh")
+        report["pe_routes"] = subprocess.run(
+            ["ip", "-n", "pe", "route"], capture_output=True, text=True
+        ).stdout
+        report["vpn_routes"] = {
+            s.vpn: subprocess.run(
+                ["ip", "-n", s.vpn, "route"], capture_output=True, text=True
+            ).stdout
+            for s in sites
+        }
+        with agents[1].connect() as m:
+            report["state"] = m.get(filter=("subtree", f'<ce xmlns="{CE}"><peer/></ce>')).data_xml
+    except Exception:
+        for agent in agents.values():
+            code = agent.proc.poll() if agent.proc else None
+            print(f"{agent.site.ce}: agent exit status {code}", file=sys.stderr)
+        raise
+    finally:
+        for agent in agents.values():
+            agent.stop()
+    return report
+
+
+def main() -> None:
+    scenario, count = sys.argv[1], int(sys.argv[2])
+    if scenario == "mesh-transport":
+        report = mesh(count, "transport-ipip")
+    elif scenario == "mesh-tunnel":
+        report = mesh(count, "tunnel-mode")
+    else:
+        raise SystemExit(f"unknown scenario {scenario}")
+    (WORK / "report.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
