@@ -61,7 +61,9 @@ class Agent:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"agent {self.site.ce} exited with status {self.proc.returncode}")
+                raise RuntimeError(
+                    f"agent {self.site.ce} exited with status {self.proc.returncode}"
+                )
             with suppress(OSError), socket.create_connection((self.site.sp_address, 830), 0.5):
                 return
             time.sleep(0.1)
@@ -219,12 +221,139 @@ def mesh(count: int, encapsulation: str) -> dict[str, Any]:
     return report
 
 
+def kernel_objects(site: Site) -> dict[str, list[str]]:
+    """What the CE's kernel holds, as `ip` prints it (for before/after comparisons)."""
+
+    def lines(*args: str) -> list[str]:
+        out = subprocess.run(["ip", *args], capture_output=True, text=True).stdout
+        return sorted(line.strip() for line in out.splitlines() if line.strip())
+
+    states = subprocess.run(
+        ["ip", "-n", site.ce, "xfrm", "state"], capture_output=True, text=True
+    ).stdout
+    return {
+        "sas": sorted(
+            line.split("spi ")[1].split()[0] + " reqid " + line.split("reqid ")[1].split()[0]
+            for line in states.replace("\n\t", " ").splitlines()
+            if "spi " in line and "reqid " in line
+        ),
+        "policies": lines("-n", site.ce, "xfrm", "policy"),
+        "vpn_links": [
+            entry.split(":")[1].strip().split("@")[0]
+            for entry in lines("-n", site.vpn, "-o", "link")
+        ],
+        "vpn_routes": lines("-n", site.vpn, "route"),
+    }
+
+
+def configure_mesh(
+    agents: dict[int, Agent], sites: list[Site], encapsulation: str, generation: int = 1
+) -> dict[tuple[int, int], PairKeys]:
+    keys = {(a.n, b.n): pair_keys(a, b, generation) for a in sites for b in sites if a.n < b.n}
+    for me in sites:
+        peers = "".join(
+            peer_xml(me, other, keys[(min(me.n, other.n), max(me.n, other.n))], encapsulation)
+            for other in sites
+            if other.n != me.n
+        )
+        with agents[me.n].connect() as m:
+            m.edit_config(target="running", config=config(preconfiguration(me) + peers))
+    return keys
+
+
+def started(sites: list[Site]) -> dict[int, Agent]:
+    agents = {s.n: Agent(s, WORK / s.ce) for s in sites}
+    for agent in agents.values():
+        agent.start()
+    return agents
+
+
+def remove_peer() -> dict[str, Any]:
+    sites = [Site(n) for n in (1, 2, 3)]
+    agents = started(sites)
+    try:
+        configure_mesh(agents, sites, "transport-ipip")
+        # somebody else's SA and policy, which the agent must never touch
+        subprocess.run(["ip", "-n", "ce1", "xfrm", "state", "add", "src", "192.0.2.7", "dst",
+                        "192.0.2.8", "proto", "esp", "spi", "0x7777", "reqid", "7", "mode",
+                        "transport", "enc", "cbc(aes)", "0x" + "00" * 16, "auth", "hmac(sha1)",
+                        "0x" + "00" * 20], check=True)  # fmt: skip
+        before = kernel_objects(sites[0])
+        with agents[1].connect() as m:
+            m.edit_config(
+                target="running",
+                config=f'<config xmlns="{NC}"><ce xmlns="{CE}" xmlns:nc="{NC}">'
+                '<peer nc:operation="delete"><name>site-3</name></peer></ce></config>',
+            )
+        after = kernel_objects(sites[0])
+        return {"before": before, "after": after, "ping_2": ping(sites[0], sites[1]),
+                "ping_3": ping(sites[0], sites[2], 1)}  # fmt: skip
+    finally:
+        for agent in agents.values():
+            agent.stop()
+
+
+def peer_sa_xml(
+    name: str, outbound: tuple[int, str] | None, inbound: tuple[int, str] | None
+) -> str:
+    parts = ""
+    if outbound:
+        parts += f"<outbound>{ikeless_sa(*outbound)}</outbound>"
+    if inbound:
+        parts += f"<inbound>{ikeless_sa(*inbound)}</inbound>"
+    return config(f"<peer><name>{name}</name><ikeless>{parts}</ikeless></peer>")
+
+
+def rekey() -> dict[str, Any]:
+    a, b = Site(1), Site(2)
+    agents = started([a, b])
+    try:
+        old = configure_mesh(agents, [a, b], "transport-ipip")[(1, 2)]
+        new = pair_keys(a, b, generation=2)
+        pinger = subprocess.Popen(
+            ["ip", "netns", "exec", a.host, "ping", "-i", "0.05", "-c", "300", "-W", "1",
+             b.host_address],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        time.sleep(3)
+        # the VPN server's order: each receiver learns its new inbound SA first
+        with agents[2].connect() as m:  # B: new inbound for A->B, outbound unchanged
+            m.edit_config(
+                target="running", config=peer_sa_xml("site-1", None, (new.spi_ab, new.key_ab))
+            )
+        with agents[1].connect() as m:  # A: new inbound for B->A, new outbound A->B
+            m.edit_config(
+                target="running",
+                config=peer_sa_xml("site-2", (new.spi_ab, new.key_ab), (new.spi_ba, new.key_ba)),
+            )
+        with agents[2].connect() as m:  # B: new outbound B->A
+            m.edit_config(
+                target="running", config=peer_sa_xml("site-1", (new.spi_ba, new.key_ba), None)
+            )
+        out, _ = pinger.communicate(timeout=120)
+        summary = [line for line in out.splitlines() if "packet loss" in line]
+        return {
+            "ping": summary,
+            "old_spis": [old.spi_ab, old.spi_ba],
+            "new_spis": [new.spi_ab, new.spi_ba],
+            "ce1": kernel_objects(a),
+            "ce2": kernel_objects(b),
+        }
+    finally:
+        for agent in agents.values():
+            agent.stop()
+
+
 def main() -> None:
     scenario, count = sys.argv[1], int(sys.argv[2])
     if scenario == "mesh-transport":
         report = mesh(count, "transport-ipip")
     elif scenario == "mesh-tunnel":
         report = mesh(count, "tunnel-mode")
+    elif scenario == "remove-peer":
+        report = remove_peer()
+    elif scenario == "rekey":
+        report = rekey()
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     (WORK / "report.json").write_text(json.dumps(report, indent=2))

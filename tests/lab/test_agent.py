@@ -48,3 +48,25 @@ def test_full_mesh_of_three_sites_every_site_pings_every_other(encapsulation):
     for routes in report["vpn_routes"].values():
         assert "198.51.100." not in routes  # no SP route in any VPN space
     assert report["state"].count("<status>up</status>") == 2
+
+
+def test_removing_a_peer_removes_exactly_its_kernel_objects():
+    report = scenario("remove-peer")
+    before, after = report["before"], report["after"]
+    gone_links = set(before["vpn_links"]) - set(after["vpn_links"])
+    assert len(gone_links) == 1 and next(iter(gone_links)).startswith("cvi")
+    assert set(after["vpn_links"]) < set(before["vpn_links"])
+    assert len(before["sas"]) - len(after["sas"]) == 2  # that peer's two SAs
+    assert set(after["sas"]) < set(before["sas"])
+    assert any("reqid 7" in sa for sa in after["sas"])  # somebody else's SA untouched
+    assert len(before["policies"]) > len(after["policies"])
+    assert not any("10.3.0.0" in r for r in after["vpn_routes"])
+    assert report["ping_2"] is True and report["ping_3"] is False
+
+
+def test_a_rekey_during_a_continuous_ping_loses_no_packet():
+    report = scenario("rekey", 2)
+    assert report["ping"] and " 0% packet loss" in report["ping"][0], report["ping"]
+    new_hex = {f"{spi:#010x}" for spi in report["new_spis"]}
+    installed = {sa.split()[0] for sa in report["ce1"]["sas"]}
+    assert new_hex <= installed
