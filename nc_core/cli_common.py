@@ -177,6 +177,7 @@ def run_server(args: argparse.Namespace, make_app: Callable[[], Application], na
         server = NetconfServer(options, make_app())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
         def shutdown(sig: signal.Signals) -> None:
             logging.getLogger("cevpn").info("%s received: shutting down", sig.name)
             stop.set()
