@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -344,6 +345,195 @@ def rekey() -> dict[str, Any]:
             agent.stop()
 
 
+def ip(*args: str) -> str:
+    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
+
+
+def ping_address(src: Site, address: str, count: int = 3) -> bool:
+    argv = ["ip", "netns", "exec", src.host, "ping", "-c", str(count), "-W", "2", address]
+    return subprocess.run(argv, capture_output=True).returncode == 0
+
+
+def dummy_peers(count: int) -> str:
+    """Peers at addresses nobody answers on: many kernel objects for a long apply."""
+    out = []
+    for i in range(count):
+        spi_out, spi_in = 0x2000_0000 + 2 * i, 0x2000_0001 + 2 * i
+        out.append(
+            f"<peer><name>dummy-{i}</name><sp-address>203.0.113.{1 + i % 250}</sp-address>"
+            f"<tunnel><remote-prefix>172.{16 + i // 250}.{i % 250}.0/24</remote-prefix></tunnel>"
+            f"<ikeless><outbound>{ikeless_sa(spi_out, hexkey(36))}</outbound>"
+            f"<inbound>{ikeless_sa(spi_in, hexkey(36))}</inbound></ikeless></peer>"
+        )
+    return "".join(out)
+
+
+def owned_counts(site: Site) -> dict[str, int]:
+    states = subprocess.run(
+        ["ip", "-n", site.ce, "xfrm", "state"], capture_output=True, text=True
+    ).stdout
+    policies = subprocess.run(
+        ["ip", "-n", site.ce, "xfrm", "policy"], capture_output=True, text=True
+    ).stdout
+    links = subprocess.run(
+        ["ip", "-n", site.vpn, "-o", "link"], capture_output=True, text=True
+    ).stdout
+    spis = [line.split("spi ")[1].split()[0] for line in states.splitlines() if "spi 0x" in line]
+    return {
+        "sas": len(spis),
+        "distinct_sas": len(set(spis)),
+        "policies": policies.count("\tdir ") + policies.count(" dir "),
+        "devices": sum(1 for line in links.splitlines() if ": cvi" in line or ": cvt" in line),
+    }
+
+
+def kill_mid_apply() -> dict[str, Any]:
+    import threading
+
+    a, b = Site(1), Site(2)
+    agents = started([a, b])
+    report: dict[str, Any] = {}
+    try:
+        configure_mesh(agents, [a, b], "transport-ipip")
+        edit_error: list[str] = []
+
+        def big_edit() -> None:
+            try:
+                with agents[1].connect() as m:
+                    m.edit_config(target="running", config=config(dummy_peers(150)))
+            except Exception as exc:  # the agent is killed under us: expected
+                edit_error.append(type(exc).__name__)
+
+        worker = threading.Thread(target=big_edit)
+        worker.start()
+        time.sleep(4.0)  # the edit is being applied: 300 SAs, 150 devices under UML
+        agents[1].kill9()
+        worker.join(60)
+        report["killed_during_edit"] = bool(edit_error)
+        report["after_kill"] = owned_counts(a)
+        agents[1].start()
+        with agents[1].connect() as m:
+            running = m.get_config("running").data_xml
+        report["peers_in_running"] = running.count("<peer>")
+        report["after_restart"] = owned_counts(a)
+        report["ping"] = ping(a, b)
+    finally:
+        for agent in agents.values():
+            agent.stop()
+    return report
+
+
+def refused_and_invalid() -> dict[str, Any]:
+    a, b = Site(1), Site(2)
+    agents = started([a, b])
+    report: dict[str, Any] = {}
+    try:
+        keys = configure_mesh(agents, [a, b], "transport-ipip")[(1, 2)]
+        # an SA that is not ours holds the SPI the next change wants
+        taken = 0x3000_0001
+        subprocess.run(["ip", "-n", a.ce, "xfrm", "state", "add", "src", b.sp_address, "dst",
+                        a.sp_address, "proto", "esp", "spi", hex(taken), "reqid", "9", "mode",
+                        "transport", "enc", "cbc(aes)", "0x" + "00" * 16, "auth", "hmac(sha1)",
+                        "0x" + "00" * 20], check=True)  # fmt: skip
+        before = kernel_objects(a)
+        with agents[1].connect() as m:
+            running_before = m.get_config("running").data_xml
+            try:
+                m.edit_config(
+                    target="running",
+                    config=peer_sa_xml("site-2", (keys.spi_ab, keys.key_ab), (taken, hexkey(36))),
+                )
+                report["refused"] = None
+            except Exception as exc:
+                report["refused"] = {"tag": getattr(exc, "tag", None), "message": str(exc),
+                                     "path": getattr(exc, "path", None)}  # fmt: skip
+            try:
+                m.edit_config(
+                    target="running",
+                    config=peer_sa_xml("site-2", None, (keys.spi_ba, hexkey(20))),  # wrong length
+                )
+                report["invalid"] = None
+            except Exception as exc:
+                report["invalid"] = {"tag": getattr(exc, "tag", None), "message": str(exc)}
+            report["running_unchanged"] = m.get_config("running").data_xml == running_before
+        report["kernel_unchanged"] = kernel_objects(a) == before
+        report["ping"] = ping(a, b)
+    finally:
+        for agent in agents.values():
+            agent.stop()
+    return report
+
+
+def missing_sa() -> dict[str, Any]:
+    a, b = Site(1), Site(2)
+    agents = started([a, b])
+    report: dict[str, Any] = {}
+    try:
+        keys = configure_mesh(agents, [a, b], "transport-ipip")[(1, 2)]
+        # ce1 loses its outbound SA, then its outbound policy for the peer
+        ip("-n", a.ce, "xfrm", "state", "delete", "src", a.sp_address, "dst", b.sp_address,
+           "proto", "esp", "spi", hex(keys.spi_ab))  # fmt: skip
+        cap = capture("missing-sa")
+        report["ping_without_sa"] = ping(a, b, 2)
+        ip("-n", a.ce, "xfrm", "policy", "delete", "src", f"{a.sp_address}/32",
+           "dst", f"{b.sp_address}/32", "proto", "4", "dir", "out")  # fmt: skip
+        report["ping_without_policy"] = ping(a, b, 2)
+        report["pe_ipv4"] = stop_capture(cap, "missing-sa")
+        with agents[1].connect() as m:
+            report["state"] = m.get(filter=("subtree", f'<ce xmlns="{CE}"><peer/></ce>')).data_xml
+    finally:
+        for agent in agents.values():
+            agent.stop()
+    return report
+
+
+def overlap() -> dict[str, Any]:
+    sites = [Site(n) for n in (1, 2, 3, 4)]
+    # VPN B (sites 3 and 4) uses the same LAN prefixes as VPN A (sites 1 and 2)
+    for site, lan in ((sites[2], 1), (sites[3], 2)):
+        subprocess.run(["ip", "-n", site.vpn, "addr", "flush", "dev", "lan0"], check=True)
+        subprocess.run(
+            ["ip", "-n", site.vpn, "addr", "add", f"10.{lan}.0.1/24", "dev", "lan0"], check=True
+        )
+        subprocess.run(["ip", "-n", site.host, "addr", "flush", "dev", "eth0"], check=True)
+        subprocess.run(
+            ["ip", "-n", site.host, "addr", "add", f"10.{lan}.0.2/24", "dev", "eth0"], check=True
+        )
+        subprocess.run(
+            ["ip", "-n", site.host, "route", "add", "default", "via", f"10.{lan}.0.1"], check=True
+        )
+    agents = started(sites)
+    report: dict[str, Any] = {}
+    try:
+        for x, y in ((sites[0], sites[1]), (sites[2], sites[3])):
+            keys = pair_keys(x, y)
+            for me, other, lan in ((x, y, 2), (y, x, 1)):
+                peer = peer_xml(me, other, keys, "transport-ipip").replace(
+                    other.lan_prefix, f"10.{lan}.0.0/24"
+                )
+                with agents[me.n].connect() as m:
+                    m.edit_config(target="running", config=config(preconfiguration(me) + peer))
+
+        def inbound_packets(site: Site) -> int:
+            out = ip("-n", site.ce, "-s", "xfrm", "state", "list", "dst", site.sp_address)
+            total = 0
+            for match in re.finditer(r"(\d+)\(bytes\), (\d+)\(packets\)", out):
+                total += int(match.group(2))
+            return total
+
+        before = {s.n: inbound_packets(s) for s in sites}
+        report["ping_vpn_a"] = ping_address(sites[0], "10.2.0.2")
+        mid = {s.n: inbound_packets(s) for s in sites}
+        report["ping_vpn_b"] = ping_address(sites[2], "10.2.0.2")
+        after = {s.n: inbound_packets(s) for s in sites}
+        report["a_reached"] = {n: mid[n] - before[n] for n in before}
+        report["b_reached"] = {n: after[n] - mid[n] for n in before}
+    finally:
+        for agent in agents.values():
+            agent.stop()
+    return report
+
+
 def main() -> None:
     scenario, count = sys.argv[1], int(sys.argv[2])
     if scenario == "mesh-transport":
@@ -354,6 +544,14 @@ def main() -> None:
         report = remove_peer()
     elif scenario == "rekey":
         report = rekey()
+    elif scenario == "kill-mid-apply":
+        report = kill_mid_apply()
+    elif scenario == "refused":
+        report = refused_and_invalid()
+    elif scenario == "missing-sa":
+        report = missing_sa()
+    elif scenario == "overlap":
+        report = overlap()
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     (WORK / "report.json").write_text(json.dumps(report, indent=2))

@@ -70,3 +70,43 @@ def test_a_rekey_during_a_continuous_ping_loses_no_packet():
     new_hex = {f"{spi:#010x}" for spi in report["new_spis"]}
     installed = {sa.split()[0] for sa in report["ce1"]["sas"]}
     assert new_hex <= installed
+
+
+def test_kill_9_in_the_middle_of_an_apply_converges_to_running_without_orphans():
+    report = scenario("kill-mid-apply", 2)
+    assert report["killed_during_edit"], "the agent finished applying before it was killed"
+    peers = report["peers_in_running"]
+    assert peers in (1, 151), peers  # the old configuration or the new one, nothing between
+    after = report["after_restart"]
+    assert after["sas"] == after["distinct_sas"] == 2 * peers  # no orphan, no duplicate
+    assert after["devices"] == peers
+    assert report["ping"] is True
+
+
+def test_kernel_refused_and_invalid_changes_leave_kernel_and_datastore_as_they_were():
+    report = scenario("refused", 2)
+    refused = report["refused"]
+    assert refused and refused["tag"] == "operation-failed"
+    assert "peer site-2" in refused["message"] and "File exists" in refused["message"]
+    assert refused["path"] == "/cevpn-ce:ce/cevpn-ce:peer[cevpn-ce:name='site-2']"
+    assert report["invalid"] and report["invalid"]["tag"] == "operation-failed"
+    assert "key length" in report["invalid"]["message"]
+    assert report["running_unchanged"] is True
+    assert report["kernel_unchanged"] is True
+    assert report["ping"] is True
+
+
+def test_a_missing_sa_drops_traffic_and_nothing_leaves_in_clear():
+    report = scenario("missing-sa", 2)
+    assert report["ping_without_sa"] is False
+    assert report["ping_without_policy"] is False  # the guard policy still blocks IP-in-IP
+    assert not any(" 10." in line for line in report["pe_ipv4"]), report["pe_ipv4"]
+    assert not any("ipip" in line.lower() or "IP-in-IP" in line for line in report["pe_ipv4"])
+    assert "<status>down</status>" in report["state"]
+
+
+def test_overlapping_prefixes_in_two_vpns_work_independently():
+    report = scenario("overlap", 4)
+    assert report["ping_vpn_a"] is True and report["ping_vpn_b"] is True
+    assert report["a_reached"]["2"] >= 3 and report["a_reached"]["4"] == 0
+    assert report["b_reached"]["4"] >= 3 and report["b_reached"]["2"] == 0
