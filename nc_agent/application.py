@@ -128,9 +128,11 @@ class AgentApplication(Application):
             if txn.reason == "startup":
                 await asyncio.to_thread(kernel.reconcile, new, set(self.lingering))
             else:
-                await asyncio.to_thread(
-                    kernel.transition, old, new, set(self.lingering) | set(keep)
-                )
+                held = set(self.lingering) | set(keep)
+                await asyncio.to_thread(kernel.transition, old, new, held)
+                # Then compare with what the kernel really holds: anything changed
+                # behind the agent's back (or left by a crash) converges too.
+                await asyncio.to_thread(kernel.converge, new, held)
         except KernelRefused as exc:
             path, ns = _peer_path(exc.peer)
             if exc.peer:

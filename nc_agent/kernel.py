@@ -167,6 +167,13 @@ class Kernel:
             else:
                 self.links.configure(tunnel)
 
+    def converge(self, desired: Desired, keep: Iterable[SAKey] = ()) -> None:
+        """reconcile(), but a failure is only logged: the commit itself succeeded."""
+        try:
+            self.reconcile(desired, keep)
+        except (XfrmError, LinkError, OSError) as exc:
+            log.warning("reconciling after the commit failed (retried at the next one): %s", exc)
+
     def remove_sas(self, keys: Iterable[SAKey]) -> None:
         self._quietly(lambda: self.xfrm.apply(del_sas=list(keys)))
 
