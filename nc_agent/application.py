@@ -253,8 +253,13 @@ class AgentApplication(Application):
                 },
             )
             if event.hard:
-                self.last_error[peer.name] = (
-                    f"{direction} SA {event.sa.spi:#x} reached its hard lifetime"
+                why = f"{direction} SA {event.sa.spi:#x} reached its hard lifetime"
+                self.last_error[peer.name] = why
+                self.since[peer.name] = _now()
+                self._notify(
+                    "tunnel-down",
+                    peer=peer.name,
+                    **{"peer-address": peer.tunnel.remote, "reason": why},
                 )
 
     async def operational(self, session: Session | None) -> list[etree._Element]:

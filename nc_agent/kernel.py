@@ -11,6 +11,7 @@ all or nothing.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -98,17 +99,15 @@ class Kernel:
         except XfrmError as exc:
             raise KernelRefused(str(exc), _peer_of(exc.obj, new)) from exc
 
-        added: list[str] = []
+        fresh = [t for name, t in new_tun.items() if name not in old_tun]
         try:
+            self.links.add_many(fresh)
             for name, tunnel in new_tun.items():
-                if name not in old_tun:
-                    self.links.add(tunnel)
-                    added.append(name)
-                elif old_tun[name] != tunnel:
+                if name in old_tun and old_tun[name] != tunnel:
                     self._retune(old_tun[name], tunnel)
         except LinkError as exc:
-            for name in reversed(added):
-                self._quietly(lambda n=name: self.links.remove(n))
+            made = exc.created or [t.name for t in fresh]
+            self._quietly(lambda: self.links.remove_many(made))
             self._quietly(
                 lambda: self.xfrm.apply(
                     del_sas=[sa_key(s) for s in add_sas],
@@ -124,9 +123,8 @@ class Kernel:
             raise KernelRefused(str(exc), _peer_of_tunnel(exc, new)) from exc
 
         # Removals: devices first (no more traffic), then policies, then SAs.
-        for name in old_tun:
-            if name not in new_tun:
-                self._quietly(lambda n=name: self.links.remove(n))
+        gone = [name for name in old_tun if name not in new_tun]
+        self._quietly(lambda: self.links.remove_many(gone))
         gone_pols = [p for k, p in old_pols.items() if k not in new_pols]
         gone_sas = [k for k in old_sas if k not in new_sas and k not in kept]
         self._quietly(lambda: self.xfrm.apply(del_policies=gone_pols, del_sas=gone_sas))
@@ -151,8 +149,7 @@ class Kernel:
         want_pols = {policy_key(p): p for p in desired.policies()}
         want_tun = desired.tunnels()
         stale_tunnels = [n for n, e in obs.tunnels.items() if not _same_tunnel(e, want_tun.get(n))]
-        for name in stale_tunnels:
-            self.links.remove(name)
+        self.links.remove_many(stale_tunnels)
         self.xfrm.apply(
             del_policies=[p for k, p in obs.policies.items() if want_pols.get(k) != p],
             del_sas=[k for k in obs.sas if k not in want_sas and k not in kept],
@@ -161,11 +158,14 @@ class Kernel:
             add_sas=[s for k, s in want_sas.items() if k not in obs.sas],
             add_policies=[p for k, p in want_pols.items() if obs.policies.get(k) != p],
         )
-        for name, tunnel in want_tun.items():
-            if name not in obs.tunnels or name in stale_tunnels:
-                self.links.add(tunnel)
-            else:
-                self.links.configure(tunnel)
+        missing = [t for n, t in want_tun.items() if n not in obs.tunnels or n in stale_tunnels]
+        self.links.add_many(missing)
+        drifted = [
+            t
+            for n, t in want_tun.items()
+            if t not in missing and not _configured(obs.tunnels[n], t)
+        ]
+        self.links.configure_many(drifted)
 
     def converge(self, desired: Desired, keep: Iterable[SAKey] = ()) -> None:
         """reconcile(), but a failure is only logged: the commit itself succeeded."""
@@ -195,6 +195,12 @@ def _same_tunnel(existing: Existing, wanted: Tunnel | None) -> bool:
         wanted.remote,
         wanted.key,
     )
+
+
+def _configured(existing: Existing, wanted: Tunnel) -> bool:
+    """Is the device up with the wanted MTU and exactly the wanted routes?"""
+    routes = tuple(sorted(str(ipaddress.ip_network(p, strict=False)) for p in wanted.routes))
+    return existing.up and existing.mtu == wanted.mtu and existing.routes == routes
 
 
 def _peer_of(obj: object, desired: Desired) -> str | None:

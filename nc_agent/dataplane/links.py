@@ -22,7 +22,7 @@ else in the kernel is ever touched.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -41,6 +41,11 @@ T = TypeVar("T")
 
 class LinkError(Exception):
     """The kernel refused a device or route change; says which and why."""
+
+    def __init__(self, message: str, created: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.created = list(created)
+        """Devices this call had already made when it failed."""
 
 
 def device_name(encapsulation: Encapsulation, reqid: int) -> str:
@@ -133,34 +138,70 @@ class Links:
     # -- changing --------------------------------------------------------------
 
     def add(self, tunnel: Tunnel) -> None:
-        """Create the device in the SP space, move it to the VPN space, configure it there."""
-        try:
-            _with_ipr(self.sp_netns, lambda sp: _create(sp, tunnel, self.vpn_netns))
-        except NetlinkError as exc:
-            raise LinkError(
-                f"creating {tunnel.name} ({tunnel.local} -> {tunnel.remote}): "
-                f"{_netlink_reason(exc)}"
-            ) from exc
-        self.configure(tunnel)
+        self.add_many([tunnel])
+
+    def add_many(self, tunnels: Sequence[Tunnel]) -> None:
+        """Create devices in the SP space, move them to the VPN space, configure them there.
+
+        One namespace switch and one rtnetlink handle for the whole batch (each
+        costs tens of milliseconds under a slow kernel).  On failure the
+        LinkError's ``created`` lists the devices already made.
+        """
+        created: list[str] = []
+
+        def create_all(sp: Any) -> None:
+            for tunnel in tunnels:
+                try:
+                    _create(sp, tunnel, self.vpn_netns)
+                except NetlinkError as exc:
+                    raise LinkError(
+                        f"creating {tunnel.name} ({tunnel.local} -> {tunnel.remote}): "
+                        f"{_netlink_reason(exc)}",
+                        created,
+                    ) from exc
+                created.append(tunnel.name)
+
+        if tunnels:
+            _with_ipr(self.sp_netns, create_all)
+            try:
+                self.configure_many(tunnels)
+            except LinkError as exc:
+                exc.created = created
+                raise
 
     def configure(self, tunnel: Tunnel) -> None:
-        """Bring the device up with its MTU, address and routes (idempotent)."""
-        try:
-            _with_ipr(self.vpn_netns, lambda vpn: _configure(vpn, tunnel, self.vpn_netns))
-        except NetlinkError as exc:
-            raise LinkError(f"configuring {tunnel.name}: {_netlink_reason(exc)}") from exc
+        self.configure_many([tunnel])
+
+    def configure_many(self, tunnels: Sequence[Tunnel]) -> None:
+        """Bring devices up with their MTU, address and routes (idempotent)."""
+
+        def configure_all(vpn: Any) -> None:
+            for tunnel in tunnels:
+                try:
+                    _configure(vpn, tunnel, self.vpn_netns)
+                except NetlinkError as exc:
+                    raise LinkError(f"configuring {tunnel.name}: {_netlink_reason(exc)}") from exc
+
+        if tunnels:
+            _with_ipr(self.vpn_netns, configure_all)
 
     def remove(self, name: str) -> None:
-        """Delete one of our devices (its routes go with it); a missing device is fine."""
-        if not name.startswith(OWNED_PREFIXES):
-            raise ValueError(f"{name} is not a cevpn device")
+        self.remove_many([name])
+
+    def remove_many(self, names: Sequence[str]) -> None:
+        """Delete our devices (their routes go with them); missing devices are fine."""
+        for name in names:
+            if not name.startswith(OWNED_PREFIXES):
+                raise ValueError(f"{name} is not a cevpn device")
 
         def delete(vpn: Any) -> None:
-            found = vpn.link_lookup(ifname=name)
-            if found:
-                vpn.link("del", index=found[0])
+            for name in names:
+                found = vpn.link_lookup(ifname=name)
+                if found:
+                    vpn.link("del", index=found[0])
 
-        _with_ipr(self.vpn_netns, delete)
+        if names:
+            _with_ipr(self.vpn_netns, delete)
 
 
 def _existing(vpn: Any) -> dict[str, Existing]:
