@@ -57,6 +57,16 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_port: int = 83
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
 
 
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The command line both servers share: serve options and common subcommands."""
+    from importlib.metadata import version
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--version", action="version", version=f"cevpn {version('cevpn')}")
+    add_server_arguments(parser)
+    return parser
+
+
 def add_common_commands(
     commands: argparse._SubParsersAction[argparse.ArgumentParser],
 ) -> None:

@@ -447,13 +447,7 @@ class Editor:
             for child in edit:
                 node.append(_clean(deepcopy(child)))
             return node
-        node = etree.Element(edit.tag)
-        if snode.kind == "list":
-            for key in snode.keys:
-                key_edit = edit.find(qn(snode.namespace, key))
-                assert key_edit is not None
-                key_node = etree.SubElement(node, key_edit.tag, nsmap=_value_nsmap(key_edit))
-                key_node.text = key_edit.text
+        node = _shell(edit, snode)
         self._edit_children(node, edit, snode, "merge")
         return node
 
@@ -464,13 +458,7 @@ class Editor:
         if snode.kind in ("leaf", "leaf-list", "anydata", "anyxml"):
             node = self._build(edit, snode)
         else:
-            node = etree.Element(edit.tag)
-            if snode.kind == "list":
-                for key in snode.keys:
-                    key_edit = edit.find(qn(snode.namespace, key))
-                    assert key_edit is not None
-                    key_node = etree.SubElement(node, key_edit.tag, nsmap=_value_nsmap(key_edit))
-                    key_node.text = key_edit.text
+            node = _shell(edit, snode)
         self._drop_other_cases(parent, snode)
         self._place(parent, node, edit, snode)
         return node
@@ -674,6 +662,18 @@ def _clean(elem: etree._Element) -> etree._Element:
                 if attr in node.attrib:
                     del node.attrib[attr]
     return elem
+
+
+def _shell(edit: etree._Element, snode: SchemaNode) -> etree._Element:
+    """A new container or list entry (with its key leaves) for an edit to fill."""
+    node = etree.Element(edit.tag)
+    if snode.kind == "list":
+        for key in snode.keys:
+            key_edit = edit.find(qn(snode.namespace, key))
+            assert key_edit is not None  # _edit_identity checked every key is there
+            key_node = etree.SubElement(node, key_edit.tag, nsmap=_value_nsmap(key_edit))
+            key_node.text = key_edit.text
+    return node
 
 
 def _value_nsmap(edit: etree._Element) -> Any:

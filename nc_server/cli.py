@@ -8,12 +8,9 @@ cevpn-server validate FILE...                           check documents against 
 
 from __future__ import annotations
 
-import argparse
-from importlib.metadata import version
-
 from nc_core.cli_common import (
     add_common_commands,
-    add_server_arguments,
+    build_parser,
     run_adduser,
     run_host_key,
     run_server,
@@ -29,20 +26,13 @@ class ServiceApplication(Application):
     modules = SERVICE_MODULES
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cevpn-server",
-        description="SP VPN server of cevpn: the VPN database (cevpn-service) over NETCONF.",
-    )
-    parser.add_argument("--version", action="version", version=f"cevpn {version('cevpn')}")
-    add_server_arguments(parser)
-    commands = parser.add_subparsers(dest="command", required=False)
-    add_common_commands(commands)
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser(
+        "cevpn-server",
+        "SP VPN server of cevpn: the VPN database (cevpn-service) over NETCONF.",
+    )
+    add_common_commands(parser.add_subparsers(dest="command", required=False))
+    args = parser.parse_args(argv)
     if args.command == "validate":
         return run_validate(Schema(SERVICE_MODULES), args.documents)
     if args.command == "adduser":
