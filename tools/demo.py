@@ -60,10 +60,12 @@ def main() -> int:
             issue = exc.issues[0]
             print(f"  refused  {path.name}\n           {issue.message}\n           at {issue.path}")
 
-    banner("What comes next")
+    banner("What is built, and what comes next")
     print(
-        "  The NETCONF engine (issue 3), the CE agent's kernel data plane (issue 4),\n"
-        "  the VPN server (issue 5) and IKEv2 (issue 6) come next; then this demo\n"
+        "  Built: the NETCONF engine both servers share (docs/netconf.md) and the CE\n"
+        "  agent that turns its datastore into kernel IPsec, proven in a User-Mode Linux\n"
+        "  lab by `make test` (docs/agent.md).  Next: the VPN server that provisions\n"
+        "  every CE (issue 5) and IKEv2 through strongSwan (issue 6); then this demo\n"
         "  boots the lab, starts a VPN server and four CE agents, builds a VPN over\n"
         "  NETCONF and shows encrypted site-to-site traffic (issue 7)."
     )
