@@ -10,15 +10,8 @@ from __future__ import annotations
 
 import sys
 
-from nc_core.cli_common import (
-    add_common_commands,
-    build_parser,
-    run_adduser,
-    run_host_key,
-    run_server,
-    run_validate,
-)
-from nc_core.schema import CE_MODULES, Schema
+from nc_core.cli_common import add_common_commands, build_parser, run_common_command, run_server
+from nc_core.schema import CE_MODULES
 from nc_core.transaction import Application
 
 
@@ -45,12 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_common_commands(parser.add_subparsers(dest="command", required=False))
     args = parser.parse_args(argv)
-    if args.command == "validate":
-        return run_validate(Schema(CE_MODULES), args.documents)
-    if args.command == "adduser":
-        return run_adduser(args, CeApplication)
-    if args.command == "host-key":
-        return run_host_key(args)
+    done = run_common_command(args, CE_MODULES, CeApplication)
+    if done is not None:
+        return done
     if not args.vpn_netns:
         print(
             "cevpn-agent: --vpn-netns is required to serve (the VPN routing space)", file=sys.stderr

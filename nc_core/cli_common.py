@@ -15,7 +15,7 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,19 @@ def add_common_commands(
         "mandatory, unique, leafref, must and when.  Exit status 1 if any is invalid.",
     )
     cmd.add_argument("documents", nargs="+", type=Path, metavar="FILE")
+
+
+def run_common_command(
+    args: argparse.Namespace, modules: Sequence[str], make_app: Callable[[], Application]
+) -> int | None:
+    """Run validate, adduser or host-key if that is the command; None when serving."""
+    if args.command == "validate":
+        return run_validate(Schema(modules), args.documents)
+    if args.command == "adduser":
+        return run_adduser(args, make_app)
+    if args.command == "host-key":
+        return run_host_key(args)
+    return None
 
 
 def run_validate(schema: Schema, documents: list[Path]) -> int:

@@ -8,15 +8,8 @@ cevpn-server validate FILE...                           check documents against 
 
 from __future__ import annotations
 
-from nc_core.cli_common import (
-    add_common_commands,
-    build_parser,
-    run_adduser,
-    run_host_key,
-    run_server,
-    run_validate,
-)
-from nc_core.schema import SERVICE_MODULES, Schema
+from nc_core.cli_common import add_common_commands, build_parser, run_common_command, run_server
+from nc_core.schema import SERVICE_MODULES
 from nc_core.transaction import Application
 
 
@@ -33,10 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_common_commands(parser.add_subparsers(dest="command", required=False))
     args = parser.parse_args(argv)
-    if args.command == "validate":
-        return run_validate(Schema(SERVICE_MODULES), args.documents)
-    if args.command == "adduser":
-        return run_adduser(args, ServiceApplication)
-    if args.command == "host-key":
-        return run_host_key(args)
+    done = run_common_command(args, SERVICE_MODULES, ServiceApplication)
+    if done is not None:
+        return done
     return run_server(args, ServiceApplication, "cevpn-server")
