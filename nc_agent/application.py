@@ -33,6 +33,7 @@ from nc_agent.kernel import Kernel, KernelRefused, sa_key
 from nc_core.errors import RpcError
 from nc_core.schema import CE_MODULES
 from nc_core.transaction import Application, Transaction
+from nc_core.xmlutil import default_ns_element
 
 if TYPE_CHECKING:
     from nc_core.session import Session
@@ -216,7 +217,7 @@ class AgentApplication(Application):
         server = getattr(self, "server", None)
         if server is None:
             return
-        event = etree.Element(_q(name), nsmap={None: CE_NS})  # type: ignore[dict-item]
+        event = default_ns_element(CE_NS, name)
         for leaf, value in leaves.items():
             etree.SubElement(event, _q(leaf)).text = value
         server.notifications.emit(event)
@@ -265,7 +266,7 @@ class AgentApplication(Application):
     async def operational(self, session: Session | None) -> list[etree._Element]:
         kernel = self._kernel()
         observed = await asyncio.to_thread(kernel.observe)
-        ce = etree.Element(_q("ce"), nsmap={None: CE_NS})  # type: ignore[dict-item]
+        ce = default_ns_element(CE_NS, "ce")
         for name, peer in self.current.peers.items():
             entry = etree.SubElement(ce, _q("peer"))
             etree.SubElement(entry, _q("name")).text = name
@@ -296,7 +297,7 @@ class AgentApplication(Application):
                     ).replace("+00:00", "Z")
             if name in self.last_error:
                 etree.SubElement(state, _q("last-error")).text = self.last_error[name]
-        ce_state = etree.Element(_q("ce-state"), nsmap={None: CE_NS})  # type: ignore[dict-item]
+        ce_state = default_ns_element(CE_NS, "ce-state")
         if self.applied_version:
             etree.SubElement(ce_state, _q("applied-version")).text = self.applied_version
         return [ce, ce_state]

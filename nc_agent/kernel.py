@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from nc_agent.dataplane.links import Existing, LinkError, Links, Tunnel
@@ -178,9 +178,9 @@ class Kernel:
         self._quietly(lambda: self.xfrm.apply(del_sas=list(keys)))
 
     @staticmethod
-    def _quietly(step: object) -> None:
+    def _quietly(step: Callable[[], object]) -> None:
         try:
-            step()  # type: ignore[operator]
+            step()
         except (XfrmError, LinkError, OSError) as exc:
             log.warning("cleanup step failed (the reconciler will retry): %s", exc)
 

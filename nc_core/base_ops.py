@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 from lxml import etree
 
-from nc_core.datastore import subtree_tags
-from nc_core.edit import DEFAULT_OPERATIONS, Editor, diff
+from nc_core.datastore import free, subtree_tags
+from nc_core.edit import DEFAULT_OPERATIONS, Change, Editor, diff, new_datastore
 from nc_core.errors import (
     RpcError,
     RpcErrors,
@@ -30,11 +30,6 @@ from nc_core.xmlutil import NC_NS, local, qn
 if TYPE_CHECKING:
     from nc_core.server import NetconfServer, RpcContext
     from nc_core.session import Session
-
-
-def free(tree: object) -> None:
-    if tree is not None:
-        tree.free()  # type: ignore[attr-defined]
 
 
 MODULE = "ietf-netconf"
@@ -179,17 +174,9 @@ async def edit_config(ctx: RpcContext, op: etree._Element) -> None:
             if test_option == "test-only":
                 _test_only(server, session, ds.root, work, tags)
             else:
-                tree = server.validator.validate(work, full=False)
-                try:
-                    canonical = server.validator.canonical(tree)
-                finally:
-                    free(tree)
-                changes = diff(ds.root, canonical, server.index, only=tags)
-                server.nacm.check_write(session.user, changes)
+                canonical, changes = _checked_candidate(server, session, work, tags)
                 if changes:
-                    ds.root = canonical
-                    ds.tree = None
-                    server.candidate_modified = True
+                    server.replace_candidate(canonical)
         if editor.errors:
             raise RpcErrors(editor.errors)
 
@@ -210,6 +197,32 @@ def _test_only(
     server.nacm.check_write(session.user, changes)
 
 
+def _checked_candidate(
+    server: NetconfServer, session: Session, root: etree._Element, only: set[str] | None
+) -> tuple[etree._Element, list[Change]]:
+    """A new candidate in canonical form, checked node by node and against NACM.
+
+    The candidate may stay incomplete until <validate> or <commit> (RFC 6241
+    8.3), so only what each node says about itself is validated here.
+    """
+    hash_clear_text_passwords(root)
+    tree = server.validator.validate(root, full=False)
+    try:
+        canonical = server.validator.canonical(tree)
+    finally:
+        free(tree)
+    changes = diff(server.datastores["candidate"].root, canonical, server.index, only=only)
+    server.nacm.check_write(session.user, changes)
+    return canonical, changes
+
+
+def _inline_config_tree(server: NetconfServer, op: etree._Element) -> etree._Element:
+    """The datastore tree of a <source><config>...</config></source> parameter."""
+    root = new_datastore()
+    Editor(server.index).apply(root, inline_config(op, "source"), "merge")
+    return root
+
+
 # -- copy-config, delete-config (7.3, 7.4) --------------------------------------------
 
 
@@ -228,28 +241,14 @@ async def copy_config(ctx: RpcContext, op: etree._Element) -> None:
     async with server.config_lock:
         server.check_not_locked(target, session)
         if source == "config":
-            config = inline_config(op, "source")
-            root = deepcopy(server.datastores["running"].root)
-            for child in list(root):
-                root.remove(child)
-            Editor(server.index).apply(root, config, "merge")
+            root = _inline_config_tree(server, op)
         else:
             root = deepcopy(server.datastores[source].root)
         if target == "running":
             await server.change_running(root, session, reason="copy")
         elif target == "candidate":
-            hash_clear_text_passwords(root)
-            tree = server.validator.validate(root, full=False)
-            try:
-                canonical = server.validator.canonical(tree)
-            finally:
-                free(tree)
-            server.nacm.check_write(
-                session.user, diff(server.datastores["candidate"].root, canonical, server.index)
-            )
-            server.datastores["candidate"].root = canonical
-            server.datastores["candidate"].tree = None
-            server.candidate_modified = True
+            canonical, _ = _checked_candidate(server, session, root, None)
+            server.replace_candidate(canonical)
         else:
             hash_clear_text_passwords(root)
             server.nacm.check_write(
@@ -263,8 +262,6 @@ async def delete_config(ctx: RpcContext, op: etree._Element) -> None:
     target = datastore_name(op, "target", ("startup",))
     async with server.config_lock:
         server.check_not_locked(target, session)
-        from nc_core.edit import new_datastore
-
         startup = server.datastores["startup"]
         server.nacm.check_write(session.user, diff(startup.root, new_datastore(), server.index))
         startup.root = new_datastore()
@@ -368,10 +365,7 @@ async def validate(ctx: RpcContext, op: etree._Element) -> None:
     server = ctx.server
     source = datastore_name(op, "source", ("running", "candidate", "startup", "config"))
     if source == "config":
-        root = deepcopy(server.datastores["running"].root)
-        for child in list(root):
-            root.remove(child)
-        Editor(server.index).apply(root, inline_config(op, "source"), "merge")
+        root = _inline_config_tree(server, op)
     else:
         root = server.datastores[source].root
     free(server.validator.validate(root, full=True))

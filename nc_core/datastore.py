@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,6 +142,12 @@ def validation_errors(exc: ValidationFailed, index: SchemaIndex) -> RpcErrors:
 # --------------------------------------------------------------------------
 
 
+def free(tree: Any) -> None:
+    """Release a libyang tree (None: nothing to release)."""
+    if tree is not None:
+        tree.free()
+
+
 def serialize(root: etree._Element) -> bytes:
     """The top-level nodes, concatenated: what libyang parses as sibling data trees."""
     return b"".join(etree.tostring(child) for child in root if isinstance(child.tag, str))
@@ -233,7 +238,3 @@ class Validator:
 
 def subtree_tags(config: etree._Element) -> set[str]:
     return {child.tag for child in config if isinstance(child.tag, str)}
-
-
-def errors_of(exc: RpcError | RpcErrors) -> Sequence[RpcError]:
-    return exc.errors if isinstance(exc, RpcErrors) else [exc]

@@ -27,7 +27,7 @@ from lxml import etree
 
 from nc_core.errors import RpcError
 from nc_core.schema import SchemaIndex, SchemaNode
-from nc_core.xmlutil import _PARSER, NC_NS, local, namespace, qn
+from nc_core.xmlutil import _PARSER, NC_NS, default_ns_element, local, namespace, qn
 
 YANG_NS = "urn:ietf:params:xml:ns:yang:1"
 OPERATION = qn(NC_NS, "operation")
@@ -49,7 +49,7 @@ class Change:
 
 
 def new_datastore() -> etree._Element:
-    return etree.Element(qn(NC_NS, "data"), nsmap={None: NC_NS})  # type: ignore[dict-item]
+    return default_ns_element(NC_NS, "data")
 
 
 # --------------------------------------------------------------------------
@@ -69,7 +69,8 @@ def key_values(elem: etree._Element, snode: SchemaNode) -> tuple[str, ...] | Non
     return tuple(values)
 
 
-def _identity(elem: etree._Element, snode: SchemaNode) -> tuple[str, ...]:
+def instance_identity(elem: etree._Element, snode: SchemaNode) -> tuple[str, ...]:
+    """What tells an instance from its siblings: key values, a leaf-list value, or ()."""
     if snode.kind == "list":
         return key_values(elem, snode) or ()
     if snode.kind == "leaf-list":
@@ -97,7 +98,7 @@ class Instances:
         key = (id(parent), tag)
         found = self._maps.get(key)
         if found is None:
-            found = {_identity(c, snode): c for c in parent.iterchildren(tag)}
+            found = {instance_identity(c, snode): c for c in parent.iterchildren(tag)}
             self._maps[key] = found
             self._alive.append(parent)
         return found
@@ -119,7 +120,7 @@ class Instances:
     def added(self, parent: etree._Element, node: etree._Element, snode: SchemaNode) -> None:
         key = (id(parent), node.tag)
         if snode.kind in ("list", "leaf-list") and key in self._maps:
-            self._maps[key][_identity(node, snode)] = node
+            self._maps[key][instance_identity(node, snode)] = node
         self._last.pop(key, None)
 
     def appended(self, parent: etree._Element, node: etree._Element, snode: SchemaNode) -> None:
@@ -132,7 +133,7 @@ class Instances:
     ) -> None:
         key = (id(parent), node.tag)
         if snode is not None and snode.kind in ("list", "leaf-list") and key in self._maps:
-            self._maps[key].pop(_identity(node, snode), None)
+            self._maps[key].pop(instance_identity(node, snode), None)
         self._last.pop(key, None)
 
     def moved(self, parent: etree._Element, tag: str) -> None:
@@ -571,7 +572,7 @@ class Editor:
                 info=[("bad-attribute", local(attr)), ("bad-element", snode.name)],
             )
         for sibling in siblings:
-            ident = _identity(sibling, snode)
+            ident = instance_identity(sibling, snode)
             if snode.kind == "list":
                 keys = dict(zip(snode.keys, ident, strict=True))
                 if all(keys.get(k) == v for k, v in _parse_key_predicates(ref)):
@@ -729,7 +730,7 @@ def _children_by_identity(
         if not isinstance(child.tag, str) or (only is not None and child.tag not in only):
             continue
         snode = schema_of(index, parent_snode, child)
-        ident = _identity(child, snode) if snode is not None else ()
+        ident = instance_identity(child, snode) if snode is not None else ()
         out[(child.tag, ident)] = (child, snode)
     return out
 

@@ -14,7 +14,7 @@ from typing import Literal
 
 from lxml import etree
 
-from nc_core.xmlutil import NC_NS, qn
+from nc_core.xmlutil import NC_NS, default_ns_element, qn
 
 ErrorType = Literal["transport", "rpc", "protocol", "application"]
 
@@ -71,7 +71,7 @@ class RpcError(Exception):
         return f"{self.tag}: {self.message}{where}"
 
     def to_xml(self) -> etree._Element:
-        err = etree.Element(qn(NC_NS, "rpc-error"), nsmap={None: NC_NS})  # type: ignore[dict-item]
+        err = default_ns_element(NC_NS, "rpc-error")
         etree.SubElement(err, qn(NC_NS, "error-type")).text = self.type
         etree.SubElement(err, qn(NC_NS, "error-tag")).text = self.tag
         etree.SubElement(err, qn(NC_NS, "error-severity")).text = self.severity
@@ -115,17 +115,6 @@ def missing_element(
 
 def bad_element(name: str, message: str, *, type: ErrorType = "protocol") -> RpcError:
     return RpcError("bad-element", message, type=type, info=[("bad-element", name)])
-
-
-def unknown_element(
-    name: str, message: str | None = None, *, type: ErrorType = "protocol"
-) -> RpcError:
-    return RpcError(
-        "unknown-element",
-        message or f"The element <{name}> is not known here.",
-        type=type,
-        info=[("bad-element", name)],
-    )
 
 
 def operation_not_supported(message: str) -> RpcError:

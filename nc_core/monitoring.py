@@ -25,7 +25,7 @@ from lxml import etree
 from nc_core.errors import RpcError, missing_element
 from nc_core.notifications import date_and_time
 from nc_core.with_defaults import as_datastore_tree
-from nc_core.xmlutil import MON_NS, SYS_NS, YANGLIB_NS, qn
+from nc_core.xmlutil import MON_NS, SYS_NS, YANGLIB_NS, default_ns_element, qn
 
 if TYPE_CHECKING:
     from nc_core.server import NetconfServer, RpcContext
@@ -115,7 +115,7 @@ class Monitoring:
 
     def _netconf_state(self) -> etree._Element:
         server = self.server
-        state = etree.Element(qn(MON_NS, "netconf-state"), nsmap={None: MON_NS})  # type: ignore[dict-item]
+        state = default_ns_element(MON_NS, "netconf-state")
         caps = etree.SubElement(state, qn(MON_NS, "capabilities"))
         for cap in server.capabilities():
             etree.SubElement(caps, qn(MON_NS, "capability")).text = cap
@@ -177,7 +177,7 @@ class Monitoring:
         return state
 
     def _system_state(self) -> etree._Element:
-        state = etree.Element(qn(SYS_NS, "system-state"), nsmap={None: SYS_NS})  # type: ignore[dict-item]
+        state = default_ns_element(SYS_NS, "system-state")
         plat = etree.SubElement(state, qn(SYS_NS, "platform"))
         uname = os.uname()
         etree.SubElement(plat, qn(SYS_NS, "os-name")).text = uname.sysname
@@ -232,7 +232,7 @@ class Monitoring:
                 type="protocol",
                 info=[("bad-element", "version")],
             )
-        data = etree.Element(qn(MON_NS, "data"), nsmap={None: MON_NS})  # type: ignore[dict-item]
+        data = default_ns_element(MON_NS, "data")
         data.text = _module_text(module)
         return [data]
 

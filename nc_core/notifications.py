@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Sequence
+from copy import deepcopy
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -23,7 +24,16 @@ from lxml import etree
 from nc_core.edit import Change, instance_path
 from nc_core.errors import RpcError
 from nc_core.filters import apply_filter
-from nc_core.xmlutil import NC_NOTIF_NS, NC_NS, NCN_NS, NOTIF_NS, local, namespace, qn
+from nc_core.xmlutil import (
+    NC_NOTIF_NS,
+    NC_NS,
+    NCN_NS,
+    NOTIF_NS,
+    default_ns_element,
+    local,
+    namespace,
+    qn,
+)
 
 if TYPE_CHECKING:
     from nc_core.server import NetconfServer, RpcContext
@@ -197,7 +207,7 @@ class NotificationCenter:
         if not self.server.nacm.may_notify(session.user, entry.module, entry.name):
             return
         data = etree.Element(qn(NC_NS, "data"))
-        data.append(_copy(entry.content))
+        data.append(deepcopy(entry.content))
         data = self.server.nacm.filter_read(session.user, data)
         if sub.filter is not None:
             data = apply_filter(data, sub.filter, self.server.keys_of)
@@ -207,7 +217,7 @@ class NotificationCenter:
         session.send_notification(_envelope(entry.time, parts))
 
     def _send_marker(self, sub: Subscription, name: str) -> None:
-        marker = etree.Element(qn(NC_NOTIF_NS, name), nsmap={None: NC_NOTIF_NS})  # type: ignore[dict-item]
+        marker = default_ns_element(NC_NOTIF_NS, name)
         sub.session.send_notification(_envelope(now(), [marker]))
 
     # -- ietf-netconf-notifications (RFC 6470) ---------------------------------------
@@ -271,7 +281,7 @@ class NotificationCenter:
 
 
 def _event(name: str) -> etree._Element:
-    return etree.Element(qn(NCN_NS, name), nsmap={None: NCN_NS})  # type: ignore[dict-item]
+    return default_ns_element(NCN_NS, name)
 
 
 def _session_info(parent: etree._Element, session: Session) -> None:
@@ -315,14 +325,8 @@ def _top_changes(changes: Sequence[Change]) -> list[tuple[etree._Element, str]]:
     return out
 
 
-def _copy(elem: etree._Element) -> etree._Element:
-    from copy import deepcopy
-
-    return deepcopy(elem)
-
-
 def _envelope(moment: datetime, parts: list[etree._Element]) -> bytes:
-    notification = etree.Element(qn(NOTIF_NS, "notification"), nsmap={None: NOTIF_NS})  # type: ignore[dict-item]
+    notification = default_ns_element(NOTIF_NS, "notification")
     etree.SubElement(notification, qn(NOTIF_NS, "eventTime")).text = date_and_time(moment)
     for part in parts:
         notification.append(part)
@@ -336,7 +340,7 @@ def _as_nc_filter(filter_elem: etree._Element) -> etree._Element:
     for name, value in filter_elem.attrib.items():
         copy.set(name, value)
     for child in filter_elem:
-        copy.append(_copy(child))
+        copy.append(deepcopy(child))
     copy.text = filter_elem.text
     return copy
 

@@ -29,10 +29,11 @@ from nc_core.datastore import (
     Validator,
     commit_staged,
     document_bytes,
+    free,
     write_atomically,
     write_staged,
 )
-from nc_core.edit import Change, diff, new_datastore, schema_of
+from nc_core.edit import Change, Instances, diff, instance_identity, new_datastore, schema_of
 from nc_core.errors import RpcError, RpcErrors, operation_not_supported
 from nc_core.nacm import Nacm
 from nc_core.schema import Schema, SchemaIndex
@@ -48,7 +49,7 @@ from nc_core.with_defaults import (
 from nc_core.with_defaults import (
     CAPABILITY as WITH_DEFAULTS_CAPABILITY,
 )
-from nc_core.xmlutil import NACM_NS, NC_NS, SYS_NS, local, namespace, qn
+from nc_core.xmlutil import NACM_NS, NC_NS, SYS_NS, default_ns_element, local, namespace, qn
 
 log = logging.getLogger("cevpn.netconf")
 
@@ -312,7 +313,7 @@ class NetconfServer:
         return [*PROTOCOL_CAPABILITIES, *self.monitoring.capabilities()]
 
     def hello(self, session_id: int) -> bytes:
-        hello = etree.Element(qn(NC_NS, "hello"), nsmap={None: NC_NS})  # type: ignore[dict-item]
+        hello = default_ns_element(NC_NS, "hello")
         caps = etree.SubElement(hello, qn(NC_NS, "capabilities"))
         for cap in self.capabilities():
             etree.SubElement(caps, qn(NC_NS, "capability")).text = cap
@@ -439,6 +440,12 @@ class NetconfServer:
 
     # -- writing -------------------------------------------------------------------
 
+    def replace_candidate(self, root: etree._Element) -> None:
+        """A client changed the candidate: it no longer follows running."""
+        candidate = self.datastores["candidate"]
+        candidate.root, candidate.tree = root, None
+        self.candidate_modified = True
+
     def reset_candidate(self) -> None:
         running = self.datastores["running"]
         self.datastores["candidate"].root = deepcopy(running.root)
@@ -543,16 +550,8 @@ def _touches(changes: Sequence[Change], tops: tuple[str, ...]) -> bool:
     return False
 
 
-def free(tree: Any) -> None:
-    """Release a libyang tree (None: nothing to release)."""
-    if tree is not None:
-        tree.free()
-
-
 def merge_into(root: etree._Element, elems: list[etree._Element], server: NetconfServer) -> None:
     """Merge top-level state subtrees into a data tree, matching list entries by key."""
-    from nc_core.edit import Instances
-
     instances = Instances()
     for elem in elems:
         _merge(root, elem, None, server.index, instances)
@@ -563,15 +562,13 @@ def _merge(
     elem: etree._Element,
     parent_snode: Any,
     index: SchemaIndex,
-    instances: Any,
+    instances: Instances,
 ) -> None:
-    from nc_core.edit import _identity
-
     snode = schema_of(index, parent_snode, elem)
     if snode is None:
         parent.append(deepcopy(elem))
         return
-    existing = instances.find(parent, elem.tag, snode, _identity(elem, snode))
+    existing = instances.find(parent, elem.tag, snode, instance_identity(elem, snode))
     if existing is None:
         node = deepcopy(elem)
         parent.append(node)
@@ -583,7 +580,3 @@ def _merge(
     for child in elem:
         if isinstance(child.tag, str):
             _merge(existing, child, snode, index, instances)
-
-
-def write_document(path: Path, root: etree._Element) -> None:
-    write_atomically(path, document_bytes(root))

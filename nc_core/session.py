@@ -189,8 +189,7 @@ class Session:
         try:
             rpc = parse_message(message)
         except XmlRejected as exc:
-            self.counters.in_bad_rpcs += 1
-            self.server.stats.in_bad_rpcs += 1
+            self._count_bad_rpc()
             if self.base11:
                 self._send_reply(None, {}, errors=[malformed(f"Message refused: {exc}.")])
             else:  # malformed-message must not be sent to base:1.0 peers (RFC 6241 App. A)
@@ -198,8 +197,7 @@ class Session:
             return
         attrs: dict[str, str] = {str(k): str(v) for k, v in rpc.attrib.items()}
         if rpc.tag != qn(NC_NS, "rpc"):
-            self.counters.in_bad_rpcs += 1
-            self.server.stats.in_bad_rpcs += 1
+            self._count_bad_rpc()
             self._send_reply(
                 rpc,
                 attrs,
@@ -220,8 +218,7 @@ class Session:
             )
             return
         if "message-id" not in rpc.attrib:
-            self.counters.in_bad_rpcs += 1
-            self.server.stats.in_bad_rpcs += 1
+            self._count_bad_rpc()
             self._send_reply(
                 rpc,
                 attrs,
@@ -245,6 +242,11 @@ class Session:
             self._send_reply(rpc, attrs, errors=errs.errors)
         else:
             self._send_reply(rpc, attrs, body=body)
+
+    def _count_bad_rpc(self) -> None:
+        """RFC 6022 in-bad-rpcs, for this session and the server."""
+        self.counters.in_bad_rpcs += 1
+        self.server.stats.in_bad_rpcs += 1
 
     def _send_reply(
         self,

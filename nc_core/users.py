@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from lxml import etree
 
-from nc_core.xmlutil import NACM_NS, SYS_NS, qn
+from nc_core.xmlutil import NACM_NS, SYS_NS, default_ns_element, qn
 
 _SALT_CHARS = string.ascii_letters + string.digits + "./"
 
@@ -188,7 +188,7 @@ def initial_nacm() -> etree._Element:
     Other groups get RFC 8341's defaults (read permitted except default-deny-all
     nodes, write denied, exec permitted except default-deny-all operations).
     """
-    nacm = etree.Element(qn(NACM_NS, "nacm"), nsmap={None: NACM_NS})  # type: ignore[dict-item]
+    nacm = default_ns_element(NACM_NS, "nacm")
     rule_list = etree.SubElement(nacm, qn(NACM_NS, "rule-list"))
     etree.SubElement(rule_list, qn(NACM_NS, "name")).text = "admin"
     etree.SubElement(rule_list, qn(NACM_NS, "group")).text = "admin"

@@ -23,10 +23,6 @@ YANGLIB_NS = "urn:ietf:params:xml:ns:yang:ietf-yang-library"
 NACM_NS = "urn:ietf:params:xml:ns:yang:ietf-netconf-acm"
 SYS_NS = "urn:ietf:params:xml:ns:yang:ietf-system"
 NCN_NS = "urn:ietf:params:xml:ns:yang:ietf-netconf-notifications"
-NETCONF_YANG_NS = NC_NS  # ietf-netconf's namespace is the base namespace
-
-MAX_DEPTH = 256
-"""libxml2 refuses documents nested deeper than this (without XML_PARSE_HUGE)."""
 
 
 class XmlRejected(ValueError):
@@ -36,6 +32,15 @@ class XmlRejected(ValueError):
 def qn(ns: str, name: str) -> str:
     """Clark notation: ``{ns}name``."""
     return f"{{{ns}}}{name}"
+
+
+def default_ns_element(ns: str, name: str) -> etree._Element:
+    """A new top element in namespace ``ns``, declared as the default namespace.
+
+    (lxml's stubs do not allow the None key of a default-namespace map.)
+    """
+    nsmap: Any = {None: ns}
+    return etree.Element(qn(ns, name), nsmap=nsmap)
 
 
 def local(tag: object) -> str:
