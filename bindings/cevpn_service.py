@@ -175,7 +175,7 @@ class yc_server_cevpn_service__vpn_service_server(PybindBase):
 
   YANG Description: How CEs reach this VPN server, and provisioning limits.
   """
-  __slots__ = ('_path_helper', '_extmethods', '__endpoint','__max_concurrent_provisioning','__confirm_timeout','__unreachable_retry_limit',)
+  __slots__ = ('_path_helper', '_extmethods', '__endpoint','__max_concurrent_provisioning','__confirm_timeout','__ce_orphan_after','__unreachable_retry_limit',)
 
   _yang_name = 'server'
   _yang_namespace = 'urn:cevpn:yang:cevpn-service'
@@ -199,6 +199,7 @@ class yc_server_cevpn_service__vpn_service_server(PybindBase):
     self.__endpoint = YANGDynClass(base=YANGListType("address",yc_endpoint_cevpn_service__vpn_service_server_endpoint, yang_name="endpoint", parent=self, is_container='list', user_ordered=True, path_helper=self._path_helper, yang_keys='address', extensions=None), is_container='list', yang_name="endpoint", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, extensions=None, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='list', is_config=True)
     self.__max_concurrent_provisioning = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['1..1024']}), default=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16)(32), is_leaf=True, yang_name="max-concurrent-provisioning", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='uint16', is_config=True)
     self.__confirm_timeout = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), restriction_dict={'range': ['1..max']}), default=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32)(60), is_leaf=True, yang_name="confirm-timeout", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='cevpn-t:timer-seconds', is_config=True)
+    self.__ce_orphan_after = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), restriction_dict={'range': ['1..max']}), default=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32)(86400), is_leaf=True, yang_name="ce-orphan-after", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='cevpn-t:timer-seconds', is_config=True)
     self.__unreachable_retry_limit = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), restriction_dict={'range': ['1..max']}), default=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32)(300), is_leaf=True, yang_name="unreachable-retry-limit", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='cevpn-t:timer-seconds', is_config=True)
 
     load = kwargs.pop("load", None)
@@ -345,6 +346,47 @@ long.
     self.__confirm_timeout = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), restriction_dict={'range': ['1..max']}), default=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32)(60), is_leaf=True, yang_name="confirm-timeout", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='cevpn-t:timer-seconds', is_config=True)
 
 
+  def _get_ce_orphan_after(self):
+    """
+    Getter method for ce_orphan_after, mapped from YANG variable /vpn_service/server/ce_orphan_after (cevpn-t:timer-seconds)
+
+    YANG Description: Given to each CE at enrolment: once this server has answered
+for this long that the CE is no longer part of a VPN, the
+CE deletes its VPN state (seed 3.6, second way).
+    """
+    return self.__ce_orphan_after
+      
+  def _set_ce_orphan_after(self, v, load=False):
+    """
+    Setter method for ce_orphan_after, mapped from YANG variable /vpn_service/server/ce_orphan_after (cevpn-t:timer-seconds)
+    If this variable is read-only (config: false) in the
+    source YANG file, then _set_ce_orphan_after is considered as a private
+    method. Backends looking to populate this variable should
+    do so via calling thisObj._set_ce_orphan_after() directly.
+
+    YANG Description: Given to each CE at enrolment: once this server has answered
+for this long that the CE is no longer part of a VPN, the
+CE deletes its VPN state (seed 3.6, second way).
+    """
+    if hasattr(v, "_utype"):
+      v = v._utype(v)
+    try:
+      t = YANGDynClass(v,base=RestrictedClassType(base_type=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), restriction_dict={'range': ['1..max']}), default=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32)(86400), is_leaf=True, yang_name="ce-orphan-after", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='cevpn-t:timer-seconds', is_config=True)
+    except (TypeError, ValueError):
+      raise ValueError({
+          'error-string': """ce_orphan_after must be of a type compatible with cevpn-t:timer-seconds""",
+          'defined-type': "cevpn-t:timer-seconds",
+          'generated-type': """YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), restriction_dict={'range': ['1..max']}), default=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32)(86400), is_leaf=True, yang_name="ce-orphan-after", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='cevpn-t:timer-seconds', is_config=True)""",
+        })
+
+    self.__ce_orphan_after = t
+    if hasattr(self, '_set'):
+      self._set()
+
+  def _unset_ce_orphan_after(self):
+    self.__ce_orphan_after = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), restriction_dict={'range': ['1..max']}), default=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32)(86400), is_leaf=True, yang_name="ce-orphan-after", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='cevpn-t:timer-seconds', is_config=True)
+
+
   def _get_unreachable_retry_limit(self):
     """
     Getter method for unreachable_retry_limit, mapped from YANG variable /vpn_service/server/unreachable_retry_limit (cevpn-t:timer-seconds)
@@ -386,10 +428,11 @@ CE.
   endpoint = __builtin__.property(_get_endpoint, _set_endpoint)
   max_concurrent_provisioning = __builtin__.property(_get_max_concurrent_provisioning, _set_max_concurrent_provisioning)
   confirm_timeout = __builtin__.property(_get_confirm_timeout, _set_confirm_timeout)
+  ce_orphan_after = __builtin__.property(_get_ce_orphan_after, _set_ce_orphan_after)
   unreachable_retry_limit = __builtin__.property(_get_unreachable_retry_limit, _set_unreachable_retry_limit)
 
 
-  _pyangbind_elements = OrderedDict([('endpoint', endpoint), ('max_concurrent_provisioning', max_concurrent_provisioning), ('confirm_timeout', confirm_timeout), ('unreachable_retry_limit', unreachable_retry_limit), ])
+  _pyangbind_elements = OrderedDict([('endpoint', endpoint), ('max_concurrent_provisioning', max_concurrent_provisioning), ('confirm_timeout', confirm_timeout), ('ce_orphan_after', ce_orphan_after), ('unreachable_retry_limit', unreachable_retry_limit), ])
 
 
 class yc_link_cevpn_service__vpn_service_vpn_topology_link(PybindBase):

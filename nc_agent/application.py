@@ -27,9 +27,11 @@ from typing import TYPE_CHECKING
 from lxml import etree
 
 from nc_agent.allocations import Allocations
+from nc_agent.bootstrap import CLIENT_KEY_FILE
 from nc_agent.dataplane.xfrm import OWNED_REQIDS, SAKey, XfrmEvents
 from nc_agent.desired import ConfigProblem, Desired, compile_desired
 from nc_agent.kernel import Kernel, KernelRefused, sa_key
+from nc_agent.pull import Puller, UnknownPeerWatch
 from nc_core.errors import RpcError
 from nc_core.schema import CE_MODULES
 from nc_core.transaction import Application, Transaction
@@ -59,10 +61,24 @@ def _peer_path(peer: str | None) -> tuple[str | None, dict[str, str]]:
 class AgentApplication(Application):
     modules = CE_MODULES
 
-    def __init__(self, state_dir: Path, vpn_netns: str, sp_netns: str | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        vpn_netns: str | None,
+        sp_netns: str | None = None,
+        *,
+        dataplane: str = "kernel",
+        follow_management_port: bool = False,
+    ) -> None:
         self.state_dir = state_dir
         self.vpn_netns = vpn_netns
         self.sp_netns = sp_netns
+        self.dataplane = dataplane
+        """'kernel', or 'none': NETCONF and datastore only, for controller scale tests."""
+        self.follow_management_port = follow_management_port
+        """Listen on pre-configuration/management/port (an enrolled CE), moving with it."""
+        self.puller: Puller | None = None
+        self.unknown_peers: UnknownPeerWatch | None = None
         self.kernel: Kernel | None = None
         self.allocations: Allocations | None = None
         self.current = Desired()
@@ -76,16 +92,37 @@ class AgentApplication(Application):
 
     def _kernel(self) -> Kernel:
         if self.kernel is None:
+            assert self.vpn_netns is not None, "the kernel data plane needs a VPN namespace"
             self.kernel = Kernel(self.vpn_netns, self.sp_netns)
-            self.allocations = Allocations(self.state_dir / "dataplane.json")
         return self.kernel
 
+    def _allocations(self) -> Allocations:
+        if self.allocations is None:
+            self.allocations = Allocations(self.state_dir / "dataplane.json")
+        return self.allocations
+
+    @property
+    def has_kernel(self) -> bool:
+        return self.dataplane == "kernel"
+
     async def started(self) -> None:
+        self.puller = Puller(self.server, self.state_dir, self.state_dir / CLIENT_KEY_FILE)
+        self.puller.start()
+        if self.puller.settings() is not None:
+            self.puller.trigger("start-up")
+        if not self.has_kernel:
+            return
         kernel = self._kernel()
         self.events = kernel.xfrm.events()
         asyncio.get_running_loop().add_reader(self.events.fileno(), self._on_kernel_events)
+        self.unknown_peers = UnknownPeerWatch(self.puller.trigger)
+        self.unknown_peers.start()
 
     async def stopping(self) -> None:
+        if self.puller is not None:
+            await self.puller.stop()
+        if self.unknown_peers is not None:
+            self.unknown_peers.stop()
         if self.events is not None:
             asyncio.get_running_loop().remove_reader(self.events.fileno())
             self.events.close()
@@ -112,18 +149,67 @@ class AgentApplication(Application):
             ) from None
 
     async def prepare(self, txn: Transaction) -> None:
-        self._kernel()
-        assert self.allocations is not None
+        allocations = self._allocations()
         config = txn.new_json()
         peers = [p["name"] for p in config.get("cevpn-ce:ce", {}).get("peer", [])]
-        txn.scratch["fresh"] = self.allocations.reserve(peers)
-        txn.scratch["desired"] = compile_desired(config, self.allocations.reqids)
+        txn.scratch["fresh"] = allocations.reserve(peers)
+        txn.scratch["desired"] = compile_desired(config, allocations.reqids)
+
+    async def _follow_port(self, txn: Transaction) -> int | None:
+        """Move the listener to the configured management port; the old port, to undo."""
+        if not self.follow_management_port:
+            return None
+        pre = txn.new_json().get("cevpn-ce:ce", {}).get("pre-configuration", {})
+        port = pre.get("management", {}).get("port")
+        if port is None:
+            return None
+        listener = self.server.listener
+        if txn.reason == "startup" or listener is None:
+            self.server.options.port = int(port)
+            return None
+        old = listener.port
+        if old == int(port):
+            return None
+        try:
+            await listener.move(int(port))
+        except OSError as exc:
+            raise RpcError(
+                "operation-failed",
+                f"Cannot listen on management port {port}: {exc}; nothing was changed.",
+                path="/cevpn-ce:ce/cevpn-ce:pre-configuration/cevpn-ce:management/cevpn-ce:port",
+                path_ns={"cevpn-ce": CE_NS},
+            ) from None
+        return old
 
     async def apply(self, txn: Transaction) -> None:
-        kernel = self._kernel()
-        assert self.allocations is not None
+        moved_from = await self._follow_port(txn)
+        try:
+            await self._apply(txn)
+        except BaseException:
+            if moved_from is not None and self.server.listener is not None:
+                await self.server.listener.move(moved_from)
+            raise
+
+    async def _apply(self, txn: Transaction) -> None:
+        allocations = self._allocations()
         new: Desired = txn.scratch["desired"]
         old = self.current
+        if not self.has_kernel:
+            # Control plane only: nothing is installed, so nothing is announced as up.
+            self.current = new
+            allocations.keep_only(set(new.peers))
+            allocations.save()
+            self.applied_version = (
+                txn.new_json().get("cevpn-ce:ce", {}).get("configuration-version")
+            )
+            if txn.reason != "startup":
+                self._notify(
+                    "configuration-updated",
+                    version=str(self.applied_version or ""),
+                    source=self._source(txn),
+                )
+            return
+        kernel = self._kernel()
         keep = self._keep_for_grace(old, new)
         try:
             if txn.reason == "startup":
@@ -148,8 +234,8 @@ class AgentApplication(Application):
         for key, grace in keep.items():
             self._linger(key, grace)
         self.current = new
-        self.allocations.keep_only(set(new.peers))
-        self.allocations.save()
+        allocations.keep_only(set(new.peers))
+        allocations.save()
         self.applied_version = txn.new_json().get("cevpn-ce:ce", {}).get("configuration-version")
         self._announce(old, new, txn)
 
@@ -211,7 +297,16 @@ class AgentApplication(Application):
                 )
         if txn.reason != "startup":
             version = txn.new_json().get("cevpn-ce:ce", {}).get("configuration-version", "")
-            self._notify("configuration-updated", version=str(version), source="local")
+            self._notify("configuration-updated", version=str(version), source=self._source(txn))
+
+    @staticmethod
+    def _source(txn: Transaction) -> str:
+        """cevpn-ce configuration-updated/source: who made the change."""
+        if txn.reason == "pull":
+            return "pull"
+        if txn.user == "cevpn-server":
+            return "push"
+        return "local"
 
     def _notify(self, name: str, **leaves: str) -> None:
         server = getattr(self, "server", None)
@@ -263,7 +358,37 @@ class AgentApplication(Application):
                     **{"peer-address": peer.tunnel.remote, "reason": why},
                 )
 
+    def _ce_state(self) -> etree._Element:
+        ce_state = default_ns_element(CE_NS, "ce-state")
+        if self.applied_version:
+            etree.SubElement(ce_state, _q("applied-version")).text = self.applied_version
+        if self.puller is not None and self.puller.last_fetch:
+            etree.SubElement(ce_state, _q("last-fetch")).text = self.puller.last_fetch
+        if self.puller is not None and self.puller.last_error:
+            etree.SubElement(ce_state, _q("last-fetch-error")).text = self.puller.last_error
+        return ce_state
+
+    def rpc_names(self) -> set[tuple[str, str]]:
+        return {(CE_NS, "refresh-configuration")}
+
+    async def rpc(self, session: Session, rpc: etree._Element) -> list[etree._Element]:
+        if etree.QName(rpc).localname != "refresh-configuration" or self.puller is None:
+            return await super().rpc(session, rpc)
+        try:
+            changed = await self.puller.fetch_and_apply()
+        except Exception as exc:
+            raise RpcError(
+                "operation-failed", f"The configuration could not be fetched: {exc}"
+            ) from None
+        applied = etree.Element(_q("applied-version"))
+        applied.text = self.applied_version or ""
+        flag = etree.Element(_q("changed"))
+        flag.text = "true" if changed else "false"
+        return [applied, flag]
+
     async def operational(self, session: Session | None) -> list[etree._Element]:
+        if not self.has_kernel:
+            return [self._ce_state()]
         kernel = self._kernel()
         observed = await asyncio.to_thread(kernel.observe)
         ce = default_ns_element(CE_NS, "ce")
@@ -297,7 +422,4 @@ class AgentApplication(Application):
                     ).replace("+00:00", "Z")
             if name in self.last_error:
                 etree.SubElement(state, _q("last-error")).text = self.last_error[name]
-        ce_state = default_ns_element(CE_NS, "ce-state")
-        if self.applied_version:
-            etree.SubElement(ce_state, _q("applied-version")).text = self.applied_version
-        return [ce, ce_state]
+        return [ce, self._ce_state()]

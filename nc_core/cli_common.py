@@ -183,6 +183,9 @@ def run_server(args: argparse.Namespace, make_app: Callable[[], Application], na
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s",
     )
+    # ncclient and paramiko narrate every message at INFO; message contents may carry keys.
+    for noisy in ("ncclient", "paramiko"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.state_dir is None:
         print(f"{name}: --state-dir is required", file=sys.stderr)
         return 2

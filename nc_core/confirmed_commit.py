@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from lxml import etree
 
-from nc_core.datastore import document_bytes, write_atomically
+from nc_core.datastore import document_bytes
 from nc_core.errors import RpcError
 from nc_core.xmlutil import NC_NS, qn
 
@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("cevpn.netconf")
 
 DEFAULT_TIMEOUT = 600  # seconds, RFC 6241 8.4.5.1
+BACKUP = "confirmed-commit-rollback"
+"""The persisted document holding the configuration to roll back to."""
 
 
 @dataclass
@@ -48,7 +50,7 @@ class ConfirmedCommit:
     def __init__(self, server: NetconfServer) -> None:
         self.server = server
         self.pending: PendingCommit | None = None
-        self.backup = server.options.state_dir / "confirmed-commit-rollback.xml"
+        self.store = server.persistence
         self._tasks: set[asyncio.Task[None]] = set()
 
     def pending_session(self) -> int | None:
@@ -87,11 +89,11 @@ class ConfirmedCommit:
                     await self._commit_candidate(session)
                     return
                 rollback_to = deepcopy(server.datastores["running"].root)
-                write_atomically(self.backup, document_bytes(rollback_to))
+                self.store.write(BACKUP, document_bytes(rollback_to))
                 try:
                     await self._commit_candidate(session)
                 except BaseException:
-                    self.backup.unlink(missing_ok=True)
+                    self.store.delete(BACKUP)
                     raise
                 self.pending = PendingCommit(
                     session.id, session.user, session.source_host, persist, rollback_to
@@ -196,7 +198,7 @@ class ConfirmedCommit:
         if self.pending is not None and self.pending.timer is not None:
             self.pending.timer.cancel()
         self.pending = None
-        self.backup.unlink(missing_ok=True)
+        self.store.delete(BACKUP)
 
     def session_ended(self, session: Session) -> None:
         """RFC 6241 8.4.1: a non-persistent confirmed commit dies with its session."""
@@ -206,13 +208,12 @@ class ConfirmedCommit:
 
     def recover_after_restart(self) -> None:
         """A confirmed commit pending when the server died is rolled back now."""
-        if not self.backup.exists():
+        backup = self.store.read(BACKUP)
+        if backup is None:
             return
-        running = self.server.datastores["running"].path
-        assert running is not None
         log.warning("rolling back a confirmed commit left pending by the previous run")
-        write_atomically(running, self.backup.read_bytes())
-        self.backup.unlink()
+        self.store.write("running", backup)
+        self.store.delete(BACKUP)
 
     def shutdown(self) -> None:
         if self.pending is not None and self.pending.timer is not None:

@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
@@ -25,6 +25,9 @@ from nc_core.edit import new_datastore
 from nc_core.errors import RpcError, RpcErrors
 from nc_core.schema import Schema, SchemaIndex, SchemaIssue, ValidationFailed
 from nc_core.xmlutil import NC_NS, XmlRejected, parse_message, qn
+
+if TYPE_CHECKING:
+    from nc_core.persistence import DatastorePersistence
 
 CONFIG_DATASTORES = ("running", "candidate", "startup")
 
@@ -159,11 +162,12 @@ class Datastore:
     root: etree._Element = field(default_factory=new_datastore)
     tree: Any = None
     """libyang tree of ``root`` once fully validated; None when unknown."""
-    path: Path | None = None
+    persistence: DatastorePersistence | None = None
+    """Where it is kept (running and startup); None: in memory only (candidate)."""
 
     def save(self) -> None:
-        if self.path is not None:
-            write_atomically(self.path, document_bytes(self.root))
+        if self.persistence is not None:
+            self.persistence.write(self.name, document_bytes(self.root))
 
 
 def document_bytes(root: etree._Element) -> bytes:
@@ -221,18 +225,18 @@ class Validator:
             return parsed
         return root
 
-    def load_file(self, path: Path) -> tuple[etree._Element, Any]:
-        """Read a persisted datastore and validate it fully."""
+    def load(self, data: bytes, origin: str) -> tuple[etree._Element, Any]:
+        """Read a persisted datastore and validate it fully; ``origin`` names it in errors."""
         try:
-            root = parse_message(path.read_bytes())
+            root = parse_message(data)
         except XmlRejected as exc:
-            raise RuntimeError(f"{path}: {exc}") from exc
+            raise RuntimeError(f"{origin}: {exc}") from exc
         if root.tag != qn(NC_NS, "data"):
-            raise RuntimeError(f"{path}: not a datastore file (root is {root.tag})")
+            raise RuntimeError(f"{origin}: not a datastore document (root is {root.tag})")
         try:
             tree = self.validate(root)
         except RpcErrors as exc:
-            raise RuntimeError(f"{path}: stored configuration no longer valid: {exc}") from exc
+            raise RuntimeError(f"{origin}: stored configuration no longer valid: {exc}") from exc
         return self.canonical(tree), tree
 
 

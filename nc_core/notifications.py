@@ -76,6 +76,8 @@ class Logged:
     content: etree._Element
     module: str
     name: str
+    audience: frozenset[str] | None = None
+    """Users this event is for (None: everyone NACM lets read it)."""
 
 
 @dataclass
@@ -191,10 +193,16 @@ class NotificationCenter:
 
     # -- emitting ------------------------------------------------------------------
 
-    def emit(self, content: etree._Element) -> None:
-        """Publish an event: log it for replay, send it to every subscriber allowed to see it."""
+    def emit(self, content: etree._Element, audience: frozenset[str] | None = None) -> None:
+        """Publish an event: log it for replay, send it to every subscriber allowed to see it.
+
+        ``audience`` narrows an event to some users beyond what NACM can say:
+        NACM rules name notification types, not instances, so "a CE hears
+        only about its own configuration" is said here.
+        """
         ns = namespace(content.tag) or ""
-        entry = Logged(now(), content, self.server.index.namespaces.get(ns, ""), local(content.tag))
+        module = self.server.index.namespaces.get(ns, "")
+        entry = Logged(now(), content, module, local(content.tag), audience)
         self.log.append(entry)
         for sub in list(self.subscriptions.values()):
             if sub.replaying:
@@ -204,6 +212,8 @@ class NotificationCenter:
 
     def _deliver(self, sub: Subscription, entry: Logged) -> None:
         session = sub.session
+        if entry.audience is not None and session.user not in entry.audience:
+            return
         if not self.server.nacm.may_notify(session.user, entry.module, entry.name):
             return
         data = etree.Element(qn(NC_NS, "data"))

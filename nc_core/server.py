@@ -20,19 +20,11 @@ from copy import deepcopy
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
-from nc_core.datastore import (
-    Datastore,
-    Validator,
-    commit_staged,
-    document_bytes,
-    free,
-    write_atomically,
-    write_staged,
-)
+from nc_core.datastore import Datastore, Validator, document_bytes, free
 from nc_core.edit import Change, Instances, diff, instance_identity, new_datastore, schema_of
 from nc_core.errors import RpcError, RpcErrors, operation_not_supported
 from nc_core.nacm import Nacm
@@ -50,6 +42,9 @@ from nc_core.with_defaults import (
     CAPABILITY as WITH_DEFAULTS_CAPABILITY,
 )
 from nc_core.xmlutil import NACM_NS, NC_NS, SYS_NS, default_ns_element, local, namespace, qn
+
+if TYPE_CHECKING:
+    from nc_core.transport_ssh import Listener
 
 log = logging.getLogger("cevpn.netconf")
 
@@ -163,11 +158,11 @@ class NetconfServer:
         self.schema = Schema(modules, features=features, search_dirs=options.yang_dirs)
         self.index = SchemaIndex(self.schema)
         self.validator = Validator(self.schema, self.index)
-        state = options.state_dir
+        self.persistence = self.app.persistence(options.state_dir)
         self.datastores = {
-            "running": Datastore("running", path=state / "running.xml"),
+            "running": Datastore("running", persistence=self.persistence),
             "candidate": Datastore("candidate"),
-            "startup": Datastore("startup", path=state / "startup.xml"),
+            "startup": Datastore("startup", persistence=self.persistence),
         }
         self.locks: dict[str, int] = {}
         self.lock_times: dict[str, datetime] = {}
@@ -186,6 +181,8 @@ class NetconfServer:
         for ns, name in self.app.rpc_names():
             self.handlers[(ns, name)] = (self.index.namespaces.get(ns, ""), self._app_rpc)
         self._lock_fd: int | None = None
+        self.listener: Listener | None = None
+        """Set by the transport once it listens."""
         self.app.attach(self)
 
     # -- lifecycle -----------------------------------------------------------
@@ -197,15 +194,16 @@ class NetconfServer:
         os.chmod(state, 0o700)
         running = self.datastores["running"]
         startup = self.datastores["startup"]
-        assert running.path is not None and startup.path is not None
+        store = self.persistence
         # A change staged but never committed (the process died during apply)
         # is discarded: the application reconciles the world to running below.
-        running.path.with_name(".running.xml.staged").unlink(missing_ok=True)
+        store.discard("running")
         self.confirmed.recover_after_restart()
-        if running.path.exists():
-            running.root, running.tree = self.validator.load_file(running.path)
-        elif startup.path.exists():
-            running.root, running.tree = self.validator.load_file(startup.path)
+        stored_running, stored_startup = store.read("running"), store.read("startup")
+        if stored_running is not None:
+            running.root, running.tree = self.validator.load(stored_running, "running")
+        elif stored_startup is not None:
+            running.root, running.tree = self.validator.load(stored_startup, "startup")
             running.save()
         else:
             root = new_datastore()
@@ -213,8 +211,8 @@ class NetconfServer:
             running.tree = self.validator.validate(root)
             running.root = self.validator.canonical(running.tree)
             running.save()
-        if startup.path.exists():
-            startup.root, startup.tree = self.validator.load_file(startup.path)
+        if stored_startup is not None:
+            startup.root, startup.tree = self.validator.load(stored_startup, "startup")
         else:
             startup.root, startup.tree = deepcopy(running.root), None
             startup.save()
@@ -246,10 +244,9 @@ class NetconfServer:
 
         fd = lock_state_dir(self.options.state_dir)
         try:
-            path = self.datastores["running"].path
-            assert path is not None
-            if path.exists():
-                root, tree = self.validator.load_file(path)
+            stored = self.persistence.read("running")
+            if stored is not None:
+                root, tree = self.validator.load(stored, "running")
                 free(tree)
             else:
                 root = new_datastore()
@@ -260,7 +257,7 @@ class NetconfServer:
             except RpcErrors as exc:
                 raise ValueError(f"the account is not valid: {exc}") from None
             try:
-                write_atomically(path, document_bytes(self.validator.canonical(tree)))
+                self.persistence.write("running", document_bytes(self.validator.canonical(tree)))
             finally:
                 free(tree)
         finally:
@@ -492,13 +489,11 @@ class NetconfServer:
         except BaseException:
             free(new_tree)
             raise
-        assert running.path is not None
-        staged = running.path.with_name(".running.xml.staged")
         try:
-            write_staged(running.path, document_bytes(canonical))
+            self.persistence.stage("running", document_bytes(canonical))
             await self.app.apply(txn)
         except BaseException as exc:
-            staged.unlink(missing_ok=True)
+            self.persistence.discard("running")
             try:
                 await self.app.abort(txn)
             finally:
@@ -512,7 +507,7 @@ class NetconfServer:
                     f"The change could not be applied and was rolled back: {exc}",
                 ) from exc
             raise
-        commit_staged(staged, running.path)
+        self.persistence.publish("running")
         old_tree = running.tree
         running.root, running.tree = canonical, new_tree
         free(old_tree)

@@ -30,6 +30,9 @@ from lxml import etree
 from nc_core.edit import Change
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from nc_core.persistence import DatastorePersistence
     from nc_core.server import NetconfServer
     from nc_core.session import Session
 
@@ -73,6 +76,12 @@ class Application:
     modules: Sequence[str] = ()
     """YANG modules this application serves, loaded into the server's schema."""
     features: Mapping[str, Sequence[str]] = {}
+
+    def persistence(self, state_dir: Path) -> DatastorePersistence:
+        """Where the server keeps its datastores: files in the state directory by default."""
+        from nc_core.persistence import FilePersistence
+
+        return FilePersistence(state_dir)
 
     def attach(self, server: NetconfServer) -> None:
         """Called once the server exists, before it loads its datastores."""

@@ -158,7 +158,7 @@ async def listen(nc: NetconfServer, host: str, port: int) -> asyncssh.SSHAccepto
     key = host_key(nc.options.state_dir)
     return await asyncssh.create_server(
         lambda: _NetconfSSHServer(nc),
-        host or None,
+        None if host in ("", "::") else host,  # '::': every address, IPv4 too
         port,
         server_host_keys=[key],
         encoding=None,
@@ -171,15 +171,45 @@ async def listen(nc: NetconfServer, host: str, port: int) -> asyncssh.SSHAccepto
     )
 
 
+class Listener:
+    """The server's listening socket, which a configuration change may move to another port."""
+
+    def __init__(self, nc: NetconfServer) -> None:
+        self.nc = nc
+        self.acceptor: asyncssh.SSHAcceptor | None = None
+        self.host = nc.options.host
+        self.port = nc.options.port
+
+    async def start(self) -> None:
+        self.acceptor = await listen(self.nc, self.host, self.port)
+        log.info("listening on %s port %d", self.host, self.port)
+
+    async def move(self, port: int) -> None:
+        """Listen on ``port`` instead; sessions already open stay.  Raises OSError if it cannot."""
+        if port == self.port and self.acceptor is not None:
+            return
+        acceptor = await listen(self.nc, self.host, port)
+        if self.acceptor is not None:
+            self.acceptor.close()
+        self.acceptor, self.port = acceptor, port
+        log.info("now listening on %s port %d", self.host, port)
+
+    def close(self) -> None:
+        if self.acceptor is not None:
+            self.acceptor.close()
+            self.acceptor = None
+
+
 async def serve_forever(nc: NetconfServer, stop: asyncio.Event | None = None) -> None:
     """Load the datastores, listen, run until ``stop`` is set, then shut down cleanly."""
     await nc.load()
-    acceptor = await listen(nc, nc.options.host, nc.options.port)
-    log.info("listening on %s port %d", nc.options.host, nc.options.port)
+    listener = Listener(nc)
+    nc.listener = listener
+    await listener.start()
     await nc.app.started()
     try:
         await (stop or asyncio.Event()).wait()
     finally:
-        acceptor.close()
+        listener.close()
         await nc.app.stopping()
         nc.close()

@@ -1,6 +1,7 @@
 """`cevpn-server`: the SP VPN server's command line.
 
-cevpn-server --state-dir DIR [--listen HOST:PORT]       serve cevpn-service over NETCONF
+cevpn-server --state-dir DIR [--listen HOST:PORT]       serve the VPN database and provision CEs
+cevpn-server enrol --state-dir DIR SITE [-o FILE]       a CE's pre-configuration bundle (seed 3.2)
 cevpn-server adduser --state-dir DIR NAME [--password-file F] [--key F.pub] [--group G]
 cevpn-server host-key --state-dir DIR                   the host key clients must pin
 cevpn-server validate FILE...                           check documents against the YANG
@@ -8,25 +9,140 @@ cevpn-server validate FILE...                           check documents against 
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
 from nc_core.cli_common import add_common_commands, build_parser, run_common_command, run_server
 from nc_core.schema import SERVICE_MODULES
-from nc_core.transaction import Application
 
-
-class ServiceApplication(Application):
-    """The VPN database served as a datastore; the controller logic joins it in nc_server."""
-
-    modules = SERVICE_MODULES
+LISTENING_FILE = "listening"
+"""Where a running server writes the address and port it listens on (for `enrol`)."""
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(
         "cevpn-server",
-        "SP VPN server of cevpn: the VPN database (cevpn-service) over NETCONF.",
+        "SP VPN server of cevpn: the VPN database (cevpn-service) over NETCONF, "
+        "compiled into each CE's configuration and provisioned over NETCONF.",
     )
-    add_common_commands(parser.add_subparsers(dest="command", required=False))
+    commands = parser.add_subparsers(dest="command", required=False)
+    add_common_commands(commands)
+    enrol = commands.add_parser(
+        "enrol",
+        help="enrol a site's CE: write its pre-configuration bundle (seed 3.2)",
+        description="Generate the CE's SSH host and client keys, pin them in the VPN "
+        "database, and write the bundle `cevpn-agent --bootstrap` starts from.  Works "
+        "with the server running (through NETCONF, as the local admin account) or stopped.",
+    )
+    enrol.add_argument("--state-dir", type=Path, required=True)
+    enrol.add_argument("site")
+    enrol.add_argument("-o", "--output", type=Path, help="bundle file (default: stdout)")
     args = parser.parse_args(argv)
-    done = run_common_command(args, SERVICE_MODULES, ServiceApplication)
+
+    def make_app():  # type: ignore[no-untyped-def]
+        from nc_server.application import ServiceApplication
+
+        return ServiceApplication(args.state_dir)
+
+    done = run_common_command(args, SERVICE_MODULES, make_app)
     if done is not None:
         return done
-    return run_server(args, ServiceApplication, "cevpn-server")
+    if args.command == "enrol":
+        return run_enrol(args)
+    return run_server(args, make_app, "cevpn-server")
+
+
+def run_enrol(args: argparse.Namespace) -> int:
+    from nc_core.server import StateDirLocked
+
+    try:
+        document = asyncio.run(_enrol_offline(args.state_dir, args.site))
+    except StateDirLocked:
+        try:
+            document = _enrol_online(args.state_dir, args.site)
+        except Exception as exc:
+            print(f"enrol: {exc}", file=sys.stderr)
+            return 1
+    except (LookupError, ValueError) as exc:
+        print(f"enrol: {exc}", file=sys.stderr)
+        return 1
+    text = json.dumps(document, indent=2) + "\n"
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        print(f"bundle for {args.site} written to {args.output} (0600: it holds private keys)")
+    return 0
+
+
+async def _enrol_offline(state_dir: Path, site: str) -> dict[str, object]:
+    from nc_core.errors import RpcError
+    from nc_core.server import NetconfServer, ServerOptions
+    from nc_server.application import ServiceApplication
+
+    app = ServiceApplication(state_dir, provisioning=False)
+    server = NetconfServer(ServerOptions(state_dir=state_dir), app)
+    await server.load()
+    try:
+        view = app.sites.get(site)
+        if view is None:
+            raise LookupError(f"there is no site {site!r} in the VPN database")
+        try:
+            bundle = await app.enrol(view.vpn, site)
+        except RpcError as exc:
+            raise ValueError(exc.message) from None
+        return bundle.ce_document()
+    finally:
+        await app.stopping()
+        server.close()
+
+
+def _enrol_online(state_dir: Path, site: str) -> dict[str, object]:
+    from lxml import etree
+
+    from nc_core.client import Endpoint, connect
+    from nc_core.transport_ssh import host_key_line
+    from nc_server.application import LOCAL_ADMIN, LOCAL_ADMIN_KEY, SVC_NS, bundle_document_from_xml
+
+    listening = (state_dir / LISTENING_FILE).read_text().split()
+    host, port = listening[0], int(listening[1])
+    if host in ("::", "0.0.0.0", ""):  # noqa: S104 - a wildcard listener: connect locally
+        host = "127.0.0.1"
+    endpoint = Endpoint(
+        host=host,
+        port=port,
+        host_keys=[host_key_line(state_dir)],
+        username=LOCAL_ADMIN,
+        key_file=state_dir / LOCAL_ADMIN_KEY,
+    )
+    manager = connect(endpoint)
+    try:
+        sites = manager.get(
+            filter=(
+                "subtree",
+                f'<vpn-service xmlns="{SVC_NS}"><vpn><id/><site><id/></site></vpn></vpn-service>',
+            )
+        ).data_ele
+        vpn = None
+        for vpn_elem in sites.iter(f"{{{SVC_NS}}}vpn"):
+            for site_elem in vpn_elem.iterfind(f"{{{SVC_NS}}}site"):
+                if site_elem.findtext(f"{{{SVC_NS}}}id") == site:
+                    vpn = vpn_elem.findtext(f"{{{SVC_NS}}}id")
+        if vpn is None:
+            raise LookupError(f"there is no site {site!r} in the VPN database")
+        request = etree.Element(f"{{{SVC_NS}}}enrol", nsmap={None: SVC_NS})
+        etree.SubElement(request, f"{{{SVC_NS}}}vpn").text = vpn
+        etree.SubElement(request, f"{{{SVC_NS}}}site").text = site
+        reply = etree.fromstring(manager.dispatch(request).xml.encode())
+        bundle = reply.find(f".//{{{SVC_NS}}}bundle")
+        if bundle is None:
+            raise RuntimeError("the server's answer has no bundle")
+        return bundle_document_from_xml(bundle)
+    finally:
+        manager.close_session()

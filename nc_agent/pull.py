@@ -1,0 +1,314 @@
+"""The CE fetches its own configuration from the VPN server (seed 3.5 'pull', 3.6).
+
+Whatever the VPN's autodiscovery mode, an enrolled agent:
+- fetches every ``timers/pull-interval`` seconds (in the push model this is
+  the safety net for changes the server could not push);
+- keeps a NETCONF notification subscription to the server and fetches when
+  told ``configuration-available`` (notify-then-pull);
+- fetches when an unknown peer tries to reach it: ESP arriving for an SA
+  the kernel does not have (XfrmInNoStates grows) usually means a new site
+  already has its SAs and this CE has not heard of it yet;
+- fetches on the ``refresh-configuration`` operation.
+A fetched configuration whose version differs from the running one is
+committed as one transaction, exactly like an edit from the server.  When
+the server answers ``site-removed`` for ``timers/orphan-after`` seconds, the
+agent deletes its VPN state (seed 3.6, second way); it never does so merely
+because the server cannot be reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from copy import deepcopy
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lxml import etree
+from ncclient.operations.rpc import RPCError as NcRpcError
+
+from nc_core.client import Endpoint, connect
+from nc_core.xmlutil import qn
+
+if TYPE_CHECKING:
+    from nc_core.server import NetconfServer
+
+log = logging.getLogger("cevpn.agent.pull")
+
+CE_NS = "urn:cevpn:yang:cevpn-ce"
+SVC_NS = "urn:cevpn:yang:cevpn-service"
+ORPHAN_FILE = "orphan-since"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+@dataclass
+class PullSettings:
+    endpoints: list[Endpoint]
+    pull_interval: float
+    orphan_after: float
+
+
+def settings_from(running: etree._Element, state_dir: Path, key_file: Path) -> PullSettings | None:
+    """The pull settings in the pre-configuration, or None if the CE has no VPN server."""
+    pre = running.find(f"{qn(CE_NS, 'ce')}/{qn(CE_NS, 'pre-configuration')}")
+    if pre is None or not key_file.exists():
+        return None
+    server = pre.find(qn(CE_NS, "vpn-server"))
+    if server is None:
+        return None
+    username = server.findtext(qn(CE_NS, "username")) or ""
+    timers = pre.find(qn(CE_NS, "timers"))
+
+    def timer(name: str, default: float) -> float:
+        text = timers.findtext(qn(CE_NS, name)) if timers is not None else None
+        return float(text) if text else default
+
+    endpoints = [
+        Endpoint(
+            host=e.findtext(qn(CE_NS, "address")) or "",
+            port=int(e.findtext(qn(CE_NS, "port")) or 830),
+            host_keys=[k.text or "" for k in e.iterfind(qn(CE_NS, "host-key"))],
+            username=username,
+            key_file=key_file,
+            timeout=timer("connect-timeout", 10.0),
+        )
+        for e in server.iterfind(qn(CE_NS, "endpoint"))
+    ]
+    if not endpoints:
+        return None
+    return PullSettings(endpoints, timer("pull-interval", 300.0), timer("orphan-after", 86400.0))
+
+
+class SiteRemoved(Exception):
+    pass
+
+
+class Puller:
+    def __init__(self, server: NetconfServer, state_dir: Path, key_file: Path) -> None:
+        self.server = server
+        self.state_dir = state_dir
+        self.key_file = key_file
+        self.last_fetch: str | None = None
+        self.last_error: str | None = None
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.fetches = 0
+
+    def settings(self) -> PullSettings | None:
+        return settings_from(self.server.datastores["running"].root, self.state_dir, self.key_file)
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._tasks.append(self._loop.create_task(self._periodic()))
+        self._thread = threading.Thread(target=self._listen, name="pull-notify", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def trigger(self, why: str) -> None:
+        log.info("fetching the configuration: %s", why)
+        self._wake.set()
+
+    async def _periodic(self) -> None:
+        while True:
+            settings = self.settings()
+            interval = settings.pull_interval if settings else 60.0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=interval)
+            self._wake.clear()
+            if settings is None:
+                continue
+            try:
+                await self.fetch_and_apply()
+            except Exception as exc:
+                log.warning("configuration fetch failed: %s", exc)
+
+    async def fetch_and_apply(self) -> bool:
+        """One fetch; True if the running configuration changed."""
+        settings = self.settings()
+        if settings is None:
+            raise RuntimeError("this CE has no VPN server in its pre-configuration")
+        running = self.server.datastores["running"].root
+        current = running.findtext(f"{qn(CE_NS, 'ce')}/{qn(CE_NS, 'configuration-version')}")
+        try:
+            version, ce = await asyncio.to_thread(_fetch, settings.endpoints, current)
+        except SiteRemoved as exc:
+            self.last_error = str(exc)
+            return await self._removed(settings)
+        except Exception as exc:
+            self.last_error = str(exc)
+            raise
+        self.fetches += 1
+        self.last_fetch = _now()
+        self.last_error = None
+        (self.state_dir / ORPHAN_FILE).unlink(missing_ok=True)
+        if version == current:
+            return False
+        changed = await self._commit(ce)
+        if changed:
+            # Tell the server at once which version now runs here.
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(_fetch, settings.endpoints, version)
+        return changed
+
+    async def _commit(self, fetched: etree._Element | None) -> bool:
+        server = self.server
+        async with server.config_lock:
+            if server.confirmed.pending is not None:
+                log.info("a confirmed commit is pending: the fetched configuration waits")
+                return False
+            root = deepcopy(server.datastores["running"].root)
+            ce = root.find(qn(CE_NS, "ce"))
+            if ce is None:
+                ce = etree.SubElement(root, qn(CE_NS, "ce"), nsmap={None: CE_NS})
+            for child in list(ce):
+                if child.tag != qn(CE_NS, "pre-configuration"):
+                    ce.remove(child)
+            if fetched is not None:
+                for child in fetched:
+                    if isinstance(child.tag, str) and child.tag != qn(CE_NS, "pre-configuration"):
+                        ce.append(deepcopy(child))
+            changes = await server.change_running(root, None, reason="pull", check_access=False)
+        return bool(changes)
+
+    async def _removed(self, settings: PullSettings) -> bool:
+        marker = self.state_dir / ORPHAN_FILE
+        if not marker.exists():
+            marker.write_text(str(time.time()))
+        since = float(marker.read_text() or time.time())
+        waited = time.time() - since
+        if waited < settings.orphan_after:
+            log.warning(
+                "the VPN server says this site was removed; VPN state goes in %.0f s",
+                settings.orphan_after - waited,
+            )
+            return False
+        log.warning("removed from the VPN (seed 3.6): deleting the VPN state")
+        return await self._commit(None)
+
+    # -- notify-then-pull ---------------------------------------------------------
+
+    def _listen(self) -> None:
+        """A subscription to the server's configuration-available notifications (thread)."""
+        delay = 1.0
+        while not self._stop.is_set():
+            settings = self.settings()
+            if settings is None:
+                self._stop.wait(5.0)
+                continue
+            try:
+                manager = _connect_any(settings.endpoints)
+            except Exception as exc:
+                log.debug("notification session: %s", exc)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 60.0)
+                continue
+            delay = 1.0
+            try:
+                manager.create_subscription(
+                    filter=("subtree", f'<configuration-available xmlns="{SVC_NS}"/>')
+                )
+                while not self._stop.is_set() and manager.connected:
+                    note = manager.take_notification(block=True, timeout=1.0)
+                    if note is not None and self._loop is not None:
+                        self._loop.call_soon_threadsafe(self.trigger, "configuration-available")
+            except Exception as exc:
+                log.debug("notification session ended: %s", exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    manager.close_session()
+
+
+def _connect_any(endpoints: list[Endpoint]) -> Any:
+    last: Exception | None = None
+    for endpoint in endpoints:
+        try:
+            return connect(endpoint)
+        except Exception as exc:
+            last = exc
+    assert last is not None
+    raise last
+
+
+def _fetch(endpoints: list[Endpoint], applied: str | None) -> tuple[str, etree._Element | None]:
+    manager = _connect_any(endpoints)
+    try:
+        request = etree.Element(qn(SVC_NS, "fetch-ce-configuration"), nsmap={None: SVC_NS})
+        if applied:
+            etree.SubElement(request, qn(SVC_NS, "applied-version")).text = applied
+        try:
+            reply = manager.dispatch(request)
+        except NcRpcError as exc:
+            if getattr(exc, "_app_tag", None) == "site-removed":
+                raise SiteRemoved(str(exc.message or exc)) from None
+            raise
+        data = etree.fromstring(reply.xml.encode())
+        version = data.findtext(f".//{qn(SVC_NS, 'version')}") or ""
+        ce = data.find(f".//{qn(SVC_NS, 'configuration')}/{qn(CE_NS, 'ce')}")
+        return version, ce
+    finally:
+        with contextlib.suppress(Exception):
+            manager.close_session()
+
+
+class UnknownPeerWatch:
+    """Seed 3.5: 'when an unknown peer tries to reach it'.  ESP for which the kernel has
+    no SA shows as a growing XfrmInNoStates (needs CONFIG_XFRM_STATISTICS)."""
+
+    STAT = Path("/proc/self/net/xfrm_stat")
+
+    def __init__(self, on_unknown: Any, period: float = 2.0, quiet: float = 10.0) -> None:
+        self.on_unknown = on_unknown
+        self.period = period
+        self.quiet = quiet
+        self.task: asyncio.Task[None] | None = None
+
+    def available(self) -> bool:
+        return self.STAT.exists()
+
+    def read(self) -> int | None:
+        try:
+            for line in self.STAT.read_text().splitlines():
+                name, _, value = line.partition(" ")
+                if name.strip() == "XfrmInNoStates":
+                    return int(value.strip())
+        except OSError:
+            return None
+        return None
+
+    def start(self) -> None:
+        if self.available():
+            self.task = asyncio.get_running_loop().create_task(self._run())
+        else:
+            log.info("no %s: unknown peers are noticed at the next periodic fetch only", self.STAT)
+
+    async def _run(self) -> None:
+        last = self.read()
+        fired = 0.0
+        while True:
+            await asyncio.sleep(self.period)
+            value = self.read()
+            if value is not None and last is not None and value > last:
+                if time.monotonic() - fired > self.quiet:
+                    fired = time.monotonic()
+                    self.on_unknown("ESP arrived for an SA this CE does not have")
+            last = value
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()

@@ -1,0 +1,847 @@
+"""The SP VPN server (seed 2.3, 3): the VPN database and the controller behind it.
+
+The database is the cevpn-service datastore, served by nc_core and kept in
+SQLite (nc_server.storage).  Every commit is a transaction:
+- validate: every VPN that changed is compiled (nc_server.compiler); a VPN
+  that cannot be realised (one security strength, seed 7) is refused with a
+  precise rpc-error and nothing changes;
+- apply: the compiled configurations become the CEs' targets; the CEs whose
+  configuration changed are provisioned afterwards, according to the VPN's
+  autodiscovery mode (seed 3.5): push (the server edits the CE), pull (the
+  CE fetches, nothing to do here) or notify-then-pull (a notification to
+  that CE's account only, which then fetches).
+Sites deleted from the database are removed from their CE first
+(``deprovision``) or only from the database (``database-only``, seed 3.6):
+the CE is then told at its next fetch that it is no longer part of a VPN.
+
+Key material (PSKs, the VPN's CA and CE certificates, IKE-less SAs) lives in
+the server's key store, never in a datastore: nobody but the server reads it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Mapping
+from copy import deepcopy
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lxml import etree
+
+from nc_core.client import Endpoint
+from nc_core.errors import RpcError
+from nc_core.schema import SERVICE_MODULES
+from nc_core.transaction import Application, Transaction
+from nc_core.transport_ssh import host_key_line
+from nc_core.users import add_user
+from nc_core.xmlutil import NACM_NS, SYS_NS, default_ns_element, qn
+from nc_server import access
+from nc_server.ce_config import (
+    CeCodec,
+    InvalidCompiledConfig,
+    deprovision_document,
+    differences,
+    edit_document,
+    full_edit,
+    incremental_edit,
+)
+from nc_server.compiler import CeConfig, CompileError, VpnCompiler, diff_configs
+from nc_server.enrolment import CE_GROUP, Bundle, ce_username, make_bundle, southbound_key
+from nc_server.keystore import KeyStore
+from nc_server.provisioner import CeRecord, Provisioner, now_text
+from nc_server.southbound import CeRefused, CeUnreachable, Timings, push, read_ce
+from nc_server.storage import SqliteDatastores, SqliteStorage, Storage
+
+if TYPE_CHECKING:
+    from nc_core.persistence import DatastorePersistence
+    from nc_core.session import Session
+
+log = logging.getLogger("cevpn.server")
+
+SVC_NS = "urn:cevpn:yang:cevpn-service"
+SVC = "cevpn-service:vpn-service"
+STRENGTH_BITS = {
+    "cevpn-types:strength-112": 112,
+    "cevpn-types:strength-128": 128,
+    "cevpn-types:strength-192": 192,
+    "cevpn-types:strength-256": 256,
+}
+CE_SECTIONS = (
+    "configuration-version",
+    "minimum-strength",
+    "sa-defaults",
+    "retry-policy",
+    "certificates",
+    "routing",
+    "internet-access",
+    "ingress-policy",
+)
+"""Everything under /ce the server owns (all but pre-configuration)."""
+APPLIED = "ce-applied"
+REMOVED = "removed-site"
+REMOVALS = "pending-removal"
+LOCAL_ADMIN = "cevpn-local"
+LOCAL_ADMIN_KEY = "local_admin_ed25519_key"
+
+
+def _q(name: str) -> str:
+    return qn(SVC_NS, name)
+
+
+@dataclass
+class SiteView:
+    """What the server needs of a site outside the compiler: where its CE is."""
+
+    vpn: str
+    site: str
+    ce_address: str
+    management_address: str
+    management_port: int
+    host_keys: list[str]
+    autodiscovery: str
+    removal: str
+
+
+@dataclass
+class VpnState:
+    vpn: dict[str, Any]
+    compiled: dict[str, CeConfig] = field(default_factory=dict)
+
+
+class ServiceApplication(Application):
+    modules = SERVICE_MODULES
+
+    def __init__(self, state_dir: Path, *, provisioning: bool = True) -> None:
+        self.state_dir = state_dir
+        self.provisioning = provisioning
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.storage: Storage = SqliteStorage.in_state_dir(state_dir)
+        self.keys = KeyStore(self.storage)
+        self.codec = CeCodec()
+        self.compilers: dict[str, VpnCompiler] = {}
+        self.vpns: dict[str, VpnState] = {}
+        self.sites: dict[str, SiteView] = {}
+        self.server_settings: dict[str, Any] = {}
+        self.removal_override: dict[str, str] = {}
+        self.provisioner: Provisioner | None = None
+        self.southbound_key, self.southbound_public = southbound_key(state_dir)
+        self._rekey_task: asyncio.Task[None] | None = None
+        self.compile_seconds = 0.0
+        self._removing: dict[str, SiteView] = {}
+        """Sites deleted in 'deprovision' mode whose CE has not been cleaned yet."""
+
+    def persistence(self, state_dir: Path) -> DatastorePersistence:
+        return SqliteDatastores(self.storage)
+
+    # -- transaction -------------------------------------------------------------
+
+    def _compile(self, vpn: dict[str, Any]) -> dict[str, CeConfig]:
+        vid = str(vpn["id"])
+        profile = vpn.get("security-profile", {})
+        self.keys.set_vpn_profile(
+            vid,
+            STRENGTH_BITS.get(str(profile.get("minimum-strength")), 128),
+            int(profile.get("certificate-lifetime", 365)),
+        )
+        compiler = self.compilers.get(vid)
+        if compiler is None:
+            compiler = self.compilers[vid] = VpnCompiler(self.keys)
+        started = datetime.now(UTC)
+        try:
+            with self.keys.batch():
+                return compiler.compile(vpn)
+        finally:
+            self.compile_seconds += (datetime.now(UTC) - started).total_seconds()
+
+    async def validate(self, txn: Transaction) -> None:
+        new = txn.new_json().get(SVC, {})
+        old_vpns = {v["id"]: v for v in txn.old_json().get(SVC, {}).get("vpn", [])}
+        compiled: dict[str, VpnState] = {}
+        for vpn in new.get("vpn", []):
+            vid = str(vpn["id"])
+            known = self.vpns.get(vid)
+            if known is not None and old_vpns.get(vid) == vpn and txn.reason != "startup":
+                compiled[vid] = known
+                continue
+            try:
+                configs = self._compile(vpn)
+            except CompileError as exc:
+                path = f"/cevpn-svc:vpn-service/cevpn-svc:vpn[cevpn-svc:id='{vid}']"
+                if exc.site:
+                    path += f"/cevpn-svc:site[cevpn-svc:id='{exc.site}']"
+                raise RpcError(
+                    "invalid-value", str(exc), path=path, path_ns={"cevpn-svc": SVC_NS}
+                ) from None
+            compiled[vid] = VpnState(vpn, configs)
+        txn.scratch["vpns"] = compiled
+        txn.scratch["server"] = new.get("server", {})
+
+    async def apply(self, txn: Transaction) -> None:
+        new_vpns: dict[str, VpnState] = txn.scratch["vpns"]
+        old_vpns = self.vpns
+        old_sites = self.sites
+        self.vpns = new_vpns
+        self.server_settings = txn.scratch["server"]
+        self.sites = {}
+        for vid, state in new_vpns.items():
+            vpn = state.vpn
+            for site in vpn.get("site", []):
+                mgmt = site.get("management", {})
+                self.sites[site["id"]] = SiteView(
+                    vpn=vid,
+                    site=site["id"],
+                    ce_address=site["ce-address"],
+                    management_address=mgmt.get("address", site["ce-address"]),
+                    management_port=int(mgmt.get("port", 830)),
+                    host_keys=list(mgmt.get("host-key", [])),
+                    autodiscovery=str(vpn.get("autodiscovery", "push")),
+                    removal=str(vpn.get("site-removal", "deprovision")),
+                )
+        for vid in set(old_vpns) - set(new_vpns):
+            self.compilers.pop(vid, None)
+        loop = asyncio.get_running_loop()
+        loop.call_soon(self._after_commit, old_vpns, old_sites, txn.reason == "startup")
+
+    def _after_commit(
+        self, old_vpns: Mapping[str, VpnState], old_sites: Mapping[str, SiteView], startup: bool
+    ) -> None:
+        """The database changed: start provisioning what must follow."""
+        prov = self._provisioner()
+        for site, view in old_sites.items():
+            if site not in self.sites or self.sites[site].vpn != view.vpn:
+                self._site_removed(view)
+        for vid, state in self.vpns.items():
+            before = old_vpns.get(vid)
+            changed = diff_configs(before.compiled if before else {}, state.compiled)
+            for site, config in state.compiled.items():
+                rec = prov.record(vid, site)
+                rec.target_version = config.version
+                rec.peer_count = len(config.config.get("peer", []))
+                if startup:
+                    applied = self._applied(site)
+                    rec.applied_version = applied[0] if applied else None
+                moved = old_sites.get(site) != self.sites[site]  # enrolled, new address...
+                if site in changed or startup or moved:
+                    self._target_changed(self.sites[site], rec)
+        if startup:
+            for key, _ in self.storage.scan(REMOVALS):
+                removal = json.loads(self.storage.get(REMOVALS, key) or b"{}")
+                self._schedule_removal(SiteView(**removal))
+
+    def _target_changed(self, view: SiteView, rec: CeRecord) -> None:
+        prov = self._provisioner()
+        if not view.host_keys:
+            prov.set_status(rec, "not-enrolled")
+            return
+        if rec.applied_version == rec.target_version:
+            prov.set_status(rec, "in-sync")
+            return
+        prov.set_status(rec, "pending")
+        if view.autodiscovery == "push":
+            prov.want(view.site)
+        elif view.autodiscovery == "notify-then-pull":
+            self._configuration_available(view, rec)
+
+    # -- provisioning ------------------------------------------------------------
+
+    def _provisioner(self) -> Provisioner:
+        if self.provisioner is None:
+            settings = self.server_settings
+            self.provisioner = Provisioner(
+                self._job,
+                self._status_changed,
+                max_concurrent=int(settings.get("max-concurrent-provisioning", 32)),
+                retry_limit=float(settings.get("unreachable-retry-limit", 300)),
+            )
+        else:
+            settings = self.server_settings
+            self.provisioner.configure(
+                int(settings.get("max-concurrent-provisioning", 32)),
+                float(settings.get("unreachable-retry-limit", 300)),
+            )
+        return self.provisioner
+
+    def endpoint(self, view: SiteView) -> Endpoint:
+        return Endpoint(
+            host=view.management_address,
+            port=view.management_port,
+            host_keys=view.host_keys,
+            username="cevpn-server",
+            key_file=self.southbound_key,
+            timeout=10.0,
+        )
+
+    def _applied(self, site: str) -> tuple[str, dict[str, Any]] | None:
+        raw = self.storage.get(APPLIED, site)
+        if raw is None:
+            return None
+        data = json.loads(raw)
+        return str(data["version"]), data["config"]
+
+    async def _job(self, rec: CeRecord) -> str:
+        if not self.provisioning:
+            return rec.status
+        if rec.status == "removing":
+            return await self._deprovision_job(rec)
+        view = self.sites.get(rec.site)
+        state = self.vpns.get(rec.vpn)
+        if view is None or state is None or rec.site not in state.compiled:
+            return rec.status
+        target = state.compiled[rec.site]
+        applied = self._applied(rec.site)
+        if applied is not None and applied[0] == target.version:
+            rec.applied_version = target.version
+            return "in-sync"
+        target_xml = self.codec.to_xml(target.config, rec.site)
+
+        def make(present: list[str] | None) -> etree._Element:
+            if applied is None or present is not None:
+                edit = full_edit(target.config, present or [])
+            else:
+                edit = incremental_edit(applied[1], target.config)
+            return edit_document(target_xml, edit)
+
+        confirm_timeout = int(self.server_settings.get("confirm-timeout", 60))
+        endpoint = self.endpoint(view)
+        assert self.provisioner is not None
+        try:
+            timings = await self.provisioner.run_in_thread(
+                lambda: push(endpoint, make, confirm_timeout, needs_peer_list=applied is None)
+            )
+        except Exception:
+            if applied is not None:
+                # We no longer know what the CE holds: resynchronise fully next time.
+                self.storage.delete(APPLIED, rec.site)
+            raise
+        assert isinstance(timings, Timings)
+        rec.timings.add(timings)
+        self.storage.put(
+            APPLIED,
+            rec.site,
+            json.dumps({"version": target.version, "config": target.config}).encode(),
+        )
+        rec.applied_version = target.version
+        rec.last_contact = now_text()
+        self._receiver_applied(rec)
+        return "in-sync"
+
+    def _receiver_applied(self, rec: CeRecord) -> None:
+        """A CE confirmed a configuration: IKE-less SAs it now receives with may be used by
+        their senders (inbound first, then outbound)."""
+        promoted = self.keys.receiver_applied(rec.vpn, rec.site)
+        if promoted:
+            asyncio.get_running_loop().call_soon(self._recompile, rec.vpn)
+
+    def _recompile(self, vid: str) -> None:
+        state = self.vpns.get(vid)
+        if state is None:
+            return
+        try:
+            configs = self._compile(state.vpn)
+        except CompileError as exc:
+            log.error("recompiling VPN %s: %s", vid, exc)
+            return
+        changed = diff_configs(state.compiled, configs)
+        state.compiled = configs
+        prov = self._provisioner()
+        for site in changed:
+            if site in configs and site in self.sites:
+                rec = prov.record(vid, site)
+                rec.target_version = configs[site].version
+                self._target_changed(self.sites[site], rec)
+
+    def _status_changed(self, rec: CeRecord, previous: str, error: str | None) -> None:
+        event = default_ns_element(SVC_NS, "provisioning-status-changed")
+        for name, value in (
+            ("vpn", rec.vpn),
+            ("site", rec.site),
+            ("status", rec.status),
+            ("previous-status", previous),
+            ("error", error if rec.status in ("failed", "unreachable") else None),
+        ):
+            if value:
+                etree.SubElement(event, _q(name)).text = value
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.notifications.emit(event)
+
+    def _configuration_available(self, view: SiteView, rec: CeRecord) -> None:
+        event = default_ns_element(SVC_NS, "configuration-available")
+        etree.SubElement(event, _q("vpn")).text = view.vpn
+        etree.SubElement(event, _q("site")).text = view.site
+        etree.SubElement(event, _q("version")).text = rec.target_version or ""
+        self.server.notifications.emit(event, audience=frozenset({ce_username(view.site)}))
+
+    # -- site removal (seed 3.6) -------------------------------------------------
+
+    def _site_removed(self, view: SiteView) -> None:
+        mode = self.removal_override.pop(view.site, view.removal)
+        prov = self._provisioner()
+        prov.forget(view.site)
+        self.storage.delete(APPLIED, view.site)
+        self.storage.put(
+            REMOVED,
+            ce_username(view.site),
+            json.dumps({"vpn": view.vpn, "site": view.site, "at": now_text()}).encode(),
+        )
+        if mode == "deprovision" and view.host_keys:
+            self.storage.put(REMOVALS, view.site, json.dumps(view.__dict__).encode())
+            self._schedule_removal(view)
+        else:
+            self.keys.forget_site(view.vpn, view.site)
+
+    def _schedule_removal(self, view: SiteView) -> None:
+        prov = self._provisioner()
+        rec = prov.record(view.vpn, view.site)
+        rec.status = "removing"
+        self._removing[view.site] = view
+        prov.want(view.site)
+
+    async def _deprovision_job(self, rec: CeRecord) -> str:
+        view = self._removing.get(rec.site)
+        if view is None:
+            return "removing"
+        confirm_timeout = int(self.server_settings.get("confirm-timeout", 60))
+        endpoint = self.endpoint(view)
+
+        def make(present: list[str] | None) -> etree._Element:
+            return deprovision_document(present or [], CE_SECTIONS)
+
+        assert self.provisioner is not None
+        timings = await self.provisioner.run_in_thread(
+            lambda: push(endpoint, make, confirm_timeout, needs_peer_list=True)
+        )
+        assert isinstance(timings, Timings)
+        self._removing.pop(rec.site, None)
+        self.storage.delete(REMOVALS, rec.site)
+        self.keys.forget_site(view.vpn, view.site)
+        self.provisioner.forget(rec.site)
+        log.info("site %s deprovisioned from its CE", rec.site)
+        return "not-enrolled"
+
+    # -- operational state -------------------------------------------------------
+
+    async def operational(self, session: Session | None) -> list[etree._Element]:
+        top = default_ns_element(SVC_NS, "vpn-service")
+        if self.provisioner is None:
+            return [top]
+        by_vpn: dict[str, list[CeRecord]] = {}
+        for rec in self.provisioner.records.values():
+            if rec.site in self.sites:
+                by_vpn.setdefault(rec.vpn, []).append(rec)
+        for vid in sorted(by_vpn):
+            vpn = etree.SubElement(top, _q("vpn"))
+            etree.SubElement(vpn, _q("id")).text = vid
+            for rec in sorted(by_vpn[vid], key=lambda r: r.site):
+                site = etree.SubElement(vpn, _q("site"))
+                etree.SubElement(site, _q("id")).text = rec.site
+                prov = etree.SubElement(site, _q("provisioning"))
+                for name, value in (
+                    ("status", rec.status),
+                    ("status-since", rec.since),
+                    ("target-version", rec.target_version),
+                    ("applied-version", rec.applied_version),
+                    ("last-contact", rec.last_contact),
+                    ("last-error", rec.last_error),
+                    ("retry-count", str(rec.retry_count)),
+                    ("next-attempt", rec.next_attempt),
+                    ("peer-count", str(rec.peer_count)),
+                ):
+                    if value is not None:
+                        etree.SubElement(prov, _q(name)).text = value
+        return [top]
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def started(self) -> None:
+        await self._install_access_rules()
+        listener = self.server.listener
+        if listener is not None:
+            # `cevpn-server enrol` finds a running server here.
+            (self.state_dir / "listening").write_text(f"{listener.host} {listener.port}\n")
+        self._rekey_task = asyncio.get_running_loop().create_task(self._rekey_loop())
+
+    async def stopping(self) -> None:
+        if self._rekey_task is not None:
+            self._rekey_task.cancel()
+        if self.provisioner is not None:
+            await self.provisioner.close()
+        (self.state_dir / "listening").unlink(missing_ok=True)
+        self.storage.close()
+
+    async def _install_access_rules(self) -> None:
+        """First start: NACM rule lists for operators and CEs, and the local admin account
+        `cevpn-server enrol` uses to talk to a running server."""
+        server = self.server
+        async with server.config_lock:
+            root = deepcopy(server.datastores["running"].root)
+            changed = access.ensure_rule_lists(root)
+            key_file = self.state_dir / LOCAL_ADMIN_KEY
+            if not key_file.exists():
+                from nc_server.enrolment import new_ed25519
+
+                pair = new_ed25519(LOCAL_ADMIN)
+                fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as out:
+                    out.write(pair.private_openssh)
+                key_file.with_suffix(".pub").write_text(pair.public_line + "\n")
+            public = key_file.with_suffix(".pub").read_text().strip()
+            users = root.find(qn(SYS_NS, "system"))
+            known = users is not None and any(
+                (u.findtext(qn(SYS_NS, "name")) or "") == LOCAL_ADMIN
+                for u in users.iter(qn(SYS_NS, "user"))
+            )
+            if not known:
+                add_user(root, LOCAL_ADMIN, password=None, public_keys=[public], groups=["admin"])
+                changed = True
+            if changed:
+                await server.change_running(root, None, reason="startup", check_access=False)
+
+    async def _rekey_loop(self) -> None:
+        """IKE-less SAs are replaced every ikeless-rekey-interval, inbound first."""
+        while True:
+            await asyncio.sleep(self._rekey_period())
+            for vid, state in list(self.vpns.items()):
+                if state.vpn.get("keying") != "ikeless":
+                    continue
+                interval = int(
+                    state.vpn.get("tunnel-defaults", {}).get("ikeless-rekey-interval", 3600)
+                )
+                due = self.keys.due_for_rekey(vid, interval, datetime.now(UTC))
+                if due:
+                    log.info("VPN %s: rekeying %d IKE-less SAs", vid, len(due))
+                    self.keys.begin_rekey(vid, due)
+                    self._recompile(vid)
+
+    def _rekey_period(self) -> float:
+        intervals = [
+            int(s.vpn.get("tunnel-defaults", {}).get("ikeless-rekey-interval", 3600))
+            for s in self.vpns.values()
+            if s.vpn.get("keying") == "ikeless"
+        ]
+        return max(1.0, min(intervals, default=600) / 10)
+
+    # -- operations ----------------------------------------------------------------
+
+    def rpc_names(self) -> set[tuple[str, str]]:
+        return {
+            (SVC_NS, name)
+            for name in (
+                "enrol",
+                "fetch-ce-configuration",
+                "resynchronise",
+                "audit",
+                "rotate-keys",
+                "remove-site",
+            )
+        }
+
+    async def rpc(self, session: Session, rpc: etree._Element) -> list[etree._Element]:
+        name = etree.QName(rpc).localname
+        args = {
+            etree.QName(c).localname: (c.text or "").strip() for c in rpc if isinstance(c.tag, str)
+        }
+        if name == "enrol":
+            bundle = await self.enrol(args["vpn"], args["site"])
+            return [_bundle_xml(bundle)]
+        if name == "fetch-ce-configuration":
+            return self.fetch(session.user, args.get("site"), args.get("applied-version"))
+        if name == "resynchronise":
+            self.resynchronise(args.get("vpn"), args.get("site"))
+            return []
+        if name == "audit":
+            return await self.audit(args.get("vpn"), args.get("site"), args.get("repair") == "true")
+        if name == "rotate-keys":
+            self.rotate_keys(args["vpn"], args.get("site"), args.get("what", "all"))
+            return []
+        if name == "remove-site":
+            await self.remove_site(
+                args["vpn"], args["site"], args.get("deprovision", "true") == "true"
+            )
+            return []
+        return await super().rpc(session, rpc)
+
+    def _site_or_error(self, vpn: str | None, site: str) -> SiteView:
+        view = self.sites.get(site)
+        if view is None or (vpn is not None and view.vpn != vpn):
+            where = f" in VPN {vpn!r}" if vpn else ""
+            raise RpcError(
+                "invalid-value",
+                f"There is no site {site!r}{where} in the VPN database.",
+                app_tag="unknown-site",
+            )
+        return view
+
+    async def enrol(self, vpn: str, site: str) -> Bundle:
+        """Seed 3.2: the CE's pre-configuration; the server pins the CE's new host key."""
+        view = self._site_or_error(vpn, site)
+        state = self.vpns[vpn]
+        settings = self.server_settings
+        try:
+            bundle = make_bundle(
+                vpn=vpn,
+                site=site,
+                sp_address=view.ce_address,
+                management_port=view.management_port,
+                server_endpoints=list(settings.get("endpoint", [])),
+                server_host_key=host_key_line(self.state_dir),
+                southbound_public=self.southbound_public,
+                ca_certificate=self.keys.ca_certificate(vpn),
+                pull_interval=int(state.vpn.get("pull-interval", 300)),
+                orphan_after=int(settings.get("ce-orphan-after", 86400)),
+            )
+        except ValueError as exc:
+            raise RpcError("operation-failed", str(exc)) from None
+        server = self.server
+        async with server.config_lock:
+            root = deepcopy(server.datastores["running"].root)
+            _set_host_key(root, vpn, site, bundle.host_public)
+            _replace_user(root, ce_username(site), bundle.client_public, CE_GROUP)
+            await server.change_running(root, None, reason="enrol", check_access=False)
+        self.storage.delete(REMOVED, ce_username(site))
+        log.info("site %s of VPN %s enrolled", site, vpn)
+        return bundle
+
+    def fetch(
+        self, user: str, site: str | None, applied_version: str | None = None
+    ) -> list[etree._Element]:
+        """Seed 3.5 'pull': a CE fetches its own configuration; seed 3.6: a removed CE
+        learns it is removed."""
+        own = self._site_of_user(user)
+        if site is None:
+            if own is None:
+                raise RpcError(
+                    "invalid-value",
+                    "Name the site: this account is not a CE's.",
+                    app_tag="site-required",
+                )
+            site = own
+        elif own is not None and site != own:
+            raise RpcError(
+                "access-denied",
+                f"A CE may fetch only its own configuration ({own}), not {site}'s.",
+            )
+        removed = self.storage.get(REMOVED, ce_username(site))
+        view = self.sites.get(site)
+        if view is None:
+            if removed is not None:
+                raise RpcError(
+                    "invalid-value",
+                    f"Site {site} is no longer part of any VPN (seed 3.6): delete its VPN state.",
+                    app_tag="site-removed",
+                )
+            raise RpcError("invalid-value", f"There is no site {site!r}.", app_tag="unknown-site")
+        config = self.vpns[view.vpn].compiled[site]
+        prov = self._provisioner()
+        rec = prov.record(view.vpn, site)
+        rec.last_contact = now_text()
+        if own is not None and applied_version is not None:
+            rec.applied_version = applied_version or None
+            prov.set_status(rec, "in-sync" if applied_version == config.version else "pending")
+        version = etree.Element(_q("version"))
+        version.text = config.version
+        holder = etree.Element(_q("configuration"))
+        ce = self.codec.to_xml(config.config, site)
+        if own is None:
+            _redact(ce)
+        holder.append(ce)
+        return [version, holder]
+
+    def _site_of_user(self, user: str) -> str | None:
+        if not user.startswith("ce-"):
+            return None
+        site = user[3:]
+        if site in self.sites or self.storage.get(REMOVED, user) is not None:
+            return site
+        return None
+
+    def resynchronise(self, vpn: str | None, site: str | None) -> None:
+        prov = self._provisioner()
+        for view in list(self.sites.values()):
+            if (vpn and view.vpn != vpn) or (site and view.site != site):
+                continue
+            self.storage.delete(APPLIED, view.site)
+            rec = prov.record(view.vpn, view.site)
+            rec.applied_version = None
+            self._target_changed(view, rec)
+
+    async def audit(self, vpn: str | None, site: str | None, repair: bool) -> list[etree._Element]:
+        results: list[etree._Element] = []
+        views = [
+            v
+            for v in self.sites.values()
+            if (not vpn or v.vpn == vpn) and (not site or v.site == site) and v.host_keys
+        ]
+        prov = self._provisioner()
+
+        async def one(view: SiteView) -> etree._Element:
+            entry = etree.Element(_q("result"))
+            etree.SubElement(entry, _q("vpn")).text = view.vpn
+            etree.SubElement(entry, _q("site")).text = view.site
+            want = self.codec.normalise(self.vpns[view.vpn].compiled[view.site].config, view.site)
+            try:
+                ce, _ = await prov.run_in_thread(lambda: read_ce(self.endpoint(view)))  # type: ignore[misc]
+            except (CeUnreachable, CeRefused):
+                etree.SubElement(entry, _q("outcome")).text = "unreachable"
+                return entry
+            have = {} if ce is None else self.codec.to_json(ce)
+            diffs = differences(want, have)
+            outcome = "in-sync"
+            if diffs:
+                outcome = "repaired" if repair else "differs"
+                if repair:
+                    self.resynchronise(view.vpn, view.site)
+            etree.SubElement(entry, _q("outcome")).text = outcome
+            for path in diffs:
+                etree.SubElement(entry, _q("difference")).text = path
+            return entry
+
+        results = list(await asyncio.gather(*(one(v) for v in sorted(views, key=lambda v: v.site))))
+        return results
+
+    def rotate_keys(self, vpn: str, site: str | None, what: str) -> None:
+        if vpn not in self.vpns:
+            raise RpcError("invalid-value", f"There is no VPN {vpn!r}.", app_tag="unknown-vpn")
+        if site is not None:
+            self._site_or_error(vpn, site)
+        self.keys.rotate(vpn, site, what)  # type: ignore[arg-type]
+        self._recompile(vpn)
+
+    async def remove_site(self, vpn: str, site: str, deprovision: bool) -> None:
+        self._site_or_error(vpn, site)
+        server = self.server
+        async with server.config_lock:
+            root = deepcopy(server.datastores["running"].root)
+            _delete_site(root, vpn, site)
+            self.removal_override[site] = "deprovision" if deprovision else "database-only"
+            try:
+                await server.change_running(root, None, reason="remove-site", check_access=False)
+            except BaseException:
+                self.removal_override.pop(site, None)
+                raise
+
+
+# --------------------------------------------------------------------------
+# Datastore edits the server makes as itself
+# --------------------------------------------------------------------------
+
+
+def _vpn_elem(root: etree._Element, vpn: str) -> etree._Element | None:
+    for elem in root.iterfind(f"{_q('vpn-service')}/{_q('vpn')}"):
+        if elem.findtext(_q("id")) == vpn:
+            return elem
+    return None
+
+
+def _site_elem(root: etree._Element, vpn: str, site: str) -> etree._Element | None:
+    vpn_elem = _vpn_elem(root, vpn)
+    if vpn_elem is None:
+        return None
+    for elem in vpn_elem.iterfind(_q("site")):
+        if elem.findtext(_q("id")) == site:
+            return elem
+    return None
+
+
+def _set_host_key(root: etree._Element, vpn: str, site: str, public: str) -> None:
+    elem = _site_elem(root, vpn, site)
+    assert elem is not None
+    mgmt = elem.find(_q("management"))
+    if mgmt is None:
+        mgmt = etree.SubElement(elem, _q("management"))
+    for old in mgmt.findall(_q("host-key")):
+        mgmt.remove(old)
+    etree.SubElement(mgmt, _q("host-key")).text = public
+
+
+def _replace_user(root: etree._Element, name: str, public: str, group: str) -> None:
+    for user in root.iter(qn(SYS_NS, "user")):
+        if user.findtext(qn(SYS_NS, "name")) == name:
+            parent = user.getparent()
+            assert parent is not None
+            parent.remove(user)
+    add_user(root, name, password=None, public_keys=[public], groups=[group])
+
+
+def _delete_site(root: etree._Element, vpn: str, site: str) -> None:
+    """The site and everything in its VPN that names it (links, gateways, explicit keys)."""
+    vpn_elem = _vpn_elem(root, vpn)
+    assert vpn_elem is not None
+    for elem in list(vpn_elem.iter()):
+        parent = elem.getparent()
+        if parent is None or not isinstance(elem.tag, str):
+            continue
+        local = etree.QName(elem).localname
+        if local == "site" and parent is vpn_elem and elem.findtext(_q("id")) == site:
+            parent.remove(elem)
+        elif local == "internet-gateway" and (elem.text or "").strip() == site:
+            parent.remove(elem)
+        elif local in ("link", "pre-shared-key", "ikeless-sa", "site-certificate") and site in {
+            (c.text or "").strip()
+            for c in elem
+            if isinstance(c.tag, str)
+            and etree.QName(c).localname in ("site-a", "site-b", "from-site", "to-site", "site")
+        }:
+            parent.remove(elem)
+
+
+def _redact(ce: etree._Element) -> None:
+    """Key material is for the CE only: an operator fetching a CE's configuration sees
+    where keys are, not what they are."""
+    secret = {"pre-shared-key", "encryption-key", "integrity-key", "private-key"}
+    for elem in ce.iter():
+        if isinstance(elem.tag, str) and etree.QName(elem).localname in secret:
+            parent = elem.getparent()
+            if parent is not None:
+                parent.remove(elem)
+
+
+def _bundle_xml(bundle: Bundle) -> etree._Element:
+    elem = etree.Element(_q("bundle"))
+    _fill(elem, bundle.content)
+    return elem
+
+
+def _fill(parent: etree._Element, content: Mapping[str, Any]) -> None:
+    for key, value in content.items():
+        if isinstance(value, dict):
+            _fill(etree.SubElement(parent, _q(key)), value)
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, dict):
+                    _fill(etree.SubElement(parent, _q(key)), item)
+                else:
+                    etree.SubElement(parent, _q(key)).text = str(item)
+        else:
+            etree.SubElement(parent, _q(key)).text = str(value)
+
+
+def bundle_document_from_xml(bundle: etree._Element) -> dict[str, Any]:
+    """The enrol RPC's <bundle> as the JSON document `cevpn-agent --bootstrap` reads."""
+    lists = {"endpoint", "host-key", "server-authorized-key", "url-host-key"}
+    ints = {"port", "pull-interval", "connect-timeout", "fetch-alarm-after", "orphan-after"}
+
+    def walk(elem: etree._Element) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for child in elem:
+            if not isinstance(child.tag, str):
+                continue
+            name = etree.QName(child).localname
+            value: Any = walk(child) if len(child) else (child.text or "")
+            if name in ints and isinstance(value, str):
+                value = int(value)
+            if name in lists:
+                out.setdefault(name, []).append(value)
+            else:
+                out[name] = value
+        return out
+
+    return {"cevpn-ce:ce": {"pre-configuration": walk(bundle)}}
+
+
+__all__ = ["NACM_NS", "InvalidCompiledConfig", "ServiceApplication", "bundle_document_from_xml"]

@@ -1,0 +1,225 @@
+"""A CE's compiled configuration as NETCONF sees it: XML documents, edits, comparisons.
+
+The compiler produces RFC 7951 JSON; CEs speak XML.  Every conversion goes
+through libyang with the cevpn-ce schema, so a compiler mistake is caught
+here, on the server, as a validation error, and never reaches a CE.
+
+The server owns everything under ``/ce`` except ``pre-configuration`` (which
+the CE received at enrolment and keeps).  An edit therefore replaces the
+sections it changes, replaces changed peers one by one and removes the
+peers that went away: adding one site to a 1,000-site mesh sends each CE one
+``<peer>``, not its whole configuration.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from lxml import etree
+
+from nc_core.schema import Schema, ValidationFailed, ce_schema
+from nc_core.xmlutil import NC_NS, qn
+
+CE_NS = "urn:cevpn:yang:cevpn-ce"
+CE_MODULE = "cevpn-ce"
+SERVER_OWNED_EXCEPT = ("pre-configuration",)
+
+LIST_KEYS: Mapping[str, tuple[str, ...]] = {
+    "peer": ("name",),
+    "proposal": ("id",),
+    "ca-certificate": ("name",),
+    "static-route": ("prefix",),
+    "allow": ("name",),
+    "alarm": ("type", "resource"),
+}
+"""Keys of the cevpn-ce lists, for comparing JSON configurations entry by entry."""
+
+
+class InvalidCompiledConfig(Exception):
+    """The compiler produced something the cevpn-ce schema refuses (a server bug)."""
+
+
+def _q(name: str) -> str:
+    return qn(CE_NS, name)
+
+
+class CeCodec:
+    """JSON <-> XML for cevpn-ce documents, validated by libyang."""
+
+    def __init__(self, schema: Schema | None = None) -> None:
+        self.schema = schema or ce_schema()
+
+    def to_xml(self, config: Mapping[str, Any], site: str) -> etree._Element:
+        """The ``<ce>`` element of a compiled configuration, validated."""
+        document = {f"{CE_MODULE}:ce": config}
+        try:
+            tree = self.schema.parse_config(json.dumps(document), "json")
+        except ValidationFailed as exc:
+            raise InvalidCompiledConfig(f"compiled configuration of {site}: {exc}") from None
+        try:
+            text = tree.print_mem("xml", with_siblings=True, pretty=False)
+        finally:
+            tree.free()
+        root = etree.fromstring(text.encode())
+        if root.tag != _q("ce"):
+            raise InvalidCompiledConfig(f"unexpected root {root.tag}")
+        return root
+
+    def to_json(self, ce: etree._Element) -> dict[str, Any]:
+        """A ``<ce>`` read from a CE as canonical JSON content (no defaults), without
+        the parts the server does not own."""
+        ce = _strip(ce)
+        text = etree.tostring(ce)
+        try:
+            tree = self.schema.ctx.parse_data_mem(
+                text, "xml", no_state=True, strict=False, parse_only=True
+            )
+        except Exception as exc:  # libyang.LibyangError: the CE sent something odd
+            raise InvalidCompiledConfig(f"configuration read from the CE: {exc}") from None
+        if tree is None:
+            return {}
+        try:
+            printed = tree.print_mem("json", with_siblings=True, pretty=False)
+        finally:
+            tree.free()
+        content: dict[str, Any] = json.loads(printed or "{}").get(f"{CE_MODULE}:ce", {})
+        return content
+
+    def normalise(self, config: Mapping[str, Any], site: str) -> dict[str, Any]:
+        """A compiled configuration in the same canonical form :meth:`to_json` gives."""
+        return self.to_json(self.to_xml(config, site))
+
+
+def _strip(ce: etree._Element) -> etree._Element:
+    copy = etree.fromstring(etree.tostring(ce))
+    for name in SERVER_OWNED_EXCEPT:
+        for child in copy.findall(_q(name)):
+            copy.remove(child)
+    return copy
+
+
+# --------------------------------------------------------------------------
+# Edits
+# --------------------------------------------------------------------------
+
+NC_OPERATION = qn(NC_NS, "operation")
+
+
+@dataclass
+class CeEdit:
+    """What one edit-config sends to a CE: sections replaced, peers replaced and removed."""
+
+    sections: list[str] = field(default_factory=list)
+    peers: list[str] = field(default_factory=list)
+    removed_peers: list[str] = field(default_factory=list)
+    removed_sections: list[str] = field(default_factory=list)
+
+    def empty(self) -> bool:
+        return not (self.sections or self.peers or self.removed_peers or self.removed_sections)
+
+
+def full_edit(target: Mapping[str, Any], present_peers: Iterable[str]) -> CeEdit:
+    """Everything, for a CE whose configuration is unknown: every section and peer replaced,
+    peers the CE has that the target lacks removed."""
+    peers = [p["name"] for p in target.get("peer", [])]
+    wanted = set(peers)
+    return CeEdit(
+        sections=sorted(k for k in target if k != "peer"),
+        peers=peers,
+        removed_peers=sorted(p for p in present_peers if p not in wanted),
+        removed_sections=[],
+    )
+
+
+def incremental_edit(old: Mapping[str, Any], new: Mapping[str, Any]) -> CeEdit:
+    """The smallest edit that turns a CE holding ``old`` into ``new``."""
+    edit = CeEdit()
+    for key in sorted(set(old) | set(new)):
+        if key == "peer":
+            continue
+        if key not in new:
+            edit.removed_sections.append(key)
+        elif old.get(key) != new[key]:
+            edit.sections.append(key)
+    old_peers = {p["name"]: p for p in old.get("peer", [])}
+    new_peers = {p["name"]: p for p in new.get("peer", [])}
+    edit.peers = [n for n, p in new_peers.items() if old_peers.get(n) != p]
+    edit.removed_peers = sorted(n for n in old_peers if n not in new_peers)
+    return edit
+
+
+def edit_document(target_xml: etree._Element, edit: CeEdit) -> etree._Element:
+    """The <config> element of the edit-config carrying ``edit``."""
+    config = etree.Element(qn(NC_NS, "config"), nsmap={None: NC_NS})
+    ce = etree.SubElement(config, _q("ce"), nsmap={None: CE_NS, "nc": NC_NS})
+    wanted_sections = set(edit.sections)
+    wanted_peers = set(edit.peers)
+    for child in target_xml:
+        if not isinstance(child.tag, str):
+            continue
+        name = etree.QName(child).localname
+        if name == "peer":
+            peer_name = child.findtext(_q("name"))
+            if peer_name in wanted_peers:
+                copy = _copy(child)
+                copy.set(NC_OPERATION, "replace")
+                ce.append(copy)
+        elif name in wanted_sections:
+            copy = _copy(child)
+            copy.set(NC_OPERATION, "replace")
+            ce.append(copy)
+    for name in edit.removed_sections:
+        gone = etree.SubElement(ce, _q(name))
+        gone.set(NC_OPERATION, "remove")
+    for peer in edit.removed_peers:
+        gone = etree.SubElement(ce, _q("peer"))
+        gone.set(NC_OPERATION, "remove")
+        etree.SubElement(gone, _q("name")).text = peer
+    return config
+
+
+def deprovision_document(present_peers: Iterable[str], sections: Iterable[str]) -> etree._Element:
+    """Remove every VPN part of a CE's configuration; its pre-configuration stays (seed 3.6)."""
+    edit = CeEdit(removed_peers=sorted(present_peers), removed_sections=sorted(sections))
+    return edit_document(etree.Element(_q("ce")), edit)
+
+
+def _copy(elem: etree._Element) -> etree._Element:
+    return etree.fromstring(etree.tostring(elem))
+
+
+# --------------------------------------------------------------------------
+# Comparison (audit)
+# --------------------------------------------------------------------------
+
+
+def differences(want: Any, have: Any, path: str = "/cevpn-ce:ce") -> list[str]:
+    """Paths where two canonical JSON configurations differ; values are never reported."""
+    if isinstance(want, dict) and isinstance(have, dict):
+        out: list[str] = []
+        for key in sorted(set(want) | set(have)):
+            name = key.split(":", 1)[-1]
+            if key not in want or key not in have:
+                out.append(f"{path}/{name}")
+            else:
+                out.extend(differences(want[key], have[key], f"{path}/{name}"))
+        return out
+    if isinstance(want, list) and isinstance(have, list):
+        leaf = path.rsplit("/", 1)[-1]
+        keys = LIST_KEYS.get(leaf)
+        if keys and all(isinstance(e, dict) for e in [*want, *have]):
+            w = {tuple(str(e.get(k)) for k in keys): e for e in want}
+            h = {tuple(str(e.get(k)) for k in keys): e for e in have}
+            out = []
+            for ident in sorted(set(w) | set(h)):
+                pred = "".join(f"[{k}='{v}']" for k, v in zip(keys, ident, strict=True))
+                if ident not in w or ident not in h:
+                    out.append(f"{path}{pred}")
+                else:
+                    out.extend(differences(w[ident], h[ident], f"{path}{pred}"))
+            return out
+        return [] if sorted(map(str, want)) == sorted(map(str, have)) else [path]
+    return [] if want == have else [path]

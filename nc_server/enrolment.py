@@ -1,0 +1,126 @@
+"""Enrolment of a CE (seed 3.2): its pre-configuration bundle and the keys in it.
+
+The server generates both SSH key pairs a CE needs, so that every connection
+is pinned from the first one (nothing is learned on first use):
+- the CE's *host* key: the server records the public half in the site's
+  ``management/host-key`` and only ever connects to a CE presenting it;
+- the CE's *client* key, with which the agent logs in to the server to pull
+  its configuration: the public half becomes the CE's account on the server.
+The private halves exist only in the bundle (and then on the CE).
+
+The server's own client key (its identity on every CE) lives in its state
+directory and is authorised on the CE through the bundle.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+SOUTHBOUND_KEY_FILE = "southbound_ed25519_key"
+"""The server's client key for reaching CE agents."""
+SERVER_USERNAME_ON_CE = "cevpn-server"
+CE_GROUP = "cevpn-ce-agents"
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    private_openssh: str = field(repr=False)
+    public_line: str
+
+
+def new_ed25519(comment: str) -> KeyPair:
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    ).decode()
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    return KeyPair(private, f"{public.decode()} {comment}")
+
+
+def southbound_key(state_dir: Path) -> tuple[Path, str]:
+    """The server's client key file (made on first use, 0600) and its public line."""
+    path = state_dir / SOUTHBOUND_KEY_FILE
+    if not path.exists():
+        pair = new_ed25519("cevpn-server")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(pair.private_openssh)
+        path.with_suffix(".pub").write_text(pair.public_line + "\n")
+    public = path.with_suffix(".pub").read_text().strip()
+    return path, public
+
+
+def ce_username(site: str) -> str:
+    return f"ce-{site}"
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A CE's pre-configuration (cevpn-types grouping ce-pre-configuration) as JSON content."""
+
+    content: dict[str, Any] = field(repr=False)
+    host_public: str
+    client_public: str
+
+    def ce_document(self) -> dict[str, Any]:
+        """The document `cevpn-agent --bootstrap` reads: the CE's pre-configuration."""
+        return {"cevpn-ce:ce": {"pre-configuration": self.content}}
+
+
+def make_bundle(
+    *,
+    vpn: str,
+    site: str,
+    sp_address: str,
+    management_port: int,
+    server_endpoints: list[dict[str, Any]],
+    server_host_key: str,
+    southbound_public: str,
+    ca_certificate: str | None,
+    pull_interval: int,
+    orphan_after: int,
+) -> Bundle:
+    if not server_endpoints:
+        raise ValueError(
+            "no VPN server endpoint is configured: set /vpn-service/server/endpoint "
+            "(the address CEs reach this server at) before enrolling"
+        )
+    host = new_ed25519(f"{site} host")
+    client = new_ed25519(ce_username(site))
+    content: dict[str, Any] = {
+        "site-id": site,
+        "vpn-id": vpn,
+        "sp-address": sp_address,
+        "vpn-server": {
+            "endpoint": [
+                {
+                    "address": e["address"],
+                    "port": int(e.get("port", 830)),
+                    "host-key": [server_host_key],
+                }
+                for e in server_endpoints
+            ],
+            "username": ce_username(site),
+            "client-private-key": client.private_openssh,
+        },
+        "management": {
+            "server-username": SERVER_USERNAME_ON_CE,
+            "server-authorized-key": [southbound_public],
+            "host-private-key": host.private_openssh,
+            "port": management_port,
+        },
+        "timers": {"pull-interval": pull_interval, "orphan-after": orphan_after},
+    }
+    if ca_certificate:
+        content["ca-certificate"] = ca_certificate
+    return Bundle(content, host.public_line, client.public_line)

@@ -1,0 +1,160 @@
+"""The VPN server's persistent state behind one small interface (SQLite by default).
+
+Everything the server must not lose lives here: its NETCONF datastores (the
+VPN database itself), the key material it generates, enrolment records and
+the last configuration each CE confirmed.  The interface is deliberately a
+handful of key-value operations on named tables, grouped in transactions, so
+that a PostgreSQL implementation (one table, the same five statements) can
+replace SQLite for a replicated deployment without touching any caller.
+
+SQLite runs in WAL mode with synchronous=FULL: a committed transaction
+survives a kill -9 or a power cut.  The database file is created 0600: it
+holds keys.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Protocol
+
+DATABASE_FILE = "vpn-server.db"
+
+
+class Storage(Protocol):
+    """Named tables of key -> bytes; writes inside :meth:`transaction` commit together."""
+
+    def get(self, table: str, key: str) -> bytes | None: ...
+
+    def put(self, table: str, key: str, value: bytes) -> None: ...
+
+    def delete(self, table: str, key: str) -> None: ...
+
+    def scan(self, table: str, prefix: str = "") -> list[tuple[str, bytes]]:
+        """All (key, value) of ``table`` whose key starts with ``prefix``, in key order."""
+        ...
+
+    def transaction(self) -> Iterator[None]:
+        """A context manager: everything written inside commits at its end, or nothing."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class SqliteStorage:
+    """:class:`Storage` in one SQLite file; safe to use from several threads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if not path.exists():
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        os.chmod(path, 0o600)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS kv ("
+            " tbl TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL,"
+            " PRIMARY KEY (tbl, key)) WITHOUT ROWID"
+        )
+        self._lock = threading.RLock()
+        self._depth = 0
+        for suffix in ("-wal", "-shm"):
+            side = path.with_name(path.name + suffix)
+            if side.exists():
+                os.chmod(side, 0o600)
+
+    @classmethod
+    def in_state_dir(cls, state_dir: Path) -> SqliteStorage:
+        return cls(state_dir / DATABASE_FILE)
+
+    def get(self, table: str, key: str) -> bytes | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT value FROM kv WHERE tbl = ? AND key = ?", (table, key)
+            ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def put(self, table: str, key: str, value: bytes) -> None:
+        with self.transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO kv (tbl, key, value) VALUES (?, ?, ?)",
+                (table, key, value),
+            )
+
+    def delete(self, table: str, key: str) -> None:
+        with self.transaction():
+            self._db.execute("DELETE FROM kv WHERE tbl = ? AND key = ?", (table, key))
+
+    def scan(self, table: str, prefix: str = "") -> list[tuple[str, bytes]]:
+        with self._lock:
+            if prefix:
+                # key >= prefix AND key < prefix + U+10FFFF: an index range, no LIKE escaping.
+                rows = self._db.execute(
+                    "SELECT key, value FROM kv WHERE tbl = ? AND key >= ? AND key < ? ORDER BY key",
+                    (table, prefix, prefix + "\U0010ffff"),
+                ).fetchall()
+            else:
+                rows = self._db.execute(
+                    "SELECT key, value FROM kv WHERE tbl = ? ORDER BY key", (table,)
+                ).fetchall()
+        return [(str(k), bytes(v)) for k, v in rows]
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self._lock:
+            outermost = self._depth == 0
+            if outermost:
+                self._db.execute("BEGIN IMMEDIATE")
+            self._depth += 1
+            try:
+                yield
+            except BaseException:
+                self._depth -= 1
+                if outermost:
+                    self._db.execute("ROLLBACK")
+                raise
+            self._depth -= 1
+            if outermost:
+                self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class SqliteDatastores:
+    """nc_core's datastore persistence on :class:`Storage`: the VPN database lives in it too.
+
+    A staged document is held in memory until publish writes it in one
+    transaction: if the process dies in between, the database still holds
+    the previous document, which is what a discarded stage means.
+    """
+
+    TABLE = "datastore"
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self._staged: dict[str, bytes] = {}
+
+    def read(self, name: str) -> bytes | None:
+        return self.storage.get(self.TABLE, name)
+
+    def write(self, name: str, data: bytes) -> None:
+        self.storage.put(self.TABLE, name, data)
+
+    def delete(self, name: str) -> None:
+        self.storage.delete(self.TABLE, name)
+
+    def stage(self, name: str, data: bytes) -> None:
+        self._staged[name] = data
+
+    def publish(self, name: str) -> None:
+        self.storage.put(self.TABLE, name, self._staged.pop(name))
+
+    def discard(self, name: str) -> None:
+        self._staged.pop(name, None)
