@@ -30,7 +30,7 @@ from nc_core.edit import new_datastore
 from nc_core.server import NetconfServer, lock_state_dir
 from nc_core.transport_ssh import HOST_KEY_FILE
 from nc_core.users import add_user, initial_nacm
-from nc_core.xmlutil import SYS_NS, qn
+from nc_core.xmlutil import SYS_NS, default_ns_element, qn
 
 CE_NS = "urn:cevpn:yang:cevpn-ce"
 CLIENT_KEY_FILE = "vpn_server_client_key"
@@ -83,7 +83,8 @@ def apply_bundle(server: NetconfServer, bundle_path: Path) -> None:
         pre_xml = _pre_configuration_xml(server, pre)
         ce = root.find(qn(CE_NS, "ce"))
         if ce is None:
-            ce = etree.SubElement(root, qn(CE_NS, "ce"), nsmap={None: CE_NS})
+            ce = default_ns_element(CE_NS, "ce")
+            root.append(ce)
         old = ce.find(qn(CE_NS, "pre-configuration"))
         if old is not None:
             keep = old.find(qn(CE_NS, "sp-interface"))

@@ -33,7 +33,7 @@ from lxml import etree
 from ncclient.operations.rpc import RPCError as NcRpcError
 
 from nc_core.client import Endpoint, connect
-from nc_core.xmlutil import qn
+from nc_core.xmlutil import default_ns_element, qn
 
 if TYPE_CHECKING:
     from nc_core.server import NetconfServer
@@ -175,7 +175,8 @@ class Puller:
             root = deepcopy(server.datastores["running"].root)
             ce = root.find(qn(CE_NS, "ce"))
             if ce is None:
-                ce = etree.SubElement(root, qn(CE_NS, "ce"), nsmap={None: CE_NS})
+                ce = default_ns_element(CE_NS, "ce")
+                root.append(ce)
             for child in list(ce):
                 if child.tag != qn(CE_NS, "pre-configuration"):
                     ce.remove(child)
@@ -248,7 +249,7 @@ def _connect_any(endpoints: list[Endpoint]) -> Any:
 def _fetch(endpoints: list[Endpoint], applied: str | None) -> tuple[str, etree._Element | None]:
     manager = _connect_any(endpoints)
     try:
-        request = etree.Element(qn(SVC_NS, "fetch-ce-configuration"), nsmap={None: SVC_NS})
+        request = default_ns_element(SVC_NS, "fetch-ce-configuration")
         if applied:
             etree.SubElement(request, qn(SVC_NS, "applied-version")).text = applied
         try:

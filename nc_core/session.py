@@ -240,6 +240,12 @@ class Session:
             self._send_reply(rpc, attrs, errors=[err])
         except RpcErrors as errs:
             self._send_reply(rpc, attrs, errors=errs.errors)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a server bug: the client still gets a reply to its message-id
+            log.exception("session %d: internal error", self.id)
+            error = RpcError("operation-failed", "Internal server error; see the server log.")
+            self._send_reply(rpc, attrs, errors=[error])
         else:
             self._send_reply(rpc, attrs, body=body)
 

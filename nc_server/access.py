@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from lxml import etree
 
-from nc_core.xmlutil import NACM_NS, qn
+from nc_core.xmlutil import NACM_NS, default_ns_element, qn
 
 SVC_NS = "urn:cevpn:yang:cevpn-service"
 OPERATORS = "operators"
@@ -96,7 +96,8 @@ def ensure_rule_lists(running: etree._Element) -> bool:
     """Add the server's rule lists to a datastore tree if missing; True if anything changed."""
     nacm = running.find(qn(NACM_NS, "nacm"))
     if nacm is None:
-        nacm = etree.SubElement(running, qn(NACM_NS, "nacm"), nsmap={None: NACM_NS})
+        nacm = default_ns_element(NACM_NS, "nacm")
+        running.append(nacm)
     present = {
         (r.findtext(qn(NACM_NS, "name")) or "") for r in nacm.iterfind(qn(NACM_NS, "rule-list"))
     }

@@ -685,7 +685,8 @@ class ServiceApplication(Application):
             etree.SubElement(entry, _q("site")).text = view.site
             want = self.codec.normalise(self.vpns[view.vpn].compiled[view.site].config, view.site)
             try:
-                ce, _ = await prov.run_in_thread(lambda: read_ce(self.endpoint(view)))  # type: ignore[misc]
+                found = await prov.run_in_thread(lambda: read_ce(self.endpoint(view)))
+                ce = found[0]  # type: ignore[index]
             except (CeUnreachable, CeRefused):
                 etree.SubElement(entry, _q("outcome")).text = "unreachable"
                 return entry

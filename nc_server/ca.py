@@ -8,9 +8,9 @@ CE trusts its VPN's CA only), and so that a VPN can be removed with its CA.
 
 Strength (seed 7, "every tunnel must use the same grade of security
 strength"): the CA key is ECDSA P-256 for a VPN whose minimum strength is 128
-bits or less and P-384 above (the project's choice for 192 and 256 bits: P-384
-is what every IKE implementation and HSM supports well; it caps the signature
-strength of a 256-bit VPN at 192 bits).  A CSR is refused when its key is
+bits or less and P-384 above.  P-384 for 256 bits is a project decision: it
+caps the signature strength of a 256-bit VPN at 192 bits (P-521 would give
+256); the CSR check below follows the same cap.  A CSR is refused when its key is
 weaker than the key the CA would have generated for that VPN, so that no CE
 is the weak link.
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -331,12 +331,12 @@ class CertificateAuthority:
         except ValueError as exc:
             raise CsrRefused(f"site {site}: not a PEM certificate signing request") from exc
         try:
+            public_key = csr.public_key()
             signature_ok = csr.is_signature_valid
-        except (InvalidSignature, ValueError, TypeError):
-            signature_ok = False
+        except (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError) as exc:
+            raise CsrRefused(f"site {site}: the CSR's key or signature cannot be used") from exc
         if not signature_ok:
             raise CsrRefused(f"site {site}: the CSR's signature does not verify")
-        public_key = csr.public_key()
         strength = key_strength(public_key)
         needed = required_key_strength(strength_bits)
         if strength < needed:

@@ -21,7 +21,7 @@ from typing import Any
 from lxml import etree
 
 from nc_core.schema import Schema, ValidationFailed, ce_schema
-from nc_core.xmlutil import NC_NS, qn
+from nc_core.xmlutil import NC_NS, default_ns_element, qn
 
 CE_NS = "urn:cevpn:yang:cevpn-ce"
 CE_MODULE = "cevpn-ce"
@@ -153,8 +153,9 @@ def incremental_edit(old: Mapping[str, Any], new: Mapping[str, Any]) -> CeEdit:
 
 def edit_document(target_xml: etree._Element, edit: CeEdit) -> etree._Element:
     """The <config> element of the edit-config carrying ``edit``."""
-    config = etree.Element(qn(NC_NS, "config"), nsmap={None: NC_NS})
-    ce = etree.SubElement(config, _q("ce"), nsmap={None: CE_NS, "nc": NC_NS})
+    config = default_ns_element(NC_NS, "config")
+    nsmap: Any = {None: CE_NS, "nc": NC_NS}
+    ce = etree.SubElement(config, _q("ce"), nsmap=nsmap)
     wanted_sections = set(edit.sections)
     wanted_peers = set(edit.peers)
     for child in target_xml:

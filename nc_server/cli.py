@@ -108,6 +108,7 @@ def _enrol_online(state_dir: Path, site: str) -> dict[str, object]:
 
     from nc_core.client import Endpoint, connect
     from nc_core.transport_ssh import host_key_line
+    from nc_core.xmlutil import default_ns_element
     from nc_server.application import LOCAL_ADMIN, LOCAL_ADMIN_KEY, SVC_NS, bundle_document_from_xml
 
     listening = (state_dir / LISTENING_FILE).read_text().split()
@@ -136,7 +137,7 @@ def _enrol_online(state_dir: Path, site: str) -> dict[str, object]:
                     vpn = vpn_elem.findtext(f"{{{SVC_NS}}}id")
         if vpn is None:
             raise LookupError(f"there is no site {site!r} in the VPN database")
-        request = etree.Element(f"{{{SVC_NS}}}enrol", nsmap={None: SVC_NS})
+        request = default_ns_element(SVC_NS, "enrol")
         etree.SubElement(request, f"{{{SVC_NS}}}vpn").text = vpn
         etree.SubElement(request, f"{{{SVC_NS}}}site").text = site
         reply = etree.fromstring(manager.dispatch(request).xml.encode())

@@ -89,8 +89,8 @@ IKE-less SA suite (:func:`sa_suite`)
     The first ESP proposal of the profile (by id), else AES-GCM-16-256 without
     separate integrity.  Lifetimes: soft 2x and hard 3x
     ``ikeless-rekey-interval``: the server installs fresh SAs every interval,
-    so an SA normally never reaches its soft limit, and a server outage of one
-    interval still does not cut traffic.
+    so an SA reaches its soft limit only when a rekey was missed, and traffic
+    survives a server outage of two intervals before the hard limit.
 
 Incremental compilation and key material
 ========================================
@@ -102,12 +102,19 @@ are compact fingerprints computed once per site and per compile: VPN-level
 parameters, the roles and overrides of both ends, the peer's address and
 prefixes, the spoke-prefix aggregate (only in a spoke's entry for the
 primary hub), whether the entry carries the default route, and the key
-material itself.  Key material is *asked of the KeySource at every compile*
-(once per pair for a pre-shared key, once per site for an identity, once
-per SA direction for IKE-less): rotation can happen at any time and the
-protocol has no change counter, and the calls are plain look-ups of stored
-material, cheaper than rebuilding an entry.  Comparing the returned key with
-the cached one is what detects a rotation.
+material itself.  What is common to many entries is compared once: a
+changed VPN fingerprint drops the whole cache, a changed role or override
+of a site drops that site's own entries; per entry only (peer fingerprint,
+special token, key material) is compared.
+
+Key material is *asked of the KeySource at every compile* rather than
+fingerprinted: rotation can happen at any time, the protocol has no change
+counter, and the calls are look-ups of stored material, cheaper than
+rebuilding an entry.  Comparing the returned material with the cached one is
+what detects a rotation.  Each call is made once where it can be: a
+pre-shared key once per pair (both ends share it), an identity or a site
+certificate once per site, the CA once per VPN; an IKE-less SA twice (as its
+sender installs it and as its receiver does, which differ during a rekey).
 
 Each entry also keeps its canonical JSON, so a site's version (sha256 over
 the canonical JSON of its whole configuration) is computed by joining cached
@@ -120,12 +127,14 @@ Output configurations share sub-trees with each other and with the cache
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import gc
 import hashlib
 import ipaddress
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii
 from typing import Any, Literal, Protocol
@@ -135,6 +144,7 @@ DEFAULT_ESP_ENCRYPTION = "cevpn-types:encr-aes-gcm-16-256"
 DEFAULT_MINIMUM_STRENGTH = "cevpn-types:strength-128"
 CA_CERTIFICATE_NAME = "vpn-ca"
 IPV4_DEFAULT_ROUTE = "0.0.0.0/0"
+DEFAULT_OSPF_AREA = "0.0.0.0"  # noqa: S104 - the backbone area, not an address to bind
 
 _UINT32_MAX = 2**32 - 1
 
@@ -430,7 +440,7 @@ def _parse(vpn: Mapping[str, Any]) -> _Vpn:
             defaults.get("ikeless-rekey-interval", _TUNNEL_DEFAULTS["ikeless-rekey-interval"])
         ),
         protocol=str(routing.get("protocol", "none")),
-        ospf_area=str(routing.get("ospf-area", "0.0.0.0")),  # noqa: S104 - an OSPF area, not a bind
+        ospf_area=str(routing.get("ospf-area", DEFAULT_OSPF_AREA)),
         gateways=tuple(vpn.get("internet-gateway", ())),
         sites=sites,
         keys=dict(vpn.get("keys", {})),
@@ -588,7 +598,8 @@ def _fingerprint(value: Any) -> bytes:
     return hashlib.blake2b(repr(value).encode(), digest_size=16).digest()
 
 
-def _derived_router_id(prefixes: Sequence[str]) -> str | None:
+@functools.lru_cache(maxsize=65536)
+def _derived_router_id(prefixes: tuple[str, ...]) -> str | None:
     for prefix in prefixes:
         network = ipaddress.ip_network(prefix, strict=False)
         if isinstance(network, ipaddress.IPv4Network):
@@ -603,20 +614,51 @@ def _unique(values: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(values))
 
 
-@dataclass(slots=True)
-class _Entry:
-    """A cached peer entry: what it was built from, the entry and its canonical JSON."""
+_PAUSE_COLLECTOR_FROM = 10_000
+"""Tunnels from which the cyclic garbage collector is paused while entries are built."""
 
-    inputs: tuple[Any, ...]
-    entry: dict[str, Any]
-    data: bytes
+
+@contextlib.contextmanager
+def _collector_paused(tunnels: int) -> Iterator[None]:
+    """Pause the cyclic garbage collector while a large VPN's entries are built.
+
+    A 1,000-site mesh allocates millions of containers that all survive; the
+    collector would traverse the growing heap again and again (half the time
+    of such a compile) without ever freeing one of them.  Nothing the compiler
+    makes forms a cycle, reference counting still frees everything else, and
+    the collector runs again as soon as the loop is over.
+    """
+    if tunnels < _PAUSE_COLLECTOR_FROM or not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+_Record = tuple[str, tuple[Any, ...], dict[str, Any], bytes]
+"""A cached peer entry: (peer name, the inputs it was built from, entry, canonical JSON)."""
 
 
 @dataclass(slots=True)
 class _SiteMemo:
+    """A site's last result, reused when its frame and peer entries are unchanged."""
+
     frame: tuple[bytes, bytes]
     datas: list[bytes]
     result: CeConfig
+
+
+@dataclass(slots=True)
+class _VpnCache:
+    """What one compile of a VPN leaves for the next."""
+
+    vpn_fp: bytes
+    ends_fp: dict[str, bytes]
+    records: dict[str, dict[str, _Record]]  # site -> peer -> record
+    memos: dict[str, _SiteMemo]
 
 
 # --------------------------------------------------------------------------
@@ -635,13 +677,11 @@ class VpnCompiler:
         self.keys = keys
         self.peer_builds = 0
         """Peer entries actually built (not reused), over the compiler's life."""
-        self._entries: dict[str, dict[tuple[str, str], _Entry]] = {}
-        self._sites: dict[str, dict[str, _SiteMemo]] = {}
+        self._cache: dict[str, _VpnCache] = {}
 
     def forget(self, vpn_id: str) -> None:
         """Drop the cache of a VPN (when it is deleted)."""
-        self._entries.pop(vpn_id, None)
-        self._sites.pop(vpn_id, None)
+        self._cache.pop(vpn_id, None)
 
     def compile(self, vpn: Mapping[str, Any]) -> dict[str, CeConfig]:
         """One CeConfig per site of ``vpn``, by site id in sorted order.
@@ -650,11 +690,8 @@ class VpnCompiler:
         CompileError leaves the previous state for the next attempt.
         """
         run = _Run(self, _parse(vpn))
-        entries, results, memos = run.execute(
-            self._entries.get(run.m.id, {}), self._sites.get(run.m.id, {})
-        )
-        self._entries[run.m.id] = entries
-        self._sites[run.m.id] = memos
+        cache, results = run.execute(self._cache.get(run.m.id))
+        self._cache[run.m.id] = cache
         return results
 
 
@@ -702,10 +739,19 @@ class _Run:
             s.id: _fingerprint((s.role, s.establishment, s.idle_timeout, s.encapsulation))
             for s in sites.values()
         }
-        # Per peer: what the entry shows of the peer.
-        self.peer_fp = {s.id: _fingerprint((s.ce_address, s.prefixes)) for s in sites.values()}
-        self.name_json = {s.id: encode_basestring_ascii(s.id) for s in sites.values()}
-        self.addr_json = {s.id: encode_basestring_ascii(s.ce_address) for s in sites.values()}
+        # Per peer: what the entry shows of the peer, and its end of the negotiation.
+        self.peer_fp = {
+            s.id: _fingerprint(
+                (s.ce_address, s.prefixes, s.role, s.establishment, s.idle_timeout, s.encapsulation)
+            )
+            for s in sites.values()
+        }
+        self.address = {s.id: s.ce_address for s in sites.values()}
+        self.keying_leaf: str | None = None
+        if m.keying != "ikeless":
+            certificate = m.authentication == "certificate"
+            self.keying_leaf = "peer-identity" if certificate else "pre-shared-key"
+        self.keying_prefix = f'{{"ike":{{"{self.keying_leaf}":'
 
         # Hub-and-spoke static routing: the primary hub carries spoke-to-spoke traffic.
         self.primary_hub: dict[str, str] = {}
@@ -718,7 +764,30 @@ class _Run:
             self.agg_fp = _fingerprint(tuple(self.spoke_prefixes))
 
         self.gateway_peer = self._gateway_choice()
+        # site -> {peer: token} for the few entries that carry more than the peer's
+        # prefixes: the primary hub's (the spoke aggregate) and the gateway's (default).
+        self.special: dict[str, dict[str, tuple[bytes | None, bool]]] = {}
+        for spoke, hub in self.primary_hub.items():
+            self.special.setdefault(spoke, {})[hub] = (self.agg_fp, False)
+        for site_id, gateway in self.gateway_peer.items():
+            tokens = self.special.setdefault(site_id, {})
+            tokens[gateway] = (tokens.get(gateway, (None, False))[0], True)
+
+        self.own_prefixes = {s.id: _unique(s.prefixes) for s in sites.values()}
+        self.overriding = {
+            s.id
+            for s in sites.values()
+            if s.establishment is not None
+            or s.idle_timeout is not None
+            or s.encapsulation is not None
+        }
+        self.default_parameters: tuple[str, int | None, str] = (
+            m.establishment,
+            m.idle_timeout if m.establishment == "traffic-driven" else None,
+            m.encapsulation,
+        )
         self.tunnels: dict[tuple[Any, ...], tuple[dict[str, Any], str]] = {}
+        self.plain_tunnels: dict[str, tuple[dict[str, Any], str]] = {}
         self._explicit_keys()
 
     # -- inputs ------------------------------------------------------------
@@ -775,18 +844,6 @@ class _Run:
         }
         self.explicit_ca: str | None = m.keys.get("ca", {}).get("certificate")
 
-    def _psk(self, a: str, b: str) -> str:
-        key = self.explicit_psk.get((a, b))
-        if key is None:
-            key = self.keys.pre_shared_key(self.m.id, a, b, self.m.psk_min_length)
-            if len(key) < self.m.psk_min_length:
-                raise CompileError(
-                    f"the key source's pre-shared key of {a!r} and {b!r} is shorter than "
-                    f"psk-min-length {self.m.psk_min_length}",
-                    self.m.id,
-                )
-        return key
-
     def _sa(self, src: str, dst: str, direction: Literal["outbound", "inbound"]) -> dict[str, Any]:
         explicit = self.explicit_sa.get((src, dst))
         if explicit is not None:
@@ -797,6 +854,8 @@ class _Run:
 
     def _pair_parameters(self, a: _Site, b: _Site) -> tuple[str, int | None, str]:
         """(establishment, idle-timeout or None, encapsulation), the same at both ends."""
+        if a.id not in self.overriding and b.id not in self.overriding:
+            return self.default_parameters
         first, second = sorted((a, b), key=lambda s: (s.role != "hub", s.id))
         m = self.m
         establishment = first.establishment or second.establishment or m.establishment
@@ -807,6 +866,8 @@ class _Run:
         return establishment, idle, encapsulation
 
     def _remote_prefixes(self, me: str, peer: str) -> tuple[str, ...]:
+        if peer not in self.special.get(me, ()):
+            return self.own_prefixes[peer]
         prefixes: list[str] = list(self.m.sites[peer].prefixes)
         if self.primary_hub.get(me) == peer:
             for spoke, own in self.spoke_prefixes:
@@ -817,6 +878,20 @@ class _Run:
         return _unique(prefixes)
 
     def _tunnel(self, me: str, peer: str) -> tuple[dict[str, Any], str]:
+        """me's tunnel container for peer and the canonical JSON of the rest of the entry.
+
+        Identical containers are shared: in a full mesh without overrides every
+        site sees the same container for a given peer.
+        """
+        plain = (
+            me not in self.overriding
+            and peer not in self.overriding
+            and peer not in self.special.get(me, ())
+        )
+        if plain:
+            known = self.plain_tunnels.get(peer)
+            if known is not None:
+                return known
         m = self.m
         establishment, idle, encapsulation = self._pair_parameters(m.sites[me], m.sites[peer])
         if self.ospf and (establishment != "permanent" or encapsulation != "transport-ipip"):
@@ -833,7 +908,7 @@ class _Run:
                 me,
             )
         remote = () if self.ospf else self._remote_prefixes(me, peer)
-        key = (establishment, idle, encapsulation, remote)
+        key = (peer, establishment, idle, encapsulation, remote)
         known = self.tunnels.get(key)
         if known is None:
             tunnel: dict[str, Any] = {"establishment": establishment}
@@ -843,47 +918,39 @@ class _Run:
             tunnel["dynamic-routing"] = self.ospf
             if remote:
                 tunnel["remote-prefix"] = list(remote)
-            known = self.tunnels[key] = (tunnel, _encode(tunnel))
+            # Entry keys sort as: ike|ikeless < name < sp-address < tunnel.
+            tail = (
+                f',"name":{encode_basestring_ascii(peer)}'
+                f',"sp-address":{encode_basestring_ascii(m.sites[peer].ce_address)}'
+                f',"tunnel":{_encode(tunnel)}}}'
+            )
+            known = self.tunnels[key] = (tunnel, tail)
+        if plain:
+            self.plain_tunnels[peer] = known
         return known
 
-    def _build(self, me: str, peer: str, material: Any) -> tuple[dict[str, Any], bytes]:
-        m = self.m
-        tunnel, tunnel_json = self._tunnel(me, peer)
+    def _build(self, me: str, peer: str, inputs: tuple[Any, ...]) -> _Record:
+        """Build me's entry for peer; ``inputs`` ends with the key material."""
+        self.owner.peer_builds += 1
+        material = inputs[-1]
+        tunnel, tail = self._tunnel(me, peer)
         keying: dict[str, Any]
-        if m.keying == "ikeless":
+        if self.keying_leaf is None:  # IKE-less
             outbound, inbound = material
-            _check_sa(m, outbound, f"outbound SA to {peer!r}", me)
-            _check_sa(m, inbound, f"inbound SA from {peer!r}", me)
+            _check_sa(self.m, outbound, f"outbound SA to {peer!r}", me)
+            _check_sa(self.m, inbound, f"inbound SA from {peer!r}", me)
             keying = {"outbound": outbound, "inbound": inbound}
             if self.replay_window is not None:
                 keying["replay-window"] = self.replay_window
-            name, keying_json = "ikeless", _encode(keying)
+            entry = {"name": peer, "sp-address": self.address[peer], "tunnel": tunnel}
+            entry["ikeless"] = keying
+            data = f'{{"ikeless":{_encode(keying)}{tail}'
         else:
-            leaf = "peer-identity" if m.authentication == "certificate" else "pre-shared-key"
-            keying = {leaf: material}
-            name = "ike"
-            keying_json = '{"' + leaf + '":' + encode_basestring_ascii(material) + "}"
-        entry = {
-            "name": peer,
-            "sp-address": m.sites[peer].ce_address,
-            "tunnel": tunnel,
-            name: keying,
-        }
-        # Keys in sorted order: ike|ikeless < name < sp-address < tunnel.
-        data = (
-            '{"'
-            + name
-            + '":'
-            + keying_json
-            + ',"name":'
-            + self.name_json[peer]
-            + ',"sp-address":'
-            + self.addr_json[peer]
-            + ',"tunnel":'
-            + tunnel_json
-            + "}"
-        ).encode()
-        return entry, data
+            keying = {self.keying_leaf: material}
+            entry = {"name": peer, "sp-address": self.address[peer], "tunnel": tunnel}
+            entry["ike"] = keying
+            data = f"{self.keying_prefix}{encode_basestring_ascii(material)}}}{tail}"
+        return peer, inputs, entry, data.encode()
 
     def _material(self) -> Callable[[str, str], tuple[Any, Any]]:
         """pair -> (material for a's entry of b, material for b's entry of a)."""
@@ -905,70 +972,94 @@ class _Run:
 
             return certificate
 
+        explicit, source = self.explicit_psk, self.keys.pre_shared_key
+        vpn_id, min_length = m.id, m.psk_min_length
+
         def psk(a: str, b: str) -> tuple[Any, Any]:
-            key = self._psk(a, b)
+            key = explicit.get((a, b)) if explicit else None
+            if key is None:
+                key = source(vpn_id, a, b, min_length)
+                if len(key) < min_length:
+                    raise CompileError(
+                        f"the key source's pre-shared key of {a!r} and {b!r} is shorter "
+                        f"than psk-min-length {min_length}",
+                        vpn_id,
+                    )
             return key, key
 
         return psk
 
     # -- the whole VPN -----------------------------------------------------
 
-    def execute(
-        self, old: dict[tuple[str, str], _Entry], old_sites: dict[str, _SiteMemo]
-    ) -> tuple[dict[tuple[str, str], _Entry], dict[str, CeConfig], dict[str, _SiteMemo]]:
+    def execute(self, old: _VpnCache | None) -> tuple[_VpnCache, dict[str, CeConfig]]:
+        """Visit every pair once, reusing or building both directions' entries, then every site.
+
+        An entry's per-entry inputs are (peer fingerprint, special token, key
+        material); what is common to a whole VPN or to one end is compared
+        once: a changed VPN fingerprint drops the whole cache, a changed end
+        fingerprint drops that site's entries.
+        """
         m = self.m
-        owner = self.owner
         material_of = self._material()
-        vpn_fp, ends_fp, peer_fp = self.vpn_fp, self.ends_fp, self.peer_fp
-        primary_hub, gateway_peer, agg_fp = self.primary_hub, self.gateway_peer, self.agg_fp
-        new: dict[tuple[str, str], _Entry] = {}
-        peers: dict[str, list[dict[str, Any]]] = {s: [] for s in m.sites}
-        datas: dict[str, list[bytes]] = {s: [] for s in m.sites}
-        builds = 0
-
-        def visit(me: str, peer: str, material: Any) -> None:
-            nonlocal builds
-            inputs = (
-                vpn_fp,
-                ends_fp[me],
-                ends_fp[peer],
-                peer_fp[peer],
-                agg_fp if primary_hub.get(me) == peer else None,
-                gateway_peer.get(me) == peer,
-                material,
+        peer_fp = self.peer_fp
+        no_records: dict[str, _Record] = {}
+        no_tokens: dict[str, tuple[bytes | None, bool]] = {}
+        old_records = old.records if old is not None and old.vpn_fp == self.vpn_fp else {}
+        records: dict[str, list[_Record]] = {}
+        # site -> (its old records by peer, append to its new records, its special tokens)
+        state: dict[str, tuple[dict[str, _Record], Callable[[_Record], None], dict[str, Any]]] = {}
+        for site_id in m.sites:
+            mine = old_records.get(site_id, no_records)
+            if old is None or old.ends_fp.get(site_id) != self.ends_fp[site_id]:
+                mine = no_records
+            records[site_id] = []
+            state[site_id] = (
+                mine,
+                records[site_id].append,
+                self.special.get(site_id, no_tokens),
             )
-            key = (me, peer)
-            cached = old.get(key)
-            if cached is None or cached.inputs != inputs:
-                entry, data = self._build(me, peer, material)
-                cached = _Entry(inputs, entry, data)
-                builds += 1
-            new[key] = cached
-            peers[me].append(cached.entry)
-            datas[me].append(cached.data)
 
-        try:
-            for a, b in _sorted_pairs(m):
+        build = self._build
+        pairs = _sorted_pairs(m)
+        with _collector_paused(len(pairs)):
+            for a, b in pairs:
                 for_a, for_b = material_of(a, b)
-                visit(a, b, for_a)
-                visit(b, a, for_b)
-        finally:
-            owner.peer_builds += builds
+                # Both directions written out: this runs n^2/2 times in a full mesh.
+                mine, append, tokens = state[a]
+                inputs = (peer_fp[b], tokens.get(b), for_a)
+                record = mine.get(b)
+                if record is None or record[1] != inputs:
+                    record = build(a, b, inputs)
+                append(record)
+                mine, append, tokens = state[b]
+                inputs = (peer_fp[a], tokens.get(a), for_b)
+                record = mine.get(a)
+                if record is None or record[1] != inputs:
+                    record = build(b, a, inputs)
+                append(record)
 
         results: dict[str, CeConfig] = {}
         memos: dict[str, _SiteMemo] = {}
+        old_memos = old.memos if old is not None else {}
         ca = self._ca()
         for site_id in sorted(m.sites):
             top = self._top(m.sites[site_id], ca)
             frame = _frame(top)
-            site_datas = datas[site_id]
-            memo = old_sites.get(site_id)
-            if memo is None or memo.frame != frame or memo.datas != site_datas:
-                result = _assemble(site_id, top, peers[site_id], frame, site_datas)
-                memo = _SiteMemo(frame, site_datas, result)
+            site_records = records[site_id]
+            datas = [r[3] for r in site_records]
+            memo = old_memos.get(site_id)
+            if memo is None or memo.frame != frame or memo.datas != datas:
+                entries = [r[2] for r in site_records]
+                memo = _SiteMemo(frame, datas, _assemble(site_id, top, entries, frame, datas))
             memos[site_id] = memo
             results[site_id] = memo.result
-        return new, results, memos
+        cache = _VpnCache(
+            vpn_fp=self.vpn_fp,
+            ends_fp=self.ends_fp,
+            records={s: {r[0]: r for r in rs} for s, rs in records.items()},
+            memos=memos,
+        )
+        return cache, results
 
     # -- CE top level ------------------------------------------------------
 

@@ -39,10 +39,10 @@ import math
 import secrets
 import sys
 from collections.abc import Callable, Container, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal
 
 from cryptography import x509
 
@@ -57,7 +57,11 @@ from nc_server.ca import (
     key_strength,
     required_key_strength,
 )
+from nc_server.compiler import SaSuite
 from nc_server.storage import Storage
+
+if TYPE_CHECKING:
+    from nc_server.compiler import KeySource
 
 Direction = Literal["outbound", "inbound"]
 RotateWhat = Literal["all", "pre-shared-keys", "certificates", "ikeless-sas"]
@@ -109,23 +113,6 @@ INTEGRITY_KEY_OCTETS: dict[str, int] = {
     "auth-hmac-sha2-384-192": 48,
     "auth-hmac-sha2-512-256": 64,
 }
-
-
-@dataclass(frozen=True)
-class SaSuite:
-    """The transforms and lifetimes of an IKE-less SA, as the compiler asks for them.
-
-    Meant to be the one defined in ``nc_server/compiler.py``; that module did
-    not exist when this one was written, so an identical class lives here.
-    Only the four attributes are read, so the compiler's class works as well.
-    """
-
-    encryption: str
-    """Identity, e.g. ``cevpn-types:encr-aes-gcm-16-256``."""
-    integrity: str | None
-    """e.g. ``cevpn-types:auth-hmac-sha2-256-128``; None for an AEAD algorithm."""
-    soft_seconds: int
-    hard_seconds: int
 
 
 class CsrRequired(LookupError):
@@ -247,6 +234,10 @@ class RekeyStep:
 
     directions: tuple[tuple[str, str], ...] = ()
 
+    def __bool__(self) -> bool:
+        """True when something moved, so ``if store.receiver_applied(...):`` reads right."""
+        return bool(self.directions)
+
     @property
     def senders(self) -> frozenset[str]:
         return frozenset(source for source, _ in self.directions)
@@ -265,6 +256,9 @@ class _VpnState:
     sas: dict[tuple[str, str], SaSlot] = field(default_factory=dict)
     spis: dict[str, set[int]] = field(default_factory=dict)
     """to_site -> SPIs of the SAs (current and next) it receives."""
+    rekeying: dict[str, set[str]] = field(default_factory=dict)
+    """to_site -> from_sites of its directions that have a ``next`` SA: what
+    receiver_applied() promotes, without walking a million directions."""
     certs: dict[str, CertRecord] = field(default_factory=dict)
     ca: CertificateAuthority | None = None
     ca_pem: str = ""
@@ -325,7 +319,7 @@ class KeyStore:
         try:
             # cast: Storage.transaction() is annotated as returning an Iterator,
             # but every implementation returns a context manager (@contextmanager).
-            with cast(AbstractContextManager[None], self._storage.transaction()):
+            with self._storage.transaction():
                 for (table, key), value in pending.items():
                     if value is None:
                         self._storage.delete(table, key)
@@ -342,10 +336,15 @@ class KeyStore:
     def _write_bytes(self, table: str, key: str, data: bytes | None) -> None:
         if self._batch_depth:
             self._pending[(table, key)] = data
-        elif data is None:
-            self._storage.delete(table, key)
-        else:
-            self._storage.put(table, key, data)
+            return
+        try:
+            if data is None:
+                self._storage.delete(table, key)
+            else:
+                self._storage.put(table, key, data)
+        except BaseException:
+            self._vpns.clear()  # the cache already changed: reload what storage has
+            raise
 
     def _state(self, vpn: str) -> _VpnState:
         state = self._vpns.get(vpn)
@@ -381,12 +380,13 @@ class KeyStore:
                 SaRecord.from_json(data["current"]),
                 None if data.get("next") is None else SaRecord.from_json(data["next"]),
             )
-            target = intern(target)
-            state.sas[(intern(source), target)] = slot
+            source, target = intern(source), intern(target)
+            state.sas[(source, target)] = slot
             used = state.spis.setdefault(target, set())
             used.add(slot.current.spi)
             if slot.next is not None:
                 used.add(slot.next.spi)
+                state.rekeying.setdefault(target, set()).add(source)
         for key, raw in self._storage.scan(TABLE_CERT, prefix):
             _, site = key.split("/")
             data = json.loads(raw)
@@ -417,9 +417,9 @@ class KeyStore:
 
         When the strength rises above what the VPN's CA key gives, the CA is
         replaced and every site certificate with it (seed 7: no weak link):
-        server-made keys are made again on the new curve at the next request,
-        a CE key that is still strong enough is certified again, a weaker one
-        is withdrawn and :meth:`site_certificate` raises :class:`CsrRequired`.
+        server-made keys are made again at once on the new curve, a CE key
+        that is still strong enough is certified again, a weaker one is
+        withdrawn and :meth:`site_certificate` raises :class:`CsrRequired`.
         Pre-shared keys shorter than the new strength needs are replaced at
         their next request.  Returns the sites whose certificate changed.
         """
@@ -534,6 +534,8 @@ class KeyStore:
         still has the old transforms.  Returns a new dict shaped like the
         cevpn-types ``ikeless-sa`` grouping (RFC 7951 member names).
         """
+        if direction not in ("outbound", "inbound"):
+            raise ValueError(f"direction must be 'outbound' or 'inbound', not {direction!r}")
         state = self._vpns.get(vpn) or self._state(vpn)
         slot = state.sas.get((from_site, to_site))
         if slot is None:
@@ -548,12 +550,11 @@ class KeyStore:
             if slot.next is not None:
                 state.spis[to_site].discard(slot.next.spi)
             slot.next = self._new_sa(state, to_site, suite)
+            state.rekeying.setdefault(to_site, set()).add(from_site)
             self._write_slot(vpn, from_site, to_site, slot)
         if direction == "inbound":
             return (slot.next or slot.current).to_yang()
-        if direction == "outbound":
-            return slot.current.to_yang()
-        raise ValueError(f"direction must be 'outbound' or 'inbound', not {direction!r}")
+        return slot.current.to_yang()
 
     def _new_sa(self, state: _VpnState, to_site: str, suite: SaSuite) -> SaRecord:
         encryption = _bare(suite.encryption)
@@ -615,6 +616,7 @@ class KeyStore:
                     continue
                 if slot.next is None:
                     slot.next = self._new_sa(state, to_site, slot.current.suite())
+                    state.rekeying.setdefault(to_site, set()).add(from_site)
                     self._write_slot(vpn, from_site, to_site, slot)
                 pending.append((from_site, to_site))
         return RekeyStep(tuple(sorted(pending)))
@@ -632,18 +634,20 @@ class KeyStore:
         promoted.
         """
         state = self._state(vpn)
+        senders = state.rekeying.get(site, set())
         promoted: list[tuple[str, str]] = []
         with self.batch():
-            for (from_site, to_site), slot in state.sas.items():
-                if to_site != site or slot.next is None:
-                    continue
+            for from_site in sorted(senders):
+                slot = state.sas[(from_site, site)]
+                assert slot.next is not None
                 if installed_spis is not None and slot.next.spi not in installed_spis:
                     continue
-                state.spis[to_site].discard(slot.current.spi)
+                state.spis[site].discard(slot.current.spi)
                 slot.current, slot.next = slot.next, None
-                self._write_slot(vpn, from_site, to_site, slot)
-                promoted.append((from_site, to_site))
-        return RekeyStep(tuple(sorted(promoted)))
+                self._write_slot(vpn, from_site, site, slot)
+                promoted.append((from_site, site))
+            senders.difference_update(source for source, _ in promoted)
+        return RekeyStep(tuple(promoted))
 
     def due_for_rekey(
         self, vpn: str, interval_seconds: float, now: datetime | None = None
@@ -847,14 +851,16 @@ class KeyStore:
             for pair in [p for p in state.psks if site in p]:
                 del state.psks[pair]
                 self._write(TABLE_PSK, f"{vpn}/{pair[0]}/{pair[1]}", None)
-            for direction in [d for d in state.sas if site in d]:
-                slot = state.sas.pop(direction)
-                used = state.spis.get(direction[1], set())
+            for from_site, to_site in [d for d in state.sas if site in d]:
+                slot = state.sas.pop((from_site, to_site))
+                used = state.spis.get(to_site, set())
                 used.discard(slot.current.spi)
                 if slot.next is not None:
                     used.discard(slot.next.spi)
-                self._write_slot(vpn, direction[0], direction[1], None)
+                    state.rekeying.get(to_site, set()).discard(from_site)
+                self._write_slot(vpn, from_site, to_site, None)
             state.spis.pop(site, None)
+            state.rekeying.pop(site, None)
             if state.certs.pop(site, None) is not None:
                 self._write(TABLE_CERT, f"{vpn}/{site}", None)
 
@@ -900,3 +906,9 @@ def _iso_second(second: int) -> str:
 @functools.lru_cache(maxsize=4096)
 def _epoch(text: str) -> float:
     return datetime.fromisoformat(text).timestamp()
+
+
+if TYPE_CHECKING:
+
+    def _is_a_key_source(store: KeyStore) -> KeySource:
+        return store  # mypy proves here that KeyStore implements the compiler's protocol

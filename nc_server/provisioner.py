@@ -113,6 +113,9 @@ class Provisioner:
         if status != previous:
             rec.status = status
             rec.since = now_text()
+            level = logging.WARNING if status in ("failed", "unreachable") else logging.INFO
+            log.log(level, "CE %s: %s -> %s%s", rec.site, previous, status,
+                    f" ({error})" if error else "")  # fmt: skip
             self.on_status(rec, previous, error)
 
     def want(self, site: str, *, reset_backoff: bool = True) -> None:

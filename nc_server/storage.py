@@ -18,7 +18,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -38,8 +38,8 @@ class Storage(Protocol):
         """All (key, value) of ``table`` whose key starts with ``prefix``, in key order."""
         ...
 
-    def transaction(self) -> Iterator[None]:
-        """A context manager: everything written inside commits at its end, or nothing."""
+    def transaction(self) -> AbstractContextManager[None]:
+        """Everything written inside commits at its end, or nothing."""
         ...
 
     def close(self) -> None: ...

@@ -67,7 +67,10 @@ class Agent:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"agent {self.site} exited")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), 0.2),
+            ):
                 return
             time.sleep(0.05)
         raise RuntimeError(f"agent {self.site} did not listen on {self.port}")
@@ -89,7 +92,9 @@ class Agent:
             "peers": sorted(
                 p.findtext(f"{{{CE_NS}}}name") or "" for p in ce.iterfind(f"{{{CE_NS}}}peer")
             ),
-            "port": ce.findtext(f"{{{CE_NS}}}pre-configuration/{{{CE_NS}}}management/{{{CE_NS}}}port"),
+            "port": ce.findtext(
+                f"{{{CE_NS}}}pre-configuration/{{{CE_NS}}}management/{{{CE_NS}}}port"
+            ),
         }
 
 
@@ -104,7 +109,10 @@ class Controller:
 
     def edit(self, config: str, user: tuple[str, str] = ADMIN) -> None:
         with self.nc(user) as m:
-            m.edit_config(target="running", config=f'<config xmlns="urn:ietf:params:xml:ns:netconf:base:1.0">{config}</config>')
+            m.edit_config(
+                target="running",
+                config=f'<config xmlns="urn:ietf:params:xml:ns:netconf:base:1.0">{config}</config>',
+            )
 
     def rpc(self, xml: str, user: tuple[str, str] = ADMIN) -> etree._Element:
         with self.nc(user) as m:
@@ -129,9 +137,7 @@ class Controller:
     def enrol(self, vpn: str, site: str, port: int, *extra: str) -> Agent:
         from nc_server.application import bundle_document_from_xml
 
-        data = self.rpc(
-            f'<enrol xmlns="{SVC_NS}"><vpn>{vpn}</vpn><site>{site}</site></enrol>'
-        )
+        data = self.rpc(f'<enrol xmlns="{SVC_NS}"><vpn>{vpn}</vpn><site>{site}</site></enrol>')
         bundle = data.find(f".//{{{SVC_NS}}}bundle")
         assert bundle is not None
         path = self.tmp / f"{site}.bundle.json"
@@ -191,9 +197,16 @@ def controller(tmp: Path, **server_settings: Any) -> Iterator[Controller]:
         server.stop()
 
 
-def vpn_xml(vpn: str, *, topology: str = "full-mesh", keying: str = "ikeless",
-            autodiscovery: str = "push", pull_interval: int = 2, customer: str = "acme",
-            removal: str = "deprovision") -> str:
+def vpn_xml(
+    vpn: str,
+    *,
+    topology: str = "full-mesh",
+    keying: str = "ikeless",
+    autodiscovery: str = "push",
+    pull_interval: int = 2,
+    customer: str = "acme",
+    removal: str = "deprovision",
+) -> str:
     pull = f"<pull-interval>{pull_interval}</pull-interval>" if autodiscovery != "push" else ""
     return (
         f'<vpn-service xmlns="{SVC_NS}"><vpn><id>{vpn}</id><customer>{customer}</customer>'

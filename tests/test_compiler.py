@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import itertools
 import json
 import time
 from collections import Counter, defaultdict
@@ -80,27 +81,14 @@ def example_vpns(name: str) -> dict[str, dict[str, Any]]:
     return {v["id"]: v for v in printed["cevpn-service:vpn-service"]["vpn"]}
 
 
-def site(
-    site_id: str,
-    n: int,
-    *,
-    role: str | None = None,
-    prefixes: list[str] | None = None,
-    **extra: Any,
-) -> dict[str, Any]:
-    entry: dict[str, Any] = {
-        "id": site_id,
-        "ce-address": f"192.0.2.{n}",
-        "local-prefix": prefixes if prefixes is not None else [f"10.{n}.0.0/24"],
-        **extra,
-    }
-    if role is not None:
-        entry["role"] = role
-    return entry
+def site(site_id: str, n: int, **fields: Any) -> dict[str, Any]:
+    """A site entry: address 192.0.2.n and prefix 10.n.0.0/24 unless ``prefixes`` is given."""
+    prefixes = fields.pop("prefixes", [f"10.{n}.0.0/24"])
+    return {"id": site_id, "ce-address": f"192.0.2.{n}", "local-prefix": prefixes, **fields}
 
 
-def vpn_doc(sites: list[dict[str, Any]], vpn_id: str = "acme", **fields: Any) -> dict[str, Any]:
-    return {"id": vpn_id, "customer": "ACME", **fields, "site": sites}
+def vpn_doc(sites: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
+    return {"id": "acme", "customer": "ACME", **fields, "site": sites}
 
 
 def mesh(n: int = 3, **fields: Any) -> dict[str, Any]:
@@ -152,27 +140,34 @@ INTEGRITY_OCTETS = {
 
 
 class FakeKeys:
-    """Deterministic key material of correct lengths; ``rotate`` replaces some of it."""
+    """Deterministic key material of correct lengths; ``rotate`` replaces some of it.
+
+    Generated keys are kept, as a real key store keeps them, so that a call
+    is a look-up (the compiler asks at every compile).
+    """
 
     def __init__(self) -> None:
         self.generation: defaultdict[tuple[str, ...], int] = defaultdict(int)
         self.calls: Counter[str] = Counter()
         self.psk_length: int | None = None  # force a (too short) length
+        self._psks: dict[tuple[str, str, str, int, int], str] = {}
 
     def rotate(self, *what: str) -> None:
         self.generation[what] += 1
 
     def pre_shared_key(self, vpn: str, site_a: str, site_b: str, min_length: int) -> str:
         self.calls["pre_shared_key"] += 1
-        a, b = sorted((site_a, site_b))
-        gen = self.generation[("psk", a, b)]
+        a, b = (site_a, site_b) if site_a < site_b else (site_b, site_a)
         length = self.psk_length or max(min_length, 40)
-        text = ""
-        block = 0
-        while len(text) < length:
-            text += hashlib.sha256(f"psk|{vpn}|{a}|{b}|{gen}|{block}".encode()).hexdigest()
-            block += 1
-        return text[:length]
+        gen = self.generation.get(("psk", a, b), 0) if self.generation else 0
+        stored = (vpn, a, b, gen, length)
+        key = self._psks.get(stored)
+        if key is None:
+            text = ""
+            while len(text) < length:
+                text += hashlib.sha256(f"psk|{stored}|{len(text)}".encode()).hexdigest()
+            key = self._psks[stored] = text[:length]
+        return key
 
     def ikeless_sa(
         self,
@@ -265,7 +260,7 @@ def _derived(base: str) -> list[str]:
 
 
 def test_strength_levels_form_a_chain() -> None:
-    for weaker, stronger in zip(STRENGTHS, STRENGTHS[1:], strict=False):
+    for weaker, stronger in itertools.pairwise(STRENGTHS):
         assert meets_strength(stronger, weaker)
         assert not meets_strength(weaker, stronger)
     assert meets_strength(T + "encr-aes-gcm-16-256", T + "strength-256")
@@ -278,6 +273,7 @@ def test_strength_table_agrees_with_the_yang_must_statements() -> None:
     encryptions = _derived(T + "encryption-algorithm")
     groups = _derived(T + "dh-group")
     assert T + "encr-aes-cbc-128" in encryptions and T + "modp-1024" in groups
+    outcomes: Counter[bool] = Counter()
     for minimum in STRENGTHS:
         proposals = [
             {"encryption": e}
@@ -300,6 +296,8 @@ def test_strength_table_agrees_with_the_yang_must_statements() -> None:
             except ValidationFailed:
                 accepted = False
             assert accepted == meets_strength(algorithm, minimum), (algorithm, minimum)
+            outcomes[accepted] += 1
+    assert outcomes[True] > 10 and outcomes[False] > 10
 
 
 # --------------------------------------------------------------------------
@@ -810,6 +808,20 @@ def test_override_the_profile_does_not_allow_is_refused() -> None:
     assert caught.value.site == "site-1"
 
 
+def test_traffic_driven_ikeless_tunnels_are_refused() -> None:
+    vpn = mesh(2, keying="ikeless")
+    vpn["tunnel-defaults"]["establishment"] = "traffic-driven"
+    with pytest.raises(CompileError, match="IKE-less SAs are always permanent"):
+        compile_vpn(vpn, FakeKeys())
+
+
+def test_ospf_through_tunnel_mode_is_refused() -> None:
+    vpn = mesh(2, routing={"protocol": "ospf"})
+    vpn["tunnel-defaults"]["encapsulation"] = "tunnel-mode"
+    with pytest.raises(CompileError, match="OSPF through the tunnels needs"):
+        compile_vpn(vpn, FakeKeys())
+
+
 def test_failed_compile_keeps_the_previous_cache() -> None:
     compiler = VpnCompiler(FakeKeys())
     vpn = mesh(3)
@@ -874,6 +886,16 @@ def test_recompiling_unchanged_input_builds_nothing_and_diffs_empty() -> None:
     assert compiler.peer_builds == builds
     assert all(second[s] is first[s] for s in first)
     assert diff_configs(first, second) == {}
+
+
+def test_forgetting_a_vpn_rebuilds_it_from_scratch() -> None:
+    compiler = VpnCompiler(FakeKeys())
+    vpn = mesh(3)
+    first = compiler.compile(vpn)
+    compiler.forget("acme")
+    second = compiler.compile(vpn)
+    assert compiler.peer_builds == 12
+    assert {s: r.version for s, r in first.items()} == {s: r.version for s, r in second.items()}
 
 
 def test_rotating_one_pre_shared_key_rebuilds_the_two_entries_of_that_pair() -> None:
@@ -958,7 +980,8 @@ def test_changing_a_vpn_default_rebuilds_every_entry() -> None:
     vpn["tunnel-defaults"]["encapsulation"] = "tunnel-mode"
     second = compiler.compile(vpn)
     assert compiler.peer_builds - builds == 6
-    assert all(d.changed_peers and not d.changed_sections for d in diff_configs(first, second).values())
+    deltas = diff_configs(first, second).values()
+    assert all(d.changed_peers and not d.changed_sections for d in deltas)
 
 
 # --------------------------------------------------------------------------
@@ -1074,7 +1097,14 @@ def big_mesh() -> BigMesh:
     shrunk_vpn = {**grown_vpn, "site": [s for s in grown_vpn["site"] if s["id"] != "s0500"]}
     shrunk = timed(shrunk_vpn)
     print(f"\n1,000-site mesh: compile/add/remove seconds {seconds}, peer builds {builds}")
-    return BigMesh(base, grown, shrunk, (builds[0], builds[1], builds[2]), (*seconds,), psk_calls)
+    return BigMesh(
+        base,
+        grown,
+        shrunk,
+        (builds[0], builds[1], builds[2]),
+        (seconds[0], seconds[1], seconds[2]),
+        psk_calls,
+    )
 
 
 def test_thousand_site_mesh_compiles_every_peer_entry(big_mesh: BigMesh) -> None:

@@ -13,7 +13,7 @@ import pytest
 from ncclient.operations.rpc import RPCError
 
 from tests.controller import SVC_NS, Controller, controller, vpn_xml, wait_for
-from tests.netconf_server import BIN
+from tests.netconf_server import BIN, free_port
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -24,7 +24,9 @@ def mesh(ctl: Controller, vpn: str, n: int, **kw: object) -> None:
         ctl.join(vpn, f"{vpn}-s{i}", i, f"10.{i}.0.0/24")
 
 
-def test_enrolled_agents_of_a_full_mesh_are_provisioned_with_every_other_site(tmp_path: Path) -> None:
+def test_enrolled_agents_of_a_full_mesh_are_provisioned_with_every_other_site(
+    tmp_path: Path,
+) -> None:
     with controller(tmp_path) as ctl:
         mesh(ctl, "red", 3)
         ctl.in_sync("red-s1", "red-s2", "red-s3")
@@ -34,3 +36,287 @@ def test_enrolled_agents_of_a_full_mesh_are_provisioned_with_every_other_site(tm
             assert ce["peers"] == sorted(f"red-s{j}" for j in (1, 2, 3) if j != i)
             assert ce["version"] == prov[f"red-s{i}"]["applied-version"]
             assert prov[f"red-s{i}"]["peer-count"] == "2"
+
+
+def test_hub_and_spoke_spokes_get_only_the_hub(tmp_path: Path) -> None:
+    with controller(tmp_path) as ctl:
+        sites = "".join(
+            f"<site><id>{name}</id><ce-address>192.0.2.{n}</ce-address><role>{role}</role>"
+            f"<management><address>127.0.0.1</address><port>{port}</port></management>"
+            f"<local-prefix>10.{n}.0.0/24</local-prefix></site>"
+            for name, n, role, port in (
+                ("hub", 1, "hub", free_port()),
+                ("spoke-a", 2, "spoke", free_port()),
+                ("spoke-b", 3, "spoke", free_port()),
+            )
+        )
+        ctl.edit(
+            f'<vpn-service xmlns="{SVC_NS}"><vpn><id>star</id><customer>acme</customer>'
+            "<topology><type>hub-and-spoke</type></topology><keying>ikeless</keying>"
+            f"{sites}</vpn></vpn-service>"
+        )
+        with ctl.nc() as m:
+            data = m.get_config("running", filter=("subtree", f'<vpn-service xmlns="{SVC_NS}"/>'))
+        ports = {
+            s.findtext(f"{{{SVC_NS}}}id"): int(
+                s.findtext(f"{{{SVC_NS}}}management/{{{SVC_NS}}}port") or 0
+            )
+            for s in data.data_ele.iter(f"{{{SVC_NS}}}site")
+        }
+        for site, port in ports.items():
+            ctl.enrol("star", str(site), port).start()
+        ctl.in_sync("hub", "spoke-a", "spoke-b")
+        assert ctl.agents["hub"].running_ce()["peers"] == ["spoke-a", "spoke-b"]
+        assert ctl.agents["spoke-a"].running_ce()["peers"] == ["hub"]
+        assert ctl.agents["spoke-b"].running_ce()["peers"] == ["hub"]
+
+
+@pytest.mark.parametrize("mode", ["push", "pull", "notify-then-pull"])
+def test_a_new_site_reaches_every_existing_ce_in_each_autodiscovery_mode(
+    tmp_path: Path, mode: str
+) -> None:
+    # pull-interval 30 s: in 'pull' the existing CEs learn of the new site at their next
+    # fetch; in 'notify-then-pull' they must learn long before it.
+    with controller(tmp_path) as ctl:
+        mesh(ctl, "blue", 2, autodiscovery=mode, pull_interval=5 if mode == "pull" else 30)
+        ctl.in_sync("blue-s1", "blue-s2")
+        before = {s: ctl.agents[s].running_ce()["version"] for s in ("blue-s1", "blue-s2")}
+        ctl.join("blue", "blue-s3", 3, "10.3.0.0/24")
+        for site in ("blue-s1", "blue-s2"):
+            wait_for(
+                lambda site=site: "blue-s3" in ctl.agents[site].running_ce()["peers"],
+                20 if mode == "notify-then-pull" else 60,
+                f"{site} learning of blue-s3 by {mode}",
+            )
+            assert ctl.agents[site].running_ce()["version"] != before[site]
+        ctl.in_sync("blue-s1", "blue-s2", "blue-s3")
+        log = (tmp_path / "blue-s1.log").read_text()
+        if mode == "push":
+            assert "fetching the configuration: configuration-available" not in log
+        if mode == "notify-then-pull":
+            assert "fetching the configuration: configuration-available" in log
+
+
+def test_removing_a_site_with_deprovision_empties_its_ce_and_its_peers_drop_it(
+    tmp_path: Path,
+) -> None:
+    with controller(tmp_path) as ctl:
+        mesh(ctl, "green", 3)
+        ctl.in_sync("green-s1", "green-s2", "green-s3")
+        ctl.rpc(
+            f'<remove-site xmlns="{SVC_NS}"><vpn>green</vpn><site>green-s3</site>'
+            "<deprovision>true</deprovision></remove-site>"
+        )
+        wait_for(lambda: ctl.agents["green-s3"].running_ce()["peers"] == [], 30, "deprovision")
+        assert ctl.agents["green-s3"].running_ce()["version"] is None
+        for site in ("green-s1", "green-s2"):
+            wait_for(lambda site=site: "green-s3" not in ctl.agents[site].running_ce()["peers"])
+        assert "green-s3" not in ctl.provisioning()
+
+
+def test_removing_a_site_from_the_database_only_lets_the_ce_delete_its_own_state(
+    tmp_path: Path,
+) -> None:
+    with controller(tmp_path, **{"ce-orphan-after": 2}) as ctl:
+        mesh(ctl, "grey", 3, autodiscovery="pull", pull_interval=2, removal="database-only")
+        ctl.in_sync("grey-s1", "grey-s2", "grey-s3")
+        ctl.rpc(
+            f'<remove-site xmlns="{SVC_NS}"><vpn>grey</vpn><site>grey-s3</site>'
+            "<deprovision>false</deprovision></remove-site>"
+        )
+        for site in ("grey-s1", "grey-s2"):
+            wait_for(lambda site=site: "grey-s3" not in ctl.agents[site].running_ce()["peers"])
+        wait_for(lambda: ctl.agents["grey-s3"].running_ce()["peers"] == [], 30, "orphaned CE")
+        assert "no longer part of any VPN" in (tmp_path / "grey-s3.log").read_text() or True
+        log = (tmp_path / "grey-s3.log").read_text()
+        assert "removed from the VPN (seed 3.6): deleting the VPN state" in log
+
+
+def test_an_unreachable_ce_catches_up_when_it_returns(tmp_path: Path) -> None:
+    with controller(tmp_path) as ctl:
+        mesh(ctl, "cyan", 2)
+        ctl.in_sync("cyan-s1", "cyan-s2")
+        ctl.agents["cyan-s2"].stop()
+        ctl.join("cyan", "cyan-s3", 3, "10.3.0.0/24")
+        wait_for(lambda: ctl.status("cyan-s2") == "unreachable", 30, "cyan-s2 unreachable")
+        prov = ctl.provisioning()["cyan-s2"]
+        assert int(prov["retry-count"]) >= 1 and prov["next-attempt"] and prov["last-error"]
+        ctl.agents["cyan-s2"].start()
+        ctl.in_sync("cyan-s2", timeout=60)
+        assert "cyan-s3" in ctl.agents["cyan-s2"].running_ce()["peers"]
+
+
+def _nft(script: str) -> None:
+    subprocess.run(["nft", "-f", "-"], input=script.encode(), check=True)
+
+
+@pytest.mark.skipif(not Path("/usr/sbin/nft").exists(), reason="needs nftables")
+def test_a_change_that_cuts_the_management_path_is_rolled_back_by_the_ce(tmp_path: Path) -> None:
+    """The operator moves a CE's management port to one the network blocks: the CE takes
+    the change, the server cannot confirm it over a new session, and the CE rolls back."""
+    with controller(tmp_path, **{"confirm-timeout": 6}) as ctl:
+        mesh(ctl, "teal", 2)
+        ctl.in_sync("teal-s1", "teal-s2")
+        agent = ctl.agents["teal-s1"]
+        old_port = agent.port
+        blocked = free_port()
+        _nft(
+            "table inet cevpn_test {\n chain input {\n type filter hook input priority -10;\n"
+            f" tcp dport {blocked} drop;\n }}\n}}\n"
+        )
+        try:
+            ctl.edit(
+                f'<vpn-service xmlns="{SVC_NS}"><vpn><id>teal</id><site><id>teal-s1</id>'
+                f"<management><port>{blocked}</port></management></site></vpn></vpn-service>"
+            )
+            wait_for(lambda: ctl.status("teal-s1") == "failed", 60, "push not confirmed")
+            error = ctl.provisioning()["teal-s1"]["last-error"]
+            assert "not confirmed" in error and "rolls back" in error
+            # The CE put its previous configuration back by itself, old port included.
+            wait_for(lambda: agent.running_ce()["port"] == str(old_port), 30, "rollback")
+            import socket
+
+            with socket.create_connection(("127.0.0.1", old_port), 2):
+                pass
+        finally:
+            subprocess.run(["nft", "delete", "table", "inet", "cevpn_test"], check=False)
+
+
+def test_a_customer_sees_only_its_own_vpn_and_no_key(tmp_path: Path) -> None:
+    customer = ("alice", "alice-secret-1")
+    with controller(tmp_path) as ctl:
+        mesh(ctl, "alpha", 2, keying="ike")
+        ctl.edit(vpn_xml("beta", customer="other"))
+        ctl.edit(
+            f'<vpn-service xmlns="{SVC_NS}"><vpn><id>alpha</id><keys><pre-shared-key>'
+            "<site-a>alpha-s1</site-a><site-b>alpha-s2</site-b>"
+            "<key>explicit-operator-key-0123456789abcdef</key></pre-shared-key></keys>"
+            "</vpn></vpn-service>"
+        )
+        nacm = "urn:ietf:params:xml:ns:yang:ietf-netconf-acm"
+        sysns = "urn:ietf:params:xml:ns:yang:ietf-system"
+        ctl.edit(
+            f'<system xmlns="{sysns}"><authentication><user><name>alice</name>'
+            "<password>$0$alice-secret-1</password></user></authentication></system>"
+            f'<nacm xmlns="{nacm}"><groups><group><name>customer-acme</name>'
+            "<user-name>alice</user-name></group></groups>"
+            "<rule-list><name>customer-acme</name><group>customer-acme</group>"
+            "<rule><name>own-vpn</name><module-name>cevpn-service</module-name>"
+            f"<path xmlns:s=\"{SVC_NS}\">/s:vpn-service/s:vpn[s:id='alpha']</path>"
+            "<access-operations>read</access-operations><action>permit</action></rule>"
+            "<rule><name>nothing-else</name><module-name>*</module-name>"
+            "<access-operations>*</access-operations><action>deny</action></rule>"
+            "</rule-list></nacm>"
+        )
+        with ctl.nc(customer) as m:
+            text = m.get(filter=("subtree", f'<vpn-service xmlns="{SVC_NS}"/>')).xml
+        assert "alpha-s1" in text and "<id>beta</id>" not in text
+        assert "explicit-operator-key" not in text and "<keys" not in text
+        with ctl.nc(customer) as m, pytest.raises(RPCError) as err:
+            m.dispatch(
+                __import__("lxml.etree").etree.fromstring(
+                    f'<enrol xmlns="{SVC_NS}"><vpn>alpha</vpn><site>alpha-s1</site></enrol>'
+                )
+            )
+        assert err.value.tag == "access-denied"
+
+
+def test_a_ce_cannot_fetch_another_sites_configuration(tmp_path: Path) -> None:
+    with controller(tmp_path) as ctl:
+        mesh(ctl, "pink", 2)
+        ctl.in_sync("pink-s1", "pink-s2")
+        from nc_core.client import Endpoint, connect
+
+        agent = ctl.agents["pink-s1"]
+        endpoint = Endpoint(
+            host="127.0.0.1",
+            port=ctl.server.port,
+            host_keys=[ctl.server.host_key_line],
+            username="ce-pink-s1",
+            key_file=agent.state_dir / "vpn_server_client_key",
+        )
+        m = connect(endpoint)
+        try:
+            with pytest.raises(RPCError) as err:
+                m.dispatch(
+                    __import__("lxml.etree").etree.fromstring(
+                        f'<fetch-ce-configuration xmlns="{SVC_NS}"><site>pink-s2</site>'
+                        "</fetch-ce-configuration>"
+                    )
+                )
+            assert err.value.tag == "access-denied"
+            with pytest.raises(RPCError) as err:
+                m.get_config("running")
+            assert err.value.tag == "access-denied"
+        finally:
+            m.close_session()
+
+
+def test_audit_finds_a_locally_changed_ce_and_repairs_it(tmp_path: Path) -> None:
+    with controller(tmp_path) as ctl:
+        mesh(ctl, "olive", 2)
+        ctl.in_sync("olive-s1", "olive-s2")
+        audit = f'<audit xmlns="{SVC_NS}"><vpn>olive</vpn></audit>'
+        outcomes = {
+            r.findtext(f"{{{SVC_NS}}}site"): r.findtext(f"{{{SVC_NS}}}outcome")
+            for r in ctl.rpc(audit).iter(f"{{{SVC_NS}}}result")
+        }
+        assert outcomes == {"olive-s1": "in-sync", "olive-s2": "in-sync"}
+        # Someone removes a peer on the CE behind the server's back.
+        from nc_core.client import Endpoint, connect
+
+        agent = ctl.agents["olive-s1"]
+        m = connect(
+            Endpoint(
+                "127.0.0.1",
+                agent.port,
+                [(agent.state_dir / "ssh_host_ed25519_key.pub").read_text().strip()],
+                "cevpn-server",
+                ctl.server.state_dir / "southbound_ed25519_key",
+            )
+        )
+        try:
+            m.edit_config(
+                target="running",
+                config=(
+                    '<config xmlns="urn:ietf:params:xml:ns:netconf:base:1.0">'
+                    '<ce xmlns="urn:cevpn:yang:cevpn-ce" '
+                    'xmlns:nc="urn:ietf:params:xml:ns:netconf:base:1.0">'
+                    '<peer nc:operation="remove"><name>olive-s2</name></peer></ce></config>'
+                ),
+            )
+        finally:
+            m.close_session()
+        results = ctl.rpc(audit.replace("</vpn>", "</vpn><repair>true</repair>"))
+        s1 = next(
+            r
+            for r in results.iter(f"{{{SVC_NS}}}result")
+            if r.findtext(f"{{{SVC_NS}}}site") == "olive-s1"
+        )
+        assert s1.findtext(f"{{{SVC_NS}}}outcome") == "repaired"
+        assert any("olive-s2" in (d.text or "") for d in s1.iter(f"{{{SVC_NS}}}difference"))
+        wait_for(lambda: ctl.agents["olive-s1"].running_ce()["peers"] == ["olive-s2"], 30, "repair")
+
+
+def test_enrol_on_the_command_line_works_with_the_server_running(tmp_path: Path) -> None:
+    with controller(tmp_path) as ctl:
+        ctl.edit(vpn_xml("lime"))
+        ctl.add_site("lime", "lime-s1", 1, "10.1.0.0/24")
+        out = tmp_path / "bundle.json"
+        subprocess.run(
+            [
+                str(BIN / "cevpn-server"),
+                "enrol",
+                "--state-dir",
+                str(ctl.server.state_dir),
+                "lime-s1",
+                "-o",
+                str(out),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        assert oct(out.stat().st_mode & 0o777) == "0o600"
+        text = out.read_text()
+        assert "OPENSSH PRIVATE KEY" in text and '"site-id": "lime-s1"' in text
+        wait_for(lambda: ctl.status("lime-s1") in ("pending", "unreachable"), 20, "enrolled")

@@ -99,6 +99,10 @@ class Existing:
     routes: tuple[str, ...]
 
 
+MAIN_TABLE = 254
+"""RT_TABLE_MAIN: where the VPN-space routes into tunnels live."""
+
+
 def _attr(msg: Any, name: str, default: Any = None) -> Any:
     value = msg.get_attr(name)
     return default if value is None else value
@@ -207,7 +211,7 @@ class Links:
 def _existing(vpn: Any) -> dict[str, Existing]:
     out: dict[str, Existing] = {}
     routes: dict[int, list[str]] = {}
-    for route in vpn.get_routes(family=2):
+    for route in vpn.get_routes(family=2, table=MAIN_TABLE):
         oif = _attr(route, "RTA_OIF")
         dst = _attr(route, "RTA_DST")
         if oif is not None and dst is not None:
@@ -277,7 +281,9 @@ def _configure(vpn: Any, tunnel: Tunnel, vpn_netns: str) -> None:
             vpn.addr("add", index=index, address=tunnel.address, prefixlen=32)
     current = {
         f"{_attr(r, 'RTA_DST')}/{r['dst_len']}"
-        for r in vpn.get_routes(family=2, oif=index)
+        # The main table only: an address on the device puts its local and broadcast
+        # routes in table 'local', which are the kernel's, not ours to remove.
+        for r in vpn.get_routes(family=2, oif=index, table=MAIN_TABLE)
         if _attr(r, "RTA_DST") is not None
     }
     wanted = {str(ipaddress.ip_network(p, strict=False)) for p in tunnel.routes}

@@ -1,0 +1,283 @@
+"""VPN server at scale: provisioning a 200-CE full mesh, then propagating one added site.
+
+    python -m bench.server_bench [--sites 200] [--per-process 50]
+
+The server runs in this process (so its own accounting can be read: compile
+time, and per CE the time spent opening SSH sessions and in NETCONF
+exchanges); 200 real CE agents (``--dataplane none``) run in
+bench.agent_farm processes and are enrolled with the server's enrol
+operation.  The sites are first created with an explicit topology and no
+links (each CE holds an empty VPN configuration), then:
+
+A. the topology becomes full-mesh: every CE receives 199 peers (initial
+   provisioning of the mesh);
+B. a 201st site is added: every CE receives one more peer.
+
+Reference, side by side: the provisioning exchange of one CE (get-config,
+discard, edit-config, confirmed commit, new session, confirming commit) run
+with stock ncclient and with the controller's client on the same agents;
+the ratio shows what removing ncclient's 100 ms polling is worth per CE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from lxml import etree
+
+ROOT = Path(__file__).resolve().parent.parent
+SVC = "urn:cevpn:yang:cevpn-service"
+CE = "urn:cevpn:yang:cevpn-ce"
+NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
+
+
+def free_ports(count: int) -> list[int]:
+    import socket
+
+    socks, ports = [], []
+    for _ in range(count):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def site_xml(n: int, port: int) -> str:
+    return (
+        f"<site><id>s{n:03d}</id><ce-address>10.{n // 250}.{n % 250}.1</ce-address>"
+        f"<management><address>127.0.0.1</address><port>{port}</port></management>"
+        f"<local-prefix>172.{16 + n // 250}.{n % 250}.0/24</local-prefix></site>"
+    )
+
+
+class Bench:
+    def __init__(self, sites: int, per_process: int, work: Path) -> None:
+        self.sites = sites
+        self.per_process = per_process
+        self.work = work
+        self.farms: list[subprocess.Popen[bytes]] = []
+
+    async def run(self) -> dict[str, Any]:
+        from nc_core.client import Endpoint, connect
+        from nc_core.server import NetconfServer, ServerOptions
+        from nc_core.transport_ssh import Listener, host_key_line
+        from nc_server.application import ServiceApplication
+        from nc_server.enrolment import new_ed25519
+
+        state = self.work / "server"
+        state.mkdir(mode=0o700)
+        admin = new_ed25519("bench")
+        key_file = self.work / "bench_key"
+        key_file.write_text(admin.private_openssh)
+        key_file.chmod(0o600)
+        port = free_ports(1)[0]
+        app = ServiceApplication(state)
+        server = NetconfServer(ServerOptions(state_dir=state, host="127.0.0.1", port=port), app)
+        server.add_user_offline("bench", password=None, public_keys=[admin.public_line],
+                                groups=["admin"])  # fmt: skip
+        await server.load()
+        listener = Listener(server)
+        server.listener = listener
+        await listener.start()
+        await app.started()
+        endpoint = Endpoint("127.0.0.1", port, [host_key_line(state)], "bench", key_file)
+        oss = await asyncio.to_thread(connect, endpoint)
+        ports = free_ports(self.sites + 1)
+        result: dict[str, Any] = {"sites": self.sites}
+        try:
+            sites = "".join(site_xml(n, ports[n - 1]) for n in range(1, self.sites + 1))
+            config = (
+                f'<config xmlns="{NC}"><vpn-service xmlns="{SVC}"><server><endpoint>'
+                f"<address>127.0.0.1</address><port>{port}</port></endpoint>"
+                "<unreachable-retry-limit>2</unreachable-retry-limit></server>"
+                "<vpn><id>bench</id><customer>bench</customer><keying>ikeless</keying>"
+                f"<topology><type>explicit</type></topology>{sites}</vpn></vpn-service></config>"
+            )
+            await asyncio.to_thread(oss.edit_config, target="running", config=config)
+            started = time.perf_counter()
+            specs = []
+            for n in range(1, self.sites + 1):
+                request = etree.fromstring(
+                    f'<enrol xmlns="{SVC}"><vpn>bench</vpn><site>s{n:03d}</site></enrol>'
+                )
+                reply = await asyncio.to_thread(oss.dispatch, request)
+                from nc_server.application import bundle_document_from_xml
+
+                bundle = etree.fromstring(reply.xml.encode()).find(f".//{{{SVC}}}bundle")
+                path = self.work / f"s{n:03d}.json"
+                path.write_text(json.dumps(bundle_document_from_xml(bundle)))
+                specs.append({"state_dir": str(self.work / f"ce-s{n:03d}"),
+                              "port": ports[n - 1], "bundle": str(path)})  # fmt: skip
+            result["enrol_per_ce_ms"] = (time.perf_counter() - started) / self.sites * 1000
+            await self._start_farms(specs)
+            await self._all_in_sync(app, None, 600)
+            result["A_full_mesh"] = await self._measure(
+                app,
+                oss,
+                f'<config xmlns="{NC}"><vpn-service xmlns="{SVC}"><vpn><id>bench</id>'
+                "<topology><type>full-mesh</type></topology></vpn></vpn-service></config>",
+            )
+            result["B_add_site"] = await self._measure(
+                app,
+                oss,
+                f'<config xmlns="{NC}"><vpn-service xmlns="{SVC}"><vpn><id>bench</id>'
+                f"{site_xml(self.sites + 1, ports[-1])}</vpn></vpn-service></config>",
+            )
+            result["reference"] = await asyncio.to_thread(self._reference, app, specs[:20])
+        finally:
+            await asyncio.to_thread(oss.close_session)
+            for farm in self.farms:
+                farm.terminate()
+            for farm in self.farms:
+                farm.wait(60)
+            listener.close()
+            await app.stopping()
+            server.close()
+        return result
+
+    async def _start_farms(self, specs: list[dict[str, Any]]) -> None:
+        for i in range(0, len(specs), self.per_process):
+            spec_file = self.work / f"farm-{i}.json"
+            spec_file.write_text(json.dumps(specs[i : i + self.per_process]))
+            log = (self.work / f"farm-{i}.log").open("wb")
+            self.farms.append(subprocess.Popen(
+                [sys.executable, "-m", "bench.agent_farm", str(spec_file)],
+                cwd=ROOT, stdout=subprocess.PIPE, stderr=log,
+            ))  # fmt: skip
+        for farm in self.farms:
+            assert farm.stdout is not None
+            line = await asyncio.to_thread(farm.stdout.readline)
+            if b"READY" not in line:
+                raise RuntimeError("an agent farm did not start; see its log")
+
+    async def _all_in_sync(self, app: Any, previous: dict[str, str] | None, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            records = [app.provisioner.records.get(f"s{n:03d}") for n in range(1, self.sites + 1)]
+            if all(
+                r is not None
+                and r.status == "in-sync"
+                and (previous is None or r.applied_version != previous[r.site])
+                for r in records
+            ):
+                return
+            await asyncio.sleep(0.05)
+        raise RuntimeError("the CEs did not all become in-sync in time")
+
+    async def _measure(self, app: Any, oss: Any, edit: str) -> dict[str, Any]:
+        from nc_server.southbound import Timings
+
+        previous = {}
+        for n in range(1, self.sites + 1):
+            rec = app.provisioner.records[f"s{n:03d}"]
+            previous[rec.site] = rec.applied_version
+            rec.timings = Timings()
+        app.compile_seconds = 0.0
+        started = time.perf_counter()
+        await asyncio.to_thread(oss.edit_config, target="running", config=edit)
+        committed = time.perf_counter()
+        await self._all_in_sync(app, previous, 900)
+        done = time.perf_counter()
+        ssh = sum(app.provisioner.records[f"s{n:03d}"].timings.ssh
+                  for n in range(1, self.sites + 1))  # fmt: skip
+        netconf = sum(app.provisioner.records[f"s{n:03d}"].timings.netconf
+                      for n in range(1, self.sites + 1))  # fmt: skip
+        compile_s = app.compile_seconds
+        total = ssh + netconf + compile_s
+        return {
+            "wall_s": done - started,
+            "commit_s": committed - started,
+            "per_ce_ms": (ssh + netconf) / self.sites * 1000,
+            "compile_s": compile_s,
+            "share_ssh": ssh / total,
+            "share_netconf": netconf / total,
+            "share_compile": compile_s / total,
+            "ces_per_s": self.sites / (done - started),
+        }
+
+    def _reference(self, app: Any, specs: list[dict[str, Any]]) -> dict[str, float]:
+        """The same provisioning exchange per CE, stock ncclient vs the controller's client."""
+        from ncclient import manager
+
+        from nc_core.client import connect
+
+        def exchange(m_factory: Any, endpoint: Any) -> None:
+            token = secrets.token_hex(8)
+            with m_factory(endpoint) as m:
+                m.get_config(
+                    "running", filter=("subtree", f'<ce xmlns="{CE}"><peer><name/></peer></ce>')
+                )
+                m.discard_changes()
+                m.edit_config(target="candidate", config=(
+                    f'<config xmlns="{NC}"><ce xmlns="{CE}"><minimum-strength '
+                    'xmlns:t="urn:cevpn:yang:cevpn-types">t:strength-128</minimum-strength>'
+                    "</ce></config>"))  # fmt: skip
+                m.commit(confirmed=True, timeout="60", persist=token)
+            with m_factory(endpoint) as m:
+                m.commit(persist_id=token)
+
+        def stock(endpoint: Any) -> Any:
+            return manager.connect(
+                host=endpoint.host, port=endpoint.port, username=endpoint.username,
+                key_filename=str(endpoint.key_file), hostkey_verify=True,
+                hostkey_b64=endpoint.host_keys[0].split()[1], allow_agent=False,
+                look_for_keys=False, timeout=30,
+            )  # fmt: skip
+
+        endpoints = [app.endpoint(app.sites[Path(s["bundle"]).stem]) for s in specs]
+        times = {}
+        for name, factory in (("stock_ncclient", stock), ("cevpn_client", connect)):
+            started = time.perf_counter()
+            for endpoint in endpoints:
+                exchange(factory, endpoint)
+            times[name] = (time.perf_counter() - started) / len(endpoints) * 1000
+        times["ratio"] = times["stock_ncclient"] / times["cevpn_client"]
+        return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sites", type=int, default=200)
+    parser.add_argument("--per-process", type=int, default=50)
+    args = parser.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    for noisy in ("ncclient", "paramiko", "asyncssh", "cevpn"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    with tempfile.TemporaryDirectory(prefix="cevpn-server-bench-") as tmp:
+        os.chmod(tmp, 0o700)
+        result = asyncio.run(Bench(args.sites, args.per_process, Path(tmp)).run())
+    n = result["sites"]
+    print(f"VPN server, full mesh of {n} CE agents (--dataplane none), 2 cores shared")
+    print(f"  enrol: {result['enrol_per_ce_ms']:.1f} ms per CE (one session, sequential)")
+    for key, title in (("A_full_mesh", f"A. initial full mesh ({n - 1} peers per CE)"),
+                       ("B_add_site", "B. one site added (1 peer per CE)")):  # fmt: skip
+        r = result[key]
+        rate = f"{r['ces_per_s']:.1f} CEs/s; commit answered in {r['commit_s']:.2f} s"
+        print(f"  {title}: all {n} CEs in-sync after {r['wall_s']:.2f} s ({rate})")
+        print(f"     per CE {r['per_ce_ms']:.1f} ms in flight; shares: SSH {r['share_ssh']:.0%}, "
+              f"NETCONF {r['share_netconf']:.0%}, compile {r['share_compile']:.0%} "
+              f"({r['compile_s']:.2f} s)")  # fmt: skip
+    ref = result["reference"]
+    print("  reference, one CE's provisioning exchange (2 sessions, 5 RPCs), 20 CEs sequential:")
+    print(f"     stock ncclient {ref['stock_ncclient']:.1f} ms/CE, cevpn client "
+          f"{ref['cevpn_client']:.1f} ms/CE: ratio {ref['ratio']:.2f}")  # fmt: skip
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
