@@ -47,6 +47,7 @@ from nc_server.ce_config import (
     deprovision_document,
     differences,
     edit_document,
+    add_management_port,
     full_edit,
     incremental_edit,
 )
@@ -54,7 +55,8 @@ from nc_server.compiler import CeConfig, CompileError, VpnCompiler, diff_configs
 from nc_server.enrolment import CE_GROUP, Bundle, ce_username, make_bundle, southbound_key
 from nc_server.keystore import KeyStore
 from nc_server.provisioner import CeRecord, Provisioner, now_text
-from nc_server.southbound import CeRefused, CeUnreachable, Timings, push, read_ce
+from nc_server.southbound import CeRefused, CeUnreachable, push, read_ce
+from nc_server.southbound import Session as CeSession
 from nc_server.storage import SqliteDatastores, SqliteStorage, Storage
 
 if TYPE_CHECKING:
@@ -133,6 +135,8 @@ class ServiceApplication(Application):
         self._rekey_task: asyncio.Task[None] | None = None
         self.compile_seconds = 0.0
         self._removing: dict[str, SiteView] = {}
+        self.sessions: dict[str, CeSession] = {}
+        """Per CE, the NETCONF session that confirmed the last push, kept for the next one."""
         """Sites deleted in 'deprovision' mode whose CE has not been cleaned yet."""
 
     def persistence(self, state_dir: Path) -> DatastorePersistence:
@@ -223,8 +227,7 @@ class ServiceApplication(Application):
                 rec.target_version = config.version
                 rec.peer_count = len(config.config.get("peer", []))
                 if startup:
-                    applied = self._applied(site)
-                    rec.applied_version = applied[0] if applied else None
+                    rec.applied_version = self._applied(site)["version"]
                 moved = old_sites.get(site) != self.sites[site]  # enrolled, new address...
                 if site in changed or startup or moved:
                     self._target_changed(self.sites[site], rec)
@@ -238,7 +241,8 @@ class ServiceApplication(Application):
         if not view.host_keys:
             prov.set_status(rec, "not-enrolled")
             return
-        if rec.applied_version == rec.target_version:
+        applied_port = self._applied(view.site)["port"] or view.management_port
+        if rec.applied_version == rec.target_version and applied_port == view.management_port:
             prov.set_status(rec, "in-sync")
             return
         prov.set_status(rec, "pending")
@@ -266,22 +270,32 @@ class ServiceApplication(Application):
             )
         return self.provisioner
 
-    def endpoint(self, view: SiteView) -> Endpoint:
+    def endpoint(self, view: SiteView, port: int | None = None) -> Endpoint:
         return Endpoint(
             host=view.management_address,
-            port=view.management_port,
+            port=port or view.management_port,
             host_keys=view.host_keys,
             username="cevpn-server",
             key_file=self.southbound_key,
             timeout=10.0,
         )
 
-    def _applied(self, site: str) -> tuple[str, dict[str, Any]] | None:
+    def _applied(self, site: str) -> dict[str, Any]:
+        """What the CE confirmed last: version and configuration (None when unknown) and the
+        management port it listens on (None when unknown)."""
         raw = self.storage.get(APPLIED, site)
-        if raw is None:
-            return None
-        data = json.loads(raw)
-        return str(data["version"]), data["config"]
+        data: dict[str, Any] = json.loads(raw) if raw is not None else {}
+        return {
+            "version": data.get("version"),
+            "config": data.get("config"),
+            "port": data.get("port"),
+        }
+
+    def _record_applied(
+        self, site: str, version: str | None, config: Any, port: int | None
+    ) -> None:
+        record = {"version": version, "config": config, "port": port}
+        self.storage.put(APPLIED, site, json.dumps(record).encode())
 
     async def _job(self, rec: CeRecord) -> str:
         if not self.provisioning:
@@ -294,46 +308,66 @@ class ServiceApplication(Application):
             return rec.status
         target = state.compiled[rec.site]
         applied = self._applied(rec.site)
-        if applied is not None and applied[0] == target.version:
+        # The management port is the one part of the pre-configuration the server changes
+        # after enrolment (the CE listens where the database says).
+        now_port = applied["port"] or view.management_port
+        if applied["version"] == target.version and now_port == view.management_port:
             rec.applied_version = target.version
             return "in-sync"
         target_xml = self.codec.to_xml(target.config, rec.site)
+        known = applied["config"] if applied["version"] is not None else None
 
         def make(present: list[str] | None) -> etree._Element:
-            if applied is None or present is not None:
+            if known is None or present is not None:
                 edit = full_edit(target.config, present or [])
             else:
-                edit = incremental_edit(applied[1], target.config)
-            return edit_document(target_xml, edit)
+                edit = incremental_edit(known, target.config)
+            document = edit_document(target_xml, edit)
+            if now_port != view.management_port:
+                add_management_port(document, view.management_port)
+            return document
 
         confirm_timeout = int(self.server_settings.get("confirm-timeout", 60))
-        endpoint = self.endpoint(view)
+        endpoint = self.endpoint(view, port=now_port)
+        confirm_at = self.endpoint(view)
         assert self.provisioner is not None
+        kept = self.sessions.pop(rec.site, None)
         try:
-            timings = await self.provisioner.run_in_thread(
-                lambda: push(endpoint, make, confirm_timeout, needs_peer_list=applied is None)
+            timings, session = await self.provisioner.run_in_thread(
+                lambda: push(
+                    endpoint,
+                    make,
+                    confirm_timeout,
+                    needs_peer_list=known is None,
+                    kept=kept,
+                    confirm_endpoint=confirm_at,
+                )
             )
         except Exception:
-            if applied is not None:
-                # We no longer know what the CE holds: resynchronise fully next time.
-                self.storage.delete(APPLIED, rec.site)
+            # We no longer know what the CE holds: resynchronise fully next time.  If a
+            # commit was not confirmed the CE rolls back, so it listens where it did.
+            self._record_applied(rec.site, None, None, now_port)
             raise
-        assert isinstance(timings, Timings)
+        self.sessions[rec.site] = session
         rec.timings.add(timings)
-        self.storage.put(
-            APPLIED,
-            rec.site,
-            json.dumps({"version": target.version, "config": target.config}).encode(),
-        )
+        self._record_applied(rec.site, target.version, target.config, view.management_port)
         rec.applied_version = target.version
         rec.last_contact = now_text()
-        self._receiver_applied(rec)
+        self._receiver_applied(rec, target)
         return "in-sync"
 
-    def _receiver_applied(self, rec: CeRecord) -> None:
-        """A CE confirmed a configuration: IKE-less SAs it now receives with may be used by
-        their senders (inbound first, then outbound)."""
-        promoted = self.keys.receiver_applied(rec.vpn, rec.site)
+    def _receiver_applied(self, rec: CeRecord, applied: CeConfig) -> None:
+        """A CE runs a configuration: the IKE-less SAs it now receives with may be used by
+        their senders (inbound first, then outbound).  Only the inbound SPIs of that very
+        configuration count, in case a rekey began after it was compiled."""
+        installed = {
+            int(peer["ikeless"]["inbound"]["spi"])
+            for peer in applied.config.get("peer", [])
+            if "ikeless" in peer
+        }
+        if not installed:
+            return
+        promoted = self.keys.receiver_applied(rec.vpn, rec.site, installed)
         if promoted:
             asyncio.get_running_loop().call_soon(self._recompile, rec.vpn)
 
@@ -383,6 +417,11 @@ class ServiceApplication(Application):
         mode = self.removal_override.pop(view.site, view.removal)
         prov = self._provisioner()
         prov.forget(view.site)
+        kept = self.sessions.pop(view.site, None)
+        if kept is not None and mode != "deprovision":
+            asyncio.get_running_loop().run_in_executor(prov.executor, kept.close)
+        elif kept is not None:
+            self.sessions[view.site] = kept  # the deprovisioning push starts on it
         self.storage.delete(APPLIED, view.site)
         self.storage.put(
             REMOVED,
@@ -413,10 +452,12 @@ class ServiceApplication(Application):
             return deprovision_document(present or [], CE_SECTIONS)
 
         assert self.provisioner is not None
-        timings = await self.provisioner.run_in_thread(
-            lambda: push(endpoint, make, confirm_timeout, needs_peer_list=True)
+        kept = self.sessions.pop(rec.site, None)
+        result = await self.provisioner.run_in_thread(
+            lambda: push(endpoint, make, confirm_timeout, needs_peer_list=True, kept=kept)
         )
-        assert isinstance(timings, Timings)
+        _, session = result
+        await self.provisioner.run_in_thread(session.close)
         self._removing.pop(rec.site, None)
         self.storage.delete(REMOVALS, rec.site)
         self.keys.forget_site(view.vpn, view.site)
@@ -469,6 +510,9 @@ class ServiceApplication(Application):
     async def stopping(self) -> None:
         if self._rekey_task is not None:
             self._rekey_task.cancel()
+        for session in self.sessions.values():
+            session.close()
+        self.sessions.clear()
         if self.provisioner is not None:
             await self.provisioner.close()
         (self.state_dir / "listening").unlink(missing_ok=True)
@@ -642,7 +686,10 @@ class ServiceApplication(Application):
         rec.last_contact = now_text()
         if own is not None and applied_version is not None:
             rec.applied_version = applied_version or None
-            prov.set_status(rec, "in-sync" if applied_version == config.version else "pending")
+            in_sync = applied_version == config.version
+            prov.set_status(rec, "in-sync" if in_sync else "pending")
+            if in_sync:
+                self._receiver_applied(rec, config)
         version = etree.Element(_q("version"))
         version.text = config.version
         holder = etree.Element(_q("configuration"))
@@ -685,8 +732,7 @@ class ServiceApplication(Application):
             etree.SubElement(entry, _q("site")).text = view.site
             want = self.codec.normalise(self.vpns[view.vpn].compiled[view.site].config, view.site)
             try:
-                found = await prov.run_in_thread(lambda: read_ce(self.endpoint(view)))
-                ce = found[0]  # type: ignore[index]
+                ce, _ = await prov.run_in_thread(lambda: read_ce(self.endpoint(view)))
             except (CeUnreachable, CeRefused):
                 etree.SubElement(entry, _q("outcome")).text = "unreachable"
                 return entry

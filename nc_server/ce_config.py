@@ -182,6 +182,17 @@ def edit_document(target_xml: etree._Element, edit: CeEdit) -> etree._Element:
     return config
 
 
+def add_management_port(config: etree._Element, port: int) -> None:
+    """Move the CE's NETCONF listener: the one pre-configuration leaf the server edits."""
+    ce = config.find(_q("ce"))
+    assert ce is not None
+    pre = etree.SubElement(ce, _q("pre-configuration"))
+    management = etree.SubElement(pre, _q("management"))
+    leaf = etree.SubElement(management, _q("port"))
+    leaf.text = str(port)
+    leaf.set(NC_OPERATION, "replace")
+
+
 def deprovision_document(present_peers: Iterable[str], sections: Iterable[str]) -> etree._Element:
     """Remove every VPN part of a CE's configuration; its pre-configuration stays (seed 3.6)."""
     edit = CeEdit(removed_peers=sorted(present_peers), removed_sections=sorted(sections))

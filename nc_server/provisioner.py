@@ -23,10 +23,12 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 from nc_server.southbound import CeRefused, CeUnreachable, NotConfirmed, Timings
 
 log = logging.getLogger("cevpn.server.provisioning")
+T = TypeVar("T")
 
 
 def now_text(moment: datetime | None = None) -> str:
@@ -198,7 +200,8 @@ class Provisioner:
         while self._running:
             await asyncio.gather(*list(self._running.values()), return_exceptions=True)
 
-    async def run_in_thread(self, func: Callable[[], object]) -> object:
+    async def run_in_thread(self, func: Callable[[], T]) -> T:
+        """Run blocking NETCONF work (ncclient) on the provisioning threads."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, func)
 
     async def close(self) -> None:

@@ -75,6 +75,15 @@ class Session:
     timings: Timings = field(default_factory=Timings)
     manager: Any = None
 
+    def open(self) -> Session:
+        return self.__enter__()
+
+    def close(self) -> None:
+        self.__exit__()
+
+    def alive(self) -> bool:
+        return self.manager is not None and bool(self.manager.connected)
+
     def __enter__(self) -> Session:
         started = time.perf_counter()
         try:
@@ -91,6 +100,7 @@ class Session:
             started = time.perf_counter()
             with contextlib.suppress(Exception):  # the session is over either way
                 self.manager.close_session()
+            self.manager = None
             self.timings.ssh += time.perf_counter() - started
 
     def call(self, what: Callable[[Any], T]) -> T:
@@ -137,24 +147,55 @@ def push(
     confirm_timeout: int,
     *,
     needs_peer_list: bool,
-) -> Timings:
+    kept: Session | None = None,
+    confirm_endpoint: Endpoint | None = None,
+) -> tuple[Timings, Session]:
     """Edit, commit confirmed, reconnect, confirm.  ``make_config`` gets the CE's current
-    peer names when ``needs_peer_list`` (a full resynchronisation), else None."""
+    peer names when ``needs_peer_list`` (a full resynchronisation), else None.
+
+    The confirming session stays open and is returned: the next push to the
+    same CE starts on it (``kept``), so each push costs one SSH handshake,
+    the one that proves the management path still works.  A change that
+    moves the CE's management port is confirmed at ``confirm_endpoint``.
+    """
     token = secrets.token_hex(16)
-    with Session(endpoint) as first:
-        peers = present_peers(first) if needs_peer_list else None
-        config = make_config(peers)
-        text = etree.tostring(config).decode()
-        first.call(lambda m: m.discard_changes())
-        first.call(lambda m: m.edit_config(target="candidate", config=text))
-        first.call(lambda m: m.commit(confirmed=True, timeout=str(confirm_timeout), persist=token))
-        timings = first.timings
+    timings = Timings()
+    first = kept if kept is not None and kept.alive() else None
+    if first is not None:
+        first.timings = timings
+        try:
+            _edit_and_commit(first, make_config, confirm_timeout, token, needs_peer_list)
+        except CeUnreachable:
+            first.close()
+            first = None  # the kept session died (the CE restarted): start afresh
+        else:
+            first.close()
+    if first is None:
+        fresh = Session(endpoint, timings).open()
+        try:
+            _edit_and_commit(fresh, make_config, confirm_timeout, token, needs_peer_list)
+        finally:
+            fresh.close()
     try:
-        with Session(endpoint, timings) as second:
-            second.call(lambda m: m.commit(persist_id=token))
+        second = Session(confirm_endpoint or endpoint, timings).open()
+        second.call(lambda m: m.commit(persist_id=token))
     except (CeUnreachable, CeRefused) as exc:
         raise NotConfirmed(
             f"committed but not confirmed ({exc}): the CE rolls back by itself within "
             f"{confirm_timeout} s"
         ) from None
-    return timings
+    return timings, second
+
+
+def _edit_and_commit(
+    session: Session,
+    make_config: Callable[[list[str] | None], etree._Element],
+    confirm_timeout: int,
+    token: str,
+    needs_peer_list: bool,
+) -> None:
+    peers = present_peers(session) if needs_peer_list else None
+    text = etree.tostring(make_config(peers)).decode()
+    session.call(lambda m: m.discard_changes())
+    session.call(lambda m: m.edit_config(target="candidate", config=text))
+    session.call(lambda m: m.commit(confirmed=True, timeout=str(confirm_timeout), persist=token))

@@ -204,7 +204,11 @@ def test_a_customer_sees_only_its_own_vpn_and_no_key(tmp_path: Path) -> None:
             "<rule><name>own-vpn</name><module-name>cevpn-service</module-name>"
             f"<path xmlns:s=\"{SVC_NS}\">/s:vpn-service/s:vpn[s:id='alpha']</path>"
             "<access-operations>read</access-operations><action>permit</action></rule>"
-            "<rule><name>nothing-else</name><module-name>*</module-name>"
+            "<rule><name>no-other-vpn</name><module-name>cevpn-service</module-name>"
+            "<access-operations>*</access-operations><action>deny</action></rule>"
+            "<rule><name>no-accounts</name><module-name>ietf-system</module-name>"
+            "<access-operations>*</access-operations><action>deny</action></rule>"
+            "<rule><name>no-rules</name><module-name>ietf-netconf-acm</module-name>"
             "<access-operations>*</access-operations><action>deny</action></rule>"
             "</rule-list></nacm>"
         )
@@ -320,3 +324,66 @@ def test_enrol_on_the_command_line_works_with_the_server_running(tmp_path: Path)
         text = out.read_text()
         assert "OPENSSH PRIVATE KEY" in text and '"site-id": "lime-s1"' in text
         wait_for(lambda: ctl.status("lime-s1") in ("pending", "unreachable"), 20, "enrolled")
+
+
+def _sa_spis(agent_dir: Path) -> dict[str, tuple[int, int]]:
+    """peer -> (outbound SPI, inbound SPI) in an agent's running datastore."""
+    from lxml import etree
+
+    ns = "{urn:cevpn:yang:cevpn-ce}"
+    root = etree.fromstring((agent_dir / "running.xml").read_bytes())
+    out = {}
+    for peer in root.iter(f"{ns}peer"):
+        out[peer.findtext(f"{ns}name") or ""] = (
+            int(peer.findtext(f"{ns}ikeless/{ns}outbound/{ns}spi") or 0),
+            int(peer.findtext(f"{ns}ikeless/{ns}inbound/{ns}spi") or 0),
+        )
+    return out
+
+
+def _consistent(ctl: Controller, a: str, b: str) -> bool:
+    sa_a, sa_b = _sa_spis(ctl.agents[a].state_dir), _sa_spis(ctl.agents[b].state_dir)
+    return b in sa_a and a in sa_b and sa_a[b][0] == sa_b[a][1] and sa_a[b][1] == sa_b[a][0]
+
+
+def test_rotating_ikeless_sas_replaces_both_directions_inbound_first(tmp_path: Path) -> None:
+    with controller(tmp_path) as ctl:
+        mesh(ctl, "navy", 2)
+        ctl.in_sync("navy-s1", "navy-s2")
+        assert _consistent(ctl, "navy-s1", "navy-s2")
+        before = _sa_spis(ctl.agents["navy-s1"].state_dir)["navy-s2"]
+        ctl.rpc(
+            f'<rotate-keys xmlns="{SVC_NS}"><vpn>navy</vpn><what>ikeless-sas</what></rotate-keys>'
+        )
+        wait_for(
+            lambda: (
+                _sa_spis(ctl.agents["navy-s1"].state_dir)["navy-s2"][0] != before[0]
+                and _sa_spis(ctl.agents["navy-s1"].state_dir)["navy-s2"][1] != before[1]
+                and _consistent(ctl, "navy-s1", "navy-s2")
+            ),
+            30,
+            "new SAs in both directions on both CEs",
+        )
+        ctl.in_sync("navy-s1", "navy-s2")
+
+
+def test_ikeless_sas_are_rekeyed_every_rekey_interval(tmp_path: Path) -> None:
+    with controller(tmp_path) as ctl:
+        ctl.edit(vpn_xml("plum"))
+        ctl.edit(
+            f'<vpn-service xmlns="{SVC_NS}"><vpn><id>plum</id><tunnel-defaults>'
+            "<ikeless-rekey-interval>10</ikeless-rekey-interval></tunnel-defaults></vpn>"
+            "</vpn-service>"
+        )
+        for i in (1, 2):
+            ctl.join("plum", f"plum-s{i}", i, f"10.{i}.0.0/24")
+        ctl.in_sync("plum-s1", "plum-s2")
+        first = _sa_spis(ctl.agents["plum-s1"].state_dir)["plum-s2"]
+        wait_for(
+            lambda: (
+                _sa_spis(ctl.agents["plum-s1"].state_dir)["plum-s2"][0] != first[0]
+                and _consistent(ctl, "plum-s1", "plum-s2")
+            ),
+            60,
+            "a rekey after the interval",
+        )
