@@ -215,7 +215,12 @@ def differences(want: Any, have: Any, path: str = "/cevpn-ce:ce") -> list[str]:
         for key in sorted(set(want) | set(have)):
             name = key.split(":", 1)[-1]
             if key not in want or key not in have:
-                out.append(f"{path}/{name}")
+                present = want.get(key, have.get(key))
+                if isinstance(present, list) and LIST_KEYS.get(name):
+                    # A list absent on one side: name the entries, not just the list.
+                    out.extend(differences(want.get(key, []), have.get(key, []), f"{path}/{name}"))
+                else:
+                    out.append(f"{path}/{name}")
             else:
                 out.extend(differences(want[key], have[key], f"{path}/{name}"))
         return out

@@ -201,11 +201,24 @@ def test_a_customer_sees_only_its_own_vpn_and_no_key(tmp_path: Path) -> None:
             f'<nacm xmlns="{nacm}"><groups><group><name>customer-acme</name>'
             "<user-name>alice</user-name></group></groups>"
             "<rule-list><name>customer-acme</name><group>customer-acme</group>"
+            "<rule><name>no-keys</name><module-name>cevpn-service</module-name>"
+            f'<path xmlns:s="{SVC_NS}">/s:vpn-service/s:vpn/s:keys</path>'
+            "<access-operations>*</access-operations><action>deny</action></rule>"
             "<rule><name>own-vpn</name><module-name>cevpn-service</module-name>"
             f"<path xmlns:s=\"{SVC_NS}\">/s:vpn-service/s:vpn[s:id='alpha']</path>"
             "<access-operations>read</access-operations><action>permit</action></rule>"
             "<rule><name>no-other-vpn</name><module-name>cevpn-service</module-name>"
+            f'<path xmlns:s="{SVC_NS}">/s:vpn-service/s:vpn</path>'
             "<access-operations>*</access-operations><action>deny</action></rule>"
+            "<rule><name>no-server</name><module-name>cevpn-service</module-name>"
+            f'<path xmlns:s="{SVC_NS}">/s:vpn-service/s:server</path>'
+            "<access-operations>*</access-operations><action>deny</action></rule>"
+            "<rule><name>no-operations</name><module-name>cevpn-service</module-name>"
+            "<rpc-name>*</rpc-name><access-operations>exec</access-operations>"
+            "<action>deny</action></rule>"
+            "<rule><name>no-events</name><module-name>cevpn-service</module-name>"
+            "<notification-name>*</notification-name><access-operations>read</access-operations>"
+            "<action>deny</action></rule>"
             "<rule><name>no-accounts</name><module-name>ietf-system</module-name>"
             "<access-operations>*</access-operations><action>deny</action></rule>"
             "<rule><name>no-rules</name><module-name>ietf-netconf-acm</module-name>"
