@@ -169,8 +169,13 @@ class ServiceApplication(Application):
         for vpn in new.get("vpn", []):
             vid = str(vpn["id"])
             known = self.vpns.get(vid)
-            if known is not None and old_vpns.get(vid) == vpn and txn.reason != "startup":
-                compiled[vid] = known
+            if (
+                known is not None
+                and txn.reason != "startup"
+                and _compiled_part(old_vpns.get(vid)) == _compiled_part(vpn)
+            ):
+                # Only where CEs are managed changed (enrolment, a new port): same configs.
+                compiled[vid] = VpnState(vpn, known.compiled)
                 continue
             try:
                 configs = self._compile(vpn)
@@ -771,6 +776,18 @@ class ServiceApplication(Application):
             except BaseException:
                 self.removal_override.pop(site, None)
                 raise
+
+
+def _compiled_part(vpn: Mapping[str, Any] | None) -> Any:
+    """A VPN entry without what the compiler does not read (sites' management endpoints)."""
+    if vpn is None:
+        return None
+    return {
+        **vpn,
+        "site": [
+            {k: v for k, v in site.items() if k != "management"} for site in vpn.get("site", [])
+        ],
+    }
 
 
 # --------------------------------------------------------------------------

@@ -106,7 +106,12 @@ def test_startup_is_saved_by_copy_config_and_used_when_running_is_lost(server):
         startup = etree.fromstring(m.get_config("startup").data_xml.encode())
         assert startup.xpath("//s:vpn/s:id/text()", namespaces={"s": SVC}) == ["saved"]
     server.stop()
-    (server.state_dir / "running.xml").unlink()
+    # The VPN server keeps its datastores in SQLite (nc_server.storage): lose running there.
+    from nc_server.storage import SqliteDatastores, SqliteStorage
+
+    storage = SqliteStorage.in_state_dir(server.state_dir)
+    SqliteDatastores(storage).delete("running")
+    storage.close()
     server.start()
     with ncclient_connect(server) as m:
         assert vpn_ids(m) == ["saved"]
@@ -122,6 +127,6 @@ def test_running_cannot_be_deleted_but_startup_can(server):
 
 
 def test_datastore_files_are_private(server):
-    for name in ("running.xml", "startup.xml", "ssh_host_ed25519_key"):
+    for name in ("vpn-server.db", "ssh_host_ed25519_key", "southbound_ed25519_key"):
         assert (server.state_dir / name).stat().st_mode & 0o077 == 0, name
     assert server.state_dir.stat().st_mode & 0o077 == 0
