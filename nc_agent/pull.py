@@ -285,9 +285,9 @@ class UnknownPeerWatch:
     def read(self) -> int | None:
         try:
             for line in self.STAT.read_text().splitlines():
-                name, _, value = line.partition(" ")
-                if name.strip() == "XfrmInNoStates":
-                    return int(value.strip())
+                fields = line.split()
+                if len(fields) == 2 and fields[0] == "XfrmInNoStates":
+                    return int(fields[1])
         except OSError:
             return None
         return None

@@ -44,10 +44,10 @@ from nc_server import access
 from nc_server.ce_config import (
     CeCodec,
     InvalidCompiledConfig,
+    add_management_port,
     deprovision_document,
     differences,
     edit_document,
-    add_management_port,
     full_edit,
     incremental_edit,
 )

@@ -36,6 +36,11 @@ def now_text(moment: datetime | None = None) -> str:
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def retry_delay(attempt: int, limit: float) -> float:
+    """Seconds before retry number ``attempt`` (1, 2, 4 ... capped at ``limit``)."""
+    return min(limit, float(2 ** min(attempt - 1, 30)))
+
+
 @dataclass
 class CeRecord:
     """Where provisioning of one CE stands (cevpn-service site/provisioning)."""
@@ -161,7 +166,7 @@ class Provisioner:
             status = await self.job(rec)
         except CeUnreachable as exc:
             rec.retry_count += 1
-            delay = min(self.retry_limit, float(2 ** min(rec.retry_count - 1, 30)))
+            delay = retry_delay(rec.retry_count, self.retry_limit)
             rec.next_attempt = now_text(datetime.now(UTC) + timedelta(seconds=delay))
             self.set_status(rec, "unreachable", str(exc))
             log.info(

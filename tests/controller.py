@@ -147,6 +147,14 @@ class Controller:
         self.agents[site] = agent
         return agent
 
+    def enrol_from_file(self, vpn: str, site: str, bundle: Path) -> Agent:
+        """An agent for a bundle `cevpn-server enrol` wrote (the port is in the bundle)."""
+        document = json.loads(bundle.read_text())
+        port = document["cevpn-ce:ce"]["pre-configuration"]["management"]["port"]
+        agent = Agent(site, self.tmp / f"agent-{site}", int(port), bundle)
+        self.agents[site] = agent
+        return agent
+
     def add_site(self, vpn: str, site: str, n: int, prefix: str, *, role: str | None = None) -> int:
         port = free_port()
         role_xml = f"<role>{role}</role>" if role else ""

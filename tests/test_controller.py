@@ -400,3 +400,28 @@ def test_ikeless_sas_are_rekeyed_every_rekey_interval(tmp_path: Path) -> None:
             60,
             "a rekey after the interval",
         )
+
+
+def test_enrol_on_the_command_line_works_with_the_server_stopped(tmp_path: Path) -> None:
+    with controller(tmp_path) as ctl:
+        ctl.edit(vpn_xml("jade"))
+        ctl.add_site("jade", "jade-s1", 1, "10.1.0.0/24")
+        ctl.server.stop()
+        out = tmp_path / "bundle.json"
+        done = subprocess.run(
+            [str(BIN / "cevpn-server"), "enrol", "--state-dir", str(ctl.server.state_dir),
+             "jade-s1", "-o", str(out)],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        unknown = subprocess.run(
+            [str(BIN / "cevpn-server"), "enrol", "--state-dir", str(ctl.server.state_dir),
+             "no-such-site"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert unknown.returncode == 1 and "no site 'no-such-site'" in unknown.stderr
+        ctl.server.start()
+        # The host key the bundle carries is pinned in the database: the agent can join.
+        agent = ctl.enrol_from_file("jade", "jade-s1", out)
+        agent.start()
+        ctl.in_sync("jade-s1")

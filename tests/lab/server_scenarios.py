@@ -61,67 +61,108 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(30)
 
 
-def provision_mesh(count: int, encapsulation: str) -> dict[str, Any]:
-    sites = [Site(n) for n in range(1, count + 1)]
-    state = WORK / "vpn-server"
-    pw = WORK / "operator.pw"
-    pw.write_text(PASSWORD + "\n")
-    subprocess.run([str(BIN / "cevpn-server"), "adduser", "--state-dir", str(state), "oss",
-                    "--password-file", str(pw), "--group", "operators"],
-                   check=True, capture_output=True)  # fmt: skip
-    server = start([str(BIN / "cevpn-server"), "--state-dir", str(state), "--listen", ":830"],
-                   "vpn-server.log")  # fmt: skip
-    agents: list[subprocess.Popen[bytes]] = []
-    report: dict[str, Any] = {}
-    try:
-        wait_port(SERVER_ADDRESS, 830, server, "the VPN server")
-        host_key = (state / "ssh_host_ed25519_key.pub").read_text().split()[1]
-        m = manager.connect(host=SERVER_ADDRESS, port=830, username="oss", password=PASSWORD,
-                            hostkey_verify=True, hostkey_b64=host_key, allow_agent=False,
-                            look_for_keys=False, timeout=120)  # fmt: skip
-        site_xml = "".join(
-            f"<site><id>site-{s.n}</id><ce-address>{s.sp_address}</ce-address>"
-            f"<local-prefix>{s.lan_prefix}</local-prefix></site>"
-            for s in sites
+def site_xml(s: Site) -> str:
+    return (
+        f"<site><id>site-{s.n}</id><ce-address>{s.sp_address}</ce-address>"
+        f"<local-prefix>{s.lan_prefix}</local-prefix></site>"
+    )
+
+
+class Lab:
+    """The VPN server in pe, an OSS session to it, and the agents it enrolled."""
+
+    def __init__(self) -> None:
+        self.state = WORK / "vpn-server"
+        pw = WORK / "operator.pw"
+        pw.write_text(PASSWORD + "\n")
+        subprocess.run([str(BIN / "cevpn-server"), "adduser", "--state-dir", str(self.state),
+                        "oss", "--password-file", str(pw), "--group", "operators"],
+                       check=True, capture_output=True)  # fmt: skip
+        self.server = start(
+            [str(BIN / "cevpn-server"), "--state-dir", str(self.state), "--listen", ":830"],
+            "vpn-server.log",
         )
-        m.edit_config(target="running", config=(
-            f'<config xmlns="{NC}"><vpn-service xmlns="{SVC}"><server><endpoint>'
-            f"<address>{SERVER_ADDRESS}</address></endpoint><confirm-timeout>60</confirm-timeout>"
-            "<unreachable-retry-limit>2</unreachable-retry-limit></server>"
-            "<vpn><id>lab</id><customer>lab</customer><keying>ikeless</keying>"
-            f"<tunnel-defaults><encapsulation>{encapsulation}</encapsulation></tunnel-defaults>"
-            f"{site_xml}</vpn></vpn-service></config>"
+        self.agents: dict[int, subprocess.Popen[bytes]] = {}
+        wait_port(SERVER_ADDRESS, 830, self.server, "the VPN server")
+        host_key = (self.state / "ssh_host_ed25519_key.pub").read_text().split()[1]
+        self.m = manager.connect(host=SERVER_ADDRESS, port=830, username="oss",
+                                 password=PASSWORD, hostkey_verify=True, hostkey_b64=host_key,
+                                 allow_agent=False, look_for_keys=False, timeout=120)  # fmt: skip
+
+    def edit(self, body: str) -> None:
+        self.m.edit_config(target="running", config=(
+            f'<config xmlns="{NC}"><vpn-service xmlns="{SVC}">{body}</vpn-service></config>'
         ))  # fmt: skip
-        for s in sites:
-            request = etree.fromstring(
-                f'<enrol xmlns="{SVC}"><vpn>lab</vpn><site>site-{s.n}</site></enrol>'
+
+    def enrol_and_start(self, s: Site) -> None:
+        request = etree.fromstring(
+            f'<enrol xmlns="{SVC}"><vpn>lab</vpn><site>site-{s.n}</site></enrol>'
+        )
+        reply = etree.fromstring(self.m.dispatch(request).xml.encode())
+        bundle = reply.find(f".//{{{SVC}}}bundle")
+        assert bundle is not None
+        path = WORK / f"{s.ce}.bundle.json"
+        path.write_text(json.dumps(bundle_document_from_xml(bundle)))
+        path.chmod(0o600)
+        agent = start([str(BIN / "cevpn-agent"), "--state-dir", str(WORK / s.ce),
+                       "--bootstrap", str(path), "--vpn-netns", s.vpn],
+                      f"{s.ce}.log", s.ce)  # fmt: skip
+        self.agents[s.n] = agent
+        wait_port(s.sp_address, 830, agent, f"agent {s.ce}")
+
+    def statuses(self) -> dict[str, str]:
+        data = self.m.get(filter=("subtree", f'<vpn-service xmlns="{SVC}"/>')).data_ele
+        return {
+            site.findtext(f"{{{SVC}}}id") or "": site.findtext(
+                f"{{{SVC}}}provisioning/{{{SVC}}}status"
             )
-            reply = etree.fromstring(m.dispatch(request).xml.encode())
-            bundle = reply.find(f".//{{{SVC}}}bundle")
-            assert bundle is not None
-            path = WORK / f"{s.ce}.bundle.json"
-            path.write_text(json.dumps(bundle_document_from_xml(bundle)))
-            path.chmod(0o600)
-            agent = start([str(BIN / "cevpn-agent"), "--state-dir", str(WORK / s.ce),
-                           "--bootstrap", str(path), "--vpn-netns", s.vpn],
-                          f"{s.ce}.log", s.ce)  # fmt: skip
-            agents.append(agent)
-            wait_port(s.sp_address, 830, agent, f"agent {s.ce}")
-        deadline = time.monotonic() + 180
+            or ""
+            for site in data.iter(f"{{{SVC}}}site")
+        }
+
+    def wait_in_sync(self, count: int, timeout: float = 180) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
         statuses: dict[str, str] = {}
         while time.monotonic() < deadline:
-            data = m.get(filter=("subtree", f'<vpn-service xmlns="{SVC}"/>')).data_ele
-            statuses = {
-                site.findtext(f"{{{SVC}}}id") or "": site.findtext(
-                    f"{{{SVC}}}provisioning/{{{SVC}}}status"
-                )
-                or ""
-                for site in data.iter(f"{{{SVC}}}site")
-            }
+            statuses = self.statuses()
             if len(statuses) == count and all(v == "in-sync" for v in statuses.values()):
                 break
             time.sleep(1)
-        report["statuses"] = statuses
+        return statuses
+
+    def dump_logs(self) -> None:
+        for log in sorted(WORK.glob("*.log")):
+            print(f"--- {log.name}\n{log.read_text()[-3000:]}", file=sys.stderr)
+
+    def close(self) -> None:
+        with suppress(Exception):
+            self.m.close_session()
+        for agent in self.agents.values():
+            stop(agent)
+        stop(self.server)
+
+
+SERVER_SETTINGS = (
+    f"<server><endpoint><address>{SERVER_ADDRESS}</address></endpoint>"
+    "<confirm-timeout>60</confirm-timeout><unreachable-retry-limit>2</unreachable-retry-limit>"
+    "</server>"
+)
+
+
+def provision_mesh(count: int, encapsulation: str) -> dict[str, Any]:
+    sites = [Site(n) for n in range(1, count + 1)]
+    lab = Lab()
+    report: dict[str, Any] = {}
+    try:
+        lab.edit(
+            SERVER_SETTINGS + "<vpn><id>lab</id><customer>lab</customer><keying>ikeless</keying>"
+            f"<tunnel-defaults><encapsulation>{encapsulation}</encapsulation></tunnel-defaults>"
+            + "".join(site_xml(s) for s in sites)
+            + "</vpn>"
+        )
+        for s in sites:
+            lab.enrol_and_start(s)
+        report["statuses"] = lab.wait_in_sync(count)
         cap = capture("server-mesh")
         report["pings"] = {f"{a.n}->{b.n}": ping(a, b) for a in sites for b in sites if a != b}
         report["pe_ipv4"] = stop_capture(cap, "server-mesh")
@@ -131,18 +172,49 @@ def provision_mesh(count: int, encapsulation: str) -> dict[str, Any]:
             ).stdout
             for s in sites
         }
-        m.close_session()
     except Exception:
-        for s in sites:
-            log = WORK / f"{s.ce}.log"
-            if log.exists():
-                print(f"--- {s.ce}\n{log.read_text()[-3000:]}", file=sys.stderr)
-        print(f"--- server\n{(WORK / 'vpn-server.log').read_text()[-3000:]}", file=sys.stderr)
+        lab.dump_logs()
         raise
     finally:
-        for agent in agents:
-            stop(agent)
-        stop(server)
+        lab.close()
+    return report
+
+
+def unknown_peer(count: int) -> dict[str, Any]:
+    """Pull model with a long interval: a new site's first packets make its peers fetch."""
+    sites = [Site(n) for n in range(1, count + 1)]
+    old, new = sites[:-1], sites[-1]
+    lab = Lab()
+    report: dict[str, Any] = {}
+    try:
+        lab.edit(
+            SERVER_SETTINGS + "<vpn><id>lab</id><customer>lab</customer><keying>ikeless</keying>"
+            "<autodiscovery>pull</autodiscovery><pull-interval>3600</pull-interval>"
+            + "".join(site_xml(s) for s in old)
+            + "</vpn>"
+        )
+        for s in old:
+            lab.enrol_and_start(s)
+        report["before"] = lab.wait_in_sync(len(old))
+        lab.edit(f"<vpn><id>lab</id>{site_xml(new)}</vpn>")
+        lab.enrol_and_start(new)  # it fetches at start-up and knows everyone
+        started = time.monotonic()
+        reached = False
+        while time.monotonic() - started < 30 and not reached:
+            reached = ping(new, old[0], count=1)
+        report["first_ping_after_s"] = time.monotonic() - started if reached else None
+        report["pings"] = {f"{new.n}->{s.n}": ping(new, s) for s in old}
+        report["old_logs"] = {
+            s.ce: (WORK / f"{s.ce}.log")
+            .read_text()
+            .count("fetching the configuration: ESP arrived for an SA this CE does not have")
+            for s in old
+        }
+    except Exception:
+        lab.dump_logs()
+        raise
+    finally:
+        lab.close()
     return report
 
 
@@ -152,6 +224,8 @@ def main() -> None:
         report = provision_mesh(count, "transport-ipip")
     elif scenario == "mesh-tunnel":
         report = provision_mesh(count, "tunnel-mode")
+    elif scenario == "unknown-peer":
+        report = unknown_peer(count)
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     (WORK / "report.json").write_text(json.dumps(report, indent=2))

@@ -42,3 +42,21 @@ def test_the_server_provisions_three_agents_and_the_sites_ping_each_other_throug
     assert not any(" 10." in line for line in core), [line for line in core if " 10." in line]
     for count in report["xfrm_states"].values():
         assert "4" in count  # two SAs per peer, two peers
+
+
+def test_in_the_pull_model_a_new_sites_first_packets_make_its_peers_fetch() -> None:
+    """Seed 3.5: a CE fetches its configuration 'when an unknown peer tries to reach it'."""
+    result = run_guest(
+        """
+        set -e
+        .venv/bin/python -m tests.lab.topology build 3
+        ip netns exec pe .venv/bin/python -m tests.lab.server_scenarios unknown-peer 3
+        """,
+        timeout=480,
+    )
+    assert result.returncode == 0, result.console[-6000:]
+    report = json.loads(result.read("report.json"))
+    assert report["before"] == {"site-1": "in-sync", "site-2": "in-sync"}
+    assert report["first_ping_after_s"] is not None, "the new site never reached site-1"
+    assert all(report["pings"].values()), report["pings"]
+    assert report["old_logs"]["ce1"] >= 1  # site-1 fetched because ESP arrived for no SA
