@@ -198,11 +198,13 @@ def unknown_peer(count: int) -> dict[str, Any]:
         report["before"] = lab.wait_in_sync(len(old))
         lab.edit(f"<vpn><id>lab</id>{site_xml(new)}</vpn>")
         lab.enrol_and_start(new)  # it fetches at start-up and knows everyone
-        started = time.monotonic()
-        reached = False
-        while time.monotonic() - started < 30 and not reached:
-            reached = ping(new, old[0], count=1)
-        report["first_ping_after_s"] = time.monotonic() - started if reached else None
+        report["first_ping_after_s"] = {}
+        for s in old:
+            started = time.monotonic()
+            reached = False
+            while time.monotonic() - started < 30 and not reached:
+                reached = ping(new, s, count=1)
+            report["first_ping_after_s"][s.ce] = time.monotonic() - started if reached else None
         report["pings"] = {f"{new.n}->{s.n}": ping(new, s) for s in old}
         report["old_logs"] = {
             s.ce: (WORK / f"{s.ce}.log")
