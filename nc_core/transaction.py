@@ -55,12 +55,19 @@ class Transaction:
     scratch: dict[str, Any] = field(default_factory=dict)
     """The application's own notes between phases (allocations made in prepare)."""
 
+    _json: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+
     def new_json(self) -> dict[str, Any]:
-        """The new configuration as RFC 7951 JSON, defaults included."""
-        return _as_json(self.new_tree)
+        """The new configuration as RFC 7951 JSON, defaults included (printed once per
+        transaction: callers share it and must not modify it)."""
+        if "new" not in self._json:
+            self._json["new"] = _as_json(self.new_tree)
+        return self._json["new"]
 
     def old_json(self) -> dict[str, Any]:
-        return _as_json(self.old_tree)
+        if "old" not in self._json:
+            self._json["old"] = _as_json(self.old_tree)
+        return self._json["old"]
 
 
 def _as_json(tree: Any) -> dict[str, Any]:

@@ -305,7 +305,7 @@ class ServiceApplication(Application):
     async def _job(self, rec: CeRecord) -> str:
         if not self.provisioning:
             return rec.status
-        if rec.status == "removing":
+        if rec.site in self._removing:  # also when retried after 'unreachable'
             return await self._deprovision_job(rec)
         view = self.sites.get(rec.site)
         state = self.vpns.get(rec.vpn)

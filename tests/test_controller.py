@@ -7,6 +7,7 @@ proven in tests/lab/test_server_lab.py.
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -425,3 +426,22 @@ def test_enrol_on_the_command_line_works_with_the_server_stopped(tmp_path: Path)
         agent = ctl.enrol_from_file("jade", "jade-s1", out)
         agent.start()
         ctl.in_sync("jade-s1")
+
+
+def test_a_ce_unreachable_when_its_site_is_deprovisioned_is_cleaned_when_it_returns(
+    tmp_path: Path,
+) -> None:
+    # A long orphan time: the CE must be cleaned by the server, not by itself.
+    with controller(tmp_path, **{"ce-orphan-after": 86400}) as ctl:
+        mesh(ctl, "rust", 2)
+        ctl.in_sync("rust-s1", "rust-s2")
+        ctl.agents["rust-s2"].stop()
+        ctl.rpc(
+            f'<remove-site xmlns="{SVC_NS}"><vpn>rust</vpn><site>rust-s2</site>'
+            "<deprovision>true</deprovision></remove-site>"
+        )
+        wait_for(lambda: ctl.agents["rust-s1"].running_ce()["peers"] == [], 30, "peer dropped")
+        time.sleep(3)  # a few failed attempts
+        assert ctl.agents["rust-s2"].running_ce()["peers"] == ["rust-s1"]
+        ctl.agents["rust-s2"].start()
+        wait_for(lambda: ctl.agents["rust-s2"].running_ce()["peers"] == [], 60, "deprovisioned")

@@ -62,10 +62,11 @@ def main() -> int:
 
     banner("What is built, and what comes next")
     print(
-        "  Built: the NETCONF engine both servers share (docs/netconf.md) and the CE\n"
-        "  agent that turns its datastore into kernel IPsec, proven in a User-Mode Linux\n"
-        "  lab by `make test` (docs/agent.md).  Next: the VPN server that provisions\n"
-        "  every CE (issue 5) and IKEv2 through strongSwan (issue 6); then this demo\n"
+        "  Built: the NETCONF engine both servers share (docs/netconf.md), the CE\n"
+        "  agent that turns its datastore into kernel IPsec (docs/agent.md), and the\n"
+        "  VPN server that compiles VPNs, enrols CEs and provisions them with\n"
+        "  confirmed commits (docs/server.md), proven in a User-Mode Linux lab by\n"
+        "  `make test`.  Next: IKEv2 through strongSwan (issue 6); then this demo\n"
         "  boots the lab, starts a VPN server and four CE agents, builds a VPN over\n"
         "  NETCONF and shows encrypted site-to-site traffic (issue 7)."
     )
