@@ -3147,7 +3147,7 @@ class yc_certificates_cevpn_ce__ce_certificates(PybindBase):
   YANG Description: Certificate material for digital-signature authentication
 (seed 3.3 (ii)).
   """
-  __slots__ = ('_path_helper', '_extmethods', '__private_key','__certificate','__ca_certificate',)
+  __slots__ = ('_path_helper', '_extmethods', '__private_key','__key_origin','__certificate','__ca_certificate',)
 
   _yang_name = 'certificates'
   _yang_namespace = 'urn:cevpn:yang:cevpn-ce'
@@ -3169,6 +3169,7 @@ class yc_certificates_cevpn_ce__ce_certificates(PybindBase):
 
     self._extmethods = False
     self.__private_key = YANGDynClass(base=RestrictedClassType(base_type=str, restriction_dict={'pattern': '\\s*-----BEGIN (EC |RSA |OPENSSH )?PRIVATE KEY-----[A-Za-z0-9+/=\\s]+-----END (EC |RSA |OPENSSH )?PRIVATE KEY-----\\s*'}), is_leaf=True, yang_name="private-key", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='cevpn-t:pem-private-key', is_config=True)
+    self.__key_origin = YANGDynClass(base=RestrictedClassType(base_type=str,                                     restriction_type="dict_key",                                     restriction_arg={'server': {}, 'ce': {}},), default=str("server"), is_leaf=True, yang_name="key-origin", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='enumeration', is_config=True)
     self.__certificate = YANGDynClass(base=RestrictedClassType(base_type=str, restriction_dict={'pattern': '\\s*-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\\s]+-----END CERTIFICATE-----\\s*'}), is_leaf=True, yang_name="certificate", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='cevpn-t:pem-certificate', is_config=True)
     self.__ca_certificate = YANGDynClass(base=YANGListType("name",yc_ca_certificate_cevpn_ce__ce_certificates_ca_certificate, yang_name="ca-certificate", parent=self, is_container='list', user_ordered=False, path_helper=self._path_helper, yang_keys='name', extensions=None), is_container='list', yang_name="ca-certificate", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, extensions=None, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='list', is_config=True)
 
@@ -3236,12 +3237,51 @@ class yc_certificates_cevpn_ce__ce_certificates(PybindBase):
     self.__private_key = YANGDynClass(base=RestrictedClassType(base_type=str, restriction_dict={'pattern': '\\s*-----BEGIN (EC |RSA |OPENSSH )?PRIVATE KEY-----[A-Za-z0-9+/=\\s]+-----END (EC |RSA |OPENSSH )?PRIVATE KEY-----\\s*'}), is_leaf=True, yang_name="private-key", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='cevpn-t:pem-private-key', is_config=True)
 
 
+  def _get_key_origin(self):
+    """
+    Getter method for key_origin, mapped from YANG variable /ce/certificates/key_origin (enumeration)
+
+    YANG Description: Where the private key of 'certificate' was made (seed 3.3
+(ii): the CE's own key pair when it can make one).
+    """
+    return self.__key_origin
+      
+  def _set_key_origin(self, v, load=False):
+    """
+    Setter method for key_origin, mapped from YANG variable /ce/certificates/key_origin (enumeration)
+    If this variable is read-only (config: false) in the
+    source YANG file, then _set_key_origin is considered as a private
+    method. Backends looking to populate this variable should
+    do so via calling thisObj._set_key_origin() directly.
+
+    YANG Description: Where the private key of 'certificate' was made (seed 3.3
+(ii): the CE's own key pair when it can make one).
+    """
+    if hasattr(v, "_utype"):
+      v = v._utype(v)
+    try:
+      t = YANGDynClass(v,base=RestrictedClassType(base_type=str,                                     restriction_type="dict_key",                                     restriction_arg={'server': {}, 'ce': {}},), default=str("server"), is_leaf=True, yang_name="key-origin", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='enumeration', is_config=True)
+    except (TypeError, ValueError):
+      raise ValueError({
+          'error-string': """key_origin must be of a type compatible with enumeration""",
+          'defined-type': "cevpn-ce:enumeration",
+          'generated-type': """YANGDynClass(base=RestrictedClassType(base_type=str,                                     restriction_type="dict_key",                                     restriction_arg={'server': {}, 'ce': {}},), default=str("server"), is_leaf=True, yang_name="key-origin", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='enumeration', is_config=True)""",
+        })
+
+    self.__key_origin = t
+    if hasattr(self, '_set'):
+      self._set()
+
+  def _unset_key_origin(self):
+    self.__key_origin = YANGDynClass(base=RestrictedClassType(base_type=str,                                     restriction_type="dict_key",                                     restriction_arg={'server': {}, 'ce': {}},), default=str("server"), is_leaf=True, yang_name="key-origin", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='enumeration', is_config=True)
+
+
   def _get_certificate(self):
     """
     Getter method for certificate, mapped from YANG variable /ce/certificates/certificate (cevpn-t:pem-certificate)
 
     YANG Description: This CE's certificate, issued by the SP CA for the public
-key of 'private-key'.
+key of 'private-key' (or of the agent's own key).
     """
     return self.__certificate
       
@@ -3254,7 +3294,7 @@ key of 'private-key'.
     do so via calling thisObj._set_certificate() directly.
 
     YANG Description: This CE's certificate, issued by the SP CA for the public
-key of 'private-key'.
+key of 'private-key' (or of the agent's own key).
     """
     if hasattr(v, "_utype"):
       v = v._utype(v)
@@ -3312,11 +3352,12 @@ key of 'private-key'.
     self.__ca_certificate = YANGDynClass(base=YANGListType("name",yc_ca_certificate_cevpn_ce__ce_certificates_ca_certificate, yang_name="ca-certificate", parent=self, is_container='list', user_ordered=False, path_helper=self._path_helper, yang_keys='name', extensions=None), is_container='list', yang_name="ca-certificate", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, extensions=None, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='list', is_config=True)
 
   private_key = __builtin__.property(_get_private_key, _set_private_key)
+  key_origin = __builtin__.property(_get_key_origin, _set_key_origin)
   certificate = __builtin__.property(_get_certificate, _set_certificate)
   ca_certificate = __builtin__.property(_get_ca_certificate, _set_ca_certificate)
 
 
-  _pyangbind_elements = OrderedDict([('private_key', private_key), ('certificate', certificate), ('ca_certificate', ca_certificate), ])
+  _pyangbind_elements = OrderedDict([('private_key', private_key), ('key_origin', key_origin), ('certificate', certificate), ('ca_certificate', ca_certificate), ])
 
 
 class yc_tunnel_cevpn_ce__ce_peer_tunnel(PybindBase):

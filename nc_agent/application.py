@@ -31,6 +31,7 @@ from nc_agent.bootstrap import CLIENT_KEY_FILE
 from nc_agent.dataplane.xfrm import OWNED_REQIDS, SAKey, XfrmEvents
 from nc_agent.desired import ConfigProblem, Desired, compile_desired
 from nc_agent.kernel import Kernel, KernelRefused, sa_key
+from nc_agent.own_key import certifies_own_key
 from nc_agent.pull import Puller, UnknownPeerWatch
 from nc_core.errors import RpcError
 from nc_core.schema import CE_MODULES
@@ -135,6 +136,18 @@ class AgentApplication(Application):
 
     async def validate(self, txn: Transaction) -> None:
         config = txn.new_json()
+        certs = config.get("cevpn-ce:ce", {}).get("certificates", {})
+        if certs.get("key-origin") == "ce" and "certificate" in certs:
+            if not certifies_own_key(self.state_dir, str(certs["certificate"])):
+                raise RpcError(
+                    "invalid-value",
+                    "The certificate is not for this CE's own key (key-origin 'ce'): the "
+                    "agent holds a different key pair, or none.",
+                    path="/cevpn-ce:ce/cevpn-ce:certificates/cevpn-ce:certificate",
+                    path_ns={"cevpn-ce": CE_NS},
+                )
+        if not self.has_kernel:
+            return  # nothing is realised, so nothing needs to be realisable (IKE peers too)
         peers = [p["name"] for p in config.get("cevpn-ce:ce", {}).get("peer", [])]
         provisional = {name: OWNED_REQIDS[i] for i, name in enumerate(peers)}
         try:
@@ -153,7 +166,9 @@ class AgentApplication(Application):
         config = txn.new_json()
         peers = [p["name"] for p in config.get("cevpn-ce:ce", {}).get("peer", [])]
         txn.scratch["fresh"] = allocations.reserve(peers)
-        txn.scratch["desired"] = compile_desired(config, allocations.reqids)
+        txn.scratch["desired"] = (
+            compile_desired(config, allocations.reqids) if self.has_kernel else Desired()
+        )
 
     async def _follow_port(self, txn: Transaction) -> int | None:
         """Move the listener to the configured management port; the old port, to undo."""
@@ -189,6 +204,16 @@ class AgentApplication(Application):
             if moved_from is not None and self.server.listener is not None:
                 await self.server.listener.move(moved_from)
             raise
+        self._request_certificate_if_needed(txn)
+
+    def _request_certificate_if_needed(self, txn: Transaction) -> None:
+        """A certificate made for a server-generated key arrived: ask at once for one for
+        the CE's own key (the request goes with the next fetch)."""
+        certs = txn.new_json().get("cevpn-ce:ce", {}).get("certificates", {})
+        if "certificate" not in certs or self.puller is None:
+            return
+        if certs.get("key-origin") != "ce" and txn.reason != "pull":
+            self.puller.trigger("a certificate request for the CE's own key")
 
     async def _apply(self, txn: Transaction) -> None:
         allocations = self._allocations()

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from lxml import etree
 from ncclient.operations.rpc import RPCError as NcRpcError
 
+from nc_agent.own_key import certificate_request, certifies_own_key
 from nc_core.client import Endpoint, connect
 from nc_core.xmlutil import default_ns_element, qn
 
@@ -143,28 +144,46 @@ class Puller:
         settings = self.settings()
         if settings is None:
             raise RuntimeError("this CE has no VPN server in its pre-configuration")
-        running = self.server.datastores["running"].root
-        current = running.findtext(f"{qn(CE_NS, 'ce')}/{qn(CE_NS, 'configuration-version')}")
-        try:
-            version, ce = await asyncio.to_thread(_fetch, settings.endpoints, current)
-        except SiteRemoved as exc:
-            self.last_error = str(exc)
-            return await self._removed(settings)
-        except Exception as exc:
-            self.last_error = str(exc)
-            raise
-        self.fetches += 1
-        self.last_fetch = _now()
-        self.last_error = None
-        (self.state_dir / ORPHAN_FILE).unlink(missing_ok=True)
-        if version == current:
-            return False
-        changed = await self._commit(ce)
-        if changed:
-            # Tell the server at once which version now runs here.
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(_fetch, settings.endpoints, version)
+        changed = False
+        # A fetch reports the version running here; after applying a new one the agent
+        # fetches again at once, so the server learns it (and may answer a certificate
+        # issued for the request just sent).  Three rounds at most.
+        for _ in range(3):
+            running = self.server.datastores["running"].root
+            current = running.findtext(f"{qn(CE_NS, 'ce')}/{qn(CE_NS, 'configuration-version')}")
+            csr = self._certificate_request(running)
+            try:
+                version, ce = await asyncio.to_thread(_fetch, settings.endpoints, current, csr)
+            except SiteRemoved as exc:
+                self.last_error = str(exc)
+                return await self._removed(settings)
+            except Exception as exc:
+                self.last_error = str(exc)
+                raise
+            self.fetches += 1
+            self.last_fetch = _now()
+            self.last_error = None
+            (self.state_dir / ORPHAN_FILE).unlink(missing_ok=True)
+            if version == current or not await self._commit(ce):
+                break
+            changed = True
         return changed
+
+    def _certificate_request(self, running: etree._Element) -> str | None:
+        """A CSR for the CE's own key when the VPN uses certificates and the configured one
+        is not for that key (seed 3.3 (ii))."""
+        certs = running.find(f"{qn(CE_NS, 'ce')}/{qn(CE_NS, 'certificates')}")
+        if certs is None or certs.find(qn(CE_NS, "certificate")) is None:
+            return None
+        certificate = certs.findtext(qn(CE_NS, "certificate")) or ""
+        if certs.findtext(qn(CE_NS, "key-origin")) == "ce" and certifies_own_key(
+            self.state_dir, certificate
+        ):
+            return None
+        site = running.findtext(
+            f"{qn(CE_NS, 'ce')}/{qn(CE_NS, 'pre-configuration')}/{qn(CE_NS, 'site-id')}"
+        )
+        return certificate_request(self.state_dir, site or "ce")
 
     async def _commit(self, fetched: etree._Element | None) -> bool:
         server = self.server
@@ -246,12 +265,16 @@ def _connect_any(endpoints: list[Endpoint]) -> Any:
     raise last
 
 
-def _fetch(endpoints: list[Endpoint], applied: str | None) -> tuple[str, etree._Element | None]:
+def _fetch(
+    endpoints: list[Endpoint], applied: str | None, csr: str | None = None
+) -> tuple[str, etree._Element | None]:
     manager = _connect_any(endpoints)
     try:
         request = default_ns_element(SVC_NS, "fetch-ce-configuration")
         if applied:
             etree.SubElement(request, qn(SVC_NS, "applied-version")).text = applied
+        if csr:
+            etree.SubElement(request, qn(SVC_NS, "certificate-request")).text = csr
         try:
             reply = manager.dispatch(request)
         except NcRpcError as exc:

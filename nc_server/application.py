@@ -599,7 +599,12 @@ class ServiceApplication(Application):
             bundle = await self.enrol(args["vpn"], args["site"])
             return [_bundle_xml(bundle)]
         if name == "fetch-ce-configuration":
-            return self.fetch(session.user, args.get("site"), args.get("applied-version"))
+            return self.fetch(
+                session.user,
+                args.get("site"),
+                args.get("applied-version"),
+                args.get("certificate-request"),
+            )
         if name == "resynchronise":
             self.resynchronise(args.get("vpn"), args.get("site"))
             return []
@@ -657,7 +662,11 @@ class ServiceApplication(Application):
         return bundle
 
     def fetch(
-        self, user: str, site: str | None, applied_version: str | None = None
+        self,
+        user: str,
+        site: str | None,
+        applied_version: str | None = None,
+        certificate_request: str | None = None,
     ) -> list[etree._Element]:
         """Seed 3.5 'pull': a CE fetches its own configuration; seed 3.6: a removed CE
         learns it is removed."""
@@ -685,6 +694,8 @@ class ServiceApplication(Application):
                     app_tag="site-removed",
                 )
             raise RpcError("invalid-value", f"There is no site {site!r}.", app_tag="unknown-site")
+        if own is not None and certificate_request:
+            self._certify(view, certificate_request)
         config = self.vpns[view.vpn].compiled[site]
         prov = self._provisioner()
         rec = prov.record(view.vpn, site)
@@ -703,6 +714,23 @@ class ServiceApplication(Application):
             _redact(ce)
         holder.append(ce)
         return [version, holder]
+
+    def _certify(self, view: SiteView, request: str) -> None:
+        """Seed 3.3 (ii): certify the key pair the CE made, once per key."""
+        from nc_server.ca import CsrRefused
+
+        if _same_key(self.keys.site_certificate(view.vpn, view.site)[0], request):
+            return
+        try:
+            self.keys.issue_from_csr(view.vpn, view.site, request)
+        except CsrRefused as exc:
+            raise RpcError(
+                "invalid-value",
+                f"The certificate request was refused: {exc}",
+                app_tag="certificate-request-refused",
+            ) from None
+        log.info("site %s: certified the CE's own key", view.site)
+        self._recompile(view.vpn)
 
     def _site_of_user(self, user: str) -> str | None:
         if not user.startswith("ce-"):
@@ -776,6 +804,23 @@ class ServiceApplication(Application):
             except BaseException:
                 self.removal_override.pop(site, None)
                 raise
+
+
+def _same_key(certificate_pem: str, request_pem: str) -> bool:
+    """Does the certificate already certify the request's public key?"""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    if not certificate_pem:
+        return False
+    try:
+        cert_key = x509.load_pem_x509_certificate(certificate_pem.encode()).public_key()
+        csr_key = x509.load_pem_x509_csr(request_pem.encode()).public_key()
+    except ValueError:
+        return False
+    der = serialization.Encoding.DER
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    return cert_key.public_bytes(der, spki) == csr_key.public_bytes(der, spki)
 
 
 def _compiled_part(vpn: Mapping[str, Any] | None) -> Any:

@@ -1095,11 +1095,16 @@ class _Run:
 
         if ca is not None:
             certificate, private_key = self._site_certificate(site.id)
-            top["certificates"] = {
-                "private-key": private_key,
+            certificates: dict[str, Any] = {
                 "certificate": certificate,
                 "ca-certificate": [{"name": CA_CERTIFICATE_NAME, "certificate": ca}],
             }
+            if private_key:
+                certificates["private-key"] = private_key
+            else:
+                # Certified from the CE's own request: its private key stays on the CE.
+                certificates["key-origin"] = "ce"
+            top["certificates"] = certificates
 
         routing: dict[str, Any] = {}
         router_id = site.router_id or _derived_router_id(site.prefixes)

@@ -445,3 +445,41 @@ def test_a_ce_unreachable_when_its_site_is_deprovisioned_is_cleaned_when_it_retu
         assert ctl.agents["rust-s2"].running_ce()["peers"] == ["rust-s1"]
         ctl.agents["rust-s2"].start()
         wait_for(lambda: ctl.agents["rust-s2"].running_ce()["peers"] == [], 60, "deprovisioned")
+
+
+def test_a_ce_gets_its_own_key_certified_by_the_vpn_ca(tmp_path: Path) -> None:
+    """Seed 3.3 (ii): the agent makes its key pair and a CSR; the CA certifies it; the
+    configuration then carries the certificate and no private key."""
+    from cryptography import x509
+
+    with controller(tmp_path) as ctl:
+        ctl.edit(vpn_xml("gold", keying="ike"))
+        ctl.edit(
+            f'<vpn-service xmlns="{SVC_NS}"><vpn><id>gold</id><security-profile>'
+            "<authentication>certificate</authentication></security-profile></vpn>"
+            "</vpn-service>"
+        )
+        for i in (1, 2):
+            ctl.join("gold", f"gold-s{i}", i, f"10.{i}.0.0/24")
+        ctl.in_sync("gold-s1", "gold-s2")
+
+        def own_certificate(site: str) -> str | None:
+            from lxml import etree
+
+            ns = "{urn:cevpn:yang:cevpn-ce}"
+            root = etree.fromstring((ctl.agents[site].state_dir / "running.xml").read_bytes())
+            certs = root.find(f"{ns}ce/{ns}certificates")
+            if certs is None or certs.findtext(f"{ns}key-origin") != "ce":
+                return None
+            assert certs.find(f"{ns}private-key") is None
+            return certs.findtext(f"{ns}certificate")
+
+        pem = wait_for(lambda: own_certificate("gold-s1"), 30, "a certificate for the CE's key")
+        from nc_agent.own_key import certifies_own_key
+
+        assert certifies_own_key(ctl.agents["gold-s1"].state_dir, pem)
+        cert = x509.load_pem_x509_certificate(pem.encode())
+        assert "CN=gold-s1" in cert.subject.rfc4514_string()
+        key_file = ctl.agents["gold-s1"].state_dir / "ike_own_key.pem"
+        assert key_file.stat().st_mode & 0o077 == 0
+        ctl.in_sync("gold-s1", "gold-s2")
