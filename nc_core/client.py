@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import os
 import selectors
+import socket
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -122,6 +123,15 @@ class PromptSSHSession(transport.SSHSession):  # type: ignore[misc]
         self._wake()
 
 
+def _tcp_connect(endpoint: Endpoint) -> socket.socket:
+    """A TCP connection with Nagle off.  paramiko writes a request in more than one
+    segment; with Nagle on, the second waits for the peer's delayed ACK: ~40 ms per
+    request, measured (get-config 44 ms -> 3 ms)."""
+    sock = socket.create_connection((endpoint.host, endpoint.port), timeout=endpoint.timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
 def host_key_blob(line: str) -> str:
     """The base64 blob of an OpenSSH public key line, checked to be base64."""
     parts = line.split()
@@ -140,8 +150,15 @@ def connect(endpoint: Endpoint) -> manager.Manager:
         device_handler = DefaultDeviceHandler({})
         session = PromptSSHSession(device_handler)
         try:
+            sock = _tcp_connect(endpoint)
+        except OSError as exc:
+            raise transport.SSHError(
+                f"Could not open socket to {endpoint.host}:{endpoint.port}: {exc}"
+            ) from None
+        try:
             session.connect(
                 host=endpoint.host,
+                sock=sock,
                 port=endpoint.port,
                 username=endpoint.username,
                 key_filename=str(endpoint.key_file),
@@ -154,6 +171,8 @@ def connect(endpoint: Endpoint) -> manager.Manager:
         except (paramiko.SSHException, transport.SSHError) as exc:
             if session.transport:
                 session.close()
+            else:
+                sock.close()
             last = exc
             if "Negotiation failed" in str(exc) or "Unknown host key" in str(exc):
                 continue  # another pinned key may be the one this server has
@@ -161,6 +180,8 @@ def connect(endpoint: Endpoint) -> manager.Manager:
         except Exception:
             if session.transport:
                 session.close()
+            else:
+                sock.close()
             raise
         return manager.Manager(session, device_handler, timeout=max(endpoint.timeout, 30.0))
     assert last is not None
