@@ -186,11 +186,13 @@ class Bench:
             previous[rec.site] = rec.applied_version
             rec.timings = Timings()
         app.compile_seconds = 0.0
+        cpu_server, cpu_agents = self._cpu()
         started = time.perf_counter()
         await asyncio.to_thread(oss.edit_config, target="running", config=edit)
         committed = time.perf_counter()
         await self._all_in_sync(app, previous, 900)
         done = time.perf_counter()
+        cpu_server_end, cpu_agents_end = self._cpu()
         ssh = sum(app.provisioner.records[f"s{n:03d}"].timings.ssh
                   for n in range(1, self.sites + 1))  # fmt: skip
         netconf = sum(app.provisioner.records[f"s{n:03d}"].timings.netconf
@@ -206,7 +208,21 @@ class Bench:
             "share_netconf": netconf / total,
             "share_compile": compile_s / total,
             "ces_per_s": self.sites / (done - started),
+            "server_cpu_per_ce_ms": (cpu_server_end - cpu_server) / self.sites * 1000,
+            "agent_cpu_per_ce_ms": (cpu_agents_end - cpu_agents) / self.sites * 1000,
         }
+
+    def _cpu(self) -> tuple[float, float]:
+        """CPU seconds used so far by this process (the server) and by the agent farms."""
+        import resource
+
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        ticks = os.sysconf("SC_CLK_TCK")
+        farms = 0.0
+        for farm in self.farms:
+            fields = Path(f"/proc/{farm.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            farms += (int(fields[11]) + int(fields[12])) / ticks
+        return own.ru_utime + own.ru_stime, farms
 
     def _reference(self, app: Any, specs: list[dict[str, Any]]) -> dict[str, float]:
         """The same provisioning exchange per CE, stock ncclient vs the controller's client."""
@@ -269,6 +285,8 @@ def main() -> None:
         r = result[key]
         rate = f"{r['ces_per_s']:.1f} CEs/s; commit answered in {r['commit_s']:.2f} s"
         print(f"  {title}: all {n} CEs in-sync after {r['wall_s']:.2f} s ({rate})")
+        print(f"     CPU per CE: server {r['server_cpu_per_ce_ms']:.1f} ms, agent "
+              f"{r['agent_cpu_per_ce_ms']:.1f} ms (2 cores for both)")  # fmt: skip
         print(f"     per CE {r['per_ce_ms']:.1f} ms in flight; shares: SSH {r['share_ssh']:.0%}, "
               f"NETCONF {r['share_netconf']:.0%}, compile {r['share_compile']:.0%} "
               f"({r['compile_s']:.2f} s)")  # fmt: skip
