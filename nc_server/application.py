@@ -319,14 +319,19 @@ class ServiceApplication(Application):
         if applied["version"] == target.version and now_port == view.management_port:
             rec.applied_version = target.version
             return "in-sync"
-        target_xml = self.codec.to_xml(target.config, rec.site)
         known = applied["config"] if applied["version"] is not None else None
+        # XML made here, in the event loop (libyang), not in the push thread.
+        if known is None:
+            target_xml = self.codec.to_xml(target.config, rec.site)
+        else:
+            incremental = incremental_edit(known, target.config)
+            target_xml = self.codec.parts_to_xml(target.config, incremental, rec.site)
 
         def make(present: list[str] | None) -> etree._Element:
             if known is None or present is not None:
                 edit = full_edit(target.config, present or [])
             else:
-                edit = incremental_edit(known, target.config)
+                edit = incremental
             document = edit_document(target_xml, edit)
             if now_port != view.management_port:
                 add_management_port(document, view.management_port)

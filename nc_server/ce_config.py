@@ -68,6 +68,32 @@ class CeCodec:
             raise InvalidCompiledConfig(f"unexpected root {root.tag}")
         return root
 
+    def parts_to_xml(self, config: Mapping[str, Any], edit: CeEdit, site: str) -> etree._Element:
+        """Only what an incremental edit sends, as XML, checked node by node (types,
+        patterns, ranges) but not as a whole: the whole was validated when this CE's
+        configuration was first pushed, and the CE validates the result in full."""
+        import libyang
+
+        wanted = set(edit.peers)
+        part: dict[str, Any] = {k: config[k] for k in edit.sections if k in config}
+        peers = [p for p in config.get("peer", []) if p["name"] in wanted]
+        if peers:
+            part["peer"] = peers
+        document = json.dumps({f"{CE_MODULE}:ce": part})
+        try:
+            tree = self.schema.ctx.parse_data_mem(
+                document, "json", no_state=True, strict=True, parse_only=True
+            )
+        except libyang.LibyangError as exc:
+            raise InvalidCompiledConfig(f"compiled configuration of {site}: {exc}") from None
+        if tree is None:
+            return etree.Element(_q("ce"))
+        try:
+            text = str(tree.print_mem("xml", with_siblings=True, pretty=False))
+        finally:
+            tree.free()
+        return etree.fromstring(text.encode())
+
     def to_json(self, ce: etree._Element) -> dict[str, Any]:
         """A ``<ce>`` read from a CE as canonical JSON content (no defaults), without
         the parts the server does not own."""
