@@ -560,17 +560,21 @@ class ServiceApplication(Application):
         """IKE-less SAs are replaced every ikeless-rekey-interval, inbound first."""
         while True:
             await asyncio.sleep(self._rekey_period())
-            for vid, state in list(self.vpns.items()):
-                if state.vpn.get("keying") != "ikeless":
-                    continue
-                interval = int(
-                    state.vpn.get("tunnel-defaults", {}).get("ikeless-rekey-interval", 3600)
-                )
-                due = self.keys.due_for_rekey(vid, interval, datetime.now(UTC))
-                if due:
-                    log.info("VPN %s: rekeying %d IKE-less SAs", vid, len(due))
-                    self.keys.begin_rekey(vid, due)
-                    self._recompile(vid)
+            try:
+                self._rekey_due()
+            except Exception:  # keep rekeying the other VPNs next time round
+                log.exception("IKE-less rekey")
+
+    def _rekey_due(self) -> None:
+        for vid, state in list(self.vpns.items()):
+            if state.vpn.get("keying") != "ikeless":
+                continue
+            interval = int(state.vpn.get("tunnel-defaults", {}).get("ikeless-rekey-interval", 3600))
+            due = self.keys.due_for_rekey(vid, interval, datetime.now(UTC))
+            if due:
+                log.info("VPN %s: rekeying %d IKE-less SAs", vid, len(due))
+                self.keys.begin_rekey(vid, due)
+                self._recompile(vid)
 
     def _rekey_period(self) -> float:
         intervals = [
@@ -738,7 +742,9 @@ class ServiceApplication(Application):
         self._recompile(view.vpn)
 
     def _site_of_user(self, user: str) -> str | None:
-        if not user.startswith("ce-"):
+        """The site whose CE this account is: an enrolled CE's account (`ce-<site>`, made by
+        enrolment in group cevpn-ce-agents), never an operator's that happens to look alike."""
+        if not user.startswith("ce-") or CE_GROUP not in self.server.nacm.groups_of(user):
             return None
         site = user[3:]
         if site in self.sites or self.storage.get(REMOVED, user) is not None:
