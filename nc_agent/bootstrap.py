@@ -25,11 +25,11 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from lxml import etree
 
-from nc_core.datastore import document_bytes, free
-from nc_core.edit import new_datastore
+from nc_core.datastore import free
+from nc_core.errors import RpcErrors
 from nc_core.server import NetconfServer, lock_state_dir
 from nc_core.transport_ssh import HOST_KEY_FILE
-from nc_core.users import add_user, initial_nacm
+from nc_core.users import add_user
 from nc_core.xmlutil import SYS_NS, default_ns_element, qn
 
 CE_NS = "urn:cevpn:yang:cevpn-ce"
@@ -73,13 +73,7 @@ def apply_bundle(server: NetconfServer, bundle_path: Path) -> None:
     state_dir = server.options.state_dir
     fd = lock_state_dir(state_dir)
     try:
-        stored = server.persistence.read("running")
-        if stored is not None:
-            root, tree = server.validator.load(stored, "running")
-            free(tree)
-        else:
-            root = new_datastore()
-            root.append(initial_nacm())
+        root = server.stored_running()
         pre_xml = _pre_configuration_xml(server, pre)
         ce = root.find(qn(CE_NS, "ce"))
         if ce is None:
@@ -104,13 +98,9 @@ def apply_bundle(server: NetconfServer, bundle_path: Path) -> None:
                 parent.remove(user)
         add_user(root, username, password=None, public_keys=keys, groups=["admin"])
         try:
-            tree = server.validator.validate(root)
-        except Exception as exc:
+            server.store_running(root)
+        except RpcErrors as exc:
             raise BadBundle(f"{bundle_path}: {exc}") from None
-        try:
-            server.persistence.write("running", document_bytes(server.validator.canonical(tree)))
-        finally:
-            free(tree)
         host_private = management.get("host-private-key")
         if host_private:
             _write_secret(state_dir / HOST_KEY_FILE, str(host_private))

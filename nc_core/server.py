@@ -244,24 +244,34 @@ class NetconfServer:
 
         fd = lock_state_dir(self.options.state_dir)
         try:
-            stored = self.persistence.read("running")
-            if stored is not None:
-                root, tree = self.validator.load(stored, "running")
-                free(tree)
-            else:
-                root = new_datastore()
-                root.append(initial_nacm())
+            root = self.stored_running()
             add_user(root, name, password=password, public_keys=public_keys, groups=groups)
             try:
-                tree = self.validator.validate(root)
+                self.store_running(root)
             except RpcErrors as exc:
                 raise ValueError(f"the account is not valid: {exc}") from None
-            try:
-                self.persistence.write("running", document_bytes(self.validator.canonical(tree)))
-            finally:
-                free(tree)
         finally:
             os.close(fd)
+
+    def stored_running(self) -> etree._Element:
+        """The persisted running configuration, or a fresh one (admin rule list only), for
+        changes made while no server runs; the caller holds the state directory's lock."""
+        stored = self.persistence.read("running")
+        if stored is None:
+            root = new_datastore()
+            root.append(initial_nacm())
+            return root
+        root, tree = self.validator.load(stored, "running")
+        free(tree)
+        return root
+
+    def store_running(self, root: etree._Element) -> None:
+        """Validate fully (RpcErrors) and persist a running configuration made offline."""
+        tree = self.validator.validate(root)
+        try:
+            self.persistence.write("running", document_bytes(self.validator.canonical(tree)))
+        finally:
+            free(tree)
 
     def close(self) -> None:
         for session in list(self.sessions.values()):

@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +19,14 @@ from typing import Any
 
 from lxml import etree
 
-from tests.netconf_server import ADMIN, BIN, ServerProcess, free_port, ncclient_connect
+from tests.netconf_server import (
+    ADMIN,
+    BIN,
+    ServerProcess,
+    free_port,
+    ncclient_connect,
+    wait_listening,
+)
 
 SVC_NS = "urn:cevpn:yang:cevpn-service"
 CE_NS = "urn:cevpn:yang:cevpn-ce"
@@ -63,17 +69,8 @@ class Agent:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"agent {self.site} exited")
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), 0.2),
-            ):
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"agent {self.site} did not listen on {self.port}")
+        log_path = self.state_dir.parent / f"{self.site}.log"
+        wait_listening(self.proc, "127.0.0.1", self.port, f"agent {self.site}", log_path)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

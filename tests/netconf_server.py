@@ -26,6 +26,21 @@ OPERATOR = ("operator", "operator-secret-1")
 VIEWER = ("viewer", "viewer-secret-1")
 
 
+def wait_listening(
+    proc: subprocess.Popen[bytes], host: str, port: int, what: str, log: Path | None = None
+) -> None:
+    """Until ``proc`` accepts TCP connections on ``port``; fail if it exits first."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text()[-2000:] if log is not None and log.exists() else ""
+            raise RuntimeError(f"{what} exited: {tail}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on port {port}")
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -87,17 +102,7 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.command} exited: {self.log_path.read_text()[-2000:]}")
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection((self.host, self.port), 0.2),
-            ):
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.command} did not listen on port {self.port}")
+        wait_listening(self.proc, self.host, self.port, self.command, self.log_path)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is None:

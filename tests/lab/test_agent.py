@@ -11,17 +11,9 @@ import json
 
 import pytest
 
-from tests.lab.uml import LabUnavailable, prepare_host, run_guest
+from tests.lab.uml import run_guest
 
 pytestmark = pytest.mark.lab
-
-
-@pytest.fixture(scope="module", autouse=True)
-def lab() -> None:
-    try:
-        prepare_host()
-    except LabUnavailable as exc:
-        pytest.skip(str(exc))
 
 
 def scenario(name: str, sites: int = 3) -> dict:

@@ -8,17 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.lab.uml import LabUnavailable, prepare_host, run_guest
+from tests.lab.uml import run_guest
 
 pytestmark = pytest.mark.lab
-
-
-@pytest.fixture(scope="module", autouse=True)
-def lab() -> None:
-    try:
-        prepare_host()
-    except LabUnavailable as exc:
-        pytest.skip(str(exc))
 
 
 KEY_AB = "0x" + "11" * 36

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from nc_agent.dataplane.links import esp_overhead, tunnel_mtu
-from tests.lab.uml import LabUnavailable, prepare_host, run_guest
+from tests.lab.uml import run_guest
 
 
 def test_tunnel_mtu_leaves_room_for_gcm_esp_as_lab_measured():
@@ -20,10 +20,6 @@ def test_cbc_overhead_counts_the_larger_iv_and_padding():
 
 @pytest.mark.lab
 def test_ipip_devices_from_links_carry_traffic_and_go_away_with_their_routes():
-    try:
-        prepare_host()
-    except LabUnavailable as exc:
-        pytest.skip(str(exc))
     result = run_guest(
         """
         set -e

@@ -8,33 +8,31 @@ the server to report every CE in-sync.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
-from tests.lab.uml import LabUnavailable, prepare_host, run_guest
+from tests.lab.uml import run_guest
 
 pytestmark = pytest.mark.lab
 
 
-@pytest.fixture(scope="module", autouse=True)
-def lab() -> None:
-    try:
-        prepare_host()
-    except LabUnavailable as exc:
-        pytest.skip(str(exc))
-
-
-def test_the_server_provisions_three_agents_and_the_sites_ping_each_other_through_esp() -> None:
+def scenario(name: str, sites: int = 3) -> dict[str, Any]:
     result = run_guest(
-        """
+        f"""
         set -e
-        .venv/bin/python -m tests.lab.topology build 3
-        ip netns exec pe .venv/bin/python -m tests.lab.server_scenarios mesh-transport 3
+        .venv/bin/python -m tests.lab.topology build {sites}
+        ip netns exec pe .venv/bin/python -m tests.lab.server_scenarios {name} {sites}
         """,
         timeout=480,
     )
     assert result.returncode == 0, result.console[-6000:]
-    report = json.loads(result.read("report.json"))
+    report: dict[str, Any] = json.loads(result.read("report.json"))
+    return report
+
+
+def test_the_server_provisions_three_agents_and_the_sites_ping_each_other_through_esp() -> None:
+    report = scenario("mesh-transport")
     assert report["statuses"] == {f"site-{n}": "in-sync" for n in (1, 2, 3)}
     assert report["pings"] and all(report["pings"].values()), report["pings"]
     core = report["pe_ipv4"]
@@ -46,16 +44,7 @@ def test_the_server_provisions_three_agents_and_the_sites_ping_each_other_throug
 
 def test_in_the_pull_model_a_new_sites_first_packets_make_its_peers_fetch() -> None:
     """Seed 3.5: a CE fetches its configuration 'when an unknown peer tries to reach it'."""
-    result = run_guest(
-        """
-        set -e
-        .venv/bin/python -m tests.lab.topology build 3
-        ip netns exec pe .venv/bin/python -m tests.lab.server_scenarios unknown-peer 3
-        """,
-        timeout=480,
-    )
-    assert result.returncode == 0, result.console[-6000:]
-    report = json.loads(result.read("report.json"))
+    report = scenario("unknown-peer")
     assert report["before"] == {"site-1": "in-sync", "site-2": "in-sync"}
     waited = report["first_ping_after_s"]
     assert all(v is not None for v in waited.values()), waited

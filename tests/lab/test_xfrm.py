@@ -16,19 +16,11 @@ from typing import Any
 
 import pytest
 
-from tests.lab.uml import LabUnavailable, prepare_host, run_guest
+from tests.lab.uml import run_guest
 
 pytestmark = pytest.mark.lab
 
 R = 0x0CE00001
-
-
-@pytest.fixture(scope="module", autouse=True)
-def lab() -> None:
-    try:
-        prepare_host()
-    except LabUnavailable as exc:
-        pytest.skip(str(exc))
 
 
 def scenario(name: str) -> dict[str, Any]:
