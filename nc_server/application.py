@@ -24,6 +24,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from collections.abc import Mapping
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ log = logging.getLogger("cevpn.server")
 SVC_NS = "urn:cevpn:yang:cevpn-service"
 SVC = "cevpn-service:vpn-service"
 STRENGTH_BITS = {
+    "cevpn-types:strength-80": 80,
     "cevpn-types:strength-112": 112,
     "cevpn-types:strength-128": 128,
     "cevpn-types:strength-192": 192,
@@ -135,9 +137,9 @@ class ServiceApplication(Application):
         self._rekey_task: asyncio.Task[None] | None = None
         self.compile_seconds = 0.0
         self._removing: dict[str, SiteView] = {}
+        """Sites deleted in 'deprovision' mode whose CE has not been cleaned yet."""
         self.sessions: dict[str, CeSession] = {}
         """Per CE, the NETCONF session that confirmed the last push, kept for the next one."""
-        """Sites deleted in 'deprovision' mode whose CE has not been cleaned yet."""
 
     def persistence(self, state_dir: Path) -> DatastorePersistence:
         return SqliteDatastores(self.storage)
@@ -155,12 +157,12 @@ class ServiceApplication(Application):
         compiler = self.compilers.get(vid)
         if compiler is None:
             compiler = self.compilers[vid] = VpnCompiler(self.keys)
-        started = datetime.now(UTC)
+        started = time.perf_counter()
         try:
             with self.keys.batch():
                 return compiler.compile(vpn)
         finally:
-            self.compile_seconds += (datetime.now(UTC) - started).total_seconds()
+            self.compile_seconds += time.perf_counter() - started
 
     async def validate(self, txn: Transaction) -> None:
         new = txn.new_json().get(SVC, {})
