@@ -483,3 +483,30 @@ def test_a_ce_gets_its_own_key_certified_by_the_vpn_ca(tmp_path: Path) -> None:
         key_file = ctl.agents["gold-s1"].state_dir / "ike_own_key.pem"
         assert key_file.stat().st_mode & 0o077 == 0
         ctl.in_sync("gold-s1", "gold-s2")
+
+
+def test_a_key_weaker_than_the_vpn_is_refused_with_the_vpn_as_error_path(tmp_path: Path) -> None:
+    """Seed 7: one security strength per VPN, checked by the compiler at commit."""
+    with controller(tmp_path) as ctl:
+        mesh(ctl, "iron", 2)
+        ctl.in_sync("iron-s1", "iron-s2")
+        before = ctl.agents["iron-s1"].running_ce()["version"]
+        weak = ":".join(["ab"] * 24)
+        with pytest.raises(RPCError) as err:
+            ctl.edit(
+                f'<vpn-service xmlns="{SVC_NS}"><vpn><id>iron</id><keys><ikeless-sa>'
+                "<from-site>iron-s1</from-site><to-site>iron-s2</to-site><spi>4096</spi>"
+                '<encryption-algorithm xmlns:t="urn:cevpn:yang:cevpn-types">t:encr-3des'
+                f"</encryption-algorithm><encryption-key>{weak}</encryption-key>"
+                '<integrity-algorithm xmlns:t="urn:cevpn:yang:cevpn-types">'
+                "t:auth-hmac-sha2-256-128</integrity-algorithm>"
+                f"<integrity-key>{':'.join(['cd'] * 32)}</integrity-key>"
+                "</ikeless-sa></keys></vpn></vpn-service>"
+            )
+        assert err.value.tag == "invalid-value"
+        assert "iron" in (err.value.path or "")
+        assert "strength" in (err.value.message or "").lower()
+        with ctl.nc() as m:
+            assert "encr-3des" not in m.get_config("running").data_xml
+        time.sleep(1)
+        assert ctl.agents["iron-s1"].running_ce()["version"] == before
