@@ -89,10 +89,11 @@ class CeCodec:
         if tree is None:
             return etree.Element(_q("ce"))
         try:
-            text = str(tree.print_mem("xml", with_siblings=True, pretty=False))
+            text = str(tree.print_mem("xml", with_siblings=True, pretty=False) or "")
         finally:
             tree.free()
-        return etree.fromstring(text.encode())
+        # Nothing of the configuration changed (a management port move alone): empty <ce>.
+        return etree.fromstring(text.encode()) if text else etree.Element(_q("ce"))
 
     def to_json(self, ce: etree._Element) -> dict[str, Any]:
         """A ``<ce>`` read from a CE as canonical JSON content (no defaults), without

@@ -104,3 +104,10 @@ def test_audit_of_a_ce_with_no_peers_lists_each_missing_one() -> None:
         "/cevpn-ce:ce/peer[name='b']",
         "/cevpn-ce:ce/peer[name='c']",
     ]
+
+
+def test_an_edit_that_changes_nothing_in_the_configuration_converts_to_an_empty_ce() -> None:
+    from nc_server.ce_config import CeCodec
+
+    ce = CeCodec().parts_to_xml(OLD, incremental_edit(OLD, OLD), "a")
+    assert ce.tag == f"{{{CE_NS}}}ce" and len(ce) == 0
