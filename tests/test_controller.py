@@ -510,3 +510,19 @@ def test_a_key_weaker_than_the_vpn_is_refused_with_the_vpn_as_error_path(tmp_pat
             assert "encr-3des" not in m.get_config("running").data_xml
         time.sleep(1)
         assert ctl.agents["iron-s1"].running_ce()["version"] == before
+
+
+def test_a_server_killed_and_restarted_keeps_its_ces_in_sync_and_goes_on(tmp_path: Path) -> None:
+    with controller(tmp_path) as ctl:
+        mesh(ctl, "onyx", 2)
+        ctl.in_sync("onyx-s1", "onyx-s2")
+        versions = {s: ctl.agents[s].running_ce()["version"] for s in ("onyx-s1", "onyx-s2")}
+        ctl.server.kill9()
+        ctl.server.start()
+        # Same keys, same compiled versions: nothing to push again.
+        ctl.in_sync("onyx-s1", "onyx-s2")
+        prov = ctl.provisioning()
+        assert {s: prov[s]["applied-version"] for s in versions} == versions
+        ctl.join("onyx", "onyx-s3", 3, "10.3.0.0/24")
+        ctl.in_sync("onyx-s1", "onyx-s2", "onyx-s3")
+        assert ctl.agents["onyx-s1"].running_ce()["peers"] == ["onyx-s2", "onyx-s3"]
