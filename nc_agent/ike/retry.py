@@ -1,0 +1,51 @@
+"""When a CE tries again after a refused or failed SA negotiation (seed 3.4).
+
+"...wait for a time interval larger than a certain minimum value ... After
+a new failure, the CE device SHOULD retry after a certain period of time (t1)
+... with exponential backoff of t1 until a certain limit upon which an alarm
+MUST trigger human interaction."  With the cevpn-types retry-policy:
+failure 1 waits minimum-wait, failure 2 waits t1, failure n > 2 waits
+t1 x backoff-factor^(n-2); once that interval reaches the limit the alarm is
+raised and retries go on every `limit` seconds until the tunnel comes up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    minimum_wait: float = 5.0
+    t1: float = 10.0
+    backoff_factor: float = 2.0
+    limit: float = 600.0
+
+    @classmethod
+    def from_yang(cls, policy: Mapping[str, Any]) -> RetryPolicy:
+        """From a cevpn-types retry-policy container (RFC 7951 JSON, defaults included)."""
+        return cls(
+            minimum_wait=float(policy.get("minimum-wait", 5)),
+            t1=float(policy.get("t1", 10)),
+            backoff_factor=float(policy.get("backoff-factor", "2.0")),
+            limit=float(policy.get("limit", 600)),
+        )
+
+    def delay(self, failures: int) -> float:
+        """Seconds to wait after the ``failures``-th consecutive failure (1-based)."""
+        if failures < 1:
+            raise ValueError("no failure, no wait")
+        if failures == 1:
+            return min(self.minimum_wait, self.limit)
+        interval = self.t1 * self.backoff_factor ** (failures - 2)
+        return min(interval, self.limit)
+
+    def alarm(self, failures: int) -> bool:
+        """Has the back-off reached the limit, so that a human must act (seed 3.4)?"""
+        return failures >= 2 and self.t1 * self.backoff_factor ** (failures - 2) >= self.limit
+
+    def schedule(self, failures: int) -> list[float]:
+        """The waits after failures 1..``failures`` (for operators and tests)."""
+        return [self.delay(n) for n in range(1, failures + 1)]
