@@ -34,6 +34,7 @@ from nc_agent.kernel import Kernel, KernelRefused, sa_key
 from nc_agent.own_key import certifies_own_key
 from nc_agent.pull import Puller, UnknownPeerWatch
 from nc_core.errors import RpcError
+from nc_core.notifications import date_and_time, now
 from nc_core.schema import CE_MODULES
 from nc_core.transaction import Application, Transaction
 from nc_core.xmlutil import default_ns_element
@@ -50,7 +51,7 @@ def _q(name: str) -> str:
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return date_and_time(now(), "seconds")
 
 
 def _peer_path(peer: str | None) -> tuple[str | None, dict[str, str]]:

@@ -25,12 +25,12 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from lxml import etree
 
-from nc_core.datastore import free
+from nc_core.datastore import free, write_atomically
 from nc_core.errors import RpcErrors
 from nc_core.server import NetconfServer, lock_state_dir
 from nc_core.transport_ssh import HOST_KEY_FILE
-from nc_core.users import add_user
-from nc_core.xmlutil import SYS_NS, default_ns_element, qn
+from nc_core.users import replace_user
+from nc_core.xmlutil import default_ns_element, qn
 
 CE_NS = "urn:cevpn:yang:cevpn-ce"
 CLIENT_KEY_FILE = "vpn_server_client_key"
@@ -52,11 +52,7 @@ def read_bundle(path: Path) -> dict[str, Any]:
 
 
 def _write_secret(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text if text.endswith("\n") else text + "\n")
-    os.replace(tmp, path)
+    write_atomically(path, (text if text.endswith("\n") else text + "\n").encode())
 
 
 def _public_line(private_openssh: str, comment: str) -> str:
@@ -91,12 +87,7 @@ def apply_bundle(server: NetconfServer, bundle_path: Path) -> None:
         keys = [str(k) for k in management.get("server-authorized-key", [])]
         if not username or not keys:
             raise BadBundle("the bundle names no server account or key")
-        for user in list(root.iter(qn(SYS_NS, "user"))):
-            if user.findtext(qn(SYS_NS, "name")) == username:
-                parent = user.getparent()
-                assert parent is not None
-                parent.remove(user)
-        add_user(root, username, password=None, public_keys=keys, groups=["admin"])
+        replace_user(root, username, keys, ["admin"])
         try:
             server.store_running(root)
         except RpcErrors as exc:

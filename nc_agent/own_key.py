@@ -9,13 +9,14 @@ VPN's CA certifies it and the configuration then carries the certificate with
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from nc_core.datastore import write_atomically
 
 OWN_KEY_FILE = "ike_own_key.pem"
 
@@ -29,11 +30,7 @@ def own_key(state_dir: Path) -> ec.EllipticCurvePrivateKey:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        tmp = path.with_name(f".{path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(pem)
-        os.replace(tmp, path)
+        write_atomically(path, pem)
     loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(loaded, ec.EllipticCurvePrivateKey):
         raise ValueError(f"{path} is not an EC private key")

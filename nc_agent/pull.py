@@ -25,7 +25,6 @@ import threading
 import time
 from copy import deepcopy
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +33,7 @@ from ncclient.operations.rpc import RPCError as NcRpcError
 
 from nc_agent.own_key import certificate_request, certifies_own_key
 from nc_core.client import Endpoint, connect
+from nc_core.notifications import date_and_time, now
 from nc_core.xmlutil import default_ns_element, qn
 
 if TYPE_CHECKING:
@@ -44,10 +44,6 @@ log = logging.getLogger("cevpn.agent.pull")
 CE_NS = "urn:cevpn:yang:cevpn-ce"
 SVC_NS = "urn:cevpn:yang:cevpn-service"
 ORPHAN_FILE = "orphan-since"
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 @dataclass
@@ -161,7 +157,7 @@ class Puller:
                 self.last_error = str(exc)
                 raise
             self.fetches += 1
-            self.last_fetch = _now()
+            self.last_fetch = date_and_time(now(), "seconds")
             self.last_error = None
             (self.state_dir / ORPHAN_FILE).unlink(missing_ok=True)
             if version == current or not await self._commit(ce):

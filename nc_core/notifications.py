@@ -46,8 +46,9 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-def date_and_time(moment: datetime) -> str:
-    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+def date_and_time(moment: datetime, timespec: str = "microseconds") -> str:
+    """A yang:date-and-time in UTC ('Z')."""
+    return moment.isoformat(timespec=timespec).replace("+00:00", "Z")
 
 
 def parse_date_and_time(text: str, name: str) -> datetime:

@@ -173,6 +173,19 @@ def add_user(
                 etree.SubElement(group, qn(NACM_NS, "user-name")).text = name
 
 
+def replace_user(
+    root: etree._Element, name: str, public_keys: list[str], groups: list[str]
+) -> None:
+    """The account ``name`` with exactly these keys (no password): re-enrolment replaces
+    the keys an account had instead of adding to them."""
+    for user in list(root.iter(qn(SYS_NS, "user"))):
+        if (user.findtext(qn(SYS_NS, "name")) or "").strip() == name:
+            parent = user.getparent()
+            assert parent is not None
+            parent.remove(user)
+    add_user(root, name, password=None, public_keys=public_keys, groups=groups)
+
+
 def _child(
     parent: etree._Element, tag: str, nsmap: dict[str | None, str] | None = None
 ) -> etree._Element:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from collections.abc import Mapping
 from copy import deepcopy
@@ -39,7 +38,7 @@ from nc_core.errors import RpcError
 from nc_core.schema import SERVICE_MODULES
 from nc_core.transaction import Application, Transaction
 from nc_core.transport_ssh import host_key_line
-from nc_core.users import add_user
+from nc_core.users import add_user, replace_user
 from nc_core.xmlutil import NACM_NS, SYS_NS, default_ns_element, qn
 from nc_server import access
 from nc_server.ce_config import (
@@ -53,7 +52,14 @@ from nc_server.ce_config import (
     incremental_edit,
 )
 from nc_server.compiler import CeConfig, CompileError, VpnCompiler, diff_configs
-from nc_server.enrolment import CE_GROUP, Bundle, ce_username, make_bundle, southbound_key
+from nc_server.enrolment import (
+    CE_GROUP,
+    Bundle,
+    ce_username,
+    key_pair_file,
+    make_bundle,
+    southbound_key,
+)
 from nc_server.keystore import KeyStore
 from nc_server.provisioner import CeRecord, Provisioner, now_text
 from nc_server.southbound import CeRefused, CeUnreachable, push, read_ce
@@ -537,16 +543,7 @@ class ServiceApplication(Application):
         async with server.config_lock:
             root = deepcopy(server.datastores["running"].root)
             changed = access.ensure_rule_lists(root)
-            key_file = self.state_dir / LOCAL_ADMIN_KEY
-            if not key_file.exists():
-                from nc_server.enrolment import new_ed25519
-
-                pair = new_ed25519(LOCAL_ADMIN)
-                fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "w") as out:
-                    out.write(pair.private_openssh)
-                key_file.with_suffix(".pub").write_text(pair.public_line + "\n")
-            public = key_file.with_suffix(".pub").read_text().strip()
+            public = key_pair_file(self.state_dir / LOCAL_ADMIN_KEY, LOCAL_ADMIN)
             users = root.find(qn(SYS_NS, "system"))
             known = users is not None and any(
                 (u.findtext(qn(SYS_NS, "name")) or "") == LOCAL_ADMIN
@@ -666,7 +663,7 @@ class ServiceApplication(Application):
         async with server.config_lock:
             root = deepcopy(server.datastores["running"].root)
             _set_host_key(root, vpn, site, bundle.host_public)
-            _replace_user(root, ce_username(site), bundle.client_public, CE_GROUP)
+            replace_user(root, ce_username(site), [bundle.client_public], [CE_GROUP])
             await server.change_running(root, None, reason="enrol", check_access=False)
         self.storage.delete(REMOVED, ce_username(site))
         log.info("site %s of VPN %s enrolled", site, vpn)
@@ -879,15 +876,6 @@ def _set_host_key(root: etree._Element, vpn: str, site: str, public: str) -> Non
     for old in mgmt.findall(_q("host-key")):
         mgmt.remove(old)
     etree.SubElement(mgmt, _q("host-key")).text = public
-
-
-def _replace_user(root: etree._Element, name: str, public: str, group: str) -> None:
-    for user in root.iter(qn(SYS_NS, "user")):
-        if user.findtext(qn(SYS_NS, "name")) == name:
-            parent = user.getparent()
-            assert parent is not None
-            parent.remove(user)
-    add_user(root, name, password=None, public_keys=[public], groups=[group])
 
 
 def _delete_site(root: etree._Element, vpn: str, site: str) -> None:

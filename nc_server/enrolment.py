@@ -14,13 +14,14 @@ directory and is authorised on the CE through the bundle.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from nc_core.datastore import write_atomically
 
 SOUTHBOUND_KEY_FILE = "southbound_ed25519_key"
 """The server's client key for reaching CE agents."""
@@ -47,17 +48,20 @@ def new_ed25519(comment: str) -> KeyPair:
     return KeyPair(private, f"{public.decode()} {comment}")
 
 
-def southbound_key(state_dir: Path) -> tuple[Path, str]:
-    """The server's client key file (made on first use, 0600) and its public line."""
-    path = state_dir / SOUTHBOUND_KEY_FILE
+def key_pair_file(path: Path, comment: str) -> str:
+    """An Ed25519 key kept in ``path`` (made on first use, 0600, written atomically) and
+    ``path``.pub; returns the public line."""
     if not path.exists():
-        pair = new_ed25519("cevpn-server")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(pair.private_openssh)
+        pair = new_ed25519(comment)
+        write_atomically(path, pair.private_openssh.encode())
         path.with_suffix(".pub").write_text(pair.public_line + "\n")
-    public = path.with_suffix(".pub").read_text().strip()
-    return path, public
+    return path.with_suffix(".pub").read_text().strip()
+
+
+def southbound_key(state_dir: Path) -> tuple[Path, str]:
+    """The server's client key file and its public line."""
+    path = state_dir / SOUTHBOUND_KEY_FILE
+    return path, key_pair_file(path, "cevpn-server")
 
 
 def ce_username(site: str) -> str:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
+from nc_core.notifications import date_and_time
 from nc_server.southbound import CeRefused, CeUnreachable, NotConfirmed, Timings
 
 log = logging.getLogger("cevpn.server.provisioning")
@@ -32,8 +33,7 @@ T = TypeVar("T")
 
 
 def now_text(moment: datetime | None = None) -> str:
-    moment = moment or datetime.now(UTC)
-    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+    return date_and_time(moment or datetime.now(UTC), "seconds")
 
 
 def retry_delay(attempt: int, limit: float) -> float:

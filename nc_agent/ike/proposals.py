@@ -86,14 +86,20 @@ def _bare(identity: str) -> str:
     return identity.split(":", 1)[-1]
 
 
-def ike_proposal(proposal: Mapping[str, Any]) -> str:
-    """One cevpn-types ike-proposal (encryption, prf, integrity, dh-group) as charon's string."""
+def _cipher(proposal: Mapping[str, Any]) -> list[str]:
+    """Encryption, and integrity unless the encryption is AEAD (both proposal kinds)."""
     encryption = str(proposal["encryption"])
     parts = [_keyword(ENCRYPTION, encryption, "encryption algorithm")]
     if _bare(encryption) not in AEAD:
         if "integrity" not in proposal:
             raise UnknownTransform(f"{encryption} needs an integrity algorithm")
         parts.append(_keyword(INTEGRITY, str(proposal["integrity"]), "integrity algorithm"))
+    return parts
+
+
+def ike_proposal(proposal: Mapping[str, Any]) -> str:
+    """One cevpn-types ike-proposal (encryption, prf, integrity, dh-group) as charon's string."""
+    parts = _cipher(proposal)
     if "prf" in proposal:
         parts.append(_keyword(PRF, str(proposal["prf"]), "PRF"))
     parts.append(_keyword(DH_GROUP, str(proposal["dh-group"]), "DH group"))
@@ -102,12 +108,7 @@ def ike_proposal(proposal: Mapping[str, Any]) -> str:
 
 def esp_proposal(proposal: Mapping[str, Any]) -> str:
     """One cevpn-types esp-proposal (encryption, integrity, pfs-group, esn) as charon's string."""
-    encryption = str(proposal["encryption"])
-    parts = [_keyword(ENCRYPTION, encryption, "encryption algorithm")]
-    if _bare(encryption) not in AEAD:
-        if "integrity" not in proposal:
-            raise UnknownTransform(f"{encryption} needs an integrity algorithm")
-        parts.append(_keyword(INTEGRITY, str(proposal["integrity"]), "integrity algorithm"))
+    parts = _cipher(proposal)
     if "pfs-group" in proposal:
         parts.append(_keyword(DH_GROUP, str(proposal["pfs-group"]), "PFS group"))
     esn = proposal.get("esn", True)
