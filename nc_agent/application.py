@@ -1,12 +1,13 @@
-"""The CE agent: its cevpn-ce datastore, made real in the kernel (issue 4, IKE-less keying).
+"""The CE agent: its cevpn-ce datastore, made real in the kernel and in strongSwan's charon.
 
 Every commit of the running configuration is one transaction (nc_core):
-- validate: the configuration must be realisable (IKE peers wait for the
-  strongSwan integration; peers need the CE's SP address);
+- validate: the configuration must be realisable (known transforms, the
+  certificate material an IKE peer needs, the CE's SP address);
 - prepare: each new peer gets a reqid (its mark and device name follow);
 - apply: the kernel moves from the old state to the new one, fail-closed and
-  all-or-nothing; a refusal answers an rpc-error naming the peer and the
-  kernel's reason, and the datastore stays as it was;
+  all-or-nothing, then charon is given the IKE peers (nc_agent.ike.manager);
+  a refusal by either answers an rpc-error naming the peer and the reason,
+  the kernel is moved back, and the datastore stays as it was;
 - abort: new reqids are released.
 At start-up the same code reconciles: whatever the kernel holds of ours is
 compared with running, stale objects are removed and missing ones added, so
@@ -28,10 +29,12 @@ from lxml import etree
 
 from nc_agent.allocations import Allocations
 from nc_agent.bootstrap import CLIENT_KEY_FILE
-from nc_agent.dataplane.xfrm import OWNED_REQIDS, SAKey, XfrmEvents
-from nc_agent.desired import ConfigProblem, Desired, compile_desired
-from nc_agent.kernel import Kernel, KernelRefused, sa_key
-from nc_agent.own_key import certifies_own_key
+from nc_agent.dataplane.xfrm import OWNED_REQIDS, SAKey, SAState, XfrmEvents
+from nc_agent.desired import ConfigProblem, Desired, PeerObjects, compile_desired
+from nc_agent.ike.charon import Charon, CharonError
+from nc_agent.ike.manager import IkeManager, IkeRefused
+from nc_agent.kernel import Kernel, KernelRefused, Observed, sa_key
+from nc_agent.own_key import OWN_KEY_FILE, certifies_own_key
 from nc_agent.pull import Puller, UnknownPeerWatch
 from nc_core.errors import RpcError
 from nc_core.notifications import date_and_time, now
@@ -44,6 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cevpn.agent")
 CE_NS = "urn:cevpn:yang:cevpn-ce"
+TYPES_NS = "urn:cevpn:yang:cevpn-types"
 
 
 def _q(name: str) -> str:
@@ -52,6 +56,16 @@ def _q(name: str) -> str:
 
 def _now() -> str:
     return date_and_time(now(), "seconds")
+
+
+def _leaf(parent: etree._Element, name: str, value: str) -> etree._Element:
+    """A cevpn-ce leaf; an identity value 'cevpn-types:x' gets its namespace declared."""
+    if value.startswith("cevpn-types:"):
+        element = etree.SubElement(parent, _q(name), nsmap={"cevpn-types": TYPES_NS})
+    else:
+        element = etree.SubElement(parent, _q(name))
+    element.text = value
+    return element
 
 
 def _peer_path(peer: str | None) -> tuple[str | None, dict[str, str]]:
@@ -89,6 +103,7 @@ class AgentApplication(Application):
         self.last_error: dict[str, str] = {}
         self.applied_version: str | None = None
         self.events: XfrmEvents | None = None
+        self.ike: IkeManager | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -97,6 +112,20 @@ class AgentApplication(Application):
             assert self.vpn_netns is not None, "the kernel data plane needs a VPN namespace"
             self.kernel = Kernel(self.vpn_netns, self.sp_netns)
         return self.kernel
+
+    def _ike(self) -> IkeManager:
+        if self.ike is None:
+            kernel = self._kernel()
+            self.ike = IkeManager(
+                Charon(self.state_dir, self.sp_netns),
+                notify=self._notify,
+                flush_kernel=kernel.flush_reqids,
+            )
+        return self.ike
+
+    def _own_key_pem(self) -> str | None:
+        path = self.state_dir / OWN_KEY_FILE
+        return path.read_text() if path.exists() else None
 
     def _allocations(self) -> Allocations:
         if self.allocations is None:
@@ -119,8 +148,14 @@ class AgentApplication(Application):
         asyncio.get_running_loop().add_reader(self.events.fileno(), self._on_kernel_events)
         self.unknown_peers = UnknownPeerWatch(self.puller.trigger)
         self.unknown_peers.start()
+        try:
+            await self._ike().start()
+        except (CharonError, OSError) as exc:
+            log.error("the IKE daemon could not be started: %s", exc)
 
     async def stopping(self) -> None:
+        if self.ike is not None:
+            await self.ike.stop()
         if self.puller is not None:
             await self.puller.stop()
         if self.unknown_peers is not None:
@@ -152,15 +187,10 @@ class AgentApplication(Application):
         peers = [p["name"] for p in config.get("cevpn-ce:ce", {}).get("peer", [])]
         provisional = {name: OWNED_REQIDS[i] for i, name in enumerate(peers)}
         try:
-            compile_desired(config, provisional)
+            compile_desired(config, provisional, own_key_pem=self._own_key_pem())
         except ConfigProblem as exc:
             path, ns = _peer_path(exc.peer)
-            raise RpcError(
-                "operation-not-supported" if "IKE" in str(exc) else "invalid-value",
-                str(exc),
-                path=path,
-                path_ns=ns,
-            ) from None
+            raise RpcError("invalid-value", str(exc), path=path, path_ns=ns) from None
 
     async def prepare(self, txn: Transaction) -> None:
         allocations = self._allocations()
@@ -168,7 +198,9 @@ class AgentApplication(Application):
         peers = [p["name"] for p in config.get("cevpn-ce:ce", {}).get("peer", [])]
         txn.scratch["fresh"] = allocations.reserve(peers)
         txn.scratch["desired"] = (
-            compile_desired(config, allocations.reqids) if self.has_kernel else Desired()
+            compile_desired(config, allocations.reqids, own_key_pem=self._own_key_pem())
+            if self.has_kernel
+            else Desired()
         )
 
     async def _follow_port(self, txn: Transaction) -> int | None:
@@ -257,6 +289,18 @@ class AgentApplication(Application):
                 path=path,
                 path_ns=ns,
             ) from None
+        try:
+            await self._ike().apply(new.ike_peers(), new.credentials, new.retry)
+        except IkeRefused as exc:
+            if txn.reason != "startup":
+                await asyncio.to_thread(kernel.transition, new, old, set(self.lingering))
+            path, ns = _peer_path(exc.peer)
+            raise RpcError(
+                "operation-failed",
+                f"The IKE daemon refused the change ({exc}); nothing was changed.",
+                path=path,
+                path_ns=ns,
+            ) from None
         for key, grace in keep.items():
             self._linger(key, grace)
         self.current = new
@@ -276,7 +320,9 @@ class AgentApplication(Application):
         keep: dict[SAKey, int] = {}
         for name, before in old.peers.items():
             after = new.peers.get(name)
-            if after is not None and sa_key(after.inbound) != sa_key(before.inbound):
+            if after is None or after.inbound is None or before.inbound is None:
+                continue
+            if sa_key(after.inbound) != sa_key(before.inbound):
                 keep[sa_key(before.inbound)] = after.rekey_grace
         return keep
 
@@ -297,6 +343,8 @@ class AgentApplication(Application):
     def _announce(self, old: Desired, new: Desired, txn: Transaction) -> None:
         stamp = _now()
         for name, peer in new.peers.items():
+            if peer.outbound is None or peer.inbound is None:
+                continue  # IKE: charon's events say when it is up (nc_agent.ike.manager)
             before = old.peers.get(name)
             if before is None or before.outbound != peer.outbound or before.inbound != peer.inbound:
                 self.since[name] = stamp
@@ -340,7 +388,7 @@ class AgentApplication(Application):
             return
         event = default_ns_element(CE_NS, name)
         for leaf, value in leaves.items():
-            etree.SubElement(event, _q(leaf)).text = value
+            _leaf(event, leaf, value)
         server.notifications.emit(event)
 
     def _on_kernel_events(self) -> None:
@@ -355,8 +403,9 @@ class AgentApplication(Application):
             return
         by_key = {}
         for peer in self.current.peers.values():
-            by_key[sa_key(peer.outbound)] = (peer, "outbound")
-            by_key[sa_key(peer.inbound)] = (peer, "inbound")
+            if peer.outbound is not None and peer.inbound is not None:
+                by_key[sa_key(peer.outbound)] = (peer, "outbound")
+                by_key[sa_key(peer.inbound)] = (peer, "inbound")
         for event in events:
             if not isinstance(event, Expire):
                 continue
@@ -392,6 +441,15 @@ class AgentApplication(Application):
             etree.SubElement(ce_state, _q("last-fetch")).text = self.puller.last_fetch
         if self.puller is not None and self.puller.last_error:
             etree.SubElement(ce_state, _q("last-fetch-error")).text = self.puller.last_error
+        if self.ike is not None and self.ike.alarms:
+            alarms = etree.SubElement(ce_state, _q("alarms"))
+            for alarm in self.ike.alarms.values():
+                entry = etree.SubElement(alarms, _q("alarm"))
+                _leaf(entry, "type", alarm.type)
+                _leaf(entry, "resource", alarm.resource)
+                _leaf(entry, "severity", alarm.severity)
+                _leaf(entry, "raised-at", date_and_time(alarm.raised_at, "seconds"))
+                _leaf(entry, "text", alarm.text)
         return ce_state
 
     def rpc_names(self) -> set[tuple[str, str]]:
@@ -422,6 +480,9 @@ class AgentApplication(Application):
             entry = etree.SubElement(ce, _q("peer"))
             etree.SubElement(entry, _q("name")).text = name
             state = etree.SubElement(entry, _q("state"))
+            if peer.ike is not None or peer.outbound is None or peer.inbound is None:
+                self._ike_state(state, peer, observed)
+                continue
             out_state = observed.sas.get(sa_key(peer.outbound))
             in_state = observed.sas.get(sa_key(peer.inbound))
             tunnel = observed.tunnels.get(peer.tunnel.name)
@@ -449,3 +510,47 @@ class AgentApplication(Application):
             if name in self.last_error:
                 etree.SubElement(state, _q("last-error")).text = self.last_error[name]
         return [ce, self._ce_state()]
+
+    def _ike_state(self, state: etree._Element, peer: PeerObjects, observed: Observed) -> None:
+        """A peer keyed by IKE: status from charon's events, counters from its kernel SAs."""
+        health = self.ike.health.get(peer.name) if self.ike is not None else None
+        local = self.current.sp_address
+        mine = [s for s in observed.sas.values() if s.reqid == peer.reqid]
+        outbound = max((s for s in mine if s.src == local), key=_newest, default=None)
+        inbound = max((s for s in mine if s.dst == local), key=_newest, default=None)
+        tunnel = observed.tunnels.get(peer.tunnel.name)
+        status = health.status if health is not None else "down"
+        if status == "up" and (outbound is None or inbound is None or tunnel is None):
+            status = "down"  # charon says up, the kernel disagrees: believe the kernel
+        _leaf(state, "status", status)
+        if health is not None and health.since is not None:
+            _leaf(state, "status-since", date_and_time(health.since, "seconds"))
+        _leaf(state, "device", peer.tunnel.name)
+        if status == "up" and outbound is not None and inbound is not None:
+            _leaf(state, "outbound-spi", str(outbound.spi))
+            _leaf(state, "inbound-spi", str(inbound.spi))
+            in_octets = sum(s.bytes for s in mine if s.dst == local)
+            in_packets = sum(s.packets for s in mine if s.dst == local)
+            out_octets = sum(s.bytes for s in mine if s.src == local)
+            out_packets = sum(s.packets for s in mine if s.src == local)
+            errors = sum(s.replay_failures + s.integrity_failures for s in mine if s.dst == local)
+            _leaf(state, "in-octets", str(in_octets))
+            _leaf(state, "in-packets", str(in_packets))
+            _leaf(state, "out-octets", str(out_octets))
+            _leaf(state, "out-packets", str(out_packets))
+            _leaf(state, "in-errors", str(errors))
+            if health is not None and health.established_at is not None:
+                _leaf(state, "established-at", date_and_time(health.established_at, "seconds"))
+        if health is None:
+            return
+        if health.last_error:
+            _leaf(state, "last-error", health.last_error)
+        if health.last_error_at is not None:
+            _leaf(state, "last-error-at", date_and_time(health.last_error_at, "seconds"))
+        _leaf(state, "retry-count", str(health.failures))
+        if health.next_attempt is not None:
+            _leaf(state, "next-attempt", date_and_time(health.next_attempt, "seconds"))
+
+
+def _newest(sa: SAState) -> int:
+    return sa.add_time

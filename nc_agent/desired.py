@@ -11,9 +11,12 @@ Kernel mapping (seed 5, ../shared/ARCHITECTURE.md):
   protocol 4 between the two SP addresses, both directions.
 - tunnel-mode: a VTI device whose key is the peer's mark (= its reqid);
   tunnel-mode SAs and policies carrying that mark.
+- IKE keying (seed 3.3, 3.4): the same tunnel device, but the SAs and
+  policies are charon's, made under the peer's reqid (and mark); the peer
+  carries its charon connection (nc_agent.ike.connections) instead of SAs.
 - guard: an 'out' policy blocking every IP-in-IP packet from this CE's SP
   address that no peer policy covers, so an IP-in-IP device can never send
-  in clear, whatever happens to a peer's policies.
+  in clear, whatever happens to a peer's policies (or to the IKE daemon).
 """
 
 from __future__ import annotations
@@ -24,6 +27,15 @@ from typing import Any, Literal
 
 from nc_agent.dataplane.links import Tunnel, device_name, tunnel_mtu
 from nc_agent.dataplane.xfrm import OWNED_REQIDS, SA, Algorithm, Lifetime, Policy
+from nc_agent.ike.connections import (
+    Credentials,
+    IkeConfigProblem,
+    IkePeer,
+    credentials,
+    ike_peer,
+    merge_sa_information,
+)
+from nc_agent.ike.retry import RetryPolicy
 
 PEER_PRIORITY = 1000
 GUARD_PRIORITY = 0x0CE0_0000
@@ -65,15 +77,17 @@ class ConfigProblem(Exception):
 
 @dataclass(frozen=True)
 class PeerObjects:
-    """Everything the kernel holds for one peer."""
+    """Everything the kernel holds for one peer: with IKE-less keying the SAs and
+    policies are ours; with IKE they are charon's and ``ike`` says how to make them."""
 
     name: str
     reqid: int
     tunnel: Tunnel
-    outbound: SA
-    inbound: SA
-    policies: tuple[Policy, ...]
+    outbound: SA | None = None
+    inbound: SA | None = None
+    policies: tuple[Policy, ...] = ()
     rekey_grace: int = 30
+    ike: IkePeer | None = None
 
 
 @dataclass
@@ -83,9 +97,18 @@ class Desired:
     sp_address: str | None = None
     peers: dict[str, PeerObjects] = field(default_factory=dict)
     guard: tuple[Policy, ...] = ()
+    credentials: Credentials = field(default_factory=Credentials)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     def sas(self) -> set[SA]:
-        return {sa for p in self.peers.values() for sa in (p.outbound, p.inbound)}
+        return {sa for p in self.peers.values() for sa in (p.outbound, p.inbound) if sa is not None}
+
+    def ike_peers(self) -> dict[str, IkePeer]:
+        return {name: p.ike for name, p in self.peers.items() if p.ike is not None}
+
+    def ike_reqids(self) -> set[int]:
+        """Reqids whose SAs and policies belong to charon, not to the agent."""
+        return {p.reqid for p in self.peers.values() if p.ike is not None}
 
     def policies(self) -> set[Policy]:
         return {pol for p in self.peers.values() for pol in p.policies} | set(self.guard)
@@ -154,32 +177,75 @@ def _mtu_for(sa: SA, link_mtu: int) -> int:
     return tunnel_mtu(link_mtu, alg.name, icv)
 
 
+def _ike_mtu(peer: Mapping[str, Any], sa_defaults: Mapping[str, Any], link_mtu: int) -> int:
+    """The tunnel MTU for the first ESP proposal (the preferred one; AES-GCM by default)."""
+    info = merge_sa_information(sa_defaults, peer["ike"].get("sa-information", {}))
+    first = next(iter(info.get("esp", {}).get("proposal", [])), None)
+    if first is None:
+        return tunnel_mtu(link_mtu, "rfc4106(gcm(aes))", 128)
+    kind, name, bits = ENCRYPTION[identity_name(first["encryption"])]
+    if kind == "aead":
+        return tunnel_mtu(link_mtu, name, bits)
+    return tunnel_mtu(link_mtu, name, INTEGRITY[identity_name(first["integrity"])][1])
+
+
+def _tunnel(
+    peer: Mapping[str, Any], reqid: int, local: str, mtu: int, router_id: str | None
+) -> Tunnel:
+    tunnel_cfg = peer.get("tunnel", {})
+    encap = tunnel_cfg.get("encapsulation", "transport-ipip")
+    return Tunnel(
+        name=device_name(encap, reqid),
+        encapsulation=encap,
+        local=local,
+        remote=peer["sp-address"],
+        mtu=int(tunnel_cfg.get("mtu", 0)) or mtu,
+        key=reqid if encap == "tunnel-mode" else 0,
+        routes=tuple(tunnel_cfg.get("remote-prefix", ())),
+        address=f"{router_id}" if router_id else None,
+    )
+
+
 def compile_desired(
     config: Mapping[str, Any],
     reqids: Mapping[str, int],
     *,
     link_mtu: int = 1500,
+    own_key_pem: str | None = None,
 ) -> Desired:
-    """The kernel objects for a cevpn-ce configuration (RFC 7951 JSON with defaults)."""
+    """The kernel objects for a cevpn-ce configuration (RFC 7951 JSON with defaults).
+
+    ``own_key_pem`` is the agent's own private key, used with certificates whose
+    key-origin is 'ce'."""
     ce = config.get("cevpn-ce:ce", {})
     pre = ce.get("pre-configuration", {})
     local = pre.get("sp-address")
-    desired = Desired(sp_address=local)
+    creds = credentials(ce, own_key_pem)
+    desired = Desired(
+        sp_address=local,
+        credentials=creds,
+        retry=RetryPolicy.from_yang(ce.get("retry-policy", {})),
+    )
     peers = [p for p in ce.get("peer", []) if p.get("enabled", True)]
     if peers and not local:
         raise ConfigProblem(
             "Peers need this CE's own SP address: set pre-configuration/sp-address."
         )
     router_id = ce.get("routing", {}).get("router-id")
+    sa_defaults = ce.get("sa-defaults", {})
     for peer in peers:
         name = peer["name"]
-        if "ike" in peer:
-            raise ConfigProblem(
-                f"Peer {name} uses IKE keying, which this agent does not provide yet "
-                "(strongSwan integration); configure IKE-less SAs for it.",
-                name,
-            )
         reqid = reqids[name]
+        if "ike" in peer:
+            try:
+                ike = ike_peer(peer, local=local, reqid=reqid, sa_defaults=sa_defaults, creds=creds)
+            except IkeConfigProblem as exc:
+                raise ConfigProblem(str(exc), name) from None
+            mtu = _ike_mtu(peer, sa_defaults, link_mtu)
+            desired.peers[name] = PeerObjects(
+                name=name, reqid=reqid, tunnel=_tunnel(peer, reqid, local, mtu, router_id), ike=ike
+            )
+            continue
         tunnel_cfg = peer.get("tunnel", {})
         encap = tunnel_cfg.get("encapsulation", "transport-ipip")
         remote = peer["sp-address"]
@@ -210,21 +276,10 @@ def compile_desired(
                 Policy("in", f"{remote}/32", f"{local}/32", proto=4, mode="transport",
                        reqid=reqid, priority=PEER_PRIORITY),
             )  # fmt: skip
-        mtu = int(tunnel_cfg.get("mtu", 0)) or _mtu_for(outbound, link_mtu)
-        tunnel = Tunnel(
-            name=device_name(encap, reqid),
-            encapsulation=encap,
-            local=local,
-            remote=remote,
-            mtu=mtu,
-            key=mark or 0,
-            routes=tuple(tunnel_cfg.get("remote-prefix", ())),
-            address=f"{router_id}" if router_id else None,
-        )
         desired.peers[name] = PeerObjects(
             name=name,
             reqid=reqid,
-            tunnel=tunnel,
+            tunnel=_tunnel(peer, reqid, local, _mtu_for(outbound, link_mtu), router_id),
             outbound=outbound,
             inbound=inbound,
             policies=policies,

@@ -142,8 +142,14 @@ class Kernel:
             self.links.configure(new)
 
     def reconcile(self, desired: Desired, keep: Iterable[SAKey] = ()) -> None:
-        """Make the kernel match ``desired``: remove what is stale, add what is missing."""
+        """Make the kernel match ``desired``: remove what is stale, add what is missing.
+
+        SAs and policies of IKE peers are charon's and left alone; those of peers
+        that are gone are removed like any other stale object."""
         obs = self.observe()
+        charons = desired.ike_reqids()
+        obs.sas = {k: s for k, s in obs.sas.items() if s.reqid not in charons}
+        obs.policies = {k: p for k, p in obs.policies.items() if p.reqid not in charons}
         kept = set(keep)
         want_sas = {sa_key(s): s for s in desired.sas()}
         want_pols = {policy_key(p): p for p in desired.policies()}
@@ -173,6 +179,10 @@ class Kernel:
             self.reconcile(desired, keep)
         except (XfrmError, LinkError, OSError) as exc:
             log.warning("reconciling after the commit failed (retried at the next one): %s", exc)
+
+    def flush_reqids(self, reqids: set[int]) -> int:
+        """Remove the SAs and policies of these reqids (what a dead IKE daemon left)."""
+        return self.xfrm.flush_reqids(reqids)
 
     def remove_sas(self, keys: Iterable[SAKey]) -> None:
         self._quietly(lambda: self.xfrm.apply(del_sas=list(keys)))
@@ -207,7 +217,8 @@ def _peer_of(obj: object, desired: Desired) -> str | None:
     for peer in desired.peers.values():
         if obj in (peer.outbound, peer.inbound) or obj in peer.policies:
             return peer.name
-        if isinstance(obj, SAKey) and obj in (sa_key(peer.outbound), sa_key(peer.inbound)):
+        sas = [sa for sa in (peer.outbound, peer.inbound) if sa is not None]
+        if isinstance(obj, SAKey) and obj in [sa_key(sa) for sa in sas]:
             return peer.name
     return None
 

@@ -876,8 +876,23 @@ class Xfrm:
 
     def flush_owned(self) -> int:
         """Delete every SA and policy cevpn owns (never XFRM_MSG_FLUSHSA); return the count."""
-        policies = [p for p, owned, _ in self._raw_policies() if owned]
-        sas = [s.key for s in self.dump_sas(owned_only=True)]
+        return self._flush(None)
+
+    def flush_reqids(self, reqids: Iterable[int]) -> int:
+        """Delete every SA and policy of these (owned) reqids; return the count.
+
+        What an IKE daemon that died leaves behind: its SAs and policies carry the
+        peers' cevpn reqids, and a restarted daemon must start from none of them."""
+        wanted = {r for r in reqids if r in OWNED_REQIDS}
+        return self._flush(wanted) if wanted else 0
+
+    def _flush(self, reqids: set[int] | None) -> int:
+        policies = [
+            p
+            for p, owned, _ in self._raw_policies()
+            if owned and (reqids is None or p.reqid in reqids)
+        ]
+        sas = [s.key for s in self.dump_sas(owned_only=True) if reqids is None or s.reqid in reqids]
         ops = [_Op("deleting", p, encode_delpolicy(p, 0)) for p in policies]
         ops += [_Op("deleting", k, encode_delsa(k, 0)) for k in sas]
         outcome = self._run(ops, stop_on_error=False)

@@ -1,0 +1,340 @@
+"""strongSwan's charon, run by the agent in the CE's SP space and spoken to over VICI only.
+
+One charon per CE agent (../shared/LAB.md): its own strongswan.conf, VICI
+socket, pid file and log under ``<state-dir>/ike/``, so several CEs can run
+on one machine (the lab runs one per network namespace).  charon's pid file
+is hard-wired to /var/run, so it runs in a private mount namespace with
+``<state-dir>/ike/run`` bind-mounted over /run; the agent reaches the VICI
+socket in that directory through /proc/self/fd, which keeps the socket path
+short whatever the state directory's length.
+
+charon is the agent's child: it gets SIGKILL if the agent dies
+(PR_SET_PDEATHSIG), so a killed agent never leaves an IKE daemon behind that
+nobody supervises; the agent flushes what the dead daemon left in the kernel
+before it starts a new one.
+
+Only the plugins cevpn needs are loaded (no stroke, no /etc/ipsec.*), and
+logging goes to one file at level 1, which never includes key material.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import vici
+from vici.protocol import Message, Packet
+
+log = logging.getLogger("cevpn.ike")
+
+CHARON = os.environ.get("CEVPN_CHARON", "/usr/lib/ipsec/charon")
+PLUGINS = (
+    "random nonce aes sha1 sha2 hmac gcm openssl pem pkcs1 pkcs8 x509 pubkey "
+    "constraints revocation kdf kernel-netlink socket-default vici"
+)
+VICI_SOCKET = "charon.vici"
+EVENTS = ("ike-updown", "child-updown", "ike-rekey", "child-rekey", "log")
+PR_SET_PDEATHSIG = 1
+
+
+class CharonError(RuntimeError):
+    """charon could not be started or refused a command."""
+
+
+@dataclass(frozen=True)
+class CharonSettings:
+    """strongswan.conf values the agent derives from its configuration.
+
+    IKEv2 has no DPD timeout of its own: a liveness check is a request that is
+    retransmitted until charon gives up.  So the retransmission schedule is
+    chosen to give up after the smallest dpd/timeout of the CE's peers; the same
+    schedule bounds how long an attempt towards a silent peer takes."""
+
+    retransmit_timeout: float = 150 / 8.125
+    retransmit_base: float = 1.5
+    retransmit_tries: int = 3
+
+    @classmethod
+    def for_dpd_timeout(cls, seconds: float) -> CharonSettings:
+        tries, base = 3, 1.5
+        total = sum(base**i for i in range(tries + 1))
+        return cls(max(0.5, round(seconds / total, 2)), base, tries)
+
+
+def render_conf(run_dir: Path, log_file: Path, settings: CharonSettings) -> str:
+    del run_dir  # charon sees it as /run
+    return f"""# Written by the cevpn agent; rewritten on every start.
+charon {{
+    load_modular = no
+    load = {PLUGINS}
+    install_routes = no
+    install_virtual_ip = no
+    retransmit_timeout = {settings.retransmit_timeout}
+    retransmit_base = {settings.retransmit_base}
+    retransmit_tries = {settings.retransmit_tries}
+    init_limit_half_open = 0
+    cookie_threshold = 100000
+    block_threshold = 100000
+    ikesa_table_size = 64
+    ikesa_table_segments = 8
+    plugins {{
+        vici {{
+            socket = unix:///run/{VICI_SOCKET}
+        }}
+    }}
+    filelog {{
+        cevpn {{
+            path = {log_file}
+            time_format = %Y-%m-%dT%H:%M:%S
+            ike_name = yes
+            append = yes
+            flush_line = yes
+            default = 1
+        }}
+    }}
+    syslog {{
+        daemon {{
+            default = -1
+        }}
+    }}
+}}
+"""
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def text(value: Any) -> str:
+    """A VICI value (bytes) as text."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+class Charon:
+    """The charon process of one CE and its VICI command session."""
+
+    def __init__(self, state_dir: Path, sp_netns: str | None) -> None:
+        self.dir = state_dir / "ike"
+        self.run_dir = self.dir / "run"
+        self.conf = self.dir / "strongswan.conf"
+        self.log_file = self.dir / "charon.log"
+        self.sp_netns = sp_netns
+        self.proc: asyncio.subprocess.Process | None = None
+        self.settings = CharonSettings()
+        self._session: Any = None
+        self._lock = threading.Lock()
+        self.started_at = 0.0
+
+    # -- process ---------------------------------------------------------------
+
+    def _prepare_files(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        if not self.log_file.exists():
+            fd = os.open(self.log_file, os.O_CREAT | os.O_WRONLY, 0o600)
+            os.close(fd)
+        self.conf.write_text(render_conf(self.run_dir, self.log_file, self.settings))
+        os.chmod(self.conf, 0o600)
+
+    def kill_stale(self) -> None:
+        """A charon left by an earlier agent run (its pid file is ours): kill it."""
+        pid_file = self.run_dir / "charon.pid"
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pid_file.read_text().strip())
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            if comm == "charon":
+                os.kill(pid, signal.SIGKILL)
+                for _ in range(100):
+                    if not Path(f"/proc/{pid}").exists():
+                        break
+                    time.sleep(0.02)
+        with contextlib.suppress(OSError):
+            pid_file.unlink()
+        with contextlib.suppress(OSError):
+            (self.run_dir / VICI_SOCKET).unlink()
+
+    async def start(self, settings: CharonSettings, timeout: float = 30.0) -> None:
+        """Start charon (on the event loop's thread: the death signal follows that thread)."""
+        self.settings = settings
+        await asyncio.to_thread(self.kill_stale)
+        self._prepare_files()
+        prefix = ["ip", "netns", "exec", self.sp_netns] if self.sp_netns else []
+        argv = [
+            *prefix,
+            "unshare", "--mount", "--propagation", "private",
+            "sh", "-c", 'mount --bind "$0" /run && exec "$1"', str(self.run_dir), CHARON,
+        ]  # fmt: skip
+        env = dict(os.environ, STRONGSWAN_CONF=str(self.conf))
+        out = open(self.dir / "charon.stdout", "ab")  # handed to the child
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *argv,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )
+        finally:
+            out.close()
+        self.started_at = time.monotonic()
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.returncode is not None:
+                raise CharonError(
+                    f"charon exited with status {self.proc.returncode} at start-up "
+                    f"(see {self.dir / 'charon.stdout'} and {self.log_file})"
+                )
+            try:
+                await asyncio.to_thread(self._connect)
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    await self.stop()
+                    raise CharonError(
+                        f"charon did not open its VICI socket within {timeout:.0f} s"
+                    ) from None
+                await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        self._disconnect()
+        proc, self.proc = self.proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    # -- VICI ------------------------------------------------------------------
+
+    def open_session(self) -> Any:
+        """A new VICI session (blocking)."""
+        dirfd = os.open(self.run_dir, os.O_RDONLY | os.O_DIRECTORY)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(f"/proc/self/fd/{dirfd}/{VICI_SOCKET}")
+        except OSError:
+            sock.close()
+            raise
+        finally:
+            os.close(dirfd)
+        return vici.Session(sock)
+
+    def _connect(self) -> None:
+        with self._lock:
+            if self._session is None:
+                self._session = self.open_session()
+
+    def _disconnect(self) -> None:
+        with self._lock:
+            session, self._session = self._session, None
+        if session is not None:
+            with contextlib.suppress(OSError):
+                session.transport.socket.close()
+
+    def call(self, command: Callable[[Any], Any]) -> Any:
+        """Run ``command(session)`` on the command session (blocking; one at a time)."""
+        with self._lock:
+            if self._session is None:
+                self._session = self.open_session()
+            try:
+                return command(self._session)
+            except (OSError, vici.exception.SessionException):
+                self._session = None
+                raise
+
+    def request(self, name: str, message: Mapping[str, Any] | None = None) -> Any:
+        """A plain VICI command; CharonError with charon's message when it fails."""
+
+        def run(session: Any) -> Any:
+            try:
+                return session.request(name, message)
+            except vici.exception.CommandException as exc:
+                raise CharonError(str(exc).removeprefix("Command failed: ")) from None
+
+        return self.call(run)
+
+    def streamed(self, name: str, event: str, message: Mapping[str, Any]) -> list[Any]:
+        """A streaming VICI command (list-sas, initiate, terminate): its events."""
+
+        def run(session: Any) -> list[Any]:
+            try:
+                return list(session.streamed_request(name, event, message))
+            except vici.exception.CommandException as exc:
+                raise CharonError(str(exc).removeprefix("Command failed: ")) from None
+
+        return list(self.call(run))
+
+    def list_sas(self, conn: str | None = None) -> dict[str, list[dict[str, Any]]]:
+        """IKE_SAs by connection name (several when both ends initiated)."""
+        message = {"ike": conn} if conn else {}
+        found: dict[str, list[dict[str, Any]]] = {}
+        for entry in self.streamed("list-sas", "list-sa", message):
+            for name, sa in entry.items():
+                found.setdefault(text(name), []).append(sa)
+        return found
+
+
+class EventListener:
+    """A thread registered for charon's events, handing each to ``deliver`` (thread-safe
+    callable); ``deliver("closed", {})`` when the session ends."""
+
+    def __init__(self, charon: Charon, deliver: Callable[[str, Any], None]) -> None:
+        self.charon = charon
+        self.deliver = deliver
+        self._stop = threading.Event()
+        self._session: Any = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="charon-events", daemon=True)
+
+    def start(self, timeout: float = 10.0) -> None:
+        self._thread.start()
+        self._ready.wait(timeout)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._session is not None:
+            with contextlib.suppress(OSError):
+                self._session.transport.socket.shutdown(socket.SHUT_RDWR)
+
+    def _run(self) -> None:
+        try:
+            self._session = self.charon.open_session()
+            for event in EVENTS:
+                self._session._register_unregister(event, True)
+            self._ready.set()
+            while not self._stop.is_set():
+                try:
+                    packet = Packet.parse(self._session.transport.receive(1.0))
+                except TimeoutError:
+                    continue
+                if packet.response_type == Packet.EVENT:
+                    self.deliver(text(packet.event_type), Message.deserialize(packet.payload))
+        except Exception as exc:  # the daemon went away: the supervisor restarts it
+            if not self._stop.is_set():
+                log.debug("charon event session ended: %s", exc)
+        finally:
+            self._ready.set()
+            if not self._stop.is_set():
+                self.deliver("closed", {})

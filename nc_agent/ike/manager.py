@@ -1,0 +1,637 @@
+"""The agent's IKE side: charon supervised, connections in step with running, seed 3.4 kept.
+
+What it does, and why here:
+- **Connections** (seed 3.3): every peer keyed by IKE is one charon connection
+  (nc_agent.ike.connections); `apply` loads new and changed ones with their
+  credentials and, for removed peers, first deletes the IKE_SA with a proper
+  delete exchange and then unloads the connection, so nothing re-establishes
+  it (seed 3.6).  A charon refusal undoes the call's own loads and raises
+  `IkeRefused`, so the agent can roll the kernel back too.
+- **Establishment** (seed 3.4): permanent peers are initiated by the agent as
+  soon as they are configured and again whenever they go down; to avoid both
+  ends negotiating at once, the end with the lower SP address initiates at
+  once and the other only after a short delay and only if no IKE_SA exists by
+  then.  Traffic-driven peers are traps (the first packet starts the
+  negotiation); after their idle time charon deletes the CHILD_SA and the
+  agent deletes the IKE_SA too.
+- **Failures** (seed 3.4): an IKE_SA this CE initiated that goes down while
+  still connecting is a failed attempt; the next one follows the retry
+  policy (nc_agent.ike.retry) and the alarm is raised when the back-off
+  reaches its limit.  Traffic-driven peers have their trap removed until the
+  next attempt is due, so traffic cannot retrigger negotiations early.
+- **Monitoring** (seed 5): charon's up/down events (DPD included) update the
+  tunnel status at once, with a notification on every change.
+- **Supervision**: if charon dies the peers are reported down, what it left
+  in the kernel is flushed (the CE stays fail-closed: the IP-in-IP guard
+  policy drops tunnel traffic, a VTI without policy sends nothing), and a new
+  charon is started and given every connection again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from nc_agent.ike.charon import Charon, CharonError, CharonSettings, EventListener, text
+from nc_agent.ike.connections import Credentials, IkePeer
+from nc_agent.ike.health import ALARM_TYPE, TunnelHealth
+from nc_agent.ike.reasons import failure_reason
+from nc_agent.ike.retry import RetryPolicy
+
+log = logging.getLogger("cevpn.ike")
+
+FOLLOWER_DELAY = 1.0
+"""The higher-addressed end waits this long before initiating (the lower one goes first)."""
+RECHECK = 2.0
+"""While the peer's own attempt is in progress, look again after this long."""
+CHILD_GRACE = 5.0
+"""An IKE_SA this CE initiated must have its CHILD_SA this soon after coming up."""
+LOG_MEMORY = 12
+"""Log messages kept per IKE_SA for the failure reason."""
+
+Notify = Callable[..., None]
+"""notify(notification-name, **leaves): a cevpn-ce notification."""
+
+
+class IkeRefused(Exception):
+    """charon refused a connection or a credential; ``peer`` names the peer."""
+
+    def __init__(self, message: str, peer: str | None = None) -> None:
+        super().__init__(message)
+        self.peer = peer
+
+
+@dataclass(frozen=True)
+class Alarm:
+    type: str
+    resource: str
+    severity: str
+    raised_at: datetime
+    text: str
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _flag(value: Any) -> bool:
+    return text(value) == "yes"
+
+
+class IkeManager:
+    def __init__(
+        self,
+        charon: Charon,
+        *,
+        notify: Notify,
+        flush_kernel: Callable[[set[int]], int],
+    ) -> None:
+        self.charon = charon
+        self.notify = notify
+        self.flush_kernel = flush_kernel
+        """Deletes the SAs and policies of these reqids (blocking; run in a thread)."""
+        self.peers: dict[str, IkePeer] = {}
+        self.credentials = Credentials()
+        self.policy = RetryPolicy()
+        self.health: dict[str, TunnelHealth] = {}
+        self.alarms: dict[tuple[str, str], Alarm] = {}
+        self.loaded: dict[str, IkePeer] = {}
+        self.loaded_credentials = Credentials()
+        self.enabled = False
+        self._lock = asyncio.Lock()
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._listener: EventListener | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._logs: dict[str, deque[str]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._crashes = 0
+        self._stopping = False
+        self._untrapped: set[str] = set()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Allow charon to run (the agent has started); starts it if peers need it."""
+        self._loop = asyncio.get_running_loop()
+        self.enabled = True
+        async with self._lock:
+            if self.peers and not self.charon.running:
+                await self._start_charon()
+
+    async def stop(self) -> None:
+        """Stop charon and remove what it installed: a stopped agent keeps no IKE state."""
+        self._stopping = True
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if self._listener is not None:
+            self._listener.stop()
+        was_running = self.charon.running
+        await self.charon.stop()
+        if was_running:
+            await asyncio.to_thread(self.flush_kernel, self._reqids())
+
+    def _reqids(self) -> set[int]:
+        return {p.reqid for p in self.peers.values()} | {p.reqid for p in self.loaded.values()}
+
+    def settings(self) -> CharonSettings:
+        timeouts = [p.dpd_timeout for p in self.peers.values() if p.dpd_delay > 0]
+        return CharonSettings.for_dpd_timeout(min(timeouts)) if timeouts else CharonSettings()
+
+    async def _start_charon(self) -> None:
+        """Flush leftovers of an earlier daemon, start a new one, load everything."""
+        assert self._loop is not None
+        flushed = await asyncio.to_thread(self.flush_kernel, self._reqids())
+        if flushed:
+            log.warning("removed %d SAs and policies an earlier IKE daemon left behind", flushed)
+        self.loaded = {}
+        self.loaded_credentials = Credentials()
+        self._untrapped.clear()
+        await self.charon.start(self.settings())
+        self._listener = EventListener(self.charon, self._deliver)
+        await asyncio.to_thread(self._listener.start)
+        self._watcher = self._loop.create_task(self._watch())
+        log.info("charon started for %d IKE peers", len(self.peers))
+        await self._sync(set())
+
+    async def _watch(self) -> None:
+        proc = self.charon.proc
+        if proc is None:
+            return
+        status = await proc.wait()
+        if self._stopping:
+            return
+        if self._listener is not None:
+            self._listener.stop()
+        uptime = time.monotonic() - self.charon.started_at
+        self._crashes = self._crashes + 1 if uptime < 30 else 1
+        delay = min(2 ** (self._crashes - 1), 30) if self._crashes > 1 else 0
+        reason = f"the IKE daemon exited (status {status}); the agent restarts it"
+        log.warning("%s in %.0f s", reason, delay)
+        now = _now()
+        for name in self.peers:
+            self._cancel(name)
+            health = self.health[name]
+            if health.down(now, reason):
+                self._announce_down(name, reason)
+        await asyncio.sleep(delay)
+        async with self._lock:
+            if self._stopping or self.charon.running or not self.peers:
+                return
+            try:
+                await self._start_charon()
+            except (CharonError, OSError) as exc:
+                log.error("restarting charon failed: %s", exc)
+                assert self._loop is not None
+                self._watcher = self._loop.create_task(self._retry_start())
+
+    async def _retry_start(self) -> None:
+        await asyncio.sleep(min(2**self._crashes, 30))
+        self._crashes += 1
+        async with self._lock:
+            if self._stopping or self.charon.running or not self.peers:
+                return
+            try:
+                await self._start_charon()
+            except (CharonError, OSError) as exc:
+                log.error("restarting charon failed: %s", exc)
+                assert self._loop is not None
+                self._watcher = self._loop.create_task(self._retry_start())
+
+    # -- configuration ---------------------------------------------------------
+
+    async def apply(
+        self, peers: Mapping[str, IkePeer], credentials: Credentials, policy: RetryPolicy
+    ) -> None:
+        """Make charon hold exactly these peers (IkeRefused: nothing changed)."""
+        self._loop = asyncio.get_running_loop()
+        async with self._lock:
+            previous = (dict(self.peers), self.credentials, self.policy)
+            self.peers, self.credentials, self.policy = dict(peers), credentials, policy
+            now = _now()
+            for name, peer in self.peers.items():
+                health = self.health.get(name)
+                if health is None:
+                    self.health[name] = TunnelHealth(peer.permanent, policy)
+                    self.health[name].idle(now)
+                else:
+                    health.permanent, health.policy = peer.permanent, policy
+            for name in list(self.health):
+                if name not in self.peers:
+                    del self.health[name]
+                    self._cancel(name)
+                    self._clear_alarm(name, notify=False)
+            if not self.enabled:
+                return
+            if not self.peers and not self.charon.running:
+                return
+            try:
+                if not self.charon.running:
+                    await self._start_charon()
+                    return
+                await self._sync(set(previous[0]))
+            except IkeRefused:
+                self.peers, self.credentials, self.policy = previous
+                with contextlib.suppress(IkeRefused, CharonError, OSError):
+                    await self._sync(set())
+                raise
+            except (CharonError, OSError) as exc:
+                # charon is gone or restarting: the supervisor loads everything again.
+                log.warning("charon not reachable while applying (%s); left to the restart", exc)
+
+    async def _sync(self, before: set[str]) -> None:
+        """Bring charon from ``self.loaded`` to ``self.peers`` (lock held)."""
+        if self.charon.settings != self.settings() and self.charon.running:
+            self.charon.settings = self.settings()
+            self.charon._prepare_files()
+            await asyncio.to_thread(self.charon.request, "reload-settings")
+        if self.credentials != self.loaded_credentials:
+            await asyncio.to_thread(self._load_credentials)
+        changed = [p for n, p in self.peers.items() if self.loaded.get(n) != p]
+        removed = [n for n in self.loaded if n not in self.peers]
+        loaded_now: list[str] = []
+        try:
+            for peer in changed:
+                await asyncio.to_thread(self._load_peer, peer)
+                loaded_now.append(peer.name)
+        except IkeRefused:
+            for name in loaded_now:
+                old = self.loaded.get(name)
+                with contextlib.suppress(CharonError, OSError, IkeRefused):
+                    if old is None:
+                        await asyncio.to_thread(self._unload_peer, name, None)
+                    else:
+                        await asyncio.to_thread(self._load_peer, old)
+            raise
+        for name in loaded_now:
+            self.loaded[name] = self.peers[name]
+        for name in removed:
+            old = self.loaded.pop(name)
+            self._cancel(name)
+            await asyncio.to_thread(self._unload_peer, name, old)
+        for name in loaded_now:
+            if name in before and self.health[name].status == "up":
+                continue  # a changed connection keeps its SAs until they rekey
+            self._untrapped.discard(name)
+            self._arm(name, first=True)
+
+    def _load_credentials(self) -> None:
+        creds = self.credentials
+        if creds.private_key and creds.private_key != self.loaded_credentials.private_key:
+            try:
+                self.charon.request("load-key", {"type": "any", "data": creds.private_key})
+            except CharonError as exc:
+                raise IkeRefused(f"charon refused this CE's private key: {exc}") from None
+        for ca in creds.ca_certificates:
+            if ca not in self.loaded_credentials.ca_certificates:
+                try:
+                    self.charon.request("load-cert", {"type": "X509", "flag": "CA", "data": ca})
+                except CharonError as exc:
+                    raise IkeRefused(f"charon refused a CA certificate: {exc}") from None
+        self.loaded_credentials = creds
+
+    def _load_peer(self, peer: IkePeer) -> None:
+        secret = peer.vici_shared_key()
+        try:
+            if secret is not None:
+                self.charon.request("load-shared", secret)
+            self.charon.request("load-conn", peer.vici_connection())
+        except CharonError as exc:
+            message = f"charon refused the connection to peer {peer.name}: {exc}"
+            raise IkeRefused(message, peer.name) from None
+
+    def _unload_peer(self, name: str, old: IkePeer | None) -> None:
+        """Delete the IKE_SA with a delete exchange (seed 3.6), then forget the peer."""
+        with contextlib.suppress(CharonError):
+            self.charon.streamed(
+                "terminate", "control-log", {"ike": name, "timeout": "3000", "loglevel": "-1"}
+            )
+        with contextlib.suppress(CharonError):
+            self.charon.request("unload-conn", {"name": name})
+        if old is not None and old.psk is not None:
+            with contextlib.suppress(CharonError):
+                self.charon.request("unload-shared", {"id": f"cevpn-{name}"})
+
+    # -- establishment ---------------------------------------------------------
+
+    def _leader(self, peer: IkePeer) -> bool:
+        local, remote = ipaddress.ip_address(peer.local), ipaddress.ip_address(peer.remote)
+        return (local.version, int(local)) < (remote.version, int(remote))
+
+    def _arm(self, name: str, *, first: bool = False) -> None:
+        """Start (or wait for) establishment of a configured peer."""
+        peer = self.peers.get(name)
+        if peer is None:
+            return
+        health = self.health[name]
+        if health.idle(_now()) and not first:
+            self._announce_status(name)
+        if peer.permanent:
+            self._later(name, 0.0 if self._leader(peer) else FOLLOWER_DELAY, self._attempt)
+
+    def _later(self, name: str, delay: float, action: Callable[[str], Any]) -> None:
+        self._cancel(name)
+        assert self._loop is not None
+
+        def fire() -> None:
+            self._timers.pop(name, None)
+            self._spawn(action(name))
+
+        self._timers[name] = self._loop.call_later(delay, fire)
+
+    def _cancel(self, name: str) -> None:
+        timer = self._timers.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _spawn(self, coro: Any) -> None:
+        if not asyncio.iscoroutine(coro):
+            return
+        assert self._loop is not None
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _attempt(self, name: str) -> None:
+        """One establishment attempt of a permanent peer (unless one is already up)."""
+        peer = self.peers.get(name)
+        if peer is None or not self.charon.running:
+            return
+        try:
+            sas = (await asyncio.to_thread(self.charon.list_sas, name)).get(name, [])
+            if any(_installed_child(sa) for sa in sas):
+                self._came_up(name, sas)
+                return
+            if any(text(sa.get("state")) == "CONNECTING" for sa in sas):
+                self._later(name, RECHECK, self._attempt)  # the peer's attempt is under way
+                return
+            if self.health[name].attempt(_now()):
+                self._announce_status(name)
+            await asyncio.to_thread(
+                self.charon.streamed,
+                "initiate",
+                "control-log",
+                {"child": name, "ike": name, "timeout": "-1", "loglevel": "-1"},
+            )
+        except CharonError as exc:
+            self._failed(name, f"charon refused to initiate: {exc}")
+        except OSError as exc:
+            log.debug("initiating %s: charon unreachable (%s)", name, exc)
+
+    async def _rearm_trap(self, name: str) -> None:
+        """A traffic-driven peer's back-off ended: put its trap back."""
+        peer = self.peers.get(name)
+        if peer is None or not self.charon.running:
+            return
+        with contextlib.suppress(CharonError, OSError):
+            await asyncio.to_thread(self.charon.request, "install", {"child": name, "ike": name})
+            self._untrapped.discard(name)
+        if self.health[name].idle(_now()):
+            self._announce_status(name)
+
+    def _failed(self, name: str, reason: str) -> None:
+        peer = self.peers.get(name)
+        if peer is None:
+            return
+        health = self.health[name]
+        now = _now()
+        outcome = health.failed(now, reason)
+        next_at = health.next_attempt
+        log.warning(
+            "IKE with peer %s failed (%d in a row): %s; next attempt in %.0f s",
+            name, health.failures, reason, outcome.delay,
+        )  # fmt: skip
+        self.notify(
+            "tunnel-establishment-failed",
+            peer=name,
+            **{
+                "peer-address": peer.remote,
+                "reason": reason,
+                "retry-count": str(health.failures),
+                **({"next-attempt": _stamp(next_at)} if next_at else {}),
+            },
+        )
+        if outcome.raise_alarm:
+            self._raise_alarm(name, peer, reason)
+        if peer.permanent:
+            self._later(name, outcome.delay, self._attempt)
+        else:
+            if name not in self._untrapped:
+                self._untrapped.add(name)
+                self._spawn(self._uninstall_trap(name))
+            self._later(name, outcome.delay, self._rearm_trap)
+
+    async def _uninstall_trap(self, name: str) -> None:
+        with contextlib.suppress(CharonError, OSError):
+            await asyncio.to_thread(self.charon.request, "uninstall", {"child": name})
+
+    def _came_up(self, name: str, sas: list[Any]) -> None:
+        peer = self.peers.get(name)
+        if peer is None:
+            return
+        self._cancel(name)
+        changed, clear = self.health[name].up(_now())
+        if changed:
+            child = next((c for sa in sas for c in _children(sa) if _installed(c)), {})
+            self.notify(
+                "tunnel-up",
+                peer=name,
+                **{
+                    "peer-address": peer.remote,
+                    "outbound-spi": str(int(text(child.get("spi-out", "0")), 16)),
+                    "inbound-spi": str(int(text(child.get("spi-in", "0")), 16)),
+                },
+            )
+        if clear:
+            self._clear_alarm(name)
+
+    async def _check(self, name: str, reason: str) -> None:
+        """Something of this peer went down: is any CHILD_SA still installed?"""
+        peer = self.peers.get(name)
+        if peer is None or not self.charon.running:
+            return
+        try:
+            sas = (await asyncio.to_thread(self.charon.list_sas, name)).get(name, [])
+        except (CharonError, OSError):
+            return
+        if any(_installed_child(sa) for sa in sas):
+            return
+        health = self.health[name]
+        if health.status == "up" and health.down(_now(), reason):
+            self._announce_down(name, reason)
+        if peer.permanent:
+            if name not in self._timers:
+                self._later(name, 0.0 if self._leader(peer) else FOLLOWER_DELAY, self._attempt)
+            return
+        if any(text(sa.get("state")) == "ESTABLISHED" for sa in sas):
+            # A traffic-driven tunnel went idle: delete the IKE_SA too (seed 3.4).
+            with contextlib.suppress(CharonError, OSError):
+                await asyncio.to_thread(
+                    self.charon.streamed,
+                    "terminate",
+                    "control-log",
+                    {"ike": name, "timeout": "-1", "loglevel": "-1"},
+                )
+        if name not in self._untrapped and health.idle(_now()):
+            self._announce_status(name)
+
+    async def _expect_child(self, name: str) -> None:
+        """The IKE_SA came up: without a CHILD_SA soon, the attempt failed after all."""
+        await asyncio.sleep(CHILD_GRACE)
+        peer = self.peers.get(name)
+        if peer is None or not self.charon.running or self.health[name].status == "up":
+            return
+        try:
+            sas = (await asyncio.to_thread(self.charon.list_sas, name)).get(name, [])
+        except (CharonError, OSError):
+            return
+        if any(_installed_child(sa) for sa in sas):
+            self._came_up(name, sas)
+            return
+        mine = [sa for sa in sas if _flag(sa.get("initiator"))]
+        if not mine:
+            return
+        messages = [m for sa in mine for m in self._logs.get(text(sa.get("uniqueid")), ())]
+        reason = failure_reason(messages)
+        if reason.startswith("the negotiation failed"):
+            reason = "the IKE_SA came up but the CHILD_SA was not established"
+        for sa in mine:
+            with contextlib.suppress(CharonError, OSError):
+                await asyncio.to_thread(
+                    self.charon.streamed,
+                    "terminate",
+                    "control-log",
+                    {"ike-id": text(sa.get("uniqueid")), "timeout": "-1", "loglevel": "-1"},
+                )
+        self._failed(name, reason)
+
+    # -- events ------------------------------------------------------------------
+
+    def _deliver(self, kind: str, message: Any) -> None:
+        """From the event thread: hand over to the event loop."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._on_event, kind, message)
+
+    def _on_event(self, kind: str, message: Any) -> None:
+        if kind == "log":
+            self._remember(message)
+            return
+        if kind not in ("ike-updown", "child-updown"):
+            return
+        up = _flag(message.get("up"))
+        for conn, sa in message.items():
+            name = text(conn)
+            if name == "up" or name not in self.peers:
+                continue
+            if kind == "child-updown":
+                if up:
+                    self._came_up(name, [sa])
+                else:
+                    self._spawn(self._check(name, self._down_reason(name, sa)))
+            elif up:
+                if _flag(sa.get("initiator")):
+                    self._spawn(self._expect_child(name))
+            elif text(sa.get("state")) == "CONNECTING":
+                reason = failure_reason(list(self._logs.pop(text(sa.get("uniqueid")), ())))
+                if _flag(sa.get("initiator")):
+                    self._failed(name, reason)
+                else:
+                    self.health[name].peer_failed(_now(), f"the peer's attempt failed: {reason}")
+            else:
+                self._logs.pop(text(sa.get("uniqueid")), None)
+                self._spawn(self._check(name, self._down_reason(name, sa)))
+
+    def _down_reason(self, name: str, sa: Any) -> str:
+        messages = list(self._logs.get(text(sa.get("uniqueid")), ()))
+        joined = " ".join(messages[-4:]).lower()
+        if "inactivity" in joined:
+            peer = self.peers[name]
+            return f"idle for {peer.idle_timeout} s (traffic-driven)"
+        if "retransmit" in joined or "giving up" in joined:
+            return "dead peer detection: the peer stopped answering"
+        if "received delete" in joined:
+            return "the peer deleted the SAs"
+        return "the SAs were deleted"
+
+    def _remember(self, message: Any) -> None:
+        group = text(message.get("group", ""))
+        if group in ("NET", "ENC"):
+            return
+        sa_id = message.get("ikesa-uniqueid")
+        if sa_id is None:
+            return
+        self._logs.setdefault(text(sa_id), deque(maxlen=LOG_MEMORY)).append(
+            text(message.get("msg", ""))
+        )
+        if len(self._logs) > 4096:
+            for key in list(self._logs)[:1024]:
+                del self._logs[key]
+
+    # -- alarms and notifications ----------------------------------------------
+
+    def _raise_alarm(self, name: str, peer: IkePeer, reason: str) -> None:
+        now = _now()
+        words = (
+            f"IKE with peer {name} ({peer.remote}) has failed {self.health[name].failures} "
+            f"times and the retry back-off reached its limit of {self.policy.limit:.0f} s: "
+            f"{reason}.  Retries go on every {self.policy.limit:.0f} s; human action is "
+            "needed (seed 3.4)."
+        )
+        alarm = Alarm(ALARM_TYPE, name, "major", now, words)
+        self.alarms[(ALARM_TYPE, name)] = alarm
+        log.error("alarm raised: %s", words)
+        self.notify(
+            "alarm-raised",
+            type=ALARM_TYPE,
+            resource=name,
+            severity=alarm.severity,
+            text=words,
+        )
+
+    def _clear_alarm(self, name: str, *, notify: bool = True) -> None:
+        if self.alarms.pop((ALARM_TYPE, name), None) is None:
+            return
+        log.info("alarm cleared: tunnel-establishment-failure for peer %s", name)
+        if notify:
+            self.notify("alarm-cleared", type=ALARM_TYPE, resource=name)
+
+    def _announce_down(self, name: str, reason: str) -> None:
+        peer = self.peers.get(name) or self.loaded.get(name)
+        if peer is None:
+            return
+        self.notify("tunnel-down", peer=name, **{"peer-address": peer.remote, "reason": reason})
+
+    def _announce_status(self, name: str) -> None:
+        """Status changes without an SA event (armed, retrying) are visible in <get> only."""
+        log.debug("peer %s: %s", name, self.health[name].status)
+
+
+def _stamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _children(sa: Mapping[Any, Any]) -> list[Mapping[Any, Any]]:
+    children = sa.get("child-sas", {})
+    return list(children.values()) if isinstance(children, Mapping) else []
+
+
+def _installed(child: Mapping[Any, Any]) -> bool:
+    return text(child.get("state")) == "INSTALLED"
+
+
+def _installed_child(sa: Mapping[Any, Any]) -> bool:
+    return text(sa.get("state")) == "ESTABLISHED" and any(_installed(c) for c in _children(sa))

@@ -1,0 +1,383 @@
+"""Run inside a lab guest: IKEv2 between real agents, each supervising its own charon.
+
+    python -m tests.lab.ike_scenarios SCENARIO N      (after `tests.lab.topology build N`)
+
+The agents are configured over NETCONF from the provider core, as in
+agent_scenarios; the driver also subscribes to each agent's notifications
+to see what an operator's OSS would see.  Results go to $WORK/report.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from lxml import etree
+
+from tests.lab.agent_scenarios import (
+    CE,
+    Agent,
+    capture,
+    config,
+    ping,
+    preconfiguration,
+    started,
+    stop_capture,
+)
+from tests.lab.topology import Site
+
+WORK = Path(os.environ.get("WORK", "/tmp"))
+PSK = "lab-pre-shared-key-0123456789abcdef"
+WRONG = "not-the-right-key-0123456789abcdef"
+FAST_DPD = "<sa-defaults><ike><dpd><delay>2</delay><timeout>6</timeout></dpd></ike></sa-defaults>"
+
+
+def retry_xml(minimum: int, t1: int, factor: str, limit: int) -> str:
+    return (
+        f"<retry-policy><minimum-wait>{minimum}</minimum-wait><t1>{t1}</t1>"
+        f"<backoff-factor>{factor}</backoff-factor><limit>{limit}</limit></retry-policy>"
+    )
+
+
+def ike_peer_xml(
+    me: Site,
+    other: Site,
+    *,
+    psk: str = PSK,
+    encapsulation: str = "transport-ipip",
+    establishment: str = "permanent",
+    idle: int | None = None,
+) -> str:
+    del me
+    idle_xml = f"<idle-timeout>{idle}</idle-timeout>" if idle else ""
+    return (
+        f"<peer><name>site-{other.n}</name><sp-address>{other.sp_address}</sp-address>"
+        f"<tunnel><establishment>{establishment}</establishment>{idle_xml}"
+        f"<encapsulation>{encapsulation}</encapsulation>"
+        f"<remote-prefix>{other.lan_prefix}</remote-prefix></tunnel>"
+        f"<ike><pre-shared-key>{psk}</pre-shared-key></ike></peer>"
+    )
+
+
+class Notifications:
+    """Every notification of one agent, with the time it arrived (a thread per agent)."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.m = agent.connect()
+        self.m.create_subscription()
+        self.events: list[tuple[float, str, dict[str, str]]] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                n = self.m.take_notification(block=True, timeout=0.5)
+            except Exception:
+                return
+            if n is None:
+                continue
+            root = etree.fromstring(n.notification_xml.encode())
+            for child in root:
+                name = etree.QName(child).localname
+                if name == "eventTime":
+                    continue
+                leaves = {etree.QName(e).localname: e.text or "" for e in child}
+                self.events.append((time.monotonic(), name, leaves))
+
+    def named(self, name: str, peer: str | None = None) -> list[tuple[float, dict[str, str]]]:
+        return [
+            (t, leaves)
+            for t, n, leaves in self.events
+            if n == name and (peer is None or leaves.get("peer") == peer)
+        ]
+
+    def wait_for(self, name: str, peer: str | None = None, timeout: float = 60) -> float | None:
+        deadline = time.monotonic() + timeout
+        seen = len(self.named(name, peer))
+        while time.monotonic() < deadline:
+            found = self.named(name, peer)
+            if len(found) > seen:
+                return found[-1][0]
+            time.sleep(0.05)
+        return None
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(5)
+        try:
+            self.m.close_session()
+        except Exception:
+            pass
+
+
+def peer_state(agent: Agent, peer: str) -> dict[str, str]:
+    with agent.connect() as m:
+        data = m.get(filter=("subtree", f'<ce xmlns="{CE}"><peer><name>{peer}</name></peer></ce>'))
+    root = etree.fromstring(data.data_xml.encode())
+    state = root.find(f".//{{{CE}}}state")
+    return {} if state is None else {etree.QName(e).localname: e.text or "" for e in state}
+
+
+def alarms(agent: Agent) -> list[dict[str, str]]:
+    with agent.connect() as m:
+        data = m.get(filter=("subtree", f'<ce-state xmlns="{CE}"><alarms/></ce-state>'))
+    root = etree.fromstring(data.data_xml.encode())
+    return [
+        {etree.QName(e).localname: e.text or "" for e in alarm}
+        for alarm in root.iter(f"{{{CE}}}alarm")
+    ]
+
+
+def wait_until(check: Callable[[], bool], timeout: float, step: float = 0.2) -> float | None:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if check():
+            return time.monotonic() - start
+        time.sleep(step)
+    return None
+
+
+def configure(agent: Agent, body: str) -> None:
+    with agent.connect() as m:
+        m.edit_config(target="running", config=config(body))
+
+
+def charon_pid(site: Site) -> int:
+    return int((WORK / site.ce / "ike" / "run" / "charon.pid").read_text().strip())
+
+
+def grep_secrets(sites: list[Site], secrets: list[str]) -> list[str]:
+    """Files under the agents' state directories and logs that contain a secret in clear."""
+    found = []
+    for path in [*WORK.glob("ce*.log"), *(p for s in sites for p in (WORK / s.ce).rglob("*.log"))]:
+        content = path.read_text(errors="replace")
+        found += [f"{path}: {secret[:6]}..." for secret in secrets if secret in content]
+    return found
+
+
+# -- scenarios --------------------------------------------------------------------
+
+
+def psk_mesh(count: int, encapsulation: str) -> dict[str, Any]:
+    """Three agents, IKE PSK between every pair, permanent: everybody pings everybody."""
+    sites = [Site(n) for n in range(1, count + 1)]
+    agents = started(sites)
+    report: dict[str, Any] = {}
+    try:
+        t0 = time.monotonic()
+        for me in sites:
+            peers = "".join(
+                ike_peer_xml(me, o, encapsulation=encapsulation) for o in sites if o != me
+            )
+            configure(agents[me.n], preconfiguration(me) + FAST_DPD + peers)
+        up = wait_until(
+            lambda: all(
+                peer_state(agents[s.n], f"site-{o.n}").get("status") == "up"
+                for s in sites
+                for o in sites
+                if o != s
+            ),
+            60,
+        )
+        report["all_up_after_s"] = None if up is None else time.monotonic() - t0
+        cap = capture("ike-mesh")
+        report["pings"] = {f"{a.n}->{b.n}": ping(a, b) for a in sites for b in sites if a != b}
+        report["pe_ipv4"] = stop_capture(cap, "ike-mesh")
+        report["state"] = peer_state(agents[1], "site-2")
+        report["secrets_in_logs"] = grep_secrets(sites, [PSK])
+    finally:
+        for agent in agents.values():
+            agent.stop()
+    return report
+
+
+def wrong_psk() -> dict[str, Any]:
+    """Site 1 has the wrong key for site 2: seed 3.4's schedule, then the alarm; fixing clears."""
+    a, b = Site(1), Site(2)
+    agents = started([a, b])
+    report: dict[str, Any] = {}
+    retry = retry_xml(2, 3, "2.0", 12)  # waits 2, 3, 6, then 12 = the limit: alarm
+    try:
+        notes = Notifications(agents[1])
+        configure(agents[2], preconfiguration(b) + FAST_DPD + retry + ike_peer_xml(b, a, psk=PSK))
+        configure(agents[1], preconfiguration(a) + FAST_DPD + retry + ike_peer_xml(a, b, psk=WRONG))
+        alarm_at = notes.wait_for("alarm-raised", timeout=90)
+        failures = notes.named("tunnel-establishment-failed", "site-2")
+        report["failures"] = [
+            {"t": t, "retry-count": leaves.get("retry-count"), "reason": leaves.get("reason"),
+             "next-attempt": leaves.get("next-attempt")}
+            for t, leaves in failures
+        ]  # fmt: skip
+        report["alarm_after_failure"] = (
+            None if alarm_at is None or not failures else alarm_at - failures[-1][0]
+        )
+        report["alarm_raised"] = [leaves for _, leaves in notes.named("alarm-raised")]
+        report["state_in_alarm"] = peer_state(agents[1], "site-2")
+        report["alarms"] = alarms(agents[1])
+        report["state_on_responder"] = peer_state(agents[2], "site-1")
+        fixed_at = time.monotonic()
+        with agents[1].connect() as m:
+            m.edit_config(
+                target="running",
+                config=config(
+                    f"<peer><name>site-2</name><ike><pre-shared-key>{PSK}</pre-shared-key>"
+                    "</ike></peer>"
+                ),
+            )
+        cleared = notes.wait_for("alarm-cleared", timeout=30)
+        report["cleared_after_fix_s"] = None if cleared is None else cleared - fixed_at
+        report["state_after_fix"] = peer_state(agents[1], "site-2")
+        report["alarms_after_fix"] = alarms(agents[1])
+        report["ping"] = ping(a, b)
+        report["secrets_in_logs"] = grep_secrets([a, b], [PSK, WRONG])
+        notes.close()
+    finally:
+        for agent in agents.values():
+            agent.stop()
+    return report
+
+
+def kill_charon(encapsulation: str) -> dict[str, Any]:
+    """kill -9 of site 2's charon during a continuous ping: down within DPD, back, no clear text."""
+    a, b = Site(1), Site(2)
+    agents = started([a, b])
+    report: dict[str, Any] = {}
+    try:
+        for me, other in ((a, b), (b, a)):
+            configure(
+                agents[me.n],
+                preconfiguration(me) + FAST_DPD + ike_peer_xml(me, other, encapsulation=encapsulation),
+            )
+        report["up_first"] = wait_until(
+            lambda: peer_state(agents[1], "site-2").get("status") == "up"
+            and peer_state(agents[2], "site-1").get("status") == "up",
+            60,
+        )
+        notes = Notifications(agents[1])
+        cap = capture("kill-charon")
+        pinger = subprocess.Popen(
+            ["ip", "netns", "exec", a.host, "ping", "-i", "0.2", "-W", "1", b.host_address],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        time.sleep(2)
+        old_pid = charon_pid(b)
+        killed_at = time.monotonic()
+        os.kill(old_pid, signal.SIGKILL)
+        down = notes.wait_for("tunnel-down", "site-2", timeout=30)
+        report["down_reported_after_s"] = None if down is None else down - killed_at
+        report["down_reason"] = [leaves for _, leaves in notes.named("tunnel-down")]
+        restarted = wait_until(lambda: _pid_changed(b, old_pid), 30)
+        report["charon_restarted_after_s"] = restarted
+        back = wait_until(
+            lambda: peer_state(agents[1], "site-2").get("status") == "up"
+            and peer_state(agents[2], "site-1").get("status") == "up",
+            60,
+        )
+        report["back_up_after_s"] = None if back is None else time.monotonic() - killed_at
+        time.sleep(3)
+        report["ping_after"] = ping(a, b)
+        pinger.send_signal(signal.SIGINT)
+        out, _ = pinger.communicate(10)
+        report["ping_summary"] = [line for line in out.splitlines() if "packets" in line]
+        report["pe_ipv4"] = stop_capture(cap, "kill-charon")
+        notes.close()
+    finally:
+        for agent in agents.values():
+            agent.stop()
+    return report
+
+
+def _pid_changed(site: Site, old: int) -> bool:
+    try:
+        return charon_pid(site) != old
+    except (OSError, ValueError):
+        return False
+
+
+def traffic_driven() -> dict[str, Any]:
+    """A traffic-driven peer is down until its first packet, then up, then down when idle."""
+    a, b = Site(1), Site(2)
+    agents = started([a, b])
+    report: dict[str, Any] = {}
+    try:
+        for me, other in ((a, b), (b, a)):
+            configure(
+                agents[me.n],
+                preconfiguration(me)
+                + FAST_DPD
+                + ike_peer_xml(me, other, establishment="traffic-driven", idle=6),
+            )
+        notes = Notifications(agents[1])
+        time.sleep(3)
+        report["before"] = peer_state(agents[1], "site-2")
+        report["sas_before"] = _sa_count(a)
+        t0 = time.monotonic()
+        report["first_ping"] = ping(a, b, count=3)
+        report["up_after_first_packet_s"] = wait_until(
+            lambda: peer_state(agents[1], "site-2").get("status") == "up", 10
+        )
+        report["during"] = peer_state(agents[1], "site-2")
+        report["sas_during"] = _sa_count(a)
+        idle = notes.wait_for("tunnel-down", "site-2", timeout=40)
+        report["down_after_idle_s"] = None if idle is None else idle - t0
+        report["down"] = [leaves for _, leaves in notes.named("tunnel-down")]
+        time.sleep(2)
+        report["after"] = peer_state(agents[1], "site-2")
+        report["sas_after"] = _sa_count(a)
+        report["ike_sas_after"] = _ike_sa_count(a)
+        report["second_ping"] = ping(a, b, count=3)
+        notes.close()
+    finally:
+        for agent in agents.values():
+            agent.stop()
+    return report
+
+
+def _sa_count(site: Site) -> int:
+    out = subprocess.run(["ip", "-n", site.ce, "xfrm", "state"], capture_output=True, text=True)
+    return out.stdout.count("proto esp")
+
+
+def _ike_sa_count(site: Site) -> int:
+    from nc_agent.ike.charon import Charon
+
+    charon = Charon(WORK / site.ce, None)
+    try:
+        return sum(len(v) for v in charon.list_sas().values())
+    except OSError:
+        return -1
+
+
+def main() -> None:
+    scenario, count = sys.argv[1], int(sys.argv[2])
+    if scenario == "psk-mesh-transport":
+        report = psk_mesh(count, "transport-ipip")
+    elif scenario == "psk-mesh-tunnel":
+        report = psk_mesh(count, "tunnel-mode")
+    elif scenario == "wrong-psk":
+        report = wrong_psk()
+    elif scenario == "kill-charon":
+        report = kill_charon("transport-ipip")
+    elif scenario == "kill-charon-tunnel":
+        report = kill_charon("tunnel-mode")
+    elif scenario == "traffic-driven":
+        report = traffic_driven()
+    else:
+        raise SystemExit(f"unknown scenario {scenario}")
+    report["at"] = datetime.now().isoformat()
+    (WORK / "report.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
