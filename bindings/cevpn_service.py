@@ -1020,8 +1020,8 @@ class yc_dpd_cevpn_service__vpn_service_vpn_security_profile_ike_dpd(PybindBase)
       self._path_helper = False
 
     self._extmethods = False
-    self.__delay = YANGDynClass(base=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), default=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32)(30), is_leaf=True, yang_name="delay", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='uint32', is_config=True)
-    self.__timeout = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), restriction_dict={'range': ['1..max']}), default=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32)(150), is_leaf=True, yang_name="timeout", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='timer-seconds', is_config=True)
+    self.__delay = YANGDynClass(base=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), is_leaf=True, yang_name="delay", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='uint32', is_config=True)
+    self.__timeout = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), restriction_dict={'range': ['1..max']}), is_leaf=True, yang_name="timeout", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='timer-seconds', is_config=True)
 
     load = kwargs.pop("load", None)
     if args:
@@ -1055,7 +1055,11 @@ class yc_dpd_cevpn_service__vpn_service_vpn_security_profile_ike_dpd(PybindBase)
     Getter method for delay, mapped from YANG variable /vpn_service/vpn/security_profile/ike/dpd/delay (uint32)
 
     YANG Description: Send a liveness check after this many seconds without
-traffic from the peer; 0 disables DPD.
+traffic from the peer; 0 disables DPD.  No default here:
+an absent value means the one that applies at the next
+level up (a peer's sa-information, then the CE's
+sa-defaults, then 30 seconds), which a YANG default would
+hide.
     """
     return self.__delay
       
@@ -1068,17 +1072,21 @@ traffic from the peer; 0 disables DPD.
     do so via calling thisObj._set_delay() directly.
 
     YANG Description: Send a liveness check after this many seconds without
-traffic from the peer; 0 disables DPD.
+traffic from the peer; 0 disables DPD.  No default here:
+an absent value means the one that applies at the next
+level up (a peer's sa-information, then the CE's
+sa-defaults, then 30 seconds), which a YANG default would
+hide.
     """
     if hasattr(v, "_utype"):
       v = v._utype(v)
     try:
-      t = YANGDynClass(v,base=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), default=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32)(30), is_leaf=True, yang_name="delay", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='uint32', is_config=True)
+      t = YANGDynClass(v,base=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), is_leaf=True, yang_name="delay", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='uint32', is_config=True)
     except (TypeError, ValueError):
       raise ValueError({
           'error-string': """delay must be of a type compatible with uint32""",
           'defined-type': "uint32",
-          'generated-type': """YANGDynClass(base=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), default=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32)(30), is_leaf=True, yang_name="delay", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='uint32', is_config=True)""",
+          'generated-type': """YANGDynClass(base=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), is_leaf=True, yang_name="delay", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='uint32', is_config=True)""",
         })
 
     self.__delay = t
@@ -1086,7 +1094,7 @@ traffic from the peer; 0 disables DPD.
       self._set()
 
   def _unset_delay(self):
-    self.__delay = YANGDynClass(base=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), default=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32)(30), is_leaf=True, yang_name="delay", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='uint32', is_config=True)
+    self.__delay = YANGDynClass(base=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), is_leaf=True, yang_name="delay", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='uint32', is_config=True)
 
 
   def _get_timeout(self):
@@ -1094,7 +1102,8 @@ traffic from the peer; 0 disables DPD.
     Getter method for timeout, mapped from YANG variable /vpn_service/vpn/security_profile/ike/dpd/timeout (timer-seconds)
 
     YANG Description: Declare the peer dead when no answer arrived within this
-many seconds.
+many seconds.  Absent: the value of the next level up, then
+150 seconds.
     """
     return self.__timeout
       
@@ -1107,17 +1116,18 @@ many seconds.
     do so via calling thisObj._set_timeout() directly.
 
     YANG Description: Declare the peer dead when no answer arrived within this
-many seconds.
+many seconds.  Absent: the value of the next level up, then
+150 seconds.
     """
     if hasattr(v, "_utype"):
       v = v._utype(v)
     try:
-      t = YANGDynClass(v,base=RestrictedClassType(base_type=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), restriction_dict={'range': ['1..max']}), default=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32)(150), is_leaf=True, yang_name="timeout", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='timer-seconds', is_config=True)
+      t = YANGDynClass(v,base=RestrictedClassType(base_type=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), restriction_dict={'range': ['1..max']}), is_leaf=True, yang_name="timeout", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='timer-seconds', is_config=True)
     except (TypeError, ValueError):
       raise ValueError({
           'error-string': """timeout must be of a type compatible with timer-seconds""",
           'defined-type': "cevpn-service:timer-seconds",
-          'generated-type': """YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), restriction_dict={'range': ['1..max']}), default=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32)(150), is_leaf=True, yang_name="timeout", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='timer-seconds', is_config=True)""",
+          'generated-type': """YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), restriction_dict={'range': ['1..max']}), is_leaf=True, yang_name="timeout", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='timer-seconds', is_config=True)""",
         })
 
     self.__timeout = t
@@ -1125,7 +1135,7 @@ many seconds.
       self._set()
 
   def _unset_timeout(self):
-    self.__timeout = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), restriction_dict={'range': ['1..max']}), default=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32)(150), is_leaf=True, yang_name="timeout", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='timer-seconds', is_config=True)
+    self.__timeout = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), restriction_dict={'range': ['1..max']}), is_leaf=True, yang_name="timeout", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='timer-seconds', is_config=True)
 
   delay = __builtin__.property(_get_delay, _set_delay)
   timeout = __builtin__.property(_get_timeout, _set_timeout)

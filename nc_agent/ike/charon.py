@@ -40,7 +40,7 @@ log = logging.getLogger("cevpn.ike")
 
 CHARON = os.environ.get("CEVPN_CHARON", "/usr/lib/ipsec/charon")
 PLUGINS = (
-    "random nonce aes sha1 sha2 hmac gcm openssl pem pkcs1 pkcs8 x509 pubkey "
+    "random nonce aes sha1 sha2 hmac xcbc gcm openssl pem pkcs1 pkcs8 x509 pubkey "
     "constraints revocation kdf kernel-netlink socket-default vici"
 )
 VICI_SOCKET = "charon.vici"
@@ -168,6 +168,7 @@ class Charon:
     async def start(self, settings: CharonSettings, timeout: float = 30.0) -> None:
         """Start charon (on the event loop's thread: the death signal follows that thread)."""
         self.settings = settings
+        self._disconnect()  # a session to an earlier daemon is dead
         await asyncio.to_thread(self.kill_stale)
         self._prepare_files()
         prefix = ["ip", "netns", "exec", self.sp_netns] if self.sp_netns else []
@@ -262,7 +263,11 @@ class Charon:
                 return command(self._session)
             except (OSError, vici.exception.SessionException):
                 self._session = None
-                raise
+                if not self.running:
+                    raise
+            # The session broke but charon runs: one more try on a new session.
+            self._session = self.open_session()
+            return command(self._session)
 
     def request(self, name: str, message: Mapping[str, Any] | None = None) -> Any:
         """A plain VICI command; CharonError with charon's message when it fails."""

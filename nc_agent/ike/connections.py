@@ -127,7 +127,7 @@ class IkePeer:
             local: dict[str, Any] = {"auth": "pubkey", "certs": [self.own_certificate or ""]}
             remote: dict[str, Any] = {
                 "auth": "pubkey",
-                "id": self.peer_identity or "%any",
+                "id": self.peer_identity,
                 "cacerts": list(self.ca_certificates),
             }
         else:
@@ -220,6 +220,10 @@ def ike_peer(
     tunnel = peer.get("tunnel", {})
     psk = ike.get("pre-shared-key")
     if psk is None:
+        if "peer-identity" not in ike:
+            raise IkeConfigProblem(
+                f"Peer {name} needs a pre-shared-key or a peer-identity (certificates).", name
+            )
         if not creds.certificate or not creds.ca_certificates:
             raise IkeConfigProblem(
                 f"Peer {name} authenticates by certificate, but this CE has no certificate "
@@ -252,7 +256,7 @@ def ike_peer(
         dpd_delay=int(dpd.get("delay", DEFAULT_DPD_DELAY)),
         dpd_timeout=int(dpd.get("timeout", DEFAULT_DPD_TIMEOUT)),
         psk=None if psk is None else str(psk),
-        peer_identity=None if psk is not None else str(ike.get("peer-identity")),
+        peer_identity=None if psk is not None else str(ike["peer-identity"]),
         own_certificate=None if psk is not None else creds.certificate,
         ca_certificates=() if psk is not None else creds.ca_certificates,
     )

@@ -37,7 +37,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from nc_agent.ike.charon import Charon, CharonError, CharonSettings, EventListener, text
@@ -56,6 +56,11 @@ CHILD_GRACE = 5.0
 """An IKE_SA this CE initiated must have its CHILD_SA this soon after coming up."""
 LOG_MEMORY = 12
 """Log messages kept per IKE_SA for the failure reason."""
+LOG_SETTLE = 0.3
+"""charon's events and log lines come from different threads: wait this long for the
+log lines of a failed IKE_SA before naming the reason."""
+
+PEER_RESTARTED = "the peer restarted its IKE daemon (INITIAL_CONTACT): its old SAs were deleted"
 
 Notify = Callable[..., None]
 """notify(notification-name, **leaves): a cevpn-ce notification."""
@@ -402,12 +407,13 @@ class IkeManager:
         if self.health[name].idle(_now()):
             self._announce_status(name)
 
-    def _failed(self, name: str, reason: str) -> None:
+    def _failed(self, name: str, reason: str, late: float = 0.0) -> None:
+        """An attempt failed ``late`` seconds ago: the schedule counts from the failure."""
         peer = self.peers.get(name)
         if peer is None:
             return
         health = self.health[name]
-        now = _now()
+        now = _now() - timedelta(seconds=late)
         outcome = health.failed(now, reason)
         next_at = health.next_attempt
         log.warning(
@@ -426,13 +432,14 @@ class IkeManager:
         )
         if outcome.raise_alarm:
             self._raise_alarm(name, peer, reason)
+        delay = max(0.0, outcome.delay - late)
         if peer.permanent:
-            self._later(name, outcome.delay, self._attempt)
+            self._later(name, delay, self._attempt)
         else:
             if name not in self._untrapped:
                 self._untrapped.add(name)
                 self._spawn(self._uninstall_trap(name))
-            self._later(name, outcome.delay, self._rearm_trap)
+            self._later(name, delay, self._rearm_trap)
 
     async def _uninstall_trap(self, name: str) -> None:
         with contextlib.suppress(CharonError, OSError):
@@ -458,18 +465,27 @@ class IkeManager:
         if clear:
             self._clear_alarm(name)
 
-    async def _check(self, name: str, reason: str) -> None:
-        """Something of this peer went down: is any CHILD_SA still installed?"""
+    async def _check(self, name: str, gone: Any) -> None:
+        """Something of this peer went down (``gone``: the SA charon reported): is any
+        CHILD_SA still installed?"""
+        await asyncio.sleep(LOG_SETTLE)  # the log lines that say why may still come
         peer = self.peers.get(name)
         if peer is None or not self.charon.running:
             return
+        reason = self._down_reason(name, gone)
         try:
             sas = (await asyncio.to_thread(self.charon.list_sas, name)).get(name, [])
         except (CharonError, OSError):
             return
-        if any(_installed_child(sa) for sa in sas):
-            return
         health = self.health[name]
+        if any(_installed_child(sa) for sa in sas):
+            if reason == PEER_RESTARTED and health.status == "up":
+                # A restarted peer replaced its SAs before DPD could notice: still an
+                # outage, reported as one (down, then up with the new SAs).
+                health.down(_now(), reason)
+                self._announce_down(name, reason)
+                self._came_up(name, sas)
+            return
         if health.status == "up" and health.down(_now(), reason):
             self._announce_down(name, reason)
         if peer.permanent:
@@ -541,25 +557,36 @@ class IkeManager:
                 if up:
                     self._came_up(name, [sa])
                 else:
-                    self._spawn(self._check(name, self._down_reason(name, sa)))
+                    self._spawn(self._check(name, sa))
             elif up:
                 if _flag(sa.get("initiator")):
                     self._spawn(self._expect_child(name))
             elif text(sa.get("state")) == "CONNECTING":
-                reason = failure_reason(list(self._logs.pop(text(sa.get("uniqueid")), ())))
-                if _flag(sa.get("initiator")):
-                    self._failed(name, reason)
-                else:
-                    self.health[name].peer_failed(_now(), f"the peer's attempt failed: {reason}")
+                # charon's log lines for this IKE_SA may still be on their way.
+                assert self._loop is not None
+                self._loop.call_later(LOG_SETTLE, self._attempt_failed, name, sa)
             else:
-                self._logs.pop(text(sa.get("uniqueid")), None)
-                self._spawn(self._check(name, self._down_reason(name, sa)))
+                self._spawn(self._check(name, sa))
+
+    def _attempt_failed(self, name: str, sa: Any) -> None:
+        if name not in self.peers:
+            return
+        reason = failure_reason(list(self._logs.pop(text(sa.get("uniqueid")), ())))
+        if _flag(sa.get("initiator")):
+            self._failed(name, reason, late=LOG_SETTLE)
+        else:
+            self.health[name].peer_failed(_now(), f"the peer's attempt failed: {reason}")
 
     def _down_reason(self, name: str, sa: Any) -> str:
         messages = list(self._logs.get(text(sa.get("uniqueid")), ()))
         joined = " ".join(messages[-4:]).lower()
-        if "inactivity" in joined:
-            peer = self.peers[name]
+        peer = self.peers[name]
+        if "initial_contact" in joined:
+            return PEER_RESTARTED
+        if not peer.permanent and (
+            "inactivity" in joined or "received delete for esp child_sa" in joined
+        ):
+            # Both ends have the same idle time: whichever noticed first deleted it.
             return f"idle for {peer.idle_timeout} s (traffic-driven)"
         if "retransmit" in joined or "giving up" in joined:
             return "dead peer detection: the peer stopped answering"

@@ -65,10 +65,20 @@ def failure_reason(messages: Sequence[str]) -> str:
             match = pattern.search(message)
             if match is None:
                 continue
-            if text == "the peer did not answer" and match.lastindex:
-                return f"the peer did not answer ({match.group(1)} retransmits)"
+            if text == "the peer did not answer":
+                return _with_retransmits(messages)
             return text
     for message in reversed(messages):
         if "fail" in message.lower() or "error" in message.lower():
             return message
     return "the negotiation failed (no reason in the IKE daemon's log)"
+
+
+def _with_retransmits(messages: Sequence[str]) -> str:
+    """charon logs the count ('giving up after 3 retransmits') before its summary line
+    ('peer not responding'): keep the count wherever it is."""
+    for message in reversed(messages):
+        found = re.search(r"giving up after (\d+) retransmits", message)
+        if found:
+            return f"the peer did not answer ({found.group(1)} retransmits)"
+    return "the peer did not answer"

@@ -6,7 +6,8 @@ a new failure, the CE device SHOULD retry after a certain period of time (t1)
 MUST trigger human interaction."  With the cevpn-types retry-policy:
 failure 1 waits minimum-wait, failure 2 waits t1, failure n > 2 waits
 t1 x backoff-factor^(n-2); once that interval reaches the limit the alarm is
-raised and retries go on every `limit` seconds until the tunnel comes up.
+raised and retries go on every `limit` seconds until the tunnel comes up
+(with a factor of 1, once the retries at t1 have lasted the limit).
 """
 
 from __future__ import annotations
@@ -43,8 +44,15 @@ class RetryPolicy:
         return min(interval, self.limit)
 
     def alarm(self, failures: int) -> bool:
-        """Has the back-off reached the limit, so that a human must act (seed 3.4)?"""
-        return failures >= 2 and self.t1 * self.backoff_factor ** (failures - 2) >= self.limit
+        """Has the back-off reached the limit, so that a human must act (seed 3.4)?
+
+        With a back-off factor of 1 the interval never grows; the alarm is then
+        raised once the retries at t1 have taken as long as the limit."""
+        if failures < 2:
+            return False
+        if self.backoff_factor <= 1.0:
+            return self.t1 >= self.limit or (failures - 1) * self.t1 >= self.limit
+        return self.t1 * self.backoff_factor ** (failures - 2) >= self.limit
 
     def schedule(self, failures: int) -> list[float]:
         """The waits after failures 1..``failures`` (for operators and tests)."""

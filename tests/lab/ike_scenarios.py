@@ -102,13 +102,16 @@ class Notifications:
             if n == name and (peer is None or leaves.get("peer") == peer)
         ]
 
-    def wait_for(self, name: str, peer: str | None = None, timeout: float = 60) -> float | None:
+    def wait_for(
+        self, name: str, peer: str | None = None, after: float | None = None, timeout: float = 60
+    ) -> float | None:
+        """When the first such notification at or after ``after`` (default: now) arrived."""
+        since = time.monotonic() if after is None else after
         deadline = time.monotonic() + timeout
-        seen = len(self.named(name, peer))
         while time.monotonic() < deadline:
-            found = self.named(name, peer)
-            if len(found) > seen:
-                return found[-1][0]
+            found = [t for t, _ in self.named(name, peer) if t >= since]
+            if found:
+                return found[0]
             time.sleep(0.05)
         return None
 
@@ -212,7 +215,7 @@ def wrong_psk() -> dict[str, Any]:
         notes = Notifications(agents[1])
         configure(agents[2], preconfiguration(b) + FAST_DPD + retry + ike_peer_xml(b, a, psk=PSK))
         configure(agents[1], preconfiguration(a) + FAST_DPD + retry + ike_peer_xml(a, b, psk=WRONG))
-        alarm_at = notes.wait_for("alarm-raised", timeout=90)
+        alarm_at = notes.wait_for("alarm-raised", after=0, timeout=90)
         failures = notes.named("tunnel-establishment-failed", "site-2")
         report["failures"] = [
             {"t": t, "retry-count": leaves.get("retry-count"), "reason": leaves.get("reason"),
@@ -235,7 +238,7 @@ def wrong_psk() -> dict[str, Any]:
                     "</ike></peer>"
                 ),
             )
-        cleared = notes.wait_for("alarm-cleared", timeout=30)
+        cleared = notes.wait_for("alarm-cleared", after=fixed_at, timeout=30)
         report["cleared_after_fix_s"] = None if cleared is None else cleared - fixed_at
         report["state_after_fix"] = peer_state(agents[1], "site-2")
         report["alarms_after_fix"] = alarms(agents[1])
@@ -249,7 +252,12 @@ def wrong_psk() -> dict[str, Any]:
 
 
 def kill_charon(encapsulation: str) -> dict[str, Any]:
-    """kill -9 of site 2's charon during a continuous ping: down within DPD, back, no clear text."""
+    """Site 2's IKE side killed twice during a continuous ping, with a capture on pe.
+
+    1. kill -9 of charon: the agent restarts it, the peer reports the outage;
+    2. kill -9 of the agent itself: its charon dies with it, the peer notices by
+       DPD; the agent is started again and the tunnel returns.
+    At no moment may clear text cross the core."""
     a, b = Site(1), Site(2)
     agents = started([a, b])
     report: dict[str, Any] = {}
@@ -257,13 +265,11 @@ def kill_charon(encapsulation: str) -> dict[str, Any]:
         for me, other in ((a, b), (b, a)):
             configure(
                 agents[me.n],
-                preconfiguration(me) + FAST_DPD + ike_peer_xml(me, other, encapsulation=encapsulation),
+                preconfiguration(me)
+                + FAST_DPD
+                + ike_peer_xml(me, other, encapsulation=encapsulation),
             )
-        report["up_first"] = wait_until(
-            lambda: peer_state(agents[1], "site-2").get("status") == "up"
-            and peer_state(agents[2], "site-1").get("status") == "up",
-            60,
-        )
+        report["up_first"] = wait_until(lambda: _both_up(agents), 60)
         notes = Notifications(agents[1])
         cap = capture("kill-charon")
         pinger = subprocess.Popen(
@@ -271,24 +277,49 @@ def kill_charon(encapsulation: str) -> dict[str, Any]:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         time.sleep(2)
+
         old_pid = charon_pid(b)
         killed_at = time.monotonic()
         os.kill(old_pid, signal.SIGKILL)
-        down = notes.wait_for("tunnel-down", "site-2", timeout=30)
-        report["down_reported_after_s"] = None if down is None else down - killed_at
-        report["down_reason"] = [leaves for _, leaves in notes.named("tunnel-down")]
-        restarted = wait_until(lambda: _pid_changed(b, old_pid), 30)
-        report["charon_restarted_after_s"] = restarted
-        back = wait_until(
-            lambda: peer_state(agents[1], "site-2").get("status") == "up"
-            and peer_state(agents[2], "site-1").get("status") == "up",
-            60,
+        report["charon_restarted_after_s"] = wait_until(lambda: _pid_changed(b, old_pid), 30, 0.05)
+        down = notes.wait_for("tunnel-down", "site-2", after=killed_at, timeout=30)
+        report["charon_kill_down_after_s"] = None if down is None else down - killed_at
+        back = wait_until(lambda: _both_up(agents), 60)
+        report["charon_kill_back_after_s"] = None if back is None else time.monotonic() - killed_at
+
+        time.sleep(2)
+        second_charon = charon_pid(b)
+        killed_at = time.monotonic()
+        agent_proc = agents[2].proc
+        assert agent_proc is not None
+        os.kill(agent_proc.pid, signal.SIGKILL)  # only the agent: charon must die with it
+        agent_proc.wait()
+        report["charon_gone_with_agent_after_s"] = wait_until(
+            lambda: not _alive(second_charon), 5, 0.05
         )
-        report["back_up_after_s"] = None if back is None else time.monotonic() - killed_at
-        time.sleep(3)
+        agents[2].start()
+        back = wait_until(lambda: _both_up(agents), 60)
+        report["agent_kill_back_after_s"] = None if back is None else time.monotonic() - killed_at
+
+        # Site 2 vanishes from the network: only dead peer detection can tell.
+        time.sleep(2)
+        subprocess.run(["ip", "-n", b.ce, "link", "set", "sp0", "down"], check=True)
+        cut_at = time.monotonic()
+        down = notes.wait_for("tunnel-down", "site-2", after=cut_at, timeout=30)
+        report["dpd_down_after_s"] = None if down is None else down - cut_at
+        report["state_while_cut"] = peer_state(agents[1], "site-2")
+        subprocess.run(["ip", "-n", b.ce, "link", "set", "sp0", "up"], check=True)
+        subprocess.run(
+            ["ip", "-n", b.ce, "route", "replace", "default", "via", b.pe_address], check=True
+        )
+        restored_at = time.monotonic()
+        back = wait_until(lambda: _both_up(agents), 90)
+        report["dpd_back_after_s"] = None if back is None else time.monotonic() - restored_at
+        report["down_reasons"] = [leaves.get("reason") for _, leaves in notes.named("tunnel-down")]
+        time.sleep(2)
         report["ping_after"] = ping(a, b)
         pinger.send_signal(signal.SIGINT)
-        out, _ = pinger.communicate(10)
+        out, _ = pinger.communicate(timeout=10)
         report["ping_summary"] = [line for line in out.splitlines() if "packets" in line]
         report["pe_ipv4"] = stop_capture(cap, "kill-charon")
         notes.close()
@@ -296,6 +327,17 @@ def kill_charon(encapsulation: str) -> dict[str, Any]:
         for agent in agents.values():
             agent.stop()
     return report
+
+
+def _both_up(agents: dict[int, Agent]) -> bool:
+    return (
+        peer_state(agents[1], "site-2").get("status") == "up"
+        and peer_state(agents[2], "site-1").get("status") == "up"
+    )
+
+
+def _alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
 
 
 def _pid_changed(site: Site, old: int) -> bool:
@@ -329,7 +371,7 @@ def traffic_driven() -> dict[str, Any]:
         )
         report["during"] = peer_state(agents[1], "site-2")
         report["sas_during"] = _sa_count(a)
-        idle = notes.wait_for("tunnel-down", "site-2", timeout=40)
+        idle = notes.wait_for("tunnel-down", "site-2", after=t0, timeout=40)
         report["down_after_idle_s"] = None if idle is None else idle - t0
         report["down"] = [leaves for _, leaves in notes.named("tunnel-down")]
         time.sleep(2)
@@ -342,6 +384,26 @@ def traffic_driven() -> dict[str, Any]:
         for agent in agents.values():
             agent.stop()
     return report
+
+
+def peer_statuses(site: Site) -> dict[str, str]:
+    """charon's own view: per connection, 'up' when an IKE_SA has an installed CHILD_SA."""
+    from nc_agent.ike.charon import Charon, text
+
+    try:
+        sas = Charon(WORK / site.ce, None).list_sas()
+    except OSError:
+        return {}
+    return {
+        name: "up"
+        if any(
+            text(sa.get("state")) == "ESTABLISHED"
+            and any(text(c.get("state")) == "INSTALLED" for c in sa.get("child-sas", {}).values())
+            for sa in entries
+        )
+        else "down"
+        for name, entries in sas.items()
+    }
 
 
 def _sa_count(site: Site) -> int:

@@ -180,6 +180,86 @@ def provision_mesh(count: int, encapsulation: str) -> dict[str, Any]:
     return report
 
 
+def provision_ike_mesh(count: int, encapsulation: str, authentication: str) -> dict[str, Any]:
+    """An IKE VPN (PSK or certificates) provisioned by the server; charon on every CE."""
+    sites = [Site(n) for n in range(1, count + 1)]
+    lab = Lab()
+    report: dict[str, Any] = {}
+    try:
+        lab.edit(
+            SERVER_SETTINGS + "<vpn><id>lab</id><customer>lab</customer><keying>ike</keying>"
+            f"<security-profile><authentication>{authentication}</authentication>"
+            "</security-profile>"
+            f"<tunnel-defaults><encapsulation>{encapsulation}</encapsulation>"
+            "<dpd><delay>2</delay><timeout>6</timeout></dpd></tunnel-defaults>"
+            + "".join(site_xml(s) for s in sites)
+            + "</vpn>"
+        )
+        started = time.monotonic()
+        for s in sites:
+            lab.enrol_and_start(s)
+        report["statuses"] = lab.wait_in_sync(count)
+        report["tunnels"] = {}
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            report["tunnels"] = {s.ce: ce_tunnel_status(s) for s in sites}
+            if all(v and set(v.values()) == {"up"} for v in report["tunnels"].values()):
+                break
+            time.sleep(1)
+        report["all_up_after_s"] = time.monotonic() - started
+        cap = capture("server-ike-mesh")
+        report["pings"] = {f"{a.n}->{b.n}": ping(a, b) for a in sites for b in sites if a != b}
+        report["pe_ipv4"] = stop_capture(cap, "server-ike-mesh")
+        report["charon_conns"] = {s.ce: charon_view(s) for s in sites}
+        report["key_files"] = {
+            str(p.relative_to(WORK)): oct(p.stat().st_mode & 0o777)
+            for s in sites
+            for p in [WORK / s.ce / "ike_own_key.pem", WORK / s.ce / "ike" / "strongswan.conf"]
+            if p.exists()
+        }
+    except Exception:
+        lab.dump_logs()
+        raise
+    finally:
+        lab.close()
+    return report
+
+
+def ce_tunnel_status(s: Site) -> dict[str, str]:
+    """The CE's own view of its tunnels, read from its agent's operational state."""
+    from tests.lab.ike_scenarios import peer_statuses
+
+    return peer_statuses(s)
+
+
+def charon_view(s: Site) -> dict[str, Any]:
+    """Which connections and authentication each CE's charon holds (never the secrets)."""
+    from nc_agent.ike.charon import Charon, text
+
+    charon = Charon(WORK / s.ce, None)
+    conns = charon.streamed("list-conns", "list-conn", {})
+    view: dict[str, Any] = {}
+    for entry in conns:
+        for name, conn in entry.items():
+            local = next(
+                (v for k, v in conn.items() if text(k).startswith("local") and isinstance(v, dict)),
+                {},
+            )
+            remote = next(
+                (
+                    v
+                    for k, v in conn.items()
+                    if text(k).startswith("remote") and isinstance(v, dict)
+                ),
+                {},
+            )
+            view[text(name)] = {
+                "auth": text(local.get("class", "")),
+                "remote-id": text(remote.get("id", "")),
+            }
+    return view
+
+
 def unknown_peer(count: int) -> dict[str, Any]:
     """Pull model with a long interval: a new site's first packets make its peers fetch."""
     sites = [Site(n) for n in range(1, count + 1)]
@@ -226,6 +306,18 @@ def main() -> None:
         report = provision_mesh(count, "transport-ipip")
     elif scenario == "mesh-tunnel":
         report = provision_mesh(count, "tunnel-mode")
+    elif scenario in (
+        "ike-psk-transport",
+        "ike-psk-tunnel",
+        "ike-cert-transport",
+        "ike-cert-tunnel",
+    ):
+        _, auth, encap = scenario.split("-")
+        report = provision_ike_mesh(
+            count,
+            "transport-ipip" if encap == "transport" else "tunnel-mode",
+            "pre-shared-key" if auth == "psk" else "certificate",
+        )
     elif scenario == "unknown-peer":
         report = unknown_peer(count)
     else:
