@@ -161,48 +161,17 @@ def charon_pid(site: Site) -> int:
 
 
 def grep_secrets(sites: list[Site], secrets: list[str]) -> list[str]:
-    """Files under the agents' state directories and logs that contain a secret in clear."""
+    """Logs (agents', charons', the VPN server's) that contain a secret in clear."""
     found = []
-    for path in [*WORK.glob("ce*.log"), *(p for s in sites for p in (WORK / s.ce).rglob("*.log"))]:
+    logs = [*WORK.glob("*.log"), *(p for s in sites for p in (WORK / s.ce).rglob("*.log"))]
+    logs += [p for s in sites for p in (WORK / s.ce / "ike").glob("charon.*")]
+    for path in logs:
         content = path.read_text(errors="replace")
         found += [f"{path}: {secret[:6]}..." for secret in secrets if secret in content]
     return found
 
 
 # -- scenarios --------------------------------------------------------------------
-
-
-def psk_mesh(count: int, encapsulation: str) -> dict[str, Any]:
-    """Three agents, IKE PSK between every pair, permanent: everybody pings everybody."""
-    sites = [Site(n) for n in range(1, count + 1)]
-    agents = started(sites)
-    report: dict[str, Any] = {}
-    try:
-        t0 = time.monotonic()
-        for me in sites:
-            peers = "".join(
-                ike_peer_xml(me, o, encapsulation=encapsulation) for o in sites if o != me
-            )
-            configure(agents[me.n], preconfiguration(me) + FAST_DPD + peers)
-        up = wait_until(
-            lambda: all(
-                peer_state(agents[s.n], f"site-{o.n}").get("status") == "up"
-                for s in sites
-                for o in sites
-                if o != s
-            ),
-            60,
-        )
-        report["all_up_after_s"] = None if up is None else time.monotonic() - t0
-        cap = capture("ike-mesh")
-        report["pings"] = {f"{a.n}->{b.n}": ping(a, b) for a in sites for b in sites if a != b}
-        report["pe_ipv4"] = stop_capture(cap, "ike-mesh")
-        report["state"] = peer_state(agents[1], "site-2")
-        report["secrets_in_logs"] = grep_secrets(sites, [PSK])
-    finally:
-        for agent in agents.values():
-            agent.stop()
-    return report
 
 
 def wrong_psk() -> dict[str, Any]:
@@ -406,6 +375,37 @@ def peer_statuses(site: Site) -> dict[str, str]:
     }
 
 
+def algorithms() -> dict[str, Any]:
+    """Which of the transforms cevpn can put in a proposal the loaded plugins lack."""
+    import asyncio
+
+    from nc_agent.ike.charon import Charon, CharonSettings, text
+    from nc_agent.ike.proposals import DH_GROUP, ENCRYPTION, INTEGRITY, PRF
+
+    charon = Charon(WORK / "algorithms", None)
+
+    async def run() -> dict[str, Any]:
+        await charon.start(CharonSettings())
+        try:
+            offered = charon.request("get-algorithms")
+        finally:
+            await charon.stop()
+        names = {
+            kind: sorted(text(k).lower() for k in algos)
+            for kind, algos in ((text(k), v) for k, v in offered.items())
+        }
+        return {"charon": names}
+
+    report = asyncio.run(run())
+    report["ours"] = {
+        "encryption": sorted(ENCRYPTION),
+        "integrity": sorted(INTEGRITY),
+        "prf": sorted(PRF),
+        "dh": sorted(DH_GROUP),
+    }
+    return report
+
+
 def _sa_count(site: Site) -> int:
     out = subprocess.run(["ip", "-n", site.ce, "xfrm", "state"], capture_output=True, text=True)
     return out.stdout.count("proto esp")
@@ -422,12 +422,8 @@ def _ike_sa_count(site: Site) -> int:
 
 
 def main() -> None:
-    scenario, count = sys.argv[1], int(sys.argv[2])
-    if scenario == "psk-mesh-transport":
-        report = psk_mesh(count, "transport-ipip")
-    elif scenario == "psk-mesh-tunnel":
-        report = psk_mesh(count, "tunnel-mode")
-    elif scenario == "wrong-psk":
+    scenario = sys.argv[1]  # the site count (argv[2]) is fixed per scenario here
+    if scenario == "wrong-psk":
         report = wrong_psk()
     elif scenario == "kill-charon":
         report = kill_charon("transport-ipip")
@@ -435,6 +431,8 @@ def main() -> None:
         report = kill_charon("tunnel-mode")
     elif scenario == "traffic-driven":
         report = traffic_driven()
+    elif scenario == "algorithms":
+        report = algorithms()
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     report["at"] = datetime.now().isoformat()

@@ -26,6 +26,7 @@ from ncclient import manager
 
 from nc_server.application import bundle_document_from_xml
 from tests.lab.agent_scenarios import capture, ping, stop_capture
+from tests.lab.ike_scenarios import grep_secrets, peer_statuses
 from tests.lab.topology import Site
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -202,7 +203,7 @@ def provision_ike_mesh(count: int, encapsulation: str, authentication: str) -> d
         report["tunnels"] = {}
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
-            report["tunnels"] = {s.ce: ce_tunnel_status(s) for s in sites}
+            report["tunnels"] = {s.ce: peer_statuses(s) for s in sites}
             if all(v and set(v.values()) == {"up"} for v in report["tunnels"].values()):
                 break
             time.sleep(1)
@@ -211,6 +212,17 @@ def provision_ike_mesh(count: int, encapsulation: str, authentication: str) -> d
         report["pings"] = {f"{a.n}->{b.n}": ping(a, b) for a in sites for b in sites if a != b}
         report["pe_ipv4"] = stop_capture(cap, "server-ike-mesh")
         report["charon_conns"] = {s.ce: charon_view(s) for s in sites}
+        psks = sorted(
+            {
+                e.text or ""
+                for s in sites
+                for e in etree.parse(str(WORK / s.ce / "running.xml")).iter(
+                    "{urn:cevpn:yang:cevpn-ce}pre-shared-key"
+                )
+            }
+        )
+        report["psk_count"] = len(psks)
+        report["secrets_in_logs"] = grep_secrets(sites, psks)
         report["key_files"] = {
             str(p.relative_to(WORK)): oct(p.stat().st_mode & 0o777)
             for s in sites
@@ -223,13 +235,6 @@ def provision_ike_mesh(count: int, encapsulation: str, authentication: str) -> d
     finally:
         lab.close()
     return report
-
-
-def ce_tunnel_status(s: Site) -> dict[str, str]:
-    """The CE's own view of its tunnels, read from its agent's operational state."""
-    from tests.lab.ike_scenarios import peer_statuses
-
-    return peer_statuses(s)
 
 
 def charon_view(s: Site) -> dict[str, Any]:
