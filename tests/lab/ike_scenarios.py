@@ -36,6 +36,7 @@ from tests.lab.agent_scenarios import (
 from tests.lab.topology import Site
 
 WORK = Path(os.environ.get("WORK", "/tmp"))
+NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
 PSK = "lab-pre-shared-key-0123456789abcdef"
 WRONG = "not-the-right-key-0123456789abcdef"
 FAST_DPD = "<sa-defaults><ike><dpd><delay>2</delay><timeout>6</timeout></dpd></ike></sa-defaults>"
@@ -375,6 +376,59 @@ def peer_statuses(site: Site) -> dict[str, str]:
     }
 
 
+def remove_peer() -> dict[str, Any]:
+    """Site 1 drops site 2 from its peers (seed 3.6): a delete exchange, then nothing.
+
+    Site 2 still has site 1 configured and keeps trying (permanent); site 1 must
+    refuse every attempt, so no SA between them exists again."""
+    a, b = Site(1), Site(2)
+    agents = started([a, b])
+    report: dict[str, Any] = {}
+    retry = retry_xml(1, 2, "1.5", 60)
+    try:
+        for me, other in ((a, b), (b, a)):
+            configure(
+                agents[me.n], preconfiguration(me) + FAST_DPD + retry + ike_peer_xml(me, other)
+            )
+        report["up_first"] = wait_until(lambda: _both_up(agents), 60)
+        report["sas_before"] = _sa_count(a)
+        notes = Notifications(agents[2])
+        cap = capture("remove-peer")
+        removed_at = time.monotonic()
+        configure(
+            agents[1],
+            f'<peer xmlns:nc="{NC}" nc:operation="delete"><name>site-2</name></peer>',
+        )
+        down = notes.wait_for("tunnel-down", "site-1", after=removed_at, timeout=20)
+        report["peer_down_after_s"] = None if down is None else down - removed_at
+        report["peer_down_reason"] = [
+            leaves.get("reason") for _, leaves in notes.named("tunnel-down")
+        ]
+        time.sleep(10)  # site 2 keeps trying meanwhile
+        report["attempts_refused"] = [
+            leaves.get("reason") for _, leaves in notes.named("tunnel-establishment-failed")
+        ]
+        report["pe_ipv4"] = stop_capture(cap, "remove-peer")
+        report["ike_sas_on_1"] = _ike_sa_count(a)
+        report["sas_on_1"] = _sa_count(a)
+        report["policies_on_1"] = subprocess.run(
+            ["ip", "-n", a.ce, "xfrm", "policy"], capture_output=True, text=True
+        ).stdout.count("proto esp")
+        report["links_on_1"] = subprocess.run(
+            ["ip", "-n", a.vpn, "-o", "link"], capture_output=True, text=True
+        ).stdout.count("cvi")
+        report["state_on_2"] = peer_state(agents[2], "site-1")
+        report["ping"] = ping(a, b, count=1)
+        notes.close()
+    finally:
+        for agent in agents.values():
+            agent.stop()
+    report["delete_logged_on_2"] = (
+        (WORK / b.ce / "ike" / "charon.log").read_text().count("received DELETE for IKE_SA")
+    )
+    return report
+
+
 def algorithms() -> dict[str, Any]:
     """Which of the transforms cevpn can put in a proposal the loaded plugins lack."""
     import asyncio
@@ -431,6 +485,8 @@ def main() -> None:
         report = kill_charon("tunnel-mode")
     elif scenario == "traffic-driven":
         report = traffic_driven()
+    elif scenario == "remove-peer":
+        report = remove_peer()
     elif scenario == "algorithms":
         report = algorithms()
     else:

@@ -167,3 +167,19 @@ def test_every_transform_cevpn_offers_is_available_in_the_agents_charon() -> Non
         if _charon_name(kind, identity) not in available[kind]
     ]
     assert missing == []
+
+
+def test_removing_a_peer_deletes_its_ike_sa_with_a_delete_exchange_and_nothing_comes_back() -> None:
+    """Seed 3.6: site 1 drops site 2; site 2 (still configured) keeps trying in vain."""
+    report = scenario("ike_scenarios", "remove-peer", 2)
+    assert report["sas_before"] == 2 * 2  # a CHILD_SA is two SAs on each end
+    assert report["delete_logged_on_2"] >= 1
+    assert report["peer_down_after_s"] is not None
+    assert report["peer_down_reason"] == ["the peer deleted the SAs"]
+    assert any("inf2" in line for line in report["pe_ipv4"])  # the INFORMATIONAL exchange
+    assert len(report["attempts_refused"]) >= 2  # site 2's retries, all refused
+    assert report["state_on_2"]["status"] in ("retrying", "failed")
+    assert report["ike_sas_on_1"] == 0 and report["sas_on_1"] == 0
+    assert report["links_on_1"] == 0
+    assert report["policies_on_1"] == 1  # only the IP-in-IP guard is left
+    assert report["ping"] is False
