@@ -20,6 +20,7 @@ rekey-grace seconds, so packets the peer sent with it still arrive.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
@@ -269,6 +270,21 @@ class AgentApplication(Application):
             return
         kernel = self._kernel()
         keep = self._keep_for_grace(old, new)
+        ike = self._ike()
+        if txn.reason != "startup":
+            # charon first: a peer leaving IKE must have its policies gone before the
+            # kernel gets IKE-less ones for the same selectors; new IKE peers are traps
+            # until their device exists (the guard and the VTI keep that fail-closed).
+            try:
+                await ike.apply(new.ike_peers(), new.credentials, new.retry)
+            except IkeRefused as exc:
+                path, ns = _peer_path(exc.peer)
+                raise RpcError(
+                    "operation-failed",
+                    f"The IKE daemon refused the change ({exc}); nothing was changed.",
+                    path=path,
+                    path_ns=ns,
+                ) from None
         try:
             if txn.reason == "startup":
                 await asyncio.to_thread(kernel.reconcile, new, set(self.lingering))
@@ -279,6 +295,9 @@ class AgentApplication(Application):
                 # behind the agent's back (or left by a crash) converges too.
                 await asyncio.to_thread(kernel.converge, new, held)
         except KernelRefused as exc:
+            if txn.reason != "startup":
+                with contextlib.suppress(IkeRefused):
+                    await ike.apply(old.ike_peers(), old.credentials, old.retry)
             path, ns = _peer_path(exc.peer)
             if exc.peer:
                 self.last_error[exc.peer] = str(exc)
@@ -289,18 +308,8 @@ class AgentApplication(Application):
                 path=path,
                 path_ns=ns,
             ) from None
-        try:
-            await self._ike().apply(new.ike_peers(), new.credentials, new.retry)
-        except IkeRefused as exc:
-            if txn.reason != "startup":
-                await asyncio.to_thread(kernel.transition, new, old, set(self.lingering))
-            path, ns = _peer_path(exc.peer)
-            raise RpcError(
-                "operation-failed",
-                f"The IKE daemon refused the change ({exc}); nothing was changed.",
-                path=path,
-                path_ns=ns,
-            ) from None
+        if txn.reason == "startup":
+            await ike.apply(new.ike_peers(), new.credentials, new.retry)  # started later
         for key, grace in keep.items():
             self._linger(key, grace)
         self.current = new

@@ -16,7 +16,9 @@ Kernel mapping (seed 5, ../shared/ARCHITECTURE.md):
   carries its charon connection (nc_agent.ike.connections) instead of SAs.
 - guard: an 'out' policy blocking every IP-in-IP packet from this CE's SP
   address that no peer policy covers, so an IP-in-IP device can never send
-  in clear, whatever happens to a peer's policies (or to the IKE daemon).
+  in clear, whatever happens to a peer's policies (or to the IKE daemon);
+  and its 'in' twin, so IP-in-IP arriving in clear is never accepted either
+  (while an IKE daemon restarts, its peers' inbound policies are gone).
 """
 
 from __future__ import annotations
@@ -288,6 +290,8 @@ def compile_desired(
     if local:
         desired.guard = (
             Policy("out", f"{local}/32", "0.0.0.0/0", proto=4, priority=GUARD_PRIORITY,
+                   reqid=GUARD_REQID, action="block"),
+            Policy("in", "0.0.0.0/0", f"{local}/32", proto=4, priority=GUARD_PRIORITY,
                    reqid=GUARD_REQID, action="block"),
         )  # fmt: skip
     return desired

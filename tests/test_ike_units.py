@@ -888,7 +888,7 @@ def test_ike_peer_reqids_are_the_ike_reqids_and_the_ikeless_one_is_not() -> None
 
 def test_ip_in_ip_guard_still_exists_with_only_ike_peers() -> None:
     desired = compile_desired(ce_config(peers=[peer_config("site-b")]), REQIDS)
-    guard = Policy(
+    out_guard = Policy(
         "out",
         "192.0.2.1/32",
         "0.0.0.0/0",
@@ -897,8 +897,17 @@ def test_ip_in_ip_guard_still_exists_with_only_ike_peers() -> None:
         reqid=GUARD_REQID,
         action="block",
     )
-    assert desired.guard == (guard,)
-    assert desired.policies() == {guard}
+    in_guard = Policy(
+        "in",
+        "0.0.0.0/0",
+        "192.0.2.1/32",
+        proto=4,
+        priority=GUARD_PRIORITY,
+        reqid=GUARD_REQID,
+        action="block",
+    )
+    assert desired.guard == (out_guard, in_guard)
+    assert desired.policies() == {out_guard, in_guard}
     assert desired.sas() == set()
 
 

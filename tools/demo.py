@@ -63,12 +63,12 @@ def main() -> int:
     banner("What is built, and what comes next")
     print(
         "  Built: the NETCONF engine both servers share (docs/netconf.md), the CE\n"
-        "  agent that turns its datastore into kernel IPsec (docs/agent.md), and the\n"
-        "  VPN server that compiles VPNs, enrols CEs and provisions them with\n"
-        "  confirmed commits (docs/server.md), proven in a User-Mode Linux lab by\n"
-        "  `make test`.  Next: IKEv2 through strongSwan (issue 6); then this demo\n"
-        "  boots the lab, starts a VPN server and four CE agents, builds a VPN over\n"
-        "  NETCONF and shows encrypted site-to-site traffic (issue 7)."
+        "  agent that turns its datastore into kernel IPsec or into IKEv2 through\n"
+        "  strongSwan's charon (docs/agent.md), and the VPN server that compiles\n"
+        "  VPNs, enrols CEs and provisions them with confirmed commits\n"
+        "  (docs/server.md), proven in a User-Mode Linux lab by `make test`.\n"
+        "  Next (issue 7): this demo boots the lab, starts a VPN server and four CE\n"
+        "  agents, builds a VPN over NETCONF and shows encrypted site-to-site traffic."
     )
     return 1 if failures else 0
 

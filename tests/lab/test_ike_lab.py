@@ -181,5 +181,5 @@ def test_removing_a_peer_deletes_its_ike_sa_with_a_delete_exchange_and_nothing_c
     assert report["state_on_2"]["status"] in ("retrying", "failed")
     assert report["ike_sas_on_1"] == 0 and report["sas_on_1"] == 0
     assert report["links_on_1"] == 0
-    assert report["policies_on_1"] == 1  # only the IP-in-IP guard is left
+    assert report["policies_on_1"] == 2  # only the IP-in-IP guards (out and in) are left
     assert report["ping"] is False

@@ -1,0 +1,166 @@
+"""Commit to all IKE tunnels up, 50 peers: the cevpn agent against swanctl --load-all.
+
+    .venv/bin/python bench/ike_bench.py [--peers 50] [--rounds 3] [--json out.json]
+
+On the host this boots one UML guest (tests/lab/uml.py) that runs
+bench/ike_bench_guest.py in netns `pe` and prints the guest's result.  In the
+guest (tests.lab.topology, 2 sites):
+
+- ce1 (198.51.100.2) is the CE under test.  Its 50 peers are 203.0.113.1..50,
+  all owned by ce2 and answered by ONE responder charon there (its own
+  strongswan.conf from nc_agent.ike.charon.render_conf; 50 mirrored PSK
+  connections loaded over VICI, never initiating).  pe routes 203.0.113.0/26
+  to ce2.  The responder is restarted fresh, and the kernel state of ce1, ce1-vpn
+  and ce2 flushed, before every run.
+- agent: `cevpn-agent` for ce1 (as tests/lab/agent_scenarios.Agent starts it,
+  fresh state directory each run).  The clock starts when ONE <edit-config>
+  (pre-configuration + 50 IKE peers: permanent, transport-ipip, PSK) is sent
+  and stops when charon on ce1 has, for every peer, an ESTABLISHED IKE_SA with
+  an INSTALLED CHILD_SA (VICI list-sas polled every 50 ms).  That includes
+  everything the agent does for a first configuration: NETCONF, validation,
+  persistence, the guard policy, 50 IP-in-IP devices and their routes,
+  starting charon, loading 50 connections and initiating them.  The RPC's own
+  duration and the agent's <get> view afterwards (all 50 `up`) are recorded.
+- swanctl (reference): a bare charon for ce1, started the way the agent starts
+  it (same strongswan.conf, checked), then `swanctl --load-all` of a
+  swanctl.conf holding the SAME 50 connections (written from the agent's own
+  IkePeer.vici_connection() / vici_shared_key(), compiled from the same XML by
+  compile_desired; checked afterwards by comparing list-conns of both charons)
+  with start_action = start, the plain swanctl way to bring tunnels up at load.
+  The clock runs from starting swanctl to the same condition.  charon's own
+  start-up is timed separately (the agent's figure includes it): the table
+  shows the ratio with and without it.
+
+Runs alternate agent, swanctl, agent, ... (--rounds each); the ratio is of the
+medians.  Both ends run in one 2-core guest, so the responder's CPU is inside
+both measurements alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _median(runs: list[dict[str, Any]], kind: str, key: str) -> float | None:
+    values = [r[key] for r in runs if r["kind"] == kind and r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def summarise(res: dict[str, Any]) -> dict[str, Any]:
+    runs = res["runs"]
+    agent = _median(runs, "agent", "all_up_s")
+    swanctl = _median(runs, "swanctl", "all_up_s")
+    start = _median(runs, "swanctl", "charon_start_s")
+    complete = all(r.get("all_up_s") is not None for r in runs)
+    summary: dict[str, Any] = {
+        "complete": complete,
+        "agent_all_up_s": agent,
+        "agent_rpc_s": _median(runs, "agent", "rpc_s"),
+        "swanctl_all_up_s": swanctl,
+        "swanctl_process_s": _median(runs, "swanctl", "swanctl_s"),
+        "charon_start_s": start,
+    }
+    if agent and swanctl:
+        summary["ratio"] = round(agent / swanctl, 2)
+        if start is not None:
+            summary["ratio_incl_charon_start"] = round(agent / (swanctl + start), 2)
+    return summary
+
+
+def report(res: dict[str, Any]) -> str:
+    s = res["summary"]
+    n, rounds = res["peers"], res["rounds"]
+
+    def sec(value: float | None) -> str:
+        return "  n/a" if value is None else f"{value:5.2f}"
+
+    lines = [
+        f"{n} peers, commit -> all tunnels up (UML guest, median of {rounds}):",
+        f"  cevpn agent {sec(s['agent_all_up_s'])} s | swanctl --load-all "
+        f"{sec(s['swanctl_all_up_s'])} s | ratio {s.get('ratio', 'n/a')}",
+        f"  with the reference's charon start ({sec(s['charon_start_s'])} s) added: "
+        f"{sec((s['swanctl_all_up_s'] or 0) + (s['charon_start_s'] or 0))} s, "
+        f"ratio {s.get('ratio_incl_charon_start', 'n/a')}",
+        f"  agent: edit-config RPC returned after {sec(s['agent_rpc_s'])} s; "
+        f"swanctl process took {sec(s['swanctl_process_s'])} s",
+        "",
+        "    run  kind     all up  first up  rpc/swanctl  charon start   up  kernel SAs  <get> up",
+    ]
+    for r in res["runs"]:
+        step = r.get("rpc_s") if r["kind"] == "agent" else r.get("swanctl_s")
+        charon = sec(r["charon_start_s"]) if "charon_start_s" in r else "    -"
+        cells = [
+            f"{r['run']:>5}",
+            f"{r['kind']:<7}",
+            f"{sec(r.get('all_up_s')):>6}",
+            f"{sec(r.get('first_up_s')):>8}",
+            f"{sec(step):>11}",
+            f"{charon:>12}",
+            f"{r.get('up'):>3}",
+            f"{r.get('kernel_sas'):>10}",
+            f"{r.get('agent_view_up', '-'):>8}",
+        ]
+        lines.append("  ".join(cells))
+    lines += [
+        "",
+        f"  same connections in both charons (list-conns, start_action aside): "
+        f"{res['same_connections']}; same strongswan.conf: {res['same_strongswan_conf']}; "
+        f"start_action {res['start_actions']}",
+    ]
+    for r in res["runs"]:
+        if r.get("not_up"):
+            lines.append(f"  run {r['run']} {r['kind']}: not up: {r['not_up']}")
+    if not s["complete"]:
+        lines.append("  INCOMPLETE: some run did not bring every tunnel up (see not_up)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--peers", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=3, help="runs of each, alternating")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--in-guest", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if not 1 <= args.peers <= 62:
+        ap.error("--peers must be 1..62 (203.0.113.0/26)")
+    if args.in_guest:
+        from bench.ike_bench_guest import main as guest_main
+
+        guest_main(args.peers, args.rounds)
+        return
+    from tests.lab.uml import run_guest
+
+    load = os.getloadavg()
+    result = run_guest(
+        f"""
+        set -e
+        .venv/bin/python -m tests.lab.topology build 2 >/dev/null
+        ip netns exec pe .venv/bin/python bench/ike_bench.py --in-guest \\
+            --peers {args.peers} --rounds {args.rounds}
+        """,
+        timeout=900,
+    )
+    if result.returncode != 0:
+        sys.exit(f"guest failed ({result.returncode}):\n{result.console[-4000:]}")
+    res = json.loads(result.read("ike_bench.json"))
+    res["summary"] = summarise(res)
+    res["host_loadavg_at_start"] = [round(x, 2) for x in load]
+    res["guest_workdir"] = str(result.workdir)
+    print(report(res))
+    print(f"  host load average at start {load[0]:.2f}; guest work dir (logs) {result.workdir}")
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
