@@ -69,6 +69,17 @@ def summarise(res: dict[str, Any]) -> dict[str, Any]:
         "swanctl_process_s": _median(runs, "swanctl", "swanctl_s"),
         "charon_start_s": start,
     }
+    keys = ("charon_reachable_s", "first_ike_sa_s", "first_up_s", "all_up_s")
+    summary["timeline"] = {
+        kind: {key: _median(runs, kind, key) for key in keys} for kind in ("agent", "swanctl")
+    }
+    summary["cpu_s"] = {}
+    for kind in ("agent", "swanctl"):
+        cpus = [r["cpu_s"] for r in runs if r["kind"] == kind and "cpu_s" in r]
+        if cpus:
+            summary["cpu_s"][kind] = {
+                proc: round(statistics.median(c[proc] for c in cpus), 2) for proc in cpus[0]
+            }
     if agent and swanctl:
         summary["ratio"] = round(agent / swanctl, 2)
         if start is not None:
@@ -92,6 +103,18 @@ def report(res: dict[str, Any]) -> str:
         f"ratio {s.get('ratio_incl_charon_start', 'n/a')}",
         f"  agent: edit-config RPC returned after {sec(s['agent_rpc_s'])} s; "
         f"swanctl process took {sec(s['swanctl_process_s'])} s",
+        "  timeline, medians (s after commit / after starting swanctl):",
+        *(
+            f"    {kind:<8} charon reachable {sec(t['charon_reachable_s'])}  first IKE_SA "
+            f"{sec(t['first_ike_sa_s'])}  first up {sec(t['first_up_s'])}  all up "
+            f"{sec(t['all_up_s'])}"
+            for kind, t in s["timeline"].items()
+        ),
+        "  CPU seconds until all up (charon: since its start), medians: "
+        + " | ".join(
+            f"{kind}: " + ", ".join(f"{proc} {value:.2f}" for proc, value in cpu.items())
+            for kind, cpu in s["cpu_s"].items()
+        ),
         "",
         "    run  kind     all up  first up  rpc/swanctl  charon start   up  kernel SAs  <get> up",
     ]
@@ -112,9 +135,8 @@ def report(res: dict[str, Any]) -> str:
         lines.append("  ".join(cells))
     lines += [
         "",
-        f"  same connections in both charons (list-conns, start_action aside): "
-        f"{res['same_connections']}; same strongswan.conf: {res['same_strongswan_conf']}; "
-        f"start_action {res['start_actions']}",
+        "  same connections in both charons (list-conns): "
+        f"{res['same_connections']}; same strongswan.conf: {res['same_strongswan_conf']}",
     ]
     for r in res["runs"]:
         if r.get("not_up"):

@@ -238,7 +238,7 @@ class IkeManager:
                 if name not in self.peers:
                     del self.health[name]
                     self._cancel(name)
-                    self._clear_alarm(name, notify=False)
+                    self._clear_alarm(name)
             if not self.enabled:
                 return
             if not self.peers and not self.charon.running:
@@ -277,16 +277,17 @@ class IkeManager:
                 old = self.loaded.get(name)
                 with contextlib.suppress(CharonError, OSError, IkeRefused):
                     if old is None:
-                        await asyncio.to_thread(self._unload_peer, name, None)
+                        await asyncio.to_thread(self._unload_peers, {name: None})
                     else:
                         await asyncio.to_thread(self._load_peer, old)
             raise
         for name in loaded_now:
             self.loaded[name] = self.peers[name]
-        for name in removed:
-            old = self.loaded.pop(name)
+        gone = {name: self.loaded.pop(name) for name in removed}
+        for name in gone:
             self._cancel(name)
-            await asyncio.to_thread(self._unload_peer, name, old)
+        if gone:
+            await asyncio.to_thread(self._unload_peers, gone)
         for name in loaded_now:
             if name in before and self.health[name].status == "up":
                 continue  # a changed connection keeps its SAs until they rekey
@@ -318,17 +319,23 @@ class IkeManager:
             message = f"charon refused the connection to peer {peer.name}: {exc}"
             raise IkeRefused(message, peer.name) from None
 
-    def _unload_peer(self, name: str, old: IkePeer | None) -> None:
-        """Delete the IKE_SA with a delete exchange (seed 3.6), then forget the peer."""
-        with contextlib.suppress(CharonError):
-            self.charon.streamed(
-                "terminate", "control-log", {"ike": name, "timeout": "3000", "loglevel": "-1"}
-            )
-        with contextlib.suppress(CharonError):
-            self.charon.request("unload-conn", {"name": name})
-        if old is not None and old.psk is not None:
+    def _unload_peers(self, peers: Mapping[str, IkePeer | None]) -> None:
+        """Delete the IKE_SAs with a delete exchange (seed 3.6), then forget the peers.
+
+        The deletes are started for all peers first and not waited for (a silent
+        peer would hold the others up); charon completes them on its own, and an
+        unloaded connection has no trap left that could bring the tunnel back."""
+        for name in peers:
             with contextlib.suppress(CharonError):
-                self.charon.request("unload-shared", {"id": f"cevpn-{name}"})
+                self.charon.streamed(
+                    "terminate", "control-log", {"ike": name, "timeout": "-1", "loglevel": "-1"}
+                )
+        for name, old in peers.items():
+            with contextlib.suppress(CharonError):
+                self.charon.request("unload-conn", {"name": name})
+            if old is not None and old.psk is not None:
+                with contextlib.suppress(CharonError):
+                    self.charon.request("unload-shared", {"id": f"cevpn-{name}"})
 
     # -- establishment ---------------------------------------------------------
 
@@ -629,12 +636,12 @@ class IkeManager:
             text=words,
         )
 
-    def _clear_alarm(self, name: str, *, notify: bool = True) -> None:
+    def _clear_alarm(self, name: str) -> None:
+        """The tunnel came up, or the peer was removed: the alarm has no object any more."""
         if self.alarms.pop((ALARM_TYPE, name), None) is None:
             return
         log.info("alarm cleared: tunnel-establishment-failure for peer %s", name)
-        if notify:
-            self.notify("alarm-cleared", type=ALARM_TYPE, resource=name)
+        self.notify("alarm-cleared", type=ALARM_TYPE, resource=name)
 
     def _announce_down(self, name: str, reason: str) -> None:
         peer = self.peers.get(name) or self.loaded.get(name)
