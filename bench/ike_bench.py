@@ -10,8 +10,11 @@ guest (tests.lab.topology, 2 sites):
   all owned by ce2 and answered by ONE responder charon there (its own
   strongswan.conf from nc_agent.ike.charon.render_conf; 50 mirrored PSK
   connections loaded over VICI, never initiating).  pe routes 203.0.113.0/26
-  to ce2.  The responder is restarted fresh, and the kernel state of ce1, ce1-vpn
-  and ce2 flushed, before every run.
+  to ce2.  The responder's only change to the agent's settings is
+  cookie_threshold_ip: all 50 IKE_SA_INITs come from one address, which with
+  charon's default (3) draws COOKIE replies no real peer would send (and
+  once cost a whole 18 s retransmit).  The responder is restarted fresh, and
+  the kernel state of ce1, ce1-vpn and ce2 flushed, before every run.
 - agent: `cevpn-agent` for ce1 (as tests/lab/agent_scenarios.Agent starts it,
   fresh state directory each run).  The clock starts when ONE <edit-config>
   (pre-configuration + 50 IKE peers: permanent, transport-ipip, PSK) is sent
@@ -32,8 +35,12 @@ guest (tests.lab.topology, 2 sites):
   shows the ratio with and without it.
 
 Runs alternate agent, swanctl, agent, ... (--rounds each); the ratio is of the
-medians.  Both ends run in one 2-core guest, so the responder's CPU is inside
-both measurements alike.
+medians.  Also printed, to explain the ratio: when charon's VICI socket first
+answered, the first IKE_SA appeared, the first and the last tunnel came up,
+and the CPU seconds the agent (or swanctl), the CE's charon and the responder
+used until then.  Both ends run in one UML guest on a 2-core host, so the
+responder's CPU is inside both measurements alike, and lab guests of others
+running at the same time show up as noise (the host load average is printed).
 """
 
 from __future__ import annotations
@@ -178,8 +185,13 @@ def main() -> None:
     res["summary"] = summarise(res)
     res["host_loadavg_at_start"] = [round(x, 2) for x in load]
     res["guest_workdir"] = str(result.workdir)
+    end = os.getloadavg()
+    res["host_loadavg_at_end"] = [round(x, 2) for x in end]
     print(report(res))
-    print(f"  host load average at start {load[0]:.2f}; guest work dir (logs) {result.workdir}")
+    print(
+        f"  host load average (1 min) at start {load[0]:.2f}, at end {end[0]:.2f}; "
+        f"guest work dir (logs) {result.workdir}"
+    )
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
 

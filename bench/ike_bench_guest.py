@@ -35,7 +35,7 @@ CE1, CE2 = Site(1), Site(2)
 PEER_NET = "203.0.113"
 POLL = 0.05
 """Seconds between two VICI list-sas polls of the CE's charon."""
-UP_TIMEOUT = 180.0
+UP_TIMEOUT = 90.0
 RESPONDER_EXTRA = "    cookie_threshold_ip = 100000\n"
 """All 50 initiations reach the responder from ONE address (ce1's): with charon's
 default per-IP cookie threshold (3) it answers most with COOKIE, which a real peer,
@@ -167,15 +167,8 @@ def flush_kernel() -> None:
         ]
         doomed = [n for n in names if n.startswith(("cvi", "cvt"))]
         if doomed:
-            sh(
-                "ip",
-                "-n",
-                ns,
-                "-force",
-                "-batch",
-                "-",
-                stdin="".join(f"link del {n}\n" for n in doomed),
-            )
+            batch = "".join(f"link del {n}\n" for n in doomed)
+            sh("ip", "-n", ns, "-force", "-batch", "-", stdin=batch)
 
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -404,6 +397,7 @@ def run_agent(
         assert agent.proc is not None
         with agent.connect() as m:
             cpu = cpu_seconds(agent.proc.pid), cpu_seconds(responder.pid)
+            res["t0_wall"] = time.strftime("%H:%M:%S")  # to find the moment in the logs
             t0 = time.perf_counter()
             poller = Poller(state, names, t0)
             m.edit_config(target="running", config=config(body))
@@ -450,6 +444,7 @@ def run_swanctl(
     try:
         uri = f"unix://{charon.vici.run_dir / 'charon.vici'}"
         responder_cpu, children_cpu = cpu_seconds(responder.pid), _children_cpu()
+        res["t0_wall"] = time.strftime("%H:%M:%S")
         t0 = time.perf_counter()
         poller = Poller(state, names, t0)
         done = subprocess.run(

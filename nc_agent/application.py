@@ -33,6 +33,7 @@ from nc_agent.bootstrap import CLIENT_KEY_FILE
 from nc_agent.dataplane.xfrm import OWNED_REQIDS, SAKey, SAState, XfrmEvents
 from nc_agent.desired import ConfigProblem, Desired, PeerObjects, compile_desired
 from nc_agent.ike.charon import Charon, CharonError
+from nc_agent.ike.connections import IkePeer
 from nc_agent.ike.manager import IkeManager, IkeRefused
 from nc_agent.kernel import Kernel, KernelRefused, Observed, sa_key
 from nc_agent.own_key import OWN_KEY_FILE, certifies_own_key
@@ -272,19 +273,11 @@ class AgentApplication(Application):
         keep = self._keep_for_grace(old, new)
         ike = self._ike()
         if txn.reason != "startup":
-            # charon first: a peer leaving IKE must have its policies gone before the
-            # kernel gets IKE-less ones for the same selectors; new IKE peers are traps
-            # until their device exists (the guard and the VTI keep that fail-closed).
-            try:
-                await ike.apply(new.ike_peers(), new.credentials, new.retry)
-            except IkeRefused as exc:
-                path, ns = _peer_path(exc.peer)
-                raise RpcError(
-                    "operation-failed",
-                    f"The IKE daemon refused the change ({exc}); nothing was changed.",
-                    path=path,
-                    path_ns=ns,
-                ) from None
+            # Removals first: a peer leaving IKE (removed, or keyed without IKE now) is
+            # deleted in charon before the kernel changes, so its policies are gone
+            # before IKE-less ones take the same selectors.
+            staying = {n: p for n, p in old.ike_peers().items() if n in new.ike_peers()}
+            await self._ike_apply(ike, staying, old)
         try:
             if txn.reason == "startup":
                 await asyncio.to_thread(kernel.reconcile, new, set(self.lingering))
@@ -308,8 +301,16 @@ class AgentApplication(Application):
                 path=path,
                 path_ns=ns,
             ) from None
-        if txn.reason == "startup":
-            await ike.apply(new.ike_peers(), new.credentials, new.retry)  # started later
+        # Additions last: a new peer's traps are installed once its device exists, so
+        # nothing the kernel does while creating the device can start a negotiation.
+        try:
+            await self._ike_apply(ike, new.ike_peers(), new)
+        except RpcError:
+            if txn.reason != "startup":
+                await asyncio.to_thread(kernel.transition, new, old, set(self.lingering))
+                with contextlib.suppress(IkeRefused):
+                    await ike.apply(old.ike_peers(), old.credentials, old.retry)
+            raise
         for key, grace in keep.items():
             self._linger(key, grace)
         self.current = new
@@ -317,6 +318,19 @@ class AgentApplication(Application):
         allocations.save()
         self.applied_version = txn.new_json().get("cevpn-ce:ce", {}).get("configuration-version")
         self._announce(old, new, txn)
+
+    @staticmethod
+    async def _ike_apply(ike: IkeManager, peers: dict[str, IkePeer], desired: Desired) -> None:
+        try:
+            await ike.apply(peers, desired.credentials, desired.retry)
+        except IkeRefused as exc:
+            path, ns = _peer_path(exc.peer)
+            raise RpcError(
+                "operation-failed",
+                f"The IKE daemon refused the change ({exc}); nothing was changed.",
+                path=path,
+                path_ns=ns,
+            ) from None
 
     async def abort(self, txn: Transaction) -> None:
         if self.allocations is not None:
@@ -485,12 +499,15 @@ class AgentApplication(Application):
         kernel = self._kernel()
         observed = await asyncio.to_thread(kernel.observe)
         ce = default_ns_element(CE_NS, "ce")
+        by_reqid: dict[int, list[SAState]] = {}
+        for sa in observed.sas.values():
+            by_reqid.setdefault(sa.reqid, []).append(sa)
         for name, peer in self.current.peers.items():
             entry = etree.SubElement(ce, _q("peer"))
             etree.SubElement(entry, _q("name")).text = name
             state = etree.SubElement(entry, _q("state"))
             if peer.ike is not None or peer.outbound is None or peer.inbound is None:
-                self._ike_state(state, peer, observed)
+                self._ike_state(state, peer, observed, by_reqid.get(peer.reqid, []))
                 continue
             out_state = observed.sas.get(sa_key(peer.outbound))
             in_state = observed.sas.get(sa_key(peer.inbound))
@@ -520,11 +537,13 @@ class AgentApplication(Application):
                 etree.SubElement(state, _q("last-error")).text = self.last_error[name]
         return [ce, self._ce_state()]
 
-    def _ike_state(self, state: etree._Element, peer: PeerObjects, observed: Observed) -> None:
-        """A peer keyed by IKE: status from charon's events, counters from its kernel SAs."""
+    def _ike_state(
+        self, state: etree._Element, peer: PeerObjects, observed: Observed, mine: list[SAState]
+    ) -> None:
+        """A peer keyed by IKE: status from charon's events, counters from its kernel SAs
+        (``mine``: those with the peer's reqid)."""
         health = self.ike.health.get(peer.name) if self.ike is not None else None
         local = self.current.sp_address
-        mine = [s for s in observed.sas.values() if s.reqid == peer.reqid]
         outbound = max((s for s in mine if s.src == local), key=_newest, default=None)
         inbound = max((s for s in mine if s.dst == local), key=_newest, default=None)
         tunnel = observed.tunnels.get(peer.tunnel.name)

@@ -31,7 +31,7 @@ from nc_agent.ike.connections import (
     ike_peer,
     merge_sa_information,
 )
-from nc_agent.ike.health import TunnelHealth
+from nc_agent.ike.health import Failure, TunnelHealth
 from nc_agent.ike.proposals import ike_proposal
 from nc_agent.ike.reasons import failure_reason
 from nc_agent.ike.retry import RetryPolicy
@@ -519,7 +519,9 @@ def test_first_failure_waits_minimum_wait_then_t1_then_backoff() -> None:
     delays = []
     for n in range(4):
         now = NOW + timedelta(minutes=n)
+        health.attempt(now)
         failure = health.failed(now, "the peer did not answer")
+        assert failure is not None
         delays.append(failure.delay)
         assert health.next_attempt == now + timedelta(seconds=failure.delay)
         assert failure.raise_alarm is False
@@ -530,7 +532,12 @@ def test_first_failure_waits_minimum_wait_then_t1_then_backoff() -> None:
 
 def test_alarm_raised_once_at_the_limit_and_cleared_when_up() -> None:
     health = TunnelHealth(permanent=True, policy=RetryPolicy(5, 10, 2.0, 60))
-    results = [health.failed(NOW + timedelta(minutes=n), "refused") for n in range(6)]
+    results = []
+    for n in range(6):
+        health.attempt(NOW + timedelta(minutes=n))
+        result = health.failed(NOW + timedelta(minutes=n), "refused")
+        assert result is not None
+        results.append(result)
     assert [r.delay for r in results] == [5, 10, 20, 40, 60, 60]
     assert [r.raise_alarm for r in results] == [False, False, False, False, True, False]
     assert health.status == "failed"
@@ -543,13 +550,39 @@ def test_alarm_raised_once_at_the_limit_and_cleared_when_up() -> None:
     assert health.up(NOW + timedelta(minutes=11)) == (False, False)
 
 
+def _fail_after_attempt(health: TunnelHealth) -> Failure:
+    health.attempt(NOW)
+    failure = health.failed(NOW, "refused")
+    assert failure is not None
+    return failure
+
+
 def test_alarm_is_raised_again_after_the_tunnel_was_up_in_between() -> None:
     health = TunnelHealth(permanent=True, policy=RetryPolicy(1, 1, 2.0, 1))
-    health.failed(NOW, "refused")
-    assert health.failed(NOW, "refused").raise_alarm is True
+    _fail_after_attempt(health)
+    assert _fail_after_attempt(health).raise_alarm is True
     health.up(NOW)
-    health.failed(NOW, "refused")
-    assert health.failed(NOW, "refused").raise_alarm is True
+    _fail_after_attempt(health)
+    assert _fail_after_attempt(health).raise_alarm is True
+
+
+def test_a_failure_during_the_back_off_is_recorded_but_does_not_move_the_schedule() -> None:
+    """A trap-started attempt failing while the agent waits for its next one."""
+    health = TunnelHealth(permanent=True, policy=RetryPolicy(5, 10, 2.0, 600))
+    first = _fail_after_attempt(health)
+    due = health.next_attempt
+    assert health.failed(NOW + timedelta(seconds=1), "the peer did not answer") is None
+    assert (health.failures, health.next_attempt, first.delay) == (1, due, 5)
+    assert health.last_error == "the peer did not answer"
+
+
+def test_rearming_a_traffic_driven_tunnel_ends_the_back_off() -> None:
+    health = TunnelHealth(permanent=False, policy=RetryPolicy(5, 10, 2.0, 600))
+    _fail_after_attempt(health)
+    health.idle(NOW + timedelta(seconds=5))
+    assert (health.status, health.next_attempt) == ("waiting-for-traffic", None)
+    assert health.failed(NOW + timedelta(seconds=6), "refused") is not None
+    assert health.failures == 2
 
 
 def test_failure_records_the_reason_and_when() -> None:

@@ -85,6 +85,7 @@ charon {{
     retransmit_tries = {settings.retransmit_tries}
     init_limit_half_open = 0
     cookie_threshold = 100000
+    cookie_threshold_ip = 100000
     block_threshold = 100000
     ikesa_table_size = 64
     ikesa_table_segments = 8

@@ -54,16 +54,23 @@ class TunnelHealth:
     def idle(self, now: datetime) -> bool:
         """Armed and waiting: permanent ones are about to be initiated, traffic-driven ones
         wait for their first packet.  True if the status changed."""
+        self.next_attempt = None
         return self._set("connecting" if self.permanent else "waiting-for-traffic", now)
 
     def attempt(self, now: datetime) -> bool:
         self.next_attempt = None
         return self._set("connecting", now)
 
-    def failed(self, now: datetime, reason: str) -> Failure:
-        """An attempt this CE initiated failed (refused, authentication failed, no answer)."""
-        self.failures += 1
+    def failed(self, now: datetime, reason: str) -> Failure | None:
+        """An attempt this CE initiated failed (refused, authentication failed, no answer).
+
+        None when the back-off is already running: an attempt nobody scheduled (a
+        packet hit a trap, or both the agent and a trap started one) failed too; it
+        is recorded but does not move the schedule."""
         self.last_error, self.last_error_at = reason, now
+        if self.next_attempt is not None:
+            return None
+        self.failures += 1
         delay = self.policy.delay(self.failures)
         self.next_attempt = now + timedelta(seconds=delay)
         alarm = self.policy.alarm(self.failures)

@@ -125,11 +125,12 @@ class IkeManager:
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
-        """Allow charon to run (the agent has started); starts it if peers need it."""
+        """The agent has started: start charon now, so that the first commit with an IKE
+        peer (IKE is the seed's default keying) does not wait for it."""
         self._loop = asyncio.get_running_loop()
         self.enabled = True
         async with self._lock:
-            if self.peers and not self.charon.running:
+            if not self.charon.running:
                 await self._start_charon()
 
     async def stop(self) -> None:
@@ -189,32 +190,24 @@ class IkeManager:
         now = _now()
         for name in self.peers:
             self._cancel(name)
-            health = self.health[name]
-            if health.down(now, reason):
+            if self.health[name].down(now, reason):
                 self._announce_down(name, reason)
-        await asyncio.sleep(delay)
-        async with self._lock:
-            if self._stopping or self.charon.running or not self.peers:
-                return
-            try:
-                await self._start_charon()
-            except (CharonError, OSError) as exc:
-                log.error("restarting charon failed: %s", exc)
-                assert self._loop is not None
-                self._watcher = self._loop.create_task(self._retry_start())
+        await self._restart_after(delay)
 
-    async def _retry_start(self) -> None:
-        await asyncio.sleep(min(2**self._crashes, 30))
-        self._crashes += 1
-        async with self._lock:
-            if self._stopping or self.charon.running or not self.peers:
-                return
-            try:
-                await self._start_charon()
-            except (CharonError, OSError) as exc:
-                log.error("restarting charon failed: %s", exc)
-                assert self._loop is not None
-                self._watcher = self._loop.create_task(self._retry_start())
+    async def _restart_after(self, delay: float) -> None:
+        """Start charon again after ``delay``, backing off while it cannot start."""
+        while True:
+            await asyncio.sleep(delay)
+            async with self._lock:
+                if self._stopping or self.charon.running or not self.peers:
+                    return
+                try:
+                    await self._start_charon()
+                    return
+                except (CharonError, OSError) as exc:
+                    log.error("restarting charon failed: %s", exc)
+            self._crashes += 1
+            delay = min(2**self._crashes, 30)
 
     # -- configuration ---------------------------------------------------------
 
@@ -227,35 +220,33 @@ class IkeManager:
             previous = (dict(self.peers), self.credentials, self.policy)
             self.peers, self.credentials, self.policy = dict(peers), credentials, policy
             now = _now()
+            added = [name for name in self.peers if name not in self.health]
             for name, peer in self.peers.items():
-                health = self.health.get(name)
-                if health is None:
+                if name in added:
                     self.health[name] = TunnelHealth(peer.permanent, policy)
                     self.health[name].idle(now)
                 else:
-                    health.permanent, health.policy = peer.permanent, policy
-            for name in list(self.health):
-                if name not in self.peers:
-                    del self.health[name]
-                    self._cancel(name)
-                    self._clear_alarm(name)
-            if not self.enabled:
-                return
-            if not self.peers and not self.charon.running:
-                return
+                    self.health[name].permanent = peer.permanent
+                    self.health[name].policy = policy
             try:
-                if not self.charon.running:
+                if self.enabled and not self.charon.running and self.peers:
                     await self._start_charon()
-                    return
-                await self._sync(set(previous[0]))
+                elif self.enabled and self.charon.running:
+                    await self._sync(set(previous[0]))
             except IkeRefused:
                 self.peers, self.credentials, self.policy = previous
+                for name in added:
+                    del self.health[name]
                 with contextlib.suppress(IkeRefused, CharonError, OSError):
                     await self._sync(set())
                 raise
             except (CharonError, OSError) as exc:
                 # charon is gone or restarting: the supervisor loads everything again.
                 log.warning("charon not reachable while applying (%s); left to the restart", exc)
+            for name in [n for n in self.health if n not in self.peers]:
+                del self.health[name]
+                self._cancel(name)
+                self._clear_alarm(name)
 
     async def _sync(self, before: set[str]) -> None:
         """Bring charon from ``self.loaded`` to ``self.peers`` (lock held)."""
@@ -422,6 +413,9 @@ class IkeManager:
         health = self.health[name]
         now = _now() - timedelta(seconds=late)
         outcome = health.failed(now, reason)
+        if outcome is None:
+            log.info("IKE with peer %s failed again during the back-off: %s", name, reason)
+            return
         next_at = health.next_attempt
         log.warning(
             "IKE with peer %s failed (%d in a row): %s; next attempt in %.0f s",

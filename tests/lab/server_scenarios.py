@@ -204,7 +204,10 @@ def provision_ike_mesh(count: int, encapsulation: str, authentication: str) -> d
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             report["tunnels"] = {s.ce: peer_statuses(s) for s in sites}
-            if all(v and set(v.values()) == {"up"} for v in report["tunnels"].values()):
+            if all(
+                len(v) == count - 1 and set(v.values()) == {"up"}
+                for v in report["tunnels"].values()
+            ):
                 break
             time.sleep(1)
         report["all_up_after_s"] = time.monotonic() - started

@@ -19,9 +19,10 @@ from tests.lab.uml import run_guest
 
 pytestmark = pytest.mark.lab
 
-# Lines tcpdump prints for what may cross the provider core: ESP, IKE, and the
-# NETCONF/SSH management sessions between the VPN server and the CEs.
-ALLOWED = re.compile(r"ESP\(spi=|isakmp|\.830[ :]")
+# Lines tcpdump prints for what may cross the provider core: ESP, IKE, the
+# NETCONF/SSH management sessions between the VPN server and the CEs, and the
+# core's own ICMP errors about those (a CE cut off: "ICMP host ... unreachable").
+ALLOWED = re.compile(r"ESP\(spi=|isakmp|\.830[ :]|ICMP host 198\.51\.100\.\d+ unreachable")
 
 
 def scenario(module: str, name: str, sites: int) -> dict[str, Any]:
@@ -120,6 +121,7 @@ def test_killed_charon_or_agent_or_a_vanished_peer_never_lets_clear_text_out() -
     core = report["pe_ipv4"]
     assert any("ESP(spi=" in line for line in core)
     assert clear_text(core) == [], clear_text(core)[:10]
+    assert not any(" 10." in line for line in core)
 
 
 def test_a_traffic_driven_peer_comes_up_on_its_first_packet_and_goes_down_when_idle() -> None:
@@ -178,7 +180,7 @@ def test_removing_a_peer_deletes_its_ike_sa_with_a_delete_exchange_and_nothing_c
     assert report["peer_down_reason"] == ["the peer deleted the SAs"]
     assert any("inf2" in line for line in report["pe_ipv4"])  # the INFORMATIONAL exchange
     assert len(report["attempts_refused"]) >= 2  # site 2's retries, all refused
-    assert report["state_on_2"]["status"] in ("retrying", "failed")
+    assert report["state_on_2"]["status"] in ("connecting", "retrying", "failed")
     assert report["ike_sas_on_1"] == 0 and report["sas_on_1"] == 0
     assert report["links_on_1"] == 0
     assert report["policies_on_1"] == 2  # only the IP-in-IP guards (out and in) are left
