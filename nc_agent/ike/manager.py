@@ -466,14 +466,14 @@ class IkeManager:
         if clear:
             self._clear_alarm(name)
 
-    async def _check(self, name: str, gone: Any) -> None:
-        """Something of this peer went down (``gone``: the SA charon reported): is any
-        CHILD_SA still installed?"""
+    async def _check(self, name: str, gone: Any, *, child_only: bool = False) -> None:
+        """Something of this peer went down (``gone``: the IKE_SA charon reported, with
+        only a CHILD_SA gone if ``child_only``): is any CHILD_SA still installed?"""
         await asyncio.sleep(LOG_SETTLE)  # the log lines that say why may still come
         peer = self.peers.get(name)
         if peer is None or not self.charon.running:
             return
-        reason = self._down_reason(name, gone)
+        reason = self._down_reason(name, gone, child_only)
         try:
             sas = (await asyncio.to_thread(self.charon.list_sas, name)).get(name, [])
         except (CharonError, OSError):
@@ -558,7 +558,7 @@ class IkeManager:
                 if up:
                     self._came_up(name, [sa])
                 else:
-                    self._spawn(self._check(name, sa))
+                    self._spawn(self._check(name, sa, child_only=True))
             elif up:
                 if _flag(sa.get("initiator")):
                     self._spawn(self._expect_child(name))
@@ -578,16 +578,15 @@ class IkeManager:
         else:
             self.health[name].peer_failed(_now(), f"the peer's attempt failed: {reason}")
 
-    def _down_reason(self, name: str, sa: Any) -> str:
+    def _down_reason(self, name: str, sa: Any, child_only: bool) -> str:
         messages = list(self._logs.get(text(sa.get("uniqueid")), ()))
         joined = " ".join(messages[-4:]).lower()
         peer = self.peers[name]
         if "initial_contact" in joined:
             return PEER_RESTARTED
-        if not peer.permanent and (
-            "inactivity" in joined or "received delete for esp child_sa" in joined
-        ):
-            # Both ends have the same idle time: whichever noticed first deleted it.
+        if not peer.permanent and child_only and text(sa.get("state")) == "ESTABLISHED":
+            # Only the CHILD_SA of a live IKE_SA went: the idle timer of one end or the
+            # other (both have the same), since nothing else deletes it alone.
             return f"idle for {peer.idle_timeout} s (traffic-driven)"
         if "retransmit" in joined or "giving up" in joined:
             return "dead peer detection: the peer stopped answering"
