@@ -260,9 +260,7 @@ class IkeManager:
         removed = [n for n in self.loaded if n not in self.peers]
         loaded_now: list[str] = []
         try:
-            for peer in changed:
-                await asyncio.to_thread(self._load_peer, peer)
-                loaded_now.append(peer.name)
+            await asyncio.to_thread(self._load_peers, changed, loaded_now)
         except IkeRefused:
             for name in loaded_now:
                 old = self.loaded.get(name)
@@ -299,6 +297,12 @@ class IkeManager:
                 except CharonError as exc:
                     raise IkeRefused(f"charon refused a CA certificate: {exc}") from None
         self.loaded_credentials = creds
+
+    def _load_peers(self, peers: list[IkePeer], loaded: list[str]) -> None:
+        """Load these peers in one go (one thread hop), noting each that got loaded."""
+        for peer in peers:
+            self._load_peer(peer)
+            loaded.append(peer.name)
 
     def _load_peer(self, peer: IkePeer) -> None:
         secret = peer.vici_shared_key()
@@ -342,7 +346,11 @@ class IkeManager:
         health = self.health[name]
         if health.idle(_now()) and not first:
             self._announce_status(name)
-        if peer.permanent:
+        if not peer.permanent:
+            return
+        if first and self._leader(peer):
+            self._later(name, 0.0, self._initiate)  # just loaded: nothing to look for
+        else:
             self._later(name, 0.0 if self._leader(peer) else FOLLOWER_DELAY, self._attempt)
 
     def _later(self, name: str, delay: float, action: Callable[[str], Any]) -> None:
@@ -375,14 +383,24 @@ class IkeManager:
             return
         try:
             sas = (await asyncio.to_thread(self.charon.list_sas, name)).get(name, [])
-            if any(_installed_child(sa) for sa in sas):
-                self._came_up(name, sas)
-                return
-            if any(text(sa.get("state")) == "CONNECTING" for sa in sas):
-                self._later(name, RECHECK, self._attempt)  # the peer's attempt is under way
-                return
-            if self.health[name].attempt(_now()):
-                self._announce_status(name)
+        except (CharonError, OSError) as exc:
+            log.debug("listing the SAs of %s: %s", name, exc)
+            return
+        if any(_installed_child(sa) for sa in sas):
+            self._came_up(name, sas)
+            return
+        if any(text(sa.get("state")) == "CONNECTING" for sa in sas):
+            self._later(name, RECHECK, self._attempt)  # the peer's attempt is under way
+            return
+        await self._initiate(name)
+
+    async def _initiate(self, name: str) -> None:
+        """Ask charon to negotiate now (its outcome arrives as events)."""
+        if name not in self.peers or not self.charon.running:
+            return
+        if self.health[name].attempt(_now()):
+            self._announce_status(name)
+        try:
             await asyncio.to_thread(
                 self.charon.streamed,
                 "initiate",
