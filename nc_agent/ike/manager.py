@@ -471,16 +471,13 @@ class IkeManager:
         self._cancel(name)
         changed, clear = self.health[name].up(_now())
         if changed:
-            child = next((c for sa in sas for c in _children(sa) if _installed(c)), {})
-            self.notify(
-                "tunnel-up",
-                peer=name,
-                **{
-                    "peer-address": peer.remote,
-                    "outbound-spi": str(int(text(child.get("spi-out", "0")), 16)),
-                    "inbound-spi": str(int(text(child.get("spi-in", "0")), 16)),
-                },
-            )
+            children = [c for sa in sas for c in _children(sa)]
+            child = next((c for c in children if _installed(c)), children[0] if children else {})
+            leaves = {"peer-address": peer.remote}
+            if "spi-out" in child and "spi-in" in child:
+                leaves["outbound-spi"] = str(int(text(child["spi-out"]), 16))
+                leaves["inbound-spi"] = str(int(text(child["spi-in"]), 16))
+            self.notify("tunnel-up", peer=name, **leaves)
         if clear:
             self._clear_alarm(name)
 

@@ -157,6 +157,14 @@ def configure(agent: Agent, body: str) -> None:
         m.edit_config(target="running", config=config(body))
 
 
+def configure_pair(agents: dict[int, Agent], extra: str = "", **peer: Any) -> None:
+    """Sites 1 and 2 as each other's IKE peer (fast DPD; ``extra``: more CE-wide XML)."""
+    a, b = Site(1), Site(2)
+    for me, other in ((a, b), (b, a)):
+        body = preconfiguration(me) + FAST_DPD + extra + ike_peer_xml(me, other, **peer)
+        configure(agents[me.n], body)
+
+
 def charon_pid(site: Site) -> int:
     return int((WORK / site.ce / "ike" / "run" / "charon.pid").read_text().strip())
 
@@ -232,13 +240,7 @@ def kill_charon(encapsulation: str) -> dict[str, Any]:
     agents = started([a, b])
     report: dict[str, Any] = {}
     try:
-        for me, other in ((a, b), (b, a)):
-            configure(
-                agents[me.n],
-                preconfiguration(me)
-                + FAST_DPD
-                + ike_peer_xml(me, other, encapsulation=encapsulation),
-            )
+        configure_pair(agents, encapsulation=encapsulation)
         report["up_first"] = wait_until(lambda: _both_up(agents), 60)
         notes = Notifications(agents[1])
         cap = capture("kill-charon")
@@ -323,13 +325,7 @@ def traffic_driven() -> dict[str, Any]:
     agents = started([a, b])
     report: dict[str, Any] = {}
     try:
-        for me, other in ((a, b), (b, a)):
-            configure(
-                agents[me.n],
-                preconfiguration(me)
-                + FAST_DPD
-                + ike_peer_xml(me, other, establishment="traffic-driven", idle=6),
-            )
+        configure_pair(agents, establishment="traffic-driven", idle=6)
         notes = Notifications(agents[1])
         time.sleep(3)
         report["before"] = peer_state(agents[1], "site-2")
@@ -386,10 +382,7 @@ def remove_peer() -> dict[str, Any]:
     report: dict[str, Any] = {}
     retry = retry_xml(1, 2, "1.5", 60)
     try:
-        for me, other in ((a, b), (b, a)):
-            configure(
-                agents[me.n], preconfiguration(me) + FAST_DPD + retry + ike_peer_xml(me, other)
-            )
+        configure_pair(agents, extra=retry)
         report["up_first"] = wait_until(lambda: _both_up(agents), 60)
         report["sas_before"] = _sa_count(a)
         notes = Notifications(agents[2])

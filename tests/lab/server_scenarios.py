@@ -150,20 +150,36 @@ SERVER_SETTINGS = (
 )
 
 
-def provision_mesh(count: int, encapsulation: str) -> dict[str, Any]:
+def provision_mesh(
+    count: int, encapsulation: str, authentication: str | None = None
+) -> dict[str, Any]:
+    """A full mesh provisioned by the server: IKE-less (``authentication`` None), or IKE
+    with pre-shared keys or certificates and charon on every CE."""
     sites = [Site(n) for n in range(1, count + 1)]
     lab = Lab()
     report: dict[str, Any] = {}
+    if authentication is None:
+        vpn = "<keying>ikeless</keying>"
+        timers = ""
+    else:
+        vpn = (
+            "<keying>ike</keying><security-profile>"
+            f"<authentication>{authentication}</authentication></security-profile>"
+        )
+        timers = "<dpd><delay>2</delay><timeout>6</timeout></dpd>"
     try:
         lab.edit(
-            SERVER_SETTINGS + "<vpn><id>lab</id><customer>lab</customer><keying>ikeless</keying>"
-            f"<tunnel-defaults><encapsulation>{encapsulation}</encapsulation></tunnel-defaults>"
-            + "".join(site_xml(s) for s in sites)
-            + "</vpn>"
+            f"{SERVER_SETTINGS}<vpn><id>lab</id><customer>lab</customer>{vpn}"
+            f"<tunnel-defaults><encapsulation>{encapsulation}</encapsulation>{timers}"
+            "</tunnel-defaults>" + "".join(site_xml(s) for s in sites) + "</vpn>"
         )
+        started = time.monotonic()
         for s in sites:
             lab.enrol_and_start(s)
         report["statuses"] = lab.wait_in_sync(count)
+        if authentication is not None:
+            report["tunnels"] = wait_all_up(sites)
+            report["all_up_after_s"] = time.monotonic() - started
         cap = capture("server-mesh")
         report["pings"] = {f"{a.n}->{b.n}": ping(a, b) for a in sites for b in sites if a != b}
         report["pe_ipv4"] = stop_capture(cap, "server-mesh")
@@ -173,6 +189,8 @@ def provision_mesh(count: int, encapsulation: str) -> dict[str, Any]:
             ).stdout
             for s in sites
         }
+        if authentication is not None:
+            report.update(ike_facts(sites))
     except Exception:
         lab.dump_logs()
         raise
@@ -181,63 +199,39 @@ def provision_mesh(count: int, encapsulation: str) -> dict[str, Any]:
     return report
 
 
-def provision_ike_mesh(count: int, encapsulation: str, authentication: str) -> dict[str, Any]:
-    """An IKE VPN (PSK or certificates) provisioned by the server; charon on every CE."""
-    sites = [Site(n) for n in range(1, count + 1)]
-    lab = Lab()
-    report: dict[str, Any] = {}
-    try:
-        lab.edit(
-            SERVER_SETTINGS + "<vpn><id>lab</id><customer>lab</customer><keying>ike</keying>"
-            f"<security-profile><authentication>{authentication}</authentication>"
-            "</security-profile>"
-            f"<tunnel-defaults><encapsulation>{encapsulation}</encapsulation>"
-            "<dpd><delay>2</delay><timeout>6</timeout></dpd></tunnel-defaults>"
-            + "".join(site_xml(s) for s in sites)
-            + "</vpn>"
-        )
-        started = time.monotonic()
-        for s in sites:
-            lab.enrol_and_start(s)
-        report["statuses"] = lab.wait_in_sync(count)
-        report["tunnels"] = {}
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            report["tunnels"] = {s.ce: peer_statuses(s) for s in sites}
-            if all(
-                len(v) == count - 1 and set(v.values()) == {"up"}
-                for v in report["tunnels"].values()
-            ):
-                break
-            time.sleep(1)
-        report["all_up_after_s"] = time.monotonic() - started
-        cap = capture("server-ike-mesh")
-        report["pings"] = {f"{a.n}->{b.n}": ping(a, b) for a in sites for b in sites if a != b}
-        report["pe_ipv4"] = stop_capture(cap, "server-ike-mesh")
-        report["charon_conns"] = {s.ce: charon_view(s) for s in sites}
-        psks = sorted(
-            {
-                e.text or ""
-                for s in sites
-                for e in etree.parse(str(WORK / s.ce / "running.xml")).iter(
-                    "{urn:cevpn:yang:cevpn-ce}pre-shared-key"
-                )
-            }
-        )
-        report["psk_count"] = len(psks)
-        report["secrets_in_logs"] = grep_secrets(sites, psks)
-        report["key_files"] = {
+def wait_all_up(sites: list[Site], timeout: float = 90) -> dict[str, dict[str, str]]:
+    """Each CE's charon, until every CE has all its peers up (or the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        tunnels = {s.ce: peer_statuses(s) for s in sites}
+        done = all(len(v) == len(sites) - 1 and set(v.values()) == {"up"} for v in tunnels.values())
+        if done or time.monotonic() > deadline:
+            return tunnels
+        time.sleep(1)
+
+
+def ike_facts(sites: list[Site]) -> dict[str, Any]:
+    """What charon holds on each CE, whether a PSK reached any log, key file modes."""
+    psks = sorted(
+        {
+            e.text or ""
+            for s in sites
+            for e in etree.parse(str(WORK / s.ce / "running.xml")).iter(
+                "{urn:cevpn:yang:cevpn-ce}pre-shared-key"
+            )
+        }
+    )
+    return {
+        "charon_conns": {s.ce: charon_view(s) for s in sites},
+        "psk_count": len(psks),
+        "secrets_in_logs": grep_secrets(sites, psks),
+        "key_files": {
             str(p.relative_to(WORK)): oct(p.stat().st_mode & 0o777)
             for s in sites
             for p in [WORK / s.ce / "ike_own_key.pem", WORK / s.ce / "ike" / "strongswan.conf"]
             if p.exists()
-        }
-    except Exception:
-        lab.dump_logs()
-        raise
-    finally:
-        lab.close()
-    return report
+        },
+    }
 
 
 def charon_view(s: Site) -> dict[str, Any]:
@@ -321,7 +315,7 @@ def main() -> None:
         "ike-cert-tunnel",
     ):
         _, auth, encap = scenario.split("-")
-        report = provision_ike_mesh(
+        report = provision_mesh(
             count,
             "transport-ipip" if encap == "transport" else "tunnel-mode",
             "pre-shared-key" if auth == "psk" else "certificate",
