@@ -814,6 +814,11 @@ def test_conf_logs_to_its_own_file_at_level_1_and_not_to_syslog() -> None:
     assert "default = -1" in lines
 
 
+def test_conf_keeps_packet_by_packet_lines_out_of_the_file() -> None:
+    lines = [line.strip() for line in render().splitlines()]
+    assert "net = 0" in lines and "enc = 0" in lines
+
+
 def test_conf_carries_the_retransmission_schedule() -> None:
     lines = [line.strip() for line in render(CharonSettings.for_dpd_timeout(30)).splitlines()]
     assert "retransmit_timeout = 3.69" in lines
@@ -1050,3 +1055,14 @@ def test_ce_wide_dpd_applies_to_a_peer_that_sets_none(ce_schema) -> None:
     reqids = {p["name"]: 0x0CE00001 + i for i, p in enumerate(ce["peer"])}
     site_b = compile_desired(config, reqids).ike_peers()["site-b"]
     assert (site_b.dpd_delay, site_b.dpd_timeout) == (10, 30)
+
+
+def test_a_start_moves_an_oversized_charon_log_aside(tmp_path: Path) -> None:
+    from nc_agent.ike.charon import LOG_LIMIT, Charon
+
+    charon = Charon(tmp_path, None)
+    charon.dir.mkdir()
+    charon.log_file.write_bytes(b"x" * (LOG_LIMIT + 1))
+    charon._rotate_log()
+    assert not charon.log_file.exists()
+    assert (charon.dir / "charon.log.1").stat().st_size == LOG_LIMIT + 1

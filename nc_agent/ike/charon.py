@@ -46,6 +46,8 @@ PLUGINS = (
 VICI_SOCKET = "charon.vici"
 EVENTS = ("ike-updown", "child-updown", "ike-rekey", "child-rekey", "log")
 PR_SET_PDEATHSIG = 1
+LOG_LIMIT = 16 << 20
+"""charon.log is moved to charon.log.1 at a start when it is bigger than this."""
 
 
 class CharonError(RuntimeError):
@@ -102,6 +104,10 @@ charon {{
             append = yes
             flush_line = yes
             default = 1
+            # packet-by-packet lines would fill the file (a DPD exchange every
+            # few seconds per peer); the agent gets every line over VICI anyway
+            net = 0
+            enc = 0
         }}
     }}
     syslog {{
@@ -140,6 +146,12 @@ class Charon:
 
     # -- process ---------------------------------------------------------------
 
+    def _rotate_log(self) -> None:
+        """charon appends to its log for ever: at each start keep one older file."""
+        with contextlib.suppress(OSError):
+            if self.log_file.stat().st_size > LOG_LIMIT:
+                os.replace(self.log_file, self.log_file.with_suffix(".log.1"))
+
     def _prepare_files(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
@@ -171,6 +183,7 @@ class Charon:
         self.settings = settings
         self._disconnect()  # a session to an earlier daemon is dead
         await asyncio.to_thread(self.kill_stale)
+        self._rotate_log()
         self._prepare_files()
         prefix = ["ip", "netns", "exec", self.sp_netns] if self.sp_netns else []
         argv = [
