@@ -1066,3 +1066,22 @@ def test_a_start_moves_an_oversized_charon_log_aside(tmp_path: Path) -> None:
     charon._rotate_log()
     assert not charon.log_file.exists()
     assert (charon.dir / "charon.log.1").stat().st_size == LOG_LIMIT + 1
+
+
+def test_the_lines_of_one_ike_sa_are_read_back_from_charons_log(tmp_path: Path) -> None:
+    from nc_agent.ike.charon import Charon
+
+    charon = Charon(tmp_path, None)
+    charon.dir.mkdir()
+    charon.log_file.write_text(
+        "2026-11-27T08:06:55 16[IKE] <site-2|4> initiating IKE_SA site-2[4] to 198.51.100.6\n"
+        "2026-11-27T08:06:55 11[IKE] <14> 198.51.100.6 is initiating an IKE_SA\n"
+        "2026-11-27T08:06:55 05[IKE] <site-2|4> received AUTHENTICATION_FAILED notify error\n"
+        "2026-11-27T08:06:55 05[IKE] <site-3|44> giving up after 3 retransmits\n"
+    )
+    assert charon.lines_of("4") == [
+        "initiating IKE_SA site-2[4] to 198.51.100.6",
+        "received AUTHENTICATION_FAILED notify error",
+    ]
+    assert charon.lines_of("14") == ["198.51.100.6 is initiating an IKE_SA"]
+    assert charon.lines_of("7") == []

@@ -24,6 +24,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -44,7 +45,9 @@ PLUGINS = (
     "constraints revocation kdf kernel-netlink socket-default vici"
 )
 VICI_SOCKET = "charon.vici"
-EVENTS = ("ike-updown", "child-updown", "ike-rekey", "child-rekey", "log")
+EVENTS = ("ike-updown", "child-updown", "ike-rekey", "child-rekey")
+LOG_TAIL = 256 << 10
+"""How much of the end of charon.log is searched for an IKE_SA's lines."""
 PR_SET_PDEATHSIG = 1
 LOG_LIMIT = 16 << 20
 """charon.log is moved to charon.log.1 at a start when it is bigger than this."""
@@ -105,7 +108,7 @@ charon {{
             flush_line = yes
             default = 1
             # packet-by-packet lines would fill the file (a DPD exchange every
-            # few seconds per peer); the agent gets every line over VICI anyway
+            # few seconds per peer); the failure reasons are in the IKE lines
             net = 0
             enc = 0
         }}
@@ -240,6 +243,21 @@ class Charon:
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
+
+    def lines_of(self, unique_id: str, count: int = 12) -> list[str]:
+        """The last ``count`` messages charon logged for one IKE_SA (blocking).
+
+        charon names the IKE_SA in every line (``ike_name = yes``: ``<conn|id>``, or
+        ``<id>`` before a connection is chosen); only the end of the file is read."""
+        try:
+            with self.log_file.open("rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - LOG_TAIL))
+                tail = f.read().decode(errors="replace")
+        except OSError:
+            return []
+        marker = re.compile(rf"<(?:[^|>]*\|)?{re.escape(unique_id)}> (.*)$")
+        found = [m.group(1) for line in tail.splitlines() if (m := marker.search(line))]
+        return found[-count:]
 
     # -- VICI ------------------------------------------------------------------
 

@@ -34,7 +34,6 @@ import contextlib
 import ipaddress
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -54,11 +53,9 @@ RECHECK = 2.0
 """While the peer's own attempt is in progress, look again after this long."""
 CHILD_GRACE = 5.0
 """An IKE_SA this CE initiated must have its CHILD_SA this soon after coming up."""
-LOG_MEMORY = 12
-"""Log messages kept per IKE_SA for the failure reason."""
 LOG_SETTLE = 0.3
-"""charon's events and log lines come from different threads: wait this long for the
-log lines of a failed IKE_SA before naming the reason."""
+"""charon's events and its log lines come from different threads: wait this long for
+the log lines of a failed IKE_SA before naming the reason."""
 
 PEER_RESTARTED = "the peer restarted its IKE daemon (INITIAL_CONTACT): its old SAs were deleted"
 
@@ -116,7 +113,6 @@ class IkeManager:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listener: EventListener | None = None
         self._watcher: asyncio.Task[None] | None = None
-        self._logs: dict[str, deque[str]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._crashes = 0
         self._stopping = False
@@ -488,7 +484,8 @@ class IkeManager:
         peer = self.peers.get(name)
         if peer is None or not self.charon.running:
             return
-        reason = self._down_reason(name, gone, child_only)
+        lines = await asyncio.to_thread(self.charon.lines_of, text(gone.get("uniqueid")))
+        reason = self._down_reason(name, gone, child_only, lines)
         try:
             sas = (await asyncio.to_thread(self.charon.list_sas, name)).get(name, [])
         except (CharonError, OSError):
@@ -536,7 +533,9 @@ class IkeManager:
         mine = [sa for sa in sas if _flag(sa.get("initiator"))]
         if not mine:
             return
-        messages = [m for sa in mine for m in self._logs.get(text(sa.get("uniqueid")), ())]
+        messages = []
+        for sa in mine:
+            messages += await asyncio.to_thread(self.charon.lines_of, text(sa.get("uniqueid")))
         reason = failure_reason(messages)
         if reason.startswith("the negotiation failed"):
             reason = "the IKE_SA came up but the CHILD_SA was not established"
@@ -559,9 +558,6 @@ class IkeManager:
             loop.call_soon_threadsafe(self._on_event, kind, message)
 
     def _on_event(self, kind: str, message: Any) -> None:
-        if kind == "log":
-            self._remember(message)
-            return
         if kind not in ("ike-updown", "child-updown"):
             return
         up = _flag(message.get("up"))
@@ -578,23 +574,24 @@ class IkeManager:
                 if _flag(sa.get("initiator")):
                     self._spawn(self._expect_child(name))
             elif text(sa.get("state")) == "CONNECTING":
-                # charon's log lines for this IKE_SA may still be on their way.
-                assert self._loop is not None
-                self._loop.call_later(LOG_SETTLE, self._attempt_failed, name, sa)
+                self._spawn(self._attempt_failed(name, sa))
             else:
                 self._spawn(self._check(name, sa))
 
-    def _attempt_failed(self, name: str, sa: Any) -> None:
+    async def _attempt_failed(self, name: str, sa: Any) -> None:
+        await asyncio.sleep(LOG_SETTLE)  # charon's log lines for it may still come
         if name not in self.peers:
             return
-        reason = failure_reason(list(self._logs.pop(text(sa.get("uniqueid")), ())))
+        lines = await asyncio.to_thread(self.charon.lines_of, text(sa.get("uniqueid")))
+        reason = failure_reason(lines)
+        if name not in self.peers:
+            return
         if _flag(sa.get("initiator")):
             self._failed(name, reason, late=LOG_SETTLE)
         else:
             self.health[name].peer_failed(_now(), f"the peer's attempt failed: {reason}")
 
-    def _down_reason(self, name: str, sa: Any, child_only: bool) -> str:
-        messages = list(self._logs.get(text(sa.get("uniqueid")), ()))
+    def _down_reason(self, name: str, sa: Any, child_only: bool, messages: list[str]) -> str:
         joined = " ".join(messages[-4:]).lower()
         peer = self.peers[name]
         if "initial_contact" in joined:
@@ -608,20 +605,6 @@ class IkeManager:
         if "received delete" in joined:
             return "the peer deleted the SAs"
         return "the SAs were deleted"
-
-    def _remember(self, message: Any) -> None:
-        group = text(message.get("group", ""))
-        if group in ("NET", "ENC"):
-            return
-        sa_id = message.get("ikesa-uniqueid")
-        if sa_id is None:
-            return
-        self._logs.setdefault(text(sa_id), deque(maxlen=LOG_MEMORY)).append(
-            text(message.get("msg", ""))
-        )
-        if len(self._logs) > 4096:
-            for key in list(self._logs)[:1024]:
-                del self._logs[key]
 
     # -- alarms and notifications ----------------------------------------------
 

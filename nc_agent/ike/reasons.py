@@ -2,8 +2,9 @@
 
 charon reports a failed negotiation only as an IKE_SA that went down while
 still connecting; the why is in its log messages for that IKE_SA.  The
-agent keeps the last few messages of each IKE_SA and this module turns them
-into one sentence, naming the IKEv2 notify where there is one
+agent reads that IKE_SA's last lines back from charon's log
+(nc_agent.ike.charon.Charon.lines_of) and this module turns them into one
+sentence, naming the IKEv2 notify where there is one
 (AUTHENTICATION_FAILED, NO_PROPOSAL_CHOSEN, TS_UNACCEPTABLE) so it can be
 looked up in RFC 7296.
 """
