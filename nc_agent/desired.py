@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from nc_agent.dataplane.algorithms import ENCRYPTION, INTEGRITY
 from nc_agent.dataplane.links import Tunnel, device_name, tunnel_mtu
 from nc_agent.dataplane.xfrm import OWNED_REQIDS, SA, Algorithm, Lifetime, Policy
 from nc_agent.ike.connections import (
@@ -44,29 +45,6 @@ GUARD_PRIORITY = 0x0CE0_0000
 """Lower values win in the kernel: the guard only catches what no peer policy covers."""
 GUARD_REQID = OWNED_REQIDS[-1]
 """Never given to a peer: marks the guard policy as cevpn's (its template carries it)."""
-
-# cevpn-types identity -> (kind, kernel algorithm name, ICV or truncation bits)
-ENCRYPTION: Mapping[str, tuple[Literal["aead", "enc"], str, int]] = {
-    "encr-aes-gcm-16-128": ("aead", "rfc4106(gcm(aes))", 128),
-    "encr-aes-gcm-16-192": ("aead", "rfc4106(gcm(aes))", 128),
-    "encr-aes-gcm-16-256": ("aead", "rfc4106(gcm(aes))", 128),
-    "encr-aes-ccm-16-128": ("aead", "rfc4309(ccm(aes))", 128),
-    "encr-aes-ccm-16-256": ("aead", "rfc4309(ccm(aes))", 128),
-    "encr-chacha20-poly1305": ("aead", "rfc7539esp(chacha20,poly1305)", 128),
-    "encr-aes-cbc-128": ("enc", "cbc(aes)", 0),
-    "encr-aes-cbc-192": ("enc", "cbc(aes)", 0),
-    "encr-aes-cbc-256": ("enc", "cbc(aes)", 0),
-    "encr-aes-ctr-128": ("enc", "rfc3686(ctr(aes))", 0),
-    "encr-aes-ctr-256": ("enc", "rfc3686(ctr(aes))", 0),
-    "encr-3des": ("enc", "cbc(des3_ede)", 0),
-}
-INTEGRITY: Mapping[str, tuple[str, int]] = {
-    "auth-hmac-sha1-96": ("hmac(sha1)", 96),
-    "auth-aes-xcbc-96": ("xcbc(aes)", 96),
-    "auth-hmac-sha2-256-128": ("hmac(sha256)", 128),
-    "auth-hmac-sha2-384-192": ("hmac(sha384)", 192),
-    "auth-hmac-sha2-512-256": ("hmac(sha512)", 256),
-}
 
 
 class ConfigProblem(Exception):

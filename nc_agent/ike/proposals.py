@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from nc_agent.dataplane.algorithms import AEAD
+
 PREFIX = "cevpn-types:"
 
 ENCRYPTION: Mapping[str, str] = {
@@ -27,16 +29,6 @@ ENCRYPTION: Mapping[str, str] = {
     "encr-aes-ccm-16-256": "aes256ccm16",
     "encr-chacha20-poly1305": "chacha20poly1305",
 }
-AEAD = frozenset(
-    {
-        "encr-aes-gcm-16-128",
-        "encr-aes-gcm-16-192",
-        "encr-aes-gcm-16-256",
-        "encr-aes-ccm-16-128",
-        "encr-aes-ccm-16-256",
-        "encr-chacha20-poly1305",
-    }
-)
 INTEGRITY: Mapping[str, str] = {
     "auth-hmac-sha1-96": "sha1",
     "auth-aes-xcbc-96": "aesxcbc",
