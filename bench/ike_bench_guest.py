@@ -24,7 +24,7 @@ from lxml import etree
 
 from nc_agent.allocations import Allocations
 from nc_agent.desired import compile_desired
-from nc_agent.ike.charon import CHARON, Charon, CharonSettings, _die_with_parent, render_conf, text
+from nc_agent.ike.charon import Charon, CharonSettings, die_with_parent, text
 from nc_agent.ike.connections import IkePeer
 from nc_core.schema import ce_schema
 from tests.lab.agent_scenarios import CE, Agent, T, config, preconfiguration
@@ -85,41 +85,29 @@ def sh(*argv: str, stdin: str | None = None) -> str:
 
 
 class BareCharon:
-    """A charon started exactly the way nc_agent.ike.charon.Charon.start does it (own
-    strongswan.conf from render_conf, private /run), without an agent."""
+    """A charon started exactly the way nc_agent.ike.charon.Charon.start does it (its
+    write_config, command and environment), without an agent."""
 
-    def __init__(self, state: Path, netns: str, settings: CharonSettings, extra: str = "") -> None:
-        self.vici = Charon(state, None)  # paths and VICI sessions only
+    def __init__(self, state: Path, netns: str, settings: CharonSettings) -> None:
+        self.vici = Charon(state, netns)  # paths, command line, VICI sessions
         self.netns = netns
         self.settings = settings
-        self.extra = extra
-        """strongswan.conf lines added to the charon section (the responder only)."""
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> float:
         """Start and wait for the VICI socket; returns how long that took."""
         v = self.vici
         v.kill_stale()
-        v.run_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(v.dir, 0o700)
-        conf = render_conf(v.run_dir, v.log_file, self.settings)
-        if self.extra:
-            conf = conf.replace("charon {\n", "charon {\n" + self.extra, 1)
-        v.conf.write_text(conf)
-        argv = [
-            "ip", "netns", "exec", self.netns,
-            "unshare", "--mount", "--propagation", "private",
-            "sh", "-c", 'mount --bind "$0" /run && exec "$1"', str(v.run_dir), CHARON,
-        ]  # fmt: skip
+        v.write_config(self.settings)
         with open(v.dir / "charon.stdout", "ab") as out:
             t0 = time.perf_counter()
             self.proc = subprocess.Popen(
-                argv,
-                env=dict(os.environ, STRONGSWAN_CONF=str(v.conf)),
+                v.command(),
+                env=v.environment(),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         deadline = t0 + timeout
         while True:
@@ -139,7 +127,7 @@ class BareCharon:
 
     def stop(self) -> None:
         v = self.vici
-        v._disconnect()
+        v.disconnect()
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
@@ -302,7 +290,7 @@ class Poller:
                 sas = self.charon.list_sas()
             except Exception:  # no charon yet (the agent starts it), or it restarted
                 self.errors += 1
-                self.charon._disconnect()
+                self.charon.disconnect()
                 self._stop.wait(POLL)
                 continue
             now = time.perf_counter() - self.t0
@@ -324,7 +312,7 @@ class Poller:
         self._thread.join(timeout)
         self._stop.set()
         self._thread.join(5)
-        self.charon._disconnect()
+        self.charon.disconnect()
 
     def summary(self) -> dict[str, Any]:
         states = {

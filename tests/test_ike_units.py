@@ -782,7 +782,6 @@ def test_retransmission_timeout_never_goes_below_half_a_second() -> None:
 
 def render(settings: CharonSettings | None = None) -> str:
     return render_conf(
-        Path("/var/lib/cevpn/ike/run"),
         Path("/var/lib/cevpn/ike/charon.log"),
         settings or CharonSettings.for_dpd_timeout(150),
     )

@@ -77,8 +77,7 @@ class CharonSettings:
         return cls(max(0.5, round(seconds / total, 2)), base, tries)
 
 
-def render_conf(run_dir: Path, log_file: Path, settings: CharonSettings) -> str:
-    del run_dir  # charon sees it as /run
+def render_conf(log_file: Path, settings: CharonSettings) -> str:
     return f"""# Written by the cevpn agent; rewritten on every start.
 charon {{
     load_modular = no
@@ -122,7 +121,7 @@ charon {{
 """
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
@@ -155,14 +154,33 @@ class Charon:
             if self.log_file.stat().st_size > LOG_LIMIT:
                 os.replace(self.log_file, self.log_file.with_suffix(".log.1"))
 
-    def _prepare_files(self) -> None:
+    def write_config(self, settings: CharonSettings) -> None:
+        """The state directory's ike/ tree and a strongswan.conf for ``settings``."""
+        self.settings = settings
         self.run_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
         if not self.log_file.exists():
             fd = os.open(self.log_file, os.O_CREAT | os.O_WRONLY, 0o600)
             os.close(fd)
-        self.conf.write_text(render_conf(self.run_dir, self.log_file, self.settings))
+        self.conf.write_text(render_conf(self.log_file, settings))
         os.chmod(self.conf, 0o600)
+
+    def reconfigure(self, settings: CharonSettings) -> None:
+        """New settings for the running charon (blocking): rewrite and reload."""
+        self.write_config(settings)
+        self.request("reload-settings")
+
+    def command(self) -> list[str]:
+        """How charon is run: in the SP namespace, with ike/run over /run."""
+        prefix = ["ip", "netns", "exec", self.sp_netns] if self.sp_netns else []
+        return [
+            *prefix,
+            "unshare", "--mount", "--propagation", "private",
+            "sh", "-c", 'mount --bind "$0" /run && exec "$1"', str(self.run_dir), CHARON,
+        ]  # fmt: skip
+
+    def environment(self) -> dict[str, str]:
+        return dict(os.environ, STRONGSWAN_CONF=str(self.conf))
 
     def kill_stale(self) -> None:
         """A charon left by an earlier agent run (its pid file is ours): kill it."""
@@ -183,27 +201,19 @@ class Charon:
 
     async def start(self, settings: CharonSettings, timeout: float = 30.0) -> None:
         """Start charon (on the event loop's thread: the death signal follows that thread)."""
-        self.settings = settings
-        self._disconnect()  # a session to an earlier daemon is dead
+        self.disconnect()  # a session to an earlier daemon is dead
         await asyncio.to_thread(self.kill_stale)
         self._rotate_log()
-        self._prepare_files()
-        prefix = ["ip", "netns", "exec", self.sp_netns] if self.sp_netns else []
-        argv = [
-            *prefix,
-            "unshare", "--mount", "--propagation", "private",
-            "sh", "-c", 'mount --bind "$0" /run && exec "$1"', str(self.run_dir), CHARON,
-        ]  # fmt: skip
-        env = dict(os.environ, STRONGSWAN_CONF=str(self.conf))
+        self.write_config(settings)
         out = open(self.dir / "charon.stdout", "ab")  # handed to the child
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                *argv,
-                env=env,
+                *self.command(),
+                env=self.environment(),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         finally:
             out.close()
@@ -227,7 +237,7 @@ class Charon:
                 await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
-        self._disconnect()
+        self.disconnect()
         proc, self.proc = self.proc, None
         if proc is None or proc.returncode is not None:
             return
@@ -279,7 +289,7 @@ class Charon:
             if self._session is None:
                 self._session = self.open_session()
 
-    def _disconnect(self) -> None:
+    def disconnect(self) -> None:
         with self._lock:
             session, self._session = self._session, None
         if session is not None:

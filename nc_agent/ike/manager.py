@@ -36,7 +36,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from nc_agent.ike.charon import Charon, CharonError, CharonSettings, EventListener, text
@@ -44,6 +44,8 @@ from nc_agent.ike.connections import Credentials, IkePeer
 from nc_agent.ike.health import ALARM_TYPE, TunnelHealth
 from nc_agent.ike.reasons import failure_reason
 from nc_agent.ike.retry import RetryPolicy
+from nc_core.notifications import date_and_time
+from nc_core.notifications import now as utc_now
 
 log = logging.getLogger("cevpn.ike")
 
@@ -78,10 +80,6 @@ class Alarm:
     severity: str
     raised_at: datetime
     text: str
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _flag(value: Any) -> bool:
@@ -183,7 +181,7 @@ class IkeManager:
         delay = min(2 ** (self._crashes - 1), 30) if self._crashes > 1 else 0
         reason = f"the IKE daemon exited (status {status}); the agent restarts it"
         log.warning("%s in %.0f s", reason, delay)
-        now = _now()
+        now = utc_now()
         for name in self.peers:
             self._cancel(name)
             if self.health[name].down(now, reason):
@@ -215,7 +213,7 @@ class IkeManager:
         async with self._lock:
             previous = (dict(self.peers), self.credentials, self.policy)
             self.peers, self.credentials, self.policy = dict(peers), credentials, policy
-            now = _now()
+            now = utc_now()
             added = [name for name in self.peers if name not in self.health]
             for name, peer in self.peers.items():
                 if name in added:
@@ -247,9 +245,7 @@ class IkeManager:
     async def _sync(self, before: set[str]) -> None:
         """Bring charon from ``self.loaded`` to ``self.peers`` (lock held)."""
         if self.charon.settings != self.settings() and self.charon.running:
-            self.charon.settings = self.settings()
-            self.charon._prepare_files()
-            await asyncio.to_thread(self.charon.request, "reload-settings")
+            await asyncio.to_thread(self.charon.reconfigure, self.settings())
         if self.credentials != self.loaded_credentials:
             await asyncio.to_thread(self._load_credentials)
         changed = [p for n, p in self.peers.items() if self.loaded.get(n) != p]
@@ -340,8 +336,8 @@ class IkeManager:
         if peer is None:
             return
         health = self.health[name]
-        if health.idle(_now()) and not first:
-            self._announce_status(name)
+        if health.idle(utc_now()) and not first:
+            self._log_status(name)
         if not peer.permanent:
             return
         if first and self._leader(peer):
@@ -394,8 +390,8 @@ class IkeManager:
         """Ask charon to negotiate now (its outcome arrives as events)."""
         if name not in self.peers or not self.charon.running:
             return
-        if self.health[name].attempt(_now()):
-            self._announce_status(name)
+        if self.health[name].attempt(utc_now()):
+            self._log_status(name)
         try:
             await asyncio.to_thread(
                 self.charon.streamed,
@@ -416,8 +412,8 @@ class IkeManager:
         with contextlib.suppress(CharonError, OSError):
             await asyncio.to_thread(self.charon.request, "install", {"child": name, "ike": name})
             self._untrapped.discard(name)
-        if self.health[name].idle(_now()):
-            self._announce_status(name)
+        if self.health[name].idle(utc_now()):
+            self._log_status(name)
 
     def _failed(self, name: str, reason: str, late: float = 0.0) -> None:
         """An attempt failed ``late`` seconds ago: the schedule counts from the failure."""
@@ -425,7 +421,7 @@ class IkeManager:
         if peer is None:
             return
         health = self.health[name]
-        now = _now() - timedelta(seconds=late)
+        now = utc_now() - timedelta(seconds=late)
         outcome = health.failed(now, reason)
         if outcome is None:
             log.info("IKE with peer %s failed again during the back-off: %s", name, reason)
@@ -442,7 +438,7 @@ class IkeManager:
                 "peer-address": peer.remote,
                 "reason": reason,
                 "retry-count": str(health.failures),
-                **({"next-attempt": _stamp(next_at)} if next_at else {}),
+                **({"next-attempt": date_and_time(next_at, "seconds")} if next_at else {}),
             },
         )
         if outcome.raise_alarm:
@@ -465,7 +461,7 @@ class IkeManager:
         if peer is None:
             return
         self._cancel(name)
-        changed, clear = self.health[name].up(_now())
+        changed, clear = self.health[name].up(utc_now())
         if changed:
             children = [c for sa in sas for c in _children(sa)]
             child = next((c for c in children if _installed(c)), children[0] if children else {})
@@ -495,11 +491,11 @@ class IkeManager:
             if reason == PEER_RESTARTED and health.status == "up":
                 # A restarted peer replaced its SAs before DPD could notice: still an
                 # outage, reported as one (down, then up with the new SAs).
-                health.down(_now(), reason)
+                health.down(utc_now(), reason)
                 self._announce_down(name, reason)
                 self._came_up(name, sas)
             return
-        if health.status == "up" and health.down(_now(), reason):
+        if health.status == "up" and health.down(utc_now(), reason):
             self._announce_down(name, reason)
         if peer.permanent:
             if name not in self._timers:
@@ -514,8 +510,8 @@ class IkeManager:
                     "control-log",
                     {"ike": name, "timeout": "-1", "loglevel": "-1"},
                 )
-        if name not in self._untrapped and health.idle(_now()):
-            self._announce_status(name)
+        if name not in self._untrapped and health.idle(utc_now()):
+            self._log_status(name)
 
     async def _expect_child(self, name: str) -> None:
         """The IKE_SA came up: without a CHILD_SA soon, the attempt failed after all."""
@@ -589,7 +585,7 @@ class IkeManager:
         if _flag(sa.get("initiator")):
             self._failed(name, reason, late=LOG_SETTLE)
         else:
-            self.health[name].peer_failed(_now(), f"the peer's attempt failed: {reason}")
+            self.health[name].peer_failed(utc_now(), f"the peer's attempt failed: {reason}")
 
     def _down_reason(self, name: str, sa: Any, child_only: bool, messages: list[str]) -> str:
         joined = " ".join(messages[-4:]).lower()
@@ -609,7 +605,7 @@ class IkeManager:
     # -- alarms and notifications ----------------------------------------------
 
     def _raise_alarm(self, name: str, peer: IkePeer, reason: str) -> None:
-        now = _now()
+        now = utc_now()
         words = (
             f"IKE with peer {name} ({peer.remote}) has failed {self.health[name].failures} "
             f"times and the retry back-off reached its limit of {self.policy.limit:.0f} s: "
@@ -640,13 +636,9 @@ class IkeManager:
             return
         self.notify("tunnel-down", peer=name, **{"peer-address": peer.remote, "reason": reason})
 
-    def _announce_status(self, name: str) -> None:
+    def _log_status(self, name: str) -> None:
         """Status changes without an SA event (armed, retrying) are visible in <get> only."""
         log.debug("peer %s: %s", name, self.health[name].status)
-
-
-def _stamp(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _children(sa: Mapping[Any, Any]) -> list[Mapping[Any, Any]]:
