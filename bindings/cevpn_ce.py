@@ -6617,7 +6617,7 @@ class yc_state_cevpn_ce__ce_peer_state(PybindBase):
 
   YANG Description: Live state of the tunnel to this peer.
   """
-  __slots__ = ('_path_helper', '_extmethods', '__status','__status_since','__device','__outbound_spi','__inbound_spi','__in_octets','__in_packets','__out_octets','__out_packets','__in_errors','__established_at','__last_error','__last_error_at','__retry_count','__next_attempt',)
+  __slots__ = ('_path_helper', '_extmethods', '__status','__status_since','__device','__outbound_spi','__inbound_spi','__in_octets','__in_packets','__out_octets','__out_packets','__in_errors','__established_at','__last_error','__last_error_at','__retry_count','__next_attempt','__routing_adjacency',)
 
   _yang_name = 'state'
   _yang_namespace = 'urn:cevpn:yang:cevpn-ce'
@@ -6653,6 +6653,7 @@ class yc_state_cevpn_ce__ce_peer_state(PybindBase):
     self.__last_error_at = YANGDynClass(base=RestrictedClassType(base_type=str, restriction_dict={'pattern': '\\d{4}-\\d{2}-\\d{2}T\\d{2}:\\d{2}:\\d{2}(\\.\\d+)?(Z|[\\+\\-]\\d{2}:\\d{2})'}), is_leaf=True, yang_name="last-error-at", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='yang:date-and-time', is_config=False)
     self.__retry_count = YANGDynClass(base=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), is_leaf=True, yang_name="retry-count", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='uint32', is_config=False)
     self.__next_attempt = YANGDynClass(base=RestrictedClassType(base_type=str, restriction_dict={'pattern': '\\d{4}-\\d{2}-\\d{2}T\\d{2}:\\d{2}:\\d{2}(\\.\\d+)?(Z|[\\+\\-]\\d{2}:\\d{2})'}), is_leaf=True, yang_name="next-attempt", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='yang:date-and-time', is_config=False)
+    self.__routing_adjacency = YANGDynClass(base=str, is_leaf=True, yang_name="routing-adjacency", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='string', is_config=False)
 
     load = kwargs.pop("load", None)
     if args:
@@ -7239,6 +7240,49 @@ up (seed 3.4).
   def _unset_next_attempt(self):
     self.__next_attempt = YANGDynClass(base=RestrictedClassType(base_type=str, restriction_dict={'pattern': '\\d{4}-\\d{2}-\\d{2}T\\d{2}:\\d{2}:\\d{2}(\\.\\d+)?(Z|[\\+\\-]\\d{2}:\\d{2})'}), is_leaf=True, yang_name="next-attempt", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='yang:date-and-time', is_config=False)
 
+
+  def _get_routing_adjacency(self):
+    """
+    Getter method for routing_adjacency, mapped from YANG variable /ce/peer/state/routing_adjacency (string)
+
+    YANG Description: With dynamic routing through this tunnel: the state of
+the OSPF adjacency over it as the routing daemon reports
+it ('Full/PtP' when routes are exchanged); absent while
+no neighbour is seen (seed 4.3).
+    """
+    return self.__routing_adjacency
+      
+  def _set_routing_adjacency(self, v, load=False):
+    """
+    Setter method for routing_adjacency, mapped from YANG variable /ce/peer/state/routing_adjacency (string)
+    If this variable is read-only (config: false) in the
+    source YANG file, then _set_routing_adjacency is considered as a private
+    method. Backends looking to populate this variable should
+    do so via calling thisObj._set_routing_adjacency() directly.
+
+    YANG Description: With dynamic routing through this tunnel: the state of
+the OSPF adjacency over it as the routing daemon reports
+it ('Full/PtP' when routes are exchanged); absent while
+no neighbour is seen (seed 4.3).
+    """
+    if hasattr(v, "_utype"):
+      v = v._utype(v)
+    try:
+      t = YANGDynClass(v,base=str, is_leaf=True, yang_name="routing-adjacency", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='string', is_config=False)
+    except (TypeError, ValueError):
+      raise ValueError({
+          'error-string': """routing_adjacency must be of a type compatible with string""",
+          'defined-type': "string",
+          'generated-type': """YANGDynClass(base=str, is_leaf=True, yang_name="routing-adjacency", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='string', is_config=False)""",
+        })
+
+    self.__routing_adjacency = t
+    if hasattr(self, '_set'):
+      self._set()
+
+  def _unset_routing_adjacency(self):
+    self.__routing_adjacency = YANGDynClass(base=str, is_leaf=True, yang_name="routing-adjacency", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='string', is_config=False)
+
   status = __builtin__.property(_get_status)
   status_since = __builtin__.property(_get_status_since)
   device = __builtin__.property(_get_device)
@@ -7254,9 +7298,10 @@ up (seed 3.4).
   last_error_at = __builtin__.property(_get_last_error_at)
   retry_count = __builtin__.property(_get_retry_count)
   next_attempt = __builtin__.property(_get_next_attempt)
+  routing_adjacency = __builtin__.property(_get_routing_adjacency)
 
 
-  _pyangbind_elements = OrderedDict([('status', status), ('status_since', status_since), ('device', device), ('outbound_spi', outbound_spi), ('inbound_spi', inbound_spi), ('in_octets', in_octets), ('in_packets', in_packets), ('out_octets', out_octets), ('out_packets', out_packets), ('in_errors', in_errors), ('established_at', established_at), ('last_error', last_error), ('last_error_at', last_error_at), ('retry_count', retry_count), ('next_attempt', next_attempt), ])
+  _pyangbind_elements = OrderedDict([('status', status), ('status_since', status_since), ('device', device), ('outbound_spi', outbound_spi), ('inbound_spi', inbound_spi), ('in_octets', in_octets), ('in_packets', in_packets), ('out_octets', out_octets), ('out_packets', out_packets), ('in_errors', in_errors), ('established_at', established_at), ('last_error', last_error), ('last_error_at', last_error_at), ('retry_count', retry_count), ('next_attempt', next_attempt), ('routing_adjacency', routing_adjacency), ])
 
 
 class yc_peer_cevpn_ce__ce_peer(PybindBase):
@@ -9705,6 +9750,372 @@ gateway.
   _pyangbind_elements = OrderedDict([('pre_configuration', pre_configuration), ('configuration_version', configuration_version), ('minimum_strength', minimum_strength), ('sa_defaults', sa_defaults), ('retry_policy', retry_policy), ('certificates', certificates), ('peer', peer), ('routing', routing), ('internet_access', internet_access), ('ingress_policy', ingress_policy), ])
 
 
+class yc_neighbor_cevpn_ce__ce_state_routing_neighbor(PybindBase):
+  """
+  This class was auto-generated by the PythonClass plugin for PYANG
+  from YANG module cevpn-ce - based on the path /ce-state/routing/neighbor. Each member element of
+  the container is represented as a class variable - with a specific
+  YANG type.
+
+  YANG Description: OSPF neighbours seen through the tunnels.
+  """
+  __slots__ = ('_path_helper', '_extmethods', '__router_id','__device','__state',)
+
+  _yang_name = 'neighbor'
+  _yang_namespace = 'urn:cevpn:yang:cevpn-ce'
+
+  _pybind_generated_by = 'container'
+
+  def __init__(self, *args, **kwargs):
+
+    helper = kwargs.pop("path_helper", None)
+    if helper is False:
+      self._path_helper = False
+    elif helper is not None and isinstance(helper, xpathhelper.YANGPathHelper):
+      self._path_helper = helper
+    elif hasattr(self, "_parent"):
+      helper = getattr(self._parent, "_path_helper", False)
+      self._path_helper = helper
+    else:
+      self._path_helper = False
+
+    self._extmethods = False
+    self.__router_id = YANGDynClass(base=RestrictedClassType(base_type=str, restriction_dict={'pattern': '(([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])\\.){3}([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])'}), is_leaf=True, yang_name="router-id", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, is_keyval=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='yang:dotted-quad', is_config=False)
+    self.__device = YANGDynClass(base=str, is_leaf=True, yang_name="device", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='string', is_config=False)
+    self.__state = YANGDynClass(base=str, is_leaf=True, yang_name="state", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='string', is_config=False)
+
+    load = kwargs.pop("load", None)
+    if args:
+      if len(args) > 1:
+        raise TypeError("cannot create a YANG container with >1 argument")
+      all_attr = True
+      for e in self._pyangbind_elements:
+        if not hasattr(args[0], e):
+          all_attr = False
+          break
+      if not all_attr:
+        raise ValueError("Supplied object did not have the correct attributes")
+      for e in self._pyangbind_elements:
+        nobj = getattr(args[0], e)
+        if nobj._changed() is False:
+          continue
+        setmethod = getattr(self, "_set_%s" % e)
+        if load is None:
+          setmethod(getattr(args[0], e))
+        else:
+          setmethod(getattr(args[0], e), load=load)
+
+  def _path(self):
+    if hasattr(self, "_parent"):
+      return self._parent._path()+[self._yang_name]
+    else:
+      return ['ce-state', 'routing', 'neighbor']
+
+  def _get_router_id(self):
+    """
+    Getter method for router_id, mapped from YANG variable /ce_state/routing/neighbor/router_id (yang:dotted-quad)
+
+    YANG Description: The neighbour's router ID.
+    """
+    return self.__router_id
+      
+  def _set_router_id(self, v, load=False):
+    """
+    Setter method for router_id, mapped from YANG variable /ce_state/routing/neighbor/router_id (yang:dotted-quad)
+    If this variable is read-only (config: false) in the
+    source YANG file, then _set_router_id is considered as a private
+    method. Backends looking to populate this variable should
+    do so via calling thisObj._set_router_id() directly.
+
+    YANG Description: The neighbour's router ID.
+    """
+    parent = getattr(self, "_parent", None)
+    if parent is not None and load is False:
+      raise AttributeError("Cannot set keys directly when" +
+                             " within an instantiated list")
+
+    if hasattr(v, "_utype"):
+      v = v._utype(v)
+    try:
+      t = YANGDynClass(v,base=RestrictedClassType(base_type=str, restriction_dict={'pattern': '(([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])\\.){3}([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])'}), is_leaf=True, yang_name="router-id", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, is_keyval=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='yang:dotted-quad', is_config=False)
+    except (TypeError, ValueError):
+      raise ValueError({
+          'error-string': """router_id must be of a type compatible with yang:dotted-quad""",
+          'defined-type': "yang:dotted-quad",
+          'generated-type': """YANGDynClass(base=RestrictedClassType(base_type=str, restriction_dict={'pattern': '(([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])\\.){3}([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])'}), is_leaf=True, yang_name="router-id", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, is_keyval=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='yang:dotted-quad', is_config=False)""",
+        })
+
+    self.__router_id = t
+    if hasattr(self, '_set'):
+      self._set()
+
+  def _unset_router_id(self):
+    self.__router_id = YANGDynClass(base=RestrictedClassType(base_type=str, restriction_dict={'pattern': '(([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])\\.){3}([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])'}), is_leaf=True, yang_name="router-id", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, is_keyval=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='yang:dotted-quad', is_config=False)
+
+
+  def _get_device(self):
+    """
+    Getter method for device, mapped from YANG variable /ce_state/routing/neighbor/device (string)
+
+    YANG Description: The tunnel device it is seen on.
+    """
+    return self.__device
+      
+  def _set_device(self, v, load=False):
+    """
+    Setter method for device, mapped from YANG variable /ce_state/routing/neighbor/device (string)
+    If this variable is read-only (config: false) in the
+    source YANG file, then _set_device is considered as a private
+    method. Backends looking to populate this variable should
+    do so via calling thisObj._set_device() directly.
+
+    YANG Description: The tunnel device it is seen on.
+    """
+    if hasattr(v, "_utype"):
+      v = v._utype(v)
+    try:
+      t = YANGDynClass(v,base=str, is_leaf=True, yang_name="device", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='string', is_config=False)
+    except (TypeError, ValueError):
+      raise ValueError({
+          'error-string': """device must be of a type compatible with string""",
+          'defined-type': "string",
+          'generated-type': """YANGDynClass(base=str, is_leaf=True, yang_name="device", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='string', is_config=False)""",
+        })
+
+    self.__device = t
+    if hasattr(self, '_set'):
+      self._set()
+
+  def _unset_device(self):
+    self.__device = YANGDynClass(base=str, is_leaf=True, yang_name="device", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='string', is_config=False)
+
+
+  def _get_state(self):
+    """
+    Getter method for state, mapped from YANG variable /ce_state/routing/neighbor/state (string)
+
+    YANG Description: Adjacency state, e.g. 'Full/PtP'.
+    """
+    return self.__state
+      
+  def _set_state(self, v, load=False):
+    """
+    Setter method for state, mapped from YANG variable /ce_state/routing/neighbor/state (string)
+    If this variable is read-only (config: false) in the
+    source YANG file, then _set_state is considered as a private
+    method. Backends looking to populate this variable should
+    do so via calling thisObj._set_state() directly.
+
+    YANG Description: Adjacency state, e.g. 'Full/PtP'.
+    """
+    if hasattr(v, "_utype"):
+      v = v._utype(v)
+    try:
+      t = YANGDynClass(v,base=str, is_leaf=True, yang_name="state", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='string', is_config=False)
+    except (TypeError, ValueError):
+      raise ValueError({
+          'error-string': """state must be of a type compatible with string""",
+          'defined-type': "string",
+          'generated-type': """YANGDynClass(base=str, is_leaf=True, yang_name="state", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='string', is_config=False)""",
+        })
+
+    self.__state = t
+    if hasattr(self, '_set'):
+      self._set()
+
+  def _unset_state(self):
+    self.__state = YANGDynClass(base=str, is_leaf=True, yang_name="state", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='string', is_config=False)
+
+  router_id = __builtin__.property(_get_router_id)
+  device = __builtin__.property(_get_device)
+  state = __builtin__.property(_get_state)
+
+
+  _pyangbind_elements = OrderedDict([('router_id', router_id), ('device', device), ('state', state), ])
+
+
+class yc_routing_cevpn_ce__ce_state_routing(PybindBase):
+  """
+  This class was auto-generated by the PythonClass plugin for PYANG
+  from YANG module cevpn-ce - based on the path /ce-state/routing. Each member element of
+  the container is represented as a class variable - with a specific
+  YANG type.
+
+  YANG Description: The VPN-space routing daemon, when routing is dynamic
+(seed 4.3).
+  """
+  __slots__ = ('_path_helper', '_extmethods', '__daemon','__neighbor','__learned_prefix',)
+
+  _yang_name = 'routing'
+  _yang_namespace = 'urn:cevpn:yang:cevpn-ce'
+
+  _pybind_generated_by = 'container'
+
+  def __init__(self, *args, **kwargs):
+
+    helper = kwargs.pop("path_helper", None)
+    if helper is False:
+      self._path_helper = False
+    elif helper is not None and isinstance(helper, xpathhelper.YANGPathHelper):
+      self._path_helper = helper
+    elif hasattr(self, "_parent"):
+      helper = getattr(self._parent, "_path_helper", False)
+      self._path_helper = helper
+    else:
+      self._path_helper = False
+
+    self._extmethods = False
+    self.__daemon = YANGDynClass(base=RestrictedClassType(base_type=str,                                     restriction_type="dict_key",                                     restriction_arg={'running': {}, 'not-running': {}},), is_leaf=True, yang_name="daemon", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='enumeration', is_config=False)
+    self.__neighbor = YANGDynClass(base=YANGListType("router_id",yc_neighbor_cevpn_ce__ce_state_routing_neighbor, yang_name="neighbor", parent=self, is_container='list', user_ordered=False, path_helper=self._path_helper, yang_keys='router-id', extensions=None), is_container='list', yang_name="neighbor", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, extensions=None, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='list', is_config=False)
+    self.__learned_prefix = YANGDynClass(unique=True, base=TypedListType(allowed_type=[RestrictedClassType(base_type=str, restriction_dict={'pattern': '(([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])\\.){3}([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])/(([0-9])|([1-2][0-9])|(3[0-2]))'}),RestrictedClassType(base_type=str, restriction_dict={'pattern': '((:|[0-9a-fA-F]{0,4}):)([0-9a-fA-F]{0,4}:){0,5}((([0-9a-fA-F]{0,4}:)?(:|[0-9a-fA-F]{0,4}))|(((25[0-5]|2[0-4][0-9]|[01]?[0-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|[01]?[0-9]?[0-9])))(/(([0-9])|([0-9]{2})|(1[0-1][0-9])|(12[0-8])))'}),]), is_leaf=False, yang_name="learned-prefix", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='cevpn-t:vpn-prefix', is_config=False)
+
+    load = kwargs.pop("load", None)
+    if args:
+      if len(args) > 1:
+        raise TypeError("cannot create a YANG container with >1 argument")
+      all_attr = True
+      for e in self._pyangbind_elements:
+        if not hasattr(args[0], e):
+          all_attr = False
+          break
+      if not all_attr:
+        raise ValueError("Supplied object did not have the correct attributes")
+      for e in self._pyangbind_elements:
+        nobj = getattr(args[0], e)
+        if nobj._changed() is False:
+          continue
+        setmethod = getattr(self, "_set_%s" % e)
+        if load is None:
+          setmethod(getattr(args[0], e))
+        else:
+          setmethod(getattr(args[0], e), load=load)
+
+  def _path(self):
+    if hasattr(self, "_parent"):
+      return self._parent._path()+[self._yang_name]
+    else:
+      return ['ce-state', 'routing']
+
+  def _get_daemon(self):
+    """
+    Getter method for daemon, mapped from YANG variable /ce_state/routing/daemon (enumeration)
+
+    YANG Description: Whether the routing daemon runs.
+    """
+    return self.__daemon
+      
+  def _set_daemon(self, v, load=False):
+    """
+    Setter method for daemon, mapped from YANG variable /ce_state/routing/daemon (enumeration)
+    If this variable is read-only (config: false) in the
+    source YANG file, then _set_daemon is considered as a private
+    method. Backends looking to populate this variable should
+    do so via calling thisObj._set_daemon() directly.
+
+    YANG Description: Whether the routing daemon runs.
+    """
+    if hasattr(v, "_utype"):
+      v = v._utype(v)
+    try:
+      t = YANGDynClass(v,base=RestrictedClassType(base_type=str,                                     restriction_type="dict_key",                                     restriction_arg={'running': {}, 'not-running': {}},), is_leaf=True, yang_name="daemon", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='enumeration', is_config=False)
+    except (TypeError, ValueError):
+      raise ValueError({
+          'error-string': """daemon must be of a type compatible with enumeration""",
+          'defined-type': "cevpn-ce:enumeration",
+          'generated-type': """YANGDynClass(base=RestrictedClassType(base_type=str,                                     restriction_type="dict_key",                                     restriction_arg={'running': {}, 'not-running': {}},), is_leaf=True, yang_name="daemon", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='enumeration', is_config=False)""",
+        })
+
+    self.__daemon = t
+    if hasattr(self, '_set'):
+      self._set()
+
+  def _unset_daemon(self):
+    self.__daemon = YANGDynClass(base=RestrictedClassType(base_type=str,                                     restriction_type="dict_key",                                     restriction_arg={'running': {}, 'not-running': {}},), is_leaf=True, yang_name="daemon", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='enumeration', is_config=False)
+
+
+  def _get_neighbor(self):
+    """
+    Getter method for neighbor, mapped from YANG variable /ce_state/routing/neighbor (list)
+
+    YANG Description: OSPF neighbours seen through the tunnels.
+    """
+    return self.__neighbor
+      
+  def _set_neighbor(self, v, load=False):
+    """
+    Setter method for neighbor, mapped from YANG variable /ce_state/routing/neighbor (list)
+    If this variable is read-only (config: false) in the
+    source YANG file, then _set_neighbor is considered as a private
+    method. Backends looking to populate this variable should
+    do so via calling thisObj._set_neighbor() directly.
+
+    YANG Description: OSPF neighbours seen through the tunnels.
+    """
+    if hasattr(v, "_utype"):
+      v = v._utype(v)
+    try:
+      t = YANGDynClass(v,base=YANGListType("router_id",yc_neighbor_cevpn_ce__ce_state_routing_neighbor, yang_name="neighbor", parent=self, is_container='list', user_ordered=False, path_helper=self._path_helper, yang_keys='router-id', extensions=None), is_container='list', yang_name="neighbor", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, extensions=None, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='list', is_config=False)
+    except (TypeError, ValueError):
+      raise ValueError({
+          'error-string': """neighbor must be of a type compatible with list""",
+          'defined-type': "list",
+          'generated-type': """YANGDynClass(base=YANGListType("router_id",yc_neighbor_cevpn_ce__ce_state_routing_neighbor, yang_name="neighbor", parent=self, is_container='list', user_ordered=False, path_helper=self._path_helper, yang_keys='router-id', extensions=None), is_container='list', yang_name="neighbor", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, extensions=None, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='list', is_config=False)""",
+        })
+
+    self.__neighbor = t
+    if hasattr(self, '_set'):
+      self._set()
+
+  def _unset_neighbor(self):
+    self.__neighbor = YANGDynClass(base=YANGListType("router_id",yc_neighbor_cevpn_ce__ce_state_routing_neighbor, yang_name="neighbor", parent=self, is_container='list', user_ordered=False, path_helper=self._path_helper, yang_keys='router-id', extensions=None), is_container='list', yang_name="neighbor", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, extensions=None, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='list', is_config=False)
+
+
+  def _get_learned_prefix(self):
+    """
+    Getter method for learned_prefix, mapped from YANG variable /ce_state/routing/learned_prefix (cevpn-t:vpn-prefix)
+
+    YANG Description: Prefixes learned from the other sites and installed in
+the VPN space.
+    """
+    return self.__learned_prefix
+      
+  def _set_learned_prefix(self, v, load=False):
+    """
+    Setter method for learned_prefix, mapped from YANG variable /ce_state/routing/learned_prefix (cevpn-t:vpn-prefix)
+    If this variable is read-only (config: false) in the
+    source YANG file, then _set_learned_prefix is considered as a private
+    method. Backends looking to populate this variable should
+    do so via calling thisObj._set_learned_prefix() directly.
+
+    YANG Description: Prefixes learned from the other sites and installed in
+the VPN space.
+    """
+    if hasattr(v, "_utype"):
+      v = v._utype(v)
+    try:
+      t = YANGDynClass(v,unique=True, base=TypedListType(allowed_type=[RestrictedClassType(base_type=str, restriction_dict={'pattern': '(([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])\\.){3}([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])/(([0-9])|([1-2][0-9])|(3[0-2]))'}),RestrictedClassType(base_type=str, restriction_dict={'pattern': '((:|[0-9a-fA-F]{0,4}):)([0-9a-fA-F]{0,4}:){0,5}((([0-9a-fA-F]{0,4}:)?(:|[0-9a-fA-F]{0,4}))|(((25[0-5]|2[0-4][0-9]|[01]?[0-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|[01]?[0-9]?[0-9])))(/(([0-9])|([0-9]{2})|(1[0-1][0-9])|(12[0-8])))'}),]), is_leaf=False, yang_name="learned-prefix", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='cevpn-t:vpn-prefix', is_config=False)
+    except (TypeError, ValueError):
+      raise ValueError({
+          'error-string': """learned_prefix must be of a type compatible with cevpn-t:vpn-prefix""",
+          'defined-type': "cevpn-t:vpn-prefix",
+          'generated-type': """YANGDynClass(unique=True, base=TypedListType(allowed_type=[RestrictedClassType(base_type=str, restriction_dict={'pattern': '(([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])\\.){3}([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])/(([0-9])|([1-2][0-9])|(3[0-2]))'}),RestrictedClassType(base_type=str, restriction_dict={'pattern': '((:|[0-9a-fA-F]{0,4}):)([0-9a-fA-F]{0,4}:){0,5}((([0-9a-fA-F]{0,4}:)?(:|[0-9a-fA-F]{0,4}))|(((25[0-5]|2[0-4][0-9]|[01]?[0-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|[01]?[0-9]?[0-9])))(/(([0-9])|([0-9]{2})|(1[0-1][0-9])|(12[0-8])))'}),]), is_leaf=False, yang_name="learned-prefix", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='cevpn-t:vpn-prefix', is_config=False)""",
+        })
+
+    self.__learned_prefix = t
+    if hasattr(self, '_set'):
+      self._set()
+
+  def _unset_learned_prefix(self):
+    self.__learned_prefix = YANGDynClass(unique=True, base=TypedListType(allowed_type=[RestrictedClassType(base_type=str, restriction_dict={'pattern': '(([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])\\.){3}([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])/(([0-9])|([1-2][0-9])|(3[0-2]))'}),RestrictedClassType(base_type=str, restriction_dict={'pattern': '((:|[0-9a-fA-F]{0,4}):)([0-9a-fA-F]{0,4}:){0,5}((([0-9a-fA-F]{0,4}:)?(:|[0-9a-fA-F]{0,4}))|(((25[0-5]|2[0-4][0-9]|[01]?[0-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|[01]?[0-9]?[0-9])))(/(([0-9])|([0-9]{2})|(1[0-1][0-9])|(12[0-8])))'}),]), is_leaf=False, yang_name="learned-prefix", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='cevpn-t:vpn-prefix', is_config=False)
+
+  daemon = __builtin__.property(_get_daemon)
+  neighbor = __builtin__.property(_get_neighbor)
+  learned_prefix = __builtin__.property(_get_learned_prefix)
+
+
+  _pyangbind_elements = OrderedDict([('daemon', daemon), ('neighbor', neighbor), ('learned_prefix', learned_prefix), ])
+
+
 class yc_alarm_cevpn_ce__ce_state_alarms_alarm(PybindBase):
   """
   This class was auto-generated by the PythonClass plugin for PYANG
@@ -10083,7 +10494,7 @@ class yc_ce_state_cevpn_ce__ce_state(PybindBase):
 
   YANG Description: State of the CE agent as a whole.
   """
-  __slots__ = ('_path_helper', '_extmethods', '__applied_version','__last_fetch','__last_fetch_error','__alarms',)
+  __slots__ = ('_path_helper', '_extmethods', '__routing','__applied_version','__last_fetch','__last_fetch_error','__alarms',)
 
   _yang_name = 'ce-state'
   _yang_namespace = 'urn:cevpn:yang:cevpn-ce'
@@ -10104,6 +10515,7 @@ class yc_ce_state_cevpn_ce__ce_state(PybindBase):
       self._path_helper = False
 
     self._extmethods = False
+    self.__routing = YANGDynClass(base=yc_routing_cevpn_ce__ce_state_routing, is_container='container', yang_name="routing", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, extensions=None, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='container', is_config=False)
     self.__applied_version = YANGDynClass(base=str, is_leaf=True, yang_name="applied-version", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='string', is_config=False)
     self.__last_fetch = YANGDynClass(base=RestrictedClassType(base_type=str, restriction_dict={'pattern': '\\d{4}-\\d{2}-\\d{2}T\\d{2}:\\d{2}:\\d{2}(\\.\\d+)?(Z|[\\+\\-]\\d{2}:\\d{2})'}), is_leaf=True, yang_name="last-fetch", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='yang:date-and-time', is_config=False)
     self.__last_fetch_error = YANGDynClass(base=str, is_leaf=True, yang_name="last-fetch-error", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='string', is_config=False)
@@ -10135,6 +10547,45 @@ class yc_ce_state_cevpn_ce__ce_state(PybindBase):
       return self._parent._path()+[self._yang_name]
     else:
       return ['ce-state']
+
+  def _get_routing(self):
+    """
+    Getter method for routing, mapped from YANG variable /ce_state/routing (container)
+
+    YANG Description: The VPN-space routing daemon, when routing is dynamic
+(seed 4.3).
+    """
+    return self.__routing
+      
+  def _set_routing(self, v, load=False):
+    """
+    Setter method for routing, mapped from YANG variable /ce_state/routing (container)
+    If this variable is read-only (config: false) in the
+    source YANG file, then _set_routing is considered as a private
+    method. Backends looking to populate this variable should
+    do so via calling thisObj._set_routing() directly.
+
+    YANG Description: The VPN-space routing daemon, when routing is dynamic
+(seed 4.3).
+    """
+    if hasattr(v, "_utype"):
+      v = v._utype(v)
+    try:
+      t = YANGDynClass(v,base=yc_routing_cevpn_ce__ce_state_routing, is_container='container', yang_name="routing", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, extensions=None, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='container', is_config=False)
+    except (TypeError, ValueError):
+      raise ValueError({
+          'error-string': """routing must be of a type compatible with container""",
+          'defined-type': "container",
+          'generated-type': """YANGDynClass(base=yc_routing_cevpn_ce__ce_state_routing, is_container='container', yang_name="routing", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, extensions=None, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='container', is_config=False)""",
+        })
+
+    self.__routing = t
+    if hasattr(self, '_set'):
+      self._set()
+
+  def _unset_routing(self):
+    self.__routing = YANGDynClass(base=yc_routing_cevpn_ce__ce_state_routing, is_container='container', yang_name="routing", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, extensions=None, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='container', is_config=False)
+
 
   def _get_applied_version(self):
     """
@@ -10289,13 +10740,14 @@ server (pull models, seed 3.5).
   def _unset_alarms(self):
     self.__alarms = YANGDynClass(base=yc_alarms_cevpn_ce__ce_state_alarms, is_container='container', yang_name="alarms", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, extensions=None, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='container', is_config=False)
 
+  routing = __builtin__.property(_get_routing)
   applied_version = __builtin__.property(_get_applied_version)
   last_fetch = __builtin__.property(_get_last_fetch)
   last_fetch_error = __builtin__.property(_get_last_fetch_error)
   alarms = __builtin__.property(_get_alarms)
 
 
-  _pyangbind_elements = OrderedDict([('applied_version', applied_version), ('last_fetch', last_fetch), ('last_fetch_error', last_fetch_error), ('alarms', alarms), ])
+  _pyangbind_elements = OrderedDict([('routing', routing), ('applied_version', applied_version), ('last_fetch', last_fetch), ('last_fetch_error', last_fetch_error), ('alarms', alarms), ])
 
 
 class cevpn_ce(PybindBase):

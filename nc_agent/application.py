@@ -5,9 +5,11 @@ Every commit of the running configuration is one transaction (nc_core):
   certificate material an IKE peer needs, the CE's SP address);
 - prepare: each new peer gets a reqid (its mark and device name follow);
 - apply: the kernel moves from the old state to the new one, fail-closed and
-  all-or-nothing, then charon is given the IKE peers (nc_agent.ike.manager);
-  a refusal by either answers an rpc-error naming the peer and the reason,
-  the kernel is moved back, and the datastore stays as it was;
+  all-or-nothing, then the edge (ingress policy, Internet gateway, routing
+  daemon: nc_agent.edge), then charon is given the IKE peers
+  (nc_agent.ike.manager); a refusal by any answers an rpc-error naming the
+  peer and the reason, the kernel is moved back, and the datastore stays as
+  it was;
 - abort: new reqids are released.
 At start-up the same code reconciles: whatever the kernel holds of ours is
 compared with running, stale objects are removed and missing ones added, so
@@ -32,12 +34,14 @@ from nc_agent.allocations import Allocations
 from nc_agent.bootstrap import CLIENT_KEY_FILE
 from nc_agent.dataplane.xfrm import OWNED_REQIDS, SAKey, SAState, XfrmEvents
 from nc_agent.desired import ConfigProblem, Desired, PeerObjects, compile_desired
+from nc_agent.edge import Edge, EdgeRefused
 from nc_agent.ike.charon import Charon, CharonError
 from nc_agent.ike.connections import IkePeer
 from nc_agent.ike.manager import IkeManager, IkeRefused
 from nc_agent.kernel import Kernel, KernelRefused, Observed, sa_key
 from nc_agent.own_key import OWN_KEY_FILE, certifies_own_key
 from nc_agent.pull import Puller, UnknownPeerWatch
+from nc_agent.routing.bird import RoutingError
 from nc_core.errors import RpcError
 from nc_core.notifications import date_and_time, now
 from nc_core.schema import CE_MODULES
@@ -106,6 +110,7 @@ class AgentApplication(Application):
         self.applied_version: str | None = None
         self.events: XfrmEvents | None = None
         self.ike: IkeManager | None = None
+        self.edge: Edge | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -124,6 +129,16 @@ class AgentApplication(Application):
                 flush_kernel=kernel.flush_reqids,
             )
         return self.ike
+
+    def _edge(self) -> Edge:
+        if self.edge is None:
+            assert self.vpn_netns is not None, "the edge needs a VPN namespace"
+            self.edge = Edge(self.state_dir, self.vpn_netns, self.sp_netns)
+        return self.edge
+
+    def _listen_port(self) -> int | None:
+        listener = getattr(getattr(self, "server", None), "listener", None)
+        return None if listener is None else int(listener.port)
 
     def _own_key_pem(self) -> str | None:
         path = self.state_dir / OWN_KEY_FILE
@@ -158,6 +173,8 @@ class AgentApplication(Application):
     async def stopping(self) -> None:
         if self.ike is not None:
             await self.ike.stop()
+        if self.edge is not None:
+            await self.edge.stop()
         if self.puller is not None:
             await self.puller.stop()
         if self.unknown_peers is not None:
@@ -301,12 +318,27 @@ class AgentApplication(Application):
                 path=path,
                 path_ns=ns,
             ) from None
+        # The edge once the tunnel devices exist (the routing daemon runs over them).
+        try:
+            await self._edge().apply(old, new, self._listen_port())
+        except EdgeRefused as exc:
+            if txn.reason == "startup":
+                log.error("the CE's edge could not be set up (retried at the next commit): %s", exc)
+            else:
+                await asyncio.to_thread(kernel.transition, new, old, set(self.lingering))
+                with contextlib.suppress(IkeRefused):
+                    await ike.apply(old.ike_peers(), old.credentials, old.retry)
+                raise RpcError(
+                    "operation-failed", f"The change could not be made: {exc}; nothing was changed."
+                ) from None
         # Additions last: a new peer's traps are installed once its device exists, so
         # nothing the kernel does while creating the device can start a negotiation.
         try:
             await self._ike_apply(ike, new.ike_peers(), new)
         except RpcError:
             if txn.reason != "startup":
+                with contextlib.suppress(EdgeRefused):
+                    await self._edge().apply(new, old, self._listen_port())
                 await asyncio.to_thread(kernel.transition, new, old, set(self.lingering))
                 with contextlib.suppress(IkeRefused):
                     await ike.apply(old.ike_peers(), old.credentials, old.retry)
@@ -456,8 +488,10 @@ class AgentApplication(Application):
                     **{"peer-address": peer.tunnel.remote, "reason": why},
                 )
 
-    def _ce_state(self) -> etree._Element:
+    def _ce_state(self, routing: etree._Element | None = None) -> etree._Element:
         ce_state = default_ns_element(CE_NS, "ce-state")
+        if routing is not None:
+            ce_state.append(routing)
         if self.applied_version:
             etree.SubElement(ce_state, _q("applied-version")).text = self.applied_version
         if self.puller is not None and self.puller.last_fetch:
@@ -493,11 +527,39 @@ class AgentApplication(Application):
         flag.text = "true" if changed else "false"
         return [applied, flag]
 
+    async def _routing_state(self) -> tuple[dict[str, str], etree._Element | None]:
+        """The OSPF adjacency on each tunnel device, and ce-state/routing (seed 4.3)."""
+        if self.edge is None or self.current.routing is None:
+            return {}, None
+        bird = self.edge.bird
+        element = etree.Element(_q("routing"))
+        running = bird.running
+        _leaf(element, "daemon", "running" if running else "not-running")
+        adjacency: dict[str, str] = {}
+        if not running:
+            return adjacency, element
+        try:
+            neighbors = await bird.neighbors()
+            learned = await bird.routes()
+        except RoutingError as exc:
+            log.warning("reading the routing daemon's state: %s", exc)
+            return adjacency, element
+        for neighbor in neighbors:
+            adjacency[neighbor.interface] = neighbor.state
+            entry = etree.SubElement(element, _q("neighbor"))
+            _leaf(entry, "router-id", neighbor.router_id)
+            _leaf(entry, "device", neighbor.interface)
+            _leaf(entry, "state", neighbor.state)
+        for prefix in sorted(set(learned)):
+            _leaf(element, "learned-prefix", prefix)
+        return adjacency, element
+
     async def operational(self, session: Session | None) -> list[etree._Element]:
         if not self.has_kernel:
             return [self._ce_state()]
         kernel = self._kernel()
         observed = await asyncio.to_thread(kernel.observe)
+        adjacency, routing = await self._routing_state()
         ce = default_ns_element(CE_NS, "ce")
         by_reqid: dict[int, list[SAState]] = {}
         for sa in observed.sas.values():
@@ -506,8 +568,16 @@ class AgentApplication(Application):
             entry = etree.SubElement(ce, _q("peer"))
             etree.SubElement(entry, _q("name")).text = name
             state = etree.SubElement(entry, _q("state"))
+            if peer.tunnel.name in adjacency:
+                # Last in the state container, whatever the keying fills in before it.
+                late = etree.Element(_q("routing-adjacency"))
+                late.text = adjacency[peer.tunnel.name]
+            else:
+                late = None
             if peer.ike is not None or peer.outbound is None or peer.inbound is None:
                 self._ike_state(state, peer, observed, by_reqid.get(peer.reqid, []))
+                if late is not None:
+                    state.append(late)
                 continue
             out_state = observed.sas.get(sa_key(peer.outbound))
             in_state = observed.sas.get(sa_key(peer.inbound))
@@ -535,7 +605,9 @@ class AgentApplication(Application):
                     ).replace("+00:00", "Z")
             if name in self.last_error:
                 etree.SubElement(state, _q("last-error")).text = self.last_error[name]
-        return [ce, self._ce_state()]
+            if late is not None:
+                state.append(late)
+        return [ce, self._ce_state(routing)]
 
     def _ike_state(
         self, state: etree._Element, peer: PeerObjects, observed: Observed, mine: list[SAState]

@@ -14,6 +14,9 @@ Kernel mapping (seed 5, ../shared/ARCHITECTURE.md):
 - IKE keying (seed 3.3, 3.4): the same tunnel device, but the SAs and
   policies are charon's, made under the peer's reqid (and mark); the peer
   carries its charon connection (nc_agent.ike.connections) instead of SAs.
+- the CE's edge (nc_agent.edge): the SP-side ingress policy (seed 6.2), the
+  Internet gateway link (seed 6.1) and the VPN-space routing daemon's plan
+  (seed 4.3) are computed here too, so one commit validates them all.
 - guard: an 'out' policy blocking every IP-in-IP packet from this CE's SP
   address that no peer policy covers, so an IP-in-IP device can never send
   in clear, whatever happens to a peer's policies (or to the IKE daemon);
@@ -28,6 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from nc_agent.dataplane.algorithms import ENCRYPTION, INTEGRITY
+from nc_agent.dataplane.gateway import GatewayLink
+from nc_agent.dataplane.ingress import IngressPolicy, policy_from_config
 from nc_agent.dataplane.links import Tunnel, device_name, tunnel_mtu
 from nc_agent.dataplane.xfrm import OWNED_REQIDS, SA, Algorithm, Lifetime, Policy
 from nc_agent.ike.connections import (
@@ -39,6 +44,12 @@ from nc_agent.ike.connections import (
     merge_sa_information,
 )
 from nc_agent.ike.retry import RetryPolicy
+from nc_agent.routing.bird_config import (
+    RoutingConfigProblem,
+    RoutingPlan,
+    plan_from_config,
+    router_id,
+)
 
 PEER_PRIORITY = 1000
 GUARD_PRIORITY = 0x0CE0_0000
@@ -79,6 +90,11 @@ class Desired:
     guard: tuple[Policy, ...] = ()
     credentials: Credentials = field(default_factory=Credentials)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    ingress: IngressPolicy | None = None
+    """The SP-side filter; its ``sp_interface`` is "" when the configuration names none
+    (the edge finds the interface holding the SP address)."""
+    gateway: GatewayLink | None = None
+    routing: RoutingPlan | None = None
 
     def sas(self) -> set[SA]:
         return {sa for p in self.peers.values() for sa in (p.outbound, p.inbound) if sa is not None}
@@ -211,7 +227,7 @@ def compile_desired(
         raise ConfigProblem(
             "Peers need this CE's own SP address: set pre-configuration/sp-address."
         )
-    router_id = ce.get("routing", {}).get("router-id")
+    router_id = _tunnel_address(ce)
     sa_defaults = ce.get("sa-defaults", {})
     for peer in peers:
         name = peer["name"]
@@ -265,7 +281,11 @@ def compile_desired(
             policies=policies,
             rekey_grace=int(ikeless.get("rekey-grace", 30)),
         )
+    desired.routing = _routing(ce, desired)
+    if ce.get("internet-access", {}).get("role") == "integrated-gateway":
+        desired.gateway = GatewayLink()
     if local:
+        desired.ingress = policy_from_config(ce, str(pre.get("sp-interface", "")))
         desired.guard = (
             Policy("out", f"{local}/32", "0.0.0.0/0", proto=4, priority=GUARD_PRIORITY,
                    reqid=GUARD_REQID, action="block"),
@@ -273,3 +293,36 @@ def compile_desired(
                    reqid=GUARD_REQID, action="block"),
         )  # fmt: skip
     return desired
+
+
+def _routing(ce: Mapping[str, Any], desired: Desired) -> RoutingPlan | None:
+    """The routing daemon's plan (seed 4.3); a tunnel asking for dynamic routing on a CE
+    whose routing is static is refused rather than silently left without it."""
+    protocol = ce.get("routing", {}).get("dynamic", {}).get("protocol", "none")
+    if protocol == "none":
+        for peer in ce.get("peer", []):
+            if peer.get("enabled", True) and peer.get("tunnel", {}).get("dynamic-routing"):
+                raise ConfigProblem(
+                    "Dynamic routing through this tunnel needs a routing protocol: set "
+                    "routing/dynamic/protocol (draft-ietf-l3vpn-ce-based-02, Section 4.3) "
+                    "or turn the tunnel's dynamic-routing off.",
+                    peer["name"],
+                )
+        return None
+    try:
+        return plan_from_config(ce, {n: p.tunnel.name for n, p in desired.peers.items()})
+    except RoutingConfigProblem as exc:
+        raise ConfigProblem(str(exc)) from None
+
+
+def _tunnel_address(ce: Mapping[str, Any]) -> str | None:
+    """The /32 on every tunnel device: the router ID, which OSPF needs on its unnumbered
+    point-to-point interfaces (derived when routing is dynamic and none is configured)."""
+    routing = ce.get("routing", {})
+    if routing.get("dynamic", {}).get("protocol", "none") == "none":
+        configured = routing.get("router-id")
+        return str(configured) if configured else None
+    try:
+        return router_id(ce)
+    except RoutingConfigProblem as exc:
+        raise ConfigProblem(str(exc)) from None

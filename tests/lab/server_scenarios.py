@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -302,6 +304,61 @@ def unknown_peer(count: int) -> dict[str, Any]:
     return report
 
 
+def hub_and_spoke(count: int) -> dict[str, Any]:
+    """Site 1 is the hub, the others spokes, static routing: a spoke has a tunnel to the
+    hub only, and spoke-to-spoke traffic goes through the hub (its two tunnels carry it)."""
+    sites = [Site(n) for n in range(1, count + 1)]
+    hub, spokes = sites[0], sites[1:]
+    lab = Lab()
+    report: dict[str, Any] = {}
+
+    def with_role(s: Site) -> str:
+        role = "hub" if s == hub else "spoke"
+        return site_xml(s).replace("</ce-address>", f"</ce-address><role>{role}</role>")
+
+    try:
+        lab.edit(
+            SERVER_SETTINGS + "<vpn><id>lab</id><customer>lab</customer><keying>ikeless</keying>"
+            "<topology><type>hub-and-spoke</type></topology>"
+            + "".join(with_role(s) for s in sites)
+            + "</vpn>"
+        )
+        for s in sites:
+            lab.enrol_and_start(s)
+        report["statuses"] = lab.wait_in_sync(count)
+        report["devices"] = {s.ce: _tunnel_devices(s) for s in sites}
+        a, b = spokes[0], spokes[1]
+        report["route_get"] = subprocess.run(
+            ["ip", "-n", a.vpn, "route", "get", b.host_address],
+            capture_output=True, text=True,
+        ).stdout.strip()  # fmt: skip
+        cap = capture("hub-and-spoke")
+        report["spoke_to_spoke"] = ping(a, b, count=3)
+        report["spoke_to_hub"] = ping(a, hub)
+        lines = stop_capture(cap, "hub-and-spoke")
+        pairs = Counter(
+            tuple(sorted((m.group(1), m.group(2))))
+            for line in lines
+            if "ESP(spi=" in line and (m := re.search(r"IP (\S+) > (\S+?):", line))
+        )
+        report["esp_pairs"] = {f"{x}<->{y}": n for (x, y), n in pairs.items()}
+        report["pe_ipv4"] = lines
+    except Exception:
+        lab.dump_logs()
+        raise
+    finally:
+        lab.close()
+    return report
+
+
+def _tunnel_devices(s: Site) -> list[str]:
+    out = subprocess.run(
+        ["ip", "-n", s.vpn, "-o", "link", "show"], capture_output=True, text=True, check=True
+    ).stdout
+    names = (line.split(":")[1].strip().split("@")[0] for line in out.splitlines())
+    return sorted(n for n in names if n.startswith(("cvi", "cvt")))
+
+
 def main() -> None:
     scenario, count = sys.argv[1], int(sys.argv[2])
     if scenario == "mesh-transport":
@@ -320,6 +377,8 @@ def main() -> None:
             "transport-ipip" if encap == "transport" else "tunnel-mode",
             "pre-shared-key" if auth == "psk" else "certificate",
         )
+    elif scenario == "hub-and-spoke":
+        report = hub_and_spoke(count)
     elif scenario == "unknown-peer":
         report = unknown_peer(count)
     else:

@@ -51,3 +51,17 @@ def test_in_the_pull_model_a_new_sites_first_packets_make_its_peers_fetch() -> N
     assert all(report["pings"].values()), report["pings"]
     # Each old site fetched because ESP arrived for an SA it did not have.
     assert report["old_logs"] == {"ce1": 1, "ce2": 1}, report["old_logs"]
+
+
+def test_in_hub_and_spoke_spoke_to_spoke_traffic_goes_through_the_hub() -> None:
+    report = scenario("hub-and-spoke")
+    assert report["statuses"] == {f"site-{n}": "in-sync" for n in (1, 2, 3)}
+    # The hub has a tunnel to each spoke; each spoke has one tunnel, to the hub.
+    assert [len(v) for v in report["devices"].values()] == [2, 1, 1], report["devices"]
+    assert report["spoke_to_spoke"] and report["spoke_to_hub"]
+    # site-2 -> site-3 leaves site-2 through its only tunnel, to the hub ...
+    assert report["devices"]["ce2"][0] in report["route_get"], report["route_get"]
+    # ... and the core sees ESP between each spoke and the hub, never between the spokes.
+    pairs = report["esp_pairs"]
+    assert pairs.get("198.51.100.2<->198.51.100.6") and pairs.get("198.51.100.10<->198.51.100.2")
+    assert "198.51.100.10<->198.51.100.6" not in pairs, pairs

@@ -4,11 +4,13 @@
     ceN                     CE N's SP space: its SP address, XFRM state, the agent
     ceN-vpn                 CE N's VPN space: the site LAN and the tunnel devices
     siteN                   a host on site N's LAN
+    inet                    a host "on the Internet", behind pe (seed 6.1)
 
 Addresses (documentation prefixes for the SP space, as LAB.md suggests):
     pe <-> ceN              198.51.100.(4N-3)/30 on pe, 198.51.100.(4N-2)/30 on ceN
     ceN SP address          the ceN end of that link; default route via pe
     ceN-vpn <-> siteN       10.N.0.1/24 on ceN-vpn, 10.N.0.2/24 on siteN
+    pe <-> inet             203.0.113.1/24 on pe, 203.0.113.10/24 on inet
 
 Usage inside a guest:  python -m tests.lab.topology build N
 """
@@ -18,6 +20,9 @@ from __future__ import annotations
 import subprocess
 import sys
 from dataclasses import dataclass
+
+INTERNET_HOST = "203.0.113.10"
+INTERNET_GATEWAY = "203.0.113.1"
 
 
 @dataclass(frozen=True)
@@ -65,9 +70,9 @@ def ip_batch(commands: list[str], netns: str | None = None) -> None:
 
 def build(count: int) -> list[Site]:
     sites = [Site(n) for n in range(1, count + 1)]
-    spaces = ["pe", *(n for s in sites for n in (s.ce, s.vpn, s.host))]
+    spaces = ["pe", "inet", *(n for s in sites for n in (s.ce, s.vpn, s.host))]
     ip_batch([f"netns add {ns}" for ns in spaces])
-    cmds = []
+    cmds = ["link add pe-inet netns pe type veth peer name eth0 netns inet"]
     for s in sites:
         cmds += [
             f"link add pe-{s.ce} netns pe type veth peer name sp0 netns {s.ce}",
@@ -75,6 +80,12 @@ def build(count: int) -> list[Site]:
         ]
     ip_batch(cmds)
     per_ns: dict[str, list[str]] = {ns: ["link set lo up"] for ns in spaces}
+    per_ns["pe"] += [f"addr add {INTERNET_GATEWAY}/24 dev pe-inet", "link set pe-inet up"]
+    per_ns["inet"] += [
+        f"addr add {INTERNET_HOST}/24 dev eth0",
+        "link set eth0 up",
+        f"route add default via {INTERNET_GATEWAY}",
+    ]
     for s in sites:
         per_ns["pe"] += [f"addr add {s.pe_address}/30 dev pe-{s.ce}", f"link set pe-{s.ce} up"]
         per_ns[s.ce] += [

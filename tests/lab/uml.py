@@ -19,13 +19,19 @@ import signal
 import subprocess
 import tempfile
 import textwrap
+import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 UML_MODULES = Path("/usr/lib/uml/modules")
-MODULES = ("esp4", "xfrm_user", "gcm", "veth", "ipip", "ip_vti", "tunnel4", "xfrm4_tunnel")
+MODULES = (
+    "esp4", "xfrm_user", "gcm", "veth", "ipip", "ip_vti", "tunnel4", "xfrm4_tunnel",
+    # the ingress policy and the Internet gateway (nc_agent/dataplane/ingress.py)
+    "nf_tables", "nft_ct", "nft_xfrm", "nft_limit", "nft_log", "nf_log_syslog", "nf_nat",
+)  # fmt: skip
 PACKAGES = ("user-mode-linux", "kmod", "iproute2", "tcpdump", "iputils-ping", "nftables")
 
 
@@ -89,11 +95,13 @@ def run_guest(
     timeout: float = 300.0,
     mem: str = "1536M",
     workdir: Path | None = None,
+    on_line: Callable[[str], None] | None = None,
 ) -> GuestResult:
     """Boot a guest that runs ``script`` (bash) and return its exit status and output.
 
     The script runs as root in the guest with the checkout as current
-    directory; ``$WORK`` is a directory shared with the host.
+    directory; ``$WORK`` is a directory shared with the host.  With ``on_line``,
+    every console line is handed to it as it arrives (the demo's live output).
     """
     prepare_host()
     work = workdir or Path(tempfile.mkdtemp(prefix="cevpn-lab-"))
@@ -123,6 +131,10 @@ def run_guest(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    if on_line is not None:
+        out = _stream(proc, on_line, timeout, umid)
+        proc.wait()
+        return _result(out, work)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -134,6 +146,28 @@ def run_guest(
         ) from None
     finally:
         shutil.rmtree(Path.home() / ".uml" / umid, ignore_errors=True)
+    return _result(out, work)
+
+
+def _stream(
+    proc: subprocess.Popen[bytes], on_line: Callable[[str], None], timeout: float, umid: str
+) -> bytes:
+    """Hand each console line to ``on_line`` while the guest runs; kill it at the timeout."""
+    assert proc.stdout is not None
+    killer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    killer.start()
+    chunks: list[bytes] = []
+    try:
+        for raw in proc.stdout:
+            chunks.append(raw)
+            on_line(raw.decode(errors="replace").rstrip("\r\n"))
+    finally:
+        killer.cancel()
+        shutil.rmtree(Path.home() / ".uml" / umid, ignore_errors=True)
+    return b"".join(chunks)
+
+
+def _result(out: bytes, work: Path) -> GuestResult:
     console = out.decode(errors="replace").replace("\r\n", "\n")
     rc_file = work / "rc"
     rc = int(rc_file.read_text().strip()) if rc_file.exists() else 255

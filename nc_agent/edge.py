@@ -1,0 +1,117 @@
+"""The CE's edge: what surrounds the tunnels on either side (seed 4.3, 6.1, 6.2).
+
+- the ingress policy on the SP interface (nftables table ``inet cevpn``,
+  nc_agent.dataplane.ingress): IPsec, IKE and management to the CE's own
+  address, nothing else unless the CE is an integrated Internet gateway;
+- the Internet gateway link between the two spaces (nc_agent.dataplane.gateway)
+  and its NAT (part of the same nftables table);
+- the VPN-space routing daemon (BIRD, nc_agent.routing): OSPF through the
+  tunnels that ask for it, the site's prefixes announced, a default route
+  originated by a gateway site only.
+
+The agent's commit moves the edge after the tunnels exist (so the routing
+daemon finds its devices) and before IKE is told about new peers.  Each step
+is undone if a later one fails, so the edge is never half-applied: a refused
+commit leaves the previous ruleset, link and routing configuration in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from nc_agent.dataplane.gateway import Gateway
+from nc_agent.dataplane.ingress import IngressError, IngressPolicy, Nftables
+from nc_agent.dataplane.links import LinkError, _with_ipr
+from nc_agent.desired import Desired
+from nc_agent.routing.bird import Bird, RoutingError
+
+log = logging.getLogger("cevpn.agent")
+
+
+class EdgeRefused(Exception):
+    """A step of the edge could not be made; the message says which and why."""
+
+
+def interface_holding(sp_netns: str | None, address: str) -> str | None:
+    """The SP-space interface that carries ``address`` (the interface seed 6.2 guards)."""
+
+    def find(ipr: Any) -> str | None:
+        for entry in ipr.get_addr():
+            if entry.get_attr("IFA_ADDRESS") == address:
+                links = ipr.get_links(entry["index"])
+                return str(links[0].get_attr("IFLA_IFNAME")) if links else None
+        return None
+
+    result: str | None = _with_ipr(sp_netns, find)
+    return result
+
+
+class Edge:
+    def __init__(self, state_dir: Path, vpn_netns: str, sp_netns: str | None = None) -> None:
+        self.sp_netns = sp_netns
+        self.gateway = Gateway(vpn_netns, sp_netns)
+        self.nft = Nftables(sp_netns)
+        self.bird = Bird(state_dir, vpn_netns)
+        self.applied_ingress: IngressPolicy | None = None
+
+    def resolve(self, desired: Desired, management_port: int | None) -> IngressPolicy | None:
+        """The ingress policy with its interface found and the port the agent listens on."""
+        policy = desired.ingress
+        if policy is None:
+            return None
+        changes: dict[str, Any] = {}
+        if not policy.sp_interface:
+            found = interface_holding(self.sp_netns, policy.sp_address)
+            if found is None:
+                raise EdgeRefused(
+                    f"No interface of the SP space holds the CE's SP address "
+                    f"{policy.sp_address}, so the ingress policy (seed 6.2) has nothing to "
+                    "guard: add the address, or name the interface in "
+                    "pre-configuration/sp-interface."
+                )
+            changes["sp_interface"] = found
+        if management_port is not None and management_port != policy.management_port:
+            changes["management_port"] = management_port
+        return dataclasses.replace(policy, **changes) if changes else policy
+
+    async def apply(self, old: Desired, new: Desired, management_port: int | None) -> None:
+        """Move the edge from ``old`` to ``new``; on failure, back to ``old`` (EdgeRefused)."""
+        undo: list[Callable[[], Awaitable[None]]] = []
+        try:
+            policy = await asyncio.to_thread(self.resolve, new, management_port)
+            if new.gateway is not None:
+                await asyncio.to_thread(self.gateway.ensure, new.gateway)
+                if old.gateway is None:
+                    undo.append(lambda: asyncio.to_thread(self.gateway.remove))
+            previous = self.applied_ingress
+            await asyncio.to_thread(self.nft.apply, policy)
+            self.applied_ingress = policy
+            undo.append(lambda: self._restore_ingress(previous))
+            if new.gateway is None and old.gateway is not None:
+                before = old.gateway
+                await asyncio.to_thread(self.gateway.remove)
+                undo.append(lambda: asyncio.to_thread(self.gateway.ensure, before))
+            await self.bird.apply(new.routing)
+        except (EdgeRefused, IngressError, LinkError, RoutingError, OSError) as exc:
+            for step in reversed(undo):
+                try:
+                    await step()
+                except Exception as undo_exc:  # the reconciler will retry at the next commit
+                    log.warning("undoing an edge step failed: %s", undo_exc)
+            raise EdgeRefused(str(exc)) from exc
+
+    async def _restore_ingress(self, policy: IngressPolicy | None) -> None:
+        await asyncio.to_thread(self.nft.apply, policy)
+        self.applied_ingress = policy
+
+    async def stop(self) -> None:
+        """The agent stops: the routing daemon stops with it (its routes go too).
+
+        The ingress policy and the gateway link stay: a stopped agent must not open the
+        CE to the SP side, and the tunnels that keep working (IKE-less) keep their edge."""
+        await self.bird.stop()

@@ -1,0 +1,504 @@
+"""The demo's main job, run inside the lab guest (in the provider core's namespace, `pe`).
+
+    python tools/demo_lab.py            (after `python -m tests.lab.topology build 5`)
+
+An OSS creates a VPN on the VPN server over NETCONF (docs/examples/oss_create_vpn.py),
+enrols four CEs whose agents boot from their bundles, and the demo shows what
+a network engineer would check: tunnels up, OSPF through them, site-to-site
+pings with the provider core seeing only IKE and ESP, Internet access through
+the gateway site, the SP-side ingress policy; then a fifth site joins (the
+others learn of it from the server, untouched) and one is removed.
+
+Every check is recorded in $WORK/report.json (the lab test asserts on it);
+the exit status is non-zero when any step failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lxml import etree  # noqa: E402
+from ncclient import manager  # noqa: E402
+
+from tests.lab.topology import INTERNET_HOST, Site  # noqa: E402
+
+BIN = ROOT / ".venv" / "bin"
+PY = str(BIN / "python")
+OSS = str(ROOT / "docs" / "examples" / "oss_create_vpn.py")
+WORK = Path(os.environ["WORK"])  # the guest's work directory, shared with the host
+CE = "urn:cevpn:yang:cevpn-ce"
+SERVER = "198.51.100.1"
+VPN = "acme"
+OSS_PASSWORD = "oss-demo-password"  # noqa: S105 (a lab account)
+NOC_PASSWORD = "noc-demo-password"  # noqa: S105 (a lab account)
+SITES = [Site(n) for n in range(1, 6)]
+FIRST, NEWCOMER, LEAVER = SITES[:4], SITES[4], SITES[1]
+GATEWAY = SITES[0]
+T0 = time.monotonic()
+report: dict[str, Any] = {"steps": [], "failures": []}
+
+
+# -- presentation ----------------------------------------------------------------
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def step(title: str) -> None:
+    elapsed = time.monotonic() - T0
+    say(f"\n[{elapsed:6.1f}s] == {title}")
+    report["steps"].append({"title": title, "at": round(elapsed, 1)})
+
+
+def check(what: str, ok: bool, detail: str = "") -> bool:
+    say(f"         {'ok  ' if ok else 'FAIL'} {what}" + (f"  ({detail})" if detail else ""))
+    if not ok:
+        report["failures"].append(what + (f": {detail}" if detail else ""))
+    return ok
+
+
+def run(argv: list[str], netns: str | None = None, **kw: Any) -> subprocess.CompletedProcess[str]:
+    prefix = ["ip", "netns", "exec", netns] if netns else []
+    return subprocess.run([*prefix, *argv], capture_output=True, text=True, **kw)
+
+
+def wait_until(test: Callable[[], bool], timeout: float, every: float = 0.5) -> float | None:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if test():
+            return time.monotonic() - start
+        time.sleep(every)
+    return None
+
+
+# -- the lab's actors ----------------------------------------------------------------
+
+
+def start(argv: list[str], log: str, netns: str | None = None) -> subprocess.Popen[bytes]:
+    prefix = ["ip", "netns", "exec", netns] if netns else []
+    out = (WORK / log).open("ab")
+    return subprocess.Popen([*prefix, *argv], stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+
+
+def wait_port(host: str, port: int, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode}")
+        with suppress(OSError), socket.create_connection((host, port), 0.5):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} did not listen on {host} port {port}")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        with suppress(subprocess.TimeoutExpired):
+            proc.wait(30)
+
+
+class Demo:
+    def __init__(self) -> None:
+        self.state = WORK / "vpn-server"
+        self.agents: dict[int, subprocess.Popen[bytes]] = {}
+        self.sessions: dict[int, Any] = {}
+        self.server: subprocess.Popen[bytes] | None = None
+        self.host_key = ""
+
+    # The VPN server, and the OSS as a separate program talking NETCONF to it.
+
+    def start_server(self) -> None:
+        pw = WORK / "oss.pw"
+        pw.write_text(OSS_PASSWORD + "\n")
+        pw.chmod(0o600)
+        subprocess.run([str(BIN / "cevpn-server"), "adduser", "--state-dir", str(self.state),
+                        "oss", "--password-file", str(pw), "--group", "operators"],
+                       check=True, capture_output=True)  # fmt: skip
+        self.server = start(
+            [str(BIN / "cevpn-server"), "--state-dir", str(self.state), "--listen", ":830"],
+            "vpn-server.log",
+        )
+        wait_port(SERVER, 830, self.server, "the VPN server")
+        self.host_key = (self.state / "ssh_host_ed25519_key.pub").read_text().split()[1]
+
+    def oss(self, *args: str) -> subprocess.CompletedProcess[str]:
+        argv = [PY, OSS, "--server", SERVER, "--user", "oss", "--password-file",
+                str(WORK / "oss.pw"), "--host-key", self.host_key, *args]  # fmt: skip
+        shown = " ".join(a if " " not in a else repr(a) for a in args)
+        say(f"         $ oss_create_vpn.py {shown}")
+        done = subprocess.run(argv, capture_output=True, text=True)
+        for line in (done.stdout + done.stderr).splitlines():
+            say(f"           {line}")
+        if done.returncode != 0:
+            raise RuntimeError(f"the OSS command failed: {shown}")
+        return done
+
+    # CE agents: each boots from the bundle the OSS got at enrolment (seed 3.2).
+
+    def start_agents(self, sites: list[Site]) -> None:
+        noc = WORK / "noc.pw"
+        noc.write_text(NOC_PASSWORD + "\n")
+        for s in sites:
+            # A local read-only account for the NOC (no NACM group: reads state, never secrets).
+            subprocess.run([str(BIN / "cevpn-agent"), "adduser", "--state-dir",
+                            str(WORK / s.ce), "noc", "--password-file", str(noc)],
+                           check=True, capture_output=True)  # fmt: skip
+            self.agents[s.n] = start(
+                [str(BIN / "cevpn-agent"), "--state-dir", str(WORK / s.ce), "--bootstrap",
+                 str(WORK / "bundles" / f"site-{s.n}.json"), "--vpn-netns", s.vpn],
+                f"{s.ce}.log", s.ce,
+            )  # fmt: skip
+        for s in sites:
+            wait_port(s.sp_address, 830, self.agents[s.n], f"the agent of {s.ce}")
+
+    def session(self, s: Site) -> Any:
+        if s.n not in self.sessions:
+            key = (WORK / s.ce / "ssh_host_ed25519_key.pub").read_text().split()[1]
+            self.sessions[s.n] = manager.connect(
+                host=s.sp_address, port=830, username="noc", password=NOC_PASSWORD,
+                hostkey_verify=True, hostkey_b64=key, allow_agent=False, look_for_keys=False,
+                timeout=60,
+            )  # fmt: skip
+        return self.sessions[s.n]
+
+    def tunnels(self, s: Site) -> dict[str, dict[str, str]]:
+        """The CE's own view of its tunnels (`<get>` /ce/peer/state over NETCONF)."""
+        try:
+            data = self.session(s).get(filter=("subtree", f'<ce xmlns="{CE}"><peer/></ce>'))
+        except Exception:  # a session cut by a restart: reconnect next time
+            self.sessions.pop(s.n, None)
+            return {}
+        root = etree.fromstring(data.data_xml.encode())
+        out: dict[str, dict[str, str]] = {}
+        for peer in root.iter(f"{{{CE}}}peer"):
+            name = peer.findtext(f"{{{CE}}}name") or ""
+            state = peer.find(f"{{{CE}}}state")
+            out[name] = {} if state is None else {
+                etree.QName(e).localname: e.text or "" for e in state
+            }  # fmt: skip
+            out[name]["sp-address"] = peer.findtext(f"{{{CE}}}sp-address") or ""
+        return out
+
+    def all_up(self, sites: list[Site]) -> bool:
+        for s in sites:
+            view = self.tunnels(s)
+            wanted = {f"site-{o.n}" for o in sites if o != s}
+            if set(view) != wanted or any(v.get("status") != "up" for v in view.values()):
+                return False
+        return True
+
+    def close(self) -> None:
+        for m in self.sessions.values():
+            with suppress(Exception):
+                m.close_session()
+        for agent in self.agents.values():
+            stop(agent)
+        if self.server is not None:
+            stop(self.server)
+
+
+# -- what an engineer looks at ----------------------------------------------------------
+
+
+def table(demo: Demo, sites: list[Site]) -> dict[str, Any]:
+    say(f"         {'CE':<4} {'peer':<8} {'peer address':<15} {'status':<7} {'device':<8} "
+        f"{'OSPF':<9} {'in pkts':>7} {'out pkts':>8}  up since")  # fmt: skip
+    seen: dict[str, Any] = {}
+    for s in sites:
+        view = demo.tunnels(s)
+        seen[s.ce] = view
+        for name, st in sorted(view.items()):
+            say(f"         {s.ce:<4} {name:<8} {st.get('sp-address', ''):<15} "
+                f"{st.get('status', '?'):<7} {st.get('device', ''):<8} "
+                f"{st.get('routing-adjacency', '-'):<9} {st.get('in-packets', '0'):>7} "
+                f"{st.get('out-packets', '0'):>8}  {st.get('status-since', '')}")  # fmt: skip
+    return seen
+
+
+def ospf_routes(s: Site) -> list[str]:
+    out = run(["ip", "route", "show", "proto", "bird"], s.vpn).stdout
+    return sorted(line.split()[0] for line in out.splitlines() if line.strip())
+
+
+def ping(src: Site, address: str, count: int = 2) -> bool:
+    argv = ["ping", "-c", str(count), "-i", "0.3", "-W", "2", address]
+    return run(argv, src.host).returncode == 0
+
+
+def ping_all(pairs: list[tuple[Site, Site]]) -> dict[str, bool]:
+    results: dict[str, bool] = {}
+
+    def one(a: Site, b: Site) -> None:
+        results[f"{a.n}->{b.n}"] = ping(a, b.host_address)
+
+    threads = [threading.Thread(target=one, args=p) for p in pairs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return dict(sorted(results.items()))
+
+
+def capture(name: str, netns: str = "pe", iface: str = "any") -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", netns, "tcpdump", "-nni", iface, "-w", str(WORK / f"{name}.pcap"),
+         "--immediate-mode", "ip"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    time.sleep(1.5)
+    return proc
+
+
+def stop_capture(proc: subprocess.Popen[bytes], name: str) -> list[str]:
+    time.sleep(0.5)
+    proc.terminate()
+    proc.wait(10)
+    return run(["tcpdump", "-nn", "-r", str(WORK / f"{name}.pcap")]).stdout.splitlines()
+
+
+def classify(line: str) -> str:
+    """What one captured packet is, as tcpdump prints it."""
+    if "ESP(spi=" in line:
+        return "ESP"
+    if "isakmp" in line or re.search(r"\.(500|4500)[ :]", line):
+        return "IKE"
+    if re.search(r"\.830[ :]", line):
+        return "NETCONF"
+    return "other"
+
+
+def pid_of(pattern: str) -> set[int]:
+    out = run(["pgrep", "-f", pattern]).stdout
+    return {int(p) for p in out.split()}
+
+
+def bird_pids() -> dict[str, int]:
+    pids: dict[str, int] = {}
+    for s in SITES:
+        pidfile = WORK / s.ce / "routing" / "bird.pid"
+        with suppress(OSError, ValueError):
+            pids[s.ce] = int(pidfile.read_text().split()[0])
+    return pids
+
+
+# -- the story --------------------------------------------------------------------------
+
+
+def main() -> int:
+    WORK.mkdir(parents=True, exist_ok=True)
+    demo = Demo()
+    try:
+        story(demo)
+    except Exception as exc:
+        report["failures"].append(f"aborted: {exc}")
+        say(f"\n         FAIL the demo stopped: {exc}")
+        for log in sorted(WORK.glob("*.log")):
+            say(f"--- {log.name} (last lines)\n{log.read_text()[-2500:]}")
+    finally:
+        demo.close()
+    report["total_s"] = round(time.monotonic() - T0, 1)
+    (WORK / "report.json").write_text(json.dumps(report, indent=2))
+    verdict = "every step passed" if not report["failures"] else (
+        f"{len(report['failures'])} check(s) FAILED: " + "; ".join(report["failures"])
+    )  # fmt: skip
+    say(f"\n[{report['total_s']:6.1f}s] == Done: {verdict}")
+    return 1 if report["failures"] else 0
+
+
+def story(demo: Demo) -> None:
+    step("The lab: provider core 'pe' (no VPN knowledge), CEs ce1..ce5, a LAN host per site, "
+         "an Internet host")  # fmt: skip
+    for s in SITES:
+        say(f"         {s.ce}: SP address {s.sp_address}, site LAN {s.lan_prefix}")
+    say(f"         inet: {INTERNET_HOST}, reachable from the provider core only")
+
+    step("The SP's VPN server starts in the provider core (NETCONF over SSH, port 830)")
+    demo.start_server()
+    say(f"         host key ssh-ed25519 {demo.host_key[:24]}... (pinned by every client)")
+
+    step("The OSS creates VPN 'acme': 4 sites, full mesh, IKEv2 with pre-shared keys, "
+         "OSPF through the tunnels, site-1 is the Internet gateway")  # fmt: skip
+    demo.oss("create", VPN, "--customer", "ACME Corp", "--keying", "ike", "--routing", "ospf",
+             "--gateway", "site-1", "--dpd-delay", "5", "--dpd-timeout", "20",
+             "--endpoint", SERVER, "--unreachable-retry-limit", "2",
+             *[a for s in FIRST for a in ("--site", f"site-{s.n}={s.sp_address},{s.lan_prefix}")],
+             )  # fmt: skip
+
+    step("The OSS enrols the four CEs (seed 3.2); each CE agent boots from its bundle")
+    demo.oss("enrol", VPN, *[f"site-{s.n}" for s in FIRST], "-d", str(WORK / "bundles"))
+    demo.start_agents(FIRST)
+    say("         4 agents listening; each fetches its configuration from the server")
+
+    step("Waiting for the tunnels: every CE reports every peer 'up'")
+    took = wait_until(lambda: demo.all_up(FIRST), 90, 1.0)
+    report["first_mesh_up_s"] = took
+    check("6 IKEv2 tunnels up on 4 CEs", took is not None,
+          f"{took:.1f}s after the agents started" if took else "not within 90 s")  # fmt: skip
+
+    step("Tunnel table (each CE's <get> over NETCONF, as user 'noc': state, never secrets)")
+    report["tunnels_first"] = table(demo, FIRST)
+
+    step("OSPF through the tunnels (seed 4.3): routes each CE learned, in its VPN space")
+    wanted = {s.ce: {o.lan_prefix for o in FIRST if o != s} for s in FIRST}
+    took = wait_until(lambda: all(wanted[s.ce] <= set(ospf_routes(s)) for s in FIRST), 60, 0.5)
+    report["ospf_converged_s"] = took
+    routes = {s.ce: ospf_routes(s) for s in FIRST}
+    report["ospf_routes"] = routes
+    for s in FIRST:
+        shown = [r for r in routes[s.ce] if r.endswith("/24") or r == "default"]
+        say(f"         {s.ce}-vpn: {', '.join(shown)}")
+    check("every CE learned the other three site prefixes", took is not None)
+    non_gw_defaults = {
+        s.ce: run(["ip", "route", "show", "default"], s.vpn).stdout.strip() for s in FIRST
+    }
+    report["defaults"] = non_gw_defaults
+    check("only the gateway site originates a default: others route it into their tunnel to site-1",
+          all("proto bird" in non_gw_defaults[s.ce] for s in FIRST[1:])
+          and "cvg0" in non_gw_defaults[GATEWAY.ce])  # fmt: skip
+
+    step("No route leaks between the routing spaces (seed 4)")
+    leaks = {
+        "pe": [r for r in run(["ip", "route"], "pe").stdout.splitlines() if r.startswith("10.")],
+        **{
+            s.ce: [r for r in run(["ip", "route", "show", "table", "all"], s.ce).stdout.splitlines()
+                   if r.startswith("10.")]
+            for s in FIRST
+        },
+        **{
+            s.vpn: [r for r in run(["ip", "route"], s.vpn).stdout.splitlines()
+                    if r.startswith(("198.51.100.", "203.0.113."))]
+            for s in FIRST
+        },
+    }  # fmt: skip
+    report["leaks"] = leaks
+    check(
+        "no 10.x route in the core or in any CE's SP space; no SP route in any VPN space",
+        not any(leaks.values()),
+        json.dumps({k: v for k, v in leaks.items() if v}),
+    )
+
+    step("Site-to-site pings, all 12 pairs, while capturing on the provider core")
+    cap = capture("core")
+    pings = ping_all([(a, b) for a in FIRST for b in FIRST if a != b])
+    lines = stop_capture(cap, "core")
+    kinds = Counter(classify(line) for line in lines)
+    report["pings_first"] = pings
+    report["core_capture"] = dict(kinds)
+    report["core_other"] = [line for line in lines if classify(line) == "other"][:20]
+    say("         " + "  ".join(f"{k} {'ok' if v else 'FAIL'}" for k, v in pings.items()))
+    check("12/12 pings", all(pings.values()), f"{sum(pings.values())}/12")
+    say(
+        f"         on the core: {kinds.get('ESP', 0)} ESP, {kinds.get('IKE', 0)} IKE, "
+        f"{kinds.get('NETCONF', 0)} NETCONF packets; anything else: {kinds.get('other', 0)}"
+    )
+    check("only ESP and IKE (and NETCONF management) cross the provider core; no 10.x address",
+          kinds.get("other", 0) == 0 and kinds.get("ESP", 0) > 0
+          and not any(" 10." in line for line in lines))  # fmt: skip
+
+    step(f"Internet access through the gateway site (seed 6.1): site-3 pings {INTERNET_HOST}")
+    cap = capture("internet", "inet", "eth0")
+    via_gw = ping(FIRST[2], INTERNET_HOST, 3)
+    lines = stop_capture(cap, "internet")
+    sources = sorted({m.group(1) for line in lines if (m := re.search(r"IP (\S+) > ", line))})
+    report["internet"] = {"ping": via_gw, "sources_seen_by_internet_host": sources}
+    check("site-3 reaches the Internet host through site-1", via_gw)
+    check(f"the Internet host sees only site-1's SP address {GATEWAY.sp_address} (NAT)",
+          sources == [GATEWAY.sp_address, INTERNET_HOST] or sources == [GATEWAY.sp_address],
+          ", ".join(sources))  # fmt: skip
+    # Even a core that routes the VPN's addresses at the gateway gets nothing in (seed 6.2:
+    # the gateway function accepts only replies to the site's own flows).
+    run(["ip", "route", "add", GATEWAY.lan_prefix, "via", GATEWAY.sp_address], "pe")
+    inbound = run(["ping", "-c", "1", "-W", "1", GATEWAY.host_address], "inet").returncode == 0
+    run(["ip", "route", "del", GATEWAY.lan_prefix], "pe")
+    report["internet_inbound_blocked"] = not inbound
+    check(
+        "the Internet host cannot open anything towards the VPN, even routed at site-1", not inbound
+    )
+
+    step("Ingress policy on the SP side (seed 6.2): only IPsec, IKE and management reach a CE")
+    target = FIRST[1]
+    ping_ce = run(["ping", "-c", "1", "-W", "1", target.sp_address], "pe").returncode == 0
+    ssh_open = _connects(target.sp_address, 22)
+    netconf_open = _connects(target.sp_address, 830)
+    ruleset = run(["nft", "list", "table", "inet", "cevpn"], target.ce).stdout
+    report["ingress"] = {"ping": ping_ce, "port22": ssh_open, "port830": netconf_open,
+                         "ruleset_lines": len(ruleset.splitlines())}  # fmt: skip
+    check(f"ping from the core to {target.ce} is dropped", not ping_ce)
+    check(f"TCP 22 on {target.ce} is dropped", not ssh_open)
+    check(f"NETCONF (TCP 830) on {target.ce} is accepted", netconf_open)
+
+    step("Site 5 joins: the OSS adds it and enrols its CE; nobody touches ce1..ce4")
+    agents_before = {n: p.pid for n, p in demo.agents.items()}
+    birds_before = bird_pids()
+    demo.oss("add-site", VPN, f"site-5={NEWCOMER.sp_address},{NEWCOMER.lan_prefix}")
+    demo.oss("enrol", VPN, "site-5", "-d", str(WORK / "bundles"))
+    joined = time.monotonic()
+    demo.start_agents([NEWCOMER])
+    five = [*FIRST, NEWCOMER]
+    took = wait_until(lambda: demo.all_up(five), 90, 1.0)
+    report["join_up_s"] = None if took is None else round(time.monotonic() - joined, 1)
+    check("10 tunnels up on 5 CEs", took is not None,
+          f"{time.monotonic() - joined:.1f}s after the OSS added the site")  # fmt: skip
+    took = wait_until(lambda: all(NEWCOMER.lan_prefix in ospf_routes(s) for s in FIRST), 60, 0.5)
+    check("ce1..ce4 learned 10.5.0.0/24 through OSPF", took is not None)
+    birds_after = bird_pids()
+    report["bird_restarted"] = [ce for ce, pid in birds_before.items()
+                                if birds_after.get(ce) != pid]  # fmt: skip
+    check("no routing daemon was restarted (new tunnels picked up live)",
+          not report["bird_restarted"], ", ".join(report["bird_restarted"]))  # fmt: skip
+    check("no agent of ce1..ce4 was restarted",
+          all(demo.agents[n].pid == pid and demo.agents[n].poll() is None
+              for n, pid in agents_before.items()))  # fmt: skip
+    pings = ping_all([(NEWCOMER, s) for s in FIRST] + [(s, NEWCOMER) for s in FIRST])
+    report["pings_join"] = pings
+    check("site-5 <-> every site: 8/8 pings", all(pings.values()), f"{sum(pings.values())}/8")
+    table(demo, [NEWCOMER])
+
+    step("Site 2 is removed (seed 3.6): the server deprovisions ce2, the others drop it")
+    demo.oss("remove-site", VPN, "site-2")
+    staying = [s for s in five if s != LEAVER]
+    took = wait_until(
+        lambda: all("site-2" not in demo.tunnels(s) for s in staying)
+        and all(LEAVER.lan_prefix not in ospf_routes(s) for s in staying),
+        60, 1.0,
+    )  # fmt: skip
+    check("ce1, ce3, ce4, ce5 no longer have a tunnel or a route to site-2", took is not None)
+    leftovers = run(["ip", "xfrm", "state", "count"], LEAVER.ce).stdout.strip()
+    devices = run(["ip", "-o", "link", "show"], LEAVER.vpn).stdout
+    report["removed"] = {"xfrm": leftovers, "tunnel_devices": devices.count("cvi")}
+    check("ce2 holds no SA and no tunnel device any more",
+          leftovers.endswith(" 0") and "cvi" not in devices, leftovers)  # fmt: skip
+    pings = ping_all([(a, b) for a in staying for b in staying if a != b])
+    report["pings_after_removal"] = pings
+    check("the remaining 4 sites: 12/12 pings", all(pings.values()), f"{sum(pings.values())}/12")
+    report["tunnels_final"] = table(demo, staying)
+    demo.oss("status")
+
+
+def _connects(host: str, port: int) -> bool:
+    with suppress(OSError), socket.create_connection((host, port), 1.5):
+        return True
+    return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
