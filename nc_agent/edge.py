@@ -1,7 +1,8 @@
 """The CE's edge: what surrounds the tunnels on either side (seed 4.3, 6.1, 6.2).
 
 - the ingress policy on the SP interface (nftables table ``inet cevpn``,
-  nc_agent.dataplane.ingress): IPsec, IKE and management to the CE's own
+  nc_agent.dataplane.ingress; iptables chains ``CEVPN-*`` on kernels whose
+  nf_tables has no family): IPsec, IKE and management to the CE's own
   address, nothing else unless the CE is an integrated Internet gateway;
 - the Internet gateway link between the two spaces (nc_agent.dataplane.gateway)
   and its NAT (part of the same nftables table);
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from nc_agent.dataplane.gateway import Gateway
-from nc_agent.dataplane.ingress import IngressError, IngressPolicy, Nftables
+from nc_agent.dataplane.ingress import IngressError, IngressFilter, IngressPolicy
 from nc_agent.dataplane.links import LinkError, _with_ipr
 from nc_agent.desired import Desired
 from nc_agent.routing.bird import Bird, RoutingError
@@ -55,7 +56,7 @@ class Edge:
     def __init__(self, state_dir: Path, vpn_netns: str, sp_netns: str | None = None) -> None:
         self.sp_netns = sp_netns
         self.gateway = Gateway(vpn_netns, sp_netns)
-        self.nft = Nftables(sp_netns)
+        self.nft = IngressFilter(sp_netns)
         self.bird = Bird(state_dir, vpn_netns)
         self.applied_ingress: IngressPolicy | None = None
 

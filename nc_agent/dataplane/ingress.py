@@ -26,6 +26,7 @@ interface are the operator's business.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 import subprocess
 from collections.abc import Callable, Iterable, Mapping
@@ -37,6 +38,7 @@ from nc_agent.dataplane.gateway import MARK as GATEWAY_MARK
 from nc_agent.dataplane.gateway import SP_DEVICE as GATEWAY_SP_DEVICE
 from nc_agent.dataplane.netns import create_in
 
+log = logging.getLogger("cevpn.agent")
 TABLE = "inet cevpn"
 DEFAULT_MANAGEMENT_PORT = 830
 INPUT_LOG_PREFIX = "cevpn ingress drop: "
@@ -461,3 +463,30 @@ def _nft(args: list[str], script: str | None = None) -> subprocess.CompletedProc
 
 def _reason(result: subprocess.CompletedProcess[str]) -> str:
     return result.stderr.strip() or f"nft exited with status {result.returncode}"
+
+
+class IngressFilter:
+    """The ingress policy in whichever packet filter the SP space's kernel has.
+
+    nftables first; a kernel whose nf_tables has no address family (nft answers
+    "Operation not supported" to any table) gets the same rules as iptables-legacy
+    chains (nc_agent.dataplane.ingress_iptables) -- from then on, for this agent."""
+
+    def __init__(self, sp_netns: str | None) -> None:
+        self.nft = Nftables(sp_netns)
+        self.sp_netns = sp_netns
+        self.backend = "nftables"
+
+    def apply(self, policy: IngressPolicy | None) -> None:
+        from nc_agent.dataplane.ingress_iptables import Iptables
+
+        if self.backend == "nftables":
+            try:
+                self.nft.apply(policy)
+                return
+            except IngressError as exc:
+                if "Operation not supported" not in str(exc):
+                    raise
+                log.warning("this kernel's nf_tables has no address family: using iptables")
+                self.backend = "iptables"
+        Iptables(self.sp_netns).apply(policy)
