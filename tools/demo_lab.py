@@ -157,11 +157,16 @@ class Demo:
     def start_agents(self, sites: list[Site]) -> None:
         noc = WORK / "noc.pw"
         noc.write_text(NOC_PASSWORD + "\n")
+        # A local read-only account for the NOC (no NACM group: reads state, never secrets).
+        adding = [
+            subprocess.Popen([str(BIN / "cevpn-agent"), "adduser", "--state-dir",
+                              str(WORK / s.ce), "noc", "--password-file", str(noc)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for s in sites
+        ]  # fmt: skip
+        if any(p.wait() != 0 for p in adding):
+            raise RuntimeError("cevpn-agent adduser failed")
         for s in sites:
-            # A local read-only account for the NOC (no NACM group: reads state, never secrets).
-            subprocess.run([str(BIN / "cevpn-agent"), "adduser", "--state-dir",
-                            str(WORK / s.ce), "noc", "--password-file", str(noc)],
-                           check=True, capture_output=True)  # fmt: skip
             self.agents[s.n] = start(
                 [str(BIN / "cevpn-agent"), "--state-dir", str(WORK / s.ce), "--bootstrap",
                  str(WORK / "bundles" / f"site-{s.n}.json"), "--vpn-netns", s.vpn],

@@ -249,7 +249,6 @@ class Bird:
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
                 preexec_fn=die_with_parent,
-                process_group=0,
             )
         finally:
             out.close()
