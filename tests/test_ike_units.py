@@ -1084,3 +1084,12 @@ def test_the_lines_of_one_ike_sa_are_read_back_from_charons_log(tmp_path: Path) 
     ]
     assert charon.lines_of("14") == ["198.51.100.6 is initiating an IKE_SA"]
     assert charon.lines_of("7") == []
+
+
+def test_an_attempt_started_after_the_peer_brought_the_tunnel_up_leaves_it_up() -> None:
+    """Both ends initiate; the peer's negotiation can finish before this CE's attempt starts."""
+    health = TunnelHealth(permanent=True, policy=RetryPolicy(5, 10, 2.0, 600))
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    health.up(now)
+    assert health.attempt(now + timedelta(seconds=1)) is False
+    assert health.status == "up"

@@ -58,7 +58,11 @@ class TunnelHealth:
         return self._set("connecting" if self.permanent else "waiting-for-traffic", now)
 
     def attempt(self, now: datetime) -> bool:
+        """This CE starts a negotiation; a tunnel already up stays 'up' (a second attempt,
+        started before its up event arrived, only ever duplicates a working CHILD_SA)."""
         self.next_attempt = None
+        if self.status == "up":
+            return False
         return self._set("connecting", now)
 
     def failed(self, now: datetime, reason: str) -> Failure | None:

@@ -390,6 +390,8 @@ class IkeManager:
         """Ask charon to negotiate now (its outcome arrives as events)."""
         if name not in self.peers or not self.charon.running:
             return
+        if self.health[name].status == "up":
+            return  # the peer's negotiation completed while this one was being decided
         if self.health[name].attempt(utc_now()):
             self._log_status(name)
         try:
