@@ -30,8 +30,11 @@ from nc_agent.dataplane.ingress import IngressError, IngressFilter, IngressPolic
 from nc_agent.dataplane.links import LinkError, _with_ipr
 from nc_agent.desired import Desired
 from nc_agent.routing.bird import Bird, RoutingError
+from nc_agent.routing.bird_config import RoutingPlan
 
 log = logging.getLogger("cevpn.agent")
+RESTART_DELAY = 2.0
+"""Seconds before a routing daemon that died is started again (and between failed starts)."""
 
 
 class EdgeRefused(Exception):
@@ -58,7 +61,11 @@ class Edge:
         self.gateway = Gateway(vpn_netns, sp_netns)
         self.nft = IngressFilter(sp_netns)
         self.bird = Bird(state_dir, vpn_netns)
+        self.bird.on_exit = self._bird_exited
+        self.routing: RoutingPlan | None = None
+        """The plan the committed configuration asks for (BIRD is restarted with it)."""
         self.applied_ingress: IngressPolicy | None = None
+        self._restart: asyncio.TimerHandle | None = None
 
     def resolve(self, desired: Desired, management_port: int | None) -> IngressPolicy | None:
         """The ingress policy with its interface found and the port the agent listens on."""
@@ -98,6 +105,7 @@ class Edge:
                 await asyncio.to_thread(self.gateway.remove)
                 undo.append(lambda: asyncio.to_thread(self.gateway.ensure, before))
             await self.bird.apply(new.routing)
+            self.routing = new.routing
         except (EdgeRefused, IngressError, LinkError, RoutingError, OSError) as exc:
             for step in reversed(undo):
                 try:
@@ -110,9 +118,31 @@ class Edge:
         await asyncio.to_thread(self.nft.apply, policy)
         self.applied_ingress = policy
 
+    def _bird_exited(self, status: int) -> None:
+        """BIRD died behind the agent's back: start it again with the committed plan."""
+        if self.routing is None or self._restart is not None:
+            return
+        log.warning("the routing daemon exited (status %d): restarting it in %.0f s", status,
+                    RESTART_DELAY)  # fmt: skip
+        loop = asyncio.get_running_loop()
+        self._restart = loop.call_later(RESTART_DELAY, lambda: loop.create_task(self._restarted()))
+
+    async def _restarted(self) -> None:
+        self._restart = None
+        if self.routing is None or self.bird.running:
+            return
+        try:
+            await self.bird.apply(self.routing)
+        except (RoutingError, OSError) as exc:
+            log.error("restarting the routing daemon failed: %s", exc)
+            self._bird_exited(-1)
+
     async def stop(self) -> None:
         """The agent stops: the routing daemon stops with it (its routes go too).
 
         The ingress policy and the gateway link stay: a stopped agent must not open the
         CE to the SP side, and the tunnels that keep working (IKE-less) keep their edge."""
+        self.routing = None
+        if self._restart is not None:
+            self._restart.cancel()
         await self.bird.stop()
