@@ -361,14 +361,25 @@ def story(demo: Demo) -> None:
 
     step("OSPF through the tunnels (seed 4.3): routes each CE learned, in its VPN space")
     wanted = {s.ce: {o.lan_prefix for o in FIRST if o != s} for s in FIRST}
-    took = wait_until(lambda: all(wanted[s.ce] <= set(ospf_routes(s)) for s in FIRST), 60, 0.5)
+    took = wait_until(
+        lambda: (
+            all(wanted[s.ce] <= set(ospf_routes(s)) for s in FIRST)
+            and all(
+                v.get("routing-adjacency") == "Full/PtP"
+                for s in FIRST
+                for v in demo.tunnels(s).values()
+            )
+        ),
+        60,
+        0.5,
+    )
     report["ospf_converged_s"] = took
     routes = {s.ce: ospf_routes(s) for s in FIRST}
     report["ospf_routes"] = routes
     for s in FIRST:
         shown = [r for r in routes[s.ce] if r.endswith("/24") or r == "default"]
         say(f"         {s.ce}-vpn: {', '.join(shown)}")
-    check("every CE learned the other three site prefixes", took is not None)
+    check("every adjacency Full; every CE learned the other three site prefixes", took is not None)
     non_gw_defaults = {
         s.ce: run(["ip", "route", "show", "default"], s.vpn).stdout.strip() for s in FIRST
     }
