@@ -14,6 +14,7 @@ commit, unlock -- so a refused change leaves the server exactly as it was.
         --gateway site-1 --site site-1=198.51.100.2,10.1.0.0/24 \\
         --site site-2=198.51.100.6,10.2.0.0/24
     oss_create_vpn.py ... enrol acme site-1 site-2 -d bundles/
+    (create and add-site take --enrol-dir DIR to enrol in the same session)
     oss_create_vpn.py ... add-site acme site-5=198.51.100.18,10.5.0.0/24
     oss_create_vpn.py ... remove-site acme site-2
     oss_create_vpn.py ... status
@@ -114,11 +115,15 @@ def create(m: Any, args: argparse.Namespace) -> None:
         f"{gateways}{sites}</vpn>",
     )
     print(f"VPN {args.vpn}: {len(args.site)} sites, {topology}, {args.keying}, {args.routing}")
+    if args.enrol_dir:
+        enrol_sites(m, args.vpn, [spec.partition("=")[0] for spec in args.site], args.enrol_dir)
 
 
 def add_site(m: Any, args: argparse.Namespace) -> None:
     commit(m, f"<vpn><id>{args.vpn}</id>{site_xml(args.site, args.role)}</vpn>")
     print(f"VPN {args.vpn}: site {args.site.partition('=')[0]} added")
+    if args.enrol_dir:
+        enrol_sites(m, args.vpn, [args.site.partition("=")[0]], args.enrol_dir)
 
 
 def remove_site(m: Any, args: argparse.Namespace) -> None:
@@ -131,7 +136,10 @@ def remove_site(m: Any, args: argparse.Namespace) -> None:
 
 
 def bundle_json(bundle: etree._Element) -> dict[str, Any]:
-    """The enrol answer's <bundle> as the JSON document `cevpn-agent --bootstrap` reads."""
+    """The enrol answer's <bundle> as the JSON document `cevpn-agent --bootstrap` reads.
+
+    The same conversion as nc_server.application.bundle_document_from_xml, kept here
+    so that an OSS needs ncclient and lxml only, not the cevpn package."""
     lists = {"endpoint", "host-key", "server-authorized-key", "url-host-key"}
     ints = {"port", "pull-interval", "connect-timeout", "fetch-alarm-after", "orphan-after"}
 
@@ -153,14 +161,12 @@ def bundle_json(bundle: etree._Element) -> dict[str, Any]:
     return {"cevpn-ce:ce": {"pre-configuration": walk(bundle)}}
 
 
-def enrol(m: Any, args: argparse.Namespace) -> None:
+def enrol_sites(m: Any, vpn: str, sites: list[str], output_dir: str) -> None:
     """Seed 3.2: a bundle holds the CE's private keys: written 0600, never printed."""
-    out_dir = Path(args.output_dir)
+    out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for site in args.site:
-        rpc = etree.fromstring(
-            f'<enrol xmlns="{SVC}"><vpn>{args.vpn}</vpn><site>{site}</site></enrol>'
-        )
+    for site in sites:
+        rpc = etree.fromstring(f'<enrol xmlns="{SVC}"><vpn>{vpn}</vpn><site>{site}</site></enrol>')
         reply = etree.fromstring(m.dispatch(rpc).xml.encode())
         bundle = reply.find(f".//{{{SVC}}}bundle")
         if bundle is None:
@@ -170,6 +176,10 @@ def enrol(m: Any, args: argparse.Namespace) -> None:
         with os.fdopen(fd, "w") as out:
             json.dump(bundle_json(bundle), out)
         print(f"site {site}: bundle written to {path} (0600)")
+
+
+def enrol(m: Any, args: argparse.Namespace) -> None:
+    enrol_sites(m, args.vpn, args.site, args.output_dir)
 
 
 def status(m: Any, args: argparse.Namespace) -> None:
@@ -209,6 +219,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--dpd-delay", type=int, default=30)
     c.add_argument("--dpd-timeout", type=int, default=150)
     c.add_argument("--endpoint", help="the address the CEs reach the server at")
+    c.add_argument("--enrol-dir", help="then enrol every site: write their bundles there")
     c.add_argument(
         "--unreachable-retry-limit", type=int, help="longest wait between pushes to a silent CE"
     )
@@ -216,6 +227,7 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("vpn")
     a.add_argument("site", help="NAME=CE-ADDRESS,PREFIX...")
     a.add_argument("--role", choices=["hub", "spoke"])
+    a.add_argument("--enrol-dir", help="then enrol the site: write its bundle there")
     r = sub.add_parser("remove-site", help="remove a site (seed 3.6)")
     r.add_argument("vpn")
     r.add_argument("site")

@@ -161,9 +161,9 @@ def ping(src: Site, dst: Site, count: int = 2) -> bool:
     )
 
 
-def capture(name: str) -> subprocess.Popen[bytes]:
+def capture(name: str, netns: str = "pe", iface: str = "any") -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        ["ip", "netns", "exec", "pe", "tcpdump", "-nni", "any", "-w", str(WORK / f"{name}.pcap"),
+        ["ip", "netns", "exec", netns, "tcpdump", "-nni", iface, "-w", str(WORK / f"{name}.pcap"),
          "--immediate-mode", "ip"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
