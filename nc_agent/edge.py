@@ -97,9 +97,11 @@ class Edge:
                 if old.gateway is None:
                     undo.append(lambda: asyncio.to_thread(self.gateway.remove))
             previous = self.applied_ingress
-            await asyncio.to_thread(self.nft.apply, policy)
-            self.applied_ingress = policy
-            undo.append(lambda: self._restore_ingress(previous))
+            if policy != previous or new.ingress is None:
+                # Unchanged policies are not rewritten: most commits only touch peers.
+                await asyncio.to_thread(self.nft.apply, policy)
+                self.applied_ingress = policy
+                undo.append(lambda: self._restore_ingress(previous))
             if new.gateway is None and old.gateway is not None:
                 before = old.gateway
                 await asyncio.to_thread(self.gateway.remove)

@@ -92,13 +92,17 @@ def rules(policy: IngressPolicy) -> dict[str, list[str]]:
     return chains
 
 
-def render(policy: IngressPolicy | None) -> str:
-    """An iptables-restore --noflush script replacing cevpn's chains (None: empty them)."""
+def render(policy: IngressPolicy | None, present: set[str] | None = None) -> str:
+    """An iptables-restore --noflush script replacing cevpn's chains (None: empty them),
+    with a jump from each built-in chain unless ``present`` (iptables-save lines) has it."""
     chains = rules(policy) if policy is not None else {}
     out: list[str] = []
     for table, pairs in CHAINS.items():
         out.append(f"*{table}")
         out += [f":{name} - [0:0]" for _, name in pairs]  # created, or flushed
+        for builtin, name in pairs:
+            if present is None or f"-A {builtin} -j {name}" not in present:
+                out.append(f"-I {builtin} 1 -j {name}")
         for _, name in pairs:
             out += [f"-A {name} {rule}" for rule in chains.get(name, [])]
         out.append("COMMIT")
@@ -112,19 +116,18 @@ class Iptables:
         self.sp_netns = sp_netns
 
     def apply(self, policy: IngressPolicy | None) -> None:
-        script = render(policy)
+        """Two processes whatever the policy (each costs a lot on a slow kernel): one save
+        to see which jumps exist, one restore that replaces the chains and adds the
+        missing jumps -- atomically per table."""
 
         def work() -> None:
+            saved = _run(["iptables-legacy-save"])
+            if saved.returncode != 0:
+                raise IngressError(f"iptables-legacy-save: {saved.stderr.strip()}")
+            script = render(policy, present=set(saved.stdout.splitlines()))
             done = _run(["iptables-legacy-restore", "--noflush"], script)
             if done.returncode != 0:
                 raise IngressError(f"iptables refused the ingress policy: {done.stderr.strip()}")
-            for table, pairs in CHAINS.items():
-                for builtin, name in pairs:
-                    jump = ["-t", table, "-j", name]
-                    if _run(["iptables-legacy", "-C", builtin, *jump]).returncode != 0:
-                        added = _run(["iptables-legacy", "-I", builtin, "1", *jump])
-                        if added.returncode != 0:
-                            raise IngressError(f"iptables: {added.stderr.strip()}")
 
         create_in(self.sp_netns, work)
 
