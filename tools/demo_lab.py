@@ -242,7 +242,29 @@ def ping_all(pairs: list[tuple[Site, Site]]) -> dict[str, bool]:
         t.start()
     for t in threads:
         t.join()
+    failed = [(a, b) for a, b in pairs if not results[f"{a.n}->{b.n}"]]
+    if failed:
+        diagnose(*failed[0])
     return dict(sorted(results.items()))
+
+
+def diagnose(src: Site, dst: Site) -> None:
+    """What an engineer looks at first when site-to-site traffic fails."""
+    say(f"         -- why does {src.host} not reach {dst.host}? what {src.ce} holds:")
+    checks = [
+        (["ip", "route", "get", dst.host_address], src.vpn),
+        (["ip", "route", "show", "proto", "bird"], src.vpn),
+        (["ip", "-s", "xfrm", "state", "count"], src.ce),
+        (["ip", "xfrm", "policy", "count"], src.ce),
+        (["iptables-legacy", "-n", "-v", "-L", "CEVPN-INPUT"], src.ce),
+        (["cat", "/proc/net/xfrm_stat"], src.ce),
+    ]
+    for argv, netns in checks:
+        done = run(argv, netns)
+        say(f"         $ ip netns exec {netns} {' '.join(argv)}")
+        for line in (done.stdout + done.stderr).splitlines()[:14]:
+            if line.strip() and not line.rstrip().endswith(" 0"):
+                say(f"           {line}")
 
 
 def classify(line: str) -> str:

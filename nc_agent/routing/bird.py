@@ -131,6 +131,14 @@ def parse_routes(output: str) -> list[str]:
     return found
 
 
+def _own_group_dying_with_parent() -> None:
+    """BIRD's own process group (a signal to the agent's group, e.g. a service manager's
+    SIGTERM, must not stop it behind the agent's back: the agent stops it itself), and
+    SIGKILL when the agent dies."""
+    os.setpgid(0, 0)
+    die_with_parent()
+
+
 def _write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -248,7 +256,7 @@ class Bird:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
-                preexec_fn=die_with_parent,
+                preexec_fn=_own_group_dying_with_parent,
             )
         finally:
             out.close()
