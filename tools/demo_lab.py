@@ -263,8 +263,15 @@ def diagnose(src: Site, dst: Site) -> None:
         done = run(argv, netns)
         say(f"         $ ip netns exec {netns} {' '.join(argv)}")
         for line in (done.stdout + done.stderr).splitlines()[:14]:
-            if line.strip() and not line.rstrip().endswith(" 0"):
+            if line.strip() and not re.fullmatch(r"Xfrm\w+\s+0", line.strip()):
                 say(f"           {line}")
+    routing = WORK / src.ce / "routing"
+    for command in ("show ospf neighbors", "show route", "show ospf state"):
+        done = subprocess.run(["birdc", "-s", "bird.ctl", *command.split()], cwd=routing,
+                              capture_output=True, text=True)  # fmt: skip
+        say(f"         $ birdc {command}")
+        for line in done.stdout.splitlines()[:40]:
+            say(f"           {line}")
 
 
 def classify(line: str) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from nc_agent.dataplane.links import LinkError, _with_ipr
+from nc_agent.dataplane.links import ROUTE_PROTO, LinkError, _with_ipr
 from nc_agent.dataplane.netns import create_in
 
 VPN_DEVICE = "cvg0"
@@ -38,8 +38,6 @@ MARK = 0xCE
 TABLE = 0xCE
 """SP-space routing table holding the one route back into the gateway link."""
 RULE_PRIORITY = 1000
-ROUTE_PROTO = 0xCE
-"""rtnetlink protocol of the routes cevpn installs here, so they are recognisable."""
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,15 @@ class Existing:
 
 MAIN_TABLE = 254
 """RT_TABLE_MAIN: where the VPN-space routes into tunnels live."""
+ROUTE_PROTO = 0xCE
+"""rtnetlink protocol of the routes the agent installs: the routing daemon's routes into
+the same devices (OSPF, proto bird) are never the agent's to compare or remove."""
+RTPROT_BOOT = 3
+"""What earlier versions installed their routes with (still recognised as the agent's)."""
+
+
+def _ours(route: Any) -> bool:
+    return route["proto"] in (ROUTE_PROTO, RTPROT_BOOT)
 
 
 def _attr(msg: Any, name: str, default: Any = None) -> Any:
@@ -212,6 +221,8 @@ def _existing(vpn: Any) -> dict[str, Existing]:
     out: dict[str, Existing] = {}
     routes: dict[int, list[str]] = {}
     for route in vpn.get_routes(family=2, table=MAIN_TABLE):
+        if not _ours(route):
+            continue
         oif = _attr(route, "RTA_OIF")
         dst = _attr(route, "RTA_DST")
         if oif is not None and dst is not None:
@@ -284,10 +295,10 @@ def _configure(vpn: Any, tunnel: Tunnel, vpn_netns: str) -> None:
         # The main table only: an address on the device puts its local and broadcast
         # routes in table 'local', which are the kernel's, not ours to remove.
         for r in vpn.get_routes(family=2, oif=index, table=MAIN_TABLE)
-        if _attr(r, "RTA_DST") is not None
+        if _attr(r, "RTA_DST") is not None and _ours(r)
     }
     wanted = {str(ipaddress.ip_network(p, strict=False)) for p in tunnel.routes}
     for prefix in sorted(current - wanted):
         vpn.route("del", dst=prefix, oif=index)
     for prefix in sorted(wanted - current):
-        vpn.route("replace", dst=prefix, oif=index)
+        vpn.route("replace", dst=prefix, oif=index, proto=ROUTE_PROTO)
