@@ -369,3 +369,12 @@ def test_the_control_socket_is_named_relative_to_the_routing_directory() -> None
     assert command[:4] == ["ip", "netns", "exec", "ce1-vpn"]
     assert command[command.index("-s") + 1] == CONTROL_SOCKET == "bird.ctl"
     assert command[command.index("-c") + 1] == "/" + "x" * 200 + "/routing/bird.conf"
+
+
+def test_a_cli_reply_is_complete_only_at_a_final_code_line() -> None:
+    from nc_agent.routing.bird import _complete
+
+    assert not _complete(b"1007-Table master4:\n 10.9.0.0/24 unreachable\n")
+    assert not _complete(b"1007-Table master4:\n0000")
+    assert _complete(b"1007-Table master4:\n 10.9.0.0/24 unreachable\n0000 \n")
+    assert _complete(b"8003 syntax error\n")

@@ -100,6 +100,14 @@ def failure(output: str) -> str | None:
 _NEIGHBOR = re.compile(r"(\S+)\s+(\d+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)")
 
 
+def _complete(reply: bytes) -> bool:
+    """Whether a CLI reply has its last line: ``DDDD text`` (a space after the code)."""
+    if not reply.endswith(b"\n"):
+        return False
+    last = reply.rstrip(b"\n").rpartition(b"\n")[2]
+    return re.match(rb"\d{4} ", last) is not None
+
+
 def parse_neighbors(output: str) -> list[Neighbor]:
     """The neighbours in ``birdc -v show ospf neighbors`` output (code 1013 rows)."""
     found = []
@@ -399,12 +407,43 @@ class Bird:
         return await self._run(BIRDC, "-v", "-s", CONTROL_SOCKET, *command)
 
     async def birdc(self, *command: str) -> str:
-        """One birdc command's raw ``-v`` output; RoutingError with BIRD's message if it fails."""
-        status, output = await self._birdc(*command)
+        """One CLI command's raw reply (the form ``birdc -v`` prints), spoken on BIRD's
+        control socket directly: a ``<get>`` asks this twice, and a process start per
+        question is what a slow machine feels.  RoutingError with BIRD's message."""
+        try:
+            output = await asyncio.wait_for(self._ask(" ".join(command)), COMMAND_TIMEOUT)
+        except (OSError, TimeoutError) as exc:
+            raise RoutingError(f"{' '.join(command)}: BIRD's control socket: {exc}") from None
         error = failure(output)
-        if status != 0 or error is not None:
-            raise RoutingError(f"birdc {' '.join(command)}: {error or output.strip()}")
+        if error is not None:
+            raise RoutingError(f"birdc {' '.join(command)}: {error}")
         return output
+
+    async def _ask(self, command: str) -> str:
+        """Greeting, one command, its reply up to the final ``DDDD `` line."""
+        loop = asyncio.get_running_loop()
+        dirfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, f"/proc/self/fd/{dirfd}/{CONTROL_SOCKET}")
+            data = b""
+            while b"\n" not in data:
+                chunk = await loop.sock_recv(sock, 4096)
+                if not chunk:
+                    raise OSError("closed before its greeting")
+                data += chunk
+            await loop.sock_sendall(sock, command.encode() + b"\n")
+            reply = data.partition(b"\n")[2]
+            while not _complete(reply):
+                chunk = await loop.sock_recv(sock, 65536)
+                if not chunk:
+                    break
+                reply += chunk
+        finally:
+            sock.close()
+            os.close(dirfd)
+        return reply.decode(errors="replace")
 
     async def neighbors(self) -> list[Neighbor]:
         """The OSPF neighbours (empty when BIRD is not running)."""

@@ -26,7 +26,6 @@ from typing import Any
 from lxml import etree
 from ncclient import manager
 
-from nc_server.application import bundle_document_from_xml
 from tests.lab.agent_scenarios import capture, ping, stop_capture
 from tests.lab.ike_scenarios import grep_secrets, peer_statuses
 from tests.lab.topology import Site
@@ -98,6 +97,10 @@ class Lab:
         ))  # fmt: skip
 
     def enrol_and_start(self, s: Site) -> None:
+        # Imported here: the server's application costs seconds to import in the guest,
+        # and the demo shares this module's small helpers without needing it.
+        from nc_server.application import bundle_document_from_xml
+
         request = etree.fromstring(
             f'<enrol xmlns="{SVC}"><vpn>lab</vpn><site>site-{s.n}</site></enrol>'
         )
