@@ -23,8 +23,9 @@ from typing import Any
 from lxml import etree
 
 from nc_agent.allocations import Allocations
+from nc_agent.children import die_with_parent
 from nc_agent.desired import compile_desired
-from nc_agent.ike.charon import Charon, CharonSettings, die_with_parent, text
+from nc_agent.ike.charon import Charon, CharonSettings, text
 from nc_agent.ike.connections import IkePeer
 from nc_core.schema import ce_schema
 from tests.lab.agent_scenarios import CE, Agent, T, config, preconfiguration

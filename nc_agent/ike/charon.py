@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import re
@@ -37,6 +36,8 @@ from typing import Any
 import vici
 from vici.protocol import Message, Packet
 
+from nc_agent.children import die_with_parent, terminate
+
 log = logging.getLogger("cevpn.ike")
 
 CHARON = os.environ.get("CEVPN_CHARON", "/usr/lib/ipsec/charon")
@@ -48,7 +49,6 @@ VICI_SOCKET = "charon.vici"
 EVENTS = ("ike-updown", "child-updown", "ike-rekey", "child-rekey")
 LOG_TAIL = 256 << 10
 """How much of the end of charon.log is searched for an IKE_SA's lines."""
-PR_SET_PDEATHSIG = 1
 LOG_LIMIT = 16 << 20
 """charon.log is moved to charon.log.1 at a start when it is bigger than this."""
 
@@ -119,11 +119,6 @@ charon {{
     }}
 }}
 """
-
-
-def die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def text(value: Any) -> str:
@@ -239,16 +234,7 @@ class Charon:
     async def stop(self) -> None:
         self.disconnect()
         proc, self.proc = self.proc, None
-        if proc is None or proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), 10)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+        await terminate(proc)
 
     @property
     def running(self) -> bool:

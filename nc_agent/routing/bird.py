@@ -34,11 +34,11 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from nc_agent.ike.charon import die_with_parent
+from nc_agent.children import die_with_parent, terminate
 from nc_agent.routing.bird_config import PROTOCOL_NAME, RoutingPlan, reaches_kernel, render
 
 log = logging.getLogger("cevpn.routing")
@@ -302,21 +302,29 @@ class Bird:
         except OSError:
             return ""
 
-    async def _answers(self) -> bool:
-        """Whether BIRD greets on its control socket (reached through the directory's
-        descriptor, whatever the length of its path)."""
+    @contextlib.asynccontextmanager
+    async def _control(self) -> AsyncIterator[socket.socket]:
+        """BIRD's control socket, connected through the directory's descriptor (whatever
+        the length of its path), non-blocking for the event loop."""
         loop = asyncio.get_running_loop()
         dirfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
             await loop.sock_connect(sock, f"/proc/self/fd/{dirfd}/{CONTROL_SOCKET}")
-            greeting = await asyncio.wait_for(loop.sock_recv(sock, 256), 2.0)
-        except (OSError, TimeoutError):
-            return False
+            yield sock
         finally:
             sock.close()
             os.close(dirfd)
+
+    async def _answers(self) -> bool:
+        """Whether BIRD greets on its control socket."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with self._control() as sock:
+                greeting = await asyncio.wait_for(loop.sock_recv(sock, 256), 2.0)
+        except (OSError, TimeoutError):
+            return False
         return greeting.startswith(b"0001 ")
 
     async def _watch(self, proc: asyncio.subprocess.Process) -> None:
@@ -335,16 +343,7 @@ class Bird:
         """SIGTERM: BIRD withdraws its kernel routes and flushes its LSAs, so the
         neighbours drop this site's routes at once rather than after the dead interval."""
         proc, self.proc, self.plan = self.proc, None, None
-        if proc is None or proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), 10)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+        await terminate(proc)
 
     async def apply(self, plan: RoutingPlan | None) -> None:
         """Make BIRD run ``plan``: None stops it, a running BIRD is reconfigured in
@@ -422,11 +421,7 @@ class Bird:
     async def _ask(self, command: str) -> str:
         """Greeting, one command, its reply up to the final ``DDDD `` line."""
         loop = asyncio.get_running_loop()
-        dirfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            await loop.sock_connect(sock, f"/proc/self/fd/{dirfd}/{CONTROL_SOCKET}")
+        async with self._control() as sock:
             data = b""
             while b"\n" not in data:
                 chunk = await loop.sock_recv(sock, 4096)
@@ -440,9 +435,6 @@ class Bird:
                 if not chunk:
                     break
                 reply += chunk
-        finally:
-            sock.close()
-            os.close(dirfd)
         return reply.decode(errors="replace")
 
     async def neighbors(self) -> list[Neighbor]:
