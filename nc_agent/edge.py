@@ -93,7 +93,7 @@ class Edge:
         try:
             policy = await asyncio.to_thread(self.resolve, new, management_port)
             if new.gateway is not None:
-                await asyncio.to_thread(self.gateway.ensure, new.gateway)
+                await asyncio.to_thread(self.gateway.ensure)
                 if old.gateway is None:
                     undo.append(lambda: asyncio.to_thread(self.gateway.remove))
             previous = self.applied_ingress
@@ -103,9 +103,8 @@ class Edge:
                 self.applied_ingress = policy
                 undo.append(lambda: self._restore_ingress(previous))
             if new.gateway is None and old.gateway is not None:
-                before = old.gateway
                 await asyncio.to_thread(self.gateway.remove)
-                undo.append(lambda: asyncio.to_thread(self.gateway.ensure, before))
+                undo.append(lambda: asyncio.to_thread(self.gateway.ensure))
             await self.bird.apply(new.routing)
             self.routing = new.routing
         except (EdgeRefused, IngressError, LinkError, RoutingError, OSError) as exc:

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from nc_agent.dataplane import ingress
+from nc_agent.dataplane.gateway import set_forwarding
 from nc_agent.dataplane.ingress import (
     GATEWAY_MARK,
     GATEWAY_SP_DEVICE,
@@ -565,10 +566,9 @@ def test_forwarding_is_switched_in_the_sp_namespace_only(sp_netns: str) -> None:
         return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
 
     host = forwarding()
-    nft = Nftables(sp_netns)
-    nft.sysctl_forwarding(True)
+    set_forwarding(sp_netns, True)
     assert forwarding(sp_netns) == "1"
-    nft.sysctl_forwarding(False)
+    set_forwarding(sp_netns, False)
     assert forwarding(sp_netns) == "0"
     assert forwarding() == host
 
@@ -624,6 +624,6 @@ def test_a_gateway_carries_vpn_traffic_to_the_internet_and_its_replies_back(
     vpn, sp, _ = three_spaces
     nft = Nftables(sp)
     nft.apply(policy(gateway=Gateway(GATEWAY_SP_DEVICE)))
-    nft.sysctl_forwarding(True)
+    set_forwarding(sp, True)
     ping = ["ip", "netns", "exec", vpn, "ping", "-c1", "-W2", "203.0.113.5"]
     assert subprocess.run(ping, capture_output=True, check=False).returncode == 0

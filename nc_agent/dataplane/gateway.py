@@ -25,7 +25,7 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from nc_agent.dataplane.links import ROUTE_PROTO, LinkError, _with_ipr
+from nc_agent.dataplane.links import ROUTE_PROTO, LinkError, _netlink_reason, _with_ipr
 from nc_agent.dataplane.netns import create_in
 
 VPN_DEVICE = "cvg0"
@@ -42,13 +42,7 @@ RULE_PRIORITY = 1000
 
 @dataclass(frozen=True)
 class GatewayLink:
-    """What the gateway link should be: present, and whether the VPN space's default uses it."""
-
-    default_route: bool = True
-
-
-def _netlink_reason(exc: NetlinkError) -> str:
-    return str(exc.args[1]) if len(exc.args) > 1 else str(exc)
+    """The gateway link should exist, with the VPN space's default route into it."""
 
 
 class Gateway:
@@ -61,14 +55,15 @@ class Gateway:
     def present(self) -> bool:
         return bool(_with_ipr(self.sp_netns, lambda sp: sp.link_lookup(ifname=SP_DEVICE)))
 
-    def ensure(self, link: GatewayLink) -> None:
+    def ensure(self) -> None:
         """Create the link if missing, then set addresses, routes and the rule (idempotent)."""
         try:
             _with_ipr(self.sp_netns, lambda sp: self._sp_side(sp))
-            _with_ipr(self.vpn_netns, lambda vpn: _vpn_side(vpn, link))
+            _with_ipr(self.vpn_netns, _vpn_side)
         except NetlinkError as exc:
             raise LinkError(f"the Internet gateway link: {_netlink_reason(exc)}") from exc
-        _forwarding(self.sp_netns, True)
+        _loose_reverse_path(self.sp_netns)
+        set_forwarding(self.sp_netns, True)
 
     def remove(self) -> None:
         """Delete the link (its addresses and routes go with it), the rule, and forwarding."""
@@ -82,7 +77,7 @@ class Gateway:
                     sp.rule("del", table=TABLE, fwmark=MARK, priority=RULE_PRIORITY)
 
         _with_ipr(self.sp_netns, sp_side)
-        _forwarding(self.sp_netns, False)
+        set_forwarding(self.sp_netns, False)
 
     def _sp_side(self, sp: Any) -> None:
         if not sp.link_lookup(ifname=SP_DEVICE):
@@ -108,37 +103,36 @@ def _address(ipr: Any, index: int, address: str) -> None:
         ipr.addr("add", index=index, address=address, prefixlen=PREFIX_LENGTH)
 
 
-def _vpn_side(vpn: Any, link: GatewayLink) -> None:
+def _vpn_side(vpn: Any) -> None:
     found = vpn.link_lookup(ifname=VPN_DEVICE)
     if not found:
         raise LinkError(f"{VPN_DEVICE} is missing from the VPN space")
     index = found[0]
     _address(vpn, index, VPN_SIDE)
     vpn.link("set", index=index, state="up")
-    ours = [
-        r
-        for r in vpn.get_routes(family=2, table=254)
-        if r["dst_len"] == 0 and r["proto"] == ROUTE_PROTO
-    ]
-    if link.default_route:
-        vpn.route("replace", dst="0.0.0.0/0", gateway=SP_SIDE, oif=index, proto=ROUTE_PROTO)
-    else:
-        for _ in ours:
-            vpn.route("del", dst="0.0.0.0/0", gateway=SP_SIDE, oif=index, proto=ROUTE_PROTO)
+    vpn.route("replace", dst="0.0.0.0/0", gateway=SP_SIDE, oif=index, proto=ROUTE_PROTO)
 
 
-def _forwarding(netns: str | None, enabled: bool) -> None:
+def set_forwarding(netns: str | None, enabled: bool) -> None:
     """IPv4 forwarding in the SP space: on while the CE is a gateway, off otherwise.
 
-    The gateway link's reverse-path filter is loose: packets from the VPN carry VPN
-    source addresses that the SP space cannot route back (by design), so a strict
-    filter (``all`` = 1 wins over a lower per-device value) would drop them all."""
+    /proc/sys/net shows the namespace of the thread that opens the file, so a
+    thread inside the SP space writes the SP space's value."""
 
     def write() -> None:
         with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
             f.write("1\n" if enabled else "0\n")
-        if enabled:
-            with open(f"/proc/sys/net/ipv4/conf/{SP_DEVICE}/rp_filter", "w") as f:
-                f.write("2\n")
+
+    create_in(netns, write)
+
+
+def _loose_reverse_path(netns: str | None) -> None:
+    """The gateway link's reverse-path filter is loose: packets from the VPN carry VPN
+    source addresses that the SP space cannot route back (by design), so a strict
+    filter (``all`` = 1 wins over a lower per-device value) would drop them all."""
+
+    def write() -> None:
+        with open(f"/proc/sys/net/ipv4/conf/{SP_DEVICE}/rp_filter", "w") as f:
+            f.write("2\n")
 
     create_in(netns, write)

@@ -31,7 +31,6 @@ import re
 import subprocess
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 from nc_agent.dataplane.gateway import MARK as GATEWAY_MARK
@@ -374,11 +373,6 @@ def render(policy: IngressPolicy) -> str:
 
 # -- the kernel ----------------------------------------------------------------
 
-FORWARDING_SYSCTLS = (
-    Path("/proc/sys/net/ipv4/ip_forward"),
-    Path("/proc/sys/net/ipv6/conf/all/forwarding"),
-)
-
 
 class Nftables:
     """Table ``inet cevpn`` of the SP space (``sp_netns``; None: the agent's own namespace).
@@ -419,26 +413,6 @@ class Nftables:
             raise IngressError(f"cannot list table {TABLE}: {_reason(listed)}")
 
         return self._in_netns(query)
-
-    def sysctl_forwarding(self, enabled: bool) -> None:
-        """Turn IP forwarding on or off in the SP space (an integrated gateway forwards).
-
-        /proc/sys/net shows the namespace of the thread that opens the file,
-        so a thread inside the SP space writes the SP space's values.  IPv6
-        is skipped where the kernel has none.  Note that IPv6 forwarding
-        makes the kernel ignore router advertisements unless accept_ra is 2.
-        """
-        value = "1\n" if enabled else "0\n"
-
-        def write() -> None:
-            for path in FORWARDING_SYSCTLS:
-                if path == FORWARDING_SYSCTLS[0] or path.exists():
-                    path.write_text(value)
-
-        try:
-            self._in_netns(write)
-        except OSError as exc:
-            raise IngressError(f"cannot set IP forwarding: {exc}") from exc
 
     def _run(self, args: list[str], script: str) -> subprocess.CompletedProcess[str]:
         return self._in_netns(lambda: _nft(args, script))
