@@ -59,12 +59,14 @@ class Edge:
     def __init__(self, state_dir: Path, vpn_netns: str, sp_netns: str | None = None) -> None:
         self.sp_netns = sp_netns
         self.gateway = Gateway(vpn_netns, sp_netns)
-        self.nft = IngressFilter(sp_netns)
+        self.ingress = IngressFilter(sp_netns)
         self.bird = Bird(state_dir, vpn_netns)
         self.bird.on_exit = self._bird_exited
         self.routing: RoutingPlan | None = None
         """The plan the committed configuration asks for (BIRD is restarted with it)."""
         self.applied_ingress: IngressPolicy | None = None
+        self._ingress_known = False
+        """Whether a policy (or its absence) was applied since the agent started."""
         self._restart: asyncio.TimerHandle | None = None
 
     def resolve(self, desired: Desired, management_port: int | None) -> IngressPolicy | None:
@@ -97,10 +99,10 @@ class Edge:
                 if old.gateway is None:
                     undo.append(lambda: asyncio.to_thread(self.gateway.remove))
             previous = self.applied_ingress
-            if policy != previous or new.ingress is None:
+            if policy != previous or not self._ingress_known:
                 # Unchanged policies are not rewritten: most commits only touch peers.
-                await asyncio.to_thread(self.nft.apply, policy)
-                self.applied_ingress = policy
+                await asyncio.to_thread(self.ingress.apply, policy)
+                self.applied_ingress, self._ingress_known = policy, True
                 undo.append(lambda: self._restore_ingress(previous))
             if new.gateway is None and old.gateway is not None:
                 await asyncio.to_thread(self.gateway.remove)
@@ -116,7 +118,7 @@ class Edge:
             raise EdgeRefused(str(exc)) from exc
 
     async def _restore_ingress(self, policy: IngressPolicy | None) -> None:
-        await asyncio.to_thread(self.nft.apply, policy)
+        await asyncio.to_thread(self.ingress.apply, policy)
         self.applied_ingress = policy
 
     def _bird_exited(self, status: int) -> None:

@@ -285,11 +285,6 @@ def classify(line: str) -> str:
     return "other"
 
 
-def pid_of(pattern: str) -> set[int]:
-    out = run(["pgrep", "-f", pattern]).stdout
-    return {int(p) for p in out.split()}
-
-
 def bird_pids() -> dict[str, int]:
     pids: dict[str, int] = {}
     for s in SITES:
