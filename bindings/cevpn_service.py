@@ -3039,7 +3039,7 @@ class yc_routing_cevpn_service__vpn_service_vpn_routing(PybindBase):
 
   YANG Description: VPN-space routing between the sites (seed 4).
   """
-  __slots__ = ('_path_helper', '_extmethods', '__protocol','__ospf_area',)
+  __slots__ = ('_path_helper', '_extmethods', '__protocol','__ospf_area','__ospf_hello_interval','__ospf_dead_interval',)
 
   _yang_name = 'routing'
   _yang_namespace = 'urn:cevpn:yang:cevpn-service'
@@ -3062,6 +3062,8 @@ class yc_routing_cevpn_service__vpn_service_vpn_routing(PybindBase):
     self._extmethods = False
     self.__protocol = YANGDynClass(base=RestrictedClassType(base_type=str,                                     restriction_type="dict_key",                                     restriction_arg={'none': {}, 'ospf': {}},), default=str("none"), is_leaf=True, yang_name="protocol", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='cevpn-t:routing-protocol', is_config=True)
     self.__ospf_area = YANGDynClass(base=RestrictedClassType(base_type=str, restriction_dict={'pattern': '(([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])\\.){3}([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])'}), default=str("0.0.0.0"), is_leaf=True, yang_name="ospf-area", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='yang:dotted-quad', is_config=True)
+    self.__ospf_hello_interval = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['1..65535']}), default=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16)(10), is_leaf=True, yang_name="ospf-hello-interval", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='uint16', is_config=True)
+    self.__ospf_dead_interval = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['1..65535']}), default=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16)(40), is_leaf=True, yang_name="ospf-dead-interval", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='uint16', is_config=True)
 
     load = kwargs.pop("load", None)
     if args:
@@ -3165,11 +3167,93 @@ class yc_routing_cevpn_service__vpn_service_vpn_routing(PybindBase):
   def _unset_ospf_area(self):
     self.__ospf_area = YANGDynClass(base=RestrictedClassType(base_type=str, restriction_dict={'pattern': '(([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])\\.){3}([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])'}), default=str("0.0.0.0"), is_leaf=True, yang_name="ospf-area", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='yang:dotted-quad', is_config=True)
 
+
+  def _get_ospf_hello_interval(self):
+    """
+    Getter method for ospf_hello_interval, mapped from YANG variable /vpn_service/vpn/routing/ospf_hello_interval (uint16)
+
+    YANG Description: OSPF hello interval on every tunnel.  With the dead
+interval it bounds how long a site takes to learn of a
+new or lost peer.
+    """
+    return self.__ospf_hello_interval
+      
+  def _set_ospf_hello_interval(self, v, load=False):
+    """
+    Setter method for ospf_hello_interval, mapped from YANG variable /vpn_service/vpn/routing/ospf_hello_interval (uint16)
+    If this variable is read-only (config: false) in the
+    source YANG file, then _set_ospf_hello_interval is considered as a private
+    method. Backends looking to populate this variable should
+    do so via calling thisObj._set_ospf_hello_interval() directly.
+
+    YANG Description: OSPF hello interval on every tunnel.  With the dead
+interval it bounds how long a site takes to learn of a
+new or lost peer.
+    """
+    if hasattr(v, "_utype"):
+      v = v._utype(v)
+    try:
+      t = YANGDynClass(v,base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['1..65535']}), default=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16)(10), is_leaf=True, yang_name="ospf-hello-interval", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='uint16', is_config=True)
+    except (TypeError, ValueError):
+      raise ValueError({
+          'error-string': """ospf_hello_interval must be of a type compatible with uint16""",
+          'defined-type': "uint16",
+          'generated-type': """YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['1..65535']}), default=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16)(10), is_leaf=True, yang_name="ospf-hello-interval", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='uint16', is_config=True)""",
+        })
+
+    self.__ospf_hello_interval = t
+    if hasattr(self, '_set'):
+      self._set()
+
+  def _unset_ospf_hello_interval(self):
+    self.__ospf_hello_interval = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['1..65535']}), default=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16)(10), is_leaf=True, yang_name="ospf-hello-interval", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='uint16', is_config=True)
+
+
+  def _get_ospf_dead_interval(self):
+    """
+    Getter method for ospf_dead_interval, mapped from YANG variable /vpn_service/vpn/routing/ospf_dead_interval (uint16)
+
+    YANG Description: OSPF dead interval on every tunnel: a peer silent this
+long is declared down and its routes withdrawn.
+    """
+    return self.__ospf_dead_interval
+      
+  def _set_ospf_dead_interval(self, v, load=False):
+    """
+    Setter method for ospf_dead_interval, mapped from YANG variable /vpn_service/vpn/routing/ospf_dead_interval (uint16)
+    If this variable is read-only (config: false) in the
+    source YANG file, then _set_ospf_dead_interval is considered as a private
+    method. Backends looking to populate this variable should
+    do so via calling thisObj._set_ospf_dead_interval() directly.
+
+    YANG Description: OSPF dead interval on every tunnel: a peer silent this
+long is declared down and its routes withdrawn.
+    """
+    if hasattr(v, "_utype"):
+      v = v._utype(v)
+    try:
+      t = YANGDynClass(v,base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['1..65535']}), default=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16)(40), is_leaf=True, yang_name="ospf-dead-interval", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='uint16', is_config=True)
+    except (TypeError, ValueError):
+      raise ValueError({
+          'error-string': """ospf_dead_interval must be of a type compatible with uint16""",
+          'defined-type': "uint16",
+          'generated-type': """YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['1..65535']}), default=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16)(40), is_leaf=True, yang_name="ospf-dead-interval", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='uint16', is_config=True)""",
+        })
+
+    self.__ospf_dead_interval = t
+    if hasattr(self, '_set'):
+      self._set()
+
+  def _unset_ospf_dead_interval(self):
+    self.__ospf_dead_interval = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16), restriction_dict={'range': ['1..65535']}), default=RestrictedClassType(base_type=int, restriction_dict={'range': ['0..65535']},int_size=16)(40), is_leaf=True, yang_name="ospf-dead-interval", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='uint16', is_config=True)
+
   protocol = __builtin__.property(_get_protocol, _set_protocol)
   ospf_area = __builtin__.property(_get_ospf_area, _set_ospf_area)
+  ospf_hello_interval = __builtin__.property(_get_ospf_hello_interval, _set_ospf_hello_interval)
+  ospf_dead_interval = __builtin__.property(_get_ospf_dead_interval, _set_ospf_dead_interval)
 
 
-  _pyangbind_elements = OrderedDict([('protocol', protocol), ('ospf_area', ospf_area), ])
+  _pyangbind_elements = OrderedDict([('protocol', protocol), ('ospf_area', ospf_area), ('ospf_hello_interval', ospf_hello_interval), ('ospf_dead_interval', ospf_dead_interval), ])
 
 
 class yc_management_cevpn_service__vpn_service_vpn_site_management(PybindBase):

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import asyncssh
+from nc_core.asyncssh_import import asyncssh
 
 from nc_core.server import NetconfServer
 from nc_core.session import Session

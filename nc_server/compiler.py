@@ -145,6 +145,8 @@ DEFAULT_MINIMUM_STRENGTH = "cevpn-types:strength-128"
 CA_CERTIFICATE_NAME = "vpn-ca"
 IPV4_DEFAULT_ROUTE = "0.0.0.0/0"
 DEFAULT_OSPF_AREA = "0.0.0.0"  # noqa: S104 - the backbone area, not an address to bind
+DEFAULT_OSPF_HELLO = 10  # the CE model's defaults (cevpn-ce routing/dynamic/ospf)
+DEFAULT_OSPF_DEAD = 40
 
 _UINT32_MAX = 2**32 - 1
 
@@ -372,6 +374,8 @@ class _Vpn:
     rekey_interval: int
     protocol: str
     ospf_area: str
+    ospf_hello: int
+    ospf_dead: int
     gateways: tuple[str, ...]
     sites: dict[str, _Site]  # by id, in the VPN's order
     keys: dict[str, Any]
@@ -441,6 +445,8 @@ def _parse(vpn: Mapping[str, Any]) -> _Vpn:
         ),
         protocol=str(routing.get("protocol", "none")),
         ospf_area=str(routing.get("ospf-area", DEFAULT_OSPF_AREA)),
+        ospf_hello=int(routing.get("ospf-hello-interval", DEFAULT_OSPF_HELLO)),
+        ospf_dead=int(routing.get("ospf-dead-interval", DEFAULT_OSPF_DEAD)),
         gateways=tuple(vpn.get("internet-gateway", ())),
         sites=sites,
         keys=dict(vpn.get("keys", {})),
@@ -1113,7 +1119,13 @@ class _Run:
         if site.prefixes:
             routing["local-prefix"] = list(site.prefixes)
         if self.ospf:
-            routing["dynamic"] = {"protocol": "ospf", "ospf": {"area": m.ospf_area}}
+            ospf: dict[str, Any] = {"area": m.ospf_area}
+            # The CE's own defaults are the same: leave them out unless the VPN changed them.
+            if m.ospf_hello != DEFAULT_OSPF_HELLO:
+                ospf["hello-interval"] = m.ospf_hello
+            if m.ospf_dead != DEFAULT_OSPF_DEAD:
+                ospf["dead-interval"] = m.ospf_dead
+            routing["dynamic"] = {"protocol": "ospf", "ospf": ospf}
         else:
             routing["dynamic"] = {"protocol": m.protocol}
         top["routing"] = routing

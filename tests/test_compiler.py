@@ -535,6 +535,20 @@ def test_ospf_routing_has_dynamic_tunnels_and_no_remote_prefixes() -> None:
     }
 
 
+def test_vpn_ospf_timers_reach_every_ce() -> None:
+    vpn = mesh(
+        3,
+        routing={"protocol": "ospf", "ospf-hello-interval": 2, "ospf-dead-interval": 8},
+    )
+    result = compiled(vpn)
+    for site in ("site-1", "site-2", "site-3"):
+        assert result[site].config["routing"]["dynamic"]["ospf"] == {
+            "area": "0.0.0.0",
+            "hello-interval": 2,
+            "dead-interval": 8,
+        }
+
+
 def test_static_routing_declares_protocol_none() -> None:
     result = compiled(mesh(2))
     assert result["site-1"].config["routing"]["dynamic"] == {"protocol": "none"}

@@ -76,6 +76,10 @@ EXPECTED_REJECTIONS: dict[str, tuple[str, str]] = {
         "tunnel-defaults/establishment",
         "cannot be combined with dynamic routing",
     ),
+    "service-ospf-dead-not-longer-than-hello.json": (
+        "vpn[id='acme']/routing/ospf-dead-interval",
+        "dead interval must be longer than the hello interval",
+    ),
     "service-bad-site-id.json": ("vpn[id='acme']/site/id", '"site a"'),
 }
 

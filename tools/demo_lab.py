@@ -331,10 +331,11 @@ def story(demo: Demo) -> None:
 
     step(
         "The OSS creates VPN 'acme' and enrols its four CEs (seed 3.1, 3.2): full mesh, "
-        "IKEv2 with pre-shared keys, OSPF through the tunnels, site-1 the Internet gateway"
+        "IKEv2 with pre-shared keys, OSPF through the tunnels (hello 2 s), site-1 the Internet gateway"
     )
     demo.oss("create", VPN, "--customer", "ACME Corp", "--keying", "ike", "--routing", "ospf",
-             "--gateway", "site-1", "--dpd-delay", "5", "--dpd-timeout", "20",
+             "--ospf-hello", "2", "--ospf-dead", "8", "--gateway", "site-1",
+             "--dpd-delay", "5", "--dpd-timeout", "20",
              "--endpoint", SERVER, "--unreachable-retry-limit", "2",
              *[a for s in FIRST for a in ("--site", f"site-{s.n}={s.sp_address},{s.lan_prefix}")],
              "--enrol-dir", str(WORK / "bundles"),

@@ -90,7 +90,12 @@ def create(m: Any, args: argparse.Namespace) -> None:
             f"<security-profile><authentication>{args.authentication}</authentication>"
             "</security-profile>"
         )
-    routing = f"<routing><protocol>{args.routing}</protocol></routing>"
+    routing = f"<protocol>{args.routing}</protocol>"
+    if args.routing == "ospf" and args.ospf_hello:
+        routing += f"<ospf-hello-interval>{args.ospf_hello}</ospf-hello-interval>"
+    if args.routing == "ospf" and args.ospf_dead:
+        routing += f"<ospf-dead-interval>{args.ospf_dead}</ospf-dead-interval>"
+    routing = f"<routing>{routing}</routing>"
     timers = f"<tunnel-defaults><dpd><delay>{args.dpd_delay}</delay>"
     timers += f"<timeout>{args.dpd_timeout}</timeout></dpd></tunnel-defaults>"
     sites = ""
@@ -215,6 +220,8 @@ def parser() -> argparse.ArgumentParser:
         "--authentication", choices=["pre-shared-key", "certificate"], default="pre-shared-key"
     )
     c.add_argument("--routing", choices=["none", "ospf"], default="none")
+    c.add_argument("--ospf-hello", type=int, help="OSPF hello interval, s (default 10)")
+    c.add_argument("--ospf-dead", type=int, help="OSPF dead interval, s (default 40)")
     c.add_argument("--gateway", action="append", help="a site that is an Internet gateway")
     c.add_argument("--dpd-delay", type=int, default=30)
     c.add_argument("--dpd-timeout", type=int, default=150)
