@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from nc_core.asyncssh_import import asyncssh
-
 from nc_core.server import NetconfServer
 from nc_core.session import Session
 from nc_core.users import check_password

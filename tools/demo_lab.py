@@ -331,7 +331,8 @@ def story(demo: Demo) -> None:
 
     step(
         "The OSS creates VPN 'acme' and enrols its four CEs (seed 3.1, 3.2): full mesh, "
-        "IKEv2 with pre-shared keys, OSPF through the tunnels (hello 2 s), site-1 the Internet gateway"
+        "IKEv2 with pre-shared keys, OSPF through the tunnels (hello 2 s), "
+        "site-1 the Internet gateway"
     )
     demo.oss("create", VPN, "--customer", "ACME Corp", "--keying", "ike", "--routing", "ospf",
              "--ospf-hello", "2", "--ospf-dead", "8", "--gateway", "site-1",
