@@ -1,15 +1,17 @@
-"""asyncssh, imported without its liboqs probe starting six processes.
+"""asyncssh, imported without its library probes starting seven processes.
 
-At import, asyncssh.crypto.pq asks ``ctypes.util.find_library`` for "oqs" and
-"liboqs" (post-quantum key exchange).  On Linux each question runs
-``ldconfig -p`` and then gcc and ld: in the lab guest, where every process
-start is slow, that was 1.7 s of every agent's and the server's start-up
-(``python -X importtime``), more than the rest of asyncssh together.
+At import, asyncssh asks ``ctypes.util.find_library`` for liboqs ("oqs",
+"liboqs": post-quantum key exchange) and for nettle (UMAC).  On Linux each
+question runs ``ldconfig -p``, and a library it does not list then gcc and ld:
+seven process starts, which in the lab guest (every process start is slow)
+were 1.7 s of every agent's and the server's start-up (``python -X
+importtime``), more than the rest of asyncssh together.
 
-The same question is answered here by looking for ``liboqs.so*`` in the
-dynamic linker's directories, so liboqs is still used when it is installed;
-every other ``find_library`` call keeps its normal behaviour.  Import asyncssh
-through this module (``from nc_core.asyncssh_import import asyncssh``).
+The same questions are answered here by looking for ``lib<name>.so*`` in the
+dynamic linker's directories, so both libraries are still used when they are
+installed; every other ``find_library`` call keeps its normal behaviour.
+Import asyncssh through this module (``from nc_core.asyncssh_import import
+asyncssh``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import ctypes.util
 import glob
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 LIBRARY_DIRS = (
@@ -30,25 +32,37 @@ LIBRARY_DIRS = (
     "/usr/lib64",
     "/lib64",
 )
-PROBED = ("oqs", "liboqs")
+PROBED = ("oqs", "liboqs", "nettle", "libnettle", "libnettle-6")
 
 
-def find_oqs(name: str) -> str | None:
-    """The file name of an installed liboqs (as find_library would give it), or None."""
+def find_in_linker_dirs(name: str) -> str | None:
+    """The path of an installed library, or None.
+
+    The soname link (``libnettle.so.8``, as ldconfig would name it) is
+    preferred over the development link and the fully versioned file; the
+    path is absolute, which ``ctypes.cdll.LoadLibrary`` takes as it is.
+    """
     stem = name if name.startswith("lib") else f"lib{name}"
     for directory in LIBRARY_DIRS:
-        found = sorted(glob.glob(os.path.join(directory, f"{stem}.so*")))
+        found = glob.glob(os.path.join(directory, f"{stem}.so*"))
         if found:
-            return os.path.basename(found[-1])
+            return min(found, key=lambda path: (_soname_rank(path, stem), path))
     return None
 
 
+def _soname_rank(path: str, stem: str) -> int:
+    suffix = os.path.basename(path)[len(stem) + len(".so") :]
+    if suffix.count(".") == 1:  # ".8": the soname
+        return 0
+    return 1 if suffix else 2  # the development link, then a fully versioned file
+
+
 @contextmanager
-def _oqs_probe_answered_locally() -> Iterator[None]:
-    original: Callable[[str], str | None] = ctypes.util.find_library
+def _probes_answered_locally() -> Iterator[None]:
+    original = ctypes.util.find_library
 
     def find_library(name: str) -> str | None:
-        return find_oqs(name) if name in PROBED else original(name)
+        return find_in_linker_dirs(name) if name in PROBED else original(name)
 
     ctypes.util.find_library = find_library
     try:
@@ -60,7 +74,7 @@ def _oqs_probe_answered_locally() -> Iterator[None]:
 if "asyncssh" in sys.modules:
     import asyncssh
 else:
-    with _oqs_probe_answered_locally():
+    with _probes_answered_locally():
         import asyncssh
 
-__all__ = ["asyncssh", "find_oqs"]
+__all__ = ["asyncssh", "find_in_linker_dirs"]

@@ -1,0 +1,62 @@
+"""asyncssh imported through nc_core.asyncssh_import: the same libraries, no process starts."""
+
+from __future__ import annotations
+
+import ctypes.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nc_core import asyncssh_import
+
+
+def test_an_installed_liboqs_is_found_by_its_file_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "liboqs.so.5").write_bytes(b"")
+    (tmp_path / "liboqs.so.5.0.1").write_bytes(b"")
+    monkeypatch.setattr(asyncssh_import, "LIBRARY_DIRS", (str(tmp_path),))
+    (tmp_path / "liboqs.so").write_bytes(b"")
+    assert asyncssh_import.find_in_linker_dirs("oqs") == str(tmp_path / "liboqs.so.5")
+    assert asyncssh_import.find_in_linker_dirs("liboqs") == str(tmp_path / "liboqs.so.5")
+
+
+def test_no_liboqs_is_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(asyncssh_import, "LIBRARY_DIRS", (str(tmp_path),))
+    assert asyncssh_import.find_in_linker_dirs("oqs") is None
+
+
+def test_nettle_is_found_where_ldconfig_finds_it() -> None:
+    from ctypes.util import find_library
+
+    expected = find_library("nettle")
+    found = asyncssh_import.find_in_linker_dirs("nettle")
+    assert (found is None) == (expected is None)
+    if expected is not None and found is not None:
+        assert Path(found).name == expected  # libnettle.so.8
+
+
+def test_find_library_is_restored_after_the_import() -> None:
+    assert ctypes.util.find_library.__module__ == "ctypes.util"
+
+
+def test_importing_asyncssh_starts_no_process() -> None:
+    # In a fresh interpreter: every subprocess started while asyncssh is imported is counted.
+    code = (
+        "import subprocess\n"
+        "started = []\n"
+        "real = subprocess.Popen.__init__\n"
+        "def counting(self, *a, **k):\n"
+        "    started.append(a[0] if a else k.get('args'))\n"
+        "    real(self, *a, **k)\n"
+        "subprocess.Popen.__init__ = counting\n"
+        "from nc_core.asyncssh_import import asyncssh\n"
+        "print(len(started), started)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    assert done.stdout.startswith("0 "), done.stdout
