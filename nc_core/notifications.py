@@ -314,22 +314,27 @@ def _top_changes(changes: Sequence[Change]) -> list[tuple[etree._Element, str]]:
     records to the server, and a listener can read the data it needs.
     """
     tops = list(changes)  # created and deleted subtrees come as their top node
-    per_parent: dict[int, int] = {}
+    # Keyed by the parent elements themselves, which the dict keeps alive: lxml makes a
+    # new proxy object for a node nobody holds, so id() of a getparent() result is not
+    # stable from one call to the next (a profiler's allocations were enough to make
+    # this count miss, a KeyError at commit).
+    per_parent: dict[etree._Element, int] = {}
     for change in tops:
         parent = change.element.getparent()
-        per_parent[id(parent)] = per_parent.get(id(parent), 0) + 1
+        if parent is not None:
+            per_parent[parent] = per_parent.get(parent, 0) + 1
     out: list[tuple[etree._Element, str]] = []
-    summarised: set[int] = set()
+    summarised: set[etree._Element] = set()
     names = {"create": "create", "delete": "delete", "update": "replace"}
     for change in tops:
         parent = change.element.getparent()
         if (
             parent is not None
             and parent.getparent() is not None
-            and per_parent[id(parent)] > MAX_EDITS_PER_PARENT
+            and per_parent[parent] > MAX_EDITS_PER_PARENT
         ):
-            if id(parent) not in summarised:
-                summarised.add(id(parent))
+            if parent not in summarised:
+                summarised.add(parent)
                 out.append((parent, "merge"))
             continue
         out.append((change.element, names[change.op]))
