@@ -27,8 +27,11 @@ _SALT_CHARS = string.ascii_letters + string.digits + "./"
 
 
 def _libcrypt() -> ctypes.CDLL:
-    name = ctypes.util.find_library("crypt") or "libcrypt.so.1"
-    lib = ctypes.CDLL(name)
+    # libcrypt's soname first: find_library starts ldconfig (a process) at every import.
+    try:
+        lib = ctypes.CDLL("libcrypt.so.1")
+    except OSError:
+        lib = ctypes.CDLL(ctypes.util.find_library("crypt") or "libcrypt.so")
     lib.crypt.restype = ctypes.c_char_p
     lib.crypt.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
     return lib

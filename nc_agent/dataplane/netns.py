@@ -11,14 +11,15 @@ reaches the server's loop as if the server itself had been told to stop.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import threading
 from collections.abc import Callable
 from typing import TypeVar
 
 CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The C library the interpreter already runs on: find_library("c") would start
+# ldconfig, a process start the agent pays at every boot.
+_libc = ctypes.CDLL(None, use_errno=True)
 
 T = TypeVar("T")
 

@@ -1,4 +1,4 @@
-"""asyncssh imported through nc_core.asyncssh_import: the same libraries, no process starts."""
+"""Start-up cost: asyncssh finds the same libraries, and importing a daemon starts no process."""
 
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ def test_find_library_is_restored_after_the_import() -> None:
     assert ctypes.util.find_library.__module__ == "ctypes.util"
 
 
-def test_importing_asyncssh_starts_no_process() -> None:
-    # In a fresh interpreter: every subprocess started while asyncssh is imported is counted.
+def processes_started_by(statement: str) -> str:
+    """Every subprocess started while ``statement`` runs in a fresh interpreter."""
     code = (
         "import subprocess\n"
         "started = []\n"
@@ -52,11 +52,22 @@ def test_importing_asyncssh_starts_no_process() -> None:
         "    started.append(a[0] if a else k.get('args'))\n"
         "    real(self, *a, **k)\n"
         "subprocess.Popen.__init__ = counting\n"
-        "from nc_core.asyncssh_import import asyncssh\n"
+        f"{statement}\n"
         "print(len(started), started)\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True,
         cwd=Path(__file__).resolve().parent.parent,
     )  # fmt: skip
-    assert done.stdout.startswith("0 "), done.stdout
+    return done.stdout
+
+
+def test_importing_asyncssh_starts_no_process() -> None:
+    started = processes_started_by("from nc_core.asyncssh_import import asyncssh")
+    assert started.startswith("0 "), started
+
+
+def test_importing_the_agent_or_the_server_starts_no_process() -> None:
+    # Each process start is what makes a daemon slow to boot on a slow machine (the lab).
+    started = processes_started_by("import nc_agent.application, nc_server.application")
+    assert started.startswith("0 "), started
