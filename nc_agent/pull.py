@@ -143,26 +143,33 @@ class Puller:
         changed = False
         # A fetch reports the version running here; after applying a new one the agent
         # fetches again at once, so the server learns it (and may answer a certificate
-        # issued for the request just sent).  Three rounds at most.
-        for _ in range(3):
-            running = self.server.datastores["running"].root
-            current = running.findtext(f"{qn(CE_NS, 'ce')}/{qn(CE_NS, 'configuration-version')}")
-            csr = self._certificate_request(running)
-            try:
-                version, ce = await asyncio.to_thread(_fetch, settings.endpoints, current, csr)
-            except SiteRemoved as exc:
-                self.last_error = str(exc)
-                return await self._removed(settings)
-            except Exception as exc:
-                self.last_error = str(exc)
-                raise
-            self.fetches += 1
-            self.last_fetch = date_and_time(now(), "seconds")
-            self.last_error = None
-            (self.state_dir / ORPHAN_FILE).unlink(missing_ok=True)
-            if version == current or not await self._commit(ce):
-                break
-            changed = True
+        # issued for the request just sent).  Three rounds at most, on one SSH connection:
+        # a handshake costs both ends far more than the RPC.
+        session = _ServerSession(settings.endpoints)
+        try:
+            for _ in range(3):
+                running = self.server.datastores["running"].root
+                current = running.findtext(
+                    f"{qn(CE_NS, 'ce')}/{qn(CE_NS, 'configuration-version')}"
+                )
+                csr = self._certificate_request(running)
+                try:
+                    version, ce = await asyncio.to_thread(session.fetch, current, csr)
+                except SiteRemoved as exc:
+                    self.last_error = str(exc)
+                    return await self._removed(settings)
+                except Exception as exc:
+                    self.last_error = str(exc)
+                    raise
+                self.fetches += 1
+                self.last_fetch = date_and_time(now(), "seconds")
+                self.last_error = None
+                (self.state_dir / ORPHAN_FILE).unlink(missing_ok=True)
+                if version == current or not await self._commit(ce):
+                    break
+                changed = True
+        finally:
+            await asyncio.to_thread(session.close)
         return changed
 
     def _certificate_request(self, running: etree._Element) -> str | None:
@@ -261,29 +268,45 @@ def _connect_any(endpoints: list[Endpoint]) -> Any:
     raise last
 
 
+class _ServerSession:
+    """One NETCONF session to the VPN server for the rounds of one fetch (a thread's)."""
+
+    def __init__(self, endpoints: list[Endpoint]) -> None:
+        self.endpoints = endpoints
+        self.manager: Any = None
+
+    def fetch(
+        self, applied: str | None, csr: str | None = None
+    ) -> tuple[str, etree._Element | None]:
+        if self.manager is None or not self.manager.connected:
+            self.manager = _connect_any(self.endpoints)
+        return _fetch(self.manager, applied, csr)
+
+    def close(self) -> None:
+        if self.manager is not None:
+            with contextlib.suppress(Exception):
+                self.manager.close_session()
+            self.manager = None
+
+
 def _fetch(
-    endpoints: list[Endpoint], applied: str | None, csr: str | None = None
+    manager: Any, applied: str | None, csr: str | None = None
 ) -> tuple[str, etree._Element | None]:
-    manager = _connect_any(endpoints)
+    request = default_ns_element(SVC_NS, "fetch-ce-configuration")
+    if applied:
+        etree.SubElement(request, qn(SVC_NS, "applied-version")).text = applied
+    if csr:
+        etree.SubElement(request, qn(SVC_NS, "certificate-request")).text = csr
     try:
-        request = default_ns_element(SVC_NS, "fetch-ce-configuration")
-        if applied:
-            etree.SubElement(request, qn(SVC_NS, "applied-version")).text = applied
-        if csr:
-            etree.SubElement(request, qn(SVC_NS, "certificate-request")).text = csr
-        try:
-            reply = manager.dispatch(request)
-        except NcRpcError as exc:
-            if getattr(exc, "_app_tag", None) == "site-removed":
-                raise SiteRemoved(str(exc.message or exc)) from None
-            raise
-        data = etree.fromstring(reply.xml.encode())
-        version = data.findtext(f".//{qn(SVC_NS, 'version')}") or ""
-        ce = data.find(f".//{qn(SVC_NS, 'configuration')}/{qn(CE_NS, 'ce')}")
-        return version, ce
-    finally:
-        with contextlib.suppress(Exception):
-            manager.close_session()
+        reply = manager.dispatch(request)
+    except NcRpcError as exc:
+        if getattr(exc, "_app_tag", None) == "site-removed":
+            raise SiteRemoved(str(exc.message or exc)) from None
+        raise
+    data = etree.fromstring(reply.xml.encode())
+    version = data.findtext(f".//{qn(SVC_NS, 'version')}") or ""
+    ce = data.find(f".//{qn(SVC_NS, 'configuration')}/{qn(CE_NS, 'ce')}")
+    return version, ce
 
 
 class UnknownPeerWatch:
