@@ -698,6 +698,11 @@ class _Op:
     undo: _Op | None = None
 
 
+_ALREADY_GONE = (errno_mod.ESRCH, errno_mod.ENOENT)
+"""What the kernel answers a delete of an SA (ESRCH) or a policy (ENOENT) it lacks."""
+_REMOVALS = ("deleting", "removing")
+
+
 @dataclass
 class _Outcome:
     done: list[_Op] = field(default_factory=list)
@@ -743,6 +748,11 @@ class Xfrm:
                     err, message = _parse_error(view, off, end, flags)
                     if err == 0:
                         outcome.done.append(by_seq[seq])
+                    elif err in _ALREADY_GONE and by_seq[seq].action in _REMOVALS:
+                        # Gone between the dump and the delete (an acquire's larval SA
+                        # expiring, charon deleting its own): what was asked for.  Not
+                        # done by us, so there is nothing to undo.
+                        continue
                     elif outcome.failed is None:
                         outcome.failed = (by_seq[seq], err, message)
             # keep acknowledged order = send order (the kernel answers in order)
