@@ -34,6 +34,7 @@ from nc_agent.dataplane.algorithms import ENCRYPTION, INTEGRITY
 from nc_agent.dataplane.gateway import GatewayLink
 from nc_agent.dataplane.ingress import IngressPolicy, policy_from_config
 from nc_agent.dataplane.links import Tunnel, device_name, tunnel_mtu
+from nc_agent.dataplane.site_routes import StaticRoute, static_routes_from_config
 from nc_agent.dataplane.xfrm import OWNED_REQIDS, SA, Algorithm, Lifetime, Policy
 from nc_agent.ike.connections import (
     Credentials,
@@ -95,6 +96,8 @@ class Desired:
     (the edge finds the interface holding the SP address)."""
     gateway: GatewayLink | None = None
     routing: RoutingPlan | None = None
+    static_routes: frozenset[StaticRoute] = frozenset()
+    """routing/static-route: towards the site's own routers, in the VPN space."""
 
     def sas(self) -> set[SA]:
         return {sa for p in self.peers.values() for sa in (p.outbound, p.inbound) if sa is not None}
@@ -282,6 +285,7 @@ def compile_desired(
             rekey_grace=int(ikeless.get("rekey-grace", 30)),
         )
     desired.routing = _routing(ce, desired)
+    desired.static_routes = static_routes_from_config(ce)
     if ce.get("internet-access", {}).get("role") == "integrated-gateway":
         desired.gateway = GatewayLink()
     if local:

@@ -28,6 +28,7 @@ from typing import Any
 from nc_agent.dataplane.gateway import Gateway
 from nc_agent.dataplane.ingress import IngressError, IngressFilter, IngressPolicy
 from nc_agent.dataplane.links import LinkError, _with_ipr
+from nc_agent.dataplane.site_routes import SiteRoutes, StaticRoute
 from nc_agent.desired import Desired
 from nc_agent.routing.bird import Bird, RoutingError
 from nc_agent.routing.bird_config import RoutingPlan
@@ -60,6 +61,9 @@ class Edge:
         self.sp_netns = sp_netns
         self.gateway = Gateway(vpn_netns, sp_netns)
         self.ingress = IngressFilter(sp_netns)
+        self.site_routes = SiteRoutes(vpn_netns)
+        self.applied_static: frozenset[StaticRoute] | None = None
+        """The static routes installed since the agent started (None: not yet reconciled)."""
         self.bird = Bird(state_dir, vpn_netns)
         self.bird.on_exit = self._bird_exited
         self.routing: RoutingPlan | None = None
@@ -107,6 +111,11 @@ class Edge:
             if new.gateway is None and old.gateway is not None:
                 await asyncio.to_thread(self.gateway.remove)
                 undo.append(lambda: asyncio.to_thread(self.gateway.ensure))
+            installed = self.applied_static
+            if new.static_routes != installed:
+                await asyncio.to_thread(self.site_routes.apply, new.static_routes)
+                self.applied_static = new.static_routes
+                undo.append(lambda: self._restore_static(old.static_routes))
             await self.bird.apply(new.routing)
             self.routing = new.routing
         except (EdgeRefused, IngressError, LinkError, RoutingError, OSError) as exc:
@@ -116,6 +125,10 @@ class Edge:
                 except Exception as undo_exc:  # the reconciler will retry at the next commit
                     log.warning("undoing an edge step failed: %s", undo_exc)
             raise EdgeRefused(str(exc)) from exc
+
+    async def _restore_static(self, routes: frozenset[StaticRoute]) -> None:
+        await asyncio.to_thread(self.site_routes.apply, routes)
+        self.applied_static = routes
 
     async def _restore_ingress(self, policy: IngressPolicy | None) -> None:
         await asyncio.to_thread(self.ingress.apply, policy)

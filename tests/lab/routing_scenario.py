@@ -11,6 +11,7 @@ is longer than a Unix socket path may be.  Writes $WORK/routing.json.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import nc_agent.routing.bird as bird_module
+from nc_agent.dataplane.site_routes import SiteRoutes, StaticRoute
 from nc_agent.routing.bird import Bird, RoutingError
 from nc_agent.routing.bird_config import OspfInterface, RoutingPlan
 from tests.lab.topology import Site
@@ -146,6 +148,21 @@ async def scenario() -> dict[str, Any]:
     report["neighbors_ce1"] = await neighbors(birds[1])
     report["ping_2_3_via_ce1"] = ping(2, 3)
     report["route_2_3_via_ce1"] = ip("-n", "ce2-vpn", "route", "get", "10.3.0.2").strip()
+
+    # 1b. a static route towards a router of site 1 (routing/static-route): the agent's
+    # layer installs it with proto 0xce, BIRD announces it, the other sites learn it
+    branch = StaticRoute("10.1.128.0/24", SITES[1].host_address)
+    SiteRoutes(SITES[1].vpn).apply({branch})
+    with_branch = dataclasses.replace(
+        plan(1, costs[1]), announce=(SITES[1].lan_prefix, branch.prefix)
+    )
+    await birds[1].apply(with_branch)
+    report["static_route_ce1"] = ip("-n", SITES[1].vpn, "route", "show", branch.prefix).strip()
+    report["seconds_to_static_route_learned"] = await wait_for(
+        lambda: all(any(r.startswith(branch.prefix) for r in bird_routes(n)) for n in (2, 3))
+    )
+    report["static_route_ce2"] = ip("-n", SITES[2].vpn, "route", "show", branch.prefix).strip()
+    await birds[1].apply(plan(1, costs[1]))
 
     # 2. a new ce2-ce3 tunnel: ce3's plan names it before the device exists, ce2's after
     costs[3]["cvi0003"] = 10

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.lab.topology import Site
 from tests.lab.uml import LabUnavailable, prepare_host, run_guest
 
 pytestmark = pytest.mark.lab
@@ -50,6 +51,16 @@ def test_ospf_gives_every_site_routes_to_the_others_and_transit_through_ce1(repo
     ]
     assert report["ping_2_3_via_ce1"] is True
     assert " via 10.1.0.1 dev cvi0001 " in report["route_2_3_via_ce1"]
+
+
+def test_a_static_route_to_a_site_router_is_installed_and_announced_to_the_others(report):
+    assert (
+        report["static_route_ce1"] == f"10.1.128.0/24 via {Site(1).host_address} dev lan0 proto 206"
+    )
+    assert report["seconds_to_static_route_learned"] is not None, "never learned by ce2, ce3"
+    assert report["static_route_ce2"].startswith(
+        "10.1.128.0/24 via 10.1.0.1 dev cvi0001 proto bird"
+    )
 
 
 def test_a_new_tunnel_is_picked_up_by_reconfiguration_without_a_restart(report):
