@@ -189,6 +189,11 @@ class Demo:
         for s in sites:
             if s.n in self.done:
                 continue
+            # The cheap check first: a CE with every tunnel up holds two ESP SAs per peer
+            # (`ip xfrm state count`, one process); a <get> costs the CE far more.
+            count = run(["ip", "xfrm", "state", "count"], s.ce).stdout.split()
+            if not count or not count[-1].isdigit() or int(count[-1]) < 2 * (len(sites) - 1):
+                return False
             view = self.tunnels(s)
             wanted = {f"site-{o.n}" for o in sites if o != s}
             if set(view) != wanted or any(v.get("status") != "up" for v in view.values()):
@@ -496,11 +501,18 @@ def story(demo: Demo) -> None:
         60, 1.0,
     )  # fmt: skip
     check("ce1, ce3, ce4, ce5 no longer have a tunnel or a route to site-2", took is not None)
-    leftovers = run(["ip", "xfrm", "state", "count"], LEAVER.ce).stdout.strip()
+
+    # The server deprovisions the leaving CE after its peers dropped it (seed 3.6).
+    def leaver_empty() -> bool:
+        count = run(["ip", "xfrm", "state", "count"], LEAVER.ce).stdout.strip()
+        return count.endswith(" 0") and "cvi" not in run(["ip", "-o", "link"], LEAVER.vpn).stdout
+
+    emptied = wait_until(leaver_empty, 30, 1.0)
+    leftovers = run(["ip", "xfrm", "state"], LEAVER.ce).stdout
     devices = run(["ip", "-o", "link", "show"], LEAVER.vpn).stdout
     report["removed"] = {"xfrm": leftovers, "tunnel_devices": devices.count("cvi")}
-    check("ce2 holds no SA and no tunnel device any more",
-          leftovers.endswith(" 0") and "cvi" not in devices, leftovers)  # fmt: skip
+    check("ce2 holds no SA and no tunnel device any more", emptied is not None,
+          "emptied" if emptied is not None else leftovers[-600:])  # fmt: skip
     pings = ping_all([(a, b) for a in staying for b in staying if a != b])
     report["pings_after_removal"] = pings
     check("the remaining 4 sites: 12/12 pings", all(pings.values()), f"{sum(pings.values())}/12")
