@@ -111,8 +111,7 @@ class Edge:
             if new.gateway is None and old.gateway is not None:
                 await asyncio.to_thread(self.gateway.remove)
                 undo.append(lambda: asyncio.to_thread(self.gateway.ensure))
-            installed = self.applied_static
-            if new.static_routes != installed:
+            if new.static_routes != self.applied_static:  # None after start: reconcile once
                 await asyncio.to_thread(self.site_routes.apply, new.static_routes)
                 self.applied_static = new.static_routes
                 undo.append(lambda: self._restore_static(old.static_routes))
