@@ -357,7 +357,7 @@ def story(demo: Demo) -> None:
     say("         4 agents listening")
 
     step("Waiting for the tunnels: every CE reports every peer 'up'")
-    took = wait_until(lambda: demo.all_up(FIRST), 90, 2.0)
+    took = wait_until(lambda: demo.all_up(FIRST), 90, 1.0)
     report["first_mesh_up_s"] = took
     check("6 IKEv2 tunnels up on 4 CEs", took is not None,
           f"{took:.1f}s after the agents started" if took else "not within 90 s")  # fmt: skip
@@ -473,7 +473,7 @@ def story(demo: Demo) -> None:
     joined = time.monotonic()
     demo.start_agents([NEWCOMER])
     five = [*FIRST, NEWCOMER]
-    took = wait_until(lambda: demo.all_up(five), 90, 2.0)
+    took = wait_until(lambda: demo.all_up(five), 90, 1.0)
     report["join_up_s"] = None if took is None else round(time.monotonic() - joined, 1)
     check("10 tunnels up on 5 CEs", took is not None,
           f"{time.monotonic() - joined:.1f}s after the OSS added the site")  # fmt: skip
