@@ -32,6 +32,10 @@ MODULES = (
     "esp4", "xfrm_user", "gcm", "veth", "ipip", "ip_vti", "tunnel4", "xfrm4_tunnel",
     # the ingress policy and the Internet gateway (nc_agent/dataplane/ingress.py)
     "nf_tables", "nft_ct", "nft_xfrm", "nft_limit", "nft_log", "nf_log_syslog", "nf_nat",
+    # its iptables fallback (this kernel's nf_tables has no family): one modprobe at boot
+    # instead of one autoloading modprobe per module in every CE's first commit
+    "ip_tables", "iptable_filter", "iptable_mangle", "iptable_nat", "xt_policy",
+    "xt_conntrack", "xt_tcpudp", "xt_limit", "xt_LOG", "xt_mark", "xt_connmark", "xt_nat",
 )  # fmt: skip
 PACKAGES = ("user-mode-linux", "kmod", "iproute2", "tcpdump", "iputils-ping", "nftables")
 
