@@ -22,6 +22,7 @@ import json
 import os
 import re
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -224,10 +225,14 @@ class Demo:
         for m in self.sessions.values():
             with suppress(Exception):
                 m.close_session()
-        for agent in self.agents.values():
-            stop(agent)
-        if self.server is not None:
-            stop(self.server)
+        # Every daemon told at once (each stops its charon and BIRD), then waited for.
+        daemons = [*self.agents.values(), *([self.server] if self.server else [])]
+        for proc in daemons:
+            if proc.poll() is None:
+                with suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        for proc in daemons:
+            stop(proc)
 
 
 # -- what an engineer looks at ----------------------------------------------------------
