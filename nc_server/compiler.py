@@ -284,11 +284,21 @@ class SiteDelta:
 def identity_ancestors() -> Mapping[str, frozenset[str]]:
     """Every cevpn-types identity -> itself and every identity it derives from.
 
-    Read once from ``yang/cevpn-types.yang`` with pyang (the libyang binding
-    does not expose identity derivation), so the table can never drift from
-    the ``must`` statements that use ``derived-from-or-self``.  Keys and
-    values are qualified as in RFC 7951: "cevpn-types:strength-128".
+    Keys and values are qualified as in RFC 7951: "cevpn-types:strength-128".
+    The table is generated from ``yang/cevpn-types.yang`` with pyang by `make
+    bindings` (``bindings/cevpn_identities.py``; tests/test_bindings.py fails
+    when it is stale), so it never drifts from the ``must`` statements that use
+    ``derived-from-or-self``.  Parsing the YANG at run time instead cost the
+    server's first compile seconds of CPU (pyang builds its XPath parser tables).
     """
+    from bindings.cevpn_identities import ANCESTORS
+
+    return {name: frozenset(ancestors) for name, ancestors in ANCESTORS.items()}
+
+
+def identity_ancestors_from_yang() -> dict[str, tuple[str, ...]]:
+    """The same table, read from the YANG with pyang (the libyang binding does not
+    expose identity derivation): what ``make bindings`` writes."""
     from pyang import context, repository  # type: ignore[import-untyped]
 
     from nc_core.schema import CEVPN_YANG_DIR, ietf_module_dirs
@@ -323,7 +333,7 @@ def identity_ancestors() -> Mapping[str, frozenset[str]]:
 
     for name in bases:
         closure(name)
-    return ancestors
+    return {name: tuple(sorted(found)) for name, found in sorted(ancestors.items())}
 
 
 def meets_strength(identity: str, minimum: str) -> bool:

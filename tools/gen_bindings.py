@@ -43,7 +43,28 @@ def generate(out_dir: Path) -> list[Path]:
         ]  # fmt: skip
         subprocess.run(cmd, check=True, cwd=ROOT)
         written.append(target)
+    written.append(write_identities(out_dir / IDENTITIES))
     return written
+
+
+IDENTITIES = "cevpn_identities.py"
+
+
+def write_identities(target: Path) -> Path:
+    """cevpn-types' identity derivation as a table (the server's strength checks)."""
+    from nc_server.compiler import identity_ancestors_from_yang
+
+    rows = "".join(
+        f"    {name!r}: {ancestors!r},\n"
+        for name, ancestors in identity_ancestors_from_yang().items()
+    )
+    target.write_text(
+        '"""cevpn-types identities -> themselves and every identity they derive from.\n\n'
+        "Generated from yang/cevpn-types.yang by tools/gen_bindings.py (`make bindings`);\n"
+        'never edit by hand: tests/test_bindings.py fails when it is stale."""\n\n'
+        f"ANCESTORS: dict[str, tuple[str, ...]] = {{\n{rows}}}\n"
+    )
+    return target
 
 
 def main() -> None:
