@@ -1,4 +1,4 @@
-"""BIRD 2, run by the agent in the CE's VPN space and spoken to through birdc.
+"""BIRD 2, run by the agent in the CE's VPN space and spoken to on its control socket.
 
 One BIRD per CE agent: its own bird.conf, log, pid file and control socket
 under ``<state-dir>/routing/`` (directory 0700, configuration and log 0600), so
@@ -6,10 +6,12 @@ several CEs can run on one machine (the lab runs one per network namespace).
 BIRD runs in the VPN space (``ip netns exec``) and nowhere else: the routes it
 learns and announces stay there (seed 4).
 
-The control socket is named relatively, ``bird.ctl``, and both BIRD and birdc
-run with ``<state-dir>/routing`` as their working directory: a Unix socket path
-is limited to 107 bytes, and the agent's state directory may be longer than
-that allows.  By hand: ``cd <state-dir>/routing && birdc -s bird.ctl``.
+The control socket is named relatively, ``bird.ctl``, and BIRD runs with
+``<state-dir>/routing`` as its working directory: a Unix socket path is limited
+to 107 bytes, and the agent's state directory may be longer than that allows.
+The agent reaches it through the directory's descriptor and speaks BIRD's CLI
+protocol itself (what birdc relays), for queries and reconfigurations alike.
+By hand: ``cd <state-dir>/routing && birdc -s bird.ctl``.
 
 BIRD is the agent's child: it gets SIGKILL if the agent dies (PR_SET_PDEATHSIG,
 as charon does), so a killed agent never leaves a routing daemon behind that
@@ -44,7 +46,6 @@ from nc_agent.routing.bird_config import PROTOCOL_NAME, RoutingPlan, reaches_ker
 log = logging.getLogger("cevpn.routing")
 
 BIRD = os.environ.get("CEVPN_BIRD", "/usr/sbin/bird")
-BIRDC = os.environ.get("CEVPN_BIRDC", "/usr/sbin/birdc")
 CONTROL_SOCKET = "bird.ctl"
 """Relative to the routing directory (BIRD's and birdc's working directory)."""
 LOG_LIMIT = 16 << 20
@@ -363,7 +364,7 @@ class Bird:
                 return
             _write_private(self.new_conf, render(plan, self.log_file))
             try:
-                _, output = await self._birdc("configure", f'"{self.new_conf}"')
+                output = await self._reply(f'configure "{self.new_conf}"')
             except RoutingError:
                 with contextlib.suppress(OSError):
                     self.new_conf.unlink()
@@ -401,22 +402,23 @@ class Bird:
             ) from None
         return proc.returncode or 0, out.decode(errors="replace")
 
-    async def _birdc(self, *command: str) -> tuple[int, str]:
-        """One birdc command: its exit status and raw ``-v`` output."""
-        return await self._run(BIRDC, "-v", "-s", CONTROL_SOCKET, *command)
-
     async def birdc(self, *command: str) -> str:
-        """One CLI command's raw reply (the form ``birdc -v`` prints), spoken on BIRD's
-        control socket directly: a ``<get>`` asks this twice, and a process start per
-        question is what a slow machine feels.  RoutingError with BIRD's message."""
-        try:
-            output = await asyncio.wait_for(self._ask(" ".join(command)), COMMAND_TIMEOUT)
-        except (OSError, TimeoutError) as exc:
-            raise RoutingError(f"{' '.join(command)}: BIRD's control socket: {exc}") from None
+        """One CLI command's raw reply (the form ``birdc -v`` prints); RoutingError with
+        BIRD's message if it fails."""
+        output = await self._reply(" ".join(command))
         error = failure(output)
         if error is not None:
             raise RoutingError(f"birdc {' '.join(command)}: {error}")
         return output
+
+    async def _reply(self, command: str) -> str:
+        """One CLI command spoken on BIRD's control socket directly (queries and
+        ``configure`` alike): a process start per question is what a slow machine feels.
+        RoutingError when the socket does not answer."""
+        try:
+            return await asyncio.wait_for(self._ask(command), COMMAND_TIMEOUT)
+        except (OSError, TimeoutError) as exc:
+            raise RoutingError(f"{command}: BIRD's control socket: {exc}") from None
 
     async def _ask(self, command: str) -> str:
         """Greeting, one command, its reply up to the final ``DDDD `` line."""
