@@ -162,7 +162,12 @@ async def scenario() -> dict[str, Any]:
         lambda: all(any(r.startswith(branch.prefix) for r in bird_routes(n)) for n in (2, 3))
     )
     report["static_route_ce2"] = ip("-n", SITES[2].vpn, "route", "show", branch.prefix).strip()
+    # Withdrawn again, and gone everywhere before the next step compares route lists.
+    SiteRoutes(SITES[1].vpn).apply(set())
     await birds[1].apply(plan(1, costs[1]))
+    report["seconds_to_static_route_withdrawn"] = await wait_for(
+        lambda: not any(r.startswith(branch.prefix) for n in (2, 3) for r in bird_routes(n))
+    )
 
     # 2. a new ce2-ce3 tunnel: ce3's plan names it before the device exists, ce2's after
     costs[3]["cvi0003"] = 10

@@ -61,6 +61,7 @@ def test_a_static_route_to_a_site_router_is_installed_and_announced_to_the_other
     assert report["static_route_ce2"].startswith(
         "10.1.128.0/24 via 10.1.0.1 dev cvi0001 proto bird"
     )
+    assert report["seconds_to_static_route_withdrawn"] is not None, "ce2 or ce3 kept it"
 
 
 def test_a_new_tunnel_is_picked_up_by_reconfiguration_without_a_restart(report):
