@@ -35,8 +35,7 @@ from lxml import etree
 
 from nc_core.client import Endpoint
 from nc_core.errors import RpcError
-from nc_core.schema import SERVICE_MODULES
-from nc_core.transaction import Application, Transaction
+from nc_core.transaction import Transaction
 from nc_core.transport_ssh import host_key_line
 from nc_core.users import add_user, replace_user
 from nc_core.xmlutil import NACM_NS, SYS_NS, default_ns_element, qn
@@ -62,12 +61,11 @@ from nc_server.enrolment import (
 )
 from nc_server.keystore import KeyStore
 from nc_server.provisioner import CeRecord, Provisioner, now_text
+from nc_server.service_datastore import ServiceDatastore
 from nc_server.southbound import CeRefused, CeUnreachable, push, read_ce
 from nc_server.southbound import Session as CeSession
-from nc_server.storage import SqliteDatastores, SqliteStorage, Storage
 
 if TYPE_CHECKING:
-    from nc_core.persistence import DatastorePersistence
     from nc_core.session import Session
 
 log = logging.getLogger("cevpn.server")
@@ -123,14 +121,11 @@ class VpnState:
     compiled: dict[str, CeConfig] = field(default_factory=dict)
 
 
-class ServiceApplication(Application):
-    modules = SERVICE_MODULES
-
+class ServiceApplication(ServiceDatastore):
     def __init__(self, state_dir: Path, *, provisioning: bool = True) -> None:
+        super().__init__(state_dir)
         self.state_dir = state_dir
         self.provisioning = provisioning
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.storage: Storage = SqliteStorage.in_state_dir(state_dir)
         self.keys = KeyStore(self.storage)
         self.codec = CeCodec()
         self.compilers: dict[str, VpnCompiler] = {}
@@ -146,9 +141,6 @@ class ServiceApplication(Application):
         """Sites deleted in 'deprovision' mode whose CE has not been cleaned yet."""
         self.sessions: dict[str, CeSession] = {}
         """Per CE, the NETCONF session that confirmed the last push, kept for the next one."""
-
-    def persistence(self, state_dir: Path) -> DatastorePersistence:
-        return SqliteDatastores(self.storage)
 
     # -- transaction -------------------------------------------------------------
 

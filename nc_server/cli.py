@@ -17,29 +17,7 @@ import sys
 from pathlib import Path
 
 from nc_core.cli_common import add_common_commands, build_parser, run_common_command, run_server
-from nc_core.persistence import DatastorePersistence
 from nc_core.schema import SERVICE_MODULES
-from nc_core.transaction import Application
-
-
-class ServiceDatastore(Application):
-    """The VPN database's datastores without compiler, key store or provisioner: for
-    adduser, which changes accounts only (YANG validation is all they need).  Importing
-    the whole application costs seconds of CPU on a slow machine (7.5 s in the lab guest)."""
-
-    modules = SERVICE_MODULES
-
-    def __init__(self, state_dir: Path) -> None:
-        from nc_server.storage import SqliteStorage
-
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.storage = SqliteStorage.in_state_dir(state_dir)
-
-    def persistence(self, state_dir: Path) -> DatastorePersistence:
-        from nc_server.storage import SqliteDatastores
-
-        return SqliteDatastores(self.storage)
-
 
 LISTENING_FILE = "listening"
 """Where a running server writes the address and port it listens on (for `enrol`)."""
@@ -67,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def make_app():  # type: ignore[no-untyped-def]
         if args.command == "adduser":
+            from nc_server.service_datastore import ServiceDatastore
+
             return ServiceDatastore(args.state_dir)
         from nc_server.application import ServiceApplication
 
