@@ -41,7 +41,7 @@ from lxml import etree  # noqa: E402
 from ncclient import manager  # noqa: E402
 
 from tests.lab.agent_scenarios import capture, stop_capture  # noqa: E402
-from tests.lab.server_scenarios import start, stop, wait_port  # noqa: E402
+from tests.lab.server_scenarios import start, wait_port  # noqa: E402
 from tests.lab.topology import INTERNET_HOST, Site  # noqa: E402
 
 BIN = ROOT / ".venv" / "bin"
@@ -232,7 +232,7 @@ class Demo:
                 with suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGTERM)
         for proc in daemons:
-            stop(proc)
+            proc.wait(30)
 
 
 # -- what an engineer looks at ----------------------------------------------------------

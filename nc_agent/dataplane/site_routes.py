@@ -99,7 +99,8 @@ def _installed(vpn: Any) -> frozenset[StaticRoute]:
 def _apply(vpn: Any, wanted: frozenset[StaticRoute]) -> None:
     current = _installed(vpn)
     # A route whose next hop changed is replaced in place (one prefix, one route).
-    stale = {r for r in current - wanted if r.prefix not in {w.prefix for w in wanted}}
+    kept_prefixes = {w.prefix for w in wanted}
+    stale = {r for r in current - wanted if r.prefix not in kept_prefixes}
     done: list[tuple[str, StaticRoute]] = []
     try:
         for route in sorted(wanted - current):
