@@ -7118,7 +7118,10 @@ compiles this into each CE's cevpn-ce configuration and
 provisions it over NETCONF.
 
 Key material is marked nacm:default-deny-all: nobody but the
-server itself (and an explicit NACM rule) can read it.
+server itself (and an explicit NACM rule) can read it.  So is
+every operation, since each returns or changes key material,
+accounts, sites or provisioning: an account gets one only
+through a rule that permits it.
 
 Section numbers (for example 'seed 3.1') refer to
 draft-ietf-l3vpn-ce-based-02.

@@ -33,6 +33,7 @@ from ncclient.operations.rpc import RPCError as NcRpcError
 
 from nc_agent.own_key import certificate_request, certifies_own_key
 from nc_core.client import Endpoint, connect
+from nc_core.errors import RpcError
 from nc_core.notifications import date_and_time, now
 from nc_core.xmlutil import default_ns_element, qn
 
@@ -189,12 +190,10 @@ class Puller:
         return certificate_request(self.state_dir, site or "ce")
 
     async def _commit(self, fetched: etree._Element | None) -> bool:
-        server = self.server
-        async with server.config_lock:
-            if server.confirmed.pending is not None:
-                log.info("a confirmed commit is pending: the fetched configuration waits")
-                return False
-            root = deepcopy(server.datastores["running"].root)
+        """Make the fetched configuration (None: no VPN configuration at all) running,
+        keeping the pre-configuration; False if nothing changed or it must wait."""
+
+        def replace_vpn_part(root: etree._Element) -> None:
             ce = root.find(qn(CE_NS, "ce"))
             if ce is None:
                 ce = default_ns_element(CE_NS, "ce")
@@ -206,7 +205,16 @@ class Puller:
                 for child in fetched:
                     if isinstance(child.tag, str) and child.tag != qn(CE_NS, "pre-configuration"):
                         ce.append(deepcopy(child))
-            changes = await server.change_running(root, None, reason="pull", check_access=False)
+
+        try:
+            changes = await self.server.edit_running(replace_vpn_part, reason="pull")
+        except RpcError as exc:
+            if exc.tag != "in-use":
+                raise
+            # A session locked running or has a confirmed commit pending (the VPN server
+            # pushing): the fetched configuration waits for the next round.
+            log.info("the fetched configuration waits: %s", exc.message)
+            return False
         return bool(changes)
 
     async def _removed(self, settings: PullSettings) -> bool:

@@ -157,8 +157,12 @@ async def edit_config(ctx: RpcContext, op: etree._Element) -> None:
         if op.find(qn(NC_NS, "url")) is not None:
             raise operation_not_supported("The :url capability is not supported.")
         raise missing_element("config", "<edit-config> needs a <config> parameter.")
+    server.require_writer(session, "edit-config")
     async with server.config_lock:
-        server.check_not_locked(target, session)
+        if target == "running" and test_option != "test-only":
+            server.check_running_writable(session)
+        else:
+            server.check_not_locked(target, session)
         ds = server.datastores[target]
         work = deepcopy(ds.root)
         editor = Editor(server.index, continue_on_error=error_option == "continue-on-error")
@@ -188,13 +192,50 @@ def _test_only(
     work: etree._Element,
     tags: set[str],
 ) -> None:
-    tree = server.validator.validate(work, full=True)
+    tree = server.validator.parse_only(work)
     try:
         canonical = server.validator.canonical(tree)
     finally:
         free(tree)
     changes = diff(old, canonical, server.index, only=tags)
     server.nacm.check_write(session.user, changes)
+    validate_as_seen(server, session, canonical)
+
+
+def validate_as_seen(server: NetconfServer, session: Session, root: etree._Element) -> None:
+    """Full validation of ``root`` (RpcErrors), judged on what ``session``'s user may read.
+
+    test-only and <validate> change nothing, so a user could ask them again
+    and again about data it may not read (raise psk-min-length one by one
+    until the hidden pre-shared key's must fails: its length).  For a user
+    NACM does not let read everything they validate the part it may read,
+    and say nothing about the rest; a real commit still checks everything
+    (docs/security.md).
+    """
+    if server.nacm.permits_all(session.user, "read"):
+        free(server.validator.validate(root, full=True))
+        return
+    view = server.nacm.filter_read(session.user, deepcopy(root))
+    try:
+        free(server.validator.validate(view, full=True))
+    except RpcErrors as exc:
+        kept = [e for e in exc.errors if not _about_hidden(e, root, view)]
+        if kept:
+            raise RpcErrors(kept) from None
+
+
+def _about_hidden(error: RpcError, root: etree._Element, view: etree._Element) -> bool:
+    """Does ``error`` name a node of ``root`` the readable ``view`` lacks (so it only
+    arose because that node was left out)?"""
+    if not error.path:
+        return False
+    ns = dict(error.path_ns)
+    try:
+        in_root = root.xpath("." + error.path, namespaces=ns)
+        in_view = view.xpath("." + error.path, namespaces=ns)
+    except etree.XPathError:
+        return False
+    return bool(in_root) and not in_view
 
 
 def _checked_candidate(
@@ -238,8 +279,12 @@ async def copy_config(ctx: RpcContext, op: etree._Element) -> None:
             type="protocol",
             info=[("bad-element", source)],
         )
+    server.require_writer(session, "copy-config")
     async with server.config_lock:
-        server.check_not_locked(target, session)
+        if target == "running":
+            server.check_running_writable(session)
+        else:
+            server.check_not_locked(target, session)
         if source == "config":
             root = _inline_config_tree(server, op)
         else:
@@ -276,6 +321,7 @@ async def delete_config(ctx: RpcContext, op: etree._Element) -> None:
 async def lock(ctx: RpcContext, op: etree._Element) -> None:
     server, session = ctx.server, ctx.session
     target = datastore_name(op, "target", ("running", "candidate", "startup"))
+    server.require_writer(session, "lock")
     holder = server.locks.get(target)
     if holder is not None:
         raise RpcError(
@@ -364,15 +410,15 @@ async def kill_session(ctx: RpcContext, op: etree._Element) -> None:
 async def validate(ctx: RpcContext, op: etree._Element) -> None:
     server = ctx.server
     source = datastore_name(op, "source", ("running", "candidate", "startup", "config"))
-    if source == "config":
-        root = _inline_config_tree(server, op)
+    if source == "config":  # the client's own data: all of it is checked
+        free(server.validator.validate(_inline_config_tree(server, op), full=True))
     else:
-        root = server.datastores[source].root
-    free(server.validator.validate(root, full=True))
+        validate_as_seen(server, ctx.session, server.datastores[source].root)
 
 
 async def discard_changes(ctx: RpcContext, op: etree._Element) -> None:
     server, session = ctx.server, ctx.session
+    server.require_writer(session, "discard-changes")
     async with server.config_lock:
         server.check_not_locked("candidate", session)
         server.reset_candidate()

@@ -72,6 +72,7 @@ class ConfirmedCommit:
                 type="protocol",
                 info=[("bad-element", name)],
             )
+        server.require_writer(session, "commit")
         async with server.config_lock:
             server.check_not_locked("running", session)
             server.check_not_locked("candidate", session)
@@ -114,6 +115,7 @@ class ConfirmedCommit:
 
     async def cancel_commit(self, ctx: RpcContext, op: etree._Element) -> None:
         persist_id = _text(op, "persist-id")
+        self.server.require_writer(ctx.session, "cancel-commit")
         async with self.server.config_lock:
             pending = self.pending
             if pending is None:

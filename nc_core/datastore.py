@@ -23,6 +23,7 @@ from lxml import etree
 
 from nc_core.edit import new_datastore
 from nc_core.errors import RpcError, RpcErrors
+from nc_core.redaction import is_secret, schema_chain, secret_message
 from nc_core.schema import Schema, SchemaIndex, SchemaIssue, ValidationFailed
 from nc_core.xmlutil import NC_NS, XmlRejected, parse_message, qn
 
@@ -126,6 +127,11 @@ def issue_to_error(issue: SchemaIssue, index: SchemaIndex) -> RpcError:
         path_ns = {m: module_ns[m] for m in modules if m in module_ns}
         if len(path_ns) != len(modules):
             xpath, path_ns = None, {}
+    if issue.path:
+        # A secret's value is never echoed, not even to its owner (nc_core.redaction).
+        chain = schema_chain(index, issue.path)
+        if chain and is_secret(chain):
+            message = secret_message(message, chain[-1])
     info = [("bad-element", last)] if last and tag in ("unknown-element", "invalid-value") else []
     key = _MISSING_KEY.search(message)
     if tag == "missing-element" and key:

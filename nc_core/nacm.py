@@ -63,6 +63,7 @@ Action = Literal["permit", "deny"]
 RuleType = Literal["any", "protocol-operation", "notification", "data-node"]
 
 ALL_OPERATIONS: frozenset[str] = frozenset({"create", "read", "update", "delete", "exec"})
+WRITE_OPERATIONS: tuple[WriteOperation, ...] = ("create", "update", "delete")
 """The bits of access-operations-type; ``*`` stands for all of them."""
 
 NETCONF_MODULE = "ietf-netconf"
@@ -452,6 +453,25 @@ class Nacm:
         first = plan.rules[0]
         return first.permit and first.module == "*" and not first.path
 
+    def may_write_any(self, user: str) -> bool:
+        """Could ``user`` change any configuration at all?
+
+        True when NACM does not restrict the user, write-default is permit, or
+        a rule of the user's groups permits create, update or delete of some
+        data.  The server refuses the operations that only make sense for a
+        writer (lock, discard-changes, commit, edit-config, copy-config) to
+        everyone else: RFC 8341 leaves them to exec-default, which would let a
+        read-only customer lock an operator out of running or throw away the
+        operator's pending candidate (docs/security.md).
+        """
+        if self.unrestricted(user) or self.config.write_default == "permit":
+            return True
+        return any(
+            rule.permit
+            for op in WRITE_OPERATIONS
+            for rule in self._plan(user, "data-node", op).rules
+        )
+
     def _plan(self, user: str, kind: RuleType, op: Operation) -> _Plan:
         key = (user, kind, op)
         plan = self._plans.get(key)
@@ -639,6 +659,30 @@ class Nacm:
         plan = self._plan(user, "data-node", op)
         return self._decide(self._contexts(_chain(element), plan, user)[-1], plan)
 
+    def readable_depth(self, user: str, element: etree._Element) -> int:
+        """How many nodes of ``element``'s chain (top-level node first) ``user`` may read.
+
+        The read decision of :meth:`filter_read` for one node: a node is
+        visible when it and every ancestor are readable and each list entry on
+        the way has readable keys.  Equal to the chain's length when the node
+        itself is visible.  ``element`` lies in a tree whose root is a
+        datastore or notification root.
+        """
+        chain = _chain(element)
+        if self.permits_all(user, "read"):
+            return len(chain)
+        plan = self._plan(user, "data-node", "read")
+        depth = 0
+        for elem, ctx in zip(chain, self._contexts(chain, plan, user), strict=True):
+            if not self._decide(ctx, plan) or not self._keys_readable(elem, ctx, plan, user):
+                break
+            depth += 1
+        return depth
+
+    def may_read(self, user: str, element: etree._Element) -> bool:
+        """Would ``user`` see ``element`` in a <get> of its datastore (RFC 8341 3.2.4, 3.4.5)?"""
+        return self.readable_depth(user, element) == len(_chain(element))
+
     def filter_read(self, user: str, data: etree._Element) -> etree._Element:
         """Remove, IN PLACE, every node ``user`` may not read; returns ``data`` itself.
 
@@ -789,13 +833,7 @@ class Nacm:
             # corner, 3.4.3: the reply must not reveal data the user may not read; a
             # deleted node comes from the old tree, which the client may not
             # have seen, so error-path stops at the deepest readable ancestor.
-            plan = self._plan(user, "data-node", "read")
-            ctxs = self._contexts(chain, plan, user)
-            shown = 0
-            for elem, ctx in zip(chain, ctxs, strict=True):
-                if not self._decide(ctx, plan) or not self._keys_readable(elem, ctx, plan, user):
-                    break
-                shown += 1
+            shown = self.readable_depth(user, denied)
         visible = chain[:shown]
         path, path_ns = self.instance_path(visible)
         name = local(denied.tag)

@@ -215,6 +215,17 @@ def module_namespace(module: Any) -> str:
     return str(ffi.string(module.cdata.ns).decode())
 
 
+DENY_ALL_PATHS: frozenset[str] = frozenset({"/ietf-system:system/authentication/user/password"})
+"""Data nodes treated as if they carried nacm:default-deny-all, by schema path.
+
+RFC 7317 marks a user's password (an iana-crypt-hash) only default-deny-write,
+so RFC 8341's read-default would hand every account the hashes to guess
+offline.  A deviation cannot add the extension (libyang ignores extension
+statements inside ``deviate add``), so the rule lives here, next to the one
+place the extensions are read: nobody reads a hash without a rule that permits it.
+"""
+
+
 @dataclass
 class SchemaNode:
     """A data node of the schema, with what edit-config, filters and NACM need to know."""
@@ -273,6 +284,7 @@ def _make_node(
     mod_name = module.name()
     prefix = f"{mod_name}:" if mod_name != parent_module else ""
     ext_names = {(e.module().name(), e.name()) for e in snode.extensions()}
+    path = f"{parent_path}/{prefix}{snode.name()}"
     return SchemaNode(
         kind=kind,
         name=snode.name(),
@@ -283,9 +295,9 @@ def _make_node(
         keys=tuple(k.name() for k in snode.keys()) if kind == "list" else (),
         user_ordered=bool(snode.ordered()) if kind in ("list", "leaf-list") else False,
         cases=tuple(reversed(cases)),
-        deny_all=("ietf-netconf-acm", "default-deny-all") in ext_names,
+        deny_all=("ietf-netconf-acm", "default-deny-all") in ext_names or path in DENY_ALL_PATHS,
         deny_write=("ietf-netconf-acm", "default-deny-write") in ext_names,
-        path=f"{parent_path}/{prefix}{snode.name()}",
+        path=path,
         snode=snode,
         is_key=kind == "leaf" and bool(snode.is_key()),
     )

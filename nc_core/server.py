@@ -28,6 +28,7 @@ from nc_core.datastore import Datastore, Validator, document_bytes, free
 from nc_core.edit import Change, Instances, diff, instance_identity, new_datastore, schema_of
 from nc_core.errors import RpcError, RpcErrors, operation_not_supported
 from nc_core.nacm import Nacm
+from nc_core.redaction import for_user
 from nc_core.schema import Schema, SchemaIndex
 from nc_core.session import BASE_10, BASE_11, Session
 from nc_core.transaction import Application, Transaction
@@ -98,8 +99,28 @@ class ServerOptions:
     port: int = 830
     max_message_size: int = 64 * 1024 * 1024
     """Largest message accepted, in octets (the bench's 10,000-entry edit is ~1 MB)."""
+    max_input_buffer: int = 256 * 1024 * 1024
+    """Input held server-wide for messages not yet handled (partial and queued), in octets:
+    a session whose message would take the total past it is refused (too-big) and closed."""
     hello_timeout: float = 60.0
     max_sessions: int = 256
+    max_sessions_per_user: int = 64
+    """One account cannot take every session (a CE's key sits on customer premises)."""
+    max_sessions_per_connection: int = 8
+    """NETCONF channels one SSH connection may open."""
+    reserved_admin_sessions: int = 16
+    """Sessions of max_sessions only full-access accounts and the recovery user may take."""
+    max_unauthenticated: int = 128
+    """SSH connections that have not authenticated yet (OpenSSH's MaxStartups)."""
+    output_high_water: int = 4 * 1024 * 1024
+    """Octets a client may leave unread before the server stops handling its requests."""
+    notification_backlog: int = 16 * 1024 * 1024
+    """Octets of notifications kept for a subscriber that does not read; past it the
+    session is closed."""
+    filter_budget: float = 5.0
+    """Seconds a costly filter may run (in a worker process) before it is refused."""
+    filter_workers: int = 2
+    """Worker processes evaluating costly filters, off the event loop."""
     recovery_user: str | None = None
     """A user for whom NACM is not enforced (RFC 8341 3.4 'recovery session')."""
     notification_log_size: int = 10_000
@@ -192,6 +213,7 @@ class NetconfServer:
         state = self.options.state_dir
         self._lock_fd = lock_state_dir(state)
         os.chmod(state, 0o700)
+        self.app.state_dir_taken()
         running = self.datastores["running"]
         startup = self.datastores["startup"]
         store = self.persistence
@@ -206,8 +228,7 @@ class NetconfServer:
             running.root, running.tree = self.validator.load(stored_startup, "startup")
             running.save()
         else:
-            root = new_datastore()
-            root.append(initial_nacm())
+            root = self.initial_running()
             running.tree = self.validator.validate(root)
             running.root = self.validator.canonical(running.tree)
             running.save()
@@ -244,6 +265,7 @@ class NetconfServer:
 
         fd = lock_state_dir(self.options.state_dir)
         try:
+            self.app.state_dir_taken()
             root = self.stored_running()
             add_user(root, name, password=password, public_keys=public_keys, groups=groups)
             try:
@@ -258,11 +280,18 @@ class NetconfServer:
         changes made while no server runs; the caller holds the state directory's lock."""
         stored = self.persistence.read("running")
         if stored is None:
-            root = new_datastore()
-            root.append(initial_nacm())
-            return root
+            return self.initial_running()
         root, tree = self.validator.load(stored, "running")
         free(tree)
+        return root
+
+    def initial_running(self) -> etree._Element:
+        """A fresh state directory's running configuration: the admin rule list and what
+        the application adds (Application.initial_configuration).  Made once: nothing
+        here is added again at later starts."""
+        root = new_datastore()
+        root.append(initial_nacm())
+        self.app.initial_configuration(root)
         return root
 
     def store_running(self, root: etree._Element) -> None:
@@ -334,12 +363,21 @@ class NetconfServer:
 
     async def dispatch(self, session: Session, rpc: etree._Element) -> list[etree._Element] | None:
         operations = [c for c in rpc if isinstance(c.tag, str)]
-        if len(operations) != 1:
+        if not operations:
             raise RpcError(
-                "malformed-message" if not operations else "bad-element",
-                "An <rpc> carries exactly one operation element.",
-                type="rpc",
-                info=[("bad-element", local(operations[1].tag))] if len(operations) > 1 else [],
+                "missing-element",
+                "The <rpc> carries no operation: it needs exactly one operation element.",
+                type="protocol",
+                info=[("bad-element", "rpc")],
+            )
+        if len(operations) > 1:
+            # RFC 6241 Appendix A: bad-element is a protocol error naming the element.
+            raise RpcError(
+                "bad-element",
+                f"An <rpc> carries exactly one operation element; <{local(operations[1].tag)}> "
+                f"follows <{local(operations[0].tag)}>.",
+                type="protocol",
+                info=[("bad-element", local(operations[1].tag))],
             )
         op = operations[0]
         key = (namespace(op.tag) or "", local(op.tag))
@@ -364,11 +402,72 @@ class NetconfServer:
                 f"User {session.user!r} may not use the operation <{key[1]}> ({module}).",
                 type="protocol",
             )
-        return await handler(RpcContext(self, session), op)
+        try:
+            return await handler(RpcContext(self, session), op)
+        except RpcError as error:
+            raise self._as_seen_by(session, [error])[0] from None
+        except RpcErrors as errors:
+            raise RpcErrors(self._as_seen_by(session, errors.errors)) from None
+
+    def _as_seen_by(self, session: Session, errors: list[RpcError]) -> list[RpcError]:
+        """Errors as the session's user may see them (nc_core.redaction): no path into, and
+        no value from, data it may not read."""
+        trees = [self.datastores["running"].root, self.datastores["candidate"].root]
+        return for_user(errors, session.user, self.nacm, trees)
 
     async def _app_rpc(self, ctx: RpcContext, op: etree._Element) -> list[etree._Element] | None:
         self.monitoring.validate_rpc_input(op)
         return await self.app.rpc(ctx.session, op) or None
+
+    # -- who may change things ------------------------------------------------------
+
+    def require_writer(self, session: Session, operation: str) -> None:
+        """Refuse ``operation`` to a user NACM lets change nothing (Nacm.may_write_any).
+
+        Locking, discarding the shared candidate or committing it only make
+        sense for a writer; for anyone else they are a way to stall or undo
+        the work of those who may write.  Checked before anything else about
+        the request, so a refused user learns nothing from validation either.
+        """
+        if not self.nacm.may_write_any(session.user):
+            self.nacm.denied_operations += 1
+            raise RpcError(
+                "access-denied",
+                f"User {session.user!r} may not change any configuration, so it may not use "
+                f"<{operation}>.",
+                type="protocol",
+            )
+
+    def check_running_writable(self, session: Session | None) -> None:
+        """Refuse a change of running that another session's lock or pending confirmed
+        commit would make unsafe (RFC 6241 7.5, 8.4).
+
+        A confirmed commit rolls running back to what it was before; a change
+        accepted from anyone else meanwhile would be silently lost then, so it
+        is refused with in-use naming the holder.  ``session`` None is the
+        server's application changing running for itself.
+        """
+        holder = self.locks.get("running")
+        if holder is not None and (session is None or holder != session.id):
+            raise RpcError(
+                "in-use",
+                f"The running datastore is locked by session {holder}; try again once it "
+                "is unlocked.",
+                type="protocol",
+                info=[("session-id", str(holder))],
+            )
+        pending = self.confirmed.pending
+        if pending is not None and (session is None or pending.session_id != session.id):
+            persist = (
+                " (persistent: confirm or cancel it with its persist-id)" if pending.persist else ""
+            )
+            raise RpcError(
+                "in-use",
+                f"Session {pending.session_id} ({pending.user}) has a confirmed commit pending"
+                f"{persist}; running cannot change until it is confirmed or rolled back.",
+                type="protocol",
+                info=[("session-id", str(pending.session_id))],
+            )
 
     # -- locks ---------------------------------------------------------------------
 
@@ -459,6 +558,33 @@ class NetconfServer:
         self.datastores["candidate"].tree = None
         self.candidate_modified = False
 
+    async def edit_running(
+        self,
+        mutate: Callable[[etree._Element], None],
+        *,
+        reason: str,
+        on_behalf_of: Session | None = None,
+    ) -> list[Change]:
+        """The one way an application changes running (the VPN server's enrolment and site
+        removal, the agent's fetched configuration, start-up defaults).
+
+        ``mutate`` edits a private copy of the current running configuration;
+        the result goes through the same transaction as a client's commit
+        (validation, the application's phases, atomic persistence,
+        notifications).  Serialised with every session's edits and commits by
+        the configuration lock, and refused with in-use, like a session's edit,
+        while another session holds the running lock or has a confirmed commit
+        pending: its rollback would otherwise silently undo this change.
+        ``on_behalf_of`` is the session whose operation asked for it (NACM
+        authorised the operation, not each node), None for the server itself.
+        Returns the changes made (none: running stayed as it was).
+        """
+        async with self.config_lock:
+            self.check_running_writable(on_behalf_of)
+            root = deepcopy(self.datastores["running"].root)
+            mutate(root)
+            return await self.change_running(root, on_behalf_of, reason=reason, check_access=False)
+
     async def change_running(
         self,
         new_root: etree._Element,
@@ -468,11 +594,15 @@ class NetconfServer:
         check_access: bool = True,
         only: set[str] | None = None,
     ) -> list[Change]:
-        """The one way the running configuration changes.  Caller holds config_lock.
+        """The engine's own primitive behind every change of running; the caller holds
+        config_lock and has checked locks and confirmed commits (applications use
+        :meth:`edit_running`).
 
         Validates fully, checks NACM write access, runs the application's
         transaction and persists atomically; on any failure nothing changes.
         """
+        if not self.config_lock.locked():
+            raise RuntimeError("change_running needs the configuration lock: use edit_running")
         running = self.datastores["running"]
         hash_clear_text_passwords(new_root)
         new_tree = self.validator.validate(new_root, full=True)

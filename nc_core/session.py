@@ -211,7 +211,7 @@ class Session:
                             else " without namespace"
                         )
                         + ".",
-                        type="rpc",
+                        type="protocol",
                         info=[("bad-element", local(rpc.tag))],
                     )
                 ],

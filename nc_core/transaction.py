@@ -90,6 +90,19 @@ class Application:
 
         return FilePersistence(state_dir)
 
+    def initial_configuration(self, root: etree._Element) -> None:
+        """Add to ``root`` what a fresh state directory starts with (rule lists, accounts).
+
+        Called once, when the running datastore is first created: what an
+        administrator later deletes stays deleted across restarts.
+        """
+        return None
+
+    def state_dir_taken(self) -> None:
+        """The server process now holds the state directory's lock, so whatever a previous
+        process left there that claims it is running (a kill -9 skips clean-up) is stale."""
+        return None
+
     def attach(self, server: NetconfServer) -> None:
         """Called once the server exists, before it loads its datastores."""
         self.server = server

@@ -25,7 +25,6 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from copy import deepcopy
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,9 +36,8 @@ from nc_core.client import Endpoint
 from nc_core.errors import RpcError
 from nc_core.transaction import Transaction
 from nc_core.transport_ssh import host_key_line
-from nc_core.users import add_user, replace_user
-from nc_core.xmlutil import NACM_NS, SYS_NS, default_ns_element, qn
-from nc_server import access
+from nc_core.users import replace_user
+from nc_core.xmlutil import NACM_NS, default_ns_element, qn
 from nc_server.ce_config import (
     CeCodec,
     InvalidCompiledConfig,
@@ -55,13 +53,12 @@ from nc_server.enrolment import (
     CE_GROUP,
     Bundle,
     ce_username,
-    key_pair_file,
     make_bundle,
     southbound_key,
 )
 from nc_server.keystore import KeyStore
 from nc_server.provisioner import CeRecord, Provisioner, now_text
-from nc_server.service_datastore import ServiceDatastore
+from nc_server.service_datastore import LISTENING_FILE, ServiceDatastore
 from nc_server.southbound import CeRefused, CeUnreachable, push, read_ce
 from nc_server.southbound import Session as CeSession
 
@@ -93,8 +90,6 @@ CE_SECTIONS = (
 APPLIED = "ce-applied"
 REMOVED = "removed-site"
 REMOVALS = "pending-removal"
-LOCAL_ADMIN = "cevpn-local"
-LOCAL_ADMIN_KEY = "local_admin_ed25519_key"
 
 
 def _q(name: str) -> str:
@@ -510,11 +505,10 @@ class ServiceApplication(ServiceDatastore):
     # -- lifecycle -----------------------------------------------------------------
 
     async def started(self) -> None:
-        await self._install_access_rules()
         listener = self.server.listener
         if listener is not None:
             # `cevpn-server enrol` finds a running server here.
-            (self.state_dir / "listening").write_text(f"{listener.host} {listener.port}\n")
+            (self.state_dir / LISTENING_FILE).write_text(f"{listener.host} {listener.port}\n")
         self._rekey_task = asyncio.get_running_loop().create_task(self._rekey_loop())
 
     async def stopping(self) -> None:
@@ -525,27 +519,8 @@ class ServiceApplication(ServiceDatastore):
         self.sessions.clear()
         if self.provisioner is not None:
             await self.provisioner.close()
-        (self.state_dir / "listening").unlink(missing_ok=True)
+        (self.state_dir / LISTENING_FILE).unlink(missing_ok=True)
         self.storage.close()
-
-    async def _install_access_rules(self) -> None:
-        """First start: NACM rule lists for operators and CEs, and the local admin account
-        `cevpn-server enrol` uses to talk to a running server."""
-        server = self.server
-        async with server.config_lock:
-            root = deepcopy(server.datastores["running"].root)
-            changed = access.ensure_rule_lists(root)
-            public = key_pair_file(self.state_dir / LOCAL_ADMIN_KEY, LOCAL_ADMIN)
-            users = root.find(qn(SYS_NS, "system"))
-            known = users is not None and any(
-                (u.findtext(qn(SYS_NS, "name")) or "") == LOCAL_ADMIN
-                for u in users.iter(qn(SYS_NS, "user"))
-            )
-            if not known:
-                add_user(root, LOCAL_ADMIN, password=None, public_keys=[public], groups=["admin"])
-                changed = True
-            if changed:
-                await server.change_running(root, None, reason="startup", check_access=False)
 
     async def _rekey_loop(self) -> None:
         """IKE-less SAs are replaced every ikeless-rekey-interval, inbound first."""
@@ -596,7 +571,7 @@ class ServiceApplication(ServiceDatastore):
             etree.QName(c).localname: (c.text or "").strip() for c in rpc if isinstance(c.tag, str)
         }
         if name == "enrol":
-            bundle = await self.enrol(args["vpn"], args["site"])
+            bundle = await self.enrol(args["vpn"], args["site"], session)
             return [_bundle_xml(bundle)]
         if name == "fetch-ce-configuration":
             return self.fetch(
@@ -615,7 +590,7 @@ class ServiceApplication(ServiceDatastore):
             return []
         if name == "remove-site":
             await self.remove_site(
-                args["vpn"], args["site"], args.get("deprovision", "true") == "true"
+                args["vpn"], args["site"], args.get("deprovision", "true") == "true", session
             )
             return []
         return await super().rpc(session, rpc)
@@ -631,7 +606,7 @@ class ServiceApplication(ServiceDatastore):
             )
         return view
 
-    async def enrol(self, vpn: str, site: str) -> Bundle:
+    async def enrol(self, vpn: str, site: str, session: Session | None = None) -> Bundle:
         """Seed 3.2: the CE's pre-configuration; the server pins the CE's new host key."""
         view = self._site_or_error(vpn, site)
         state = self.vpns[vpn]
@@ -651,12 +626,11 @@ class ServiceApplication(ServiceDatastore):
             )
         except ValueError as exc:
             raise RpcError("operation-failed", str(exc)) from None
-        server = self.server
-        async with server.config_lock:
-            root = deepcopy(server.datastores["running"].root)
+        def pin_and_authorise(root: etree._Element) -> None:
             _set_host_key(root, vpn, site, bundle.host_public)
             replace_user(root, ce_username(site), [bundle.client_public], [CE_GROUP])
-            await server.change_running(root, None, reason="enrol", check_access=False)
+
+        await self.server.edit_running(pin_and_authorise, reason="enrol", on_behalf_of=session)
         self.storage.delete(REMOVED, ce_username(site))
         log.info("site %s of VPN %s enrolled", site, vpn)
         return bundle
@@ -794,18 +768,20 @@ class ServiceApplication(ServiceDatastore):
         self.keys.rotate(vpn, site, what)  # type: ignore[arg-type]
         self._recompile(vpn)
 
-    async def remove_site(self, vpn: str, site: str, deprovision: bool) -> None:
+    async def remove_site(
+        self, vpn: str, site: str, deprovision: bool, session: Session | None = None
+    ) -> None:
         self._site_or_error(vpn, site)
-        server = self.server
-        async with server.config_lock:
-            root = deepcopy(server.datastores["running"].root)
+
+        def delete(root: etree._Element) -> None:
             _delete_site(root, vpn, site)
             self.removal_override[site] = "deprovision" if deprovision else "database-only"
-            try:
-                await server.change_running(root, None, reason="remove-site", check_access=False)
-            except BaseException:
-                self.removal_override.pop(site, None)
-                raise
+
+        try:
+            await self.server.edit_running(delete, reason="remove-site", on_behalf_of=session)
+        except BaseException:
+            self.removal_override.pop(site, None)
+            raise
 
 
 def _same_key(certificate_pem: str, request_pem: str) -> bool:

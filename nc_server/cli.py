@@ -19,7 +19,6 @@ from pathlib import Path
 from nc_core.cli_common import add_common_commands, build_parser, run_common_command, run_server
 from nc_core.schema import SERVICE_MODULES
 
-LISTENING_FILE = "listening"
 """Where a running server writes the address and port it listens on (for `enrol`)."""
 
 
@@ -113,9 +112,16 @@ def _enrol_online(state_dir: Path, site: str) -> dict[str, object]:
     from nc_core.client import Endpoint, connect
     from nc_core.transport_ssh import host_key_line
     from nc_core.xmlutil import default_ns_element
-    from nc_server.application import LOCAL_ADMIN, LOCAL_ADMIN_KEY, SVC_NS, bundle_document_from_xml
+    from nc_server.application import SVC_NS, bundle_document_from_xml
+    from nc_server.enrolment import LOCAL_ADMIN, LOCAL_ADMIN_KEY
+    from nc_server.service_datastore import LISTENING_FILE
 
-    listening = (state_dir / LISTENING_FILE).read_text().split()
+    try:
+        listening = (state_dir / LISTENING_FILE).read_text().split()
+    except FileNotFoundError:
+        raise RuntimeError(
+            f"a server holds {state_dir} but does not listen yet: try again in a moment"
+        ) from None
     host, port = listening[0], int(listening[1])
     if host in ("::", "0.0.0.0", ""):  # noqa: S104 - a wildcard listener: connect locally
         host = "127.0.0.1"

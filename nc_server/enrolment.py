@@ -48,6 +48,11 @@ def new_ed25519(comment: str) -> KeyPair:
     return KeyPair(private, f"{public.decode()} {comment}")
 
 
+LOCAL_ADMIN = "cevpn-local"
+"""The account `cevpn-server enrol` uses to reach a running server on the same machine."""
+LOCAL_ADMIN_KEY = "local_admin_ed25519_key"
+
+
 def key_pair_file(path: Path, comment: str) -> str:
     """An Ed25519 key kept in ``path`` (made on first use, 0600, written atomically) and
     ``path``.pub; returns the public line."""

@@ -10,10 +10,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lxml import etree
+
 from nc_core.persistence import DatastorePersistence
 from nc_core.schema import SERVICE_MODULES
 from nc_core.transaction import Application
 from nc_server.storage import SqliteDatastores, SqliteStorage, Storage
+
+
+LISTENING_FILE = "listening"
+"""Where a running server says it listens (host and port), for `cevpn-server enrol`."""
 
 
 class ServiceDatastore(Application):
@@ -21,7 +27,25 @@ class ServiceDatastore(Application):
 
     def __init__(self, state_dir: Path) -> None:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.state_dir = state_dir
         self.storage: Storage = SqliteStorage.in_state_dir(state_dir)
 
     def persistence(self, state_dir: Path) -> DatastorePersistence:
         return SqliteDatastores(self.storage)
+
+    def state_dir_taken(self) -> None:
+        # `listening` tells `cevpn-server enrol` where the running server is; one left by a
+        # server killed with -9 would point at nothing.
+        (self.state_dir / LISTENING_FILE).unlink(missing_ok=True)
+
+    def initial_configuration(self, root: etree._Element) -> None:
+        """A fresh VPN database: the operators' and CEs' rule lists, and the local admin
+        account `cevpn-server enrol` uses to reach a running server (its key is made in
+        the state directory).  Created here once: an administrator may delete them."""
+        from nc_core.users import add_user
+        from nc_server import access
+        from nc_server.enrolment import LOCAL_ADMIN, LOCAL_ADMIN_KEY, key_pair_file
+
+        access.ensure_rule_lists(root)
+        public = key_pair_file(self.state_dir / LOCAL_ADMIN_KEY, LOCAL_ADMIN)
+        add_user(root, LOCAL_ADMIN, password=None, public_keys=[public], groups=["admin"])
