@@ -22,7 +22,6 @@ from nc_core.errors import (
     missing_element,
     operation_not_supported,
 )
-from nc_core.filters import apply_filter
 from nc_core.users import hash_clear_text_passwords
 from nc_core.with_defaults import requested_mode
 from nc_core.xmlutil import NC_NS, local, qn
@@ -109,14 +108,18 @@ async def get(ctx: RpcContext, op: etree._Element) -> list[etree._Element]:
     mode = requested_mode(op)
     root = await ctx.server.full_tree(ctx.session, mode)
     root = ctx.server.readable(ctx.session, root)
-    return _data(apply_filter(root, _filter(op), ctx.server.keys_of))
+    return _data(
+        await ctx.server.filters.apply(root, _filter(op), ctx.server.keys_of, user=ctx.session.user)
+    )
 
 
 async def get_config(ctx: RpcContext, op: etree._Element) -> list[etree._Element]:
     name = datastore_name(op, "source", ("running", "candidate", "startup"))
     mode = requested_mode(op)
     root = ctx.server.readable_config(name, ctx.session, mode)
-    return _data(apply_filter(root, _filter(op), ctx.server.keys_of))
+    return _data(
+        await ctx.server.filters.apply(root, _filter(op), ctx.server.keys_of, user=ctx.session.user)
+    )
 
 
 # -- edit-config (7.2) ---------------------------------------------------------------

@@ -54,6 +54,28 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_port: int = 83
         help="an account NACM never restricts: the recovery session of RFC 8341 3.4, "
         "for repairing a rule set that locked everyone out (default: none)",
     )
+    parser.add_argument(
+        "--max-sessions",
+        type=int,
+        default=256,
+        metavar="N",
+        help="NETCONF sessions at most (default 256; the last 16 only for administrators)",
+    )
+    parser.add_argument(
+        "--max-sessions-per-user",
+        type=int,
+        default=64,
+        metavar="N",
+        help="NETCONF sessions one account may hold (default 64)",
+    )
+    parser.add_argument(
+        "--filter-budget",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="time an XPath or subtree filter that may be costly can run (in a worker "
+        "process) before it is refused with resource-denied (default 5)",
+    )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
 
 
@@ -196,6 +218,10 @@ def run_server(args: argparse.Namespace, make_app: Callable[[], Application], na
         port=port,
         max_message_size=args.max_message_size,
         recovery_user=args.recovery_user,
+        filter_budget=args.filter_budget,
+        max_sessions=args.max_sessions,
+        max_sessions_per_user=args.max_sessions_per_user,
+        reserved_admin_sessions=min(16, args.max_sessions // 4),
         name=name,
     )
 

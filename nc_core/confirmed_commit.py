@@ -158,8 +158,7 @@ class ConfirmedCommit:
 
     async def _commit_candidate(self, session: Session) -> None:
         server = self.server
-        candidate = deepcopy(server.datastores["candidate"].root)
-        await server.change_running(candidate, session, reason="commit")
+        await server.change_running(server.candidate_onto_running(), session, reason="commit")
         server.reset_candidate()
 
     # -- rollback ---------------------------------------------------------------

@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
-from nc_core.edit import Change, instance_path
+from nc_core.edit import Change, instance_path, schema_of
 from nc_core.errors import RpcError
-from nc_core.filters import apply_filter
+from nc_core.filters import apply_filter, costly_reason
 from nc_core.xmlutil import (
+    MON_NS,
     NC_NOTIF_NS,
     NC_NS,
     NCN_NS,
@@ -36,10 +37,14 @@ from nc_core.xmlutil import (
 )
 
 if TYPE_CHECKING:
+    from nc_core.schema import SchemaIndex, SchemaNode
     from nc_core.server import NetconfServer, RpcContext
     from nc_core.session import Session
 
 STREAM = "NETCONF"
+EVENT_SIZE = 2_000
+"""Size (nc_core.filters.data_size units) a subscription filter's cost is judged on: an
+event with a few hundred edit records."""
 
 
 def now() -> datetime:
@@ -79,6 +84,17 @@ class Logged:
     name: str
     audience: frozenset[str] | None = None
     """Users this event is for (None: everyone NACM lets read it)."""
+    about: tuple[etree._Element, ...] = ()
+    """Data nodes (skeletons: ancestors and list keys only) the event reveals something
+    about: a subscriber gets the event only if it may read every one of them."""
+    owner: str | None = None
+    """The user the event is about (its own session's events): always delivered to it."""
+    edits: tuple[tuple[int, etree._Element], ...] = ()
+    """netconf-config-change: (position of the <edit> in the content, skeleton of its
+    target); a subscriber gets only the edits whose target it may read."""
+    changer: etree._Element | None = None
+    """netconf-config-change: the skeleton of the changing session, whose source-host a
+    subscriber sees only if it may read that session."""
 
 
 @dataclass
@@ -153,6 +169,20 @@ class NotificationCenter:
             # Same semantics as a <get> filter; validate it now, on an empty tree.
             filter_elem = _as_nc_filter(filter_elem)
             apply_filter(etree.Element(qn(NC_NS, "data")), filter_elem, self.server.keys_of)
+            # It then runs for every event, on the event loop: only near-linear filters.
+            costly = costly_reason(filter_elem, EVENT_SIZE)
+            if costly is not None:
+                raise RpcError(
+                    "invalid-value",
+                    f"This filter may be too costly to run for every event: {costly}.  On the "
+                    "notification stream an XPath filter may not use '..' or axes other than "
+                    "child, attribute and self, '//' inside predicates or more than twice, "
+                    "absolute paths or variables inside predicates, predicates nested more than "
+                    "twice, comparisons without a literal or number on one side, or more than "
+                    "256 tokens; a subtree filter may not have more than a few dozen nodes.",
+                    type="protocol",
+                    info=[("bad-element", "filter")],
+                )
         sub = Subscription(session, filter_elem, start, stop, replaying=start is not None)
         session.subscription = sub
         self.subscriptions[session.id] = sub
@@ -194,16 +224,30 @@ class NotificationCenter:
 
     # -- emitting ------------------------------------------------------------------
 
-    def emit(self, content: etree._Element, audience: frozenset[str] | None = None) -> None:
+    def emit(
+        self,
+        content: etree._Element,
+        audience: frozenset[str] | None = None,
+        *,
+        about: Sequence[etree._Element] = (),
+    ) -> None:
         """Publish an event: log it for replay, send it to every subscriber allowed to see it.
 
         ``audience`` narrows an event to some users beyond what NACM can say:
         NACM rules name notification types, not instances, so "a CE hears
-        only about its own configuration" is said here.
+        only about its own configuration" is said here.  ``about`` names the
+        data nodes the event is about (see :func:`data_node`): a subscriber
+        who may not read one of them does not get the event (RFC 8341 3.4.6
+        reads the event type; this reads the instance, so one tenant does
+        not learn of another's sites).
         """
+        self._log(Logged(now(), content, *self._type_of(content), audience, tuple(about)))
+
+    def _type_of(self, content: etree._Element) -> tuple[str, str]:
         ns = namespace(content.tag) or ""
-        module = self.server.index.namespaces.get(ns, "")
-        entry = Logged(now(), content, module, local(content.tag), audience)
+        return self.server.index.namespaces.get(ns, ""), local(content.tag)
+
+    def _log(self, entry: Logged) -> None:
         self.log.append(entry)
         for sub in list(self.subscriptions.values()):
             if sub.replaying:
@@ -215,11 +259,30 @@ class NotificationCenter:
         session = sub.session
         if entry.audience is not None and session.user not in entry.audience:
             return
-        if not self.server.nacm.may_notify(session.user, entry.module, entry.name):
+        nacm = self.server.nacm
+        if not nacm.may_notify(session.user, entry.module, entry.name):
             return
+        user = session.user
+        if entry.owner != user and not all(nacm.may_read(user, node) for node in entry.about):
+            return
+        content = deepcopy(entry.content)
+        if entry.edits and not nacm.permits_all(user, "read"):
+            children = [c for c in content if isinstance(c.tag, str)]
+            hidden = [children[i] for i, target in entry.edits if not nacm.may_read(user, target)]
+            if len(hidden) == len(entry.edits):
+                return  # every change was to data this user may not read
+            for edit in hidden:
+                content.remove(edit)
+        if (
+            entry.changer is not None
+            and entry.owner != user
+            and not nacm.may_read(user, entry.changer)
+        ):
+            for host in content.iter(qn(NCN_NS, "source-host")):
+                host.getparent().remove(host)  # type: ignore[union-attr]
         data = etree.Element(qn(NC_NS, "data"))
-        data.append(deepcopy(entry.content))
-        data = self.server.nacm.filter_read(session.user, data)
+        data.append(content)
+        data = nacm.filter_read(user, data)
         if sub.filter is not None:
             data = apply_filter(data, sub.filter, self.server.keys_of)
         parts = [c for c in data if isinstance(c.tag, str)]
@@ -240,10 +303,23 @@ class NotificationCenter:
         else:
             _session_info(by, session)
 
+    def _session_event(self, event: etree._Element, session: Session) -> None:
+        """Who logs in or out is the session's business and of those who may read it in
+        /netconf-state/sessions (RFC 6022): not of every subscriber."""
+        self._log(
+            Logged(
+                now(),
+                event,
+                *self._type_of(event),
+                about=(session_node(session.id, session.user, session.source_host),),
+                owner=session.user,
+            )
+        )
+
     def session_start(self, session: Session) -> None:
         event = _event("netconf-session-start")
         _session_info(event, session)
-        self.emit(event)
+        self._session_event(event, session)
 
     def session_end(self, session: Session) -> None:
         event = _event("netconf-session-end")
@@ -254,7 +330,7 @@ class NotificationCenter:
         if reason not in ("closed", "killed", "dropped", "timeout", "bad-hello", "other"):
             reason = "other"
         etree.SubElement(event, qn(NCN_NS, "termination-reason")).text = reason
-        self.emit(event)
+        self._session_event(event, session)
 
     def config_change(
         self, session: Session | None, datastore: str, changes: Sequence[Change]
@@ -262,13 +338,27 @@ class NotificationCenter:
         event = _event("netconf-config-change")
         self._changed_by(event, session)
         etree.SubElement(event, qn(NCN_NS, "datastore")).text = datastore
+        edits: list[tuple[int, etree._Element]] = []
         for node, op in _top_changes(changes):
+            edits.append((len(event), skeleton(node, self.server.index)))
             edit = etree.SubElement(event, qn(NCN_NS, "edit"))
             path, nsmap = instance_path(node, self.server.index)
             target = etree.SubElement(edit, qn(NCN_NS, "target"), nsmap=nsmap)
             target.text = path
             etree.SubElement(edit, qn(NCN_NS, "operation")).text = op
-        self.emit(event)
+        changer = (
+            None if session is None else session_node(session.id, session.user, session.source_host)
+        )
+        self._log(
+            Logged(
+                now(),
+                event,
+                *self._type_of(event),
+                owner=session.user if session is not None else None,
+                edits=tuple(edits),
+                changer=changer,
+            )
+        )
 
     def confirmed_commit(
         self,
@@ -278,17 +368,75 @@ class NotificationCenter:
         pending: object | None = None,
     ) -> None:
         event = _event("netconf-confirmed-commit")
+        about: tuple[etree._Element, ...] = ()
+        owner: str | None = None
         if session is not None:
             _session_info(event, session)
+            about = (session_node(session.id, session.user, session.source_host),)
+            owner = session.user
         elif pending is not None:
-            etree.SubElement(event, qn(NCN_NS, "username")).text = getattr(pending, "user", "")
-            etree.SubElement(event, qn(NCN_NS, "session-id")).text = str(
-                getattr(pending, "session_id", 0)
-            )
+            user = str(getattr(pending, "user", ""))
+            session_id = int(getattr(pending, "session_id", 0))
+            etree.SubElement(event, qn(NCN_NS, "username")).text = user
+            etree.SubElement(event, qn(NCN_NS, "session-id")).text = str(session_id)
+            about = (session_node(session_id, user, str(getattr(pending, "source_host", ""))),)
+            owner = user
         etree.SubElement(event, qn(NCN_NS, "confirm-event")).text = event_name
         if timeout is not None:
             etree.SubElement(event, qn(NCN_NS, "timeout")).text = str(timeout)
-        self.emit(event)
+        self._log(Logged(now(), event, *self._type_of(event), about=about, owner=owner))
+
+
+def data_node(*steps: tuple[str, Sequence[tuple[str, str]]]) -> etree._Element:
+    """A skeleton data node for :meth:`NotificationCenter.emit`'s ``about``: each step is
+    (Clark tag, [(key leaf tag, value), ...]); returns the last node, in a datastore root."""
+    parent = etree.Element(qn(NC_NS, "data"))
+    for tag, keys in steps:
+        parent = etree.SubElement(parent, tag)
+        for key_tag, value in keys:
+            etree.SubElement(parent, key_tag).text = value
+    return parent
+
+
+def session_node(session_id: int, user: str, source_host: str) -> etree._Element:
+    """/netconf-state/sessions/session[session-id] (RFC 6022) as a skeleton, with the
+    leaves a NACM rule may name (``[ncm:username=$USER]``)."""
+    node = data_node(
+        (qn(MON_NS, "netconf-state"), ()),
+        (qn(MON_NS, "sessions"), ()),
+        (qn(MON_NS, "session"), [(qn(MON_NS, "session-id"), str(session_id))]),
+    )
+    etree.SubElement(node, qn(MON_NS, "username")).text = user
+    if source_host:
+        etree.SubElement(node, qn(MON_NS, "source-host")).text = source_host
+    return node
+
+
+def skeleton(node: etree._Element, index: SchemaIndex) -> etree._Element:
+    """``node`` of a datastore tree and its ancestors, each with its list keys only (or its
+    value, for a leaf-list entry): enough for NACM to decide read access to it, kept in the
+    replay log instead of the whole configuration it was part of."""
+    chain: list[etree._Element] = []
+    walk: etree._Element | None = node
+    while walk is not None and walk.getparent() is not None:
+        chain.append(walk)
+        walk = walk.getparent()
+    chain.reverse()
+    steps: list[tuple[str, list[tuple[str, str]]]] = []
+    snode: SchemaNode | None = None
+    for elem in chain:
+        snode = schema_of(index, snode, elem)
+        keys: list[tuple[str, str]] = []
+        if snode is not None and snode.kind == "list":
+            for key in snode.keys:
+                value = elem.findtext(qn(snode.namespace, key))
+                if value is not None:
+                    keys.append((qn(snode.namespace, key), value))
+        steps.append((str(elem.tag), keys))
+    last = data_node(*steps)
+    if snode is not None and snode.kind == "leaf-list":
+        last.text = node.text
+    return last
 
 
 def _event(name: str) -> etree._Element:

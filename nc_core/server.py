@@ -15,6 +15,7 @@ import asyncio
 import fcntl
 import logging
 import os
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -27,10 +28,12 @@ from lxml import etree
 from nc_core.datastore import Datastore, Validator, document_bytes, free
 from nc_core.edit import Change, Instances, diff, instance_identity, new_datastore, schema_of
 from nc_core.errors import RpcError, RpcErrors, operation_not_supported
+from nc_core.merge import MergeConflict, merge3
 from nc_core.nacm import Nacm
 from nc_core.redaction import for_user
 from nc_core.schema import Schema, SchemaIndex
 from nc_core.session import BASE_10, BASE_11, Session
+from nc_core.ssh_auth import PasswordGuard
 from nc_core.transaction import Application, Transaction
 from nc_core.users import User, hash_clear_text_passwords, initial_nacm, users_from
 from nc_core.with_defaults import (
@@ -170,6 +173,7 @@ class NetconfServer:
 
     def __init__(self, options: ServerOptions, application: Application | None = None) -> None:
         from nc_core import base_ops, confirmed_commit, monitoring, notifications
+        from nc_core.filter_worker import FilterRunner
 
         self.options = options
         self.app = application or Application()
@@ -188,11 +192,22 @@ class NetconfServer:
         self.locks: dict[str, int] = {}
         self.lock_times: dict[str, datetime] = {}
         self.candidate_modified = False
+        self.candidate_base: etree._Element | None = None
+        """Running as it was when the candidate stopped following it (replace_candidate)."""
         self.sessions: dict[int, Session] = {}
         self._next_session_id = 1
         self.config_lock = asyncio.Lock()
+        self.filters = FilterRunner(workers=options.filter_workers, budget=options.filter_budget)
         self.nacm = Nacm(self.index, options.recovery_user)
         self.users: dict[str, User] = {}
+        self.password_guard = PasswordGuard()
+        self.channels: Counter[str] = Counter()
+        """NETCONF channels admitted per user (admit_session), open or opening."""
+        self.unauthenticated = 0
+        self.input_held = 0
+        """Octets of client input not handled yet, all sessions together (bounded by
+        ServerOptions.max_input_buffer)."""
+        """SSH connections not authenticated yet (the transport counts them)."""
         self.stats = ServerStats()
         self.handlers: dict[tuple[str, str], tuple[str, Handler]] = {}
         base_ops.register(self)
@@ -306,6 +321,7 @@ class NetconfServer:
         for session in list(self.sessions.values()):
             session.close("closed")
         self.confirmed.shutdown()
+        self.filters.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -418,6 +434,37 @@ class NetconfServer:
     async def _app_rpc(self, ctx: RpcContext, op: etree._Element) -> list[etree._Element] | None:
         self.monitoring.validate_rpc_input(op)
         return await self.app.rpc(ctx.session, op) or None
+
+    def is_administrator(self, user: str) -> bool:
+        """Full access by NACM (group admin's rule list, or NACM off) or the recovery user:
+        such accounts may use the sessions kept back for them
+        (ServerOptions.reserved_admin_sessions)."""
+        return self.nacm.unrestricted(user) or (
+            self.nacm.permits_all(user, "read") and self.nacm.permits_all(user, "update")
+        )
+
+    def admit_session(self, user: str, on_connection: int) -> str | None:
+        """Why a new session of ``user`` must be refused (None: admit it).
+
+        ``on_connection`` is how many sessions the same SSH connection has
+        open already.  Caps per connection and per user keep one account (a
+        CE's key sits on customer premises) from taking every session; the
+        last ``reserved_admin_sessions`` are for administrators, so one of
+        them can always get in to repair things.
+        """
+        options = self.options
+        if on_connection >= options.max_sessions_per_connection:
+            return f"this SSH connection has {on_connection} sessions already (the limit)"
+        total = sum(self.channels.values())
+        if total >= options.max_sessions:
+            return f"the server has {total} sessions (the limit)"
+        mine = self.channels[user]
+        if mine >= options.max_sessions_per_user:
+            return f"user {user!r} has {mine} sessions already (the limit per user)"
+        if total >= options.max_sessions - options.reserved_admin_sessions:
+            if not self.is_administrator(user):
+                return "the remaining sessions are kept for administrators"
+        return None
 
     # -- who may change things ------------------------------------------------------
 
@@ -547,8 +594,16 @@ class NetconfServer:
     # -- writing -------------------------------------------------------------------
 
     def replace_candidate(self, root: etree._Element) -> None:
-        """A client changed the candidate: it no longer follows running."""
+        """A client changed the candidate: it no longer follows running.
+
+        The running configuration it was taken from is kept (running's trees
+        are replaced, never modified, so keeping the reference is enough):
+        a commit applies the candidate's own changes onto running as it is
+        then (:meth:`candidate_onto_running`).
+        """
         candidate = self.datastores["candidate"]
+        if not self.candidate_modified:
+            self.candidate_base = self.datastores["running"].root
         candidate.root, candidate.tree = root, None
         self.candidate_modified = True
 
@@ -557,6 +612,22 @@ class NetconfServer:
         self.datastores["candidate"].root = deepcopy(running.root)
         self.datastores["candidate"].tree = None
         self.candidate_modified = False
+        self.candidate_base = None
+
+    def candidate_onto_running(self) -> etree._Element:
+        """What committing the candidate makes running: the candidate itself if running did
+        not change since it was taken, else the candidate's own changes merged onto the
+        current running (nc_core.merge), so nothing acknowledged meanwhile is reverted.
+        Raises the running-changed rpc-error where both changed the same node."""
+        candidate = self.datastores["candidate"].root
+        running = self.datastores["running"].root
+        base = self.candidate_base
+        if base is None or base is running:
+            return deepcopy(candidate)
+        try:
+            return merge3(base, candidate, running, self.index)
+        except MergeConflict as conflict:
+            raise conflict.rpc_error() from None
 
     async def edit_running(
         self,

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,6 +36,8 @@ BASE_10 = "urn:ietf:params:netconf:base:1.0"
 BASE_11 = "urn:ietf:params:netconf:base:1.1"
 QUEUE_LIMIT = 16
 """Messages a client may have outstanding before we stop reading from it."""
+QUEUE_BYTES = 4 * 1024 * 1024
+"""Octets of complete messages a client may have outstanding before we stop reading."""
 
 
 @dataclass
@@ -75,6 +78,17 @@ class Session:
         self.hello_timer: asyncio.TimerHandle | None = None
         self.last_activity = time.monotonic()
         self._close_after_reply = False
+        self.writable = asyncio.Event()
+        """Clear while the client leaves more than the high-water mark of output unread:
+        no request of its is handled until it reads (back-pressure)."""
+        self.writable.set()
+        self._backlog: deque[bytes] = deque()
+        self._backlog_notifications = 0
+        self._queued_bytes = 0
+        self._held = 0
+        """Input octets this session holds (partial message and queued ones), counted in
+        server.input_held."""
+        self._reading_paused = False
 
     # -- transport side ------------------------------------------------------
 
@@ -103,6 +117,9 @@ class Session:
                 messages += self.framer.feed(b"")
             for message in messages:
                 self.queue.put_nowait(message)
+                self._queued_bytes += len(message)
+            if not self._account_input():
+                return
         except MessageTooBig as exc:
             self.server.stats.in_bad_rpcs += 1
             self._reply_error_and_close(
@@ -114,8 +131,44 @@ class Session:
             log.info("session %d: framing error, closing: %s", self.id, exc)
             self.close("dropped")
             return
-        if self.queue.qsize() >= QUEUE_LIMIT:
+        if not self._reading_paused and (
+            self.queue.qsize() >= QUEUE_LIMIT or self._queued_bytes >= QUEUE_BYTES
+        ):
+            self._reading_paused = True
             self.pause_reading()
+
+    def _account_input(self) -> bool:
+        """Count what this session holds in the server-wide input budget; False (and the
+        session is closed) when it would take the server past its limit."""
+        held = self.framer.buffered() + self._queued_bytes
+        server = self.server
+        server.input_held += held - self._held
+        self._held = held
+        if server.input_held > server.options.max_input_buffer and held > 0:
+            log.warning(
+                "session %d (%s): input refused, the server holds %d octets of unhandled "
+                "input (limit %d)",
+                self.id,
+                self.user,
+                server.input_held,
+                server.options.max_input_buffer,
+            )
+            server.stats.in_bad_rpcs += 1
+            self._reply_error_and_close(
+                RpcError(
+                    "resource-denied",
+                    "The server holds too much unhandled input from all clients: "
+                    "this message was refused; send smaller messages or wait.",
+                    type="transport",
+                ),
+                "dropped",
+            )
+            return False
+        return True
+
+    def _release_input(self) -> None:
+        self.server.input_held -= self._held
+        self._held = 0
 
     def connection_lost(self) -> None:
         if not self.closed:
@@ -166,10 +219,19 @@ class Session:
 
     async def _work(self) -> None:
         while True:
+            # Back-pressure: nothing more is handled for a client that does not read.
+            await self.writable.wait()
             message = await self.queue.get()
             if message is None or self.closed:
                 return
-            if self.queue.qsize() < QUEUE_LIMIT // 2:
+            self._queued_bytes -= len(message)
+            self._account_input()
+            if (
+                self._reading_paused
+                and self.queue.qsize() < QUEUE_LIMIT // 2
+                and self._queued_bytes < QUEUE_BYTES // 2
+            ):
+                self._reading_paused = False
                 self.resume_reading()
             try:
                 await self._handle(message)
@@ -294,11 +356,48 @@ class Session:
             return
         self.counters.out_notifications += 1
         self.server.stats.out_notifications += 1
+        if not self.writable.is_set():
+            self._backlog_notifications += len(notification)
+            if self._backlog_notifications > self.server.options.notification_backlog:
+                log.warning(
+                    "session %d (%s): closed, it left %d octets of notifications unread",
+                    self.id,
+                    self.user,
+                    self._backlog_notifications,
+                )
+                self.close("dropped")
+                return
         self._send(notification)
 
+    # -- output and back-pressure -------------------------------------------------
+
+    def pause_writing(self) -> None:
+        """The transport holds more unread output than its high-water mark."""
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        """The client read enough: send what waited, then handle requests again."""
+        self.writable.set()
+        # A write may take the transport past its high-water mark again (pause_writing
+        # clears ``writable``): what is left then waits for the next resume.
+        while self._backlog and self.writable.is_set() and not self.closed:
+            self._write(self._backlog.popleft())
+        if self._backlog:
+            self.writable.clear()
+        else:
+            self._backlog_notifications = 0
+
     def _send(self, message: bytes) -> None:
+        framed = self.framer.encode(message)
+        if not self.writable.is_set():
+            # Kept here, not in the transport, so it is counted and bounded.
+            self._backlog.append(framed)
+            return
+        self._write(framed)
+
+    def _write(self, framed: bytes) -> None:
         try:
-            self.write(self.framer.encode(message))
+            self.write(framed)
         except (OSError, ConnectionError, BrokenPipeError):
             self.close("dropped", transport_gone=True)
         except Exception:  # asyncssh raises its own errors on closed channels
@@ -320,6 +419,9 @@ class Session:
         if self.hello_timer is not None:
             self.hello_timer.cancel()
         self.queue.put_nowait(None)
+        self._backlog.clear()
+        self._release_input()
+        self.writable.set()  # the worker wakes and sees the session closed
         current = asyncio.current_task() if asyncio.get_event_loop().is_running() else None
         if self.worker is not None and self.worker is not current and not self.worker.done():
             self.worker.cancel()

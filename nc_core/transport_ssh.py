@@ -14,13 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from nc_core.asyncssh_import import asyncssh
 from nc_core.server import NetconfServer
 from nc_core.session import Session
-from nc_core.users import check_password
 
 log = logging.getLogger("cevpn.netconf")
 
@@ -51,59 +51,144 @@ def host_key_line(state_dir: Path) -> str:
 
 
 class _NetconfSSHServer(asyncssh.SSHServer):
+    """One SSH connection: authentication (nc_core.ssh_auth) and admission of its sessions."""
+
     def __init__(self, nc: NetconfServer) -> None:
         self.nc = nc
         self.conn: asyncssh.SSHServerConnection | None = None
         self.peer = ""
+        self.authenticated = False
+        self.counted = False
+        self.password_failures = 0
+        self.keys_refused = 0
+        self.username = ""
+        self.channels = 0
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
         peer = conn.get_extra_info("peername")
         self.peer = str(peer[0]) if peer else ""
+        if self.nc.unauthenticated >= self.nc.options.max_unauthenticated:
+            # OpenSSH's MaxStartups: connections that never log in cost nothing else.
+            log.warning(
+                "connection from %s refused: %d connections are not authenticated yet",
+                self.peer,
+                self.nc.unauthenticated,
+            )
+            conn.close()
+            return
+        self.nc.unauthenticated += 1
+        self.counted = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.counted and not self.authenticated:
+            self.nc.unauthenticated -= 1
+            if self.password_failures or self.keys_refused:
+                log.info(
+                    "connection from %s closed before authenticating as %r "
+                    "(%d passwords, %d public keys refused)",
+                    self.peer,
+                    self.username,
+                    self.password_failures,
+                    self.keys_refused,
+                )
+        self.counted = False
 
     def begin_auth(self, username: str) -> bool:
+        self.username = username
         return True  # every account needs authentication: nothing is anonymous
+
+    def auth_completed(self) -> None:
+        self.authenticated = True
+        if self.counted:
+            self.nc.unauthenticated -= 1
+            self.counted = False
 
     def password_auth_supported(self) -> bool:
         return True
 
-    def validate_password(self, username: str, password: str) -> bool:
-        user = self.nc.users.get(username)
-        ok = bool(user and user.password and check_password(password, user.password))
-        if not ok:
-            log.info("password authentication failed for %r from %s", username, self.peer)
-        return ok
+    async def validate_password(self, username: str, password: str) -> bool:
+        guard = self.nc.password_guard
+        ok = await guard.check(self.nc.users.get(username), password, self.peer)
+        if ok:
+            log.info("user %r authenticated from %s (password)", username, self.peer)
+            return True
+        self.password_failures += 1
+        log.warning(
+            "authentication failed: user %r from %s (password; %d failures from this address "
+            "in the last %.0f s)",
+            username,
+            self.peer,
+            guard.recent_failures(self.peer),
+            guard.policy.window,
+        )
+        if self.password_failures >= guard.policy.per_connection and self.conn is not None:
+            conn = self.conn
+            # After the failure is sent: the client reads it, then the disconnect.
+            asyncio.get_running_loop().call_soon(
+                conn.disconnect,
+                asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
+                "Too many authentication failures",
+            )
+        return False
 
     def public_key_auth_supported(self) -> bool:
         return True
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         user = self.nc.users.get(username)
-        if user is None:
-            return False
         blob = key.public_data
-        return any(k.key_data == blob for k in user.keys)
+        ok = user is not None and any(k.key_data == blob for k in user.keys)
+        if not ok:
+            self.keys_refused += 1
+            log.debug("public key refused for user %r from %s", username, self.peer)
+        return ok
 
     def session_requested(self) -> asyncssh.SSHServerSession[bytes] | bool:
         if self.conn is None:
             return False
-        if len(self.nc.sessions) >= self.nc.options.max_sessions:
-            log.warning("session refused: %d sessions already", len(self.nc.sessions))
-            return False
-        return _NetconfChannel(self.nc, self.conn, self.peer)
+        username = str(self.conn.get_extra_info("username") or "")
+        why = self.nc.admit_session(username, self.channels)
+        if why is not None:
+            log.warning("session of %r from %s refused: %s", username, self.peer, why)
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_RESOURCE_SHORTAGE, f"NETCONF session refused: {why}"
+            )
+        self.channels += 1
+        self.nc.channels[username] += 1
+        return _NetconfChannel(self.nc, self.conn, self.peer, username, self._channel_closed)
+
+    def _channel_closed(self, username: str) -> None:
+        self.channels -= 1
+        self.nc.channels[username] -= 1
+        if self.nc.channels[username] <= 0:
+            del self.nc.channels[username]
 
 
 class _NetconfChannel(asyncssh.SSHServerSession[bytes]):
-    def __init__(self, nc: NetconfServer, conn: asyncssh.SSHServerConnection, peer: str) -> None:
+    def __init__(
+        self,
+        nc: NetconfServer,
+        conn: asyncssh.SSHServerConnection,
+        peer: str,
+        username: str,
+        on_closed: Callable[[str], None],
+    ) -> None:
         self.nc = nc
         self.conn = conn
         self.peer = peer
+        self.username = username
+        self.on_closed: Callable[[str], None] | None = on_closed
         self.chan: asyncssh.SSHServerChannel[bytes] | None = None
         self.session: Session | None = None
         self.subsystem_ok = False
 
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         self.chan = chan
+        # Past the high-water mark asyncssh calls pause_writing: the session then stops
+        # handling this client's requests until it reads (nc_core.session).
+        high = self.nc.options.output_high_water
+        chan.set_write_buffer_limits(high=high, low=high // 4)
 
     def pty_requested(self, term_type: str, term_size: Any, term_modes: Any) -> bool:
         return False
@@ -122,9 +207,8 @@ class _NetconfChannel(asyncssh.SSHServerSession[bytes]):
         chan = self.chan
         if chan is None or not self.subsystem_ok:
             return
-        username = str(self.conn.get_extra_info("username") or "")
         self.session = self.nc.new_session(
-            username,
+            self.username,
             self.peer,
             write=chan.write,
             close_transport=self._close,
@@ -142,9 +226,20 @@ class _NetconfChannel(asyncssh.SSHServerSession[bytes]):
             self.session.close("dropped", transport_gone=True)
         return False
 
+    def pause_writing(self) -> None:
+        if self.session is not None:
+            self.session.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.session is not None:
+            self.session.resume_writing()
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self.session is not None:
             self.session.connection_lost()
+        if self.on_closed is not None:
+            self.on_closed(self.username)
+            self.on_closed = None
 
     def _close(self) -> None:
         if self.chan is not None:

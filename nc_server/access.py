@@ -7,16 +7,19 @@
 - ``cevpn-ce-agents`` (one account per enrolled CE) may only fetch their own
   configuration and subscribe to the notification telling them to; which
   site a CE may fetch is decided by the operation itself from the account.
-- A customer's group is made by the operator, one rule list per customer,
-  with the VPN's key in the path (docs/operators.md shows it):
-  permit read ``/vpn-service/vpn[id='<vpn>']``, deny ``/vpn-service``.
+- A customer's group is made by the operator, one rule list per customer
+  (:func:`customer_rule_list`, shown in docs/server.md): read its own VPNs,
+  nothing else, no operation, no write.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+
 from lxml import etree
 
-from nc_core.xmlutil import NACM_NS, default_ns_element, qn
+from nc_core.xmlutil import MON_NS, NACM_NS, default_ns_element, qn
 
 SVC_NS = "urn:cevpn:yang:cevpn-service"
 OPERATORS = "operators"
@@ -84,6 +87,121 @@ _RULES = f"""
   </rule-list>
 </nacm>
 """
+
+
+_CUSTOMER_RULES = """
+  <rule-list xmlns="{nacm}">
+    <name>customer-{customer}</name>
+    <group>customer-{customer}</group>
+    <rule>
+      <name>no-keys</name>
+      <module-name>cevpn-service</module-name>
+      <path xmlns:svc="{svc}">/svc:vpn-service/svc:vpn/svc:keys</path>
+      <access-operations>*</access-operations>
+      <action>deny</action>
+      <comment>First, or a rule permitting a VPN would also open its keys.</comment>
+    </rule>
+{own_vpns}    <rule>
+      <name>no-other-vpn</name>
+      <module-name>cevpn-service</module-name>
+      <path xmlns:svc="{svc}">/svc:vpn-service/svc:vpn</path>
+      <access-operations>*</access-operations>
+      <action>deny</action>
+    </rule>
+    <rule>
+      <name>no-server</name>
+      <module-name>cevpn-service</module-name>
+      <path xmlns:svc="{svc}">/svc:vpn-service/svc:server</path>
+      <access-operations>*</access-operations>
+      <action>deny</action>
+    </rule>
+    <rule>
+      <name>no-operations</name>
+      <module-name>cevpn-service</module-name>
+      <rpc-name>*</rpc-name>
+      <access-operations>exec</access-operations>
+      <action>deny</action>
+    </rule>
+    <rule>
+      <name>own-provisioning-events</name>
+      <module-name>cevpn-service</module-name>
+      <notification-name>provisioning-status-changed</notification-name>
+      <access-operations>read</access-operations>
+      <action>permit</action>
+      <comment>Sent only for the sites this group may read.</comment>
+    </rule>
+    <rule>
+      <name>no-other-events</name>
+      <module-name>cevpn-service</module-name>
+      <notification-name>*</notification-name>
+      <access-operations>read</access-operations>
+      <action>deny</action>
+    </rule>
+    <rule>
+      <name>no-sessions</name>
+      <module-name>ietf-netconf-monitoring</module-name>
+      <path xmlns:ncm="{ncm}">/ncm:netconf-state/ncm:sessions</path>
+      <access-operations>*</access-operations>
+      <action>deny</action>
+      <comment>Nor the session events of other users.</comment>
+    </rule>
+    <rule>
+      <name>no-locks</name>
+      <module-name>ietf-netconf-monitoring</module-name>
+      <path xmlns:ncm="{ncm}">/ncm:netconf-state/ncm:datastores</path>
+      <access-operations>*</access-operations>
+      <action>deny</action>
+    </rule>
+    <rule>
+      <name>no-statistics</name>
+      <module-name>ietf-netconf-monitoring</module-name>
+      <path xmlns:ncm="{ncm}">/ncm:netconf-state/ncm:statistics</path>
+      <access-operations>*</access-operations>
+      <action>deny</action>
+    </rule>
+    <rule>
+      <name>no-accounts</name>
+      <module-name>ietf-system</module-name>
+      <access-operations>*</access-operations>
+      <action>deny</action>
+    </rule>
+    <rule>
+      <name>no-rules</name>
+      <module-name>ietf-netconf-acm</module-name>
+      <access-operations>*</access-operations>
+      <action>deny</action>
+    </rule>
+  </rule-list>
+"""
+_OWN_VPN = """    <rule>
+      <name>own-vpn-{vpn}</name>
+      <module-name>cevpn-service</module-name>
+      <path xmlns:svc="{svc}">/svc:vpn-service/svc:vpn[svc:id='{vpn}']</path>
+      <access-operations>read</access-operations>
+      <action>permit</action>
+    </rule>
+"""
+
+
+def customer_rule_list(customer: str, vpns: Sequence[str]) -> etree._Element:
+    """The rule list of a customer's group ``customer-<customer>``: read its own VPNs
+    (sites and provisioning state, never keys) and nothing else of anyone's.
+
+    The customer role of docs/server.md.  It permits no write, so members
+    can neither lock a datastore nor discard or commit the candidate
+    (NetconfServer.require_writer), and kill-session stays denied (RFC 8341
+    default).  Notifications: config changes and provisioning events of
+    its own VPNs only (nc_core.notifications checks each event against what
+    the group may read), no other user's session events.
+    """
+    for name in (customer, *vpns):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ValueError(f"{name!r}: use letters, digits, '.', '_' and '-' only")
+    own = "".join(_OWN_VPN.format(vpn=vpn, svc=SVC_NS) for vpn in vpns)
+    text = _CUSTOMER_RULES.format(
+        nacm=NACM_NS, svc=SVC_NS, ncm=MON_NS, customer=customer, own_vpns=own
+    )
+    return etree.fromstring(text.encode())
 
 
 def server_rule_lists() -> list[etree._Element]:

@@ -34,6 +34,7 @@ from lxml import etree
 
 from nc_core.client import Endpoint
 from nc_core.errors import RpcError
+from nc_core.notifications import data_node
 from nc_core.transaction import Transaction
 from nc_core.transport_ssh import host_key_line
 from nc_core.users import replace_user
@@ -407,7 +408,13 @@ class ServiceApplication(ServiceDatastore):
                 etree.SubElement(event, _q(name)).text = value
         server = getattr(self, "server", None)
         if server is not None:
-            server.notifications.emit(event)
+            # Only to those who may read the site (a customer hears of its own sites only).
+            site = data_node(
+                (_q("vpn-service"), ()),
+                (_q("vpn"), [(_q("id"), rec.vpn)]),
+                (_q("site"), [(_q("id"), rec.site)]),
+            )
+            server.notifications.emit(event, about=[site])
 
     def _configuration_available(self, view: SiteView, rec: CeRecord) -> None:
         event = default_ns_element(SVC_NS, "configuration-available")

@@ -5,6 +5,7 @@ cevpn-server enrol --state-dir DIR SITE [-o FILE]       a CE's pre-configuration
 cevpn-server adduser --state-dir DIR NAME [--password-file F] [--key F.pub] [--group G]
 cevpn-server host-key --state-dir DIR                   the host key clients must pin
 cevpn-server validate FILE...                           check documents against the YANG
+cevpn-server customer-access NAME --vpn VPN [--user U]  the NACM rules of a customer (print)
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from pathlib import Path
 
 from nc_core.cli_common import add_common_commands, build_parser, run_common_command, run_server
 from nc_core.schema import SERVICE_MODULES
-
-"""Where a running server writes the address and port it listens on (for `enrol`)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +39,20 @@ def main(argv: list[str] | None = None) -> int:
     enrol.add_argument("--state-dir", type=Path, required=True)
     enrol.add_argument("site")
     enrol.add_argument("-o", "--output", type=Path, help="bundle file (default: stdout)")
+    customer = commands.add_parser(
+        "customer-access",
+        help="print the <config> giving a customer read access to its own VPNs only",
+        description="Print an <edit-config> <config> payload: NACM group customer-NAME "
+        "(with --user accounts) and its rule list: read the customer's VPNs (sites, "
+        "provisioning state; never keys), nothing else, no operation, no write, no lock, "
+        "no other user's events (docs/server.md).  Apply it with any NETCONF client.",
+    )
+    customer.add_argument("name", help="the customer (group customer-NAME)")
+    customer.add_argument("--vpn", action="append", required=True, help="a VPN id (repeatable)")
+    customer.add_argument("--user", action="append", default=[], help="an account to add")
     args = parser.parse_args(argv)
+    if args.command == "customer-access":
+        return run_customer_access(args)
 
     def make_app():  # type: ignore[no-untyped-def]
         if args.command == "adduser":
@@ -57,6 +69,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "enrol":
         return run_enrol(args)
     return run_server(args, make_app, "cevpn-server")
+
+
+def run_customer_access(args: argparse.Namespace) -> int:
+    from lxml import etree
+
+    from nc_core.xmlutil import NACM_NS, NC_NS
+    from nc_server.access import customer_rule_list
+
+    try:
+        rules = customer_rule_list(args.name, args.vpn)
+    except ValueError as exc:
+        print(f"customer-access: {exc}", file=sys.stderr)
+        return 2
+    config = etree.Element(f"{{{NC_NS}}}config", nsmap={None: NC_NS})
+    nacm = etree.SubElement(config, f"{{{NACM_NS}}}nacm", nsmap={None: NACM_NS})
+    groups = etree.SubElement(nacm, f"{{{NACM_NS}}}groups")
+    group = etree.SubElement(groups, f"{{{NACM_NS}}}group")
+    etree.SubElement(group, f"{{{NACM_NS}}}name").text = f"customer-{args.name}"
+    for user in args.user:
+        etree.SubElement(group, f"{{{NACM_NS}}}user-name").text = user
+    nacm.append(rules)
+    etree.indent(config, space="  ")
+    sys.stdout.write(etree.tostring(config, encoding="unicode") + "\n")
+    return 0
 
 
 def run_enrol(args: argparse.Namespace) -> int:
