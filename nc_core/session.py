@@ -61,6 +61,8 @@ class Session:
     close_transport: Callable[[], None]
     pause_reading: Callable[[], None] = lambda: None
     resume_reading: Callable[[], None] = lambda: None
+    transport_buffered: Callable[[], int] = lambda: 0
+    """Octets written to the transport that the client has not taken yet."""
     transport: str = "netconf-ssh"
     login_time: datetime = field(default_factory=lambda: datetime.now(UTC))
     counters: SessionCounters = field(default_factory=SessionCounters)
@@ -370,6 +372,14 @@ class Session:
         self._send(notification)
 
     # -- output and back-pressure -------------------------------------------------
+
+    def output_buffered(self) -> int:
+        """Octets of output held for this client: the transport's and the backlog's."""
+        return self.transport_buffered() + sum(len(b) for b in self._backlog)
+
+    def input_held(self) -> int:
+        """Octets of this client's input held (partial and queued messages)."""
+        return self._held
 
     def pause_writing(self) -> None:
         """The transport holds more unread output than its high-water mark."""

@@ -24,7 +24,7 @@ The policy here:
 - **Logged:** each failure with the user name and source address, never
   the password; each success with the method.
 
-The clock is injectable so tests drive the window without sleeping.
+The clock and the sleep are injectable so tests drive the policy without waiting.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from nc_core.users import User, check_password, hash_password
@@ -69,10 +69,14 @@ class PasswordGuard:
     """Checks passwords under :class:`GuessPolicy`; one per server."""
 
     def __init__(
-        self, policy: GuessPolicy | None = None, clock: Callable[[], float] = time.monotonic
+        self,
+        policy: GuessPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.policy = policy or GuessPolicy()
         self.clock = clock
+        self.sleep = sleep
         self._sources: OrderedDict[str, _Source] = OrderedDict()
         # The same algorithm and cost as the hashes this server writes (hash_password).
         self._dummy_hash = hash_password(secrets.token_urlsafe(24))
@@ -100,7 +104,7 @@ class PasswordGuard:
         async with entry.turn:
             wait = self.delay(source)
             if wait > 0:
-                await asyncio.sleep(wait)
+                await self.sleep(wait)
             stored = user.password if user is not None and user.password else None
             # The same work whether or not the account (or its password) exists.
             ok = await asyncio.to_thread(check_password, password, stored or self._dummy_hash)

@@ -214,6 +214,7 @@ class _NetconfChannel(asyncssh.SSHServerSession[bytes]):
             close_transport=self._close,
             pause_reading=chan.pause_reading,
             resume_reading=chan.resume_reading,
+            transport_buffered=chan.get_write_buffer_size,
         )
         self.session.start()
 
