@@ -19,12 +19,13 @@ request answered with operation-failed.
 
 Framing, both ways, on the worker's stdin and stdout: a 4-byte big-endian length, a JSON
 header of that length, then the raw parts the header's "sizes" announce.  A request is
-``{"sizes": [f, d]}`` followed by the <filter> element (f octets, serialized with its
-in-scope namespace declarations, so the select expression's prefixes resolve) and the
-``<data>`` tree (d octets).  An answer has no parts: ``{"selection": S}`` where S is
-"whole" or a list of ``[child index, S]`` pairs (element children only, in document
-order), or ``{"error": {...}}`` for an RpcError select() raised (a bad XPath...), or
-``{"failed": reason}``.  The worker says ``{"ready": true}`` once it has started.
+``{"budget": seconds, "sizes": [f, d]}`` followed by the <filter> element (f octets,
+serialized with its in-scope namespace declarations, so the select expression's prefixes
+resolve) and the ``<data>`` tree (d octets).  An answer has no parts:
+``{"selection": S}`` where S is "whole" or a list of ``[child index, S]`` pairs (element
+children only, in document order), or ``{"error": {...}}`` for an RpcError select()
+raised (a bad XPath...), or ``{"failed": reason}``.  The worker says ``{"ready": true}``
+once it has started.
 
 The worker imports lxml and nc_core.filters, errors and xmlutil only (it starts in
 about the time of a bare interpreter plus lxml): the server half of this module imports
@@ -34,6 +35,7 @@ asyncio and logging inside its functions.
 from __future__ import annotations
 
 import json
+import resource
 import sys
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
@@ -67,12 +69,18 @@ def frame(header: dict[str, Any], *parts: bytes) -> bytes:
     return len(body).to_bytes(4, "big") + body + b"".join(parts)
 
 
+def _elements(parent: etree._Element) -> list[etree._Element]:
+    """The element children (comments and processing instructions are not counted: the
+    worker's parser drops them, and filters never select them)."""
+    return [child for child in parent if isinstance(child.tag, str)]
+
+
 def encode(parent: etree._Element, selection: filters.Selection | None) -> Any:
     """The selection under parent as child index paths: "whole", or [[index, sub], ...]."""
     if selection is None:
         return WHOLE
     out: list[list[Any]] = []
-    for index, child in enumerate(filters._element_children(parent)):
+    for index, child in enumerate(_elements(parent)):
         if child in selection:
             out.append([index, encode(child, selection[child])])
     return out
@@ -84,7 +92,7 @@ def decode(parent: etree._Element, encoded: Any) -> filters.Selection | None:
         return None
     if not isinstance(encoded, list):
         raise ValueError("a selection is 'whole' or a list")
-    children = filters._element_children(parent)
+    children = _elements(parent)
     selection: filters.Selection = {}
     for item in encoded:
         if not (isinstance(item, list) and len(item) == 2 and type(item[0]) is int):
@@ -165,15 +173,34 @@ def serve(requests: IO[bytes], answers: IO[bytes]) -> None:
         request = _read_request(requests)
         if request is None:
             return
-        _, parts = request
+        header, parts = request
         try:
             if len(parts) != 2:
                 raise ValueError("a request has a filter and data")
+            if isinstance(header.get("budget"), int | float):
+                _limit_cpu(header["budget"])
             reply = answer(parts[0], parts[1])
         except Exception as exc:  # a bug must not leave the server waiting for nothing
             reply = {"failed": type(exc).__name__}
         answers.write(frame(reply))
         answers.flush()
+
+
+def _limit_cpu(budget: float) -> None:
+    """Let the kernel stop this process (SIGXCPU) if it computes much longer than the budget.
+
+    The server kills a worker whose budget ran out; this covers a server that died (or was
+    killed) meanwhile, which would otherwise leave the worker computing for hours.
+    """
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    soft = int(usage.ru_utime + usage.ru_stime + budget) + 2
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    if hard != resource.RLIM_INFINITY:
+        soft = min(soft, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+    except (ValueError, OSError):
+        pass  # the server's own kill still applies
 
 
 def main() -> int:
@@ -285,6 +312,10 @@ class FilterRunner:
     fill the queue.  Workers start when first needed and are replaced when killed.
     """
 
+    worker_command: tuple[str, ...] = (sys.executable, "-P", "-m", "nc_core.filter_worker")
+    """How a worker starts: a fresh interpreter (no shell, no fork of the server's state);
+    -P keeps the server's working directory off the worker's import path."""
+
     def __init__(
         self, *, workers: int = 2, budget: float = 5.0, max_pending_per_user: int = 2
     ) -> None:
@@ -357,7 +388,7 @@ class FilterRunner:
             _log().warning("no filter worker for user %r: %s", user, exc)
             raise _failed() from None
         request = frame(
-            {},
+            {"budget": self.budget},
             etree.tostring(filter_elem, with_tail=False),  # with its in-scope declarations
             etree.tostring(data, with_tail=False),
         )
@@ -396,13 +427,8 @@ class FilterRunner:
                 return worker
             self._discard(worker)
         try:
-            # No shell, no fork of the server's state: a fresh interpreter.  -P keeps the
-            # server's working directory off the worker's import path.
             process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-P",
-                "-m",
-                "nc_core.filter_worker",
+                *self.worker_command,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
             )
@@ -449,6 +475,10 @@ class FilterRunner:
         reaper = loop.create_task(process.wait())
         self._reapers.add(reaper)
         reaper.add_done_callback(self._reapers.discard)
+
+    def pending(self, user: str) -> int:
+        """Costly filters of this user running or waiting for a worker."""
+        return self._pending.get(user, 0)
 
     @property
     def processes(self) -> list[asyncio.subprocess.Process]:

@@ -497,6 +497,9 @@ _CORE_FUNCTIONS = frozenset(
 )
 """XPath 1.0's core function library (Section 4): each costs at most a pass over its
 arguments' string values."""
+_SCALAR_FUNCTIONS = _CORE_FUNCTIONS - {"id"}
+"""The core functions that return a number, string or boolean: a node-set compared with
+one of those is compared node by node, in linear time (only id() returns a node-set)."""
 
 
 def cheap(data: etree._Element, filter_elem: etree._Element | None) -> bool:
@@ -632,8 +635,9 @@ def _xpath_class(expression: str) -> _XPathShape:
       more, cubic); variables are refused anyway (RFC 6241 binds none).
     * predicates nested at most MAX_PREDICATE_DEPTH deep: a predicate's relative paths go
       down only, so each node is visited from at most depth-of-tree ancestors per level.
-    * each comparison has a literal or a number on one side: comparing two node-sets
-      compares every pair of their nodes (|A| x |B|).
+    * each comparison has a literal, a number or a call of a scalar function (count(),
+      string(), last()...) directly on one side: comparing two node-sets compares every
+      pair of their nodes (|A| x |B|).
     * only the core function library, unprefixed (extension functions have unknown cost),
       and concat() with at most MAX_CONCAT_ARGUMENTS arguments.
     * unions and the node() and text() tests (sets of text nodes sort by sibling walks)
@@ -648,7 +652,9 @@ def _xpath_class(expression: str) -> _XPathShape:
     depth = 0
     descendant_steps = 0
     calls: list[_Call] = []  # the open parentheses
+    scalar_closed = False  # the previous token closed a call of a scalar function
     for i, t in enumerate(tokens):
+        scalar_before, scalar_closed = scalar_closed, False
         before = tokens[i - 1] if i > 0 else None
         after = tokens[i + 1] if i + 1 < len(tokens) else None
         then = tokens[i + 2].text if i + 2 < len(tokens) else ""
@@ -679,7 +685,7 @@ def _xpath_class(expression: str) -> _XPathShape:
                 calls[-1].commas += 1
         elif tok == ")":
             if calls:
-                calls.pop()
+                scalar_closed = calls.pop().function in _SCALAR_FUNCTIONS
         elif tok == "[":
             depth += 1
             if depth > MAX_PREDICATE_DEPTH:
@@ -699,7 +705,9 @@ def _xpath_class(expression: str) -> _XPathShape:
         elif tok == "|":
             shape.merges += 1
         elif tok in _COMPARISONS and t.kind == "op":
-            problem = _comparison_problem(tok, before, after)
+            scalar_after = after is not None and _starts_scalar_call(after, then)
+            if not (scalar_before or scalar_after):
+                problem = _comparison_problem(tok, before, after)
         if problem is None and calls and calls[-1].function == "concat":
             if calls[-1].commas >= MAX_CONCAT_ARGUMENTS:
                 problem = f"it calls concat() with more than {MAX_CONCAT_ARGUMENTS} arguments"
@@ -724,7 +732,15 @@ def _single_name_test(after: _Token | None, then: str) -> bool:
     return then not in ("/", "//", "[", "(", "::")
 
 
+def _starts_scalar_call(token: _Token, then: str) -> bool:
+    """Does a call of a function returning a number, string or boolean start at token?"""
+    return (
+        token.kind == "name" and token.operand and then == "(" and token.text in _SCALAR_FUNCTIONS
+    )
+
+
 def _comparison_problem(op: str, before: _Token | None, after: _Token | None) -> str | None:
+    """A comparison needs a literal, number, or scalar function call on one side."""
     values = ("literal", "number")
     if (before is not None and before.kind in values) or (
         after is not None and after.kind in values

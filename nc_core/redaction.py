@@ -123,9 +123,7 @@ def for_user(
     return [_for_user(error, user, nacm, trees) for error in errors]
 
 
-def _for_user(
-    error: RpcError, user: str, nacm: Nacm, trees: Sequence[etree._Element]
-) -> RpcError:
+def _for_user(error: RpcError, user: str, nacm: Nacm, trees: Sequence[etree._Element]) -> RpcError:
     if not error.path:
         return error
     for tree in trees:

@@ -633,6 +633,7 @@ class ServiceApplication(ServiceDatastore):
             )
         except ValueError as exc:
             raise RpcError("operation-failed", str(exc)) from None
+
         def pin_and_authorise(root: etree._Element) -> None:
             _set_host_key(root, vpn, site, bundle.host_public)
             replace_user(root, ce_username(site), [bundle.client_public], [CE_GROUP])

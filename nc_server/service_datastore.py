@@ -17,7 +17,6 @@ from nc_core.schema import SERVICE_MODULES
 from nc_core.transaction import Application
 from nc_server.storage import SqliteDatastores, SqliteStorage, Storage
 
-
 LISTENING_FILE = "listening"
 """Where a running server says it listens (host and port), for `cevpn-server enrol`."""
 

@@ -19,6 +19,7 @@ from typing import Any
 import paramiko
 import pytest
 from lxml import etree
+from paramiko.ssh_exception import ChannelException
 
 from nc_core.asyncssh_import import asyncssh
 from nc_core.session import Session
@@ -26,6 +27,7 @@ from tests.in_process import InProcessServer
 
 NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
 NACM = "urn:ietf:params:xml:ns:yang:ietf-netconf-acm"
+NOTIF = "urn:ietf:params:xml:ns:netconf:notification:1.0"
 HELLO = (
     f'<hello xmlns="{NC}"><capabilities><capability>urn:ietf:params:netconf:base:1.0'
     "</capability></capabilities></hello>]]>]]>"
@@ -129,7 +131,7 @@ def test_one_account_cannot_take_every_session(make_server):
     first = srv.connect("ce-site")
     second = srv.connect("ce-site")
     try:
-        with pytest.raises(Exception) as exc:
+        with pytest.raises(ChannelException) as exc:
             srv.connect("ce-site")
         assert "Resource shortage" in str(exc.value)  # the reason itself is in the channel's
         with srv.connect("admin") as admin, srv.connect("viewer") as viewer:
@@ -144,7 +146,7 @@ def test_the_last_sessions_are_kept_for_administrators(make_server):
     srv = make_server(max_sessions=6, reserved_admin_sessions=2, max_sessions_per_user=10)
     viewers = [srv.connect("viewer") for _ in range(4)]
     try:
-        with pytest.raises(Exception):
+        with pytest.raises(ChannelException, match="Resource shortage"):
             srv.connect("viewer")
         with srv.connect("admin") as a1, srv.connect("admin") as a2:
             a1.get_config("running")
@@ -157,7 +159,7 @@ def test_the_last_sessions_are_kept_for_administrators(make_server):
 def test_a_session_refused_for_its_limit_frees_nothing_it_did_not_take(make_server):
     srv = make_server(max_sessions_per_user=1)
     with srv.connect("ce-site"):
-        with pytest.raises(Exception):
+        with pytest.raises(ChannelException, match="Resource shortage"):
             srv.connect("ce-site")
     until(lambda: srv.run(lambda: srv.server.channels["ce-site"] == 0), "the channel is released")
     with srv.connect("ce-site") as again:
@@ -233,7 +235,7 @@ def test_a_subscriber_that_never_reads_is_closed_not_buffered_without_end(make_s
     srv = make_server(output_high_water=8 * 1024, notification_backlog=16 * 1024)
     raw = Raw(srv, "admin", window=8 * 1024)
     try:
-        sub = f'<rpc message-id="1" xmlns="{NC}"><create-subscription xmlns="urn:ietf:params:xml:ns:netconf:notification:1.0"/></rpc>]]>]]>'
+        sub = f'<rpc message-id="1" xmlns="{NC}"><create-subscription xmlns="{NOTIF}"/></rpc>]]>]]>'
         raw.chan.sendall(sub.encode())
         raw.read_until(b"<ok/>")
         subscriber = until(lambda: sessions_of(srv, "admin"), "the session exists")[0]
