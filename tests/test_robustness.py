@@ -217,3 +217,44 @@ def test_unknown_operation_is_operation_not_supported_and_attributes_come_back(s
     assert b"operation-not-supported" in reply
     assert b'message-id="7"' in reply and b'x:tag="t"' in reply
     raw.close()
+
+
+def exchange(server: ServerProcess, message: str) -> bytes:
+    raw = RawSession(server)
+    try:
+        raw.send_chunked(message.encode())
+        return raw.read_until(b"</rpc-reply>")
+    finally:
+        raw.close()
+
+
+def test_an_rpc_with_two_operations_gets_bad_element_naming_the_second(server):
+    reply = exchange(
+        server,
+        f'<rpc message-id="7" xmlns="{NC}"><get/><get-config><source><running/>'
+        "</source></get-config></rpc>",
+    )
+    assert b"<error-type>protocol</error-type>" in reply
+    assert b"<error-tag>bad-element</error-tag>" in reply
+    assert b"<bad-element>get-config</bad-element>" in reply
+    assert b'message-id="7"' in reply
+    assert b"Internal server error" not in reply
+
+
+def test_an_rpc_with_no_operation_gets_missing_element(server):
+    reply = exchange(server, f'<rpc message-id="8" xmlns="{NC}"></rpc>')
+    assert b"<error-tag>missing-element</error-tag>" in reply
+    assert b"Internal server error" not in reply
+
+
+@pytest.mark.parametrize(
+    "root",
+    [f'<foo message-id="9" xmlns="{NC}"/>', '<rpc message-id="9"><get/></rpc>'],
+    ids=["another-element", "rpc-without-namespace"],
+)
+def test_a_root_other_than_rpc_gets_unknown_element(server, root):
+    reply = exchange(server, root)
+    assert b"<error-type>protocol</error-type>" in reply
+    assert b"<error-tag>unknown-element</error-tag>" in reply
+    assert b"Internal server error" not in reply
+    assert_server_healthy(server)
