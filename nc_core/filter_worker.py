@@ -27,9 +27,10 @@ children only, in document order), or ``{"error": {...}}`` for an RpcError selec
 raised (a bad XPath...), or ``{"failed": reason}``.  The worker says ``{"ready": true}``
 once it has started.
 
-The worker imports lxml and nc_core.filters, errors and xmlutil only (it starts in
-about the time of a bare interpreter plus lxml): the server half of this module imports
-asyncio and logging inside its functions.
+The worker imports lxml and nc_core.filters, errors and xmlutil only, with json, resource
+and signal from the standard library (it starts in about the time of a bare interpreter
+plus lxml): the server half of this module imports asyncio and logging inside its
+functions.
 """
 
 from __future__ import annotations
@@ -326,7 +327,7 @@ class FilterRunner:
         """Seconds one costly filter may run in its worker."""
         self.max_pending_per_user = max_pending_per_user
         self._idle: list[_Worker] = []
-        self._running: set[_Worker] = set()
+        self._live: set[_Worker] = set()
         """Every live worker, idle or busy."""
         self._pending: dict[str, int] = {}
         """Costly filters running or waiting, per user."""
@@ -435,7 +436,7 @@ class FilterRunner:
         except OSError as exc:
             raise WorkerFailed(f"cannot start a worker: {exc}") from None
         worker = _Worker(process)
-        self._running.add(worker)
+        self._live.add(worker)
         try:
             assert process.stdout is not None
             hello = await asyncio.wait_for(_read_answer(process.stdout), START_TIMEOUT)
@@ -459,7 +460,7 @@ class FilterRunner:
         """Kill a worker (it is replaced when next needed) and reap it in the background."""
         import asyncio
 
-        self._running.discard(worker)
+        self._live.discard(worker)
         process = worker.process
         if process.returncode is None:
             try:
@@ -483,13 +484,13 @@ class FilterRunner:
     @property
     def processes(self) -> list[asyncio.subprocess.Process]:
         """The worker processes alive now (for monitoring and tests)."""
-        return [w.process for w in self._running if w.process.returncode is None]
+        return [w.process for w in self._live if w.process.returncode is None]
 
     def close(self) -> None:
         """Kill every worker; a filter being evaluated gets operation-failed."""
         self._closed = True
         self._idle.clear()
-        for worker in list(self._running):
+        for worker in list(self._live):
             self._discard(worker)
 
     async def aclose(self) -> None:

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_customer_access(args: argparse.Namespace) -> int:
     from lxml import etree
 
-    from nc_core.xmlutil import NACM_NS, NC_NS
+    from nc_core.xmlutil import NACM_NS, NC_NS, default_ns_element
     from nc_server.access import customer_rule_list
 
     try:
@@ -82,8 +82,9 @@ def run_customer_access(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"customer-access: {exc}", file=sys.stderr)
         return 2
-    config = etree.Element(f"{{{NC_NS}}}config", nsmap={None: NC_NS})
-    nacm = etree.SubElement(config, f"{{{NACM_NS}}}nacm", nsmap={None: NACM_NS})
+    config = default_ns_element(NC_NS, "config")
+    nacm = default_ns_element(NACM_NS, "nacm")
+    config.append(nacm)
     groups = etree.SubElement(nacm, f"{{{NACM_NS}}}groups")
     group = etree.SubElement(groups, f"{{{NACM_NS}}}group")
     etree.SubElement(group, f"{{{NACM_NS}}}name").text = f"customer-{args.name}"
