@@ -290,10 +290,16 @@ async def copy_config(ctx: RpcContext, op: etree._Element) -> None:
             server.check_not_locked(target, session)
         if source == "config":
             root = _inline_config_tree(server, op)
+        elif source == "candidate" and target == "running":
+            # A commit by another name: the candidate's own changes, onto running as it is
+            # now, so what changed since the candidate was taken is not reverted.
+            root = server.candidate_onto_running()
         else:
             root = deepcopy(server.datastores[source].root)
         if target == "running":
             await server.change_running(root, session, reason="copy")
+            if source == "candidate":
+                server.reset_candidate()
         elif target == "candidate":
             canonical, _ = _checked_candidate(server, session, root, None)
             server.replace_candidate(canonical)

@@ -104,7 +104,8 @@ class ServerOptions:
     """Largest message accepted, in octets (the bench's 10,000-entry edit is ~1 MB)."""
     max_input_buffer: int = 256 * 1024 * 1024
     """Input held server-wide for messages not yet handled (partial and queued), in octets:
-    a session whose message would take the total past it is refused (too-big) and closed."""
+    a session whose message would take the total past it is refused (resource-denied) and
+    closed."""
     hello_timeout: float = 60.0
     max_sessions: int = 256
     max_sessions_per_user: int = 64
@@ -204,10 +205,10 @@ class NetconfServer:
         self.channels: Counter[str] = Counter()
         """NETCONF channels admitted per user (admit_session), open or opening."""
         self.unauthenticated = 0
+        """SSH connections not authenticated yet (the transport counts them)."""
         self.input_held = 0
         """Octets of client input not handled yet, all sessions together (bounded by
         ServerOptions.max_input_buffer)."""
-        """SSH connections not authenticated yet (the transport counts them)."""
         self.stats = ServerStats()
         self.handlers: dict[tuple[str, str], tuple[str, Handler]] = {}
         base_ops.register(self)
@@ -637,7 +638,7 @@ class NetconfServer:
         on_behalf_of: Session | None = None,
     ) -> list[Change]:
         """The one way an application changes running (the VPN server's enrolment and site
-        removal, the agent's fetched configuration, start-up defaults).
+        removal, the agent's fetched configuration).
 
         ``mutate`` edits a private copy of the current running configuration;
         the result goes through the same transaction as a client's commit

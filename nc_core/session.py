@@ -144,9 +144,10 @@ class Session:
         session is closed) when it would take the server past its limit."""
         held = self.framer.buffered() + self._queued_bytes
         server = self.server
+        grew = held > self._held
         server.input_held += held - self._held
         self._held = held
-        if server.input_held > server.options.max_input_buffer and held > 0:
+        if grew and server.input_held > server.options.max_input_buffer:
             log.warning(
                 "session %d (%s): input refused, the server holds %d octets of unhandled "
                 "input (limit %d)",

@@ -108,6 +108,16 @@ def test_a_commit_keeps_a_running_edit_made_after_the_candidate_was_taken(server
     assert root.xpath("//v:vpn/v:customer/text()", namespaces={"v": SVC}) == ["After"]
 
 
+def test_copying_the_candidate_to_running_keeps_a_newer_running_edit(server):
+    with ncclient_connect(server) as a, ncclient_connect(server) as b:
+        a.edit_config(target="candidate", config=customer("Copied"))
+        b.edit_config(target="running", config=group("made-meanwhile"))
+        a.copy_config(source="candidate", target="running")
+    root = running(server)
+    assert "made-meanwhile" in groups_in(root)
+    assert root.xpath("//v:vpn/v:customer/text()", namespaces={"v": SVC}) == ["Copied"]
+
+
 def test_a_commit_keeps_an_enrolment_made_after_the_candidate_was_taken(server):
     # docs/examples/oss_create_vpn.py's pattern: lock, edit the candidate, validate,
     # commit, while the server enrols a CE for another operator.
