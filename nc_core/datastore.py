@@ -131,7 +131,7 @@ def issue_to_error(issue: SchemaIssue, index: SchemaIndex) -> RpcError:
         # A secret's value is never echoed, not even to its owner (nc_core.redaction).
         chain = schema_chain(index, issue.path)
         if chain and is_secret(chain):
-            message = secret_message(message, chain[-1])
+            message = secret_message(message, chain[-1], issue.app_tag)
     info = [("bad-element", last)] if last and tag in ("unknown-element", "invalid-value") else []
     key = _MISSING_KEY.search(message)
     if tag == "missing-element" and key:

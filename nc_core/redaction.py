@@ -82,9 +82,15 @@ def declared_length(node: SchemaNode) -> str | None:
     return None
 
 
-def secret_message(message: str, node: SchemaNode) -> str:
-    """libyang's message about a secret leaf's value, with the value left out."""
+def secret_message(message: str, node: SchemaNode, app_tag: str | None = None) -> str:
+    """libyang's message about a secret leaf's value, with the value left out.
+
+    A must or when condition's message is the schema's own text (a rule, not
+    data): it is kept, with anything quoted in it removed.
+    """
     lowered = message.lower()
+    if app_tag in ("must-violation", "when-violation"):
+        return _QUOTED.sub("(not shown)", message)
     if "length" in lowered:
         length = declared_length(node)
         rule = f"its length must be {length} characters" if length else "its length is not allowed"
