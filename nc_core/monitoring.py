@@ -115,7 +115,11 @@ class Monitoring:
 
     def _netconf_state(self) -> etree._Element:
         server = self.server
-        state = default_ns_element(MON_NS, "netconf-state")
+        # The identityref values below ("ncm:yang") use the prefix ncm, declared here at the
+        # top: lxml drops a declaration on an inner element as redundant with the default
+        # namespace when the tree is copied, and the values would lose their prefix.
+        nsmap: Any = {None: MON_NS, "ncm": MON_NS}
+        state = etree.Element(qn(MON_NS, "netconf-state"), nsmap=nsmap)
         caps = etree.SubElement(state, qn(MON_NS, "capabilities"))
         for cap in server.capabilities():
             etree.SubElement(caps, qn(MON_NS, "capability")).text = cap
@@ -137,8 +141,7 @@ class Monitoring:
             etree.SubElement(schema, qn(MON_NS, "identifier")).text = module.name()
             revisions = [r.date() for r in module.revisions()]
             etree.SubElement(schema, qn(MON_NS, "version")).text = revisions[0] if revisions else ""
-            fmt = etree.SubElement(schema, qn(MON_NS, "format"), nsmap={"ncm": MON_NS})
-            fmt.text = "ncm:yang"
+            etree.SubElement(schema, qn(MON_NS, "format")).text = "ncm:yang"
             etree.SubElement(schema, qn(MON_NS, "namespace")).text = _module_ns(module)
             etree.SubElement(schema, qn(MON_NS, "location")).text = "NETCONF"
         sessions = etree.SubElement(state, qn(MON_NS, "sessions"))
@@ -147,8 +150,7 @@ class Monitoring:
                 continue
             entry = etree.SubElement(sessions, qn(MON_NS, "session"))
             etree.SubElement(entry, qn(MON_NS, "session-id")).text = str(session.id)
-            transport = etree.SubElement(entry, qn(MON_NS, "transport"), nsmap={"ncm": MON_NS})
-            transport.text = "ncm:netconf-ssh"
+            etree.SubElement(entry, qn(MON_NS, "transport")).text = "ncm:netconf-ssh"
             etree.SubElement(entry, qn(MON_NS, "username")).text = session.user
             if session.source_host:
                 etree.SubElement(entry, qn(MON_NS, "source-host")).text = session.source_host
