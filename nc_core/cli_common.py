@@ -23,6 +23,9 @@ from nc_core.schema import Schema, ValidationFailed
 from nc_core.transaction import Application
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def parse_listen(text: str) -> tuple[str, int]:
     """HOST:PORT, [IPv6]:PORT or :PORT (all addresses)."""
     host, sep, port = text.rpartition(":")
@@ -76,7 +79,13 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_port: int = 83
         help="time an XPath or subtree filter that may be costly can run (in a worker "
         "process) before it is refused with resource-denied (default 5)",
     )
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help="DEBUG, INFO, WARNING or ERROR (default INFO)",
+    )
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -183,10 +192,24 @@ def run_adduser(args: argparse.Namespace, make_app: Callable[[], Application]) -
 
 
 def run_host_key(args: argparse.Namespace) -> int:
-    from nc_core.transport_ssh import host_key_line
+    """Print the host key clients pin, from a state directory a server uses.
 
-    args.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    print(host_key_line(args.state_dir))
+    A mistyped directory must not yield a brand-new key that an operator then
+    pins: the key is printed (and made, the first time) only where a server
+    has already left its state (an account added, or a start).
+    """
+    from nc_core.server import LOCK_FILE
+    from nc_core.transport_ssh import HOST_KEY_FILE, host_key_line
+
+    state_dir: Path = args.state_dir
+    if not (state_dir / HOST_KEY_FILE).exists() and not (state_dir / LOCK_FILE).exists():
+        print(
+            f"host-key: {state_dir} holds no server state (no host key, never used by "
+            "adduser or a server): check the path, or run the server once first",
+            file=sys.stderr,
+        )
+        return 1
+    print(host_key_line(state_dir))
     return 0
 
 
@@ -202,7 +225,7 @@ def run_server(args: argparse.Namespace, make_app: Callable[[], Application], na
     from nc_core.transport_ssh import serve_forever
 
     logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        level=getattr(logging, args.log_level),
         format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s",
     )
     # ncclient and paramiko narrate every message at INFO; message contents may carry keys.

@@ -157,10 +157,14 @@ class StateDirLocked(RuntimeError):
     """Another process (a running server) holds the state directory."""
 
 
+LOCK_FILE = "lock"
+"""In the state directory: held (flock) by the process that uses it."""
+
+
 def lock_state_dir(state_dir: Path) -> int:
     """Take the state directory's lock; raise StateDirLocked if a server holds it."""
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
