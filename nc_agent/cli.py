@@ -56,7 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     add_common_commands(parser.add_subparsers(dest="command", required=False))
     raw = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    done = run_common_command(args, CE_MODULES, CeApplication)
+    def offline_app(state_dir: Path) -> Application:
+        from nc_agent.application import AgentApplication
+
+        # Validation compiles the kernel's desired state without touching the kernel.
+        return AgentApplication(state_dir, None, dataplane="kernel")
+
+    done = run_common_command(args, CE_MODULES, CeApplication, offline_app)
     if done is not None:
         return done
     if args.dataplane == "kernel" and not args.vpn_netns:

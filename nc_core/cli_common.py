@@ -22,7 +22,6 @@ from typing import Any
 from nc_core.schema import Schema, ValidationFailed
 from nc_core.transaction import Application
 
-
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -129,10 +128,20 @@ def add_common_commands(
 
 
 def run_common_command(
-    args: argparse.Namespace, modules: Sequence[str], make_app: Callable[[], Application]
+    args: argparse.Namespace,
+    modules: Sequence[str],
+    make_app: Callable[[], Application],
+    offline_app: Callable[[Path], Application] | None = None,
 ) -> int | None:
-    """Run validate, adduser or host-key if that is the command; None when serving."""
+    """Run validate, adduser or host-key if that is the command; None when serving.
+
+    ``offline_app`` builds the application on a scratch state directory for
+    ``validate``, so a document is checked exactly as a commit would be (the
+    application's validate phase, as a dry run), not by YANG alone.
+    """
     if args.command == "validate":
+        if offline_app is not None:
+            return asyncio.run(run_full_validate(offline_app, args.documents))
         return run_validate(Schema(modules), args.documents)
     if args.command == "adduser":
         return run_adduser(args, make_app)
@@ -157,6 +166,42 @@ def run_validate(schema: Schema, documents: list[Path]) -> int:
         else:
             print(f"{path}: valid")
     return status
+
+
+async def run_full_validate(make_app: Callable[[Path], Application], documents: list[Path]) -> int:
+    """Check each document as a commit of it would be: YANG, then the application's rules
+    (NetconfServer.check_configuration), in a server that never listens."""
+    import tempfile
+
+    from nc_core.errors import RpcError, RpcErrors
+    from nc_core.server import NetconfServer, ServerOptions
+
+    status = 0
+    with tempfile.TemporaryDirectory(prefix="cevpn-validate-") as scratch:
+        server = NetconfServer(ServerOptions(state_dir=Path(scratch)), make_app(Path(scratch)))
+        for path in documents:
+            try:
+                root = server.validator.load_document(path)
+                await server.check_configuration(root, None)
+            except RpcErrors as exc:
+                status = 1
+                for error in exc.errors:
+                    _print_invalid(path, error)
+            except RpcError as error:
+                status = 1
+                _print_invalid(path, error)
+            except (OSError, ValueError) as exc:
+                status = 1
+                print(f"{path}: {exc}", file=sys.stderr)
+            else:
+                print(f"{path}: valid")
+        server.close()
+    return status
+
+
+def _print_invalid(path: Path, error: Any) -> None:
+    where = f"\n    at {error.path}" if error.path else ""
+    print(f"{path}: invalid: {error.message}{where}", file=sys.stderr)
 
 
 def run_adduser(args: argparse.Namespace, make_app: Callable[[], Application]) -> int:

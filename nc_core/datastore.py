@@ -231,6 +231,18 @@ class Validator:
             return parsed
         return root
 
+    def load_document(self, path: Path) -> etree._Element:
+        """An instance document (XML, or RFC 7951 JSON by its suffix) as a datastore tree in
+        canonical form; RpcErrors when it does not conform to the schema."""
+        try:
+            tree = self.schema.parse_config_file(path)
+        except ValidationFailed as exc:
+            raise validation_errors(exc, self.index) from None
+        try:
+            return self.canonical(tree)
+        finally:
+            free(tree)
+
     def load(self, data: bytes, origin: str) -> tuple[etree._Element, Any]:
         """Read a persisted datastore and validate it fully; ``origin`` names it in errors."""
         try:

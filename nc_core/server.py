@@ -598,6 +598,52 @@ class NetconfServer:
 
     # -- writing -------------------------------------------------------------------
 
+    async def check_configuration(self, root: etree._Element, session: Session | None) -> None:
+        """Everything a commit of ``root`` would be refused for, changing nothing: YANG
+        validation, then the application's validate phase as a dry run (RpcErrors)."""
+        running = self.datastores["running"]
+        tree = self.validator.validate(root, full=True)
+        try:
+            canonical = self.validator.canonical(tree)
+            txn = Transaction(
+                old=running.root,
+                new=canonical,
+                old_tree=running.tree,
+                new_tree=tree,
+                changes=diff(running.root, canonical, self.index),
+                user=session.user if session else None,
+                session_id=session.id if session else 0,
+                reason="validate",
+                dry_run=True,
+            )
+            await self.app.validate(txn)
+        finally:
+            free(tree)
+
+    async def check_as_seen(self, session: Session, root: etree._Element) -> None:
+        """:meth:`check_configuration`, judged on what ``session``'s user may read.
+
+        test-only and <validate> change nothing, so a user could ask them again
+        and again about data it may not read (raise psk-min-length one by one
+        until the hidden pre-shared key's must fails: its length).  For a user
+        NACM does not let read everything they check the part it may read,
+        and say nothing about the rest; a real commit still checks everything
+        (docs/security.md).
+        """
+        if self.nacm.permits_all(session.user, "read"):
+            await self.check_configuration(root, session)
+            return
+        view = self.nacm.filter_read(session.user, deepcopy(root))
+        try:
+            await self.check_configuration(view, session)
+        except RpcError as error:
+            if not _about_hidden(error, root, view):
+                raise
+        except RpcErrors as exc:
+            kept = [e for e in exc.errors if not _about_hidden(e, root, view)]
+            if kept:
+                raise RpcErrors(kept) from None
+
     def replace_candidate(self, root: etree._Element) -> None:
         """A client changed the candidate: it no longer follows running.
 
@@ -748,6 +794,20 @@ class NetconfServer:
         free(startup.tree)
         startup.tree = tree
         startup.save()
+
+
+def _about_hidden(error: RpcError, root: etree._Element, view: etree._Element) -> bool:
+    """Does ``error`` name a node of ``root`` the readable ``view`` lacks (so it only arose
+    because that node was left out)?"""
+    if not error.path:
+        return False
+    ns = dict(error.path_ns)
+    try:
+        in_root = root.xpath("." + error.path, namespaces=ns)
+        in_view = view.xpath("." + error.path, namespaces=ns)
+    except etree.XPathError:
+        return False
+    return bool(in_root) and not in_view
 
 
 def _touches(changes: Sequence[Change], tops: tuple[str, ...]) -> bool:

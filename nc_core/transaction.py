@@ -52,6 +52,9 @@ class Transaction:
     session_id: int
     reason: str = "edit"
     """'edit', 'commit', 'copy', 'rollback' (confirmed-commit timeout/cancel) or 'startup'."""
+    dry_run: bool = False
+    """Only validated (<validate>, test-only, an offline check): never prepared or applied,
+    so the application must keep nothing of it (no key generated into storage)."""
     scratch: dict[str, Any] = field(default_factory=dict)
     """The application's own notes between phases (allocations made in prepare)."""
 

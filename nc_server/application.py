@@ -32,8 +32,9 @@ from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
+from nc_core import faults
 from nc_core.client import Endpoint
-from nc_core.errors import RpcError
+from nc_core.errors import RpcError, RpcErrors
 from nc_core.notifications import data_node
 from nc_core.transaction import Transaction
 from nc_core.transport_ssh import host_key_line
@@ -60,6 +61,7 @@ from nc_server.enrolment import (
 from nc_server.keystore import KeyStore
 from nc_server.provisioner import CeRecord, Provisioner, now_text
 from nc_server.service_datastore import LISTENING_FILE, ServiceDatastore
+from nc_server.service_rules import MAX_REPORTED, check_vpn, site_path, vpn_path
 from nc_server.southbound import CeRefused, CeUnreachable, push, read_ce
 from nc_server.southbound import Session as CeSession
 
@@ -140,28 +142,37 @@ class ServiceApplication(ServiceDatastore):
 
     # -- transaction -------------------------------------------------------------
 
-    def _compile(self, vpn: dict[str, Any]) -> dict[str, CeConfig]:
+    def _compile(self, vpn: dict[str, Any], *, dry: bool = False) -> dict[str, CeConfig]:
+        """The VPN's CE configurations.  ``dry``: for a configuration that is only being
+        validated (<validate>, test-only, `cevpn-server validate`): key material it needs
+        is made but not kept, and the incremental compiler's cache is left alone."""
         vid = str(vpn["id"])
         profile = vpn.get("security-profile", {})
-        self.keys.set_vpn_profile(
-            vid,
-            STRENGTH_BITS.get(str(profile.get("minimum-strength")), 128),
-            int(profile.get("certificate-lifetime", 365)),
-        )
-        compiler = self.compilers.get(vid)
-        if compiler is None:
-            compiler = self.compilers[vid] = VpnCompiler(self.keys)
         started = time.perf_counter()
-        try:
-            with self.keys.batch():
+        with self.keys.dry_run() if dry else self.keys.batch():
+            try:
+                self.keys.set_vpn_profile(
+                    vid,
+                    STRENGTH_BITS.get(str(profile.get("minimum-strength")), 128),
+                    int(profile.get("certificate-lifetime", 365)),
+                )
+                if dry:
+                    compiler = VpnCompiler(self.keys)
+                else:
+                    compiler = self.compilers.get(vid) or VpnCompiler(self.keys)
+                    self.compilers[vid] = compiler
+                faults.point("compile", vid)
                 return compiler.compile(vpn)
-        finally:
-            self.compile_seconds += time.perf_counter() - started
+            finally:
+                self.compile_seconds += time.perf_counter() - started
 
     async def validate(self, txn: Transaction) -> None:
+        """Service rules, then compilation, of every VPN that changed: what a commit, a
+        <validate>, a test-only edit and `cevpn-server validate` are all refused for."""
         new = txn.new_json().get(SVC, {})
         old_vpns = {v["id"]: v for v in txn.old_json().get(SVC, {}).get("vpn", [])}
         compiled: dict[str, VpnState] = {}
+        errors: list[RpcError] = []
         for vpn in new.get("vpn", []):
             vid = str(vpn["id"])
             known = self.vpns.get(vid)
@@ -173,16 +184,36 @@ class ServiceApplication(ServiceDatastore):
                 # Only where CEs are managed changed (enrolment, a new port): same configs.
                 compiled[vid] = VpnState(vpn, known.compiled)
                 continue
+            violations = check_vpn(vpn)
+            if violations:
+                errors.extend(v.rpc_error() for v in violations)
+                continue
             try:
-                configs = self._compile(vpn)
+                configs = self._compile(vpn, dry=txn.dry_run)
             except CompileError as exc:
-                path = f"/cevpn-svc:vpn-service/cevpn-svc:vpn[cevpn-svc:id='{vid}']"
-                if exc.site:
-                    path += f"/cevpn-svc:site[cevpn-svc:id='{exc.site}']"
-                raise RpcError(
-                    "invalid-value", str(exc), path=path, path_ns={"cevpn-svc": SVC_NS}
-                ) from None
+                path = vpn_path(vid) if not exc.site else site_path(vid, exc.site)
+                errors.append(
+                    RpcError("invalid-value", str(exc), path=path, path_ns={"cevpn-svc": SVC_NS})
+                )
+                continue
+            except Exception as exc:
+                # A fault of the compiler itself must never reach a CE: the commit is
+                # refused and running stays as it was.
+                log.exception("compiling VPN %s failed", vid)
+                errors.append(
+                    RpcError(
+                        "operation-failed",
+                        f"VPN {vid!r} could not be compiled into its CEs' configurations "
+                        f"({type(exc).__name__}); nothing was changed.  The server log has "
+                        "the details.",
+                        path=vpn_path(vid),
+                        path_ns={"cevpn-svc": SVC_NS},
+                    )
+                )
+                continue
             compiled[vid] = VpnState(vpn, configs)
+        if errors:
+            raise RpcErrors(errors[:MAX_REPORTED])
         txn.scratch["vpns"] = compiled
         txn.scratch["server"] = new.get("server", {})
 

@@ -63,7 +63,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return ServiceApplication(args.state_dir)
 
-    done = run_common_command(args, SERVICE_MODULES, make_app)
+    def offline_app(state_dir: Path):  # type: ignore[no-untyped-def]
+        from nc_server.application import ServiceApplication
+
+        return ServiceApplication(state_dir, provisioning=False)
+
+    done = run_common_command(args, SERVICE_MODULES, make_app, offline_app)
     if done is not None:
         return done
     if args.command == "enrol":

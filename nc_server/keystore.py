@@ -312,6 +312,21 @@ class KeyStore:
         if self._batch_depth == 0:
             self._flush()
 
+    @contextmanager
+    def dry_run(self) -> Iterator[None]:
+        """Answer every request inside as usual, generating what is missing, but keep
+        nothing: for compiling a configuration that is only being validated.  At the end
+        the writes are dropped and the cache with them (it is reloaded from storage)."""
+        if self._batch_depth:
+            raise RuntimeError("a dry run cannot be nested in a batch")
+        self._batch_depth += 1
+        try:
+            yield
+        finally:
+            self._batch_depth -= 1
+            self._pending.clear()
+            self._vpns.clear()
+
     def _flush(self) -> None:
         pending, self._pending = self._pending, {}
         if not pending:
