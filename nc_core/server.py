@@ -350,6 +350,7 @@ class NetconfServer:
     def session_started(self, session: Session) -> None:
         self.stats.in_sessions += 1
         self.notifications.session_start(session)
+        self.app.session_started(session)
 
     def session_ended(self, session: Session) -> None:
         self.sessions.pop(session.id, None)

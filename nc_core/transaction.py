@@ -136,6 +136,10 @@ class Application:
 
         raise operation_not_supported(f"The operation <{rpc.tag}> is not supported here.")
 
+    def session_started(self, session: Session) -> None:
+        """A client completed its hello: who is connected is news to some applications (a
+        VPN server learns that a CE it could not reach is back)."""
+
     async def started(self) -> None:
         """The server listens and its running configuration has been applied."""
 

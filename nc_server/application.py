@@ -716,9 +716,13 @@ class ServiceApplication(ServiceDatastore):
         if own is not None and applied_version is not None:
             rec.applied_version = applied_version or None
             in_sync = applied_version == config.version
+            was = rec.status
             prov.set_status(rec, "in-sync" if in_sync else "pending")
             if in_sync:
+                rec.retry_count, rec.next_attempt = 0, None
                 self._receiver_applied(rec, config)
+            elif was in ("unreachable", "failed") and view.autodiscovery == "push":
+                prov.want(site)  # it answers: push now, not at the next back-off retry
         version = etree.Element(_q("version"))
         version.text = config.version
         holder = etree.Element(_q("configuration"))
@@ -727,6 +731,23 @@ class ServiceApplication(ServiceDatastore):
             _redact(ce)
         holder.append(ce)
         return [version, holder]
+
+    def session_started(self, session: Session) -> None:
+        """A CE's account logged in: the CE is reachable again, whatever its record said.
+
+        Its status is made true at once rather than at the next back-off retry
+        (up to unreachable-retry-limit away): a push is started now if the CE
+        is behind and the VPN pushes; otherwise its fetch will say where it is.
+        """
+        site = self._site_of_user(session.user)
+        if site is None or self.provisioner is None or site not in self.sites:
+            return
+        view = self.sites[site]
+        rec = self.provisioner.record(view.vpn, site)
+        rec.last_contact = now_text()
+        if rec.status in ("unreachable", "failed") or rec.next_attempt is not None:
+            log.info("CE %s is back (logged in from %s)", site, session.source_host)
+            self._target_changed(view, rec)
 
     def _certify(self, view: SiteView, request: str) -> None:
         """Seed 3.3 (ii): certify the key pair the CE made, once per key."""

@@ -147,6 +147,31 @@ def test_an_unreachable_ce_catches_up_when_it_returns(tmp_path: Path) -> None:
         assert "cyan-s3" in ctl.agents["cyan-s2"].running_ce()["peers"]
 
 
+def test_a_ce_that_comes_back_is_shown_in_sync_at_once_not_at_its_next_retry(
+    tmp_path: Path,
+) -> None:
+    with controller(tmp_path, **{"unreachable-retry-limit": 3600}) as ctl:
+        mesh(ctl, "lime", 2)
+        ctl.in_sync("lime-s1", "lime-s2")
+        ctl.agents["lime-s2"].stop()
+        ctl.join("lime", "lime-s3", 3, "10.3.0.0/24")
+        # Retries 1, 2, 4, 8 s have failed: the next one is 16 s away.
+        wait_for(
+            lambda: int(ctl.provisioning()["lime-s2"].get("retry-count", 0)) >= 5,
+            90,
+            "five failed retries",
+        )
+        before = ctl.provisioning()["lime-s2"]
+        assert before["status"] == "unreachable"
+        ctl.agents["lime-s2"].start()
+        # The CE logs in to the server (its notification session): the server pushes now.
+        wait_for(lambda: ctl.status("lime-s2") == "in-sync", 60, "in sync")
+        after = ctl.provisioning()["lime-s2"]
+        assert after["status-since"] < before["next-attempt"]
+        assert "next-attempt" not in after and "last-error" not in after
+        assert "lime-s3" in ctl.agents["lime-s2"].running_ce()["peers"]
+
+
 def _nft(script: str) -> None:
     subprocess.run(["nft", "-f", "-"], input=script.encode(), check=True)
 
