@@ -26,7 +26,6 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +59,7 @@ from nc_server.enrolment import (
 )
 from nc_server.keystore import KeyStore
 from nc_server.provisioner import CeRecord, Provisioner, now_text
+from nc_server.rekey import RekeyPlan, RekeyScheduler
 from nc_server.service_datastore import LISTENING_FILE, ServiceDatastore
 from nc_server.service_rules import MAX_REPORTED, check_vpn, site_path, vpn_path
 from nc_server.southbound import CeRefused, CeUnreachable, push, read_ce
@@ -134,6 +134,7 @@ class ServiceApplication(ServiceDatastore):
         self.provisioner: Provisioner | None = None
         self.southbound_key, self.southbound_public = southbound_key(state_dir)
         self._rekey_task: asyncio.Task[None] | None = None
+        self.rekeys = RekeyScheduler(self.keys, self._rekey_plans, self._begin_rekey)
         self.compile_seconds = 0.0
         self._removing: dict[str, SiteView] = {}
         """Sites deleted in 'deprovision' mode whose CE has not been cleaned yet."""
@@ -247,6 +248,7 @@ class ServiceApplication(ServiceDatastore):
         self, old_vpns: Mapping[str, VpnState], old_sites: Mapping[str, SiteView], startup: bool
     ) -> None:
         """The database changed: start provisioning what must follow."""
+        self.rekeys.changed()  # VPNs, their keying or their rekey intervals may differ
         prov = self._provisioner()
         for site, view in old_sites.items():
             if site not in self.sites or self.sites[site].vpn != view.vpn:
@@ -409,6 +411,7 @@ class ServiceApplication(ServiceDatastore):
             asyncio.get_running_loop().call_soon(self._recompile, rec.vpn)
 
     def _recompile(self, vid: str) -> None:
+        self.rekeys.changed()  # SAs may have been made, replaced or promoted
         state = self.vpns.get(vid)
         if state is None:
             return
@@ -547,7 +550,7 @@ class ServiceApplication(ServiceDatastore):
         if listener is not None:
             # `cevpn-server enrol` finds a running server here.
             (self.state_dir / LISTENING_FILE).write_text(f"{listener.host} {listener.port}\n")
-        self._rekey_task = asyncio.get_running_loop().create_task(self._rekey_loop())
+        self._rekey_task = asyncio.get_running_loop().create_task(self.rekeys.run())
 
     async def stopping(self) -> None:
         if self._rekey_task is not None:
@@ -560,33 +563,17 @@ class ServiceApplication(ServiceDatastore):
         (self.state_dir / LISTENING_FILE).unlink(missing_ok=True)
         self.storage.close()
 
-    async def _rekey_loop(self) -> None:
-        """IKE-less SAs are replaced every ikeless-rekey-interval, inbound first."""
-        while True:
-            await asyncio.sleep(self._rekey_period())
-            try:
-                self._rekey_due()
-            except Exception:  # keep rekeying the other VPNs next time round
-                log.exception("IKE-less rekey")
-
-    def _rekey_due(self) -> None:
-        for vid, state in list(self.vpns.items()):
-            if state.vpn.get("keying") != "ikeless":
-                continue
-            interval = int(state.vpn.get("tunnel-defaults", {}).get("ikeless-rekey-interval", 3600))
-            due = self.keys.due_for_rekey(vid, interval, datetime.now(UTC))
-            if due:
-                log.info("VPN %s: rekeying %d IKE-less SAs", vid, len(due))
-                self.keys.begin_rekey(vid, due)
-                self._recompile(vid)
-
-    def _rekey_period(self) -> float:
-        intervals = [
-            int(s.vpn.get("tunnel-defaults", {}).get("ikeless-rekey-interval", 3600))
-            for s in self.vpns.values()
-            if s.vpn.get("keying") == "ikeless"
+    def _rekey_plans(self) -> list[RekeyPlan]:
+        """The IKE-less VPNs of the database now, with their rekey intervals."""
+        return [
+            RekeyPlan(vid, float(state.vpn["tunnel-defaults"]["ikeless-rekey-interval"]))
+            for vid, state in self.vpns.items()
+            if state.vpn.get("keying") == "ikeless"
         ]
-        return max(1.0, min(intervals, default=600) / 10)
+
+    def _begin_rekey(self, vid: str, due: list[tuple[str, str]]) -> None:
+        self.keys.begin_rekey(vid, due)
+        self._recompile(vid)
 
     # -- operations ----------------------------------------------------------------
 

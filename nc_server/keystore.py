@@ -664,6 +664,14 @@ class KeyStore:
             senders.difference_update(source for source, _ in promoted)
         return RekeyStep(tuple(promoted))
 
+    def next_rekey_at(self, vpn: str, interval_seconds: float) -> float | None:
+        """When (epoch seconds) the VPN's oldest current SA is due for a rekey; None when it
+        has none that is not already being replaced."""
+        created = [
+            slot.current.created for slot in self._state(vpn).sas.values() if slot.next is None
+        ]
+        return min(created) + interval_seconds if created else None
+
     def due_for_rekey(
         self, vpn: str, interval_seconds: float, now: datetime | None = None
     ) -> list[tuple[str, str]]:

@@ -1,0 +1,118 @@
+"""IKE-less rekeying on time (RFC 9061's IKE-less case): each VPN's SAs are replaced every
+``tunnel-defaults/ikeless-rekey-interval`` of that VPN, inbound first.
+
+The scheduler sleeps until the earliest moment an SA of any IKE-less VPN
+present *now* is due, and is woken whenever that moment may have moved: a
+commit added, removed or changed a VPN, a rekey began or completed.  (It used
+to sleep a period computed once, before any VPN existed: a VPN added later
+with a 10 s interval was rekeyed up to 60 s late.)
+
+What a rekey does (new SAs in the key store, the CEs' configurations
+recompiled, the receiver first) is the application's; this module only says
+when.  The clock and the wait are injectable, so tests drive time instead of
+waiting for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+
+log = logging.getLogger("cevpn.server.rekey")
+
+RETRY_AFTER_FAILURE = 5.0
+"""Seconds before a due rekey that could not begin is tried again."""
+IDLE_CHECK = 3600.0
+"""Seconds to sleep when no IKE-less SA exists (a wake-up comes with the first one)."""
+
+
+@dataclass(frozen=True)
+class RekeyPlan:
+    """One IKE-less VPN as the scheduler sees it."""
+
+    vpn: str
+    interval: float
+    """Its ikeless-rekey-interval, seconds."""
+
+
+class RekeySource(Protocol):
+    """What the scheduler needs of the key store (nc_server.keystore.KeyStore has it)."""
+
+    def next_rekey_at(self, vpn: str, interval_seconds: float) -> float | None: ...
+
+    def due_for_rekey(
+        self, vpn: str, interval_seconds: float, now: datetime | None = None
+    ) -> list[tuple[str, str]]: ...
+
+
+Wait = Callable[[asyncio.Event, float], Awaitable[None]]
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> None:
+    """Until ``event`` is set or ``timeout`` seconds pass."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), timeout)
+
+
+class RekeyScheduler:
+    def __init__(
+        self,
+        keys: RekeySource,
+        plans: Callable[[], Iterable[RekeyPlan]],
+        rekey: Callable[[str, list[tuple[str, str]]], None],
+        *,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        wait: Wait = wait_event,
+    ) -> None:
+        self.keys = keys
+        self.plans = plans
+        self.rekey = rekey
+        self.clock = clock
+        self.wait = wait
+        self._wake = asyncio.Event()
+
+    def changed(self) -> None:
+        """The VPNs, their intervals or their SAs changed: compute the next moment again."""
+        self._wake.set()
+
+    def seconds_to_next(self) -> float | None:
+        """Seconds until the next SA is due (0: one is due now); None: no IKE-less SA."""
+        now = self.clock().timestamp()
+        moments = [
+            at
+            for plan in self.plans()
+            if (at := self.keys.next_rekey_at(plan.vpn, plan.interval)) is not None
+        ]
+        return max(0.0, min(moments) - now) if moments else None
+
+    def run_due(self) -> int:
+        """Begin the rekeys that are due now; the number of directions."""
+        started = 0
+        now = self.clock()
+        for plan in list(self.plans()):
+            try:
+                due = self.keys.due_for_rekey(plan.vpn, plan.interval, now)
+                if due:
+                    log.info("VPN %s: rekeying %d IKE-less SAs", plan.vpn, len(due))
+                    self.rekey(plan.vpn, due)
+                    started += len(due)
+            except Exception:  # one VPN's failure must not stop the others' rekeys
+                log.exception("IKE-less rekey of VPN %s", plan.vpn)
+        return started
+
+    async def run(self) -> None:
+        """Forever: sleep until the next due moment (or a change), then rekey what is due."""
+        while True:
+            self._wake.clear()
+            delay = self.seconds_to_next()
+            if delay is None or delay > 0:
+                await self.wait(self._wake, IDLE_CHECK if delay is None else delay)
+            if not self.run_due() and delay == 0:
+                # Due, yet nothing could begin (the failure is logged): try again in a
+                # while rather than spin.
+                await self.wait(self._wake, RETRY_AFTER_FAILURE)
