@@ -10,7 +10,6 @@ ANCESTORS: dict[str, tuple[str, ...]] = {
     'cevpn-types:auth-hmac-sha2-256-128': ('cevpn-types:auth-hmac-sha2-256-128', 'cevpn-types:integrity-algorithm', 'cevpn-types:security-strength', 'cevpn-types:strength-112', 'cevpn-types:strength-128', 'cevpn-types:strength-80'),
     'cevpn-types:auth-hmac-sha2-384-192': ('cevpn-types:auth-hmac-sha2-384-192', 'cevpn-types:integrity-algorithm', 'cevpn-types:security-strength', 'cevpn-types:strength-112', 'cevpn-types:strength-128', 'cevpn-types:strength-192', 'cevpn-types:strength-80'),
     'cevpn-types:auth-hmac-sha2-512-256': ('cevpn-types:auth-hmac-sha2-512-256', 'cevpn-types:integrity-algorithm', 'cevpn-types:security-strength', 'cevpn-types:strength-112', 'cevpn-types:strength-128', 'cevpn-types:strength-192', 'cevpn-types:strength-256', 'cevpn-types:strength-80'),
-    'cevpn-types:ce-unreachable': ('cevpn-types:ce-unreachable', 'cevpn-types:cevpn-alarm'),
     'cevpn-types:certificate-expiry': ('cevpn-types:certificate-expiry', 'cevpn-types:cevpn-alarm'),
     'cevpn-types:cevpn-alarm': ('cevpn-types:cevpn-alarm',),
     'cevpn-types:configuration-fetch-failure': ('cevpn-types:cevpn-alarm', 'cevpn-types:configuration-fetch-failure'),

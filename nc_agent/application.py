@@ -24,12 +24,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
+from nc_agent.alarms import (
+    CERTIFICATE_EXPIRY,
+    AlarmList,
+    certificate_alarms,
+    next_certificate_check,
+)
 from nc_agent.allocations import Allocations
 from nc_agent.bootstrap import CLIENT_KEY_FILE
 from nc_agent.dataplane.xfrm import OWNED_REQIDS, SAKey, SAState, XfrmEvents
@@ -45,11 +52,14 @@ from nc_agent.routing.bird import RoutingError
 from nc_core.errors import RpcError
 from nc_core.notifications import date_and_time, now
 from nc_core.schema import CE_MODULES
-from nc_core.transaction import Application, Transaction
+from nc_core.transaction import Application, Transaction, tree_json
 from nc_core.xmlutil import default_ns_element
 
 if TYPE_CHECKING:
     from nc_core.session import Session
+
+CERTIFICATE_RECHECK = 86400.0
+"""Seconds between two looks at the certificates' dates at most (the clock may jump)."""
 
 log = logging.getLogger("cevpn.agent")
 CE_NS = "urn:cevpn:yang:cevpn-ce"
@@ -111,6 +121,9 @@ class AgentApplication(Application):
         self.events: XfrmEvents | None = None
         self.ike: IkeManager | None = None
         self.edge: Edge | None = None
+        self.alarms = AlarmList(self._notify)
+        """Every alarm of the CE: IKE's, the configuration fetch's, the certificates'."""
+        self._certificate_timer: asyncio.TimerHandle | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -127,6 +140,7 @@ class AgentApplication(Application):
                 Charon(self.state_dir, self.sp_netns),
                 notify=self._notify,
                 flush_kernel=kernel.flush_reqids,
+                alarms=self.alarms,
             )
         return self.ike
 
@@ -154,7 +168,9 @@ class AgentApplication(Application):
         return self.dataplane == "kernel"
 
     async def started(self) -> None:
-        self.puller = Puller(self.server, self.state_dir, self.state_dir / CLIENT_KEY_FILE)
+        self.puller = Puller(
+            self.server, self.state_dir, self.state_dir / CLIENT_KEY_FILE, alarms=self.alarms
+        )
         self.puller.start()
         if self.puller.settings() is not None:
             self.puller.trigger("start-up")
@@ -184,6 +200,8 @@ class AgentApplication(Application):
             self.events.close()
         for timer in self.lingering.values():
             timer.cancel()
+        if self._certificate_timer is not None:
+            self._certificate_timer.cancel()
         if self.kernel is not None:
             self.kernel.close()
 
@@ -257,6 +275,41 @@ class AgentApplication(Application):
                 await self.server.listener.move(moved_from)
             raise
         self._request_certificate_if_needed(txn)
+        self._check_certificates(txn.new_json().get("cevpn-ce:ce", {}))
+        self._follow_pre_configuration(txn)
+
+    def _follow_pre_configuration(self, txn: Transaction) -> None:
+        """New server endpoints or timers take effect now, not after the pull interval that
+        was running (a fetch with the new settings also shows they work)."""
+        if self.puller is None or txn.reason in ("startup", "pull"):
+            return
+        before = txn.old_json().get("cevpn-ce:ce", {}).get("pre-configuration")
+        after = txn.new_json().get("cevpn-ce:ce", {}).get("pre-configuration")
+        if before != after and after is not None:
+            self.puller.trigger("the pre-configuration changed")
+
+    def _check_certificates(self, config: Mapping[str, Any]) -> None:
+        """certificate-expiry alarms for the certificates this configuration uses, now, and
+        again when they next change by themselves (a warning starts, a certificate ends)."""
+        now = datetime.now(UTC)
+        self.alarms.set_exactly(CERTIFICATE_EXPIRY, certificate_alarms(config, now))
+        if self._certificate_timer is not None:
+            self._certificate_timer.cancel()
+            self._certificate_timer = None
+        later = next_certificate_check(config, now)
+        if later is not None:
+            delay = min((later - now).total_seconds() + 1, CERTIFICATE_RECHECK)
+            self._certificate_timer = asyncio.get_running_loop().call_later(
+                delay, self._recheck_certificates
+            )
+
+    def _recheck_certificates(self) -> None:
+        self._certificate_timer = None
+        running = getattr(self, "server", None)
+        if running is None:
+            return
+        tree = running.datastores["running"].tree
+        self._check_certificates(tree_json(tree).get("cevpn-ce:ce", {}))
 
     def _request_certificate_if_needed(self, txn: Transaction) -> None:
         """A certificate made for a server-generated key arrived: ask at once for one for
@@ -498,9 +551,9 @@ class AgentApplication(Application):
             etree.SubElement(ce_state, _q("last-fetch")).text = self.puller.last_fetch
         if self.puller is not None and self.puller.last_error:
             etree.SubElement(ce_state, _q("last-fetch-error")).text = self.puller.last_error
-        if self.ike is not None and self.ike.alarms:
+        if self.alarms:
             alarms = etree.SubElement(ce_state, _q("alarms"))
-            for alarm in self.ike.alarms.values():
+            for alarm in self.alarms:
                 entry = etree.SubElement(alarms, _q("alarm"))
                 _leaf(entry, "type", alarm.type)
                 _leaf(entry, "resource", alarm.resource)

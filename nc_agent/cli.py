@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     add_common_commands(parser.add_subparsers(dest="command", required=False))
     raw = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+
     def offline_app(state_dir: Path) -> Application:
         from nc_agent.application import AgentApplication
 

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from lxml import etree
 from ncclient.operations.rpc import RPCError as NcRpcError
 
+from nc_agent.alarms import CONFIGURATION_FETCH_FAILURE, AlarmList
 from nc_agent.own_key import certificate_request, certifies_own_key
 from nc_core.client import Endpoint, connect
 from nc_core.errors import RpcError
@@ -38,6 +40,7 @@ from nc_core.notifications import date_and_time, now
 from nc_core.xmlutil import default_ns_element, qn
 
 if TYPE_CHECKING:
+    from nc_core.schema import SchemaIndex
     from nc_core.server import NetconfServer
 
 log = logging.getLogger("cevpn.agent.pull")
@@ -52,10 +55,17 @@ class PullSettings:
     endpoints: list[Endpoint]
     pull_interval: float
     orphan_after: float
+    fetch_alarm_after: float
 
 
-def settings_from(running: etree._Element, state_dir: Path, key_file: Path) -> PullSettings | None:
-    """The pull settings in the pre-configuration, or None if the CE has no VPN server."""
+PRE = "/cevpn-ce:ce/pre-configuration"
+
+
+def settings_from(
+    running: etree._Element, state_dir: Path, key_file: Path, index: SchemaIndex
+) -> PullSettings | None:
+    """The pull settings in the pre-configuration, or None if the CE has no VPN server.
+    Leaves left out take their YANG defaults (read from the schema, not repeated here)."""
     pre = running.find(f"{qn(CE_NS, 'ce')}/{qn(CE_NS, 'pre-configuration')}")
     if pre is None or not key_file.exists():
         return None
@@ -65,35 +75,76 @@ def settings_from(running: etree._Element, state_dir: Path, key_file: Path) -> P
     username = server.findtext(qn(CE_NS, "username")) or ""
     timers = pre.find(qn(CE_NS, "timers"))
 
-    def timer(name: str, default: float) -> float:
+    def timer(name: str) -> float:
         text = timers.findtext(qn(CE_NS, name)) if timers is not None else None
-        return float(text) if text else default
+        return float(text if text else index.default(f"{PRE}/timers/{name}"))
 
+    default_port = int(index.default(f"{PRE}/vpn-server/endpoint/port"))
     endpoints = [
         Endpoint(
             host=e.findtext(qn(CE_NS, "address")) or "",
-            port=int(e.findtext(qn(CE_NS, "port")) or 830),
+            port=int(e.findtext(qn(CE_NS, "port")) or default_port),
             host_keys=[k.text or "" for k in e.iterfind(qn(CE_NS, "host-key"))],
             username=username,
             key_file=key_file,
-            timeout=timer("connect-timeout", 10.0),
+            timeout=timer("connect-timeout"),
         )
         for e in server.iterfind(qn(CE_NS, "endpoint"))
     ]
     if not endpoints:
         return None
-    return PullSettings(endpoints, timer("pull-interval", 300.0), timer("orphan-after", 86400.0))
+    return PullSettings(
+        endpoints, timer("pull-interval"), timer("orphan-after"), timer("fetch-alarm-after")
+    )
 
 
 class SiteRemoved(Exception):
     pass
 
 
+class FetchWatch:
+    """The configuration-fetch-failure alarm: raised when no fetch succeeded for
+    ``timers/fetch-alarm-after`` (since the last success, or since the agent started),
+    cleared by the next fetch that does."""
+
+    RESOURCE = "vpn-server"
+
+    def __init__(self, alarms: AlarmList, clock: Callable[[], float] = time.monotonic) -> None:
+        self.alarms = alarms
+        self.clock = clock
+        self.ok_since = clock()
+
+    def succeeded(self) -> None:
+        self.ok_since = self.clock()
+        self.alarms.clear(CONFIGURATION_FETCH_FAILURE, self.RESOURCE)
+
+    def failed(self, reason: str, limit: float) -> None:
+        failing = self.clock() - self.ok_since
+        if failing >= limit:
+            self.alarms.raise_alarm(
+                CONFIGURATION_FETCH_FAILURE,
+                self.RESOURCE,
+                "major",
+                f"No configuration could be fetched from the VPN server for {failing:.0f} s "
+                f"(the limit is {limit:.0f} s); the last attempt: {reason}.  This CE keeps its "
+                "configuration and tries again every pull-interval; check the server and the "
+                "path to it (seed 3.5).",
+            )
+
+
 class Puller:
-    def __init__(self, server: NetconfServer, state_dir: Path, key_file: Path) -> None:
+    def __init__(
+        self,
+        server: NetconfServer,
+        state_dir: Path,
+        key_file: Path,
+        *,
+        alarms: AlarmList | None = None,
+    ) -> None:
         self.server = server
         self.state_dir = state_dir
         self.key_file = key_file
+        self.watch = FetchWatch(alarms if alarms is not None else AlarmList(lambda *a, **k: None))
         self.last_fetch: str | None = None
         self.last_error: str | None = None
         self._wake = asyncio.Event()
@@ -104,7 +155,9 @@ class Puller:
         self.fetches = 0
 
     def settings(self) -> PullSettings | None:
-        return settings_from(self.server.datastores["running"].root, self.state_dir, self.key_file)
+        return settings_from(
+            self.server.datastores["running"].root, self.state_dir, self.key_file, self.server.index
+        )
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -158,10 +211,13 @@ class Puller:
                     version, ce = await asyncio.to_thread(session.fetch, current, csr)
                 except SiteRemoved as exc:
                     self.last_error = str(exc)
+                    self.watch.succeeded()  # the server answered, for this site
                     return await self._removed(settings)
                 except Exception as exc:
                     self.last_error = str(exc)
+                    self.watch.failed(str(exc), settings.fetch_alarm_after)
                     raise
+                self.watch.succeeded()
                 self.fetches += 1
                 self.last_fetch = date_and_time(now(), "seconds")
                 self.last_error = None

@@ -249,12 +249,15 @@ class SchemaNode:
 
     def children(self) -> dict[tuple[str, str], SchemaNode]:
         if self._children is None:
-            self._children = {}
+            # Built apart and published whole: a reader in another thread (the agent's
+            # notification listener reads its settings) never sees it half filled.
+            children: dict[tuple[str, str], SchemaNode] = {}
             if self.kind in ("container", "list", "rpc", "action", "notification"):
                 for child in self.snode.children():
                     node = _make_node(child, self.snode, self.path, self.module)
                     if node is not None:
-                        self._children[(node.namespace, node.name)] = node
+                        children[(node.namespace, node.name)] = node
+            self._children = children
         return self._children
 
     def child(self, ns: str | None, name: str) -> SchemaNode | None:
@@ -323,3 +326,26 @@ class SchemaIndex:
         if ns is None:
             return None
         return self.top.get((ns, name))
+
+    def node(self, path: str) -> SchemaNode:
+        """The schema node at a path in JSON notation, ``/module:top/child/leaf`` (a child's
+        module prefix only where it changes, as in SchemaNode.path); KeyError if none."""
+        by_module = {name: ns for ns, name in self.namespaces.items()}
+        node: SchemaNode | None = None
+        module = ""
+        for step in path.strip("/").split("/"):
+            prefix, _, name = step.rpartition(":")
+            module = prefix or module
+            ns = by_module.get(module)
+            node = self.top_node(ns, name) if node is None else node.child(ns, name)
+            if node is None:
+                raise KeyError(f"no schema node {path}")
+        if node is None:
+            raise KeyError(f"no schema node {path}")
+        return node
+
+    def default(self, path: str) -> Any:
+        """The YANG default of a leaf (typed as libyang gives it), or None if it has none:
+        code reads defaults here instead of repeating them as literals."""
+        value = self.node(path).snode.default()
+        return value

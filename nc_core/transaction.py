@@ -64,16 +64,17 @@ class Transaction:
         """The new configuration as RFC 7951 JSON, defaults included (printed once per
         transaction: callers share it and must not modify it)."""
         if "new" not in self._json:
-            self._json["new"] = _as_json(self.new_tree)
+            self._json["new"] = tree_json(self.new_tree)
         return self._json["new"]
 
     def old_json(self) -> dict[str, Any]:
         if "old" not in self._json:
-            self._json["old"] = _as_json(self.old_tree)
+            self._json["old"] = tree_json(self.old_tree)
         return self._json["old"]
 
 
-def _as_json(tree: Any) -> dict[str, Any]:
+def tree_json(tree: Any) -> dict[str, Any]:
+    """A libyang data tree as RFC 7951 JSON, implicit defaults included ({} for None)."""
     if tree is None:
         return {}
     text = tree.print_mem("json", with_siblings=True, include_implicit_defaults=True)

@@ -132,9 +132,7 @@ def _overlaps(vpn: str, owned: Sequence[tuple[Network, str, str]]) -> Iterable[V
     )
     widest: tuple[Network, str, str] | None = None
     for network, site, text in ordered:
-        if widest is not None and int(network.network_address) <= int(
-            widest[0].broadcast_address
-        ):
+        if widest is not None and int(network.network_address) <= int(widest[0].broadcast_address):
             other_net, other_site, other_text = widest
             if other_site != site:
                 if network == other_net:

@@ -78,6 +78,21 @@ class Agent:
             self.proc.wait(15)
         self.proc = None
 
+    def connect_as_server(self, server: ServerProcess) -> Any:
+        """A NETCONF session to this agent with the VPN server's own account and key."""
+        from nc_core.client import Endpoint, connect
+
+        host_key = (self.state_dir / "ssh_host_ed25519_key.pub").read_text().strip()
+        return connect(
+            Endpoint(
+                host="127.0.0.1",
+                port=self.port,
+                host_keys=[host_key],
+                username="cevpn-server",
+                key_file=server.state_dir / "southbound_ed25519_key",
+            )
+        )
+
     def running_ce(self) -> dict[str, Any]:
         """The agent's running /ce as a dict of peers and versions (read locally, as root)."""
         root = etree.fromstring((self.state_dir / "running.xml").read_bytes())

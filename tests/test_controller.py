@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from ncclient.operations.rpc import RPCError
 
-from tests.controller import SVC_NS, Controller, controller, vpn_xml, wait_for
+from tests.controller import CE_NS, SVC_NS, Controller, controller, vpn_xml, wait_for
 from tests.netconf_server import BIN, free_port
 
 pytestmark = pytest.mark.timeout(300)
@@ -170,6 +170,36 @@ def test_a_ce_that_comes_back_is_shown_in_sync_at_once_not_at_its_next_retry(
         assert after["status-since"] < before["next-attempt"]
         assert "next-attempt" not in after and "last-error" not in after
         assert "lime-s3" in ctl.agents["lime-s2"].running_ce()["peers"]
+
+
+def test_a_ce_that_cannot_fetch_for_too_long_raises_an_alarm_and_clears_it(tmp_path: Path) -> None:
+    alarms = f'<ce-state xmlns="{CE_NS}"><alarms/></ce-state>'
+    with controller(tmp_path) as ctl:
+        mesh(ctl, "sand", 1)
+        ctl.in_sync("sand-s1")
+        m = ctl.agents["sand-s1"].connect_as_server(ctl.server)
+        try:
+            m.edit_config(
+                target="running",
+                config=f'<config xmlns="urn:ietf:params:xml:ns:netconf:base:1.0">'
+                f'<ce xmlns="{CE_NS}"><pre-configuration><timers><pull-interval>1</pull-interval>'
+                "<fetch-alarm-after>2</fetch-alarm-after></timers></pre-configuration></ce>"
+                "</config>",
+            )
+            ctl.server.stop()
+            wait_for(
+                lambda: "configuration-fetch-failure" in m.get(filter=("subtree", alarms)).data_xml,
+                60,
+                "the fetch alarm",
+            )
+            ctl.server.start()
+            wait_for(
+                lambda: "<alarm>" not in m.get(filter=("subtree", alarms)).data_xml,
+                60,
+                "the alarm cleared",
+            )
+        finally:
+            m.close_session()
 
 
 def _nft(script: str) -> None:

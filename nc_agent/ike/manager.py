@@ -35,10 +35,10 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
+from nc_agent.alarms import AlarmList
 from nc_agent.ike.charon import Charon, CharonError, CharonSettings, EventListener, text
 from nc_agent.ike.connections import Credentials, IkePeer
 from nc_agent.ike.health import ALARM_TYPE, TunnelHealth
@@ -73,15 +73,6 @@ class IkeRefused(Exception):
         self.peer = peer
 
 
-@dataclass(frozen=True)
-class Alarm:
-    type: str
-    resource: str
-    severity: str
-    raised_at: datetime
-    text: str
-
-
 def _flag(value: Any) -> bool:
     return text(value) == "yes"
 
@@ -93,16 +84,18 @@ class IkeManager:
         *,
         notify: Notify,
         flush_kernel: Callable[[set[int]], int],
+        alarms: AlarmList | None = None,
     ) -> None:
         self.charon = charon
         self.notify = notify
+        self.alarms = alarms if alarms is not None else AlarmList(notify)
+        """The CE's alarm list (shared with the other alarm sources of the agent)."""
         self.flush_kernel = flush_kernel
         """Deletes the SAs and policies of these reqids (blocking; run in a thread)."""
         self.peers: dict[str, IkePeer] = {}
         self.credentials = Credentials()
         self.policy = RetryPolicy()
         self.health: dict[str, TunnelHealth] = {}
-        self.alarms: dict[tuple[str, str], Alarm] = {}
         self.loaded: dict[str, IkePeer] = {}
         self.loaded_credentials = Credentials()
         self.enabled = False
@@ -607,30 +600,17 @@ class IkeManager:
     # -- alarms and notifications ----------------------------------------------
 
     def _raise_alarm(self, name: str, peer: IkePeer, reason: str) -> None:
-        now = utc_now()
         words = (
             f"IKE with peer {name} ({peer.remote}) has failed {self.health[name].failures} "
             f"times and the retry back-off reached its limit of {self.policy.limit:.0f} s: "
             f"{reason}.  Retries go on every {self.policy.limit:.0f} s; human action is "
             "needed (seed 3.4)."
         )
-        alarm = Alarm(ALARM_TYPE, name, "major", now, words)
-        self.alarms[(ALARM_TYPE, name)] = alarm
-        log.error("alarm raised: %s", words)
-        self.notify(
-            "alarm-raised",
-            type=ALARM_TYPE,
-            resource=name,
-            severity=alarm.severity,
-            text=words,
-        )
+        self.alarms.raise_alarm(ALARM_TYPE, name, "major", words)
 
     def _clear_alarm(self, name: str) -> None:
         """The tunnel came up, or the peer was removed: the alarm has no object any more."""
-        if self.alarms.pop((ALARM_TYPE, name), None) is None:
-            return
-        log.info("alarm cleared: tunnel-establishment-failure for peer %s", name)
-        self.notify("alarm-cleared", type=ALARM_TYPE, resource=name)
+        self.alarms.clear(ALARM_TYPE, name)
 
     def _announce_down(self, name: str, reason: str) -> None:
         peer = self.peers.get(name) or self.loaded.get(name)
