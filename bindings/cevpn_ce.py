@@ -6638,7 +6638,7 @@ class yc_state_cevpn_ce__ce_peer_state(PybindBase):
       self._path_helper = False
 
     self._extmethods = False
-    self.__status = YANGDynClass(base=RestrictedClassType(base_type=str,                                     restriction_type="dict_key",                                     restriction_arg={'down': {}, 'connecting': {}, 'up': {}, 'waiting-for-traffic': {}, 'retrying': {}, 'failed': {}},), is_leaf=True, yang_name="status", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='cevpn-t:tunnel-status', is_config=False)
+    self.__status = YANGDynClass(base=RestrictedClassType(base_type=str,                                     restriction_type="dict_key",                                     restriction_arg={'down': {}, 'connecting': {}, 'up': {}, 'waiting-for-traffic': {}, 'retrying': {}, 'failed': {}, 'no-data-plane': {}},), is_leaf=True, yang_name="status", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='cevpn-t:tunnel-status', is_config=False)
     self.__status_since = YANGDynClass(base=RestrictedClassType(base_type=str, restriction_dict={'pattern': '\\d{4}-\\d{2}-\\d{2}T\\d{2}:\\d{2}:\\d{2}(\\.\\d+)?(Z|[\\+\\-]\\d{2}:\\d{2})'}), is_leaf=True, yang_name="status-since", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='yang:date-and-time', is_config=False)
     self.__device = YANGDynClass(base=str, is_leaf=True, yang_name="device", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='string', is_config=False)
     self.__outbound_spi = YANGDynClass(base=RestrictedClassType(base_type=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), restriction_dict={'range': ['256..max']}), is_leaf=True, yang_name="outbound-spi", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='cevpn-t:spi', is_config=False)
@@ -6703,12 +6703,12 @@ class yc_state_cevpn_ce__ce_peer_state(PybindBase):
     if hasattr(v, "_utype"):
       v = v._utype(v)
     try:
-      t = YANGDynClass(v,base=RestrictedClassType(base_type=str,                                     restriction_type="dict_key",                                     restriction_arg={'down': {}, 'connecting': {}, 'up': {}, 'waiting-for-traffic': {}, 'retrying': {}, 'failed': {}},), is_leaf=True, yang_name="status", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='cevpn-t:tunnel-status', is_config=False)
+      t = YANGDynClass(v,base=RestrictedClassType(base_type=str,                                     restriction_type="dict_key",                                     restriction_arg={'down': {}, 'connecting': {}, 'up': {}, 'waiting-for-traffic': {}, 'retrying': {}, 'failed': {}, 'no-data-plane': {}},), is_leaf=True, yang_name="status", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='cevpn-t:tunnel-status', is_config=False)
     except (TypeError, ValueError):
       raise ValueError({
           'error-string': """status must be of a type compatible with cevpn-t:tunnel-status""",
           'defined-type': "cevpn-t:tunnel-status",
-          'generated-type': """YANGDynClass(base=RestrictedClassType(base_type=str,                                     restriction_type="dict_key",                                     restriction_arg={'down': {}, 'connecting': {}, 'up': {}, 'waiting-for-traffic': {}, 'retrying': {}, 'failed': {}},), is_leaf=True, yang_name="status", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='cevpn-t:tunnel-status', is_config=False)""",
+          'generated-type': """YANGDynClass(base=RestrictedClassType(base_type=str,                                     restriction_type="dict_key",                                     restriction_arg={'down': {}, 'connecting': {}, 'up': {}, 'waiting-for-traffic': {}, 'retrying': {}, 'failed': {}, 'no-data-plane': {}},), is_leaf=True, yang_name="status", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='cevpn-t:tunnel-status', is_config=False)""",
         })
 
     self.__status = t
@@ -6716,7 +6716,7 @@ class yc_state_cevpn_ce__ce_peer_state(PybindBase):
       self._set()
 
   def _unset_status(self):
-    self.__status = YANGDynClass(base=RestrictedClassType(base_type=str,                                     restriction_type="dict_key",                                     restriction_arg={'down': {}, 'connecting': {}, 'up': {}, 'waiting-for-traffic': {}, 'retrying': {}, 'failed': {}},), is_leaf=True, yang_name="status", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='cevpn-t:tunnel-status', is_config=False)
+    self.__status = YANGDynClass(base=RestrictedClassType(base_type=str,                                     restriction_type="dict_key",                                     restriction_arg={'down': {}, 'connecting': {}, 'up': {}, 'waiting-for-traffic': {}, 'retrying': {}, 'failed': {}, 'no-data-plane': {}},), is_leaf=True, yang_name="status", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-ce', defining_module='cevpn-ce', yang_type='cevpn-t:tunnel-status', is_config=False)
 
 
   def _get_status_since(self):

@@ -124,6 +124,8 @@ class AgentApplication(Application):
         self.alarms = AlarmList(self._notify)
         """Every alarm of the CE: IKE's, the configuration fetch's, the certificates'."""
         self._certificate_timer: asyncio.TimerHandle | None = None
+        self._dataplane = asyncio.Lock()
+        """Held while the kernel and charon are changed: a commit's apply, a reset-tunnel."""
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -269,7 +271,8 @@ class AgentApplication(Application):
     async def apply(self, txn: Transaction) -> None:
         moved_from = await self._follow_port(txn)
         try:
-            await self._apply(txn)
+            async with self._dataplane:
+                await self._apply(txn)
         except BaseException:
             if moved_from is not None and self.server.listener is not None:
                 await self.server.listener.move(moved_from)
@@ -541,6 +544,21 @@ class AgentApplication(Application):
                     **{"peer-address": peer.tunnel.remote, "reason": why},
                 )
 
+    def _no_data_plane_state(self) -> etree._Element:
+        """Each configured peer's state says why there is no tunnel (--dataplane none)."""
+        ce = default_ns_element(CE_NS, "ce")
+        running = self.server.datastores["running"].root
+        for peer in running.iterfind(f"{_q('ce')}/{_q('peer')}"):
+            name = peer.findtext(_q("name")) or ""
+            entry = etree.SubElement(ce, _q("peer"))
+            etree.SubElement(entry, _q("name")).text = name
+            state = etree.SubElement(entry, _q("state"))
+            etree.SubElement(state, _q("status")).text = "no-data-plane"
+            etree.SubElement(
+                state, _q("last-error")
+            ).text = "this agent runs without a data plane (--dataplane none): no tunnel is built"
+        return ce
+
     def _ce_state(self, routing: etree._Element | None = None) -> etree._Element:
         ce_state = default_ns_element(CE_NS, "ce-state")
         if routing is not None:
@@ -563,9 +581,12 @@ class AgentApplication(Application):
         return ce_state
 
     def rpc_names(self) -> set[tuple[str, str]]:
-        return {(CE_NS, "refresh-configuration")}
+        return {(CE_NS, "refresh-configuration"), (CE_NS, "reset-tunnel")}
 
     async def rpc(self, session: Session, rpc: etree._Element) -> list[etree._Element]:
+        if etree.QName(rpc).localname == "reset-tunnel":
+            await self.reset_tunnel((rpc.findtext(_q("peer")) or "").strip())
+            return []
         if etree.QName(rpc).localname != "refresh-configuration" or self.puller is None:
             return await super().rpc(session, rpc)
         try:
@@ -579,6 +600,67 @@ class AgentApplication(Application):
         flag = etree.Element(_q("changed"))
         flag.text = "true" if changed else "false"
         return [applied, flag]
+
+    async def reset_tunnel(self, name: str) -> None:
+        """reset-tunnel: the peer's tunnel set up again.
+
+        With IKE, its IKE_SA and CHILD_SAs are deleted and negotiated anew.  Without,
+        the inbound SA is installed afresh from the configuration, which resets its
+        anti-replay state (what a peer that restarted, its sequence numbers beginning
+        again, needs), and whatever of the peer's SAs, policies and device is missing is
+        put back.  The outbound SA keeps its sequence numbers: the peer's replay window
+        would drop packets numbered from 1 again.  The policies stay throughout, so
+        nothing leaves in clear text: a packet that finds no SA is dropped.
+        """
+        path, ns = _peer_path(name)
+        if not self.has_kernel:
+            raise RpcError(
+                "operation-failed",
+                "This agent runs without a data plane (--dataplane none): there is no tunnel "
+                "to reset.",
+                path=path,
+                path_ns=ns,
+            )
+        peer = self.current.peers.get(name)
+        if peer is None:
+            raise RpcError(
+                "invalid-value", f"There is no peer {name!r} on this CE.", path=path, path_ns=ns
+            )
+        log.info("reset-tunnel: peer %s", name)
+        async with self._dataplane:
+            if peer.ike is not None:
+                try:
+                    await self._ike().reset(name)
+                except IkeRefused as exc:
+                    raise RpcError(
+                        "operation-failed",
+                        f"The tunnel could not be reset: {exc}",
+                        path=path,
+                        path_ns=ns,
+                    ) from None
+                return
+            kernel = self._kernel()
+            keys = [sa_key(peer.inbound)] if peer.inbound is not None else []
+            await asyncio.to_thread(kernel.remove_sas, keys)
+            self._notify("tunnel-down", peer=name, reason="reset by an operator (reset-tunnel)")
+            try:
+                await asyncio.to_thread(kernel.reconcile, self.current, set(self.lingering))
+            except Exception as exc:
+                raise RpcError(
+                    "operation-failed",
+                    f"The SAs were deleted but could not be installed again ({exc}); the next "
+                    "commit or restart installs them.",
+                    path=path,
+                    path_ns=ns,
+                ) from None
+            self.since[name] = _now()
+            spis = {}
+            if peer.outbound is not None and peer.inbound is not None:
+                spis = {
+                    "outbound-spi": str(peer.outbound.spi),
+                    "inbound-spi": str(peer.inbound.spi),
+                }
+            self._notify("tunnel-up", peer=name, **spis)
 
     async def _routing_state(self) -> tuple[dict[str, str], etree._Element | None]:
         """The OSPF adjacency on each tunnel device, and ce-state/routing (seed 4.3)."""
@@ -609,7 +691,7 @@ class AgentApplication(Application):
 
     async def operational(self, session: Session | None) -> list[etree._Element]:
         if not self.has_kernel:
-            return [self._ce_state()]
+            return [self._no_data_plane_state(), self._ce_state()]
         kernel = self._kernel()
         observed = await asyncio.to_thread(kernel.observe)
         adjacency, routing = await self._routing_state()

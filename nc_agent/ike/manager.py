@@ -73,6 +73,9 @@ class IkeRefused(Exception):
         self.peer = peer
 
 
+RESET_REASON = "reset by an operator (reset-tunnel)"
+
+
 def _flag(value: Any) -> bool:
     return text(value) == "yes"
 
@@ -108,6 +111,8 @@ class IkeManager:
         self._crashes = 0
         self._stopping = False
         self._untrapped: set[str] = set()
+        self._resetting: set[str] = set()
+        """Peers whose SAs reset-tunnel is deleting: their going down is not a failure."""
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -319,6 +324,35 @@ class IkeManager:
 
     # -- establishment ---------------------------------------------------------
 
+    async def reset(self, name: str) -> None:
+        """reset-tunnel: delete the peer's IKE_SA with its CHILD_SAs and negotiate new ones
+        at once, from this end (whatever end usually leads: an operator asked here)."""
+        peer = self.peers.get(name)
+        if peer is None:
+            raise IkeRefused(f"peer {name} is not keyed by IKE on this CE", name)
+        if not self.charon.running:
+            raise IkeRefused("the IKE daemon is not running: it is being restarted", name)
+        self._cancel(name)
+        self._resetting.add(name)
+        try:
+            await asyncio.to_thread(
+                self.charon.streamed,
+                "terminate",
+                "control-log",
+                {"ike": name, "timeout": "-1", "loglevel": "-1"},
+            )
+        except CharonError as exc:
+            if "no matching" not in str(exc).lower():  # nothing to delete is fine
+                self._resetting.discard(name)
+                raise IkeRefused(f"charon could not delete the SAs: {exc}", name) from None
+        except OSError as exc:
+            self._resetting.discard(name)
+            raise IkeRefused(f"charon is unreachable: {exc}", name) from None
+        health = self.health[name]
+        if health.status == "up" and health.down(utc_now(), RESET_REASON):
+            self._announce_down(name, RESET_REASON)
+        await self._initiate(name)
+
     def _leader(self, peer: IkePeer) -> bool:
         local, remote = ipaddress.ip_address(peer.local), ipaddress.ip_address(peer.remote)
         return (local.version, int(local)) < (remote.version, int(remote))
@@ -456,6 +490,7 @@ class IkeManager:
         if peer is None:
             return
         self._cancel(name)
+        self._resetting.discard(name)
         changed, clear = self.health[name].up(utc_now())
         if changed:
             children = [c for sa in sas for c in _children(sa)]
@@ -583,6 +618,9 @@ class IkeManager:
             self.health[name].peer_failed(utc_now(), f"the peer's attempt failed: {reason}")
 
     def _down_reason(self, name: str, sa: Any, child_only: bool, messages: list[str]) -> str:
+        if name in self._resetting:
+            self._resetting.discard(name)
+            return RESET_REASON
         joined = " ".join(messages[-4:]).lower()
         peer = self.peers[name]
         if "initial_contact" in joined:

@@ -453,6 +453,94 @@ def algorithms() -> dict[str, Any]:
     return report
 
 
+def _reset(agent: Agent, peer: str) -> str | None:
+    """reset-tunnel on ``agent``; None, or the error it answered."""
+    from ncclient.xml_ import to_ele
+
+    try:
+        with agent.connect() as m:
+            m.dispatch(to_ele(f'<reset-tunnel xmlns="{CE}"><peer>{peer}</peer></reset-tunnel>'))
+    except Exception as exc:
+        return str(exc)
+    return None
+
+
+def _ike_sa_ids(site: Site, peer: str) -> set[str]:
+    from nc_agent.ike.charon import Charon
+
+    charon = Charon(WORK / site.ce, None)
+    try:
+        return {str(sa.get("uniqueid")) for sa in charon.list_sas(peer).get(peer, [])}
+    except OSError:
+        return set()
+
+
+def reset_ike() -> dict[str, Any]:
+    """reset-tunnel with IKE: a new IKE_SA and CHILD_SA, from the CE asked, traffic again."""
+    a, b = Site(1), Site(2)
+    agents = started([a, b])
+    report: dict[str, Any] = {}
+    try:
+        configure_pair(agents)
+        report["up_first"] = wait_until(lambda: _both_up(agents), 60)
+        before_ids = _ike_sa_ids(a, "site-2")
+        before = peer_state(agents[1], "site-2")
+        notes = Notifications(agents[1])
+        report["error"] = _reset(agents[1], "site-2")
+        report["up_again"] = wait_until(
+            lambda: (
+                peer_state(agents[1], "site-2").get("status") == "up"
+                and peer_state(agents[1], "site-2").get("outbound-spi")
+                != before.get("outbound-spi")
+            ),
+            60,
+        )
+        after = peer_state(agents[1], "site-2")
+        report["spis_before"] = [before.get("outbound-spi"), before.get("inbound-spi")]
+        report["spis_after"] = [after.get("outbound-spi"), after.get("inbound-spi")]
+        report["ike_sa_ids_before"] = sorted(before_ids)
+        report["ike_sa_ids_after"] = sorted(_ike_sa_ids(a, "site-2"))
+        report["ike_sas_on_each_end"] = [_ike_sa_count(a), _ike_sa_count(b)]
+        report["down_reason"] = [d.get("reason") for _, d in notes.named("tunnel-down", "site-2")]
+        notes.close()
+        report["ping"] = ping(a, b) and ping(b, a)
+    finally:
+        for agent in agents.values():
+            agent.stop()
+    return report
+
+
+def reset_ikeless() -> dict[str, Any]:
+    """reset-tunnel without IKE: the peer CE restarted (its SAs installed afresh, sequence
+    numbers from 1 again), so its packets fail our replay check; a reset of our inbound SA
+    lets them in again."""
+    from tests.lab.agent_scenarios import configure_mesh
+
+    a, b = Site(1), Site(2)
+    agents = started([a, b])
+    report: dict[str, Any] = {}
+    try:
+        configure_mesh(agents, [a, b], "transport-ipip")
+        report["ping_first"] = ping(a, b, count=20) and ping(b, a)
+        # Site 2 restarts as after a power cut: its kernel loses every SA, its agent
+        # installs them again from its configuration.
+        agents[2].stop()
+        subprocess.run(["ip", "-n", b.ce, "xfrm", "state", "flush"], check=True)
+        agents[2].start()
+        report["peer_sas_back"] = wait_until(lambda: _sa_count(b) >= 2, 30) is not None
+        report["ping_after_peer_restart"] = ping(b, a, count=2)
+        before = peer_state(agents[1], "site-2")
+        report["error"] = _reset(agents[1], "site-2")
+        report["ping_after_reset"] = ping(b, a, count=3) and ping(a, b, count=3)
+        after = peer_state(agents[1], "site-2")
+        report["spis"] = [before.get("inbound-spi"), after.get("inbound-spi")]
+        report["status"] = after.get("status")
+    finally:
+        for agent in agents.values():
+            agent.stop()
+    return report
+
+
 def _sa_count(site: Site) -> int:
     out = subprocess.run(["ip", "-n", site.ce, "xfrm", "state"], capture_output=True, text=True)
     return out.stdout.count("proto esp")
@@ -482,6 +570,10 @@ def main() -> None:
         report = remove_peer()
     elif scenario == "algorithms":
         report = algorithms()
+    elif scenario == "reset-ike":
+        report = reset_ike()
+    elif scenario == "reset-ikeless":
+        report = reset_ikeless()
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     report["at"] = datetime.now().isoformat()

@@ -190,3 +190,27 @@ def test_removing_a_peer_deletes_its_ike_sa_with_a_delete_exchange_and_nothing_c
     assert report["links_on_1"] == 0
     assert report["policies_on_1"] == 2  # only the IP-in-IP guards (out and in) are left
     assert report["ping"] is False
+
+
+def test_reset_tunnel_with_ike_negotiates_a_new_ike_sa_and_child_sa() -> None:
+    report = scenario("ike_scenarios", "reset-ike", 2)
+    assert report["up_first"] is not None
+    assert report["error"] is None
+    assert report["up_again"] is not None
+    assert report["spis_after"][0] != report["spis_before"][0]
+    assert report["spis_after"][1] != report["spis_before"][1]
+    assert not set(report["ike_sa_ids_after"]) & set(report["ike_sa_ids_before"])
+    assert report["ike_sas_on_each_end"] == [1, 1]  # one tunnel, one IKE_SA
+    assert report["down_reason"] == ["reset by an operator (reset-tunnel)"]
+    assert report["ping"]
+
+
+def test_reset_tunnel_without_ike_resets_the_inbound_sa_after_the_peer_restarted() -> None:
+    report = scenario("ike_scenarios", "reset-ikeless", 2)
+    assert report["ping_first"]
+    assert report["peer_sas_back"]
+    assert report["ping_after_peer_restart"] is False  # replayed sequence numbers: dropped
+    assert report["error"] is None
+    assert report["ping_after_reset"]
+    assert report["spis"][0] == report["spis"][1]  # the configured SA, installed again
+    assert report["status"] == "up"
