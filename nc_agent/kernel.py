@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from nc_agent.dataplane.links import Existing, LinkError, Links, Tunnel
 from nc_agent.dataplane.xfrm import SA, Policy, SAKey, SAState, Xfrm, XfrmError
 from nc_agent.desired import Desired
+from nc_core import faults
 
 log = logging.getLogger("cevpn.agent")
 
@@ -98,6 +99,8 @@ class Kernel:
             )
         except XfrmError as exc:
             raise KernelRefused(str(exc), _peer_of(exc.obj, new)) from exc
+        # Crash tests stop the agent here: SAs and policies in, devices not yet.
+        faults.point("agent-apply-sas-installed")
 
         fresh = [t for name, t in new_tun.items() if name not in old_tun]
         try:

@@ -10,7 +10,8 @@ environment variable ``CEVPN_FAULTS`` names the step, which only tests set:
 
 ``stop`` writes the step's name to the file ``CEVPN_FAULTS_REPORT`` names (one
 line per step reached) and sends itself SIGSTOP: the test waits for that line,
-then kills the process with -9 at exactly that point.  A step may carry a
+then kills the process with -9 at exactly that point.  With
+``CEVPN_FAULTS_ARMED`` naming a file, faults act only while that file exists.  A step may carry a
 qualifier after a colon (``compile:acme=raise``: only for VPN acme).
 
 The variable is read once, at import; a production process never sets it, so
@@ -24,6 +25,9 @@ import signal
 
 ENV = "CEVPN_FAULTS"
 REPORT_ENV = "CEVPN_FAULTS_REPORT"
+ARMED_ENV = "CEVPN_FAULTS_ARMED"
+"""If set, a file: the faults act only while it exists (a test arms them at the moment it
+wants, after the process started and did what must not be interrupted)."""
 
 
 class InjectedFault(RuntimeError):
@@ -54,6 +58,9 @@ def point(step: str, qualifier: str | None = None) -> None:
     action = _ACTIONS.get(f"{step}:{qualifier}") if qualifier is not None else None
     action = action or _ACTIONS.get(step)
     if action is None:
+        return
+    armed = os.environ.get(ARMED_ENV)
+    if armed and not os.path.exists(armed):
         return
     if action == "raise":
         raise InjectedFault(f"fault injected at step {step!r}")

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,8 @@ class Agent:
     site: Site
     state: Path
     proc: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    """Added to the agent's environment (fault injection: nc_core.faults)."""
 
     def start(self) -> None:
         self.state.mkdir(parents=True, exist_ok=True)
@@ -58,6 +60,7 @@ class Agent:
             ["ip", "netns", "exec", self.site.ce, AGENT, "--state-dir", str(self.state),
              "--listen", f"{self.site.sp_address}:830", "--vpn-netns", self.site.vpn],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **self.env},
         )  # fmt: skip
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -390,8 +393,18 @@ def owned_counts(site: Site) -> dict[str, int]:
 def kill_mid_apply() -> dict[str, Any]:
     import threading
 
+    from nc_core import faults
+
     a, b = Site(1), Site(2)
-    agents = started([a, b])
+    armed, reached = WORK / "fault-armed", WORK / "faults-reached"
+    agents = {s.n: Agent(s, WORK / s.ce) for s in (a, b)}
+    agents[1].env = {
+        faults.ENV: "agent-apply-sas-installed=stop",
+        faults.ARMED_ENV: str(armed),
+        faults.REPORT_ENV: str(reached),
+    }
+    for agent in agents.values():
+        agent.start()
     report: dict[str, Any] = {}
     try:
         configure_mesh(agents, [a, b], "transport-ipip")
@@ -404,10 +417,18 @@ def kill_mid_apply() -> dict[str, Any]:
             except Exception as exc:  # the agent is killed under us: expected
                 edit_error.append(type(exc).__name__)
 
+        # Stopped at a named step of the apply (SAs and policies installed, devices not),
+        # then killed there: no guess at how long the apply takes.
+        armed.touch()
         worker = threading.Thread(target=big_edit)
         worker.start()
-        time.sleep(4.0)  # the edit is being applied: 300 SAs, 150 devices under UML
+        deadline = time.monotonic() + 120
+        while "agent-apply-sas-installed" not in (reached.read_text() if reached.exists() else ""):
+            assert time.monotonic() < deadline, "the agent never reached the fault point"
+            assert worker.is_alive(), f"the edit ended before the fault point: {edit_error}"
+            time.sleep(0.05)
         agents[1].kill9()
+        armed.unlink()
         worker.join(60)
         report["killed_during_edit"] = bool(edit_error)
         report["after_kill"] = owned_counts(a)

@@ -65,13 +65,15 @@ def test_a_rekey_during_a_continuous_ping_loses_no_packet():
 
 
 def test_kill_9_in_the_middle_of_an_apply_converges_to_running_without_orphans():
+    # The agent is stopped at a named step of the apply (nc_core.faults: SAs and policies
+    # of the 150 new peers installed, their devices not) and killed there.
     report = scenario("kill-mid-apply", 2)
-    assert report["killed_during_edit"], "the agent finished applying before it was killed"
-    peers = report["peers_in_running"]
-    assert peers in (1, 151), peers  # the old configuration or the new one, nothing between
+    assert report["killed_during_edit"]
+    assert report["after_kill"]["sas"] > 2  # the half-applied change was in the kernel
+    assert report["peers_in_running"] == 1  # it was never committed
     after = report["after_restart"]
-    assert after["sas"] == after["distinct_sas"] == 2 * peers  # no orphan, no duplicate
-    assert after["devices"] == peers
+    assert after["sas"] == after["distinct_sas"] == 2  # no orphan, no duplicate
+    assert after["devices"] == 1
     assert report["ping"] is True
 
 
