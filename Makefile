@@ -41,6 +41,10 @@ lint: lint-yang
 test: venv lint
 	@$(VPY) -m pytest
 
+# Every test that needs no lab, four at a time (most wait on servers, not the CPU).
+unit: venv
+	@$(VPY) -m pytest -m "not lab" -n 4 --dist load
+
 demo: venv
 	@$(VPY) tools/demo.py
 

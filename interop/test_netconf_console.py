@@ -155,6 +155,18 @@ def test_candidate_edit_and_commit(server, ssh_config):
 
 
 def test_with_defaults_report_all_shows_defaults(server, ssh_config):
+    # Its own VPN: the test does not rely on what another test left in the database.
+    console(
+        server,
+        ssh_config,
+        "--edit-config",
+        xml_file(
+            ssh_config,
+            "wd.xml",
+            f'<vpn-service xmlns="{SVC}"><vpn><id>wd</id><customer>W</customer></vpn>'
+            "</vpn-service>",
+        ),
+    )
     out = console(server, ssh_config, "--get-config", "--with-defaults", "report-all")
     assert "<keying>ike</keying>" in out  # a default, never configured
     explicit = console(server, ssh_config, "--get-config")
