@@ -26,7 +26,7 @@ PEERS = 100
 
 
 def guest_main() -> None:
-    from tests.lab.agent_scenarios import (
+    from lab.agents import (
         CE,
         Agent,
         config,
@@ -35,7 +35,7 @@ def guest_main() -> None:
         peer_xml,
         preconfiguration,
     )
-    from tests.lab.topology import Site
+    from lab.topology import Site
 
     work = Path(os.environ["WORK"])
     s1, s2, s3, s4 = (Site(n) for n in (1, 2, 3, 4))
@@ -144,10 +144,10 @@ def _batch(netns: str, commands: list[str], path: Path) -> None:
 
 
 def host_main() -> int:
-    from tests.lab.uml import run_guest
+    from lab.uml import run_guest
 
     result = run_guest(
-        "set -e\n.venv/bin/python -m tests.lab.topology build 4\n"
+        "set -e\n.venv/bin/python -m lab.topology build 4\n"
         "ip netns exec pe .venv/bin/python -m bench.agent_bench --guest\n",
         timeout=900,
     )

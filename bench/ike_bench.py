@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/ike_bench.py [--peers 50] [--rounds 3] [--json out.json]
 
-On the host this boots one UML guest (tests/lab/uml.py) that runs
+On the host this boots one UML guest (lab/uml.py) that runs
 bench/ike_bench_guest.py in netns `pe` and prints the guest's result.  In the
-guest (tests.lab.topology, 2 sites):
+guest (lab.topology, 2 sites):
 
 - ce1 (198.51.100.2) is the CE under test.  Its 50 peers are 203.0.113.1..50,
   all owned by ce2 and answered by ONE responder charon there (its own
@@ -15,7 +15,7 @@ guest (tests.lab.topology, 2 sites):
   drew COOKIE replies and once cost a whole 18 s retransmit).  The responder is
   restarted fresh, and the kernel state of ce1, ce1-vpn and ce2 flushed,
   before every run.
-- agent: `cevpn-agent` for ce1 (as tests/lab/agent_scenarios.Agent starts it,
+- agent: `cevpn-agent` for ce1 (as lab/agents.Agent starts it,
   fresh state directory each run).  The clock starts when ONE <edit-config>
   (pre-configuration + 50 IKE peers: permanent, transport-ipip, PSK) is sent
   and stops when charon on ce1 has, for every peer, an ESTABLISHED IKE_SA with
@@ -164,13 +164,13 @@ def main() -> None:
 
         guest_main(args.peers, args.rounds)
         return
-    from tests.lab.uml import run_guest
+    from lab.uml import run_guest
 
     load = os.getloadavg()
     result = run_guest(
         f"""
         set -e
-        .venv/bin/python -m tests.lab.topology build 2 >/dev/null
+        .venv/bin/python -m lab.topology build 2 >/dev/null
         ip netns exec pe .venv/bin/python bench/ike_bench.py --in-guest \\
             --peers {args.peers} --rounds {args.rounds}
         """,

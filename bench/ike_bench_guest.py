@@ -1,6 +1,6 @@
 """The guest half of bench/ike_bench.py: run inside the lab guest, in netns `pe`.
 
-Needs `python -m tests.lab.topology build 2` first.  Writes $WORK/ike_bench.json.
+Needs `python -m lab.topology build 2` first.  Writes $WORK/ike_bench.json.
 Everything the two measurements share (the 50 IkePeer objects, the responder,
 the strongswan.conf of the CE's charon, the "all up" condition) is built once
 here, so the agent and the reference differ only in who loads the connections.
@@ -22,14 +22,14 @@ from typing import Any
 
 from lxml import etree
 
+from lab.agents import CE, Agent, T, config, preconfiguration
+from lab.topology import Site
 from nc_agent.allocations import Allocations
 from nc_agent.children import die_with_parent
 from nc_agent.desired import compile_desired
 from nc_agent.ike.charon import Charon, CharonSettings, text
 from nc_agent.ike.connections import IkePeer
 from nc_core.schema import ce_schema
-from tests.lab.agent_scenarios import CE, Agent, T, config, preconfiguration
-from tests.lab.topology import Site
 
 WORK = Path(os.environ.get("WORK", "/tmp"))
 CE1, CE2 = Site(1), Site(2)

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/xfrm_bench.py [--peers 1000] [--batch 100] [--json out.json]
 
-On the host this boots a UML guest (tests/lab/uml.py) that runs itself with
+On the host this boots a UML guest (lab/uml.py) that runs itself with
 --in-guest and prints the guest's result.  In the guest, in a fresh netns:
 
 1. encoding only: 2,000 XFRM_MSG_NEWSA + 2,000 XFRM_MSG_NEWPOLICY encoded by
@@ -405,7 +405,7 @@ def main() -> None:
         res = in_guest(args.peers, args.batch)
         Path(os.environ["WORK"], "xfrm_bench.json").write_text(json.dumps(res, indent=1))
         return
-    from tests.lab.uml import run_guest
+    from lab.uml import run_guest
 
     result = run_guest(
         f".venv/bin/python bench/xfrm_bench.py --in-guest --peers {args.peers} "

@@ -22,10 +22,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.lab.uml import LabUnavailable, run_guest  # noqa: E402
+from lab.uml import LabUnavailable, run_guest  # noqa: E402
 
 GUEST_SCRIPT = """\
-.venv/bin/python -m tests.lab.topology build 5 > $WORK/topology.log 2>&1 || exit 3
+.venv/bin/python -m lab.topology build 5 > $WORK/topology.log 2>&1 || exit 3
 ip netns exec pe .venv/bin/python tools/demo_lab.py > /dev/console 2>&1
 """
 NOISE = ("SELinux", "mmapper_init", "Failed to initialize ubd", "Halting", "reboot:")

@@ -1,6 +1,6 @@
 """The demo's main job, run inside the lab guest (in the provider core's namespace, `pe`).
 
-    python tools/demo_lab.py            (after `python -m tests.lab.topology build 5`)
+    python tools/demo_lab.py            (after `python -m lab.topology build 5`)
 
 An OSS creates a VPN on the VPN server over NETCONF (docs/examples/oss_create_vpn.py),
 enrols four CEs whose agents boot from their bundles, and the demo shows what
@@ -40,9 +40,9 @@ sys.path.insert(0, str(ROOT))
 from lxml import etree  # noqa: E402
 from ncclient import manager  # noqa: E402
 
-from tests.lab.agent_scenarios import capture, stop_capture  # noqa: E402
-from tests.lab.server_scenarios import start, wait_port  # noqa: E402
-from tests.lab.topology import INTERNET_HOST, Site  # noqa: E402
+from lab.agents import capture, stop_capture  # noqa: E402
+from lab.processes import start, wait_port  # noqa: E402
+from lab.topology import INTERNET_HOST, Site  # noqa: E402
 
 BIN = ROOT / ".venv" / "bin"
 PY = str(BIN / "python")

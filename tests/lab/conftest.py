@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.lab.uml import LabUnavailable, prepare_host
+from lab.uml import LabUnavailable, prepare_host
 
 
 @pytest.fixture(autouse=True)

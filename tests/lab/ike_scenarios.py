@@ -1,6 +1,6 @@
 """Run inside a lab guest: IKEv2 between real agents, each supervising its own charon.
 
-    python -m tests.lab.ike_scenarios SCENARIO N      (after `tests.lab.topology build N`)
+    python -m tests.lab.ike_scenarios SCENARIO N      (after `lab.topology build N`)
 
 The agents are configured over NETCONF from the provider core, as in
 agent_scenarios; the driver also subscribes to each agent's notifications
@@ -23,7 +23,7 @@ from typing import Any
 
 from lxml import etree
 
-from tests.lab.agent_scenarios import (
+from lab.agents import (
     CE,
     Agent,
     capture,
@@ -33,7 +33,7 @@ from tests.lab.agent_scenarios import (
     started,
     stop_capture,
 )
-from tests.lab.topology import Site
+from lab.topology import Site
 
 WORK = Path(os.environ.get("WORK", "/tmp"))
 NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
@@ -514,7 +514,7 @@ def reset_ikeless() -> dict[str, Any]:
     """reset-tunnel without IKE: the peer CE restarted (its SAs installed afresh, sequence
     numbers from 1 again), so its packets fail our replay check; a reset of our inbound SA
     lets them in again."""
-    from tests.lab.agent_scenarios import configure_mesh
+    from lab.agents import configure_mesh
 
     a, b = Site(1), Site(2)
     agents = started([a, b])

@@ -1,6 +1,6 @@
 """Run inside a lab guest: nc_agent.dataplane.links builds both kinds of tunnel device.
 
-    python -m tests.lab.links_scenario        (after `python -m tests.lab.topology build 2`)
+    python -m tests.lab.links_scenario        (after `python -m lab.topology build 2`)
 
 Writes a JSON report to $WORK/links.json.
 """
@@ -11,8 +11,8 @@ import json
 import os
 import subprocess
 
+from lab.topology import Site
 from nc_agent.dataplane.links import Links, Tunnel, device_name, tunnel_mtu
-from tests.lab.topology import Site
 
 KEY = "0x" + "33" * 36
 

@@ -1,6 +1,6 @@
 """Run inside a lab guest: nc_agent.routing.Bird runs OSPF between three CEs' VPN spaces.
 
-    python -m tests.lab.routing_scenario      (after `python -m tests.lab.topology build 3`)
+    python -m tests.lab.routing_scenario      (after `python -m lab.topology build 3`)
 
 Plain IP-in-IP devices (no IPsec: this is a test of the daemon wrapper, not of
 the data path) between ce1-ce2 and ce1-ce3, then a new ce2-ce3 tunnel.  One
@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import nc_agent.routing.bird as bird_module
+from lab.topology import Site
 from nc_agent.dataplane.site_routes import SiteRoutes, StaticRoute
 from nc_agent.routing.bird import Bird, RoutingError
 from nc_agent.routing.bird_config import OspfInterface, RoutingPlan
-from tests.lab.topology import Site
 
 WORK = Path(os.environ.get("WORK", "/tmp"))
 SITES = {n: Site(n) for n in (1, 2, 3)}

@@ -1,6 +1,6 @@
 """Run inside a lab guest: the VPN server in the provider core provisions real CE agents.
 
-    python -m tests.lab.server_scenarios SCENARIO N     (after `tests.lab.topology build N`)
+    python -m tests.lab.server_scenarios SCENARIO N     (after `lab.topology build N`)
 
 The server runs in `pe`; each CE agent is enrolled through the server's enrol
 operation and started with `--bootstrap`, in its CE's SP namespace with the
@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,9 +24,10 @@ from typing import Any
 from lxml import etree
 from ncclient import manager
 
-from tests.lab.agent_scenarios import capture, ping, stop_capture
+from lab.agents import capture, ping, stop_capture
+from lab.processes import start, stop, wait_port
+from lab.topology import Site
 from tests.lab.ike_scenarios import grep_secrets, peer_statuses
-from tests.lab.topology import Site
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / ".venv" / "bin"
@@ -37,30 +36,6 @@ SVC = "urn:cevpn:yang:cevpn-service"
 NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
 PASSWORD = "lab-operator-password"
 SERVER_ADDRESS = "198.51.100.1"  # pe's address on its link to ce1: reachable from every CE
-
-
-def start(argv: list[str], log: str, netns: str | None = None) -> subprocess.Popen[bytes]:
-    prefix = ["ip", "netns", "exec", netns] if netns else []
-    out = (WORK / log).open("ab")
-    return subprocess.Popen([*prefix, *argv], stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
-
-
-def wait_port(host: str, port: int, proc: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with status {proc.returncode}")
-        with suppress(OSError), socket.create_connection((host, port), 0.5):
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"{what} did not listen on {host} port {port}")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
 
 
 def site_xml(s: Site) -> str:

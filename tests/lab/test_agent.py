@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from tests.lab.uml import run_guest
+from lab.uml import run_guest
 
 pytestmark = pytest.mark.lab
 
@@ -20,7 +20,7 @@ def scenario(name: str, sites: int = 3) -> dict:
     result = run_guest(
         f"""
         set -e
-        .venv/bin/python -m tests.lab.topology build {sites}
+        .venv/bin/python -m lab.topology build {sites}
         ip netns exec pe .venv/bin/python -m tests.lab.agent_scenarios {name} {sites}
         """,
         timeout=420,

@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 
-from tests.lab.uml import run_guest
+from lab.uml import run_guest
 
 pytestmark = pytest.mark.lab
 
 GUEST = """\
 set -e
-.venv/bin/python -m tests.lab.topology build 5
+.venv/bin/python -m lab.topology build 5
 ip netns exec pe .venv/bin/python tools/demo_lab.py
 """
 

@@ -1,6 +1,6 @@
 """IKEv2 through strongSwan between real agents (seed 3.3, 3.4, 3.6, 5), a charon on every CE.
 
-Each test boots a UML guest with the lab topology (tests/lab/topology.py);
+Each test boots a UML guest with the lab topology (lab/topology.py);
 the scenarios run in the provider core (`pe`): as the VPN server's OSS
 (tests/lab/server_scenarios.py) or talking NETCONF straight to the agents
 and listening to their notifications (tests/lab/ike_scenarios.py).
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.lab.uml import run_guest
+from lab.uml import run_guest
 
 pytestmark = pytest.mark.lab
 
@@ -34,7 +34,7 @@ def scenario(module: str, name: str, sites: int) -> dict[str, Any]:
     result = run_guest(
         f"""
         set -e
-        .venv/bin/python -m tests.lab.topology build {sites}
+        .venv/bin/python -m lab.topology build {sites}
         ip netns exec pe .venv/bin/python -m tests.lab.{module} {name} {sites}
         """,
         timeout=540,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.lab.uml import run_guest
+from lab.uml import run_guest
 
 pytestmark = pytest.mark.lab
 
@@ -21,7 +21,7 @@ def test_two_sites_ping_through_tunnel_mode_esp_and_the_core_sees_only_esp():
     result = run_guest(
         f"""
         set -e
-        .venv/bin/python -m tests.lab.topology build 2
+        .venv/bin/python -m lab.topology build 2
         A=198.51.100.2; B=198.51.100.6
         # route-based tunnel mode (LAB.md): a VTI per peer in the SP space, moved to the VPN space
         for pair in "ce1 $A $B 12 {KEY_AB} {KEY_BA} 2" "ce2 $B $A 12 {KEY_BA} {KEY_AB} 1"; do
@@ -63,7 +63,7 @@ def test_a_missing_sa_drops_traffic_instead_of_sending_it_in_clear():
     result = run_guest(
         """
         set -e
-        .venv/bin/python -m tests.lab.topology build 2
+        .venv/bin/python -m lab.topology build 2
         A=198.51.100.2; B=198.51.100.6
         ip -n ce1 link add vti2 type vti local $A remote $B ikey 12 okey 12
         ip -n ce1 xfrm policy add dir out mark 12 tmpl src $A dst $B proto esp mode tunnel

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from lab.uml import run_guest
 from nc_agent.dataplane.links import esp_overhead, tunnel_mtu
-from tests.lab.uml import run_guest
 
 
 def test_tunnel_mtu_leaves_room_for_gcm_esp_as_lab_measured():
@@ -23,7 +23,7 @@ def test_ipip_devices_from_links_carry_traffic_and_go_away_with_their_routes():
     result = run_guest(
         """
         set -e
-        .venv/bin/python -m tests.lab.topology build 2
+        .venv/bin/python -m lab.topology build 2
         .venv/bin/python -m tests.lab.links_scenario
         """,
         timeout=180,

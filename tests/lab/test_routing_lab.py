@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from tests.lab.topology import Site
-from tests.lab.uml import LabUnavailable, prepare_host, run_guest
+from lab.topology import Site
+from lab.uml import LabUnavailable, prepare_host, run_guest
 
 pytestmark = pytest.mark.lab
 
@@ -27,7 +27,7 @@ def report() -> dict[str, Any]:
     result = run_guest(
         """
         set -e
-        .venv/bin/python -m tests.lab.topology build 3
+        .venv/bin/python -m lab.topology build 3
         .venv/bin/python -m tests.lab.routing_scenario
         """,
         timeout=300,

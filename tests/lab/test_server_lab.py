@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.lab.uml import run_guest
+from lab.uml import run_guest
 
 pytestmark = pytest.mark.lab
 
@@ -21,7 +21,7 @@ def scenario(name: str, sites: int = 3) -> dict[str, Any]:
     result = run_guest(
         f"""
         set -e
-        .venv/bin/python -m tests.lab.topology build {sites}
+        .venv/bin/python -m lab.topology build {sites}
         ip netns exec pe .venv/bin/python -m tests.lab.server_scenarios {name} {sites}
         """,
         timeout=480,

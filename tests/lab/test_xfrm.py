@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.lab.uml import run_guest
+from lab.uml import run_guest
 
 pytestmark = pytest.mark.lab
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lab.topology import build, ip_batch
 from nc_agent.dataplane.xfrm import (
     SA,
     Acquire,
@@ -30,7 +31,6 @@ from nc_agent.dataplane.xfrm import (
     Xfrm,
     XfrmError,
 )
-from tests.lab.topology import build, ip_batch
 
 WORK = Path(os.environ.get("WORK", "/tmp"))
 GCM = "rfc4106(gcm(aes))"

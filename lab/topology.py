@@ -12,7 +12,7 @@ Addresses (documentation prefixes for the SP space, as LAB.md suggests):
     ceN-vpn <-> siteN       10.N.0.1/24 on ceN-vpn, 10.N.0.2/24 on siteN
     pe <-> inet             203.0.113.1/24 on pe, 203.0.113.10/24 on inet
 
-Usage inside a guest:  python -m tests.lab.topology build N
+Usage inside a guest:  python -m lab.topology build N
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 UML_MODULES = Path("/usr/lib/uml/modules")
 MODULES = (
     "esp4", "xfrm_user", "gcm", "veth", "ipip", "ip_vti", "tunnel4", "xfrm4_tunnel",
@@ -71,7 +71,16 @@ def compile_checkout() -> None:
     project's modules again from source through hostfs: over a second of a
     single slow CPU per process start.  compileall skips what is up to date.
     """
-    for package in ("nc_core", "nc_agent", "nc_server", "bindings", "tests", "tools", "docs"):
+    for package in (
+        "nc_core",
+        "nc_agent",
+        "nc_server",
+        "bindings",
+        "lab",
+        "tests",
+        "tools",
+        "docs",
+    ):
         compileall.compile_dir(ROOT / package, quiet=2, workers=0)
 
 

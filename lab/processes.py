@@ -1,0 +1,38 @@
+"""Processes in the User-Mode Linux lab (run inside a guest): start one in a namespace with
+its output in $WORK, wait until it listens, stop it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from contextlib import suppress
+from pathlib import Path
+
+WORK = Path(os.environ.get("WORK", "/tmp"))
+
+
+def start(argv: list[str], log: str, netns: str | None = None) -> subprocess.Popen[bytes]:
+    prefix = ["ip", "netns", "exec", netns] if netns else []
+    out = (WORK / log).open("ab")
+    return subprocess.Popen([*prefix, *argv], stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+
+
+def wait_port(host: str, port: int, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode}")
+        with suppress(OSError), socket.create_connection((host, port), 0.5):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} did not listen on {host} port {port}")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
