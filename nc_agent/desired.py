@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from nc_agent.dataplane.algorithms import ENCRYPTION, INTEGRITY
 from nc_agent.dataplane.gateway import GatewayLink
-from nc_agent.dataplane.ingress import IngressPolicy, policy_from_config
+from nc_agent.dataplane.ingress_policy import IngressPolicy, policy_from_config
 from nc_agent.dataplane.links import Tunnel, device_name, tunnel_mtu
 from nc_agent.dataplane.site_routes import StaticRoute, static_routes_from_config
 from nc_agent.dataplane.xfrm import OWNED_REQIDS, SA, Algorithm, Lifetime, Policy

@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from nc_agent.dataplane.gateway import Gateway
-from nc_agent.dataplane.ingress import IngressError, IngressFilter, IngressPolicy
-from nc_agent.dataplane.links import LinkError, _with_ipr
+from nc_agent.dataplane.ingress import IngressFilter
+from nc_agent.dataplane.ingress_policy import IngressError, IngressPolicy
+from nc_agent.dataplane.links import LinkError
+from nc_agent.dataplane.netns import with_ipr
 from nc_agent.dataplane.site_routes import SiteRoutes, StaticRoute
 from nc_agent.desired import Desired
 from nc_agent.routing.bird import Bird, RoutingError
@@ -52,7 +54,7 @@ def interface_holding(sp_netns: str | None, address: str) -> str | None:
                 return str(links[0].get_attr("IFLA_IFNAME")) if links else None
         return None
 
-    result: str | None = _with_ipr(sp_netns, find)
+    result: str | None = with_ipr(sp_netns, find)
     return result
 
 

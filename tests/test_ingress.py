@@ -20,19 +20,17 @@ from typing import Any
 
 import pytest
 
-from nc_agent.dataplane import ingress
+from nc_agent.dataplane import ingress_nft
 from nc_agent.dataplane.gateway import set_forwarding
-from nc_agent.dataplane.ingress import (
+from nc_agent.dataplane.ingress_nft import REMOVE_SCRIPT, Nftables, render
+from nc_agent.dataplane.ingress_policy import (
     GATEWAY_MARK,
     GATEWAY_SP_DEVICE,
-    REMOVE_SCRIPT,
     AllowRule,
     Gateway,
     IngressError,
     IngressPolicy,
-    Nftables,
     policy_from_config,
-    render,
 )
 
 SP = "sp0"
@@ -542,7 +540,7 @@ def test_applying_again_replaces_the_table_rather_than_adding_to_it(sp_netns: st
 def test_a_policy_does_not_leak_out_of_its_namespace(sp_netns: str) -> None:
     Nftables(sp_netns).apply(VARIANTS["plain"])
     own = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True)
-    assert f"table {ingress.TABLE}" not in own.stdout.splitlines()
+    assert f"table {ingress_nft.TABLE}" not in own.stdout.splitlines()
 
 
 @needs_nft
@@ -552,7 +550,9 @@ def test_a_refused_script_raises_with_nfts_reason_and_leaves_the_old_table(
     nft = Nftables(sp_netns)
     nft.apply(VARIANTS["plain"])
     before = nft.current()
-    monkeypatch.setattr(ingress, "render", lambda _: REMOVE_SCRIPT + "table inet cevpn { bogus }\n")
+    monkeypatch.setattr(
+        ingress_nft, "render", lambda _: REMOVE_SCRIPT + "table inet cevpn { bogus }\n"
+    )
     with pytest.raises(IngressError, match="Error"):
         nft.apply(VARIANTS["everything"])
     assert nft.current() == before

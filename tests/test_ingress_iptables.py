@@ -14,8 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from nc_agent.dataplane.ingress import AllowRule, Gateway, IngressError, IngressPolicy
 from nc_agent.dataplane.ingress_iptables import Iptables, render, rules
+from nc_agent.dataplane.ingress_policy import AllowRule, Gateway, IngressError, IngressPolicy
 
 POLICY = IngressPolicy("sp0", "198.51.100.2")
 GATEWAY = IngressPolicy("sp0", "198.51.100.2", gateway=Gateway("cvg1"))

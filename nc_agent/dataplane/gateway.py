@@ -25,8 +25,8 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from nc_agent.dataplane.links import ROUTE_PROTO, LinkError, _netlink_reason, _with_ipr
-from nc_agent.dataplane.netns import create_in
+from nc_agent.dataplane.links import ROUTE_PROTO, LinkError
+from nc_agent.dataplane.netns import create_in, netlink_reason, with_ipr
 
 VPN_DEVICE = "cvg0"
 SP_DEVICE = "cvg1"
@@ -53,15 +53,15 @@ class Gateway:
         self.sp_netns = sp_netns
 
     def present(self) -> bool:
-        return bool(_with_ipr(self.sp_netns, lambda sp: sp.link_lookup(ifname=SP_DEVICE)))
+        return bool(with_ipr(self.sp_netns, lambda sp: sp.link_lookup(ifname=SP_DEVICE)))
 
     def ensure(self) -> None:
         """Create the link if missing, then set addresses, routes and the rule (idempotent)."""
         try:
-            _with_ipr(self.sp_netns, lambda sp: self._sp_side(sp))
-            _with_ipr(self.vpn_netns, _vpn_side)
+            with_ipr(self.sp_netns, lambda sp: self._sp_side(sp))
+            with_ipr(self.vpn_netns, _vpn_side)
         except NetlinkError as exc:
-            raise LinkError(f"the Internet gateway link: {_netlink_reason(exc)}") from exc
+            raise LinkError(f"the Internet gateway link: {netlink_reason(exc)}") from exc
         _loose_reverse_path(self.sp_netns)
         set_forwarding(self.sp_netns, True)
 
@@ -76,7 +76,7 @@ class Gateway:
                 if rule.get_attr("FRA_TABLE") == TABLE and rule.get_attr("FRA_FWMARK") == MARK:
                     sp.rule("del", table=TABLE, fwmark=MARK, priority=RULE_PRIORITY)
 
-        _with_ipr(self.sp_netns, sp_side)
+        with_ipr(self.sp_netns, sp_side)
         set_forwarding(self.sp_netns, False)
 
     def _sp_side(self, sp: Any) -> None:

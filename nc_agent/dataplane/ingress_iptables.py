@@ -1,6 +1,6 @@
 """The ingress policy (seed 6.2) and gateway NAT (seed 6.1) for kernels without nf_tables.
 
-nftables (nc_agent.dataplane.ingress) is the policy's home.  Some kernels
+nftables (nc_agent.dataplane.ingress_nft) is the policy's home.  Some kernels
 build nf_tables without any address family -- the User-Mode Linux kernel of
 the lab is one: every `nft add table` answers "Operation not supported" --
 but have x_tables.  For them the same policy is rendered, rule for rule, as
@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 import subprocess
 
-from nc_agent.dataplane.ingress import (
+from nc_agent.dataplane.ingress_policy import (
     FORWARD_LOG_PREFIX,
     IKE_PORTS,
     INPUT_LOG_PREFIX,

@@ -22,14 +22,13 @@ else in the kernel is ever touched.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from nc_agent.dataplane.netns import create_in
+from nc_agent.dataplane.netns import netlink_reason, with_ipr
 
 IPIP_PREFIX = "cvi"
 VTI_PREFIX = "cvt"
@@ -117,24 +116,6 @@ def _attr(msg: Any, name: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
-def _with_ipr(netns: str | None, work: Callable[[Any], T]) -> T:
-    """Run ``work(ipr)`` with an rtnetlink handle of namespace ``netns``.
-
-    pyroute2 creates its socket in the thread that first uses it, so the
-    handle is created and used by one thread that entered the namespace.
-    """
-
-    def run() -> T:
-        with IPRoute() as ipr:
-            return work(ipr)
-
-    return create_in(netns, run)
-
-
-def _netlink_reason(exc: NetlinkError) -> str:
-    return str(exc.args[1]) if len(exc.args) > 1 else str(exc)
-
-
 class Links:
     """Tunnel devices of one CE: created in ``sp_netns``, living in ``vpn_netns``."""
 
@@ -146,7 +127,7 @@ class Links:
 
     def existing(self) -> dict[str, Existing]:
         """cevpn's tunnel devices in the VPN space, with the routes into them."""
-        return _with_ipr(self.vpn_netns, _existing)
+        return with_ipr(self.vpn_netns, _existing)
 
     # -- changing --------------------------------------------------------------
 
@@ -169,13 +150,13 @@ class Links:
                 except NetlinkError as exc:
                     raise LinkError(
                         f"creating {tunnel.name} ({tunnel.local} -> {tunnel.remote}): "
-                        f"{_netlink_reason(exc)}",
+                        f"{netlink_reason(exc)}",
                         created,
                     ) from exc
                 created.append(tunnel.name)
 
         if tunnels:
-            _with_ipr(self.sp_netns, create_all)
+            with_ipr(self.sp_netns, create_all)
             try:
                 self.configure_many(tunnels)
             except LinkError as exc:
@@ -193,10 +174,10 @@ class Links:
                 try:
                     _configure(vpn, tunnel, self.vpn_netns)
                 except NetlinkError as exc:
-                    raise LinkError(f"configuring {tunnel.name}: {_netlink_reason(exc)}") from exc
+                    raise LinkError(f"configuring {tunnel.name}: {netlink_reason(exc)}") from exc
 
         if tunnels:
-            _with_ipr(self.vpn_netns, configure_all)
+            with_ipr(self.vpn_netns, configure_all)
 
     def remove(self, name: str) -> None:
         self.remove_many([name])
@@ -214,7 +195,7 @@ class Links:
                     vpn.link("del", index=found[0])
 
         if names:
-            _with_ipr(self.vpn_netns, delete)
+            with_ipr(self.vpn_netns, delete)
 
 
 def _existing(vpn: Any) -> dict[str, Existing]:

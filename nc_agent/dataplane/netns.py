@@ -14,7 +14,7 @@ import ctypes
 import os
 import threading
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 CLONE_NEWNET = 0x40000000
 # The C library the interpreter already runs on: find_library("c") would start
@@ -56,3 +56,23 @@ def create_in(netns: str | None, factory: Callable[[], T]) -> T:
     if failure:
         raise failure[0]
     return result[0]
+
+
+def with_ipr(netns: str | None, work: Callable[[Any], T]) -> T:
+    """Run ``work(ipr)`` with an rtnetlink handle of namespace ``netns``.
+
+    pyroute2 creates its socket in the thread that first uses it, so the
+    handle is created and used by one thread that entered the namespace.
+    """
+    from pyroute2 import IPRoute
+
+    def run() -> T:
+        with IPRoute() as ipr:
+            return work(ipr)
+
+    return create_in(netns, run)
+
+
+def netlink_reason(exc: Exception) -> str:
+    """The kernel's words for a NetlinkError (its errno text), for error messages."""
+    return str(exc.args[1]) if len(exc.args) > 1 else str(exc)

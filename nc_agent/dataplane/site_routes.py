@@ -30,9 +30,8 @@ from nc_agent.dataplane.links import (
     VTI_PREFIX,
     LinkError,
     _attr,
-    _netlink_reason,
-    _with_ipr,
 )
+from nc_agent.dataplane.netns import netlink_reason, with_ipr
 
 AGENT_DEVICES = (IPIP_PREFIX, VTI_PREFIX, "cvg")
 """Name prefixes of devices whose routes other layers own."""
@@ -66,7 +65,7 @@ class SiteRoutes:
         self.vpn_netns = vpn_netns
 
     def installed(self) -> frozenset[StaticRoute]:
-        return _with_ipr(self.vpn_netns, _installed)
+        return with_ipr(self.vpn_netns, _installed)
 
     def apply(self, wanted: Iterable[StaticRoute]) -> None:
         """Make the VPN space hold exactly ``wanted`` of the agent's static routes.
@@ -74,7 +73,7 @@ class SiteRoutes:
         LinkError names the route the kernel refused; what this call added or
         removed before it is put back as it was."""
         target = frozenset(wanted)
-        _with_ipr(self.vpn_netns, lambda vpn: _apply(vpn, target))
+        with_ipr(self.vpn_netns, lambda vpn: _apply(vpn, target))
 
 
 def _installed(vpn: Any) -> frozenset[StaticRoute]:
@@ -123,7 +122,7 @@ def _apply(vpn: Any, wanted: frozenset[StaticRoute]) -> None:
             except NetlinkError:
                 pass  # the next commit's reconciliation tries again
         raise LinkError(
-            f"static route {failed.describe()}: {_netlink_reason(exc)} "
+            f"static route {failed.describe()}: {netlink_reason(exc)} "
             "(the next hop must be on a subnet of the site the CE is connected to)"
         ) from exc
 
