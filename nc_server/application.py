@@ -154,8 +154,8 @@ class ServiceApplication(ServiceDatastore):
             try:
                 self.keys.set_vpn_profile(
                     vid,
-                    STRENGTH_BITS.get(str(profile.get("minimum-strength")), 128),
-                    int(profile.get("certificate-lifetime", 365)),
+                    STRENGTH_BITS[str(profile["minimum-strength"])],
+                    int(profile["certificate-lifetime"]),
                 )
                 if dry:
                     compiler = VpnCompiler(self.keys)
@@ -234,10 +234,10 @@ class ServiceApplication(ServiceDatastore):
                     site=site["id"],
                     ce_address=site["ce-address"],
                     management_address=mgmt.get("address", site["ce-address"]),
-                    management_port=int(mgmt.get("port", 830)),
+                    management_port=int(mgmt["port"]),
                     host_keys=list(mgmt.get("host-key", [])),
-                    autodiscovery=str(vpn.get("autodiscovery", "push")),
-                    removal=str(vpn.get("site-removal", "deprovision")),
+                    autodiscovery=str(vpn["autodiscovery"]),
+                    removal=str(vpn["site-removal"]),
                 )
         for vid in set(old_vpns) - set(new_vpns):
             self.compilers.pop(vid, None)
@@ -293,14 +293,14 @@ class ServiceApplication(ServiceDatastore):
             self.provisioner = Provisioner(
                 self._job,
                 self._status_changed,
-                max_concurrent=int(settings.get("max-concurrent-provisioning", 32)),
-                retry_limit=float(settings.get("unreachable-retry-limit", 300)),
+                max_concurrent=int(settings["max-concurrent-provisioning"]),
+                retry_limit=float(settings["unreachable-retry-limit"]),
             )
         else:
             settings = self.server_settings
             self.provisioner.configure(
-                int(settings.get("max-concurrent-provisioning", 32)),
-                float(settings.get("unreachable-retry-limit", 300)),
+                int(settings["max-concurrent-provisioning"]),
+                float(settings["unreachable-retry-limit"]),
             )
         return self.provisioner
 
@@ -366,7 +366,7 @@ class ServiceApplication(ServiceDatastore):
                 add_management_port(document, view.management_port)
             return document
 
-        confirm_timeout = int(self.server_settings.get("confirm-timeout", 60))
+        confirm_timeout = int(self.server_settings["confirm-timeout"])
         endpoint = self.endpoint(view, port=now_port)
         confirm_at = self.endpoint(view)
         assert self.provisioner is not None
@@ -491,7 +491,7 @@ class ServiceApplication(ServiceDatastore):
         view = self._removing.get(rec.site)
         if view is None:
             return "removing"
-        confirm_timeout = int(self.server_settings.get("confirm-timeout", 60))
+        confirm_timeout = int(self.server_settings["confirm-timeout"])
         endpoint = self.endpoint(view)
 
         def make(present: list[str] | None) -> etree._Element:
@@ -646,8 +646,13 @@ class ServiceApplication(ServiceDatastore):
                 server_host_key=host_key_line(self.state_dir),
                 southbound_public=self.southbound_public,
                 ca_certificate=self.keys.ca_certificate(vpn),
-                pull_interval=int(state.vpn.get("pull-interval", 300)),
-                orphan_after=int(settings.get("ce-orphan-after", 86400)),
+                # In push mode the VPN has no pull-interval (YANG 'when'): the CE's safety-net
+                # fetch then runs at the model's default.
+                pull_interval=int(
+                    state.vpn.get("pull-interval")
+                    or self.server.index.default(f"/{SVC}/vpn/pull-interval")
+                ),
+                orphan_after=int(settings["ce-orphan-after"]),
             )
         except ValueError as exc:
             raise RpcError("operation-failed", str(exc)) from None

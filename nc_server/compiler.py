@@ -137,34 +137,18 @@ import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 TYPES_MODULE = "cevpn-types"
 DEFAULT_ESP_ENCRYPTION = "cevpn-types:encr-aes-gcm-16-256"
-DEFAULT_MINIMUM_STRENGTH = "cevpn-types:strength-128"
+"""The IKE-less suite of a profile without ESP proposal (a choice here, not a YANG default)."""
 CA_CERTIFICATE_NAME = "vpn-ca"
 IPV4_DEFAULT_ROUTE = "0.0.0.0/0"
-DEFAULT_OSPF_AREA = "0.0.0.0"  # noqa: S104 - the backbone area, not an address to bind
-DEFAULT_OSPF_HELLO = 10  # the CE model's defaults (cevpn-ce routing/dynamic/ospf)
-DEFAULT_OSPF_DEAD = 40
 
 _UINT32_MAX = 2**32 - 1
 
-# Defaults of cevpn-service, used only when the input was printed without
-# implicit defaults; libyang's output normally carries all of them.
-_TUNNEL_DEFAULTS: dict[str, Any] = {
-    "establishment": "permanent",
-    "idle-timeout": 300,
-    "encapsulation": "transport-ipip",
-    "ikeless-rekey-interval": 3600,
-}
-_DPD_DEFAULTS: dict[str, Any] = {"delay": 30, "timeout": 150}
-_RETRY_DEFAULTS: dict[str, Any] = {
-    "minimum-wait": 5,
-    "t1": 10,
-    "backoff-factor": "2.0",
-    "limit": 600,
-}
+RETRY_LEAVES = ("minimum-wait", "t1", "backoff-factor", "limit")
+"""cevpn-types retry-policy, value by value (the site's override on top of the VPN's)."""
 _SA_LEAVES = (
     "spi",
     "encryption-algorithm",
@@ -383,9 +367,10 @@ class _Vpn:
     retry: dict[str, Any]
     rekey_interval: int
     protocol: str
-    ospf_area: str
-    ospf_hello: int
-    ospf_dead: int
+    ospf_area: str | None
+    """The OSPF leaves exist (YANG 'when') only when protocol is ospf."""
+    ospf_hello: int | None
+    ospf_dead: int | None
     gateways: tuple[str, ...]
     sites: dict[str, _Site]  # by id, in the VPN's order
     keys: dict[str, Any]
@@ -393,10 +378,10 @@ class _Vpn:
 
 
 def _parse(vpn: Mapping[str, Any]) -> _Vpn:
-    """Read what the compiler needs, with cevpn-service's defaults where absent."""
-    vpn_id = str(vpn.get("id", ""))
-    if not vpn_id:
-        raise CompileError("the VPN has no id", vpn_id)
+    """Read what the compiler needs of a VPN entry as libyang prints it, implicit defaults
+    included: cevpn-service is the one source of every default (none is repeated here), and
+    a leaf missing where YANG gives it a default is a caller's bug (KeyError)."""
+    vpn_id = str(vpn["id"])
     topology = vpn.get("topology", {})
     profile = vpn.get("security-profile", {})
     defaults = vpn.get("tunnel-defaults", {})
@@ -420,7 +405,7 @@ def _parse(vpn: Mapping[str, Any]) -> _Vpn:
         sites[site_id] = _Site(
             id=site_id,
             ce_address=str(address),
-            role=str(raw.get("role", "any")),
+            role=str(raw["role"]),
             prefixes=tuple(raw.get("local-prefix", ())),
             router_id=raw.get("router-id"),
             establishment=overrides.get("establishment"),
@@ -436,27 +421,25 @@ def _parse(vpn: Mapping[str, Any]) -> _Vpn:
 
     model = _Vpn(
         id=vpn_id,
-        topology=str(topology.get("type", "full-mesh")),
+        topology=str(topology["type"]),
         links=links,
-        minimum_strength=str(profile.get("minimum-strength", DEFAULT_MINIMUM_STRENGTH)),
-        authentication=str(profile.get("authentication", "pre-shared-key")),
-        psk_min_length=int(profile.get("psk-min-length", 32)),
-        keying=str(vpn.get("keying", "ike")),
+        minimum_strength=str(profile["minimum-strength"]),
+        authentication=str(profile["authentication"]),
+        psk_min_length=int(profile["psk-min-length"]),
+        keying=str(vpn["keying"]),
         ike=copy.deepcopy(dict(profile.get("ike", {}))),
         esp=copy.deepcopy(dict(profile.get("esp", {}))),
         overridable=frozenset(profile.get("site-overridable", ())),
-        establishment=str(defaults.get("establishment", _TUNNEL_DEFAULTS["establishment"])),
-        idle_timeout=int(defaults.get("idle-timeout", _TUNNEL_DEFAULTS["idle-timeout"])),
-        encapsulation=str(defaults.get("encapsulation", _TUNNEL_DEFAULTS["encapsulation"])),
-        dpd={**_DPD_DEFAULTS, **defaults.get("dpd", {})},
-        retry={**_RETRY_DEFAULTS, **defaults.get("retry-policy", {})},
-        rekey_interval=int(
-            defaults.get("ikeless-rekey-interval", _TUNNEL_DEFAULTS["ikeless-rekey-interval"])
-        ),
-        protocol=str(routing.get("protocol", "none")),
-        ospf_area=str(routing.get("ospf-area", DEFAULT_OSPF_AREA)),
-        ospf_hello=int(routing.get("ospf-hello-interval", DEFAULT_OSPF_HELLO)),
-        ospf_dead=int(routing.get("ospf-dead-interval", DEFAULT_OSPF_DEAD)),
+        establishment=str(defaults["establishment"]),
+        idle_timeout=int(defaults["idle-timeout"]),
+        encapsulation=str(defaults["encapsulation"]),
+        dpd=dict(defaults["dpd"]),
+        retry=dict(defaults["retry-policy"]),
+        rekey_interval=int(defaults["ikeless-rekey-interval"]),
+        protocol=str(routing["protocol"]),
+        ospf_area=_optional(routing.get("ospf-area"), str),
+        ospf_hello=_optional(routing.get("ospf-hello-interval"), int),
+        ospf_dead=_optional(routing.get("ospf-dead-interval"), int),
         gateways=tuple(vpn.get("internet-gateway", ())),
         sites=sites,
         keys=dict(vpn.get("keys", {})),
@@ -469,6 +452,13 @@ def _parse(vpn: Mapping[str, Any]) -> _Vpn:
             raise CompileError(f"internet-gateway {gateway!r} is not a site of the VPN", vpn_id)
     _check_overrides(model)
     return model
+
+
+T = TypeVar("T")
+
+
+def _optional(value: Any, kind: Callable[[Any], T]) -> T | None:
+    return None if value is None else kind(value)
 
 
 def _check_overrides(m: _Vpn) -> None:
@@ -1099,7 +1089,7 @@ class _Run:
             sa_defaults["esp"] = m.esp
         top["sa-defaults"] = sa_defaults
 
-        retry = {leaf: site.retry.get(leaf, m.retry[leaf]) for leaf in _RETRY_DEFAULTS}
+        retry = {leaf: site.retry.get(leaf, m.retry[leaf]) for leaf in RETRY_LEAVES}
         if int(retry["t1"]) < int(retry["minimum-wait"]) or int(retry["limit"]) < int(retry["t1"]):
             raise CompileError(
                 "retry-policy needs minimum-wait <= t1 <= limit "
@@ -1129,12 +1119,12 @@ class _Run:
         if site.prefixes:
             routing["local-prefix"] = list(site.prefixes)
         if self.ospf:
-            ospf: dict[str, Any] = {"area": m.ospf_area}
-            # The CE's own defaults are the same: leave them out unless the VPN changed them.
-            if m.ospf_hello != DEFAULT_OSPF_HELLO:
-                ospf["hello-interval"] = m.ospf_hello
-            if m.ospf_dead != DEFAULT_OSPF_DEAD:
-                ospf["dead-interval"] = m.ospf_dead
+            # Given explicitly: the CE's defaults are its model's business, not the VPN's.
+            ospf = {
+                "area": m.ospf_area,
+                "hello-interval": m.ospf_hello,
+                "dead-interval": m.ospf_dead,
+            }
             routing["dynamic"] = {"protocol": "ospf", "ospf": ospf}
         else:
             routing["dynamic"] = {"protocol": m.protocol}

@@ -114,7 +114,7 @@ def make_bundle(
             "endpoint": [
                 {
                     "address": e["address"],
-                    "port": int(e.get("port", 830)),
+                    "port": int(e["port"]),
                     "host-key": [server_host_key],
                 }
                 for e in server_endpoints

@@ -531,7 +531,8 @@ def test_ospf_routing_has_dynamic_tunnels_and_no_remote_prefixes() -> None:
     assert "remote-prefix" not in tunnel
     assert result["site-1"].config["routing"]["dynamic"] == {
         "protocol": "ospf",
-        "ospf": {"area": "0.0.0.7"},
+        # The VPN's timers, its YANG defaults here, given explicitly.
+        "ospf": {"area": "0.0.0.7", "hello-interval": 10, "dead-interval": 40},
     }
 
 
