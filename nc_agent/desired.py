@@ -191,8 +191,8 @@ def _ike_mtu(peer: Mapping[str, Any], sa_defaults: Mapping[str, Any], link_mtu: 
 def _tunnel(
     peer: Mapping[str, Any], reqid: int, local: str, mtu: int, router_id: str | None
 ) -> Tunnel:
-    tunnel_cfg = peer.get("tunnel", {})
-    encap = tunnel_cfg.get("encapsulation", "transport-ipip")
+    tunnel_cfg = peer["tunnel"]
+    encap = tunnel_cfg["encapsulation"]
     return Tunnel(
         name=device_name(encap, reqid),
         encapsulation=encap,
@@ -245,11 +245,10 @@ def compile_desired(
                 name=name, reqid=reqid, tunnel=_tunnel(peer, reqid, local, mtu, router_id), ike=ike
             )
             continue
-        tunnel_cfg = peer.get("tunnel", {})
-        encap = tunnel_cfg.get("encapsulation", "transport-ipip")
+        encap = peer["tunnel"]["encapsulation"]
         remote = peer["sp-address"]
         ikeless = peer["ikeless"]
-        replay = int(ikeless.get("replay-window", 1024))
+        replay = int(ikeless["replay-window"])
         tunnel_mode = encap == "tunnel-mode"
         mode: Literal["transport", "tunnel"] = "tunnel" if tunnel_mode else "transport"
         mark = reqid if tunnel_mode else None
@@ -282,11 +281,11 @@ def compile_desired(
             outbound=outbound,
             inbound=inbound,
             policies=policies,
-            rekey_grace=int(ikeless.get("rekey-grace", 30)),
+            rekey_grace=int(ikeless["rekey-grace"]),
         )
     desired.routing = _routing(ce, desired)
     desired.static_routes = static_routes_from_config(ce)
-    if ce.get("internet-access", {}).get("role") == "integrated-gateway":
+    if ce["internet-access"]["role"] == "integrated-gateway":
         desired.gateway = GatewayLink()
     if local:
         desired.ingress = policy_from_config(ce, str(pre.get("sp-interface", "")))

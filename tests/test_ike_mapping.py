@@ -13,6 +13,7 @@ from nc_agent.ike.proposals import (
     proposals,
 )
 from nc_agent.ike.retry import RetryPolicy
+from tests.yang_defaults import esp_proposal_with_defaults
 
 
 def test_an_aead_ike_proposal_names_no_integrity() -> None:
@@ -36,15 +37,21 @@ def test_a_cbc_ike_proposal_carries_its_integrity_algorithm() -> None:
 
 def test_esp_proposals_say_pfs_and_esn() -> None:
     assert (
-        esp_proposal({"encryption": "cevpn-types:encr-chacha20-poly1305", "esn": False})
+        esp_proposal(
+            esp_proposal_with_defaults(
+                {"encryption": "cevpn-types:encr-chacha20-poly1305", "esn": False}
+            )
+        )
         == "chacha20poly1305-noesn"
     )
     assert (
         esp_proposal(
-            {
-                "encryption": "cevpn-types:encr-aes-gcm-16-128",
-                "pfs-group": "cevpn-types:curve25519",
-            }
+            esp_proposal_with_defaults(
+                {
+                    "encryption": "cevpn-types:encr-aes-gcm-16-128",
+                    "pfs-group": "cevpn-types:curve25519",
+                }
+            )
         )
         == "aes128gcm16-curve25519-esn"
     )
@@ -54,7 +61,7 @@ def test_an_unknown_or_incomplete_transform_is_refused_not_guessed() -> None:
     with pytest.raises(UnknownTransform):
         ike_proposal({"encryption": "cevpn-types:encr-des", "dh-group": "cevpn-types:ecp-256"})
     with pytest.raises(UnknownTransform):
-        esp_proposal({"encryption": "cevpn-types:encr-aes-cbc-128"})
+        esp_proposal(esp_proposal_with_defaults({"encryption": "cevpn-types:encr-aes-cbc-128"}))
 
 
 def test_absent_proposal_lists_fall_back_to_the_ce_defaults() -> None:

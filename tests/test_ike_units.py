@@ -35,6 +35,7 @@ from nc_agent.ike.health import Failure, TunnelHealth
 from nc_agent.ike.proposals import ike_proposal
 from nc_agent.ike.reasons import failure_reason
 from nc_agent.ike.retry import RetryPolicy
+from tests.yang_defaults import ce_with_defaults, peer_with_defaults, with_defaults
 
 LOCAL = "192.0.2.1"
 REMOTE = "198.51.100.2"
@@ -76,7 +77,7 @@ def make_peer(
     creds: Credentials = NO_CREDS,
 ) -> IkePeer:
     return ike_peer(
-        peer or peer_config(),
+        peer_with_defaults(peer or peer_config()),
         local=local,
         reqid=REQID,
         sa_defaults=sa_defaults or {},
@@ -434,22 +435,22 @@ def test_certificate_peer_without_private_key_is_refused_with_the_peer_named() -
 
 def test_key_origin_ce_uses_the_agents_own_key() -> None:
     ce = {"certificates": {"key-origin": "ce", "certificate": CERT}}
-    assert credentials(ce, OWN_KEY).private_key == OWN_KEY
+    assert credentials(ce_with_defaults(ce), OWN_KEY).private_key == OWN_KEY
 
 
 def test_key_origin_ce_without_an_own_key_has_no_private_key() -> None:
     ce = {"certificates": {"key-origin": "ce", "certificate": CERT}}
-    assert credentials(ce, None).private_key is None
+    assert credentials(ce_with_defaults(ce), None).private_key is None
 
 
 def test_key_origin_server_uses_the_datastore_key_not_the_agents() -> None:
     ce = {"certificates": {"key-origin": "server", "private-key": KEY, "certificate": CERT}}
-    assert credentials(ce, OWN_KEY).private_key == KEY
+    assert credentials(ce_with_defaults(ce), OWN_KEY).private_key == KEY
 
 
 def test_key_origin_defaults_to_server() -> None:
     ce = {"certificates": {"private-key": KEY, "certificate": CERT}}
-    assert credentials(ce, OWN_KEY).private_key == KEY
+    assert credentials(ce_with_defaults(ce), OWN_KEY).private_key == KEY
 
 
 def test_credentials_keep_the_certificate_and_every_ca_in_order() -> None:
@@ -463,13 +464,13 @@ def test_credentials_keep_the_certificate_and_every_ca_in_order() -> None:
             ],
         }
     }
-    creds = credentials(ce, None)
+    creds = credentials(ce_with_defaults(ce), None)
     assert creds.certificate == CERT
     assert creds.ca_certificates == (CA_1, CA_2)
 
 
 def test_a_ce_without_certificates_has_empty_credentials() -> None:
-    assert credentials({}, OWN_KEY) == Credentials()
+    assert credentials(ce_with_defaults({}), OWN_KEY) == Credentials()
 
 
 # ------------------------------------------------------------------ refused configurations
@@ -642,8 +643,9 @@ def test_an_attempt_clears_the_scheduled_retry() -> None:
     assert health.failures == 1
 
 
-def test_retry_policy_reads_the_yang_defaults_when_empty() -> None:
-    assert RetryPolicy.from_yang({}) == RetryPolicy(5.0, 10.0, 2.0, 600.0)
+def test_retry_policy_is_the_yang_defaults_when_nothing_is_set() -> None:
+    defaults = ce_with_defaults({})["retry-policy"]
+    assert RetryPolicy.from_yang(defaults) == RetryPolicy(5.0, 10.0, 2.0, 600.0)
 
 
 # ------------------------------------------------------------------ failure reasons
@@ -888,14 +890,21 @@ def ce_config(
                 },
             },
         ]
-    return {
-        "cevpn-ce:ce": {
-            "pre-configuration": {"site-id": "site-a", "vpn-id": "acme", "sp-address": LOCAL},
-            "sa-defaults": sa_defaults or {},
-            "retry-policy": {"minimum-wait": 2, "t1": 3, "backoff-factor": "1.50", "limit": 9},
-            "peer": peers,
+    return with_defaults(
+        {
+            "cevpn-ce:ce": {
+                "pre-configuration": {"site-id": "site-a", "vpn-id": "acme", "sp-address": LOCAL},
+                "sa-defaults": sa_defaults or {},
+                "retry-policy": {
+                    "minimum-wait": 2,
+                    "t1": 3,
+                    "backoff-factor": "1.50",
+                    "limit": 9,
+                },
+                "peer": peers,
+            }
         }
-    }
+    )
 
 
 def esp_defaults(*proposals: dict[str, Any]) -> dict[str, Any]:

@@ -32,6 +32,13 @@ from nc_agent.dataplane.ingress_policy import (
     IngressPolicy,
     policy_from_config,
 )
+from tests.yang_defaults import ce_with_defaults
+
+
+def policy_of(ce: dict[str, Any], sp_interface: str) -> IngressPolicy | None:
+    """policy_from_config of ``ce`` as the agent sees it, with the model's defaults."""
+    return policy_from_config(ce_with_defaults(ce), sp_interface)
+
 
 SP = "sp0"
 ADDRESS = "192.0.2.1"
@@ -357,17 +364,17 @@ def ce_config(**sections: Any) -> dict[str, Any]:
 
 
 def test_a_ce_without_an_sp_address_has_no_policy() -> None:
-    assert policy_from_config({}, SP) is None
-    assert policy_from_config({"pre-configuration": {"site-id": "a"}}, SP) is None
+    assert policy_of({}, SP) is None
+    assert policy_of({"pre-configuration": {"site-id": "a"}}, SP) is None
 
 
 def test_a_configuration_without_ingress_settings_gives_the_defaults() -> None:
-    assert policy_from_config(ce_config(), SP) == IngressPolicy(SP, ADDRESS)
+    assert policy_of(ce_config(), SP) == IngressPolicy(SP, ADDRESS)
 
 
 def test_the_management_port_comes_from_the_pre_configuration() -> None:
     config = {"pre-configuration": {"sp-address": ADDRESS, "management": {"port": 2022}}}
-    made = policy_from_config(config, SP)
+    made = policy_of(config, SP)
     assert made is not None and made.management_port == 2022
 
 
@@ -385,7 +392,7 @@ def test_the_ingress_policy_leaves_map_to_the_policy_with_allow_rules_sorted_by_
             }
         }
     )
-    assert policy_from_config(config, SP) == IngressPolicy(
+    assert policy_of(config, SP) == IngressPolicy(
         SP,
         ADDRESS,
         management_sources=("203.0.113.0/24",),
@@ -396,23 +403,23 @@ def test_the_ingress_policy_leaves_map_to_the_policy_with_allow_rules_sorted_by_
 
 
 def test_role_none_means_no_gateway() -> None:
-    made = policy_from_config(ce_config(**{"internet-access": {"role": "none"}}), SP)
+    made = policy_of(ce_config(**{"internet-access": {"role": "none"}}), SP)
     assert made is not None and made.gateway is None
 
 
 def test_role_via_gateway_site_means_no_gateway_here() -> None:
-    made = policy_from_config(ce_config(**{"internet-access": {"role": "via-gateway-site"}}), SP)
+    made = policy_of(ce_config(**{"internet-access": {"role": "via-gateway-site"}}), SP)
     assert made is not None and made.gateway is None
 
 
 def test_role_integrated_gateway_makes_a_natting_gateway_on_the_veth() -> None:
-    made = policy_from_config(ce_config(**{"internet-access": {"role": "integrated-gateway"}}), SP)
+    made = policy_of(ce_config(**{"internet-access": {"role": "integrated-gateway"}}), SP)
     assert made is not None and made.gateway == Gateway(GATEWAY_SP_DEVICE, True, GATEWAY_MARK)
 
 
 def test_an_integrated_gateway_can_forgo_nat() -> None:
     access = {"role": "integrated-gateway", "integrated-gateway": {"nat": False}}
-    made = policy_from_config(ce_config(**{"internet-access": access}), SP)
+    made = policy_of(ce_config(**{"internet-access": access}), SP)
     assert made is not None and made.gateway == Gateway(GATEWAY_SP_DEVICE, nat=False)
 
 

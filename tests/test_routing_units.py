@@ -31,6 +31,7 @@ from nc_agent.routing.bird_config import (
     render,
     router_id,
 )
+from tests.yang_defaults import ce_with_defaults
 
 BIRD = "/usr/sbin/bird"
 DEVICES = {"site-2": "cvi0002", "site-3": "cvi0003", "site-4": "cvi0004", "site-5": "cvt0005"}
@@ -81,8 +82,13 @@ def with_ospf(**ospf: Any) -> dict[str, Any]:
     return ce
 
 
+def planned(ce: dict[str, Any], devices: dict[str, str]) -> RoutingPlan | None:
+    """plan_from_config of ``ce`` as the agent sees it, with the model's defaults."""
+    return plan_from_config(ce_with_defaults(ce), devices)
+
+
 def plan(ce: dict[str, Any]) -> RoutingPlan:
-    result = plan_from_config(ce, DEVICES)
+    result = planned(ce, DEVICES)
     assert result is not None
     return result
 
@@ -91,9 +97,9 @@ def plan(ce: dict[str, Any]) -> RoutingPlan:
 
 
 def test_static_routing_needs_no_daemon() -> None:
-    assert plan_from_config(with_routing(dynamic={"protocol": "none"}), DEVICES) is None
-    assert plan_from_config(with_routing(dynamic={}), DEVICES) is None
-    assert plan_from_config({}, DEVICES) is None
+    assert planned(with_routing(dynamic={"protocol": "none"}), DEVICES) is None
+    assert planned(with_routing(dynamic={}), DEVICES) is None
+    assert planned({}, DEVICES) is None
 
 
 def test_a_full_plan_from_the_defaults() -> None:
@@ -122,7 +128,7 @@ def test_the_router_id_is_derived_from_the_first_ipv4_local_prefix() -> None:
 def test_no_router_id_and_no_ipv4_local_prefix_is_explained() -> None:
     ce = with_routing(**{"local-prefix": ["2001:db8:1::/48"]})
     with pytest.raises(RoutingConfigProblem, match=r"routing/router-id.*routing/local-prefix"):
-        plan_from_config(ce, DEVICES)
+        planned(ce, DEVICES)
 
 
 def test_only_enabled_peers_with_dynamic_routing_get_ospf() -> None:

@@ -12,6 +12,7 @@ import pytest
 from nc_agent.dataplane.links import LinkError
 from nc_agent.dataplane.site_routes import SiteRoutes, StaticRoute, static_routes_from_config
 from nc_agent.desired import compile_desired
+from tests.yang_defaults import with_defaults
 
 
 def ip(netns: str, *args: str) -> str:
@@ -55,7 +56,7 @@ def test_compiled_configuration_carries_its_static_routes() -> None:
     config = {"cevpn-ce:ce": {"routing": {"static-route": [
         {"prefix": "10.9.0.0/16", "next-hop": "10.1.0.254"},
     ]}}}  # fmt: skip
-    assert compile_desired(config, {}).static_routes == {BRANCH}
+    assert compile_desired(with_defaults(config), {}).static_routes == {BRANCH}
 
 
 def test_a_static_route_is_installed_with_the_agents_protocol(vpn: str) -> None:

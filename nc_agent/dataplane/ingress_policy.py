@@ -122,9 +122,9 @@ def policy_from_config(ce: Mapping[str, Any], sp_interface: str) -> IngressPolic
     sp_address = pre.get("sp-address")
     if not sp_address:
         return None
-    management = pre.get("management") or {}
-    ingress = ce.get("ingress-policy") or {}
-    access = ce.get("internet-access") or {}
+    management = pre["management"]
+    ingress = ce["ingress-policy"]
+    access = ce["internet-access"]
     allow = tuple(
         sorted(
             (
@@ -140,17 +140,16 @@ def policy_from_config(ce: Mapping[str, Any], sp_interface: str) -> IngressPolic
         )
     )
     gateway = None
-    if access.get("role", "none") == "integrated-gateway":
-        integrated = access.get("integrated-gateway") or {}
-        gateway = Gateway(GATEWAY_SP_DEVICE, nat=bool(integrated.get("nat", True)))
+    if access["role"] == "integrated-gateway":
+        gateway = Gateway(GATEWAY_SP_DEVICE, nat=bool(access["integrated-gateway"]["nat"]))
     return IngressPolicy(
         sp_interface=sp_interface,
         sp_address=str(sp_address),
-        management_port=int(management.get("port", DEFAULT_MANAGEMENT_PORT)),
+        management_port=int(management["port"]),
         management_sources=tuple(str(p) for p in ingress.get("management-source") or ()),
         allow=allow,
-        log_drops=bool(ingress.get("log-drops", False)),
-        enabled=bool(ingress.get("enabled", True)),
+        log_drops=bool(ingress["log-drops"]),
+        enabled=bool(ingress["enabled"]),
         gateway=gateway,
     )
 

@@ -182,7 +182,7 @@ def credentials(ce: Mapping[str, Any], own_key_pem: str | None) -> Credentials:
     """The CE's certificate, its private key (the datastore's, or the agent's own key when
     key-origin is 'ce') and its trust anchors."""
     certs = ce.get("certificates", {})
-    key = certs.get("private-key") if certs.get("key-origin", "server") == "server" else own_key_pem
+    key = certs.get("private-key") if certs["key-origin"] == "server" else own_key_pem
     return Credentials(
         certificate=certs.get("certificate"),
         private_key=key,
@@ -217,7 +217,7 @@ def ike_peer(
     esp = info.get("esp", {})
     lifetime = esp.get("lifetime", {})
     dpd = ike_info.get("dpd", {})
-    tunnel = peer.get("tunnel", {})
+    tunnel = peer["tunnel"]
     psk = ike.get("pre-shared-key")
     if psk is None:
         if "peer-identity" not in ike:
@@ -236,15 +236,15 @@ def ike_peer(
                 "certificate is not available (key-origin 'ce' and the agent has no own key).",
                 name,
             )
-    encapsulation = tunnel.get("encapsulation", "transport-ipip")
+    encapsulation = tunnel["encapsulation"]
     return IkePeer(
         name=name,
         reqid=reqid,
         local=local,
         remote=str(peer["sp-address"]),
         mode="tunnel" if encapsulation == "tunnel-mode" else "transport",
-        permanent=tunnel.get("establishment", "permanent") == "permanent",
-        idle_timeout=int(tunnel.get("idle-timeout", 0) or 0),
+        permanent=tunnel["establishment"] == "permanent",
+        idle_timeout=int(tunnel.get("idle-timeout", 0)),  # present when traffic-driven
         ike_proposals=tuple(ike_props),
         esp_proposals=tuple(esp_props),
         ike_lifetime=int(ike_info.get("lifetime", DEFAULT_IKE_LIFETIME)),

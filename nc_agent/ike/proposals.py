@@ -103,7 +103,7 @@ def esp_proposal(proposal: Mapping[str, Any]) -> str:
     parts = _cipher(proposal)
     if "pfs-group" in proposal:
         parts.append(_keyword(DH_GROUP, str(proposal["pfs-group"]), "PFS group"))
-    esn = proposal.get("esn", True)
+    esn = proposal["esn"]
     parts.append("esn" if esn in (True, "true") else "noesn")
     return "-".join(parts)
 

@@ -28,10 +28,10 @@ class RetryPolicy:
     def from_yang(cls, policy: Mapping[str, Any]) -> RetryPolicy:
         """From a cevpn-types retry-policy container (RFC 7951 JSON, defaults included)."""
         return cls(
-            minimum_wait=float(policy.get("minimum-wait", 5)),
-            t1=float(policy.get("t1", 10)),
-            backoff_factor=float(policy.get("backoff-factor", "2.0")),
-            limit=float(policy.get("limit", 600)),
+            minimum_wait=float(policy["minimum-wait"]),
+            t1=float(policy["t1"]),
+            backoff_factor=float(policy["backoff-factor"]),
+            limit=float(policy["limit"]),
         )
 
     def delay(self, failures: int) -> float:

@@ -165,42 +165,40 @@ def plan_from_config(ce: Mapping[str, Any], devices: Mapping[str, str]) -> Routi
     IPv6 local prefixes and static routes are not announced: OSPFv2 carries
     IPv4 only (they are still routed statically by the rest of the agent).
     """
-    routing = ce.get("routing", {})
-    dynamic = routing.get("dynamic", {})
-    protocol = _name(str(dynamic.get("protocol", "none")))
+    routing = ce["routing"]
+    dynamic = routing["dynamic"]
+    protocol = _name(str(dynamic["protocol"]))
     if protocol == "none":
         return None
     if protocol != "ospf":
         raise RoutingConfigProblem(
             f"Routing protocol {protocol!r} is not supported on this CE: use 'ospf' or 'none'."
         )
-    ospf = dynamic.get("ospf", {})
-    default_cost = int(ospf.get("default-cost", 10))
+    ospf = dynamic["ospf"]
+    default_cost = int(ospf["default-cost"])
     interfaces = []
     for peer in ce.get("peer", ()):
-        tunnel = peer.get("tunnel", {})
-        if not peer.get("enabled", True) or not tunnel.get("dynamic-routing", False):
+        tunnel = peer["tunnel"]
+        if not peer["enabled"] or not tunnel["dynamic-routing"]:
             continue
-        if _name(str(tunnel.get("encapsulation", "transport-ipip"))) != "transport-ipip":
+        if _name(str(tunnel["encapsulation"])) != "transport-ipip":
             continue
         device = devices.get(peer["name"])
         if device is not None:
             interfaces.append(OspfInterface(device, int(tunnel.get("ospf-cost", default_cost))))
     announce: list[str] = []
-    if ospf.get("redistribute-local", True):
+    if ospf["redistribute-local"]:
         statics = (route["prefix"] for route in routing.get("static-route", ()))
         announce = _ipv4_prefixes([*routing.get("local-prefix", ()), *statics])
-    access = ce.get("internet-access", {})
-    gateway = _name(str(access.get("role", "none"))) == "integrated-gateway"
-    originate = gateway and bool(
-        access.get("integrated-gateway", {}).get("originate-default", True)
-    )
+    access = ce["internet-access"]
+    gateway = _name(str(access["role"])) == "integrated-gateway"
+    originate = gateway and bool(access["integrated-gateway"]["originate-default"])
     try:
         return RoutingPlan(
             router_id=router_id(ce),
-            area=str(ospf.get("area", BACKBONE)),
-            hello=int(ospf.get("hello-interval", 10)),
-            dead=int(ospf.get("dead-interval", 40)),
+            area=str(ospf["area"]),
+            hello=int(ospf["hello-interval"]),
+            dead=int(ospf["dead-interval"]),
             default_cost=default_cost,
             interfaces=tuple(sorted(interfaces, key=lambda i: i.device)),
             announce=tuple(announce),
