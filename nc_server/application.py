@@ -611,14 +611,25 @@ class ServiceApplication(ServiceDatastore):
         if name == "audit":
             return await self.audit(args.get("vpn"), args.get("site"), args.get("repair") == "true")
         if name == "rotate-keys":
-            self.rotate_keys(args["vpn"], args.get("site"), args.get("what", "all"))
+            what = args.get("what") or self._input_default("rotate-keys", "what")
+            self.rotate_keys(args["vpn"], args.get("site"), what)
             return []
         if name == "remove-site":
             await self.remove_site(
-                args["vpn"], args["site"], args.get("deprovision", "true") == "true", session
+                args["vpn"],
+                args["site"],
+                str(
+                    args.get("deprovision") or self._input_default("remove-site", "deprovision")
+                ).lower()
+                == "true",
+                session,
             )
             return []
         return await super().rpc(session, rpc)
+
+    def _input_default(self, rpc: str, leaf: str) -> str:
+        """The YANG default of an operation's input leaf (cevpn-service is its one source)."""
+        return str(self.server.index.default(f"/cevpn-service:{rpc}/{leaf}"))
 
     def _site_or_error(self, vpn: str | None, site: str) -> SiteView:
         view = self.sites.get(site)
