@@ -13,6 +13,7 @@ peers that went away: adding one site to a 1,000-site mesh sends each CE one
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -20,22 +21,12 @@ from typing import Any
 
 from lxml import etree
 
-from nc_core.schema import Schema, ValidationFailed, ce_schema
+from nc_core.schema import Schema, SchemaIndex, SchemaNode, ValidationFailed, ce_schema
 from nc_core.xmlutil import NC_NS, default_ns_element, qn
 
 CE_NS = "urn:cevpn:yang:cevpn-ce"
 CE_MODULE = "cevpn-ce"
 SERVER_OWNED_EXCEPT = ("pre-configuration",)
-
-LIST_KEYS: Mapping[str, tuple[str, ...]] = {
-    "peer": ("name",),
-    "proposal": ("id",),
-    "ca-certificate": ("name",),
-    "static-route": ("prefix",),
-    "allow": ("name",),
-    "alarm": ("type", "resource"),
-}
-"""Keys of the cevpn-ce lists, for comparing JSON configurations entry by entry."""
 
 
 class InvalidCompiledConfig(Exception):
@@ -235,25 +226,40 @@ def _copy(elem: etree._Element) -> etree._Element:
 # --------------------------------------------------------------------------
 
 
-def differences(want: Any, have: Any, path: str = "/cevpn-ce:ce") -> list[str]:
-    """Paths where two canonical JSON configurations differ; values are never reported."""
+def differences(want: Any, have: Any, index: SchemaIndex | None = None) -> list[str]:
+    """Paths where two canonical JSON configurations of a CE's ``ce`` container differ, list
+    entries named by their keys (read from the cevpn-ce schema); values are never reported."""
+    index = index or _ce_index()
+    top = index.top_node(CE_NS, "ce")
+    assert top is not None
+    return _differences(want, have, "/cevpn-ce:ce", top)
+
+
+@functools.cache
+def _ce_index() -> SchemaIndex:
+    return SchemaIndex(ce_schema())
+
+
+def _differences(want: Any, have: Any, path: str, snode: SchemaNode | None) -> list[str]:
     if isinstance(want, dict) and isinstance(have, dict):
         out: list[str] = []
         for key in sorted(set(want) | set(have)):
             name = key.split(":", 1)[-1]
+            child = snode.child(CE_NS, name) if snode is not None else None
             if key not in want or key not in have:
                 present = want.get(key, have.get(key))
-                if isinstance(present, list) and LIST_KEYS.get(name):
+                if isinstance(present, list) and child is not None and child.keys:
                     # A list absent on one side: name the entries, not just the list.
-                    out.extend(differences(want.get(key, []), have.get(key, []), f"{path}/{name}"))
+                    out.extend(
+                        _differences(want.get(key, []), have.get(key, []), f"{path}/{name}", child)
+                    )
                 else:
                     out.append(f"{path}/{name}")
             else:
-                out.extend(differences(want[key], have[key], f"{path}/{name}"))
+                out.extend(_differences(want[key], have[key], f"{path}/{name}", child))
         return out
     if isinstance(want, list) and isinstance(have, list):
-        leaf = path.rsplit("/", 1)[-1]
-        keys = LIST_KEYS.get(leaf)
+        keys = snode.keys if snode is not None else ()
         if keys and all(isinstance(e, dict) for e in [*want, *have]):
             w = {tuple(str(e.get(k)) for k in keys): e for e in want}
             h = {tuple(str(e.get(k)) for k in keys): e for e in have}
@@ -263,7 +269,7 @@ def differences(want: Any, have: Any, path: str = "/cevpn-ce:ce") -> list[str]:
                 if ident not in w or ident not in h:
                     out.append(f"{path}{pred}")
                 else:
-                    out.extend(differences(w[ident], h[ident], f"{path}{pred}"))
+                    out.extend(_differences(w[ident], h[ident], f"{path}{pred}", snode))
             return out
         return [] if sorted(map(str, want)) == sorted(map(str, have)) else [path]
     return [] if want == have else [path]
