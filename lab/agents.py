@@ -62,8 +62,11 @@ class Agent:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                log.close()
+                tail = (self.state.parent / f"{self.site.ce}.log").read_text(errors="replace")
                 raise RuntimeError(
-                    f"agent {self.site.ce} exited with status {self.proc.returncode}"
+                    f"agent {self.site.ce} exited with status {self.proc.returncode}:\n"
+                    + tail[-3000:]
                 )
             with suppress(OSError), socket.create_connection((self.site.sp_address, 830), 0.5):
                 return

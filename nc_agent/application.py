@@ -312,7 +312,9 @@ class AgentApplication(Application):
         if running is None:
             return
         tree = running.datastores["running"].tree
-        self._check_certificates(tree_json(tree).get("cevpn-ce:ce", {}))
+        self._check_certificates(
+            tree_json(tree, running.schema.defaults_json()).get("cevpn-ce:ce", {})
+        )
 
     def _request_certificate_if_needed(self, txn: Transaction) -> None:
         """A certificate made for a server-generated key arrived: ask at once for one for

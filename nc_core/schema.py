@@ -12,6 +12,7 @@ into this repository.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -148,6 +149,7 @@ class Schema:
         self.search_dirs = dirs
         self.ctx = _Context(":".join(str(d) for d in dirs))
         self.modules: dict[str, Any] = {}
+        self._defaults_json: dict[str, Any] | None = None
         features = features or {}
         for name in modules:
             self.modules[name] = self._load(name, features.get(name, ()))
@@ -162,6 +164,32 @@ class Schema:
         if not cmod:
             raise ValidationFailed(self.ctx.take_issues(f"cannot load YANG module {name}"))
         return self.ctx.get_module(name)
+
+    def defaults_json(self) -> dict[str, Any]:
+        """An empty datastore as RFC 7951 JSON with every default of every module.
+
+        Validation adds defaults only for the modules that have data
+        (``validate_present``: a module with mandatory nodes must not make an empty
+        datastore invalid), so a configuration that never touched a module has none of
+        its defaults.  Readers of the configuration take those from here instead
+        (``nc_core.transaction.tree_json``).  Printed once per schema; callers must not
+        modify it."""
+        if self._defaults_json is None:
+            node_p = ffi.new("struct lyd_node **")
+            if lib.lyd_new_implicit_all(node_p, self.ctx.cdata, 0, ffi.NULL) != lib.LY_SUCCESS:
+                raise ValidationFailed(self.ctx.take_issues("cannot create default nodes"))
+            if node_p[0] == ffi.NULL:
+                self._defaults_json = {}
+            else:
+                tree = libyang.DNode.new(self.ctx, node_p[0])
+                try:
+                    text = tree.print_mem(
+                        "json", with_siblings=True, include_implicit_defaults=True
+                    )
+                finally:
+                    tree.free(with_siblings=True)
+                self._defaults_json = json.loads(text) if text else {}
+        return self._defaults_json
 
     def parse_config(self, text: str | bytes, fmt: str) -> Any:
         """Parse a complete configuration document and validate it as a datastore.

@@ -265,6 +265,7 @@ class NetconfServer:
             old_tree=None,
             new_tree=running.tree,
             changes=diff(new_datastore(), running.root, self.index),
+            defaults=self.schema.defaults_json(),
             user=None,
             session_id=0,
             reason="startup",
@@ -612,6 +613,7 @@ class NetconfServer:
                 old_tree=running.tree,
                 new_tree=tree,
                 changes=diff(running.root, canonical, self.index),
+                defaults=self.schema.defaults_json(),
                 user=session.user if session else None,
                 session_id=session.id if session else 0,
                 reason="validate",
@@ -746,6 +748,7 @@ class NetconfServer:
                 user=session.user if session else None,
                 session_id=session.id if session else 0,
                 reason=reason,
+                defaults=self.schema.defaults_json(),
             )
             await self.app.validate(txn)
             await self.app.prepare(txn)

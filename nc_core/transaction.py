@@ -20,6 +20,7 @@ server.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -58,27 +59,39 @@ class Transaction:
     scratch: dict[str, Any] = field(default_factory=dict)
     """The application's own notes between phases (allocations made in prepare)."""
 
+    defaults: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    """The schema's defaults for modules a configuration has no data of
+    (``Schema.defaults_json``): ``new_json``/``old_json`` include them."""
+
     _json: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
 
     def new_json(self) -> dict[str, Any]:
         """The new configuration as RFC 7951 JSON, defaults included (printed once per
         transaction: callers share it and must not modify it)."""
         if "new" not in self._json:
-            self._json["new"] = tree_json(self.new_tree)
+            self._json["new"] = tree_json(self.new_tree, self.defaults)
         return self._json["new"]
 
     def old_json(self) -> dict[str, Any]:
         if "old" not in self._json:
-            self._json["old"] = tree_json(self.old_tree)
+            self._json["old"] = tree_json(self.old_tree, self.defaults)
         return self._json["old"]
 
 
-def tree_json(tree: Any) -> dict[str, Any]:
-    """A libyang data tree as RFC 7951 JSON, implicit defaults included ({} for None)."""
-    if tree is None:
-        return {}
-    text = tree.print_mem("json", with_siblings=True, include_implicit_defaults=True)
-    return json.loads(text) if text else {}
+def tree_json(tree: Any, defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A libyang data tree as RFC 7951 JSON, implicit defaults included.
+
+    libyang adds defaults only for modules with data, so a module never configured
+    would have none: its top-level nodes are taken from ``defaults`` (the schema's
+    ``defaults_json()``), so that readers find every default in every case."""
+    data: dict[str, Any] = {}
+    if tree is not None:
+        text = tree.print_mem("json", with_siblings=True, include_implicit_defaults=True)
+        data = json.loads(text) if text else {}
+    for name, value in (defaults or {}).items():
+        if name not in data:
+            data[name] = copy.deepcopy(value)
+    return data
 
 
 class Application:
