@@ -7,9 +7,10 @@ Every commit of the running configuration is one transaction (nc_core):
 - apply: the kernel moves from the old state to the new one, fail-closed and
   all-or-nothing, then the edge (ingress policy, Internet gateway, routing
   daemon: nc_agent.edge), then charon is given the IKE peers
-  (nc_agent.ike.manager); a refusal by any answers an rpc-error naming the
-  peer and the reason, the kernel is moved back, and the datastore stays as
-  it was;
+  (nc_agent.ike.manager): three steps driven, and undone, by one loop
+  (nc_agent.apply_steps); a refusal by any answers an rpc-error naming the
+  peer and the reason, what was changed is moved back, and the datastore
+  stays as it was;
 - abort: new reqids are released.
 At start-up the same code reconciles: whatever the kernel holds of ours is
 compared with running, stale objects are removed and missing ones added, so
@@ -22,7 +23,6 @@ rekey-grace seconds, so packets the peer sent with it still arrive.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -38,14 +38,14 @@ from nc_agent.alarms import (
     next_certificate_check,
 )
 from nc_agent.allocations import Allocations
+from nc_agent.apply_steps import EdgeStep, IkeStep, KernelStep, Step, StepRefused, move
 from nc_agent.bootstrap import CLIENT_KEY_FILE
 from nc_agent.dataplane.xfrm import OWNED_REQIDS, SAKey, SAState, XfrmEvents
 from nc_agent.desired import ConfigProblem, Desired, PeerObjects, compile_desired
-from nc_agent.edge import Edge, EdgeRefused
+from nc_agent.edge import Edge
 from nc_agent.ike.charon import Charon, CharonError
-from nc_agent.ike.connections import IkePeer
 from nc_agent.ike.manager import IkeManager, IkeRefused
-from nc_agent.kernel import Kernel, KernelRefused, Observed, sa_key
+from nc_agent.kernel import Kernel, Observed, sa_key
 from nc_agent.own_key import OWN_KEY_FILE, certifies_own_key
 from nc_agent.pull import Puller, UnknownPeerWatch
 from nc_agent.routing.bird import RoutingError
@@ -221,12 +221,10 @@ class AgentApplication(Application):
                     path="/cevpn-ce:ce/cevpn-ce:certificates/cevpn-ce:certificate",
                     path_ns={"cevpn-ce": CE_NS},
                 )
-        if not self.has_kernel:
-            return  # nothing is realised, so nothing needs to be realisable (IKE peers too)
         peers = [p["name"] for p in config.get("cevpn-ce:ce", {}).get("peer", [])]
         provisional = {name: OWNED_REQIDS[i] for i, name in enumerate(peers)}
         try:
-            compile_desired(config, provisional, own_key_pem=self._own_key_pem())
+            self._desired(config, provisional)
         except ConfigProblem as exc:
             path, ns = _peer_path(exc.peer)
             raise RpcError("invalid-value", str(exc), path=path, path_ns=ns) from None
@@ -236,11 +234,14 @@ class AgentApplication(Application):
         config = txn.new_json()
         peers = [p["name"] for p in config.get("cevpn-ce:ce", {}).get("peer", [])]
         txn.scratch["fresh"] = allocations.reserve(peers)
-        txn.scratch["desired"] = (
-            compile_desired(config, allocations.reqids, own_key_pem=self._own_key_pem())
-            if self.has_kernel
-            else Desired()
-        )
+        txn.scratch["desired"] = self._desired(config, allocations.reqids)
+
+    def _desired(self, config: Mapping[str, Any], reqids: Mapping[str, int]) -> Desired:
+        """What the data plane is to hold.  Without one, nothing: nothing is realised,
+        so nothing needs to be realisable (IKE peers' credentials included)."""
+        if not self.has_kernel:
+            return Desired()
+        return compile_desired(config, reqids, own_key_pem=self._own_key_pem())
 
     async def _follow_port(self, txn: Transaction) -> int | None:
         """Move the listener to the configured management port; the old port, to undo."""
@@ -325,102 +326,43 @@ class AgentApplication(Application):
         if certs.get("key-origin") != "ce" and txn.reason != "pull":
             self.puller.trigger("a certificate request for the CE's own key")
 
+    def _steps(self, txn: Transaction, keep: Mapping[SAKey, int]) -> list[Step]:
+        """The parts of the CE a commit moves, in order (nc_agent.apply_steps); none
+        without a data plane."""
+        if not self.has_kernel:
+            return []
+        startup = txn.reason == "startup"
+        held = set(keep)
+        return [
+            KernelStep(self._kernel(), lambda: set(self.lingering) | held, startup=startup),
+            EdgeStep(self._edge(), self._listen_port, startup=startup),
+            IkeStep(self._ike()),
+        ]
+
     async def _apply(self, txn: Transaction) -> None:
-        allocations = self._allocations()
         new: Desired = txn.scratch["desired"]
         old = self.current
-        if not self.has_kernel:
-            # Control plane only: nothing is installed, so nothing is announced as up.
-            self.current = new
-            allocations.keep_only(set(new.peers))
-            allocations.save()
-            self.applied_version = (
-                txn.new_json().get("cevpn-ce:ce", {}).get("configuration-version")
-            )
-            if txn.reason != "startup":
-                self._notify(
-                    "configuration-updated",
-                    version=str(self.applied_version or ""),
-                    source=self._source(txn),
-                )
-            return
-        kernel = self._kernel()
         keep = self._keep_for_grace(old, new)
-        ike = self._ike()
-        if txn.reason != "startup":
-            # Removals first: a peer leaving IKE (removed, or keyed without IKE now) is
-            # deleted in charon before the kernel changes, so its policies are gone
-            # before IKE-less ones take the same selectors.
-            staying = {n: p for n, p in old.ike_peers().items() if n in new.ike_peers()}
-            await self._ike_apply(ike, staying, old)
         try:
-            if txn.reason == "startup":
-                await asyncio.to_thread(kernel.reconcile, new, set(self.lingering))
-            else:
-                held = set(self.lingering) | set(keep)
-                await asyncio.to_thread(kernel.transition, old, new, held)
-                # Then compare with what the kernel really holds: anything changed
-                # behind the agent's back (or left by a crash) converges too.
-                await asyncio.to_thread(kernel.converge, new, held)
-        except KernelRefused as exc:
-            if txn.reason != "startup":
-                with contextlib.suppress(IkeRefused):
-                    await ike.apply(old.ike_peers(), old.credentials, old.retry)
+            await move(self._steps(txn, keep), old, new, undo=txn.reason != "startup")
+        except StepRefused as exc:
             path, ns = _peer_path(exc.peer)
             if exc.peer:
-                self.last_error[exc.peer] = str(exc)
-            who = f"peer {exc.peer}: " if exc.peer else ""
-            raise RpcError(
-                "operation-failed",
-                f"The kernel refused the change ({who}{exc}); nothing was changed.",
-                path=path,
-                path_ns=ns,
-            ) from None
-        # The edge once the tunnel devices exist (the routing daemon runs over them).
-        try:
-            await self._edge().apply(old, new, self._listen_port())
-        except EdgeRefused as exc:
-            if txn.reason == "startup":
-                log.error("the CE's edge could not be set up (retried at the next commit): %s", exc)
+                self.last_error[exc.peer] = exc.reason
+            who = f"peer {exc.peer}: " if exc.peer and exc.step == "kernel" else ""
+            if exc.step == "edge":
+                message = f"{exc.what}: {exc.reason}; nothing was changed."
             else:
-                await asyncio.to_thread(kernel.transition, new, old, set(self.lingering))
-                with contextlib.suppress(IkeRefused):
-                    await ike.apply(old.ike_peers(), old.credentials, old.retry)
-                raise RpcError(
-                    "operation-failed", f"The change could not be made: {exc}; nothing was changed."
-                ) from None
-        # Additions last: a new peer's traps are installed once its device exists, so
-        # nothing the kernel does while creating the device can start a negotiation.
-        try:
-            await self._ike_apply(ike, new.ike_peers(), new)
-        except RpcError:
-            if txn.reason != "startup":
-                with contextlib.suppress(EdgeRefused):
-                    await self._edge().apply(new, old, self._listen_port())
-                await asyncio.to_thread(kernel.transition, new, old, set(self.lingering))
-                with contextlib.suppress(IkeRefused):
-                    await ike.apply(old.ike_peers(), old.credentials, old.retry)
-            raise
+                message = f"{exc.what} ({who}{exc.reason}); nothing was changed."
+            raise RpcError("operation-failed", message, path=path, path_ns=ns) from None
         for key, grace in keep.items():
             self._linger(key, grace)
         self.current = new
+        allocations = self._allocations()
         allocations.keep_only(set(new.peers))
         allocations.save()
         self.applied_version = txn.new_json().get("cevpn-ce:ce", {}).get("configuration-version")
         self._announce(old, new, txn)
-
-    @staticmethod
-    async def _ike_apply(ike: IkeManager, peers: dict[str, IkePeer], desired: Desired) -> None:
-        try:
-            await ike.apply(peers, desired.credentials, desired.retry)
-        except IkeRefused as exc:
-            path, ns = _peer_path(exc.peer)
-            raise RpcError(
-                "operation-failed",
-                f"The IKE daemon refused the change ({exc}); nothing was changed.",
-                path=path,
-                path_ns=ns,
-            ) from None
 
     async def abort(self, txn: Transaction) -> None:
         if self.allocations is not None:
