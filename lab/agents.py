@@ -164,24 +164,71 @@ def ping(src: Site, dst: Site, count: int = 2) -> bool:
     )
 
 
-def capture(name: str, netns: str = "pe", iface: str = "any") -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        ["ip", "netns", "exec", netns, "tcpdump", "-nni", iface, "-w", str(WORK / f"{name}.pcap"),
-         "--immediate-mode", "ip"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    time.sleep(1.5)
-    return proc
+MARKER = "127.0.0.77"
+"""Pinged on the capturing namespace's loopback to close a capture (see Capture.stop)."""
 
 
-def stop_capture(proc: subprocess.Popen[bytes], name: str) -> list[str]:
-    time.sleep(0.5)
-    proc.terminate()
-    proc.wait(10)
-    out = subprocess.run(
-        ["tcpdump", "-nn", "-r", str(WORK / f"{name}.pcap")], capture_output=True, text=True
-    ).stdout
-    return [line for line in out.splitlines() if line.strip()]
+@dataclass
+class Capture:
+    """tcpdump in one namespace (LAB.md: --immediate-mode), packet-buffered to a pcap.
+
+    Started and stopped on conditions, never after a sleep: ``capture`` returns once
+    tcpdump says it is listening; ``stop`` pings a marker address on the loopback (a
+    capture on 'any' sees it), waits until the marker is in the pcap -- so everything
+    sent before it is there too -- and only then stops tcpdump."""
+
+    name: str
+    netns: str
+    iface: str
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def pcap(self) -> Path:
+        return WORK / f"{self.name}.pcap"
+
+    def lines(self) -> list[str]:
+        out = subprocess.run(
+            ["tcpdump", "-nn", "-r", str(self.pcap)], capture_output=True, text=True
+        ).stdout
+        return [line for line in out.splitlines() if line.strip()]
+
+    def stop(self) -> list[str]:
+        if self.iface == "any":
+            marker = f"> {MARKER}: ICMP"
+            deadline = time.monotonic() + 30
+            while not any(marker in line for line in self.lines()):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"capture {self.name}: the closing marker never arrived")
+                subprocess.run(
+                    ["ip", "netns", "exec", self.netns, "ping", "-c", "1", "-W", "1", MARKER],
+                    capture_output=True,
+                )  # fmt: skip
+        self.proc.terminate()
+        self.proc.wait(10)
+        return [line for line in self.lines() if MARKER not in line]
+
+
+def capture(name: str, netns: str = "pe", iface: str = "any") -> Capture:
+    """Start capturing IPv4 in ``netns`` on ``iface``; returns once tcpdump listens."""
+    log = WORK / f"{name}.tcpdump.log"
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", netns, "tcpdump", "-nni", iface, "-U", "-w",
+             str(WORK / f"{name}.pcap"), "--immediate-mode", "ip"],
+            stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while "listening on" not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"tcpdump did not start: {log.read_text(errors='replace')}")
+        time.sleep(0.02)
+    return Capture(name, netns, iface, proc)
+
+
+def stop_capture(cap: Capture, name: str) -> list[str]:
+    """The captured packets as tcpdump prints them (``name`` is the capture's)."""
+    assert cap.name == name
+    return cap.stop()
 
 
 def configure_mesh(

@@ -200,6 +200,11 @@ class Provisioner:
 
         self._timers[site] = asyncio.get_running_loop().call_later(delay, fire)
 
+    async def idle(self) -> None:
+        """Wait until no work is running and no retry is scheduled (a CE that stays
+        unreachable keeps it busy: bound the wait)."""
+        await self._idle.wait()
+
     async def settle(self) -> None:
         """Wait until no work is running (retries may still be scheduled)."""
         while self._running:

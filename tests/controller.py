@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,20 +27,10 @@ from tests.netconf_server import (
     ncclient_connect,
     wait_listening,
 )
+from tests.waiting import wait_for
 
 SVC_NS = "urn:cevpn:yang:cevpn-service"
 CE_NS = "urn:cevpn:yang:cevpn-ce"
-
-
-def wait_for(what: Callable[[], Any], timeout: float = 60.0, message: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = what()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {message or what}: last {last!r}")
 
 
 @dataclass
@@ -142,6 +132,26 @@ class Controller:
                 etree.QName(c).localname: c.text or "" for c in prov
             }
         return out
+
+    def wait_status_notification(
+        self, m: Any, site: str, status: str, timeout: float = 60
+    ) -> dict[str, str]:
+        """The next provisioning-status-changed of ``site`` to ``status`` on the
+        subscribed session ``m`` (ncclient, create_subscription done)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            n = m.take_notification(block=True, timeout=1)
+            if n is None:
+                continue
+            event = etree.fromstring(n.notification_xml.encode()).find(
+                f"{{{SVC_NS}}}provisioning-status-changed"
+            )
+            if event is None:
+                continue
+            leaves = {etree.QName(c).localname: c.text or "" for c in event}
+            if leaves.get("site") == site and leaves.get("status") == status:
+                return leaves
+        raise AssertionError(f"no provisioning-status-changed of {site} to {status}")
 
     def status(self, site: str) -> str | None:
         return self.provisioning().get(site, {}).get("status")

@@ -7,14 +7,14 @@ proven in tests/lab/test_server_lab.py.
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from ncclient.operations.rpc import RPCError
 
-from tests.controller import CE_NS, SVC_NS, Controller, controller, vpn_xml, wait_for
+from tests.controller import CE_NS, SVC_NS, Controller, controller, vpn_xml
 from tests.netconf_server import BIN, free_port
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -491,12 +491,15 @@ def test_a_ce_unreachable_when_its_site_is_deprovisioned_is_cleaned_when_it_retu
         mesh(ctl, "rust", 2)
         ctl.in_sync("rust-s1", "rust-s2")
         ctl.agents["rust-s2"].stop()
-        ctl.rpc(
-            f'<remove-site xmlns="{SVC_NS}"><vpn>rust</vpn><site>rust-s2</site>'
-            "<deprovision>true</deprovision></remove-site>"
-        )
+        with ctl.nc() as watcher:
+            watcher.create_subscription()
+            ctl.rpc(
+                f'<remove-site xmlns="{SVC_NS}"><vpn>rust</vpn><site>rust-s2</site>'
+                "<deprovision>true</deprovision></remove-site>"
+            )
+            failed = ctl.wait_status_notification(watcher, "rust-s2", "unreachable")
+        assert failed["previous-status"] == "removing"
         wait_for(lambda: ctl.agents["rust-s1"].running_ce()["peers"] == [], 30, "peer dropped")
-        time.sleep(3)  # a few failed attempts
         assert ctl.agents["rust-s2"].running_ce()["peers"] == ["rust-s1"]
         ctl.agents["rust-s2"].start()
         wait_for(lambda: ctl.agents["rust-s2"].running_ce()["peers"] == [], 60, "deprovisioned")
@@ -563,7 +566,11 @@ def test_a_key_weaker_than_the_vpn_is_refused_with_the_vpn_as_error_path(tmp_pat
         assert "strength" in (err.value.message or "").lower()
         with ctl.nc() as m:
             assert "encr-3des" not in m.get_config("running").data_xml
-        time.sleep(1)
+        # The server compiled nothing new, so it has nothing to push: both CEs are
+        # in sync with the version they had.
+        prov = ctl.provisioning()
+        assert prov["iron-s1"]["status"] == "in-sync"
+        assert prov["iron-s1"]["applied-version"] == before
         assert ctl.agents["iron-s1"].running_ce()["version"] == before
 
 

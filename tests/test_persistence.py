@@ -72,7 +72,13 @@ def test_kill_9_at_random_moments_during_edits_never_loses_or_tears_a_commit(ser
 
         worker = threading.Thread(target=edit_loop)
         worker.start()
-        time.sleep(0.3 + rng.random() * 0.7)
+        # Killed while the edits stream in, after a (seeded) random number of them was
+        # acknowledged: the moment within the next commit's write is whatever it is.
+        target = rng.randint(1, 25)
+        deadline = time.monotonic() + 60
+        while len(acked) < target and worker.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert len(acked) >= target, "the edits did not start"
         server.kill9()
         stop.set()
         worker.join(30)

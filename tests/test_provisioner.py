@@ -13,8 +13,10 @@ def test_retries_back_off_exponentially_up_to_the_limit() -> None:
 
 
 def run(
-    job_results: list[object], limit: float = 0.01, wait: float = 0.3
+    job_results: list[object], limit: float = 0.01
 ) -> tuple[CeRecord, list[tuple[str, str]], int]:
+    """Provision one CE whose job gives these results in turn, until nothing is left to
+    do (no job running, no retry scheduled)."""
     calls = 0
     changes: list[tuple[str, str]] = []
 
@@ -33,7 +35,7 @@ def run(
                            max_concurrent=2, retry_limit=limit)  # fmt: skip
         rec = prov.record("v", "s")
         prov.want("s")
-        await asyncio.sleep(wait)
+        await asyncio.wait_for(prov.idle(), 30)
         await prov.close()
         return rec
 
@@ -77,7 +79,7 @@ def test_work_asked_for_while_running_runs_once_more_not_in_parallel() -> None:
         prov.record("v", "s")
         for _ in range(5):
             prov.want("s")
-        await asyncio.sleep(0.3)
+        await asyncio.wait_for(prov.idle(), 30)
         await prov.close()
 
     asyncio.run(main())

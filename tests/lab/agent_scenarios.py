@@ -150,7 +150,8 @@ def rekey() -> dict[str, Any]:
              b.host_address],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
-        time.sleep(3)
+        # The rekey happens while the ping runs: the old A->B SA has carried traffic.
+        report_traffic = wait_packets(b, old.spi_ab, 20)
         # the VPN server's order: each receiver learns its new inbound SA first
         with agents[2].connect() as m:  # B: new inbound for A->B, outbound unchanged
             m.edit_config(
@@ -169,6 +170,7 @@ def rekey() -> dict[str, Any]:
         summary = [line for line in out.splitlines() if "packet loss" in line]
         return {
             "ping": summary,
+            "traffic_before_rekey": report_traffic,
             "old_spis": [old.spi_ab, old.spi_ba],
             "new_spis": [new.spi_ab, new.spi_ba],
             "ce1": kernel_objects(a),
@@ -177,6 +179,26 @@ def rekey() -> dict[str, Any]:
     finally:
         for agent in agents.values():
             agent.stop()
+
+
+def esp_packets(site: Site, spi: int) -> int:
+    """Packets the SA with this SPI on the site's CE has carried (ip -s xfrm state)."""
+    out = subprocess.run(
+        ["ip", "-n", site.ce, "-s", "xfrm", "state", "list", "spi", hex(spi)],
+        capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    found = re.search(r"(\d+)\(packets\)", out)
+    return int(found.group(1)) if found else 0
+
+
+def wait_packets(site: Site, spi: int, packets: int, timeout: float = 30) -> float | None:
+    """Seconds until the SA has carried ``packets`` packets (None: it never did)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if esp_packets(site, spi) >= packets:
+            return time.monotonic() - start
+        time.sleep(0.05)
+    return None
 
 
 def ip(*args: str) -> str:

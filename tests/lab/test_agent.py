@@ -58,6 +58,7 @@ def test_removing_a_peer_removes_exactly_its_kernel_objects():
 
 def test_a_rekey_during_a_continuous_ping_loses_no_packet():
     report = scenario("rekey", 2)
+    assert report["traffic_before_rekey"] is not None  # the old SA carried the ping first
     assert report["ping"] and " 0% packet loss" in report["ping"][0], report["ping"]
     new_hex = {f"{spi:#010x}" for spi in report["new_spis"]}
     installed = {sa.split()[0] for sa in report["ce1"]["sas"]}

@@ -107,6 +107,9 @@ def test_a_wrong_psk_retries_on_the_seed_schedule_raises_the_alarm_and_a_fix_cle
 
 def test_killed_charon_or_agent_or_a_vanished_peer_never_lets_clear_text_out() -> None:
     report = scenario("ike_scenarios", "kill-charon", 2)
+    # ESP flowed before each outage, and after the last one.
+    for phase in ("before_kill", "after_charon_kill", "after_agent_kill", "after_dpd"):
+        assert report[f"traffic_{phase}"] is not None, phase
     # kill -9 of charon: the agent starts a new one, the peer reports the outage at once.
     assert report["charon_restarted_after_s"] is not None
     assert report["charon_kill_down_after_s"] is not None

@@ -12,13 +12,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from lab.agents import capture
 from lab.topology import build, ip_batch
 from nc_agent.dataplane.xfrm import (
     SA,
@@ -48,39 +48,6 @@ def aead(byte: int) -> Algorithm:
 
 def sh(*argv: str) -> str:
     return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-
-
-class Capture:
-    """tcpdump on pe, as LAB.md recommends (--immediate-mode)."""
-
-    def __init__(self, name: str) -> None:
-        self.pcap = WORK / f"{name}.pcap"
-        self.proc = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                "pe",
-                "tcpdump",
-                "-nni",
-                "any",
-                "--immediate-mode",
-                "-w",
-                str(self.pcap),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        time.sleep(1.0)
-
-    def stop(self) -> list[str]:
-        time.sleep(0.5)
-        self.proc.send_signal(signal.SIGINT)
-        self.proc.wait(timeout=10)
-        out = subprocess.run(
-            ["tcpdump", "-nn", "-r", str(self.pcap), "ip"], capture_output=True, text=True
-        )
-        return out.stdout.strip().splitlines()
 
 
 def ping(src_ns: str, dst: str) -> dict[str, Any]:
@@ -148,7 +115,7 @@ def datapath() -> dict[str, Any]:
         ip_batch(
             [f"link set ipip{peer} up", f"route add 10.{peer}.0.0/24 dev ipip{peer}"], f"{ns}-vpn"
         )
-    cap = Capture("transport")
+    cap = capture("transport")
     result["transport"] = {
         "ping": ping("site1", "10.2.0.2"),
         "pe": cap.stop(),
@@ -175,7 +142,7 @@ def datapath() -> dict[str, Any]:
         ip_batch(
             [f"link set vti{peer} up", f"route add 10.{peer}.0.0/24 dev vti{peer}"], f"{ns}-vpn"
         )
-    cap = Capture("tunnel")
+    cap = capture("tunnel")
     result["tunnel"] = {
         "ping": ping("site1", "10.2.0.2"),
         "pe": cap.stop(),
