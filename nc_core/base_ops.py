@@ -7,6 +7,7 @@ module is the rest of what ietf-netconf defines.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from copy import deepcopy
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -21,13 +22,14 @@ from nc_core.errors import (
     bad_element,
     missing_element,
     operation_not_supported,
+    unknown_element,
 )
 from nc_core.users import hash_clear_text_passwords
 from nc_core.with_defaults import requested_mode
-from nc_core.xmlutil import NC_NS, local, qn
+from nc_core.xmlutil import NC_NS, local, namespace
 
 if TYPE_CHECKING:
-    from nc_core.server import NetconfServer, RpcContext
+    from nc_core.server import Handler, NetconfServer, RpcContext
     from nc_core.session import Session
 
 
@@ -48,31 +50,115 @@ def register(server: NetconfServer) -> None:
         ("validate", validate),
         ("discard-changes", discard_changes),
     ]:
-        server.register(NC_NS, name, MODULE, handler)
+        server.register(NC_NS, name, MODULE, checked(handler))
 
 
 # -- parameters ------------------------------------------------------------------
 
+PARAMETERS: Mapping[str, frozenset[str]] = {
+    "get": frozenset({"filter"}),
+    "get-config": frozenset({"source", "filter"}),
+    "edit-config": frozenset(
+        {"target", "default-operation", "test-option", "error-option", "config", "url"}
+    ),
+    "copy-config": frozenset({"target", "source"}),
+    "delete-config": frozenset({"target"}),
+    "lock": frozenset({"target"}),
+    "unlock": frozenset({"target"}),
+    "close-session": frozenset(),
+    "kill-session": frozenset({"session-id"}),
+    "validate": frozenset({"source"}),
+    "discard-changes": frozenset(),
+    "commit": frozenset({"confirmed", "confirm-timeout", "persist", "persist-id"}),
+    "cancel-commit": frozenset({"persist-id"}),
+}
+"""The input parameters of each operation of the ietf-netconf module (RFC 6241 Sections 7
+and 8), by local name.  Parameters other modules add (RFC 6243's with-defaults) are in their
+own namespace and are read by those modules."""
 
-def _param(op: etree._Element, name: str, *, required: bool = True) -> etree._Element | None:
-    elem = op.find(qn(NC_NS, name))
+
+def is_base(elem: etree._Element) -> bool:
+    """Whether ``elem`` is in the base namespace or in no namespace at all.
+
+    Both are read as RFC 6241's own elements.  ncclient sends a <config> or <filter> given
+    as a string exactly as written, so the idiom of its documentation and of the vendor
+    examples built on it (``<config xmlns:xc="urn:ietf:params:xml:ns:netconf:base:1.0">``,
+    with xc only for xc:operation) arrives in no namespace; netconfd and Netopeer2 accept
+    it.  No YANG module can own elements in no namespace, so the reading takes nothing from
+    anyone.
+    """
+    return isinstance(elem.tag, str) and namespace(elem.tag) in (NC_NS, None)
+
+
+def parameters(op: etree._Element) -> dict[str, etree._Element]:
+    """The parameters of base operation ``op`` by name, each in the base namespace or none.
+
+    Being lenient about the namespace must not make a request ambiguous, so the same
+    parameter twice (with and without the namespace, or twice alike) is bad-element, and an
+    element in the base namespace or none that is not a parameter of ``op`` is
+    unknown-element: never is one of them silently ignored.
+    """
+    op_name = local(op.tag)
+    allowed = PARAMETERS[op_name]
+    found: dict[str, etree._Element] = {}
+    for child in op:
+        if not is_base(child):
+            continue
+        name = local(child.tag)
+        if name not in allowed:
+            takes = ", ".join(f"<{p}>" for p in sorted(allowed)) or "no parameters"
+            raise unknown_element(
+                name, f"<{name}> is not a parameter of <{op_name}>, which takes {takes}."
+            )
+        if name in found:
+            raise bad_element(
+                name,
+                f"<{op_name}> has the <{name}> parameter twice; give it once, in the base "
+                "namespace or in none.",
+            )
+        found[name] = child
+    return found
+
+
+def checked(handler: Handler) -> Handler:
+    """``handler``, run only once :func:`parameters` accepts the operation's parameters.
+
+    Checked here rather than where a handler reads them, so that an operation reading
+    none (close-session, discard-changes) refuses an unknown one all the same.
+    """
+
+    async def run(ctx: RpcContext, op: etree._Element) -> list[etree._Element] | None:
+        parameters(op)
+        return await handler(ctx, op)
+
+    return run
+
+
+def parameter(op: etree._Element, name: str, *, required: bool = True) -> etree._Element | None:
+    """The ``name`` parameter of base operation ``op`` (see :func:`parameters`)."""
+    elem = parameters(op).get(name)
     if elem is None and required:
         raise missing_element(name, f"<{local(op.tag)}> needs a <{name}> parameter.")
     return elem
 
 
 def datastore_name(op: etree._Element, param: str, allowed: tuple[str, ...]) -> str:
-    """The datastore named by <source>/<target> (e.g. <target><running/></target>)."""
-    elem = _param(op, param)
+    """The datastore named by <source>/<target> (e.g. <target><running/></target>).
+
+    Its element may be in the base namespace or none, like the parameter (:func:`is_base`).
+    """
+    elem = parameter(op, param)
     assert elem is not None
     choices = [c for c in elem if isinstance(c.tag, str)]
     if len(choices) != 1:
         raise missing_element(param, f"<{param}> must name exactly one datastore.")
     choice = choices[0]
     name = local(choice.tag)
-    if name == "url":
-        raise operation_not_supported("The :url capability is not supported.")
-    if choice.tag not in {qn(NC_NS, a) for a in allowed}:
+    if is_base(choice):
+        if name == "url":
+            raise operation_not_supported("The :url capability is not supported.")
+        if name in allowed:
+            return name
         if name in ("running", "candidate", "startup", "config"):
             raise RpcError(
                 "invalid-value",
@@ -81,20 +167,18 @@ def datastore_name(op: etree._Element, param: str, allowed: tuple[str, ...]) -> 
                 type="protocol",
                 info=[("bad-element", name)],
             )
-        raise bad_element(name, f"<{name}> is not a datastore.")
-    return name
+    raise bad_element(name, f"<{name}> is not a datastore.")
 
 
 def inline_config(op: etree._Element, param: str) -> etree._Element:
-    elem = _param(op, param)
+    """The <config> that datastore_name() found as the only child of <source>."""
+    elem = parameter(op, param)
     assert elem is not None
-    config = elem.find(qn(NC_NS, "config"))
-    assert config is not None
-    return config
+    return next(c for c in elem if is_base(c) and local(c.tag) == "config")
 
 
 def _filter(op: etree._Element) -> etree._Element | None:
-    return op.find(qn(NC_NS, "filter"))
+    return parameter(op, "filter", required=False)
 
 
 def _data(root: etree._Element) -> list[etree._Element]:
@@ -128,7 +212,7 @@ async def get_config(ctx: RpcContext, op: etree._Element) -> list[etree._Element
 def _enum_param(
     op: etree._Element, name: str, allowed: frozenset[str] | set[str], default: str
 ) -> str:
-    elem = op.find(qn(NC_NS, name))
+    elem = parameter(op, name, required=False)
     if elem is None:
         return default
     value = (elem.text or "").strip()
@@ -155,11 +239,10 @@ async def edit_config(ctx: RpcContext, op: etree._Element) -> None:
         {"stop-on-error", "continue-on-error", "rollback-on-error"},
         "stop-on-error",
     )
-    config = op.find(qn(NC_NS, "config"))
-    if config is None:
-        if op.find(qn(NC_NS, "url")) is not None:
-            raise operation_not_supported("The :url capability is not supported.")
-        raise missing_element("config", "<edit-config> needs a <config> parameter.")
+    if parameter(op, "url", required=False) is not None:
+        raise operation_not_supported("The :url capability is not supported.")
+    config = parameter(op, "config")
+    assert config is not None
     server.require_writer(session, "edit-config")
     async with server.config_lock:
         if target == "running" and test_option != "test-only":
@@ -347,7 +430,7 @@ async def close_session(ctx: RpcContext, op: etree._Element) -> None:
 
 
 async def kill_session(ctx: RpcContext, op: etree._Element) -> None:
-    elem = _param(op, "session-id")
+    elem = parameter(op, "session-id")
     assert elem is not None
     text = (elem.text or "").strip()
     if not text.isdigit():

@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING
 
 from lxml import etree
 
+from nc_core.base_ops import checked, parameter
 from nc_core.datastore import document_bytes
 from nc_core.errors import RpcError
-from nc_core.xmlutil import NC_NS, qn
+from nc_core.xmlutil import NC_NS
 
 if TYPE_CHECKING:
     from nc_core.server import NetconfServer, RpcContext
@@ -60,7 +61,7 @@ class ConfirmedCommit:
 
     async def commit(self, ctx: RpcContext, op: etree._Element) -> None:
         server, session = self.server, ctx.session
-        confirmed = op.find(qn(NC_NS, "confirmed")) is not None
+        confirmed = parameter(op, "confirmed", required=False) is not None
         timeout = _timeout(op)
         persist = _text(op, "persist")
         persist_id = _text(op, "persist-id")
@@ -222,7 +223,7 @@ class ConfirmedCommit:
 
 
 def _text(op: etree._Element, name: str) -> str | None:
-    elem = op.find(qn(NC_NS, name))
+    elem = parameter(op, name, required=False)
     return None if elem is None else (elem.text or "").strip()
 
 
@@ -242,6 +243,6 @@ def _timeout(op: etree._Element) -> int | None:
 
 def register(server: NetconfServer) -> ConfirmedCommit:
     confirmed = ConfirmedCommit(server)
-    server.register(NC_NS, "commit", "ietf-netconf", confirmed.commit)
-    server.register(NC_NS, "cancel-commit", "ietf-netconf", confirmed.cancel_commit)
+    server.register(NC_NS, "commit", "ietf-netconf", checked(confirmed.commit))
+    server.register(NC_NS, "cancel-commit", "ietf-netconf", checked(confirmed.cancel_commit))
     return confirmed

@@ -117,5 +117,9 @@ def bad_element(name: str, message: str, *, type: ErrorType = "protocol") -> Rpc
     return RpcError("bad-element", message, type=type, info=[("bad-element", name)])
 
 
+def unknown_element(name: str, message: str, *, type: ErrorType = "protocol") -> RpcError:
+    return RpcError("unknown-element", message, type=type, info=[("bad-element", name)])
+
+
 def operation_not_supported(message: str) -> RpcError:
     return RpcError("operation-not-supported", message, type="protocol")

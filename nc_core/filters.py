@@ -58,7 +58,8 @@ def apply_filter(
 ) -> etree._Element:
     """Return a NEW <data> element holding copies of what the filter selects (data is not modified).
 
-    filter_elem is the client's <filter> element (namespace NC_NS) or None (no filter: everything).
+    filter_elem is the client's <filter> element (in the base namespace or none, as
+    nc_core.base_ops.parameters accepts it) or None (no filter: everything).
     type attribute absent or 'subtree' -> subtree; 'xpath' -> XPath using its 'select' attribute,
     with namespace prefixes resolved from the filter element's own in-scope namespace declarations
     (filter_elem.nsmap); anything else -> RpcError.  An empty subtree filter (<filter
@@ -99,8 +100,22 @@ def _filter_kind(filter_elem: etree._Element) -> str:
 
 
 def _filter_attr(filter_elem: etree._Element, name: str) -> str | None:
-    # RFC 6241's schema has unqualified attributes; some clients qualify them with nc:.
-    return filter_elem.get(name, filter_elem.get(qn(NC_NS, name)))
+    """The filter's ``type`` or ``select`` attribute, unqualified or in the base namespace.
+
+    RFC 6241's schema has them unqualified; ncclient users and vendor examples often
+    write ``xc:type`` with xc the base namespace.  Given both ways, which one was meant
+    cannot be known, so the filter is refused rather than one of them ignored.
+    """
+    plain, qualified = filter_elem.get(name), filter_elem.get(qn(NC_NS, name))
+    if plain is not None and qualified is not None:
+        raise RpcError(
+            "bad-attribute",
+            f"The filter has the {name!r} attribute twice, unqualified and in the base "
+            "namespace; give it once.",
+            type="protocol",
+            info=[("bad-attribute", name), ("bad-element", "filter")],
+        )
+    return plain if plain is not None else qualified
 
 
 def _element_children(elem: etree._Element) -> list[etree._Element]:

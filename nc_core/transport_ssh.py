@@ -1,10 +1,11 @@
 """NETCONF over SSH (RFC 6242) with asyncssh.
 
 The server answers only the 'netconf' subsystem (no shell, no exec, no port
-forwarding), authenticates users from the running datastore (password as an
-iana-crypt-hash, or an authorized public key; RFC 7317 accounts), and presents
-an Ed25519 host key generated once into the state directory.  Ed25519 because
-yangcli's libssh2 cannot verify a server that offers only rsa-sha2-* host keys
+forwarding; a pseudo-terminal may be requested, and is ignored), authenticates
+users from the running datastore (password as an iana-crypt-hash, or an
+authorized public key; RFC 7317 accounts), and presents an Ed25519 host key
+generated once into the state directory.  Ed25519 because yangcli's libssh2
+cannot verify a server that offers only rsa-sha2-* host keys
 (../shared/NETCONF-NOTES.md).  Everything runs on one asyncio loop: a slow or
 silent client costs a few objects, never a thread, and never delays others.
 """
@@ -191,7 +192,20 @@ class _NetconfChannel(asyncssh.SSHServerSession[bytes]):
         chan.set_write_buffer_limits(high=high, low=high // 4)
 
     def pty_requested(self, term_type: str, term_size: Any, term_modes: Any) -> bool:
-        return False
+        """Grant a pseudo-terminal, and ignore it.
+
+        scrapli's 'system' transport runs ``ssh -tt ... -s netconf``, which requests a
+        pty before the subsystem; granting it lets such clients work as they do with
+        other NETCONF servers.  Nothing here is a terminal: asyncssh echoes, edits lines
+        and turns LF into CR LF only in its line editor, which exists only on a text
+        channel with line_editor on, and listen() makes bytes channels (encoding=None)
+        with it off; so the NETCONF byte stream stays exact, and the channel still runs
+        only the netconf subsystem (no shell, no exec).
+        """
+        log.debug(
+            "pty %r requested by %r from %s: granted, ignored", term_type, self.username, self.peer
+        )
+        return True
 
     def shell_requested(self) -> bool:
         return False
@@ -258,11 +272,11 @@ async def listen(nc: NetconfServer, host: str, port: int) -> asyncssh.SSHAccepto
         server_host_keys=[key],
         encoding=None,
         login_timeout=LOGIN_TIMEOUT,
-        allow_pty=False,
+        allow_pty=True,  # granted and ignored (_NetconfChannel.pty_requested)
         agent_forwarding=False,
         x11_forwarding=False,
         keepalive_interval=0,
-        line_editor=False,
+        line_editor=False,  # never: on a pty it would echo and rewrite LF as CR LF
     )
 
 

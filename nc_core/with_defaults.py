@@ -14,7 +14,7 @@ from typing import Any
 from _libyang import ffi, lib
 from lxml import etree
 
-from nc_core.errors import RpcError
+from nc_core.errors import RpcError, bad_element
 from nc_core.xmlutil import NC_NS, WD_ATTR_NS, WD_NS, XmlRejected, parse_message, qn
 
 MODES = ("report-all", "trim", "explicit", "report-all-tagged")
@@ -33,10 +33,17 @@ _FLAGS = {
 
 
 def requested_mode(operation: etree._Element) -> str:
-    """The <with-defaults> parameter of get, get-config or copy-config (RFC 6243 4.5)."""
-    elem = operation.find(qn(WD_NS, "with-defaults"))
-    if elem is None:
+    """The <with-defaults> parameter of get, get-config or copy-config (RFC 6243 4.5).
+
+    Given twice it is refused, as the base operations' own parameters are
+    (nc_core.base_ops.parameters): which one was meant cannot be known.
+    """
+    found = operation.findall(qn(WD_NS, "with-defaults"))
+    if not found:
         return BASIC_MODE
+    if len(found) > 1:
+        raise bad_element("with-defaults", "The <with-defaults> parameter is given twice.")
+    elem = found[0]
     mode = (elem.text or "").strip()
     if mode not in MODES:
         raise RpcError(

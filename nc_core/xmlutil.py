@@ -83,9 +83,19 @@ def _parser() -> etree.XMLParser:
 
 _PARSER = _parser()
 
+XML_WHITESPACE = b" \t\r\n"
+"""XML 1.0's S production: the only bytes a message may start with before its <?xml."""
+
 
 def parse_message(data: bytes) -> etree._Element:
-    """Parse one NETCONF message; raise :class:`XmlRejected` with a reason a person can read."""
+    """Parse one NETCONF message; raise :class:`XmlRejected` with a reason a person can read.
+
+    Whitespace before the message is dropped: XML allows it before the root element but
+    not before an XML declaration, and scrapli writes a newline first (its hello starts
+    with one, and each base:1.0 message follows the newline it sends after the previous
+    delimiter).  Anything else before the declaration is still not well-formed.
+    """
+    data = data.lstrip(XML_WHITESPACE)
     # Refuse before libxml2 sees it: a DOCTYPE can name a file (/dev/zero)
     # that the parser would open while reading the external subset.
     if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
