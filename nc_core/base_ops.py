@@ -26,7 +26,7 @@ from nc_core.errors import (
 )
 from nc_core.users import hash_clear_text_passwords
 from nc_core.with_defaults import requested_mode
-from nc_core.xmlutil import NC_NS, local, namespace
+from nc_core.xmlutil import NC_NS, NMDA_NS, local, namespace, qn
 
 if TYPE_CHECKING:
     from nc_core.server import Handler, NetconfServer, RpcContext
@@ -142,10 +142,17 @@ def parameter(op: etree._Element, name: str, *, required: bool = True) -> etree.
     return elem
 
 
+NMDA_DATASTORE_OPERATIONS = ("lock", "unlock", "validate")
+"""The operations whose <target>/<source> ietf-netconf-nmda augments with a <datastore>
+identity (RFC 8526 Section 3.3)."""
+
+
 def datastore_name(op: etree._Element, param: str, allowed: tuple[str, ...]) -> str:
     """The datastore named by <source>/<target> (e.g. <target><running/></target>).
 
-    Its element may be in the base namespace or none, like the parameter (:func:`is_base`).
+    Its element may be in the base namespace or none, like the parameter (:func:`is_base`);
+    for <lock>, <unlock> and <validate> it may also be RFC 8526's
+    ``<datastore xmlns="urn:ietf:params:xml:ns:yang:ietf-netconf-nmda">ds:running</datastore>``.
     """
     elem = parameter(op, param)
     assert elem is not None
@@ -154,6 +161,10 @@ def datastore_name(op: etree._Element, param: str, allowed: tuple[str, ...]) -> 
         raise missing_element(param, f"<{param}> must name exactly one datastore.")
     choice = choices[0]
     name = local(choice.tag)
+    if choice.tag == qn(NMDA_NS, "datastore") and local(op.tag) in NMDA_DATASTORE_OPERATIONS:
+        from nc_core.nmda import datastore_named
+
+        return datastore_named(choice, allowed, f"the {param} of <{local(op.tag)}>")
     if is_base(choice):
         if name == "url":
             raise operation_not_supported("The :url capability is not supported.")
@@ -227,7 +238,6 @@ def _enum_param(
 
 
 async def edit_config(ctx: RpcContext, op: etree._Element) -> None:
-    server, session = ctx.server, ctx.session
     target = datastore_name(op, "target", ("running", "candidate"))
     default_op = _enum_param(op, "default-operation", DEFAULT_OPERATIONS, "merge")
     test_option = _enum_param(
@@ -243,7 +253,29 @@ async def edit_config(ctx: RpcContext, op: etree._Element) -> None:
         raise operation_not_supported("The :url capability is not supported.")
     config = parameter(op, "config")
     assert config is not None
-    server.require_writer(session, "edit-config")
+    await edit(ctx, target, config, default_op, test_option, error_option, operation="edit-config")
+
+
+async def edit(
+    ctx: RpcContext,
+    target: str,
+    config: etree._Element,
+    default_op: str,
+    test_option: str = "test-then-set",
+    error_option: str = "stop-on-error",
+    *,
+    operation: str,
+) -> None:
+    """Apply ``config`` (a <config> element: its children are the edit, with nc:operation
+    attributes) to the running or candidate datastore.
+
+    The one path of every client edit, <edit-config> (RFC 6241 7.2) and <edit-data>
+    (RFC 8526 3.2, nc_core.nmda) alike: only writers, locks and a pending confirmed
+    commit respected, NACM write checks, validation and, for running, the application's
+    transaction (NetconfServer.change_running).
+    """
+    server, session = ctx.server, ctx.session
+    server.require_writer(session, operation)
     async with server.config_lock:
         if target == "running" and test_option != "test-only":
             server.check_running_writable(session)

@@ -342,16 +342,24 @@ class FilterRunner:
         keys_of: filters.KeysOf,
         *,
         user: str,
+        max_depth: int | None = None,
     ) -> etree._Element:
         """What :func:`nc_core.filters.apply_filter` returns, without stalling the event loop.
 
-        data is only read (it may be a stored datastore tree).  Raises the filter's
-        RpcErrors, resource-denied when the budget runs out or ``user`` has too many costly
-        filters pending, operation-failed when a worker fails.
+        data is only read (it may be a stored datastore tree).  ``max_depth`` cuts each
+        selected node that many levels down (:func:`nc_core.filters.limit_depth`).  Raises
+        the filter's RpcErrors, resource-denied when the budget runs out or ``user`` has
+        too many costly filters pending, operation-failed when a worker fails.
         """
+        selection: filters.Selection | None
         if filter_elem is None or filters.cheap(data, filter_elem):
-            return filters.apply_filter(data, filter_elem, keys_of)
-        selection = await self.select(data, filter_elem, user=user)
+            if max_depth is None:
+                return filters.apply_filter(data, filter_elem, keys_of)
+            selection = filters.select(data, filter_elem, keys_of)
+        else:
+            selection = await self.select(data, filter_elem, user=user)
+        if max_depth is not None:
+            selection = filters.limit_depth(data, selection, max_depth)
         return filters.build(data, selection, keys_of)
 
     async def select(

@@ -140,6 +140,35 @@ def build(data: etree._Element, selection: Selection | None, keys_of: KeysOf) ->
     return out
 
 
+def limit_depth(data: etree._Element, selection: Selection | None, depth: int) -> Selection:
+    """``selection`` with each selected node cut ``depth`` levels down (RFC 8526 max-depth).
+
+    The selected nodes are those a selection takes whole (None), or every top-level node
+    of data when there is no filter; a selected node is level 1, so depth 1 keeps it with
+    no children.  Ancestors of selected nodes are not counted, and a list entry always
+    keeps its keys (:func:`build` adds them), so the reply stays a valid instance.
+    """
+    if selection is None:
+        return {child: _within(child, depth) for child in _element_children(data)}
+    return _limit(selection, depth)
+
+
+def _limit(selection: Selection, depth: int) -> Selection:
+    return {
+        node: _within(node, depth) if sub is None else _limit(sub, depth)
+        for node, sub in selection.items()
+    }
+
+
+def _within(node: etree._Element, depth: int) -> Selection | None:
+    children = _element_children(node)
+    if not children:
+        return None  # a leaf (or an empty container): whole, with its value
+    if depth <= 1:
+        return {}
+    return {child: _within(child, depth - 1) for child in children}
+
+
 def _declarations(elem: etree._Element, parent: etree._Element | None) -> dict[Any, str]:
     """The namespace declarations elem needs under parent, to keep the datastore's prefixes."""
     # dict[Any, ...]: lxml-stubs say str keys, but None (the default namespace) is a valid key.

@@ -25,12 +25,15 @@ from lxml import etree
 from nc_core.errors import RpcError, missing_element
 from nc_core.notifications import date_and_time
 from nc_core.with_defaults import as_datastore_tree
-from nc_core.xmlutil import MON_NS, SYS_NS, YANGLIB_NS, default_ns_element, qn
+from nc_core.xmlutil import DS_NS, MON_NS, SYS_NS, YANGLIB_NS, default_ns_element, qn
 
 if TYPE_CHECKING:
     from nc_core.server import NetconfServer, RpcContext
 
 BOOT_TIME = datetime.now(UTC)
+
+NMDA_DATASTORES = ("running", "candidate", "startup", "operational")
+"""The datastores of RFC 8342 the servers implement (nc_core.nmda reads them all)."""
 
 
 class Monitoring:
@@ -109,6 +112,7 @@ class Monitoring:
                 elem.getparent().remove(elem)  # type: ignore[union-attr]
         for content_id in library.iter(qn(YANGLIB_NS, "content-id")):
             content_id.text = self.content_id
+            _add_datastores(content_id)
         for set_id in library.iter(qn(YANGLIB_NS, "module-set-id")):
             set_id.text = self.content_id
         return [self._netconf_state(), *list(library), self._system_state()]
@@ -253,6 +257,24 @@ class Monitoring:
             raise issue_to_error(issues[0], self.server.index) from None
         if tree is not None:
             tree.free()
+
+
+def _add_datastores(content_id: etree._Element) -> None:
+    """List the NMDA datastores (RFC 8525 /yang-library/datastore) before ``content-id``,
+    each with the one schema libyang describes (every datastore holds the same modules).
+
+    The identity's prefix is declared on the <name> element itself, so it survives the
+    copies filtering and NACM make of the leaf.
+    """
+    library = content_id.getparent()
+    assert library is not None
+    schema = library.find(f"{qn(YANGLIB_NS, 'schema')}/{qn(YANGLIB_NS, 'name')}")
+    schema_name = schema.text if schema is not None and schema.text else "complete"
+    for name in NMDA_DATASTORES:
+        entry = etree.Element(qn(YANGLIB_NS, "datastore"))
+        etree.SubElement(entry, qn(YANGLIB_NS, "name"), nsmap={"ds": DS_NS}).text = f"ds:{name}"
+        etree.SubElement(entry, qn(YANGLIB_NS, "schema")).text = schema_name
+        content_id.addprevious(entry)
 
 
 def _module_ns(module: Any) -> str:

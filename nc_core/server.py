@@ -30,6 +30,7 @@ from nc_core.edit import Change, Instances, diff, instance_identity, new_datasto
 from nc_core.errors import RpcError, RpcErrors, operation_not_supported
 from nc_core.merge import MergeConflict, merge3
 from nc_core.nacm import Nacm
+from nc_core.nmda import CAPABILITIES as NMDA_CAPABILITIES
 from nc_core.redaction import for_user
 from nc_core.schema import Schema, SchemaIndex
 from nc_core.session import BASE_10, BASE_11, Session
@@ -60,6 +61,8 @@ BASE_MODULES: tuple[str, ...] = (
     "ietf-netconf-acm",
     "ietf-system",
     "cevpn-system-deviations",
+    "ietf-origin",
+    "ietf-netconf-nmda",
 )
 BASE_FEATURES: dict[str, tuple[str, ...]] = {
     "ietf-netconf": (
@@ -72,6 +75,7 @@ BASE_FEATURES: dict[str, tuple[str, ...]] = {
         "xpath",
     ),
     "ietf-system": ("authentication", "local-users"),
+    "ietf-netconf-nmda": ("origin", "with-defaults"),
 }
 
 CAP = "urn:ietf:params:netconf:capability:"
@@ -177,7 +181,7 @@ class NetconfServer:
     """Everything one NETCONF server holds; transports feed it sessions."""
 
     def __init__(self, options: ServerOptions, application: Application | None = None) -> None:
-        from nc_core import base_ops, confirmed_commit, monitoring, notifications
+        from nc_core import base_ops, confirmed_commit, monitoring, nmda, notifications
         from nc_core.filter_worker import FilterRunner
 
         self.options = options
@@ -219,6 +223,7 @@ class NetconfServer:
         self.confirmed = confirmed_commit.register(self)
         self.notifications = notifications.register(self)
         self.monitoring = monitoring.register(self)
+        nmda.register(self)
         for ns, name in self.app.rpc_names():
             self.handlers[(ns, name)] = (self.index.namespaces.get(ns, ""), self._app_rpc)
         self._lock_fd: int | None = None
@@ -369,7 +374,7 @@ class NetconfServer:
             self.notifications.session_end(session)
 
     def capabilities(self) -> list[str]:
-        return [*PROTOCOL_CAPABILITIES, *self.monitoring.capabilities()]
+        return [*PROTOCOL_CAPABILITIES, *NMDA_CAPABILITIES, *self.monitoring.capabilities()]
 
     def hello(self, session_id: int) -> bytes:
         hello = default_ns_element(NC_NS, "hello")

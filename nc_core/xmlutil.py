@@ -23,6 +23,9 @@ YANGLIB_NS = "urn:ietf:params:xml:ns:yang:ietf-yang-library"
 NACM_NS = "urn:ietf:params:xml:ns:yang:ietf-netconf-acm"
 SYS_NS = "urn:ietf:params:xml:ns:yang:ietf-system"
 NCN_NS = "urn:ietf:params:xml:ns:yang:ietf-netconf-notifications"
+NMDA_NS = "urn:ietf:params:xml:ns:yang:ietf-netconf-nmda"
+DS_NS = "urn:ietf:params:xml:ns:yang:ietf-datastores"
+OR_NS = "urn:ietf:params:xml:ns:yang:ietf-origin"
 
 
 class XmlRejected(ValueError):
