@@ -225,7 +225,7 @@ def compile_desired(
         credentials=creds,
         retry=RetryPolicy.from_yang(ce.get("retry-policy", {})),
     )
-    peers = [p for p in ce.get("peer", []) if p.get("enabled", True)]
+    peers = [p for p in ce.get("peer", []) if p["enabled"]]
     if peers and not local:
         raise ConfigProblem(
             "Peers need this CE's own SP address: set pre-configuration/sp-address."
@@ -301,10 +301,9 @@ def compile_desired(
 def _routing(ce: Mapping[str, Any], desired: Desired) -> RoutingPlan | None:
     """The routing daemon's plan (seed 4.3); a tunnel asking for dynamic routing on a CE
     whose routing is static is refused rather than silently left without it."""
-    protocol = ce.get("routing", {}).get("dynamic", {}).get("protocol", "none")
-    if protocol == "none":
+    if ce["routing"]["dynamic"]["protocol"] == "none":
         for peer in ce.get("peer", []):
-            if peer.get("enabled", True) and peer.get("tunnel", {}).get("dynamic-routing"):
+            if peer["enabled"] and peer.get("tunnel", {}).get("dynamic-routing"):
                 raise ConfigProblem(
                     "Dynamic routing through this tunnel needs a routing protocol: set "
                     "routing/dynamic/protocol (draft-ietf-l3vpn-ce-based-02, Section 4.3) "
@@ -321,8 +320,8 @@ def _routing(ce: Mapping[str, Any], desired: Desired) -> RoutingPlan | None:
 def _tunnel_address(ce: Mapping[str, Any]) -> str | None:
     """The /32 on every tunnel device: the router ID, which OSPF needs on its unnumbered
     point-to-point interfaces (derived when routing is dynamic and none is configured)."""
-    routing = ce.get("routing", {})
-    if routing.get("dynamic", {}).get("protocol", "none") == "none":
+    routing = ce["routing"]
+    if routing["dynamic"]["protocol"] == "none":
         configured = routing.get("router-id")
         return str(configured) if configured else None
     try:
