@@ -115,8 +115,21 @@ def add_common_commands(
     )
     add.add_argument("--group", action="append", default=[], help="NACM group (repeatable)")
 
-    hk = commands.add_parser("host-key", help="print the SSH host public key clients must pin")
+    hk = commands.add_parser(
+        "host-key",
+        help="print the SSH host public key clients must pin",
+        description="Print the host public key as an OpenSSH public key line (key type, key, "
+        "comment), or with --known-hosts as one known_hosts line.",
+    )
     hk.add_argument("--state-dir", type=Path, required=True)
+    hk.add_argument(
+        "--known-hosts",
+        metavar="HOST[:PORT][,...]",
+        type=known_hosts_patterns,
+        help="print a known_hosts line for these hosts instead ('PATTERNS KEYTYPE KEY', "
+        "no comment); HOST:PORT becomes [HOST]:PORT as OpenSSH looks it up (port 22 "
+        "stays HOST); an IPv6 address with a port is written [ADDR]:PORT",
+    )
 
     cmd = commands.add_parser(
         "validate",
@@ -254,8 +267,38 @@ def run_host_key(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    print(host_key_line(state_dir))
+    line = host_key_line(state_dir)
+    if args.known_hosts is not None:
+        key_type, key = line.split()[:2]
+        line = f"{args.known_hosts} {key_type} {key}"
+    print(line)
     return 0
+
+
+def known_hosts_patterns(text: str) -> str:
+    """The host field of a known_hosts line for ``HOST[:PORT][,HOST[:PORT]...]``.
+
+    OpenSSH looks a host up as ``HOST`` on port 22 and as ``[HOST]:PORT`` on any other;
+    scrapli's paramiko and asyncssh transports look it up as ``HOST`` whatever the port.
+    An IPv6 address takes a port only in brackets, ``[ADDR]:PORT``.
+    """
+    patterns = []
+    for item in text.split(","):
+        item = item.strip()
+        host, port = item, None
+        if item.startswith("["):
+            host, sep, rest = item[1:].partition("]")
+            if not sep or not rest.startswith(":"):
+                raise argparse.ArgumentTypeError(f"{item!r} is not [HOST]:PORT")
+            port = rest[1:]
+        elif item.count(":") == 1:
+            host, port = item.split(":")
+        if not host or any(c.isspace() or c in "#,[]" for c in host):
+            raise argparse.ArgumentTypeError(f"{item!r} is not HOST or HOST:PORT")
+        if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+            raise argparse.ArgumentTypeError(f"{item!r}: the port must be 1 to 65535")
+        patterns.append(f"[{host}]:{int(port)}" if port is not None and int(port) != 22 else host)
+    return ",".join(patterns)
 
 
 def run_event_loop(coro: Coroutine[Any, Any, None]) -> None:

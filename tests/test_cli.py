@@ -4,6 +4,7 @@ state directory, no log level silently taken for another."""
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +59,42 @@ def test_log_levels_are_taken_in_either_case(level):
 
     args = build_parser("x", "x").parse_args(["--log-level", level])
     assert args.log_level == level.upper()
+
+
+def used_state(command: str, tmp_path) -> Path:
+    """A state directory an account was added to (so host-key prints its key)."""
+    state, password = tmp_path / "state", tmp_path / "pw"
+    password.write_text("alice-secret-1\n")
+    add = run(
+        command, "adduser", "--state-dir", str(state), "alice", "--password-file", str(password)
+    )
+    assert add.returncode == 0, add.stderr
+    return state
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_host_key_as_a_known_hosts_line_names_the_hosts_and_drops_the_comment(command, tmp_path):
+    # scrapli reads a known_hosts line as exactly HOSTS KEYTYPE KEY (no comment) and looks a
+    # host up without its port; OpenSSH looks up [HOST]:PORT for a port other than 22.
+    state = used_state(command, tmp_path)
+    plain = run(command, "host-key", "--state-dir", str(state)).stdout.split()
+    assert len(plain) == 3  # the documented form keeps its comment
+    result = run(
+        command,
+        "host-key",
+        "--state-dir",
+        str(state),
+        "--known-hosts",
+        "192.0.2.10,192.0.2.10:830,ce1.example:22,[2001:db8::1]:830,2001:db8::2",
+    )
+    assert result.returncode == 0, result.stderr
+    hosts = "192.0.2.10,[192.0.2.10]:830,ce1.example,[2001:db8::1]:830,2001:db8::2"
+    assert result.stdout == f"{hosts} {plain[0]} {plain[1]}\n"
+
+
+@pytest.mark.parametrize("value", ["192.0.2.10:", "192.0.2.10:99999", "[2001:db8::1]", "a b", ""])
+def test_host_key_refuses_a_known_hosts_pattern_it_cannot_write(value, tmp_path):
+    state = used_state("cevpn-server", tmp_path)
+    result = run("cevpn-server", "host-key", "--state-dir", str(state), "--known-hosts", value)
+    assert result.returncode == 2
+    assert "--known-hosts" in result.stderr and result.stdout == ""
