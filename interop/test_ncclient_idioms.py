@@ -28,6 +28,8 @@ NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
 SVC = "urn:cevpn:yang:cevpn-service"
 SYS = "urn:ietf:params:xml:ns:yang:ietf-system"
 WD = "urn:ietf:params:xml:ns:yang:ietf-netconf-with-defaults"
+NOTIF = "urn:ietf:params:xml:ns:netconf:notification:1.0"
+NCN = "urn:ietf:params:xml:ns:yang:ietf-netconf-notifications"
 NS = {"s": SVC, "sys": SYS}
 XML_DECL = b'<?xml version="1.0" encoding="UTF-8"?>'
 HELLO_BODY = (
@@ -218,6 +220,16 @@ def test_filter_type_given_both_plain_and_qualified_is_bad_attribute(m):
             f'<with-defaults xmlns="{WD}">trim</with-defaults>'
             f'<with-defaults xmlns="{WD}">report-all</with-defaults></get-config>',
         ),
+        (
+            "filter",
+            f'<create-subscription xmlns="{NOTIF}"><filter type="subtree"/>'
+            '<filter xmlns="" type="subtree"/></create-subscription>',
+        ),
+        (
+            "stream",
+            f'<create-subscription xmlns="{NOTIF}"><stream>NETCONF</stream>'
+            f'<stream xmlns="{NC}">NETCONF</stream></create-subscription>',
+        ),
     ],
     ids=[
         "source-namespaced-and-not",
@@ -225,6 +237,8 @@ def test_filter_type_given_both_plain_and_qualified_is_bad_attribute(m):
         "config-twice",
         "target-bare-twice",
         "with-defaults-twice",
+        "subscription-filter-notification-namespace-and-none",
+        "subscription-stream-notification-and-base-namespace",
     ],
 )
 def test_a_parameter_given_twice_is_bad_element(m, name: str, operation: str):
@@ -241,14 +255,59 @@ def test_a_parameter_given_twice_is_bad_element(m, name: str, operation: str):
         f'<get xmlns="{NC}"><bogus xmlns=""/></get>',
         f'<commit xmlns="{NC}"><bogus/></commit>',
         f'<discard-changes xmlns="{NC}"><bogus xmlns=""/></discard-changes>',
+        f'<create-subscription xmlns="{NOTIF}"><bogus/></create-subscription>',
+        f'<create-subscription xmlns="{NOTIF}"><bogus xmlns=""/></create-subscription>',
     ],
-    ids=["get-config-namespaced", "get-bare", "commit-namespaced", "discard-changes-bare"],
+    ids=[
+        "get-config-namespaced",
+        "get-bare",
+        "commit-namespaced",
+        "discard-changes-bare",
+        "create-subscription-namespaced",
+        "create-subscription-bare",
+    ],
 )
 def test_an_unknown_parameter_is_unknown_element(m, operation: str):
     err = error_of(m, operation)
     assert err.tag == "unknown-element"
     assert err.type == "protocol"
     assert "<bad-element>bogus</bad-element>" in err.info
+
+
+# -- <create-subscription> with a string <filter> --------------------------------------------
+
+SESSION_START_ONLY = f'<netconf-session-start xmlns="{NCN}"/>'
+
+
+@pytest.mark.parametrize(
+    "filter_xmlns",
+    ["", f' xmlns="{NC}"', f' xmlns="{NOTIF}"'],
+    ids=["none", "base", "notification"],
+)
+def test_subscription_string_filter_selects_the_notifications(
+    either: ServerProcess, filter_xmlns: str
+):
+    # ncclient sends a filter given as a string as written: often in no namespace.
+    user = (
+        f'<system xmlns="{SYS}"><authentication><user{{op}}><name>listener</name></user>'
+        "</authentication></system>"
+    )
+    config = f'<config xmlns:xc="{NC}">{{}}</config>'
+    with ncclient_connect(either) as listener:
+        listener.create_subscription(
+            filter=f'<filter{filter_xmlns} type="subtree">{SESSION_START_ONLY}</filter>'
+        )
+        # a config change (filtered out), then a session start (selected) and end (filtered out)
+        listener.edit_config(target="running", config=config.format(user.format(op="")))
+        with ncclient_connect(either):
+            pass
+        notif = listener.take_notification(timeout=10)
+        assert notif is not None
+        assert "netconf-session-start" in notif.notification_xml
+        assert listener.take_notification(timeout=2) is None
+        listener.edit_config(
+            target="running", config=config.format(user.format(op=' xc:operation="delete"'))
+        )
 
 
 # -- framing: whitespace before <?xml, and a pseudo-terminal ---------------------------------

@@ -90,19 +90,28 @@ def is_base(elem: etree._Element) -> bool:
     return isinstance(elem.tag, str) and namespace(elem.tag) in (NC_NS, None)
 
 
-def parameters(op: etree._Element) -> dict[str, etree._Element]:
+def parameters(
+    op: etree._Element,
+    allowed: frozenset[str] | None = None,
+    namespaces: tuple[str | None, ...] = (NC_NS, None),
+) -> dict[str, etree._Element]:
     """The parameters of base operation ``op`` by name, each in the base namespace or none.
 
     Being lenient about the namespace must not make a request ambiguous, so the same
     parameter twice (with and without the namespace, or twice alike) is bad-element, and an
     element in the base namespace or none that is not a parameter of ``op`` is
     unknown-element: never is one of them silently ignored.
+
+    Another module's operation whose parameters are read the same way gives its own
+    ``allowed`` names and the ``namespaces`` they may be in (e.g. <create-subscription>,
+    RFC 5277: its own namespace, the base one or none).
     """
     op_name = local(op.tag)
-    allowed = PARAMETERS[op_name]
+    if allowed is None:
+        allowed = PARAMETERS[op_name]
     found: dict[str, etree._Element] = {}
     for child in op:
-        if not is_base(child):
+        if not isinstance(child.tag, str) or namespace(child.tag) not in namespaces:
             continue
         name = local(child.tag)
         if name not in allowed:
@@ -111,10 +120,11 @@ def parameters(op: etree._Element) -> dict[str, etree._Element]:
                 name, f"<{name}> is not a parameter of <{op_name}>, which takes {takes}."
             )
         if name in found:
+            where = "in the base namespace or in none"
+            if namespaces != (NC_NS, None):
+                where = "in " + " or ".join(ns or "no namespace" for ns in namespaces)
             raise bad_element(
-                name,
-                f"<{op_name}> has the <{name}> parameter twice; give it once, in the base "
-                "namespace or in none.",
+                name, f"<{op_name}> has the <{name}> parameter twice; give it once, {where}."
             )
         found[name] = child
     return found

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
+from nc_core.base_ops import parameters
 from nc_core.edit import Change, instance_path, schema_of
 from nc_core.errors import RpcError
 from nc_core.filters import apply_filter, costly_reason
@@ -42,6 +43,9 @@ if TYPE_CHECKING:
     from nc_core.session import Session
 
 STREAM = "NETCONF"
+SUBSCRIPTION_PARAMETERS = frozenset({"stream", "filter", "startTime", "stopTime"})
+"""<create-subscription>'s input (RFC 5277 Section 2.1.1), read in the notification
+namespace, the base one or none (nc_core.base_ops.parameters)."""
 EVENT_SIZE = 2_000
 """Size (nc_core.filters.data_size units) a subscription filter's cost is judged on: an
 event with a few hundred edit records."""
@@ -127,7 +131,8 @@ class NotificationCenter:
                 "session for a second one.",
                 type="protocol",
             )
-        stream = op.findtext(qn(NOTIF_NS, "stream"))
+        params = parameters(op, SUBSCRIPTION_PARAMETERS, (NOTIF_NS, NC_NS, None))
+        stream = _text(params.get("stream"))
         if stream is not None and stream.strip() != STREAM:
             raise RpcError(
                 "invalid-value",
@@ -135,8 +140,8 @@ class NotificationCenter:
                 type="protocol",
                 info=[("bad-element", "stream")],
             )
-        start_text = op.findtext(qn(NOTIF_NS, "startTime"))
-        stop_text = op.findtext(qn(NOTIF_NS, "stopTime"))
+        start_text = _text(params.get("startTime"))
+        stop_text = _text(params.get("stopTime"))
         start = parse_date_and_time(start_text, "startTime") if start_text is not None else None
         stop = parse_date_and_time(stop_text, "stopTime") if stop_text is not None else None
         if stop is not None and start is None:
@@ -160,11 +165,10 @@ class NotificationCenter:
                 type="protocol",
                 info=[("bad-element", "stopTime")],
             )
-        # RFC 5277 puts <filter> in the notification namespace; ncclient and
-        # others send it in the base namespace, as for <get>: accept both.
-        filter_elem = op.find(qn(NOTIF_NS, "filter"))
-        if filter_elem is None:
-            filter_elem = op.find(qn(NC_NS, "filter"))
+        # RFC 5277 puts <filter> in the notification namespace; ncclient sends a filter
+        # given as a tuple in the base namespace, as for <get>, and one given as a string
+        # as written, often in no namespace: all three are read (parameters above).
+        filter_elem = params.get("filter")
         if filter_elem is not None:
             # Same semantics as a <get> filter; validate it now, on an empty tree.
             filter_elem = _as_nc_filter(filter_elem)
@@ -495,6 +499,11 @@ def _envelope(moment: datetime, parts: list[etree._Element]) -> bytes:
     for part in parts:
         notification.append(part)
     return etree.tostring(notification, encoding="UTF-8", xml_declaration=True)
+
+
+def _text(elem: etree._Element | None) -> str | None:
+    """A parameter's text, "" for an empty element, None for an absent one (as findtext)."""
+    return None if elem is None else (elem.text or "")
 
 
 def _as_nc_filter(filter_elem: etree._Element) -> etree._Element:
