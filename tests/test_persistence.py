@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from lxml import etree
 from ncclient.operations.rpc import RPCError
 
 from tests.netconf_server import ADMIN, ServerProcess, free_port, ncclient_connect
+from tests.waiting import wait_until
 
 SVC = "urn:cevpn:yang:cevpn-service"
 NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
@@ -77,9 +77,7 @@ def test_kill_9_at_random_moments_during_edits_never_loses_or_tears_a_commit(ser
         # Killed while the edits stream in, after a (seeded) random number of them was
         # acknowledged: the moment within the next commit's write is whatever it is.
         target = rng.randint(1, 6)
-        deadline = time.monotonic() + 60
-        while len(acked) < target and worker.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.005)
+        wait_until(lambda a=acked, n=target, w=worker: len(a) >= n or not w.is_alive(), 60, 0.005)
         assert len(acked) >= target, "the edits did not start"
         server.kill9()
         stop.set()

@@ -20,3 +20,14 @@ def wait_for(
             return last
         time.sleep(step)
     raise AssertionError(f"timed out waiting for {message or what}: last {last!r}")
+
+
+def wait_until(check: Callable[[], Any], timeout: float, step: float = 0.2) -> float | None:
+    """Poll ``check`` until it is true: the seconds that took, or None after ``timeout``
+    (for scenarios that report how long something took rather than fail at once)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if check():
+            return time.monotonic() - start
+        time.sleep(step)
+    return None

@@ -35,6 +35,7 @@ from lab.agents import (
     stop_capture,
 )
 from lab.topology import Site
+from tests.waiting import wait_until
 
 
 def mesh(count: int, encapsulation: str) -> dict[str, Any]:
@@ -193,12 +194,7 @@ def esp_packets(site: Site, spi: int) -> int:
 
 def wait_packets(site: Site, spi: int, packets: int, timeout: float = 30) -> float | None:
     """Seconds until the SA has carried ``packets`` packets (None: it never did)."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if esp_packets(site, spi) >= packets:
-            return time.monotonic() - start
-        time.sleep(0.05)
-    return None
+    return wait_until(lambda: esp_packets(site, spi) >= packets, timeout, 0.05)
 
 
 def ip(*args: str) -> str:

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from lab.agents import (
     stop_capture,
 )
 from lab.topology import Site
+from tests.waiting import wait_until
 
 WORK = Path(os.environ.get("WORK", "/tmp"))
 NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
@@ -141,15 +141,6 @@ def alarms(agent: Agent) -> list[dict[str, str]]:
         {etree.QName(e).localname: e.text or "" for e in alarm}
         for alarm in root.iter(f"{{{CE}}}alarm")
     ]
-
-
-def wait_until(check: Callable[[], bool], timeout: float, step: float = 0.2) -> float | None:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if check():
-            return time.monotonic() - start
-        time.sleep(step)
-    return None
 
 
 def configure(agent: Agent, body: str) -> None:
