@@ -318,13 +318,21 @@ class FilterRunner:
     -P keeps the server's working directory off the worker's import path."""
 
     def __init__(
-        self, *, workers: int = 2, budget: float = 5.0, max_pending_per_user: int = 2
+        self,
+        *,
+        workers: int = 2,
+        budget: float = 5.0,
+        max_pending_per_user: int = 2,
+        in_process_steps: int = filters.SUBTREE_COST_LIMIT,
     ) -> None:
         import asyncio
 
         self.workers = workers
         self.budget = budget
         """Seconds one costly filter may run in its worker."""
+        self.in_process_steps = in_process_steps
+        """Data nodes a subtree filter the static bound calls costly may visit on the event
+        loop before it is handed to a worker (:func:`nc_core.filters.bounded_in_process`)."""
         self.max_pending_per_user = max_pending_per_user
         self._idle: list[_Worker] = []
         self._live: set[_Worker] = set()
@@ -356,6 +364,13 @@ class FilterRunner:
             if max_depth is None:
                 return filters.apply_filter(data, filter_elem, keys_of)
             selection = filters.select(data, filter_elem, keys_of)
+        elif filters.bounded_in_process(filter_elem):
+            try:
+                selection = filters.select(
+                    data, filter_elem, keys_of, max_steps=self.in_process_steps
+                )
+            except filters.OverBudget:
+                selection = await self.select(data, filter_elem, user=user)
         else:
             selection = await self.select(data, filter_elem, user=user)
         if max_depth is not None:

@@ -33,7 +33,6 @@ namespace, so such a name could never match, yet yangcli and others send them
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -69,7 +68,11 @@ def apply_filter(
 
 
 def select(
-    data: etree._Element, filter_elem: etree._Element | None, keys_of: KeysOf
+    data: etree._Element,
+    filter_elem: etree._Element | None,
+    keys_of: KeysOf,
+    *,
+    max_steps: int | None = None,
 ) -> Selection | None:
     """Validate the filter and choose what it selects of data: None for everything.
 
@@ -77,14 +80,53 @@ def select(
     can run in another process on a copy of data (nc_core.filter_worker), the selection
     being mapped back onto data there.  keys_of is not needed to select (only to build);
     it is taken for symmetry with :func:`build`.  Raises the RpcErrors apply_filter raises.
+
+    With ``max_steps``, a subtree filter that would look at more than that many data
+    nodes stops and raises :class:`OverBudget` (see :func:`bounded_in_process`); an
+    XPath filter, evaluated by libxml2 in one call, cannot be stopped and ignores it.
     """
     del keys_of  # list keys matter when copying, not when choosing
     if filter_elem is None:
         return None
     kind = _filter_kind(filter_elem)
     if kind == "subtree":
-        return _subtree_top(data, _element_children(filter_elem))
+        steps = _Steps(max_steps)
+        return _subtree_top(data, _element_children(filter_elem), steps)
     return _xpath_selection(data, filter_elem)
+
+
+class OverBudget(Exception):
+    """A subtree selection run with ``max_steps`` looked at more data nodes than allowed."""
+
+
+def bounded_in_process(filter_elem: etree._Element | None) -> bool:
+    """Can :func:`select` with ``max_steps`` stop this filter part-way?  Subtree filters only.
+
+    The static bound of :func:`cheap` must assume the worst (every filter node matching
+    every data node); a subtree filter's real cost is the data nodes it visits, which
+    for the common shapes (a module, a list, entries picked by key) is a small part of
+    that bound.  Such a filter is first tried on the event loop with a step budget and
+    moved to a worker only when the budget runs out, so an ordinary ``<vpn><entry/></vpn>``
+    on a large list is not serialised to another process.
+    """
+    if filter_elem is None:
+        return False
+    return (_filter_attr(filter_elem, "type") or "subtree") == "subtree"
+
+
+class _Steps:
+    """Data nodes a subtree selection may still look at (None: unbounded)."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, limit: int | None) -> None:
+        self.left = limit
+
+    def spend(self, n: int) -> None:
+        if self.left is not None:
+            self.left -= n
+            if self.left < 0:
+                raise OverBudget
 
 
 def _filter_kind(filter_elem: etree._Element) -> str:
@@ -119,7 +161,7 @@ def _filter_attr(filter_elem: etree._Element, name: str) -> str | None:
 
 
 def _element_children(elem: etree._Element) -> list[etree._Element]:
-    return [child for child in elem if isinstance(child.tag, str)]
+    return list(elem.iterchildren(etree.Element))  # comments and PIs skipped in C
 
 
 # -- building the reply ------------------------------------------------------------------------
@@ -177,7 +219,9 @@ def _declarations(elem: etree._Element, parent: etree._Element | None) -> dict[A
 
 
 def _copy_whole(elem: etree._Element) -> etree._Element:
-    clone = copy.deepcopy(elem)
+    # lxml's __copy__ copies the whole subtree in C, as deepcopy does, without the copy
+    # module's memo bookkeeping (a third of a large reply's build time).
+    clone = elem.__copy__()
     clone.tail = None
     return clone
 
@@ -193,7 +237,7 @@ def _copy_children(
     for child in _element_children(src):
         if child in selection:
             sub = selection[child]
-            if sub is None:
+            if sub is None or _takes_all_whole(child, sub):
                 out.append(_copy_whole(child))
             else:
                 nsmap = _declarations(child, out)
@@ -203,6 +247,12 @@ def _copy_children(
                 _copy_children(child, sub, part, keys_of, keys_of(child))
         elif child.tag in keys:
             out.append(_copy_whole(child))
+
+
+def _takes_all_whole(node: etree._Element, sub: Selection) -> bool:
+    """Does sub take every child of node whole?  Then node is copied in one piece (a whole
+    list asked for by ``<vpn><entry/></vpn>``: one C-level copy instead of one per entry)."""
+    return all(v is None for v in sub.values()) and len(sub) == len(_element_children(node))
 
 
 def _merge(selection: Selection, node: etree._Element, sub: Selection | None) -> None:
@@ -223,7 +273,7 @@ def _merge(selection: Selection, node: etree._Element, sub: Selection | None) ->
 # -- subtree filtering (RFC 6241 Section 6) ----------------------------------------------------
 
 
-def _subtree_top(data: etree._Element, filters: list[etree._Element]) -> Selection:
+def _subtree_top(data: etree._Element, filters: list[etree._Element], steps: _Steps) -> Selection:
     """Each top-level filter node is applied on its own and the results are united.
 
     The "content match nodes decide for the whole sibling set" rule of 6.2.5 is not applied
@@ -231,25 +281,30 @@ def _subtree_top(data: etree._Element, filters: list[etree._Element]) -> Selecti
     reply for every module, or one successful match into the whole datastore.
     """
     selection: Selection = {}
-    children = _Children(data)
+    children = _Children(data, steps)
     for f in filters:
+        content = _is_content_match(f)
+        f_children = _element_children(f)
         for child in children.candidates(f):
-            if not _is_content_match(f) or _same_text(f, child):
-                _merge(selection, child, _select_node(f, child))
+            if not content or _same_text(f, child):
+                _merge(selection, child, _select_node(f_children, child, steps))
     return selection
 
 
-def _select_node(f: etree._Element, node: etree._Element) -> Selection | None:
-    """What filter node f (already known to match node) selects of node."""
-    f_children = _element_children(f)
+def _select_node(
+    f_children: list[etree._Element], node: etree._Element, steps: _Steps
+) -> Selection | None:
+    """What a filter node with these children (already known to match node) selects of node."""
     if not f_children:
         return None  # selection node (or a content match node, a leaf): all of it
-    return _select_children(node, f_children)
+    return _select_children(node, f_children, steps)
 
 
-def _select_children(parent: etree._Element, filters: list[etree._Element]) -> Selection | None:
+def _select_children(
+    parent: etree._Element, filters: list[etree._Element], steps: _Steps
+) -> Selection | None:
     """Apply one sibling set of filter nodes to the children of one data instance (6.2.5)."""
-    children = _Children(parent)
+    children = _Children(parent, steps)
     content = [f for f in filters if _is_content_match(f)]
     others = [f for f in filters if not _is_content_match(f)]
     selection: Selection = {}
@@ -262,8 +317,9 @@ def _select_children(parent: etree._Element, filters: list[etree._Element]) -> S
     if not others:
         return None  # only content match nodes, all true: the whole instance
     for f in others:
+        f_children = _element_children(f)
         for child in children.candidates(f):
-            _merge(selection, child, _select_node(f, child))
+            _merge(selection, child, _select_node(f_children, child, steps))
     return selection
 
 
@@ -276,17 +332,33 @@ def _same_text(f: etree._Element, node: etree._Element) -> bool:
 
 
 class _Children:
-    """The children of one data instance, indexed for the filter nodes applied to them."""
+    """The children of one data instance, indexed for the filter nodes applied to them.
 
-    def __init__(self, parent: etree._Element) -> None:
+    Every data node it reads is paid for in ``steps``: indexing the children, matching a
+    filter node against them, indexing entries by a leaf's value.
+    """
+
+    def __init__(self, parent: etree._Element, steps: _Steps) -> None:
+        self._steps = steps
+        elements = _element_children(parent)
+        steps.spend(len(elements))
+        self._by_tag: dict[str, list[etree._Element]] = {}
+        for child in elements:
+            self._by_tag.setdefault(child.tag, []).append(child)
         self._by_name: dict[str, list[etree._Element]] = {}
-        for child in _element_children(parent):
-            self._by_name.setdefault(local(child.tag), []).append(child)
+        for tag, nodes in self._by_tag.items():
+            self._by_name.setdefault(local(tag), []).extend(nodes)
         self._by_value: dict[tuple[str, str], dict[str, list[etree._Element]]] = {}
 
     def named(self, f: etree._Element) -> list[etree._Element]:
         """The children f matches."""
-        return _matching(f, self._by_name.get(local(f.tag), ()))
+        if not f.attrib and namespace(f.tag) is not None:
+            nodes = self._by_tag.get(f.tag, [])  # the common case: same name, no attributes
+            self._steps.spend(len(nodes))
+            return nodes
+        nodes = self._by_name.get(local(f.tag), [])
+        self._steps.spend(len(nodes))
+        return _matching(f, nodes)
 
     def candidates(self, f: etree._Element) -> list[etree._Element]:
         """The children f may select.
@@ -303,9 +375,12 @@ class _Children:
             index = self._by_value[key] = {}
             for entry in self._by_name.get(key[0], ()):
                 leaves = _element_children(entry)
+                self._steps.spend(len(leaves) + 1)
                 for value in {strip_text(leaf) for leaf in leaves if local(leaf.tag) == key[1]}:
                     index.setdefault(value, []).append(entry)
-        return _matching(f, self._by_value[key].get(strip_text(probe), ()))
+        nodes = self._by_value[key].get(strip_text(probe), ())
+        self._steps.spend(len(nodes))
+        return _matching(f, nodes)
 
 
 def _matching(f: etree._Element, nodes: Iterable[etree._Element]) -> list[etree._Element]:

@@ -365,6 +365,48 @@ def test_apply_runs_costly_filters_in_a_worker_and_cheap_ones_in_process() -> No
     assert run(both) == (0, 1)
 
 
+def test_subtree_selection_stops_once_it_has_looked_at_max_steps_data_nodes() -> None:
+    data = datastore(vpns=100)
+    every_prefix = subtree(f'<vpn-service xmlns="{SVC}"><vpn><site><prefix/></site></vpn>'
+                           "</vpn-service>")  # fmt: skip
+    with pytest.raises(filters.OverBudget):
+        filters.select(data, every_prefix, keys_of, max_steps=500)
+    unbounded = filters.select(data, every_prefix, keys_of)
+    assert shape(filters.build(data, unbounded, keys_of)) == shape(
+        filters.build(data, filters.select(data, every_prefix, keys_of, max_steps=10**6), keys_of)
+    )
+
+
+def test_a_whole_list_by_subtree_filter_runs_in_process_however_large_the_list() -> None:
+    # The static bound calls it costly (it must assume every filter node matches every data
+    # node); visited, it reads one level of the list: no worker, the same answer.
+    data = datastore(vpns=3000)
+    whole_list = subtree(f'<vpn-service xmlns="{SVC}"><vpn/></vpn-service>')
+    assert not filters.cheap(data, whole_list)
+
+    async def apply(runner: FilterRunner) -> tuple[int, int]:
+        result = await runner.apply(data, whole_list, keys_of, user="admin")
+        return len(result[0].findall(f"{{{SVC}}}vpn")), len(runner.processes)
+
+    assert run(apply) == (3000, 0)
+
+
+def test_a_subtree_filter_over_its_in_process_steps_moves_to_a_worker_with_the_same_answer() -> (
+    None
+):
+    data = datastore(vpns=1500)
+    every_prefix = subtree(f'<vpn-service xmlns="{SVC}"><vpn><site><prefix/></site></vpn>'
+                           "</vpn-service>")  # fmt: skip
+    assert not filters.cheap(data, every_prefix)
+
+    async def apply(runner: FilterRunner) -> tuple[Any, int]:
+        result = await runner.apply(data, every_prefix, keys_of, user="admin")
+        return shape(result), len(runner.processes)
+
+    expected = shape(filters.apply_filter(data, every_prefix, keys_of))
+    assert run(apply, in_process_steps=500) == (expected, 1)
+
+
 # -- budget, cap, failures ------------------------------------------------------------------
 
 
