@@ -27,7 +27,7 @@ from lxml import etree
 
 from nc_core.errors import RpcError
 from nc_core.schema import SchemaIndex, SchemaNode
-from nc_core.xmlutil import _PARSER, NC_NS, default_ns_element, local, namespace, qn
+from nc_core.xmlutil import NC_NS, SAFE_PARSER, default_ns_element, local, namespace, qn
 
 YANG_NS = "urn:ietf:params:xml:ns:yang:1"
 OPERATION = qn(NC_NS, "operation")
@@ -60,9 +60,8 @@ def new_datastore() -> etree._Element:
 def key_values(elem: etree._Element, snode: SchemaNode) -> tuple[str, ...] | None:
     """The key leaf values of a list entry, or None if one is missing."""
     values = []
-    ns = snode.namespace
-    for key in snode.keys:
-        child = elem.find(qn(ns, key))
+    for tag in snode.key_tags:
+        child = elem.find(tag)
         if child is None:
             return None
         values.append((child.text or "").strip())
@@ -143,10 +142,9 @@ class Instances:
 def schema_of(
     index: SchemaIndex, parent_snode: SchemaNode | None, elem: etree._Element
 ) -> SchemaNode | None:
-    ns, name = namespace(elem.tag), local(elem.tag)
     if parent_snode is None:
-        return index.top_node(ns, name)
-    return parent_snode.child(ns, name)
+        return index.top_node(namespace(elem.tag), local(elem.tag))
+    return parent_snode.child_by_tag(elem.tag)
 
 
 # --------------------------------------------------------------------------
@@ -376,10 +374,8 @@ class Editor:
             if snode.kind == "leaf" and inherited != "none":
                 self._set_value(target, edit, snode)
             return
-        for child in edit:
-            if not isinstance(child.tag, str):
-                continue
-            child_snode = snode.child(namespace(child.tag), local(child.tag))
+        for child in edit.iterchildren(etree.Element):
+            child_snode = snode.child_by_tag(child.tag)
             if child_snode is not None and child_snode.is_key and snode.kind == "list":
                 if child.get(OPERATION) in ("delete", "remove", "replace", "create"):
                     raise _error(
@@ -608,18 +604,25 @@ def _ident_text(snode: SchemaNode, ident: tuple[str, ...]) -> str:
     return ""
 
 
-_EDIT_ATTRIBUTES = etree.XPath(
-    "descendant-or-self::*[@nc:operation or @yang:insert or @yang:key or @yang:value]",
-    namespaces={"nc": NC_NS, "yang": YANG_NS},
+_ALL_ATTRIBUTES = etree.XPath("descendant-or-self::*/@*")
+"""Every attribute of an edit, as lxml "smart strings" that know their element and name.
+Listing them all and testing names in Python is 20 times faster than a predicate testing
+four names on every element (1 ms against 19 ms for a 10,000-entry list): most edits have
+no attributes at all below <config>."""
+
+_EDIT_ATTRIBUTE_NAMES = frozenset(
+    {qn(NC_NS, "operation"), qn(YANG_NS, "insert"), qn(YANG_NS, "key"), qn(YANG_NS, "value")}
 )
 
 
 def _with_edit_attributes(config: etree._Element) -> set[etree._Element]:
     """Elements of an edit that carry an edit attribute or have a descendant that does."""
     marked: set[etree._Element] = set()
-    found: Any = _EDIT_ATTRIBUTES(config)
-    for elem in found:
-        node: etree._Element | None = elem
+    found: Any = _ALL_ATTRIBUTES(config)
+    for attribute in found:
+        if attribute.attrname not in _EDIT_ATTRIBUTE_NAMES:
+            continue
+        node: etree._Element | None = attribute.getparent()
         while node is not None and node not in marked:
             marked.add(node)
             node = node.getparent()
@@ -633,10 +636,10 @@ def _copy_in_scope(edit: etree._Element) -> etree._Element:
     an ancestor such as <config> or <rpc>; deepcopy keeps only the
     declarations element names need, serialising keeps them all.
     """
-    copy = deepcopy(edit)
+    copy = edit.__copy__()  # the whole subtree, as deepcopy, without the copy module's memo
     if all(copy.nsmap.get(p) == ns for p, ns in edit.nsmap.items()):
         return copy
-    return etree.fromstring(etree.tostring(edit), _PARSER)
+    return etree.fromstring(etree.tostring(edit), SAFE_PARSER)
 
 
 def _walk_ops(edit: etree._Element) -> Iterator[str]:

@@ -17,7 +17,7 @@ import logging
 import re
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -293,7 +293,28 @@ class SchemaNode:
             return None
         return self.children().get((ns, name))
 
+    def child_by_tag(self, tag: str) -> SchemaNode | None:
+        """:meth:`child` by an element's Clark-notation tag, remembered per tag: a list of
+        10,000 entries asks the same question 10,000 times."""
+        by_tag = self._by_tag
+        if by_tag is None:
+            by_tag = self._by_tag = {}
+        if tag not in by_tag:
+            ns, _, name = tag[1:].partition("}") if tag.startswith("{") else (None, "", tag)
+            by_tag[tag] = self.child(ns, name)
+        return by_tag[tag]
+
+    @property
+    def key_tags(self) -> tuple[str, ...]:
+        """The list keys' Clark-notation tags, in key order."""
+        tags = self._key_tags
+        if tags is None:
+            tags = self._key_tags = tuple(f"{{{self.namespace}}}{k}" for k in self.keys)
+        return tags
+
     is_key: bool = False
+    _by_tag: dict[str, SchemaNode | None] | None = field(default=None, repr=False, compare=False)
+    _key_tags: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
 
 
 def _make_node(

@@ -84,7 +84,8 @@ def _parser() -> etree.XMLParser:
     return parser
 
 
-_PARSER = _parser()
+SAFE_PARSER = _parser()
+"""The parser every message and stored document goes through (no DTD, no network, no entities)."""
 
 XML_WHITESPACE = b" \t\r\n"
 """XML 1.0's S production: the only bytes a message may start with before its <?xml."""
@@ -104,7 +105,7 @@ def parse_message(data: bytes) -> etree._Element:
     if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
         raise XmlRejected("a DOCTYPE is not allowed in NETCONF messages")
     try:
-        root = etree.fromstring(data, _PARSER)
+        root = etree.fromstring(data, SAFE_PARSER)
     except etree.XMLSyntaxError as exc:
         raise XmlRejected(f"not well-formed XML: {exc.msg}") from None
     except ValueError as exc:  # e.g. an encoding declaration lxml refuses
