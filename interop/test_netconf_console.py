@@ -299,3 +299,74 @@ def test_create_subscription_receives_notifications(server, ssh_config):
     console(server, ssh_config, "--edit-config", path)
     out, _ = listener.communicate(timeout=30)
     assert "netconf-config-change" in out
+
+
+# -- NMDA (RFC 8342, 8526) through --rpc: netconf-console2 has no get-data command ----------
+
+NMDA = "urn:ietf:params:xml:ns:yang:ietf-netconf-nmda"
+DS = "urn:ietf:params:xml:ns:yang:ietf-datastores"
+OR = "urn:ietf:params:xml:ns:yang:ietf-origin"
+
+
+def nmda_rpc(ssh_config: Path, operation: str, inner: str) -> str:
+    """A file holding one RFC 8526 operation, for ``--rpc``; its name is the operation's
+    and a hash of its content, so tests do not overwrite each other's."""
+    text = f'<{operation} xmlns="{NMDA}" xmlns:ds="{DS}">{inner}</{operation}>'
+    return xml_file(ssh_config, f"{operation}-{abs(hash(text))}.xml", text)
+
+
+def test_yang_library_lists_the_nmda_datastores(server, ssh_config):
+    out = console(
+        server, ssh_config, "--get", "-x", "/yl:yang-library/yl:datastore/yl:name",
+        "-N", "yl=urn:ietf:params:xml:ns:yang:ietf-yang-library",
+    )  # fmt: skip
+    for datastore in ("running", "candidate", "startup", "operational"):
+        assert f"ds:{datastore}</name>" in out, out
+
+
+def test_get_data_of_operational_has_state_with_origin(server, ssh_config):
+    console(server, ssh_config, "--edit-config",
+            xml_file(ssh_config, "nmda-op.xml", vpn_xml("nmda-op", "OP")))  # fmt: skip
+    request = nmda_rpc(ssh_config, "get-data", "<datastore>ds:operational</datastore><with-origin/>")
+    out = console(server, ssh_config, "--rpc", request)
+    assert "<id>nmda-op</id>" in out
+    assert "netconf-state" in out  # config false data
+    assert f'xmlns:or="{OR}"' in out and 'or:origin="or:intended"' in out, out
+
+
+def test_get_data_of_candidate_shows_what_running_does_not_yet(server, ssh_config):
+    console(server, ssh_config, "--db", "candidate", "--edit-config",
+            xml_file(ssh_config, "nmda-cand.xml", vpn_xml("nmda-cand", "C")))  # fmt: skip
+    try:
+        for datastore, present in (("candidate", True), ("running", False)):
+            request = nmda_rpc(
+                ssh_config,
+                "get-data",
+                f"<datastore>ds:{datastore}</datastore>"
+                f'<subtree-filter><vpn-service xmlns="{SVC}"/></subtree-filter>',
+            )
+            out = console(server, ssh_config, "--rpc", request)
+            assert ("<id>nmda-cand</id>" in out) is present, out
+            assert "netconf-state" not in out
+    finally:
+        console(server, ssh_config, "--discard-changes")
+
+
+def test_edit_data_on_candidate_then_commit(server, ssh_config):
+    request = nmda_rpc(
+        ssh_config,
+        "edit-data",
+        f"<datastore>ds:candidate</datastore><config>{vpn_xml('nmda-edit', 'E')}</config>",
+    )
+    out = console(server, ssh_config, "--rpc", request)
+    assert "<ok/>" in out, out
+    console(server, ssh_config, "--commit")
+    out = console(server, ssh_config, "--get-config", "--filter",
+                  "/s:vpn-service/s:vpn[s:id='nmda-edit']", "-N", f"s={SVC}")  # fmt: skip
+    assert "<customer>E</customer>" in out
+
+
+def test_get_data_of_a_datastore_that_does_not_exist_prints_the_rpc_error(server, ssh_config):
+    request = nmda_rpc(ssh_config, "get-data", "<datastore>ds:intended</datastore>")
+    out = console(server, ssh_config, "--rpc", request, check=False)
+    assert "rpc-error" in out and "invalid-value" in out, out
