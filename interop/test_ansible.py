@@ -240,8 +240,15 @@ def test_an_invalid_edit_fails_the_task_with_the_servers_error_and_changes_nothi
     result = playbook(
         either,
         tmp_path,
-        [{"ansible.netcommon.netconf_config": {"content": bad, "target": "candidate",
-                                               "commit": True}}],  # fmt: skip
+        [
+            {
+                "ansible.netcommon.netconf_config": {
+                    "content": bad,
+                    "target": "candidate",
+                    "commit": True,
+                }
+            }
+        ],
     )
     assert result.returncode != 0
     assert "no-such-leaf" in result.stdout, result.stdout

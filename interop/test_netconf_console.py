@@ -327,7 +327,9 @@ def test_yang_library_lists_the_nmda_datastores(server, ssh_config):
 def test_get_data_of_operational_has_state_with_origin(server, ssh_config):
     console(server, ssh_config, "--edit-config",
             xml_file(ssh_config, "nmda-op.xml", vpn_xml("nmda-op", "OP")))  # fmt: skip
-    request = nmda_rpc(ssh_config, "get-data", "<datastore>ds:operational</datastore><with-origin/>")
+    request = nmda_rpc(
+        ssh_config, "get-data", "<datastore>ds:operational</datastore><with-origin/>"
+    )
     out = console(server, ssh_config, "--rpc", request)
     assert "<id>nmda-op</id>" in out
     assert "netconf-state" in out  # config false data

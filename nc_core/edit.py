@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator, Sequence
+from copy import copy as lxml_subtree_copy
 from copy import deepcopy
 from dataclasses import dataclass
 from functools import partial
@@ -636,7 +637,7 @@ def _copy_in_scope(edit: etree._Element) -> etree._Element:
     an ancestor such as <config> or <rpc>; deepcopy keeps only the
     declarations element names need, serialising keeps them all.
     """
-    copy = edit.__copy__()  # the whole subtree, as deepcopy, without the copy module's memo
+    copy = lxml_subtree_copy(edit)  # for lxml the whole subtree, without deepcopy's memo
     if all(copy.nsmap.get(p) == ns for p, ns in edit.nsmap.items()):
         return copy
     return etree.fromstring(etree.tostring(edit), SAFE_PARSER)

@@ -33,6 +33,7 @@ namespace, so such a name could never match, yet yangcli and others send them
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -219,9 +220,9 @@ def _declarations(elem: etree._Element, parent: etree._Element | None) -> dict[A
 
 
 def _copy_whole(elem: etree._Element) -> etree._Element:
-    # lxml's __copy__ copies the whole subtree in C, as deepcopy does, without the copy
-    # module's memo bookkeeping (a third of a large reply's build time).
-    clone = elem.__copy__()
+    # For lxml, copy.copy copies the whole subtree in C as deepcopy does, without
+    # deepcopy's memo bookkeeping (a third of a large reply's build time).
+    clone = copy.copy(elem)
     clone.tail = None
     return clone
 
