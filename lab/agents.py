@@ -23,6 +23,7 @@ from typing import Any
 from ncclient import manager
 
 from lab.topology import Site
+from nc_core.journal import read_document
 
 ROOT = Path(__file__).resolve().parents[1]
 AGENT = str(ROOT / ".venv" / "bin" / "cevpn-agent")
@@ -44,7 +45,7 @@ class Agent:
 
     def start(self) -> None:
         self.state.mkdir(parents=True, exist_ok=True)
-        if not (self.state / "running.xml").exists():
+        if read_document(self.state, "running") is None:
             pw = self.state.parent / f"{self.site.ce}.pw"
             pw.write_text(PASSWORD + "\n")
             subprocess.run(

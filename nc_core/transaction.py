@@ -102,10 +102,11 @@ class Application:
     features: Mapping[str, Sequence[str]] = {}
 
     def persistence(self, state_dir: Path) -> DatastorePersistence:
-        """Where the server keeps its datastores: files in the state directory by default."""
-        from nc_core.persistence import FilePersistence
+        """Where the server keeps its datastores: a journal in the state directory by
+        default (nc_core.journal)."""
+        from nc_core.journal import Journal
 
-        return FilePersistence(state_dir)
+        return Journal(state_dir)
 
     def initial_configuration(self, root: etree._Element) -> None:
         """Add to ``root`` what a fresh state directory starts with (rule lists, accounts).

@@ -19,6 +19,7 @@ from typing import Any
 
 from lxml import etree
 
+from nc_core.journal import stored_running
 from tests.netconf_server import (
     ADMIN,
     BIN,
@@ -85,7 +86,7 @@ class Agent:
 
     def running_ce(self) -> dict[str, Any]:
         """The agent's running /ce as a dict of peers and versions (read locally, as root)."""
-        root = etree.fromstring((self.state_dir / "running.xml").read_bytes())
+        root = etree.fromstring(stored_running(self.state_dir))
         ce = root.find(f"{{{CE_NS}}}ce")
         if ce is None:
             return {"version": None, "peers": [], "port": None}

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from ncclient.operations.rpc import RPCError
 
+from nc_core.journal import stored_running
 from tests.controller import CE_NS, SVC_NS, Controller, controller, vpn_xml
 from tests.netconf_server import BIN, free_port
 from tests.waiting import wait_for
@@ -400,7 +401,7 @@ def _sa_spis(agent_dir: Path) -> dict[str, tuple[int, int]]:
     from lxml import etree
 
     ns = "{urn:cevpn:yang:cevpn-ce}"
-    root = etree.fromstring((agent_dir / "running.xml").read_bytes())
+    root = etree.fromstring(stored_running(agent_dir))
     out = {}
     for peer in root.iter(f"{ns}peer"):
         out[peer.findtext(f"{ns}name") or ""] = (
@@ -525,7 +526,7 @@ def test_a_ce_gets_its_own_key_certified_by_the_vpn_ca(tmp_path: Path) -> None:
             from lxml import etree
 
             ns = "{urn:cevpn:yang:cevpn-ce}"
-            root = etree.fromstring((ctl.agents[site].state_dir / "running.xml").read_bytes())
+            root = etree.fromstring(stored_running(ctl.agents[site].state_dir))
             certs = root.find(f"{ns}ce/{ns}certificates")
             if certs is None or certs.findtext(f"{ns}key-origin") != "ce":
                 return None

@@ -17,6 +17,7 @@ from ncclient import manager
 from ncclient.operations.rpc import RPCError
 
 from nc_core.errors import RpcError
+from nc_core.journal import stored_running
 from nc_core.schema import CE_MODULES
 from nc_core.server import NetconfServer, ServerOptions
 from nc_core.transaction import Application, Transaction
@@ -157,7 +158,7 @@ def test_a_failing_apply_is_aborted_and_leaves_running_unchanged(srv):
         assert "kernel said no" in err.value.message
         assert peers(m) == []
     assert srv.app.phases[-1] == ("abort", "edit")
-    assert b"<peer>" not in (srv.server.options.state_dir / "running.xml").read_bytes()
+    assert b"<peer>" not in stored_running(srv.server.options.state_dir)
 
 
 def test_an_application_refusal_reaches_the_client_as_its_rpc_error(srv):

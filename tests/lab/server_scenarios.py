@@ -27,6 +27,7 @@ from ncclient import manager
 from lab.agents import capture, ping, stop_capture
 from lab.processes import start, stop, wait_port
 from lab.topology import Site
+from nc_core.journal import stored_running
 from tests.lab.ike_scenarios import grep_secrets, peer_statuses
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -196,7 +197,7 @@ def ike_facts(sites: list[Site]) -> dict[str, Any]:
         {
             e.text or ""
             for s in sites
-            for e in etree.parse(str(WORK / s.ce / "running.xml")).iter(
+            for e in etree.fromstring(stored_running(WORK / s.ce)).iter(
                 "{urn:cevpn:yang:cevpn-ce}pre-shared-key"
             )
         }
