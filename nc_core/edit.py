@@ -61,10 +61,15 @@ def new_datastore() -> etree._Element:
 def key_values(elem: etree._Element, snode: SchemaNode) -> tuple[str, ...] | None:
     """The key leaf values of a list entry, or None if one is missing."""
     values = []
-    for tag in snode.key_tags:
-        child = elem.find(tag)
-        if child is None:
-            return None
+    count = len(elem)
+    for position, tag in enumerate(snode.key_tags):
+        # Keys come first in canonical data and in what clients send: try the child at
+        # the key's position before searching (1.3 us a key for find(), 0.2 for this).
+        child = elem[position] if position < count else None
+        if child is None or child.tag != tag:
+            child = next(elem.iterchildren(tag), None)
+            if child is None:
+                return None
         values.append((child.text or "").strip())
     return tuple(values)
 
@@ -117,15 +122,28 @@ class Instances:
             self._alive.append(parent)
         return self._last[key]
 
-    def added(self, parent: etree._Element, node: etree._Element, snode: SchemaNode) -> None:
+    def added(
+        self,
+        parent: etree._Element,
+        node: etree._Element,
+        snode: SchemaNode,
+        ident: tuple[str, ...] | None = None,
+    ) -> None:
+        """``node`` was inserted; ``ident``, if known, is its :func:`instance_identity`."""
         key = (id(parent), node.tag)
         if snode.kind in ("list", "leaf-list") and key in self._maps:
-            self._maps[key][instance_identity(node, snode)] = node
+            self._maps[key][instance_identity(node, snode) if ident is None else ident] = node
         self._last.pop(key, None)
 
-    def appended(self, parent: etree._Element, node: etree._Element, snode: SchemaNode) -> None:
+    def appended(
+        self,
+        parent: etree._Element,
+        node: etree._Element,
+        snode: SchemaNode,
+        ident: tuple[str, ...] | None = None,
+    ) -> None:
         """``node`` was placed after every sibling of its tag."""
-        self.added(parent, node, snode)
+        self.added(parent, node, snode, ident)
         self._last[(id(parent), node.tag)] = node
 
     def removed(
@@ -221,6 +239,7 @@ class Editor:
         errors are collected in ``self.errors`` and the rest is applied.
         """
         self._marked = _with_edit_attributes(config)
+        self._prefixed_values = bool(_TEXT_WITH_COLON(config))
         for edit in config:
             if not isinstance(edit.tag, str):
                 continue
@@ -350,7 +369,10 @@ class Editor:
                 # edit's subtree as it is.  What the copy does not check here
                 # (unknown or state nodes, missing keys, two cases of a choice)
                 # libyang's validation of the result refuses, naming the node.
-                self._place(parent, _copy_in_scope(edit), edit, snode)
+                copied = (
+                    _copy_in_scope(edit) if self._prefixed_values else lxml_subtree_copy(edit)
+                )
+                self._place(parent, copied, edit, snode, ident)
                 return
             if op == "merge":
                 new = self._insert_new(parent, edit, snode)
@@ -499,14 +521,19 @@ class Editor:
     # ordered-by user ------------------------------------------------------
 
     def _place(
-        self, parent: etree._Element, node: etree._Element, edit: etree._Element, snode: SchemaNode
+        self,
+        parent: etree._Element,
+        node: etree._Element,
+        edit: etree._Element,
+        snode: SchemaNode,
+        ident: tuple[str, ...] | None = None,
     ) -> None:
         last = self.instances.last(parent, node.tag)
         if last is not None:
             last.addnext(node)
         else:
             parent.append(node)
-        self.instances.appended(parent, node, snode)
+        self.instances.appended(parent, node, snode, ident)
         if snode.user_ordered:
             self._move_if_asked(parent, node, edit, snode)
 
@@ -630,6 +657,11 @@ def _with_edit_attributes(config: etree._Element) -> set[etree._Element]:
     return marked
 
 
+_TEXT_WITH_COLON = etree.XPath("boolean(descendant::text()[contains(., ':')])")
+"""Whether any value of an edit may use a namespace prefix (an identityref or an
+instance-identifier): if none has a colon, no copy needs the prefixes in scope."""
+
+
 def _copy_in_scope(edit: etree._Element) -> etree._Element:
     """A copy of an edit subtree that keeps every namespace prefix in scope.
 
@@ -730,12 +762,17 @@ def _children_by_identity(
     elem: etree._Element, parent_snode: SchemaNode | None, index: SchemaIndex, only: set[str] | None
 ) -> dict[tuple[str, tuple[str, ...]], tuple[etree._Element, SchemaNode | None]]:
     out: dict[tuple[str, tuple[str, ...]], tuple[etree._Element, SchemaNode | None]] = {}
-    for child in elem:
-        if not isinstance(child.tag, str) or (only is not None and child.tag not in only):
+    snodes: dict[str, SchemaNode | None] = {}  # looked up once per tag: lists are long
+    for child in elem.iterchildren(etree.Element):
+        tag = child.tag
+        if only is not None and tag not in only:
             continue
-        snode = schema_of(index, parent_snode, child)
+        if tag in snodes:
+            snode = snodes[tag]
+        else:
+            snode = snodes[tag] = schema_of(index, parent_snode, child)
         ident = instance_identity(child, snode) if snode is not None else ()
-        out[(child.tag, ident)] = (child, snode)
+        out[(tag, ident)] = (child, snode)
     return out
 
 
