@@ -369,9 +369,7 @@ class Editor:
                 # edit's subtree as it is.  What the copy does not check here
                 # (unknown or state nodes, missing keys, two cases of a choice)
                 # libyang's validation of the result refuses, naming the node.
-                copied = (
-                    _copy_in_scope(edit) if self._prefixed_values else lxml_subtree_copy(edit)
-                )
+                copied = _copy_in_scope(edit) if self._prefixed_values else lxml_subtree_copy(edit)
                 self._place(parent, copied, edit, snode, ident)
                 return
             if op == "merge":
