@@ -131,6 +131,16 @@ def add_common_commands(
         "stays HOST); an IPv6 address with a port is written [ADDR]:PORT",
     )
 
+    show = commands.add_parser(
+        "stored-config",
+        help="print a datastore as the state directory keeps it (also while serving)",
+        description="Print the last committed running (or startup) configuration kept in the "
+        "state directory, as XML, without disturbing a server that uses it.  It holds what "
+        "the datastore holds, password hashes and keys included: the directory is 0700.",
+    )
+    show.add_argument("--state-dir", type=Path, required=True)
+    show.add_argument("--datastore", choices=("running", "startup"), default="running")
+
     cmd = commands.add_parser(
         "validate",
         help="check configuration documents (XML or RFC 7951 JSON) against the served YANG",
@@ -160,7 +170,30 @@ def run_common_command(
         return run_adduser(args, make_app)
     if args.command == "host-key":
         return run_host_key(args)
+    if args.command == "stored-config":
+        return run_stored_config(args, make_app)
     return None
+
+
+def run_stored_config(args: argparse.Namespace, make_app: Callable[[], Application]) -> int:
+    """Print a committed datastore from the state directory, read-only."""
+    from nc_core.journal import Journal, read_document
+    from nc_core.server import LOCK_FILE
+
+    state_dir: Path = args.state_dir
+    if not (state_dir / LOCK_FILE).exists():  # a mistyped path: make nothing there
+        print(f"stored-config: {state_dir} holds no server state", file=sys.stderr)
+        return 1
+    persistence = make_app().persistence(state_dir)
+    if isinstance(persistence, Journal):
+        data = read_document(state_dir, args.datastore)  # never cuts or rewrites the file
+    else:
+        data = persistence.read(args.datastore)
+    if data is None:
+        print(f"stored-config: no {args.datastore} configuration in {state_dir}", file=sys.stderr)
+        return 1
+    sys.stdout.buffer.write(data if data.endswith(b"\n") else data + b"\n")
+    return 0
 
 
 def run_validate(schema: Schema, documents: list[Path]) -> int:

@@ -98,3 +98,28 @@ def test_host_key_refuses_a_known_hosts_pattern_it_cannot_write(value, tmp_path)
     result = run("cevpn-server", "host-key", "--state-dir", str(state), "--known-hosts", value)
     assert result.returncode == 2
     assert "--known-hosts" in result.stderr and result.stdout == ""
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_stored_config_prints_what_adduser_committed(command, tmp_path):
+    state = tmp_path / "state"
+    key = tmp_path / "k.pub"
+    key.write_text(
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINNE7SiAB0dX9CNpmIAVxlfhKpncGUay/WKMnEVvJLOU x\n"
+    )
+    assert (
+        run(command, "adduser", "--state-dir", str(state), "alice", "--key", str(key)).returncode
+        == 0
+    )
+    result = run(command, "stored-config", "--state-dir", str(state))
+    assert result.returncode == 0, result.stderr
+    assert "<name>alice</name>" in result.stdout and result.stdout.startswith("<?xml")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_stored_config_of_a_directory_without_server_state_is_refused(command, tmp_path):
+    mistyped = tmp_path / "var-lib-cevpn-srever"
+    result = run(command, "stored-config", "--state-dir", str(mistyped))
+    assert result.returncode == 1
+    assert "holds no server state" in result.stderr and result.stdout == ""
+    assert not mistyped.exists()
