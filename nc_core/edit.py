@@ -655,9 +655,12 @@ def _with_edit_attributes(config: etree._Element) -> set[etree._Element]:
     return marked
 
 
-_TEXT_WITH_COLON = etree.XPath("boolean(descendant::text()[contains(., ':')])")
-"""Whether any value of an edit may use a namespace prefix (an identityref or an
-instance-identifier): if none has a colon, no copy needs the prefixes in scope."""
+_TEXT_WITH_COLON = etree.XPath(
+    "boolean(descendant::text()[contains(., ':')] | descendant::*/@*[contains(., ':')])"
+)
+"""Whether any value of an edit (or of an attribute in it) may use a namespace prefix, as
+an identityref or an instance-identifier does: if none has a colon, no copy needs the
+prefixes declared on its ancestors."""
 
 
 def _copy_in_scope(edit: etree._Element) -> etree._Element:

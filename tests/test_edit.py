@@ -71,6 +71,21 @@ def test_merge_creates_missing_parents(index):
     assert names(root) == ["b"]
 
 
+def test_an_identityref_keeps_the_prefix_declared_on_config_when_copied_whole(index):
+    # <ce> is new and carries no operation: it is copied whole, and its value's prefix
+    # (declared on <config>, not on <ce>) must stay in scope for libyang to resolve it.
+    root = apply(index, new_datastore(), "<minimum-strength>t:strength-192</minimum-strength>")
+    leaf = root.find(f"{{{CE}}}ce/{{{CE}}}minimum-strength")
+    assert leaf is not None and leaf.text == "t:strength-192"
+    assert leaf.nsmap.get("t") == T
+
+
+def test_values_without_prefixes_are_copied_as_they_are(index):
+    root = apply(index, new_datastore(), peer("b") + peer("c", "192.0.2.3"))
+    assert names(root) == ["b", "c"]
+    assert root.find(f"{{{CE}}}ce/{{{CE}}}peer/{{{CE}}}name").text == "b"
+
+
 def test_create_of_an_existing_entry_is_data_exists_with_its_path(index):
     root = apply(index, new_datastore(), peer("b"))
     with pytest.raises(RpcError) as err:
