@@ -14,12 +14,11 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.netconf_server import ADMIN, BIN, ServerProcess, ncclient_connect, running_server
+from tests.netconf_server import ADMIN, BIN, ServerProcess, ncclient_connect
 
 SYS = "urn:ietf:params:xml:ns:yang:ietf-system"
 NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
@@ -31,26 +30,6 @@ pytestmark = [
     pytest.mark.timeout(300),
     pytest.mark.skipif(not PLAYBOOK_BIN.exists(), reason="ansible is a dev dependency"),
 ]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    with running_server(tmp_path_factory.mktemp("ansible")) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    with running_server(
-        tmp_path_factory.mktemp("ansible-agent"), "cevpn-agent", "--dataplane", "none"
-    ) as srv:
-        yield srv
-
-
-@pytest.fixture(params=["cevpn-server", "cevpn-agent"])
-def either(request: pytest.FixtureRequest) -> ServerProcess:
-    fixture = "server" if request.param == "cevpn-server" else "agent"
-    return request.getfixturevalue(fixture)  # type: ignore[no-any-return]
 
 
 def known_hosts_line(server: ServerProcess) -> str:

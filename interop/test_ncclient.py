@@ -7,13 +7,12 @@ answers ncclient parses.  The server's host key is pinned (hostkey_b64).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 from lxml import etree
 from ncclient.operations.rpc import RPCError
 
-from tests.netconf_server import ADMIN, VIEWER, ServerProcess, ncclient_connect, running_server
+from tests.netconf_server import ADMIN, VIEWER, ServerProcess, ncclient_connect
 
 SVC = "urn:cevpn:yang:cevpn-service"
 NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
@@ -26,12 +25,6 @@ def vpn_config(vpn: str, customer: str = "ACME", extra: str = "", op: str = "") 
         f'<config xmlns="{NC}"><vpn-service xmlns="{SVC}"><vpn{attr}><id>{vpn}</id>'
         f"<customer>{customer}</customer>{extra}</vpn></vpn-service></config>"
     )
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    with running_server(tmp_path_factory.mktemp("ncclient")) as srv:
-        yield srv
 
 
 @pytest.fixture

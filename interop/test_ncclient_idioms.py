@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Iterator
 
 import paramiko
 import pytest
@@ -22,7 +21,7 @@ from ncclient.operations.rpc import RPCError
 from ncclient.xml_ import to_ele
 
 from nc_core.framing import Framer
-from tests.netconf_server import ADMIN, ServerProcess, ncclient_connect, running_server
+from tests.netconf_server import ADMIN, ServerProcess, ncclient_connect
 
 NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
 SVC = "urn:cevpn:yang:cevpn-service"
@@ -45,27 +44,6 @@ OPERATOR_ONLY = (
 
 def hello(base: str) -> bytes:
     return HELLO_BODY.replace("BASE", base).encode()
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    with running_server(tmp_path_factory.mktemp("idioms")) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    with running_server(
-        tmp_path_factory.mktemp("idioms-agent"), "cevpn-agent", "--dataplane", "none"
-    ) as srv:
-        yield srv
-
-
-@pytest.fixture(params=["cevpn-server", "cevpn-agent"])
-def either(request: pytest.FixtureRequest) -> ServerProcess:
-    """Both servers share nc_core: a leniency of the engine holds for each."""
-    fixture = "server" if request.param == "cevpn-server" else "agent"
-    return request.getfixturevalue(fixture)  # type: ignore[no-any-return]
 
 
 @pytest.fixture

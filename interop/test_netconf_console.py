@@ -8,21 +8,14 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.netconf_server import ADMIN, ServerProcess, running_server
+from tests.netconf_server import ADMIN, ServerProcess
 
 SVC = "urn:cevpn:yang:cevpn-service"
 CONSOLE = str(Path(sys.executable).parent / "netconf-console2")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    with running_server(tmp_path_factory.mktemp("console")) as srv:
-        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -372,3 +365,51 @@ def test_get_data_of_a_datastore_that_does_not_exist_prints_the_rpc_error(server
     request = nmda_rpc(ssh_config, "get-data", "<datastore>ds:intended</datastore>")
     out = console(server, ssh_config, "--rpc", request, check=False)
     assert "rpc-error" in out and "invalid-value" in out, out
+
+
+# -- the CE agent (cevpn-ce and ietf-system, no service model) ----------------------------
+
+SYS = "urn:ietf:params:xml:ns:yang:ietf-system"
+
+
+@pytest.fixture(scope="module")
+def agent_ssh_config(agent: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("console-agent-ssh")
+    (home / "known_hosts").write_text(f"[{agent.host}]:{agent.port} {agent.host_key_line}\n")
+    config = home / "config"
+    config.write_text(
+        f"Host {agent.host}\n  UserKnownHostsFile {home / 'known_hosts'}\n"
+        "  StrictHostKeyChecking yes\n"
+    )
+    return config
+
+
+def test_agent_hello_lists_the_ce_model(agent, agent_ssh_config):
+    out = console(agent, agent_ssh_config, "--hello")
+    assert "urn:ietf:params:netconf:base:1.1" in out and "module=cevpn-ce" in out
+
+
+def test_agent_candidate_edit_commit_and_filtered_get_config(agent, agent_ssh_config):
+    user = (
+        f'<system xmlns="{SYS}"><authentication><user><name>console-op</name></user>'
+        "</authentication></system>"
+    )
+    console(agent, agent_ssh_config, "--db", "candidate", "--edit-config",
+            xml_file(agent_ssh_config, "agent-user.xml", user))  # fmt: skip
+    console(agent, agent_ssh_config, "--commit")
+    out = console(agent, agent_ssh_config, "--get-config", "--filter",
+                  "/sys:system/sys:authentication/sys:user[sys:name='console-op']",
+                  "-N", f"sys={SYS}")  # fmt: skip
+    assert "<name>console-op</name>" in out
+
+
+def test_agent_get_data_of_operational_through_rpc(agent, agent_ssh_config):
+    request = nmda_rpc(
+        agent_ssh_config,
+        "get-data",
+        "<datastore>ds:operational</datastore><subtree-filter><netconf-state xmlns="
+        '"urn:ietf:params:xml:ns:yang:ietf-netconf-monitoring"><sessions/></netconf-state>'
+        "</subtree-filter>",
+    )
+    out = console(agent, agent_ssh_config, "--rpc", request)
+    assert "<session-id>" in out, out

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,7 @@ from scrapli.ssh_config import SSHKnownHosts
 from scrapli_netconf.driver import AsyncNetconfDriver, NetconfDriver
 from scrapli_netconf.response import NetconfResponse
 
-from tests.netconf_server import ADMIN, BIN, ServerProcess, running_server
+from tests.netconf_server import ADMIN, BIN, ServerProcess
 
 SYS = "urn:ietf:params:xml:ns:yang:ietf-system"
 NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
@@ -43,26 +42,6 @@ pytestmark = pytest.mark.timeout(120)
 SYNC_TRANSPORTS = ["system", "paramiko"]
 # OpenSSH's words, then scrapli's own (paramiko and asyncssh transports).
 REFUSED = "Host key verification failed|in known_hosts but public key does not match"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    with running_server(tmp_path_factory.mktemp("scrapli")) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    with running_server(
-        tmp_path_factory.mktemp("scrapli-agent"), "cevpn-agent", "--dataplane", "none"
-    ) as srv:
-        yield srv
-
-
-@pytest.fixture(params=["cevpn-server", "cevpn-agent"])
-def either(request: pytest.FixtureRequest) -> ServerProcess:
-    fixture = "server" if request.param == "cevpn-server" else "agent"
-    return request.getfixturevalue(fixture)  # type: ignore[no-any-return]
 
 
 def known_hosts(server: ServerProcess, directory: Path) -> Path:

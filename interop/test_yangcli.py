@@ -14,20 +14,13 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.netconf_server import ADMIN, ServerProcess, running_server
+from tests.netconf_server import ADMIN, ServerProcess
 
 pytestmark = pytest.mark.skipif(shutil.which("yangcli") is None, reason="Debian yangcli missing")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    with running_server(tmp_path_factory.mktemp("yangcli")) as srv:
-        yield srv
 
 
 def yangcli(server: ServerProcess, home: Path, *commands: str) -> str:
@@ -150,3 +143,25 @@ def test_persistent_confirmed_commit_confirmed_from_another_session(server, home
     assert "RPC OK Reply" in out
     time.sleep(0.5)
     assert "vpn conf {" in yangcli(server, home, "sget-config /vpn-service source=running")
+
+
+# -- the CE agent ----------------------------------------------------------------------------
+
+
+def test_yangcli_loads_the_ce_model_from_the_agent(agent, home):
+    out = yangcli(agent, home, "get-schema identifier=cevpn-ce")
+    assert "NETCONF session established" in out
+    assert "Auto-load for module 'cevpn-ce' failed" not in out
+    assert "module cevpn-ce {" in out
+
+
+def test_yangcli_creates_commits_and_reads_back_on_the_agent(agent, home):
+    out = yangcli(
+        agent,
+        home,
+        "create /system/authentication/user -- name=yangcli-op",
+        "commit",
+        "sget-config /system/authentication source=running",
+    )
+    assert "RPC OK Reply" in out
+    assert "yangcli-op" in out
