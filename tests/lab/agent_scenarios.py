@@ -246,9 +246,12 @@ def kill_mid_apply() -> dict[str, Any]:
         edit_error: list[str] = []
 
         def big_edit() -> None:
+            # No `with`: its close-session, on a session whose agent was killed, can wait
+            # ncclient's whole 60 s timeout for a reply that cannot come, and the join
+            # below would give up first (seen once in CI: killed_during_edit False).
             try:
-                with agents[1].connect() as m:
-                    m.edit_config(target="running", config=config(dummy_peers(150)))
+                m = agents[1].connect()
+                m.edit_config(target="running", config=config(dummy_peers(150)))
             except Exception as exc:  # the agent is killed under us: expected
                 edit_error.append(type(exc).__name__)
 
@@ -264,7 +267,7 @@ def kill_mid_apply() -> dict[str, Any]:
             time.sleep(0.05)
         agents[1].kill9()
         armed.unlink()
-        worker.join(60)
+        worker.join(90)  # ncclient's RPC timeout (60 s) at the latest
         report["killed_during_edit"] = bool(edit_error)
         report["after_kill"] = owned_counts(a)
         agents[1].start()
