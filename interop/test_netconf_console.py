@@ -18,9 +18,8 @@ SVC = "urn:cevpn:yang:cevpn-service"
 CONSOLE = str(Path(sys.executable).parent / "netconf-console2")
 
 
-@pytest.fixture(scope="module")
-def ssh_config(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    home = tmp_path_factory.mktemp("console-ssh")
+def pinned_ssh_config(server: ServerProcess, home: Path) -> Path:
+    """An OpenSSH config in ``home`` whose known_hosts holds ``server``'s key only."""
     known = home / "known_hosts"
     known.write_text(f"[{server.host}]:{server.port} {server.host_key_line}\n")
     config = home / "config"
@@ -28,6 +27,11 @@ def ssh_config(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) 
         f"Host {server.host}\n  UserKnownHostsFile {known}\n  StrictHostKeyChecking yes\n"
     )
     return config
+
+
+@pytest.fixture(scope="module")
+def ssh_config(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return pinned_ssh_config(server, tmp_path_factory.mktemp("console-ssh"))
 
 
 def argv(server: ServerProcess, ssh_config: Path, *args: str) -> list[str]:
@@ -374,14 +378,7 @@ SYS = "urn:ietf:params:xml:ns:yang:ietf-system"
 
 @pytest.fixture(scope="module")
 def agent_ssh_config(agent: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    home = tmp_path_factory.mktemp("console-agent-ssh")
-    (home / "known_hosts").write_text(f"[{agent.host}]:{agent.port} {agent.host_key_line}\n")
-    config = home / "config"
-    config.write_text(
-        f"Host {agent.host}\n  UserKnownHostsFile {home / 'known_hosts'}\n"
-        "  StrictHostKeyChecking yes\n"
-    )
-    return config
+    return pinned_ssh_config(agent, tmp_path_factory.mktemp("console-agent-ssh"))
 
 
 def test_agent_hello_lists_the_ce_model(agent, agent_ssh_config):

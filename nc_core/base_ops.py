@@ -346,7 +346,7 @@ def _checked_candidate(
     finally:
         free(tree)
     old = server.datastores["candidate"].root
-    if all(server.nacm.permits_all(session.user, op) for op in ("create", "update", "delete")):
+    if server.nacm.permits_all_writes(session.user):
         # Nothing to check node by node: whether anything changed is all that matters,
         # and comparing the two documents in C is far cheaper than diffing them (a
         # 10,000-entry edit: 4 ms instead of 45).

@@ -453,6 +453,11 @@ class Nacm:
         first = plan.rules[0]
         return first.permit and first.module == "*" and not first.path
 
+    def permits_all_writes(self, user: str) -> bool:
+        """:meth:`permits_all` for create, update and delete alike: no change ``user``
+        makes to the data needs checking node by node."""
+        return all(self.permits_all(user, op) for op in ("create", "update", "delete"))
+
     def may_write_any(self, user: str) -> bool:
         """Could ``user`` change any configuration at all?
 
@@ -753,7 +758,7 @@ class Nacm:
         nc_core.edit.diff does), each node is still checked once.  Each
         refused request counts once in denied_data_writes.
         """
-        if all(self.permits_all(user, op) for op in ("create", "update", "delete")):
+        if self.permits_all_writes(user):
             return
         # Per access operation: contexts computed so far, and nodes already
         # checked as part of an earlier change's subtree.

@@ -17,6 +17,20 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True)
 
 
+def state_with_alice(command: str, tmp_path: Path) -> Path:
+    """A state directory ``adduser`` has used: account alice with a public key."""
+    state = tmp_path / "state"
+    key = tmp_path / "k.pub"
+    key.write_text(
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINNE7SiAB0dX9CNpmIAVxlfhKpncGUay/WKMnEVvJLOU x\n"
+    )
+    assert (
+        run(command, "adduser", "--state-dir", str(state), "alice", "--key", str(key)).returncode
+        == 0
+    )
+    return state
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_host_key_of_a_directory_without_server_state_is_refused(command, tmp_path):
     mistyped = tmp_path / "var-lib-cevpn-srever"
@@ -29,15 +43,7 @@ def test_host_key_of_a_directory_without_server_state_is_refused(command, tmp_pa
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_host_key_of_a_used_state_directory_is_printed_and_stays_the_same(command, tmp_path):
-    state = tmp_path / "state"
-    key = tmp_path / "k.pub"
-    key.write_text(
-        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINNE7SiAB0dX9CNpmIAVxlfhKpncGUay/WKMnEVvJLOU x\n"
-    )
-    assert (
-        run(command, "adduser", "--state-dir", str(state), "alice", "--key", str(key)).returncode
-        == 0
-    )
+    state = state_with_alice(command, tmp_path)
     first = run(command, "host-key", "--state-dir", str(state))
     second = run(command, "host-key", "--state-dir", str(state))
     assert first.returncode == 0 and first.stdout.startswith("ssh-ed25519 ")
@@ -102,15 +108,7 @@ def test_host_key_refuses_a_known_hosts_pattern_it_cannot_write(value, tmp_path)
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_stored_config_prints_what_adduser_committed(command, tmp_path):
-    state = tmp_path / "state"
-    key = tmp_path / "k.pub"
-    key.write_text(
-        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINNE7SiAB0dX9CNpmIAVxlfhKpncGUay/WKMnEVvJLOU x\n"
-    )
-    assert (
-        run(command, "adduser", "--state-dir", str(state), "alice", "--key", str(key)).returncode
-        == 0
-    )
+    state = state_with_alice(command, tmp_path)
     result = run(command, "stored-config", "--state-dir", str(state))
     assert result.returncode == 0, result.stderr
     assert "<name>alice</name>" in result.stdout and result.stdout.startswith("<?xml")
