@@ -14,14 +14,10 @@ Two things are added to stock ncclient, both measured:
 
 from __future__ import annotations
 
-import base64
 import os
 import selectors
 import socket
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import paramiko
@@ -30,22 +26,11 @@ from ncclient.devices.default import DefaultDeviceHandler
 from ncclient.transport.errors import SessionCloseError
 from ncclient.transport.session import MSG_DELIM, NetconfBase
 
+from nc_core.endpoint import Endpoint, host_key_blob
+
+__all__ = ["Endpoint", "PromptSSHSession", "connect", "host_key_blob"]
+
 END_DELIM = b"\n##\n"
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """Where a NETCONF server is, the host keys it may present, and how to log in."""
-
-    host: str
-    port: int
-    host_keys: Sequence[str]
-    """OpenSSH public key lines ("ssh-ed25519 AAAA... comment"); at least one."""
-    username: str
-    key_file: Path
-    """The client's private key (OpenSSH or PEM), 0600."""
-    timeout: float = 10.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class PromptSSHSession(transport.SSHSession):  # type: ignore[misc]
@@ -130,15 +115,6 @@ def _tcp_connect(endpoint: Endpoint) -> socket.socket:
     sock = socket.create_connection((endpoint.host, endpoint.port), timeout=endpoint.timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
-
-
-def host_key_blob(line: str) -> str:
-    """The base64 blob of an OpenSSH public key line, checked to be base64."""
-    parts = line.split()
-    if len(parts) < 2:
-        raise ValueError(f"not an OpenSSH public key line: {line!r}")
-    base64.b64decode(parts[1], validate=True)
-    return parts[1]
 
 
 def connect(endpoint: Endpoint) -> manager.Manager:

@@ -157,7 +157,13 @@ class _NetconfSSHServer(asyncssh.SSHServer):
             )
         self.channels += 1
         self.nc.channels[username] += 1
-        return _NetconfChannel(self.nc, self.conn, self.peer, username, self._channel_closed)
+        return _NetconfChannel(
+            self.nc, self.conn, self.peer, username, self._channel_closed, self._others_open
+        )
+
+    def _others_open(self) -> bool:
+        """Whether a channel other than the one asking is still open on this connection."""
+        return self.channels > 1
 
     def _channel_closed(self, username: str) -> None:
         self.channels -= 1
@@ -174,8 +180,10 @@ class _NetconfChannel(asyncssh.SSHServerSession[bytes]):
         peer: str,
         username: str,
         on_closed: Callable[[str], None],
+        others_open: Callable[[], bool],
     ) -> None:
         self.nc = nc
+        self.others_open = others_open
         self.conn = conn
         self.peer = peer
         self.username = username
@@ -257,9 +265,14 @@ class _NetconfChannel(asyncssh.SSHServerSession[bytes]):
             self.on_closed = None
 
     def _close(self) -> None:
+        """The session ended (close-session, kill-session, an error): close its channel.
+        Other NETCONF sessions on the same SSH connection (RFC 6242 lets a client open
+        several: the VPN server keeps two per CE) carry on; the connection goes with
+        its last channel."""
         if self.chan is not None:
             self.chan.close()
-        self.conn.close()
+        if not self.others_open():
+            self.conn.close()
 
 
 async def listen(nc: NetconfServer, host: str, port: int) -> asyncssh.SSHAcceptor:

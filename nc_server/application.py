@@ -24,7 +24,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,6 +48,7 @@ from nc_server.ce_config import (
     edit_document,
     full_edit,
     incremental_edit,
+    touches_management_path,
 )
 from nc_server.compiler import CeConfig, CompileError, VpnCompiler, diff_configs
 from nc_server.enrolment import (
@@ -62,8 +63,7 @@ from nc_server.provisioner import CeRecord, Provisioner, now_text
 from nc_server.rekey import RekeyPlan, RekeyScheduler
 from nc_server.service_datastore import LISTENING_FILE, ServiceDatastore
 from nc_server.service_rules import MAX_REPORTED, check_vpn, site_path, vpn_path
-from nc_server.southbound import CeRefused, CeUnreachable, push, read_ce
-from nc_server.southbound import Session as CeSession
+from nc_server.southbound import CeRefused, CeUnreachable, Southbound
 
 if TYPE_CHECKING:
     from nc_core.session import Session
@@ -138,8 +138,9 @@ class ServiceApplication(ServiceDatastore):
         self.compile_seconds = 0.0
         self._removing: dict[str, SiteView] = {}
         """Sites deleted in 'deprovision' mode whose CE has not been cleaned yet."""
-        self.sessions: dict[str, CeSession] = {}
-        """Per CE, the NETCONF session that confirmed the last push, kept for the next one."""
+        self.southbound = Southbound()
+        """Standing management links to the CEs, reused by every push and audit."""
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- transaction -------------------------------------------------------------
 
@@ -349,12 +350,13 @@ class ServiceApplication(ServiceDatastore):
             rec.applied_version = target.version
             return "in-sync"
         known = applied["config"] if applied["version"] is not None else None
-        # XML made here, in the event loop (libyang), not in the push thread.
         if known is None:
             target_xml = self.codec.to_xml(target.config, rec.site)
+            touches_management = True  # what the CE holds is unknown
         else:
             incremental = incremental_edit(known, target.config)
             target_xml = self.codec.parts_to_xml(target.config, incremental, rec.site)
+            touches_management = touches_management_path(incremental)
 
         def make(present: list[str] | None) -> etree._Element:
             if known is None or present is not None:
@@ -367,27 +369,21 @@ class ServiceApplication(ServiceDatastore):
             return document
 
         confirm_timeout = int(self.server_settings["confirm-timeout"])
-        endpoint = self.endpoint(view, port=now_port)
-        confirm_at = self.endpoint(view)
-        assert self.provisioner is not None
-        kept = self.sessions.pop(rec.site, None)
         try:
-            timings, session = await self.provisioner.run_in_thread(
-                lambda: push(
-                    endpoint,
-                    make,
-                    confirm_timeout,
-                    needs_peer_list=known is None,
-                    kept=kept,
-                    confirm_endpoint=confirm_at,
-                )
+            timings = await self.southbound.push(
+                rec.site,
+                self.endpoint(view, port=now_port),
+                make,
+                confirm_timeout,
+                needs_peer_list=known is None,
+                touches_management=touches_management,
+                confirm_endpoint=self.endpoint(view),
             )
         except Exception:
             # We no longer know what the CE holds: resynchronise fully next time.  If a
             # commit was not confirmed the CE rolls back, so it listens where it did.
             self._record_applied(rec.site, None, None, now_port)
             raise
-        self.sessions[rec.site] = session
         rec.timings.add(timings)
         self._record_applied(rec.site, target.version, target.config, view.management_port)
         rec.applied_version = target.version
@@ -459,15 +455,18 @@ class ServiceApplication(ServiceDatastore):
 
     # -- site removal (seed 3.6) -------------------------------------------------
 
+    def _background(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run ``work`` without waiting for it (the task is kept until it ends)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _site_removed(self, view: SiteView) -> None:
         mode = self.removal_override.pop(view.site, view.removal)
         prov = self._provisioner()
         prov.forget(view.site)
-        kept = self.sessions.pop(view.site, None)
-        if kept is not None and mode != "deprovision":
-            asyncio.get_running_loop().run_in_executor(prov.executor, kept.close)
-        elif kept is not None:
-            self.sessions[view.site] = kept  # the deprovisioning push starts on it
+        if mode != "deprovision":  # else the deprovisioning push uses the link, then drops it
+            self._background(self.southbound.drop(view.site))
         self.storage.delete(APPLIED, view.site)
         self.storage.put(
             REMOVED,
@@ -498,12 +497,10 @@ class ServiceApplication(ServiceDatastore):
             return deprovision_document(present or [], CE_SECTIONS)
 
         assert self.provisioner is not None
-        kept = self.sessions.pop(rec.site, None)
-        result = await self.provisioner.run_in_thread(
-            lambda: push(endpoint, make, confirm_timeout, needs_peer_list=True, kept=kept)
+        await self.southbound.push(
+            rec.site, endpoint, make, confirm_timeout, needs_peer_list=True, touches_management=True
         )
-        _, session = result
-        await self.provisioner.run_in_thread(session.close)
+        await self.southbound.drop(rec.site)
         self._removing.pop(rec.site, None)
         self.storage.delete(REMOVALS, rec.site)
         self.keys.forget_site(view.vpn, view.site)
@@ -555,11 +552,9 @@ class ServiceApplication(ServiceDatastore):
     async def stopping(self) -> None:
         if self._rekey_task is not None:
             self._rekey_task.cancel()
-        for session in self.sessions.values():
-            session.close()
-        self.sessions.clear()
         if self.provisioner is not None:
             await self.provisioner.close()
+        await self.southbound.close()
         (self.state_dir / LISTENING_FILE).unlink(missing_ok=True)
         self.storage.close()
 
@@ -796,7 +791,6 @@ class ServiceApplication(ServiceDatastore):
             for v in self.sites.values()
             if (not vpn or v.vpn == vpn) and (not site or v.site == site) and v.host_keys
         ]
-        prov = self._provisioner()
 
         async def one(view: SiteView) -> etree._Element:
             entry = etree.Element(_q("result"))
@@ -804,7 +798,7 @@ class ServiceApplication(ServiceDatastore):
             etree.SubElement(entry, _q("site")).text = view.site
             want = self.codec.normalise(self.vpns[view.vpn].compiled[view.site].config, view.site)
             try:
-                ce, _ = await prov.run_in_thread(lambda: read_ce(self.endpoint(view)))
+                ce, _ = await self.southbound.read_ce(view.site, self.endpoint(view))
             except (CeUnreachable, CeRefused):
                 etree.SubElement(entry, _q("outcome")).text = "unreachable"
                 return entry

@@ -139,6 +139,18 @@ class CeEdit:
         return not (self.sections or self.peers or self.removed_peers or self.removed_sections)
 
 
+MANAGEMENT_PATH_SECTIONS = frozenset({"ingress-policy", "internet-access"})
+"""Sections of a CE's configuration that decide whether the server's NETCONF traffic still
+reaches it: what the ingress policy admits (seed 6.2) and the integrated Internet gateway's
+filtering and routes.  A change to them is confirmed over a brand-new connection
+(nc_server.southbound), since an established one may outlive a filter that refuses new ones."""
+
+
+def touches_management_path(edit: CeEdit) -> bool:
+    """Whether ``edit`` replaces or removes a section in MANAGEMENT_PATH_SECTIONS."""
+    return not MANAGEMENT_PATH_SECTIONS.isdisjoint([*edit.sections, *edit.removed_sections])
+
+
 def full_edit(target: Mapping[str, Any], present_peers: Iterable[str]) -> CeEdit:
     """Everything, for a CE whose configuration is unknown: every section and peer replaced,
     peers the CE has that the target lacks removed."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
@@ -79,7 +78,6 @@ class Provisioner:
         self.records: dict[str, CeRecord] = {}
         self.max_concurrent = max_concurrent
         self.retry_limit = retry_limit
-        self.executor = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="ce")
         self._slots = asyncio.Semaphore(max_concurrent)
         self._running: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()
@@ -92,11 +90,6 @@ class Provisioner:
         if max_concurrent != self.max_concurrent:
             self.max_concurrent = max_concurrent
             self._slots = asyncio.Semaphore(max_concurrent)
-            old, self.executor = (
-                self.executor,
-                ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="ce"),
-            )
-            old.shutdown(wait=False)
         self.retry_limit = retry_limit
 
     def record(self, vpn: str, site: str) -> CeRecord:
@@ -210,10 +203,6 @@ class Provisioner:
         while self._running:
             await asyncio.gather(*list(self._running.values()), return_exceptions=True)
 
-    async def run_in_thread(self, func: Callable[[], T]) -> T:
-        """Run blocking NETCONF work (ncclient) on the provisioning threads."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, func)
-
     async def close(self) -> None:
         self._closed = True
         for timer in self._timers.values():
@@ -222,4 +211,3 @@ class Provisioner:
         for task in list(self._running.values()):
             task.cancel()
         await asyncio.gather(*list(self._running.values()), return_exceptions=True)
-        self.executor.shutdown(wait=False, cancel_futures=True)

@@ -1,36 +1,53 @@
-"""The VPN server's NETCONF operations on one CE (southbound), on ncclient.
+"""The VPN server's NETCONF operations on its CEs (southbound): standing sessions, pipelined.
+
+Every CE has one standing management link (:class:`CeLink`): one SSH
+connection carrying two NETCONF sessions, opened at the first need and kept
+open with SSH keepalives (nc_core.netconf_client), so a push costs no
+handshake and no thread:
+
+- the *editor* session edits the candidate and commits;
+- the *confirmer* session confirms (and serves audits' reads).
 
 A change is pushed the way RFC 6241 makes safe for a change that might cut
 the management path (seed 3.2: the SP manages the CE over the network it
 configures):
 
-1. edit the CE's candidate (after discarding anything left in it);
-2. ``<commit><confirmed/><confirm-timeout>T</confirm-timeout><persist>X</persist>``;
-3. close that session and open a *new* one: if the change broke the path
-   from the server to the CE, this is where it shows;
-4. ``<commit><persist-id>X</persist-id>`` confirms.
+1. on the editor, ``<discard-changes>`` and the ``<edit-config>`` of the
+   candidate, pipelined (one round trip), then
+   ``<commit><confirmed/><confirm-timeout>T</confirm-timeout><persist>X</persist>``;
+2. ``<commit><persist-id>X</persist-id>`` on the confirmer: a second session,
+   open since before the change, whose answer proves the path from the
+   server to the CE still carries NETCONF after it.  When the change touches
+   the management path itself (where the CE listens, what its ingress policy
+   admits, its Internet access) an established connection proves too little
+   (a filter may refuse new connections and keep old ones), so the
+   confirmation goes over a brand-new SSH connection instead, which then
+   becomes the CE's link.
 
-If step 3 or 4 fails, the CE puts its previous configuration back by itself
-after T seconds.  Every call runs in a worker thread (ncclient is blocking)
-and reports how long it spent in SSH and in NETCONF exchanges.
+If step 2 fails the CE puts its previous configuration back by itself after
+T seconds, and the link is cut at once: a confirmation still queued in TCP
+must not arrive after the rollback has restored the path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from lxml import etree
-from ncclient.operations.rpc import RPCError as NcRpcError
 
-from nc_core.client import Endpoint, connect
+from nc_core.asyncssh_import import asyncssh
+from nc_core.endpoint import Endpoint
+from nc_core.netconf_client import NetconfSession, RpcFailed, SessionLost, connect_ssh
+from nc_core.xmlutil import NC_NS, default_ns_element, qn
 from nc_server.ce_config import CE_NS
 
-T = TypeVar("T")
+RPC_TIMEOUT = 60.0
+"""Seconds a CE may take to answer one request (a 1,000-peer commit in the lab is seconds)."""
 
 
 @dataclass
@@ -38,17 +55,28 @@ class Timings:
     """Where the time of one provisioning went (bench and `<get>`)."""
 
     ssh: float = 0.0
-    """TCP + SSH handshake + authentication + NETCONF hello."""
+    """TCP + SSH handshake + authentication + NETCONF hellos."""
     netconf: float = 0.0
     """Request/reply exchanges."""
     rpcs: int = 0
     sessions: int = 0
+    """SSH connections opened."""
 
     def add(self, other: Timings) -> None:
         self.ssh += other.ssh
         self.netconf += other.netconf
         self.rpcs += other.rpcs
         self.sessions += other.sessions
+
+    @contextlib.contextmanager
+    def exchange(self, rpcs: int) -> Iterator[None]:
+        """Count ``rpcs`` requests and the time until their last reply."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.netconf += time.perf_counter() - started
+            self.rpcs += rpcs
 
 
 class CeRefused(Exception):
@@ -65,137 +93,246 @@ class CeUnreachable(Exception):
 
 
 class NotConfirmed(Exception):
-    """The change was committed but could not be confirmed over a new session: the CE
-    rolls back by itself when the confirm timeout expires."""
+    """The change was committed but could not be confirmed: the CE rolls back by itself
+    when the confirm timeout expires."""
+
+
+def _refused(exc: RpcFailed) -> CeRefused:
+    return CeRefused(exc.message or exc.tag, exc.app_tag, exc.path)
+
+
+def _where(endpoint: Endpoint) -> tuple[str, int, tuple[str, ...], str]:
+    """What identifies a management path: a link opened for another tuple is not reused."""
+    return endpoint.host, endpoint.port, tuple(endpoint.host_keys), endpoint.username
 
 
 @dataclass
-class Session:
+class CeLink:
+    """One SSH connection to a CE and its two standing NETCONF sessions."""
+
     endpoint: Endpoint
-    timings: Timings = field(default_factory=Timings)
-    manager: Any = None
+    conn: asyncssh.SSHClientConnection
+    editor: NetconfSession
+    confirmer: NetconfSession
 
-    def open(self) -> Session:
-        return self.__enter__()
+    @classmethod
+    async def open(cls, endpoint: Endpoint, timings: Timings) -> CeLink:
+        started = time.perf_counter()
+        name = f"{endpoint.host} port {endpoint.port}"
+        try:
+            conn = await connect_ssh(endpoint)
+            try:
+                editor, confirmer = await asyncio.gather(
+                    NetconfSession.open(conn, name, timeout=endpoint.timeout),
+                    NetconfSession.open(conn, name, timeout=endpoint.timeout),
+                )
+            except BaseException:
+                conn.abort()
+                raise
+        except SessionLost as exc:
+            raise CeUnreachable(str(exc)) from None
+        finally:
+            timings.ssh += time.perf_counter() - started
+        timings.sessions += 1
+        return cls(endpoint, conn, editor, confirmer)
 
-    def close(self) -> None:
-        self.__exit__()
-
+    @property
     def alive(self) -> bool:
-        return self.manager is not None and bool(self.manager.connected)
+        return self.editor.alive and self.confirmer.alive and not self.conn.is_closed()
 
-    def __enter__(self) -> Session:
-        started = time.perf_counter()
-        try:
-            self.manager = connect(self.endpoint)
-        except Exception as exc:
-            raise CeUnreachable(_describe(exc, self.endpoint)) from None
-        finally:
-            self.timings.ssh += time.perf_counter() - started
-        self.timings.sessions += 1
-        return self
+    def abort(self) -> None:
+        """Cut the connection now: nothing queued on it may still reach the CE."""
+        self.editor.abort("link cut")
+        self.confirmer.abort("link cut")
+        self.conn.abort()
 
-    def __exit__(self, *exc: object) -> None:
-        if self.manager is not None:
-            started = time.perf_counter()
-            with contextlib.suppress(Exception):  # the session is over either way
-                self.manager.close_session()
-            self.manager = None
-            self.timings.ssh += time.perf_counter() - started
-
-    def call(self, what: Callable[[Any], T]) -> T:
-        started = time.perf_counter()
-        try:
-            return what(self.manager)
-        except NcRpcError as exc:
-            raise CeRefused(
-                str(exc.message or exc), getattr(exc, "tag", None), getattr(exc, "path", None)
-            ) from None
-        except Exception as exc:
-            raise CeUnreachable(_describe(exc, self.endpoint)) from None
-        finally:
-            self.timings.netconf += time.perf_counter() - started
-            self.timings.rpcs += 1
+    async def close(self) -> None:
+        """Close both sessions politely (bounded), then the connection."""
+        with contextlib.suppress(Exception):
+            await asyncio.gather(self.editor.close(), self.confirmer.close())
+        self.conn.close()
 
 
-def _describe(exc: Exception, endpoint: Endpoint) -> str:
-    text = str(exc) or type(exc).__name__
-    return f"{endpoint.host} port {endpoint.port}: {text}"
-
-
+DISCARD = f'<discard-changes xmlns="{NC_NS}"/>'
 PEER_NAMES_FILTER = f'<ce xmlns="{CE_NS}"><peer><name/></peer></ce>'
 CE_FILTER = f'<ce xmlns="{CE_NS}"/>'
 
 
-def present_peers(session: Session) -> list[str]:
-    reply = session.call(lambda m: m.get_config("running", filter=("subtree", PEER_NAMES_FILTER)))
-    root = reply.data_ele
-    return [str(e.text) for e in root.iterfind(f".//{{{CE_NS}}}peer/{{{CE_NS}}}name")]
+def get_config(subtree: str) -> etree._Element:
+    op = default_ns_element(NC_NS, "get-config")
+    etree.SubElement(etree.SubElement(op, qn(NC_NS, "source")), qn(NC_NS, "running"))
+    flt = etree.SubElement(op, qn(NC_NS, "filter"), type="subtree")
+    flt.append(etree.fromstring(subtree))
+    return op
 
 
-def read_ce(endpoint: Endpoint) -> tuple[etree._Element | None, Timings]:
-    """The CE's running ``<ce>`` (None if it has none)."""
-    with Session(endpoint) as session:
-        reply = session.call(lambda m: m.get_config("running", filter=("subtree", CE_FILTER)))
-        ce = reply.data_ele.find(f"{{{CE_NS}}}ce")
-        return (None if ce is None else etree.fromstring(etree.tostring(ce))), session.timings
+def edit_candidate(config: etree._Element) -> etree._Element:
+    """``<edit-config>`` of the candidate; ``config`` is its ``<config>`` element."""
+    op = default_ns_element(NC_NS, "edit-config")
+    etree.SubElement(etree.SubElement(op, qn(NC_NS, "target")), qn(NC_NS, "candidate"))
+    op.append(config)
+    return op
 
 
-def push(
-    endpoint: Endpoint,
-    make_config: Callable[[list[str] | None], etree._Element],
-    confirm_timeout: int,
-    *,
-    needs_peer_list: bool,
-    kept: Session | None = None,
-    confirm_endpoint: Endpoint | None = None,
-) -> tuple[Timings, Session]:
-    """Edit, commit confirmed, reconnect, confirm.  ``make_config`` gets the CE's current
-    peer names when ``needs_peer_list`` (a full resynchronisation), else None.
+def commit_confirmed(timeout: int, token: str) -> etree._Element:
+    op = default_ns_element(NC_NS, "commit")
+    etree.SubElement(op, qn(NC_NS, "confirmed"))
+    etree.SubElement(op, qn(NC_NS, "confirm-timeout")).text = str(timeout)
+    etree.SubElement(op, qn(NC_NS, "persist")).text = token
+    return op
 
-    The confirming session stays open and is returned: the next push to the
-    same CE starts on it (``kept``), so each push costs one SSH handshake,
-    the one that proves the management path still works.  A change that
-    moves the CE's management port is confirmed at ``confirm_endpoint``.
+
+def confirming_commit(token: str) -> etree._Element:
+    op = default_ns_element(NC_NS, "commit")
+    etree.SubElement(op, qn(NC_NS, "persist-id")).text = token
+    return op
+
+
+class Southbound:
+    """The server's standing management links to its CEs, one per site, kept and reused.
+
+    The provisioner runs at most one job per CE at a time; an audit may read
+    a CE while a push runs on it (its sessions answer in order).
     """
-    token = secrets.token_hex(16)
-    timings = Timings()
-    first = kept if kept is not None and kept.alive() else None
-    if first is not None:
-        first.timings = timings
-        try:
-            _edit_and_commit(first, make_config, confirm_timeout, token, needs_peer_list)
-        except CeUnreachable:
-            first.close()
-            first = None  # the kept session died (the CE restarted): start afresh
-        else:
-            first.close()
-    if first is None:
-        fresh = Session(endpoint, timings).open()
-        try:
-            _edit_and_commit(fresh, make_config, confirm_timeout, token, needs_peer_list)
-        finally:
-            fresh.close()
-    try:
-        second = Session(confirm_endpoint or endpoint, timings).open()
-        second.call(lambda m: m.commit(persist_id=token))
-    except (CeUnreachable, CeRefused) as exc:
-        raise NotConfirmed(
-            f"committed but not confirmed ({exc}): the CE rolls back by itself within "
-            f"{confirm_timeout} s"
-        ) from None
-    return timings, second
 
+    def __init__(self) -> None:
+        self.links: dict[str, CeLink] = {}
+        self._opening: dict[str, asyncio.Lock] = {}
 
-def _edit_and_commit(
-    session: Session,
-    make_config: Callable[[list[str] | None], etree._Element],
-    confirm_timeout: int,
-    token: str,
-    needs_peer_list: bool,
-) -> None:
-    peers = present_peers(session) if needs_peer_list else None
-    text = etree.tostring(make_config(peers)).decode()
-    session.call(lambda m: m.discard_changes())
-    session.call(lambda m: m.edit_config(target="candidate", config=text))
-    session.call(lambda m: m.commit(confirmed=True, timeout=str(confirm_timeout), persist=token))
+    async def _link(self, site: str, endpoint: Endpoint, timings: Timings) -> CeLink:
+        lock = self._opening.setdefault(site, asyncio.Lock())
+        async with lock:
+            link = self.links.get(site)
+            if link is not None and link.alive and _where(link.endpoint) == _where(endpoint):
+                return link
+            if link is not None:
+                self.links.pop(site, None)
+                link.abort()
+            link = await CeLink.open(endpoint, timings)
+            self.links[site] = link
+            return link
+
+    def _cut(self, site: str, link: CeLink) -> None:
+        if self.links.get(site) is link:
+            del self.links[site]
+        link.abort()
+
+    async def push(
+        self,
+        site: str,
+        endpoint: Endpoint,
+        make_config: Callable[[list[str] | None], etree._Element],
+        confirm_timeout: int,
+        *,
+        needs_peer_list: bool,
+        touches_management: bool = False,
+        confirm_endpoint: Endpoint | None = None,
+    ) -> Timings:
+        """Edit, commit confirmed, confirm.  ``make_config`` gets the CE's current peer
+        names when ``needs_peer_list`` (a full resynchronisation), else None.
+
+        The confirmation goes over a brand-new connection, at
+        ``confirm_endpoint`` if given, when ``touches_management`` or when
+        that endpoint differs from ``endpoint`` (the change moves the CE's
+        management port).
+        """
+        timings = Timings()
+        token = secrets.token_hex(16)
+        timeout = max(endpoint.timeout, RPC_TIMEOUT)
+        link = await self._link(site, endpoint, timings)
+        reused = timings.sessions == 0
+        try:
+            await self._edit_and_commit(
+                link, make_config, needs_peer_list, confirm_timeout, token, timeout, timings
+            )
+        except RpcFailed as exc:
+            raise _refused(exc) from None
+        except SessionLost as exc:
+            self._cut(site, link)
+            if not reused:
+                raise CeUnreachable(str(exc)) from None
+            # The standing link had died unnoticed (the CE restarted between keepalives):
+            # nothing was committed on it, so try once more on a new one.
+            link = await self._link(site, endpoint, timings)
+            try:
+                await self._edit_and_commit(
+                    link, make_config, needs_peer_list, confirm_timeout, token, timeout, timings
+                )
+            except RpcFailed as again:
+                raise _refused(again) from None
+            except SessionLost as again:
+                self._cut(site, link)
+                raise CeUnreachable(str(again)) from None
+        confirm_at = confirm_endpoint or endpoint
+        fresh = touches_management or _where(confirm_at) != _where(endpoint)
+        try:
+            if fresh:
+                # The old link was opened before the change: only a new one proves the path.
+                self._cut(site, link)
+                link = await CeLink.open(confirm_at, timings)
+                self.links[site] = link
+            with timings.exchange(1):
+                await link.confirmer.rpc(confirming_commit(token), min(timeout, confirm_timeout))
+        except (CeUnreachable, SessionLost, RpcFailed) as exc:
+            self._cut(site, link)
+            raise NotConfirmed(
+                f"committed but not confirmed ({exc}): the CE rolls back by itself within "
+                f"{confirm_timeout} s"
+            ) from None
+        return timings
+
+    async def _edit_and_commit(
+        self,
+        link: CeLink,
+        make_config: Callable[[list[str] | None], etree._Element],
+        needs_peer_list: bool,
+        confirm_timeout: int,
+        token: str,
+        timeout: float,
+        timings: Timings,
+    ) -> None:
+        """Steps 1: the edit (discard and edit-config pipelined), then the confirmed commit."""
+        peers = await self._present_peers(link, timings) if needs_peer_list else None
+        edit = edit_candidate(make_config(peers))
+        with timings.exchange(3):
+            discarded = link.editor.send(DISCARD)
+            edited = link.editor.send(edit)
+            await link.editor.wait(discarded, timeout)
+            await link.editor.wait(edited, timeout)
+            await link.editor.rpc(commit_confirmed(confirm_timeout, token), timeout)
+
+    async def _present_peers(self, link: CeLink, timings: Timings) -> list[str]:
+        with timings.exchange(1):
+            reply = await link.editor.rpc(get_config(PEER_NAMES_FILTER), RPC_TIMEOUT)
+        return [str(e.text) for e in reply.iterfind(f".//{{{CE_NS}}}peer/{{{CE_NS}}}name")]
+
+    async def read_ce(self, site: str, endpoint: Endpoint) -> tuple[etree._Element | None, Timings]:
+        """The CE's running ``<ce>`` (None if it has none)."""
+        timings = Timings()
+        link = await self._link(site, endpoint, timings)
+        try:
+            with timings.exchange(1):
+                reply = await link.confirmer.rpc(get_config(CE_FILTER), RPC_TIMEOUT)
+        except RpcFailed as exc:
+            raise _refused(exc) from None
+        except SessionLost as exc:
+            self._cut(site, link)
+            raise CeUnreachable(str(exc)) from None
+        data = reply.find(qn(NC_NS, "data"))
+        ce = None if data is None else data.find(f"{{{CE_NS}}}ce")
+        return ce, timings
+
+    async def drop(self, site: str) -> None:
+        """Close the link to ``site`` (the site was removed or deprovisioned)."""
+        self._opening.pop(site, None)
+        link = self.links.pop(site, None)
+        if link is not None:
+            await link.close()
+
+    def open_links(self) -> int:
+        return sum(1 for link in self.links.values() if link.alive)
+
+    async def close(self) -> None:
+        links, self.links = list(self.links.values()), {}
+        self._opening.clear()
+        await asyncio.gather(*(link.close() for link in links), return_exceptions=True)

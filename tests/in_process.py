@@ -25,7 +25,9 @@ T = TypeVar("T")
 
 
 class InProcessServer:
-    """``users``: name -> (password, NACM groups), added before the server starts."""
+    """``users``: name -> (password, NACM groups); ``public_keys``: name -> (OpenSSH
+    public key lines, NACM groups) for accounts that log in with a key only.  Both are
+    added before the server starts."""
 
     def __init__(
         self,
@@ -33,6 +35,7 @@ class InProcessServer:
         app: Application | None = None,
         *,
         users: dict[str, tuple[str, tuple[str, ...]]] | None = None,
+        public_keys: dict[str, tuple[list[str], tuple[str, ...]]] | None = None,
         **options: Any,
     ) -> None:
         self.app = app or Application()
@@ -46,6 +49,8 @@ class InProcessServer:
             self.server.add_user_offline(
                 name, password=password, public_keys=[], groups=list(groups)
             )
+        for name, (keys, groups) in (public_keys or {}).items():
+            self.server.add_user_offline(name, password=None, public_keys=keys, groups=list(groups))
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.call(self._start())

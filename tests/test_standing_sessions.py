@@ -1,0 +1,110 @@
+"""The VPN server keeps standing NETCONF sessions to its CEs and proves each change over them.
+
+A firewall rule on this machine drops *new* TCP connections (their SYN) to a CE's
+management port while established ones keep flowing: a push that still
+reaches the CE went over the sessions the server already had; a push whose
+confirmation needs a brand-new connection cannot be confirmed, and the CE
+rolls it back by itself (RFC 6241 confirmed commit, seed 3.2).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from tests.controller import SVC_NS, Controller, controller, vpn_xml
+from tests.waiting import wait_for
+
+pytestmark = [
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(not Path("/usr/sbin/nft").exists(), reason="needs nftables"),
+]
+
+
+def mesh(ctl: Controller, vpn: str, n: int) -> None:
+    ctl.edit(vpn_xml(vpn))
+    for i in range(1, n + 1):
+        ctl.join(vpn, f"{vpn}-s{i}", i, f"10.{i}.0.0/24")
+    ctl.in_sync(*(f"{vpn}-s{i}" for i in range(1, n + 1)))
+
+
+@contextmanager
+def new_connections_refused(*ports: int) -> Iterator[None]:
+    """Drop TCP SYNs to ``ports``; connections already established are untouched."""
+    table = f"cevpn_standing_{min(ports)}"
+    # The SYN itself, not conntrack's "new": a connection conntrack first sees mid-stream
+    # (the module loads with the first rule that uses it) counts as new too.
+    rules = "".join(f" tcp dport {p} tcp flags & (syn | ack) == syn drop;\n" for p in ports)
+    script = (
+        f"table inet {table} {{\n chain input {{\n type filter hook input priority -10;\n"
+        f"{rules} }}\n}}\n"
+    )
+    subprocess.run(["nft", "-f", "-"], input=script.encode(), check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["nft", "delete", "table", "inet", table], check=False)
+
+
+def test_a_new_peer_reaches_ces_over_the_sessions_the_server_already_holds(
+    tmp_path: Path,
+) -> None:
+    with controller(tmp_path) as ctl:
+        mesh(ctl, "jade", 2)
+        s1, s2 = ctl.agents["jade-s1"], ctl.agents["jade-s2"]
+        with new_connections_refused(s1.port, s2.port):
+            ctl.join("jade", "jade-s3", 3, "10.3.0.0/24")
+            ctl.in_sync("jade-s1", "jade-s2", "jade-s3")
+        assert s1.running_ce()["peers"] == ["jade-s2", "jade-s3"]
+        assert s2.running_ce()["peers"] == ["jade-s1", "jade-s3"]
+
+
+def test_a_change_to_the_management_path_is_confirmed_only_over_a_new_connection(
+    tmp_path: Path,
+) -> None:
+    """Making a site the VPN's Internet gateway changes every CE's Internet access, which
+    may decide whether management traffic still arrives: an established session proves
+    nothing then, the new connection is refused, and the CE rolls the change back."""
+    with controller(tmp_path, **{"confirm-timeout": 6}) as ctl:
+        mesh(ctl, "onyx", 2)
+        s1 = ctl.agents["onyx-s1"]
+        before = s1.running_ce()["version"]
+        with new_connections_refused(s1.port):
+            ctl.edit(
+                f'<vpn-service xmlns="{SVC_NS}"><vpn><id>onyx</id>'
+                "<internet-gateway>onyx-s2</internet-gateway></vpn></vpn-service>"
+            )
+            wait_for(lambda: ctl.status("onyx-s1") == "failed", 60, "push not confirmed")
+            error = ctl.provisioning()["onyx-s1"]["last-error"]
+            assert "not confirmed" in error and "rolls back" in error
+            # The CE took the change, then put its previous configuration back by itself.
+            wait_for(lambda: s1.running_ce()["version"] == before, 30, "rollback on the CE")
+        ctl.in_sync("onyx-s2")
+
+
+def test_a_restarted_ce_is_provisioned_over_a_new_link(tmp_path: Path) -> None:
+    """The CE's process restarts: the standing sessions died with it, and the next push
+    opens new ones by itself, the CE never reported unreachable."""
+    with controller(tmp_path) as ctl:
+        mesh(ctl, "ruby", 2)
+        s1 = ctl.agents["ruby-s1"]
+        s1.stop()
+        s1.start()
+        with ctl.nc() as m:
+            m.create_subscription()
+            ctl.join("ruby", "ruby-s3", 3, "10.3.0.0/24")
+            ctl.in_sync("ruby-s1", "ruby-s2", "ruby-s3")
+            statuses = []
+            while (n := m.take_notification(block=False)) is not None:
+                event = etree.fromstring(n.notification_xml.encode()).find(
+                    f"{{{SVC_NS}}}provisioning-status-changed"
+                )
+                if event is not None and event.findtext(f"{{{SVC_NS}}}site") == "ruby-s1":
+                    statuses.append(event.findtext(f"{{{SVC_NS}}}status"))
+        assert "unreachable" not in statuses and statuses[-1:] == ["in-sync"]
+        assert s1.running_ce()["peers"] == ["ruby-s2", "ruby-s3"]
