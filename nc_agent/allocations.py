@@ -23,6 +23,8 @@ class Allocations:
         if path.exists():
             data = json.loads(path.read_text())
             self.reqids = {str(k): int(v) for k, v in data.get("reqids", {}).items()}
+        self._saved = dict(self.reqids) if path.exists() else None
+        """What the file holds (None: no file yet)."""
 
     def reserve(self, peers: list[str]) -> dict[str, int]:
         """Reqids for every peer, allocating new ones; returns those newly allocated."""
@@ -50,4 +52,9 @@ class Allocations:
                 del self.reqids[peer]
 
     def save(self) -> None:
+        """Write the file, unless it holds these allocations already (a commit that adds
+        or removes no peer changes none)."""
+        if self._saved == self.reqids:
+            return
         write_atomically(self.path, json.dumps({"reqids": self.reqids}, indent=1).encode())
+        self._saved = dict(self.reqids)

@@ -64,6 +64,9 @@ CERTIFICATE_RECHECK = 86400.0
 log = logging.getLogger("cevpn.agent")
 CE_NS = "urn:cevpn:yang:cevpn-ce"
 TYPES_NS = "urn:cevpn:yang:cevpn-types"
+CERTIFICATES = "/cevpn-ce:ce/certificates"
+PRE_CONFIGURATION = "/cevpn-ce:ce/pre-configuration"
+CONFIGURATION_VERSION = "/cevpn-ce:ce/configuration-version"
 
 
 def _q(name: str) -> str:
@@ -210,8 +213,7 @@ class AgentApplication(Application):
     # -- transaction -----------------------------------------------------------
 
     async def validate(self, txn: Transaction) -> None:
-        config = txn.new_json()
-        certs = config.get("cevpn-ce:ce", {}).get("certificates", {})
+        certs = txn.new_at(CERTIFICATES) or {}
         if certs.get("key-origin") == "ce" and "certificate" in certs:
             if not certifies_own_key(self.state_dir, str(certs["certificate"])):
                 raise RpcError(
@@ -221,6 +223,9 @@ class AgentApplication(Application):
                     path="/cevpn-ce:ce/cevpn-ce:certificates/cevpn-ce:certificate",
                     path_ns={"cevpn-ce": CE_NS},
                 )
+        if not self.has_kernel:
+            return  # nothing is realised, so nothing needs to be realisable (_desired)
+        config = txn.new_json()
         peers = [p["name"] for p in config.get("cevpn-ce:ce", {}).get("peer", [])]
         provisional = {name: OWNED_REQIDS[i] for i, name in enumerate(peers)}
         try:
@@ -230,6 +235,11 @@ class AgentApplication(Application):
             raise RpcError("invalid-value", str(exc), path=path, path_ns=ns) from None
 
     async def prepare(self, txn: Transaction) -> None:
+        if not self.has_kernel:
+            # No data plane: no reqid is ever used, and the whole configuration need not
+            # even be printed (a one-peer commit costs the same with 10 or 1,000 peers).
+            txn.scratch["fresh"], txn.scratch["desired"] = {}, Desired()
+            return
         allocations = self._allocations()
         config = txn.new_json()
         peers = [p["name"] for p in config.get("cevpn-ce:ce", {}).get("peer", [])]
@@ -247,7 +257,7 @@ class AgentApplication(Application):
         """Move the listener to the configured management port; the old port, to undo."""
         if not self.follow_management_port:
             return None
-        pre = txn.new_json().get("cevpn-ce:ce", {}).get("pre-configuration", {})
+        pre = txn.new_at(PRE_CONFIGURATION) or {}
         port = pre.get("management", {}).get("port")
         if port is None:
             return None
@@ -279,7 +289,7 @@ class AgentApplication(Application):
                 await self.server.listener.move(moved_from)
             raise
         self._request_certificate_if_needed(txn)
-        self._check_certificates(txn.new_json().get("cevpn-ce:ce", {}))
+        self._check_certificates({"certificates": txn.new_at(CERTIFICATES) or {}})
         self._follow_pre_configuration(txn)
 
     def _follow_pre_configuration(self, txn: Transaction) -> None:
@@ -287,8 +297,8 @@ class AgentApplication(Application):
         was running (a fetch with the new settings also shows they work)."""
         if self.puller is None or txn.reason in ("startup", "pull"):
             return
-        before = txn.old_json().get("cevpn-ce:ce", {}).get("pre-configuration")
-        after = txn.new_json().get("cevpn-ce:ce", {}).get("pre-configuration")
+        before = txn.old_at(PRE_CONFIGURATION)
+        after = txn.new_at(PRE_CONFIGURATION)
         if before != after and after is not None:
             self.puller.trigger("the pre-configuration changed")
 
@@ -320,7 +330,7 @@ class AgentApplication(Application):
     def _request_certificate_if_needed(self, txn: Transaction) -> None:
         """A certificate made for a server-generated key arrived: ask at once for one for
         the CE's own key (the request goes with the next fetch)."""
-        certs = txn.new_json().get("cevpn-ce:ce", {}).get("certificates", {})
+        certs = txn.new_at(CERTIFICATES) or {}
         if "certificate" not in certs or self.puller is None:
             return
         if certs.get("key-origin") != "ce" and txn.reason != "pull":
@@ -358,10 +368,11 @@ class AgentApplication(Application):
         for key, grace in keep.items():
             self._linger(key, grace)
         self.current = new
-        allocations = self._allocations()
-        allocations.keep_only(set(new.peers))
-        allocations.save()
-        self.applied_version = txn.new_json().get("cevpn-ce:ce", {}).get("configuration-version")
+        if self.has_kernel:
+            allocations = self._allocations()
+            allocations.keep_only(set(new.peers))
+            allocations.save()
+        self.applied_version = txn.new_at(CONFIGURATION_VERSION)
         self._announce(old, new, txn)
 
     async def abort(self, txn: Transaction) -> None:
@@ -425,7 +436,7 @@ class AgentApplication(Application):
                     },
                 )
         if txn.reason != "startup":
-            version = txn.new_json().get("cevpn-ce:ce", {}).get("configuration-version", "")
+            version = txn.new_at(CONFIGURATION_VERSION) or ""
             self._notify("configuration-updated", version=str(version), source=self._source(txn))
 
     @staticmethod

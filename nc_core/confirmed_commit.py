@@ -90,8 +90,9 @@ class ConfirmedCommit:
                 if not confirmed:
                     await self._commit_candidate(session)
                     return
-                rollback_to = deepcopy(server.datastores["running"].root)
-                self.store.write(BACKUP, document_bytes(rollback_to))
+                # Running's trees are replaced, never modified: the reference is the copy.
+                rollback_to = server.datastores["running"].root
+                self._keep_backup(rollback_to)
                 try:
                     await self._commit_candidate(session)
                 except BaseException:
@@ -156,6 +157,19 @@ class ConfirmedCommit:
                 type="protocol",
                 info=[("session-id", str(pending.session_id))],
             )
+
+    def _keep_backup(self, rollback_to: etree._Element) -> None:
+        """Persist the configuration a rollback restores: the committed running document.
+
+        A journal copies it with a record naming it, made durable by the commit's own
+        sync, which comes after it in the file (so a crash can never leave the new
+        running configuration without its rollback document); other persistence
+        writes the document."""
+        copy = getattr(self.store, "copy", None)
+        if copy is not None and self.store.read("running") is not None:
+            copy("running", BACKUP)
+        else:
+            self.store.write(BACKUP, document_bytes(rollback_to))
 
     async def _commit_candidate(self, session: Session) -> None:
         server = self.server

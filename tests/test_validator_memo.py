@@ -1,0 +1,194 @@
+"""The validator's memo of the configuration last found valid (nc_core.datastore.Validator).
+
+A confirmed commit validates the same configuration twice (the commit, then the
+confirming commit); the second time the memo hands out the tree and canonical form
+made the first time.  What must not change: every configuration a commit accepts is
+fully valid, an invalid one is refused with the same rpc-errors as by a validator
+that never saw anything before (constraints spanning the changed peer and the
+unchanged ones included), and what is handed out equals what parsing would give.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from copy import deepcopy
+
+import pytest
+from lxml import etree
+
+from nc_core.datastore import Validator, free, serialize
+from nc_core.edit import Editor, new_datastore
+from nc_core.errors import RpcErrors
+from nc_core.schema import CE_MODULES
+from nc_core.server import NetconfServer, ServerOptions
+from nc_core.transaction import Application, Transaction, tree_json
+
+NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
+CE = "urn:cevpn:yang:cevpn-ce"
+T = "urn:cevpn:yang:cevpn-types"
+HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHvPq4zJr6uZ0ZbqT6hzK3y9zN0s9jzrUO3qS5tKqK8C x"
+
+
+class CeOnly(Application):
+    modules = CE_MODULES
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetconfServer]:
+    yield NetconfServer(ServerOptions(state_dir=tmp_path_factory.mktemp("state")), CeOnly())
+
+
+def peer(i: int, sp_address: str | None = None) -> str:
+    key = ":".join(["ab"] * 36)
+    sa = (
+        "<spi>%d</spi><encryption-algorithm>t:encr-aes-gcm-16-256</encryption-algorithm>"
+        f"<encryption-key>{key}</encryption-key>"
+    )
+    return (
+        f"<peer><name>site-{i}</name><sp-address>{sp_address or f'10.1.0.{i + 1}'}</sp-address>"
+        f"<tunnel><remote-prefix>172.16.{i}.0/24</remote-prefix></tunnel><ikeless>"
+        f"<outbound>{sa % (0x1000 + 2 * i)}</outbound><inbound>{sa % (0x1001 + 2 * i)}</inbound>"
+        "</ikeless></peer>"
+    )
+
+
+def configuration(server: NetconfServer, body: str) -> etree._Element:
+    root = new_datastore()
+    config = etree.fromstring(
+        f'<config xmlns="{NC}"><ce xmlns="{CE}" xmlns:t="{T}"><pre-configuration>'
+        "<site-id>a</site-id><vpn-id>v</vpn-id><sp-address>10.0.0.1</sp-address><vpn-server>"
+        f"<endpoint><address>198.51.100.1</address><host-key>{HOST_KEY}</host-key></endpoint>"
+        "<username>ce</username></vpn-server><management><server-username>s</server-username>"
+        f"<server-authorized-key>{HOST_KEY}</server-authorized-key></management>"
+        f"</pre-configuration>{body}</ce></config>"
+    )
+    Editor(server.index).apply(root, config, "merge")
+    return root
+
+
+def with_defaults(tree: object) -> str:
+    return str(tree.print_mem("json", with_siblings=True, include_implicit_defaults=True))  # type: ignore[attr-defined]
+
+
+def errors_of(validator: Validator, root: etree._Element) -> list[tuple[str, str | None, str]]:
+    with pytest.raises(RpcErrors) as exc:
+        validator.validate(root)
+    return [(e.tag, e.app_tag, e.message) for e in exc.value.errors]
+
+
+def fresh(server: NetconfServer) -> Validator:
+    return Validator(server.schema, server.index)
+
+
+def test_the_configuration_a_commit_made_validates_again_into_the_same_tree(server):
+    validator = fresh(server)
+    root = configuration(server, "".join(peer(i) for i in range(20)))
+    first = validator.validate(root)
+    canonical = validator.canonical(first)
+    again = validator.validate(deepcopy(canonical))  # the confirming commit's candidate
+    parsed = server.schema.parse_config(serialize(canonical), "xml")
+    try:
+        assert with_defaults(again) == with_defaults(parsed) == with_defaults(first)
+        assert etree.tostring(validator.canonical(again)) == etree.tostring(canonical)
+    finally:
+        for tree in (first, again, parsed):
+            free(tree)
+
+
+def test_a_tree_handed_out_twice_is_never_the_same_tree(server):
+    validator = fresh(server)
+    root = configuration(server, peer(1))
+    first = validator.validate(root)
+    second = validator.validate(root)
+    third = validator.validate(root)  # the memo's copy went with the second: parsed anew
+    try:
+        assert len({id(first), id(second), id(third)}) == 3
+        assert {with_defaults(t) for t in (first, second, third)} == {with_defaults(first)}
+    finally:
+        for tree in (first, second, third):
+            free(tree)
+
+
+def test_a_changed_peer_duplicating_an_unchanged_peers_address_is_refused_as_before(server):
+    validator = fresh(server)
+    free(validator.validate(configuration(server, "".join(peer(i) for i in range(10)))))
+    invalid = configuration(server, "".join(peer(i) for i in range(10)) + peer(10, "10.1.0.4"))
+    found = errors_of(validator, invalid)
+    assert found == errors_of(fresh(server), invalid)
+    assert found[0][:2] == ("operation-failed", "data-not-unique")
+
+
+def test_a_peer_with_the_ces_own_address_is_refused_as_before(server):
+    """The must on a peer's sp-address reads the unchanged pre-configuration."""
+    validator = fresh(server)
+    free(validator.validate(configuration(server, peer(1))))
+    invalid = configuration(server, peer(1) + peer(2, "10.0.0.1"))
+    found = errors_of(validator, invalid)
+    assert found == errors_of(fresh(server), invalid)
+    assert found[0][:2] == ("operation-failed", "must-violation")
+
+
+def test_removing_the_peer_a_leafref_points_to_is_refused_as_before(server):
+    """internet-access/gateway-peer, unchanged, names the peer the change removes."""
+    validator = fresh(server)
+    gateway = (
+        "<internet-access><role>via-gateway-site</role><gateway-peer>site-1</gateway-peer>"
+        "</internet-access>"
+    )
+    free(validator.validate(configuration(server, gateway + peer(1) + peer(2))))
+    invalid = configuration(server, gateway + peer(2))
+    found = errors_of(validator, invalid)
+    assert found == errors_of(fresh(server), invalid)
+    assert found[0][:2] == ("data-missing", "instance-required")
+
+
+def test_an_entry_without_its_key_is_refused_as_before(server):
+    validator = fresh(server)
+    valid = configuration(server, peer(1))
+    free(validator.validate(valid))
+    invalid = deepcopy(valid)
+    name = invalid.find(f"{{{CE}}}ce/{{{CE}}}peer/{{{CE}}}name")
+    assert name is not None
+    name.getparent().remove(name)
+    found = errors_of(validator, invalid)
+    assert found == errors_of(fresh(server), invalid)
+
+
+def test_a_configuration_changed_in_place_after_validation_is_validated_again(server):
+    validator = fresh(server)
+    root = configuration(server, peer(1) + peer(2))
+    free(validator.validate(root))
+    address = root.findall(f"{{{CE}}}ce/{{{CE}}}peer/{{{CE}}}sp-address")[1]
+    address.text = "10.1.0.2"  # peer 1's: the unique constraint must fail now
+    assert errors_of(validator, root)[0][1] == "data-not-unique"
+
+
+def test_a_canonical_form_changed_in_place_is_not_handed_out_again(server):
+    validator = fresh(server)
+    first = validator.validate(configuration(server, peer(1)))
+    canonical = validator.canonical(first)
+    expected = etree.tostring(canonical)
+    again = validator.validate(deepcopy(canonical))
+    canonical.find(f"{{{CE}}}ce/{{{CE}}}peer/{{{CE}}}sp-address").text = "10.9.9.9"  # type: ignore[union-attr]
+    try:
+        assert etree.tostring(validator.canonical(again)) == expected
+    finally:
+        free(first)
+        free(again)
+
+
+def test_a_transactions_subtree_json_is_the_whole_documents_subtree(server):
+    """What the agent reads of a commit besides its peers (Transaction.new_at)."""
+    validator = fresh(server)
+    tree = validator.validate(configuration(server, peer(1)))
+    defaults = server.schema.defaults_json()
+    try:
+        txn = Transaction(
+            new_datastore(), new_datastore(), None, tree, [], None, 0, defaults=defaults
+        )
+        whole = tree_json(tree, defaults)["cevpn-ce:ce"]
+        for step in ("certificates", "pre-configuration", "routing", "configuration-version"):
+            assert txn.new_at(f"/cevpn-ce:ce/{step}") == whole.get(step), step
+        assert txn.old_at("/cevpn-ce:ce/certificates") == defaults["cevpn-ce:ce"]["certificates"]
+    finally:
+        free(tree)
