@@ -278,7 +278,9 @@ class Validator:
                 raise RuntimeError(f"libyang printed unparsable XML: {exc}") from exc
             root = parsed
         if mine and valid is not None:
-            valid.canonical = deepcopy(root)
+            # Kept by reference (the caller's running tree, never changed in place);
+            # its bytes say whether it still is what was printed.
+            valid.canonical = root
             valid.canonical_bytes = serialize(root)
             valid.inputs.add(valid.canonical_bytes)
         return root
