@@ -1,22 +1,29 @@
-"""VPN server at scale: provisioning a 200-CE full mesh, then propagating one added site.
+"""VPN server at scale: provisioning a full mesh of real CE agents, then propagating one added site.
 
-    python -m bench.server_bench [--sites 200] [--per-process 50]
+    python -m bench.server_bench [--sites 200] [--per-process 50] [--json FILE]
 
 The server runs in this process (so its own accounting can be read: compile
-time, and per CE the time spent opening SSH sessions and in NETCONF
-exchanges); 200 real CE agents (``--dataplane none``) run in
-bench.agent_farm processes and are enrolled with the server's enrol
-operation.  The sites are first created with an explicit topology and no
-links (each CE holds an empty VPN configuration), then:
+time, and per CE the time spent opening SSH connections and in NETCONF
+exchanges); the CE agents (``--dataplane none``) run in bench.agent_farm
+processes and are enrolled with the server's enrol operation.  The sites
+are first created with an explicit topology and no links (each CE holds an
+empty VPN configuration), then:
 
-A. the topology becomes full-mesh: every CE receives 199 peers (initial
+A. the topology becomes full-mesh: every CE receives N-1 peers (initial
    provisioning of the mesh);
-B. a 201st site is added: every CE receives one more peer.
+B. site N+1 is added: every CE receives one more peer, as many CEs at a
+   time as the server allows (max-concurrent-provisioning, 32);
+C. site N+2 is added with max-concurrent-provisioning 1: each CE's
+   exchange is then timed without the others competing for the 2 cores,
+   which is what a CE on its own CPU would see (agent_commit_ms_p50/p99).
 
-Reference, side by side: the provisioning exchange of one CE (get-config,
-discard, edit-config, confirmed commit, new session, confirming commit) run
-with stock ncclient and with the controller's client on the same agents;
-the ratio shows what removing ncclient's 100 ms polling is worth per CE.
+``--json`` writes the metric set (see summary()) and the raw result.
+
+Reference, side by side: one CE's provisioning exchange (get-config,
+discard, edit-config, confirmed commit, confirming commit) for 20 CEs one
+after the other, with stock ncclient opening two SSH sessions per change
+(as the server did before it kept standing sessions) and with the
+server's southbound on its standing links.
 """
 
 from __future__ import annotations
@@ -95,7 +102,7 @@ class Bench:
         await app.started()
         endpoint = Endpoint("127.0.0.1", port, [host_key_line(state)], "bench", key_file)
         oss = await asyncio.to_thread(connect, endpoint)
-        ports = free_ports(self.sites + 1)
+        ports = free_ports(self.sites + 2)
         result: dict[str, Any] = {"sites": self.sites}
         try:
             sites = "".join(site_xml(n, ports[n - 1]) for n in range(1, self.sites + 1))
@@ -117,6 +124,7 @@ class Bench:
                 from nc_server.application import bundle_document_from_xml
 
                 bundle = etree.fromstring(reply.xml.encode()).find(f".//{{{SVC}}}bundle")
+                assert bundle is not None
                 path = self.work / f"s{n:03d}.json"
                 path.write_text(json.dumps(bundle_document_from_xml(bundle)))
                 specs.append({"state_dir": str(self.work / f"ce-s{n:03d}"),
@@ -136,7 +144,16 @@ class Bench:
                 f'<config xmlns="{NC}"><vpn-service xmlns="{SVC}"><vpn><id>bench</id>'
                 f"{site_xml(self.sites + 1, ports[-1])}</vpn></vpn-service></config>",
             )
-            result["reference"] = await asyncio.to_thread(self._reference, app, specs[:20])
+            result["C_one_at_a_time"] = await self._measure(
+                app,
+                oss,
+                f'<config xmlns="{NC}"><vpn-service xmlns="{SVC}"><server>'
+                "<max-concurrent-provisioning>1</max-concurrent-provisioning></server>"
+                f"<vpn><id>bench</id>{site_xml(self.sites + 2, ports[-2])}</vpn></vpn-service>"
+                "</config>",
+            )
+            result["server_rss_mb"] = _rss_mb()
+            result["reference"] = await self._reference(app, specs[:20])
         finally:
             await asyncio.to_thread(oss.close_session)
             for farm in self.farms:
@@ -193,10 +210,10 @@ class Bench:
         await self._all_in_sync(app, previous, 900)
         done = time.perf_counter()
         cpu_server_end, cpu_agents_end = self._cpu()
-        ssh = sum(app.provisioner.records[f"s{n:03d}"].timings.ssh
-                  for n in range(1, self.sites + 1))  # fmt: skip
-        netconf = sum(app.provisioner.records[f"s{n:03d}"].timings.netconf
-                      for n in range(1, self.sites + 1))  # fmt: skip
+        records = [app.provisioner.records[f"s{n:03d}"] for n in range(1, self.sites + 1)]
+        ssh = sum(r.timings.ssh for r in records)
+        netconf = sum(r.timings.netconf for r in records)
+        exchanges = sorted(r.timings.netconf * 1000 for r in records)
         compile_s = app.compile_seconds
         total = ssh + netconf + compile_s
         return {
@@ -210,6 +227,11 @@ class Bench:
             "ces_per_s": self.sites / (done - started),
             "server_cpu_per_ce_ms": (cpu_server_end - cpu_server) / self.sites * 1000,
             "agent_cpu_per_ce_ms": (cpu_agents_end - cpu_agents) / self.sites * 1000,
+            "server_cpu_s": cpu_server_end - cpu_server,
+            "exchange_ms_p50": _percentile(exchanges, 50),
+            "exchange_ms_p99": _percentile(exchanges, 99),
+            "ssh_connections_opened": sum(r.timings.sessions for r in records),
+            "standing_links": app.southbound.open_links(),
         }
 
     def _cpu(self) -> tuple[float, float]:
@@ -224,25 +246,29 @@ class Bench:
             farms += (int(fields[11]) + int(fields[12])) / ticks
         return own.ru_utime + own.ru_stime, farms
 
-    def _reference(self, app: Any, specs: list[dict[str, Any]]) -> dict[str, float]:
-        """The same provisioning exchange per CE, stock ncclient vs the controller's client."""
+    async def _reference(self, app: Any, specs: list[dict[str, Any]]) -> dict[str, float]:
+        """The same provisioning exchange per CE, 20 CEs one after the other: stock ncclient
+        (two new SSH sessions per change, as the server did before) against the server's
+        southbound on its standing links."""
         from ncclient import manager
 
-        from nc_core.client import connect
+        from nc_server.southbound import Southbound
 
-        def exchange(m_factory: Any, endpoint: Any) -> None:
+        edit = (
+            f'<ce xmlns="{CE}"><minimum-strength xmlns:t="urn:cevpn:yang:cevpn-types">'
+            "t:strength-128</minimum-strength></ce>"
+        )
+
+        def exchange(endpoint: Any) -> None:
             token = secrets.token_hex(8)
-            with m_factory(endpoint) as m:
+            with stock(endpoint) as m:
                 m.get_config(
                     "running", filter=("subtree", f'<ce xmlns="{CE}"><peer><name/></peer></ce>')
                 )
                 m.discard_changes()
-                m.edit_config(target="candidate", config=(
-                    f'<config xmlns="{NC}"><ce xmlns="{CE}"><minimum-strength '
-                    'xmlns:t="urn:cevpn:yang:cevpn-types">t:strength-128</minimum-strength>'
-                    "</ce></config>"))  # fmt: skip
+                m.edit_config(target="candidate", config=f'<config xmlns="{NC}">{edit}</config>')
                 m.commit(confirmed=True, timeout="60", persist=token)
-            with m_factory(endpoint) as m:
+            with stock(endpoint) as m:
                 m.commit(persist_id=token)
 
         def stock(endpoint: Any) -> Any:
@@ -253,21 +279,74 @@ class Bench:
                 look_for_keys=False, timeout=30,
             )  # fmt: skip
 
-        endpoints = [app.endpoint(app.sites[Path(s["bundle"]).stem]) for s in specs]
+        def make(_: Any) -> etree._Element:
+            return etree.fromstring(f'<config xmlns="{NC}">{edit}</config>')
+
+        views = [app.sites[Path(s["bundle"]).stem] for s in specs]
+        endpoints = [app.endpoint(view) for view in views]
         times = {}
-        for name, factory in (("stock_ncclient", stock), ("cevpn_client", connect)):
+        started = time.perf_counter()
+        for endpoint in endpoints:
+            await asyncio.to_thread(exchange, endpoint)
+        times["stock_ncclient"] = (time.perf_counter() - started) / len(endpoints) * 1000
+        southbound = Southbound()
+        try:
+            for view, endpoint in zip(views, endpoints, strict=True):  # links opened, untimed
+                await southbound.read_ce(view.site, endpoint)
             started = time.perf_counter()
-            for endpoint in endpoints:
-                exchange(factory, endpoint)
-            times[name] = (time.perf_counter() - started) / len(endpoints) * 1000
-        times["ratio"] = times["stock_ncclient"] / times["cevpn_client"]
+            for view, endpoint in zip(views, endpoints, strict=True):
+                await southbound.push(view.site, endpoint, make, 60, needs_peer_list=True)
+            times["cevpn_southbound"] = (time.perf_counter() - started) / len(endpoints) * 1000
+        finally:
+            await southbound.close()
+        times["ratio"] = times["stock_ncclient"] / times["cevpn_southbound"]
         return times
+
+
+def _percentile(ordered: list[float], pct: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    if not ordered:
+        return float("nan")
+    rank = max(1, min(len(ordered), round(pct / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def _rss_mb() -> float:
+    """This process's resident memory now (the server runs in it), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def summary(result: dict[str, Any]) -> dict[str, Any]:
+    """The issue's metric set, from the raw result.
+
+    ``projected_site_add_s`` is the site add if every CE had its own CPU: the
+    server's CPU time for the whole add (it is one process on one core, so
+    its work is serial) plus the slowest (p99) uncontended one-peer exchange
+    of a CE, measured in step C (CEs provisioned one at a time).
+    """
+    a, b, c = result["A_full_mesh"], result["B_add_site"], result["C_one_at_a_time"]
+    return {
+        "sites": result["sites"],
+        "full_mesh_all_in_sync_s": a["wall_s"],
+        "site_add_all_in_sync_s": b["wall_s"],
+        "server_cpu_ms_per_ce_site_add": b["server_cpu_per_ce_ms"],
+        "agent_cpu_ms_per_ce_site_add": b["agent_cpu_per_ce_ms"],
+        "agent_commit_ms_p50": c["exchange_ms_p50"],
+        "agent_commit_ms_p99": c["exchange_ms_p99"],
+        "server_rss_mb": result["server_rss_mb"],
+        "projected_site_add_s": b["server_cpu_s"] + c["exchange_ms_p99"] / 1000,
+        "ssh_connections_opened_site_add": b["ssh_connections_opened"],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sites", type=int, default=200)
     parser.add_argument("--per-process", type=int, default=50)
+    parser.add_argument("--json", type=Path, help="write the metric set and raw result here")
     args = parser.parse_args()
     import logging
 
@@ -281,7 +360,8 @@ def main() -> None:
     print(f"VPN server, full mesh of {n} CE agents (--dataplane none), 2 cores shared")
     print(f"  enrol: {result['enrol_per_ce_ms']:.1f} ms per CE (one session, sequential)")
     for key, title in (("A_full_mesh", f"A. initial full mesh ({n - 1} peers per CE)"),
-                       ("B_add_site", "B. one site added (1 peer per CE)")):  # fmt: skip
+                       ("B_add_site", "B. one site added (1 peer per CE)"),
+                       ("C_one_at_a_time", "C. a site added, CEs one at a time")):  # fmt: skip
         r = result[key]
         rate = f"{r['ces_per_s']:.1f} CEs/s; commit answered in {r['commit_s']:.2f} s"
         print(f"  {title}: all {n} CEs in-sync after {r['wall_s']:.2f} s ({rate})")
@@ -290,11 +370,18 @@ def main() -> None:
         print(f"     per CE {r['per_ce_ms']:.1f} ms in flight; shares: SSH {r['share_ssh']:.0%}, "
               f"NETCONF {r['share_netconf']:.0%}, compile {r['share_compile']:.0%} "
               f"({r['compile_s']:.2f} s)")  # fmt: skip
+        print(f"     exchange per CE p50 {r['exchange_ms_p50']:.1f} ms, p99 "
+              f"{r['exchange_ms_p99']:.1f} ms; SSH connections opened "
+              f"{r['ssh_connections_opened']}, standing links {r['standing_links']}")  # fmt: skip
     ref = result["reference"]
-    print("  reference, one CE's provisioning exchange (2 sessions, 5 RPCs), 20 CEs sequential:")
-    print(f"     stock ncclient {ref['stock_ncclient']:.1f} ms/CE, cevpn client "
-          f"{ref['cevpn_client']:.1f} ms/CE: ratio {ref['ratio']:.2f}")  # fmt: skip
-    print(json.dumps(result, indent=1))
+    print("  reference, one CE's provisioning exchange (5 RPCs), 20 CEs sequential:")
+    print(f"     stock ncclient, 2 new sessions {ref['stock_ncclient']:.1f} ms/CE; cevpn "
+          f"southbound, standing links {ref['cevpn_southbound']:.1f} ms/CE: "
+          f"ratio {ref['ratio']:.2f}")  # fmt: skip
+    metrics = summary(result)
+    print(json.dumps(metrics, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps({**metrics, "raw": result}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -32,13 +32,14 @@ from typing import TYPE_CHECKING, Any
 from lxml import etree
 
 from nc_core import faults
-from nc_core.client import Endpoint
+from nc_core.endpoint import Endpoint
 from nc_core.errors import RpcError, RpcErrors
 from nc_core.notifications import data_node
 from nc_core.transaction import Transaction
 from nc_core.transport_ssh import host_key_line
 from nc_core.users import replace_user
 from nc_core.xmlutil import NACM_NS, default_ns_element, qn
+from nc_server.applied import AppliedLedger
 from nc_server.ce_config import (
     CeCodec,
     InvalidCompiledConfig,
@@ -90,7 +91,6 @@ CE_SECTIONS = (
     "ingress-policy",
 )
 """Everything under /ce the server owns (all but pre-configuration)."""
-APPLIED = "ce-applied"
 REMOVED = "removed-site"
 REMOVALS = "pending-removal"
 
@@ -139,6 +139,8 @@ class ServiceApplication(ServiceDatastore):
         self._removing: dict[str, SiteView] = {}
         """Sites deleted in 'deprovision' mode whose CE has not been cleaned yet."""
         self.southbound = Southbound()
+        self.applied = AppliedLedger(self.storage)
+        """What each CE confirmed last."""
         """Standing management links to the CEs, reused by every push and audit."""
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -262,7 +264,7 @@ class ServiceApplication(ServiceDatastore):
                 rec.target_version = config.version
                 rec.peer_count = len(config.config.get("peer", []))
                 if startup:
-                    rec.applied_version = self._applied(site)["version"]
+                    rec.applied_version = self.applied.get(site).version
                 moved = old_sites.get(site) != self.sites[site]  # enrolled, new address...
                 if site in changed or startup or moved:
                     self._target_changed(self.sites[site], rec)
@@ -276,7 +278,7 @@ class ServiceApplication(ServiceDatastore):
         if not view.host_keys:
             prov.set_status(rec, "not-enrolled")
             return
-        applied_port = self._applied(view.site)["port"] or view.management_port
+        applied_port = self.applied.get(view.site).port or view.management_port
         if rec.applied_version == rec.target_version and applied_port == view.management_port:
             prov.set_status(rec, "in-sync")
             return
@@ -315,23 +317,6 @@ class ServiceApplication(ServiceDatastore):
             timeout=10.0,
         )
 
-    def _applied(self, site: str) -> dict[str, Any]:
-        """What the CE confirmed last: version and configuration (None when unknown) and the
-        management port it listens on (None when unknown)."""
-        raw = self.storage.get(APPLIED, site)
-        data: dict[str, Any] = json.loads(raw) if raw is not None else {}
-        return {
-            "version": data.get("version"),
-            "config": data.get("config"),
-            "port": data.get("port"),
-        }
-
-    def _record_applied(
-        self, site: str, version: str | None, config: Any, port: int | None
-    ) -> None:
-        record = {"version": version, "config": config, "port": port}
-        self.storage.put(APPLIED, site, json.dumps(record).encode())
-
     async def _job(self, rec: CeRecord) -> str:
         if not self.provisioning:
             return rec.status
@@ -342,14 +327,14 @@ class ServiceApplication(ServiceDatastore):
         if view is None or state is None or rec.site not in state.compiled:
             return rec.status
         target = state.compiled[rec.site]
-        applied = self._applied(rec.site)
+        applied = self.applied.get(rec.site)
         # The management port is the one part of the pre-configuration the server changes
         # after enrolment (the CE listens where the database says).
-        now_port = applied["port"] or view.management_port
-        if applied["version"] == target.version and now_port == view.management_port:
+        now_port = applied.port or view.management_port
+        if applied.version == target.version and now_port == view.management_port:
             rec.applied_version = target.version
             return "in-sync"
-        known = applied["config"] if applied["version"] is not None else None
+        known = applied.config
         if known is None:
             target_xml = self.codec.to_xml(target.config, rec.site)
             touches_management = True  # what the CE holds is unknown
@@ -382,10 +367,10 @@ class ServiceApplication(ServiceDatastore):
         except Exception:
             # We no longer know what the CE holds: resynchronise fully next time.  If a
             # commit was not confirmed the CE rolls back, so it listens where it did.
-            self._record_applied(rec.site, None, None, now_port)
+            self.applied.record(rec.site, None, None, now_port)
             raise
         rec.timings.add(timings)
-        self._record_applied(rec.site, target.version, target.config, view.management_port)
+        self.applied.record(rec.site, target.version, target.config, view.management_port)
         rec.applied_version = target.version
         rec.last_contact = now_text()
         self._receiver_applied(rec, target)
@@ -467,7 +452,7 @@ class ServiceApplication(ServiceDatastore):
         prov.forget(view.site)
         if mode != "deprovision":  # else the deprovisioning push uses the link, then drops it
             self._background(self.southbound.drop(view.site))
-        self.storage.delete(APPLIED, view.site)
+        self.applied.forget(view.site)
         self.storage.put(
             REMOVED,
             ce_username(view.site),
@@ -555,6 +540,7 @@ class ServiceApplication(ServiceDatastore):
         if self.provisioner is not None:
             await self.provisioner.close()
         await self.southbound.close()
+        self.applied.flush()
         (self.state_dir / LISTENING_FILE).unlink(missing_ok=True)
         self.storage.close()
 
@@ -779,7 +765,7 @@ class ServiceApplication(ServiceDatastore):
         for view in list(self.sites.values()):
             if (vpn and view.vpn != vpn) or (site and view.site != site):
                 continue
-            self.storage.delete(APPLIED, view.site)
+            self.applied.forget(view.site)
             rec = prov.record(view.vpn, view.site)
             rec.applied_version = None
             self._target_changed(view, rec)

@@ -1,0 +1,93 @@
+"""What each CE confirmed last: the version it runs and the port it listens on.
+
+The server pushes a CE the smallest edit from what it holds to its target
+(nc_server.ce_config.incremental_edit), so it must know what the CE holds.
+The version and management port are stored (the storage's ``ce-applied``
+table) so that a restarted server knows which CEs are in sync; the
+configuration itself is kept in memory only, where it is the compiled
+object already held (no copy, no JSON per push).  After a restart the
+configuration is unknown and the next push to a CE that is not in sync is
+a full resynchronisation, which is always correct.
+
+Records of successful pushes are written together, one storage
+transaction per event-loop turn instead of one per CE: a thousand CEs
+confirming within the same moment cost one commit.  A record lost to a
+crash in that window names an older version than the CE runs, which again
+only costs a full resynchronisation.  A record saying the state is unknown
+(after a failed push) is written at once: it must never be lost, or a CE
+that took an unconfirmed change could be believed in sync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from nc_server.storage import Storage
+
+APPLIED = "ce-applied"
+
+
+@dataclass(frozen=True)
+class Applied:
+    version: str | None = None
+    """The configuration-version the CE confirmed; None when unknown."""
+    port: int | None = None
+    """The management port it listens on; None when unknown."""
+    config: Mapping[str, Any] | None = None
+    """The configuration of that version, when this server process pushed it."""
+
+
+class AppliedLedger:
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self._known: dict[str, Applied] = {}
+        self._unwritten: set[str] = set()
+        self._flush_scheduled = False
+
+    def get(self, site: str) -> Applied:
+        known = self._known.get(site)
+        if known is None:
+            raw = self.storage.get(APPLIED, site)
+            data: dict[str, Any] = json.loads(raw) if raw is not None else {}
+            # Records written before the configuration was kept in memory carry it.
+            config = data.get("config") if data.get("version") is not None else None
+            known = Applied(data.get("version"), data.get("port"), config)
+            self._known[site] = known
+        return known
+
+    def record(
+        self, site: str, version: str | None, config: Mapping[str, Any] | None, port: int | None
+    ) -> None:
+        self._known[site] = Applied(version, port, config if version is not None else None)
+        if version is None:
+            self._unwritten.discard(site)
+            self._write([site])
+            return
+        self._unwritten.add(site)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def forget(self, site: str) -> None:
+        """The CE's state is unknown from now on (resynchronise), or the site is gone."""
+        self._known.pop(site, None)
+        self._unwritten.discard(site)
+        self.storage.delete(APPLIED, site)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        sites, self._unwritten = sorted(self._unwritten), set()
+        self._write(sites)
+
+    def _write(self, sites: list[str]) -> None:
+        if not sites:
+            return
+        with self.storage.transaction():
+            for site in sites:
+                known = self._known[site]
+                record = {"version": known.version, "port": known.port}
+                self.storage.put(APPLIED, site, json.dumps(record).encode())
