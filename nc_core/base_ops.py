@@ -340,17 +340,12 @@ def _checked_candidate(
     8.3), so only what each node says about itself is validated here.
     """
     hash_clear_text_passwords(root)
-    tree = server.validator.validate(root, full=False)
-    try:
-        canonical = server.validator.canonical(tree)
-    finally:
-        free(tree)
     old = server.datastores["candidate"].root
+    canonical, differs = server.validator.checked_nodes(old, root)
     if server.nacm.permits_all_writes(session.user):
-        # Nothing to check node by node: whether anything changed is all that matters,
-        # and comparing the two documents in C is far cheaper than diffing them (a
-        # 10,000-entry edit: 4 ms instead of 45).
-        return canonical, etree.tostring(old) != etree.tostring(canonical)
+        # Nothing to check node by node: whether anything changed is all that matters
+        # (a 10,000-entry edit: 4 ms to compare the documents instead of 45 to diff them).
+        return canonical, differs
     changes = diff(old, canonical, server.index, only=only)
     server.nacm.check_write(session.user, changes)
     return canonical, bool(changes)

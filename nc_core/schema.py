@@ -16,7 +16,7 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -398,3 +398,379 @@ class SchemaIndex:
         code reads defaults here instead of repeating them as literals."""
         value = self.node(path).snode.default()
         return value
+
+
+# --------------------------------------------------------------------------
+# Lists whose entries can be validated on their own (nc_core.datastore's
+# incremental validation)
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EntryScopedList:
+    """A list whose entries every YANG constraint judges alone: by the entry itself and by
+    data outside the list, never by another entry (but for its ``uniques``, checked apart,
+    and leafrefs from outside naming entries, which more entries cannot break).
+
+    A change that adds, changes or removes entries of such a list, and nothing else,
+    leaves every other entry exactly as valid as it was: validating the rest of the
+    configuration with the changed entries only says whether the whole is valid."""
+
+    tags: tuple[str, ...]
+    """Clark tags from the top-level node down to the list."""
+    keys: tuple[str, ...]
+    """Clark tags of the key leaves."""
+    uniques: tuple[tuple[tuple[str, ...], ...], ...]
+    """Each ``unique`` statement: the Clark-tag paths of its leaves, from an entry."""
+
+
+_XPATH_TOKEN = re.compile(
+    r"""\s*(?:
+    (?P<literal>'[^']*'|"[^"]*")
+    |(?P<number>\d+(?:\.\d*)?|\.\d+)
+    |(?P<symbol>//|::|\.\.|!=|<=|>=|[/()\[\],.@|=<>+*$-])
+    |(?P<name>[A-Za-z_][\w.-]*(?::[A-Za-z_][\w.-]*)?)
+    )""",
+    re.VERBOSE,
+)
+_OPERATOR_NAMES = frozenset({"and", "or", "div", "mod"})
+_HARMLESS_FUNCTIONS = frozenset(
+    {
+        "not", "true", "false", "count", "string", "number", "boolean", "contains",
+        "starts-with", "string-length", "concat", "substring", "substring-before",
+        "substring-after", "normalize-space", "translate", "re-match", "derived-from",
+        "derived-from-or-self", "enum-value", "bit-is-set", "sum", "floor", "ceiling",
+        "round", "position", "last", "name", "local-name",
+    }
+)  # fmt: skip
+"""XPath functions that read only their arguments (the paths in them are analysed)."""
+_AXES = frozenset({"ancestor", "ancestor-or-self", "parent", "self", "child"})
+
+
+class _Unsafe(Exception):
+    """The expression may do something the analysis does not follow."""
+
+
+class _Paths:
+    """Where the location paths of one XPath expression (YANG's subset) can go.
+
+    Positions are tuples of local names from the root; prefixes are dropped, so
+    nodes of two modules with the same local names are taken for one another (the
+    analysis errs on the side of 'may read it').  ``visit`` is called with every
+    position a step reaches, and with whether that position was reached from the
+    expression's own list entry without leaving it."""
+
+    def __init__(
+        self,
+        text: str,
+        context: tuple[str, ...],
+        entry_depth: int,
+        visit: Callable[[tuple[str, ...], bool], None],
+    ) -> None:
+        self.tokens: list[tuple[str, str]] = []
+        pos = 0
+        text = text.strip()
+        while pos < len(text):
+            m = _XPATH_TOKEN.match(text, pos)
+            if m is None or m.end() == pos:
+                raise _Unsafe(text[pos:])
+            pos = m.end()
+            kind = m.lastgroup
+            assert kind is not None
+            self.tokens.append((kind, m.group(kind)))
+        self.i = 0
+        self.context = context
+        self.entry_depth = entry_depth
+        """Length of the own entry's position (0: the context is in no entry)."""
+        self.visit = visit
+
+    def own(self, position: tuple[str, ...], own: bool) -> bool:
+        """Still in the context's own entry (never above it since)."""
+        return own and self.entry_depth > 0 and len(position) >= self.entry_depth
+
+    def peek(self, offset: int = 0) -> tuple[str, str]:
+        j = self.i + offset
+        return self.tokens[j] if j < len(self.tokens) else ("end", "")
+
+    def take(self) -> tuple[str, str]:
+        token = self.peek()
+        self.i += 1
+        return token
+
+    def run(self) -> None:
+        self.expression({(self.context, self.own(self.context, True))})
+        if self.peek()[0] != "end":
+            raise _Unsafe("trailing tokens")
+
+    def expression(self, here: set[tuple[tuple[str, ...], bool]]) -> None:
+        """Operands separated by operators, until a closing bracket or the end."""
+        while True:
+            self.operand(here)
+            kind, value = self.peek()
+            if (kind == "name" and value in _OPERATOR_NAMES) or (
+                kind == "symbol" and value in ("=", "!=", "<", "<=", ">", ">=", "+", "-", "*", "|")
+            ):
+                self.take()
+                continue
+            return
+
+    def operand(self, here: set[tuple[tuple[str, ...], bool]]) -> None:
+        kind, value = self.peek()
+        if kind in ("literal", "number"):
+            self.take()
+            return
+        if kind == "symbol" and value == "-":
+            self.take()
+            self.operand(here)
+            return
+        if kind == "symbol" and value == "(":
+            self.take()
+            self.expression(here)
+            if self.take() != ("symbol", ")"):
+                raise _Unsafe("(")
+            if self.peek()[1] in ("/", "//", "["):
+                raise _Unsafe("a path from a parenthesised expression")
+            return
+        if kind == "name" and self.peek(1) == ("symbol", "("):
+            self.take()
+            self.take()
+            if value == "current":
+                if self.take() != ("symbol", ")"):
+                    raise _Unsafe("current(...)")
+                start = {(self.context, self.own(self.context, True))}
+                if self.peek() == ("symbol", "/"):
+                    self.take()
+                    self.steps(start)
+                return
+            if value not in _HARMLESS_FUNCTIONS:
+                raise _Unsafe(f"{value}()")
+            if self.peek() != ("symbol", ")"):
+                while True:
+                    self.expression(here)
+                    if self.peek() != ("symbol", ","):
+                        break
+                    self.take()
+            if self.take() != ("symbol", ")"):
+                raise _Unsafe("arguments")
+            if self.peek()[1] in ("/", "//", "["):
+                raise _Unsafe("a path from a function's result")
+            return
+        if kind == "symbol" and value == "/":
+            self.take()
+            root: set[tuple[tuple[str, ...], bool]] = {((), False)}
+            for position, _ in root:
+                self.visit(position, False)
+            if self.peek()[0] == "name" or self.peek()[1] in ("*", ".", ".."):
+                self.steps(root)
+            return
+        if kind == "name" or (kind == "symbol" and value in (".", "..", "*", "@")):
+            self.steps(here)
+            return
+        raise _Unsafe(f"unexpected {value!r}")
+
+    def steps(self, here: set[tuple[tuple[str, ...], bool]]) -> None:
+        while True:
+            here = self.step(here)
+            if self.peek() == ("symbol", "/"):
+                self.take()
+                continue
+            if self.peek() == ("symbol", "//"):
+                raise _Unsafe("//")
+            return
+
+    def step(self, here: set[tuple[tuple[str, ...], bool]]) -> set[tuple[tuple[str, ...], bool]]:
+        kind, value = self.take()
+        if (kind, value) == ("symbol", "."):
+            reached = here
+        elif (kind, value) == ("symbol", ".."):
+            reached = {(p[:-1], self.own(p[:-1], own)) for p, own in here}
+        elif kind == "symbol" and value == "@":
+            raise _Unsafe("attributes")
+        else:
+            axis = "child"
+            if kind == "name" and self.peek() == ("symbol", "::"):
+                axis = value
+                if axis not in _AXES:
+                    raise _Unsafe(f"{axis}::")
+                self.take()
+                kind, value = self.take()
+            if kind == "name" and self.peek() == ("symbol", "("):
+                raise _Unsafe("a node-type test")
+            if not (kind == "name" or (kind, value) == ("symbol", "*")):
+                raise _Unsafe(f"unexpected {value!r}")
+            name = value.rpartition(":")[2]
+            reached = set()
+            for position, own in here:
+                if axis == "child":
+                    candidates = [((*position, name), own)]
+                elif axis == "self":
+                    candidates = [(position, own)]
+                elif axis == "parent":
+                    candidates = [(position[:-1], self.own(position[:-1], own))]
+                else:
+                    first = len(position) if axis == "ancestor-or-self" else len(position) - 1
+                    candidates = [
+                        (position[:n], self.own(position[:n], own)) for n in range(first, -1, -1)
+                    ]
+                for found, was_own in candidates:
+                    if axis != "child" and name != "*" and found[-1:] != (name,):
+                        continue
+                    reached.add((found, was_own))
+        marked = set()
+        for position, own in reached:
+            self.visit(position, own)
+            marked.add((position, own))
+        while self.peek() == ("symbol", "["):
+            self.take()
+            self.expression(marked)
+            if self.take() != ("symbol", "]"):
+                raise _Unsafe("[")
+        return marked
+
+
+def entry_scoped_lists(index: SchemaIndex) -> dict[tuple[str, ...], EntryScopedList]:
+    """The lists of the schema, outside any other list, whose entries are judged alone
+    (:class:`EntryScopedList`), by their tags.  A constraint the analysis cannot follow
+    (an XPath function or axis it does not know, a path into another entry, a must or
+    when outside the list reading its entries, min- or max-elements, a unique leaf with
+    a default) leaves its list out: such a list is validated whole."""
+    nodes: list[SchemaNode] = []
+
+    def walk(node: SchemaNode) -> None:
+        nodes.append(node)
+        for child in node.children().values():
+            walk(child)
+
+    for top in index.top.values():
+        walk(top)
+    local = {id(n): tuple(_local_path(n.path)) for n in nodes}
+    candidates = {id(n): n for n in nodes if n.kind == "list" and n.config and _outside_lists(n)}
+    unsafe: set[int] = set()
+    for node in nodes:
+        constraints = [(e, False) for e in _musts(node)]
+        constraints += [(e, False) for e in _whens(node)]
+        constraints += [(e, True) for e in _leafrefs(node)]
+        for expr, is_leafref in constraints:
+            for list_id in candidates:
+                if list_id in unsafe:
+                    continue
+                if not _judged_alone(expr, local[id(node)], local[list_id], is_leafref):
+                    unsafe.add(list_id)
+    found: dict[tuple[str, ...], EntryScopedList] = {}
+    for list_id, lst in candidates.items():
+        if list_id in unsafe:
+            continue
+        clist = ffi.cast("struct lysc_node_list *", lst.snode.cdata)
+        if clist.min != 0 or clist.max != 0xFFFFFFFF:
+            continue
+        uniques = _uniques(clist, lst)
+        if uniques is None:
+            continue
+        tags = tuple(_tag_path(index, lst))
+        found[tags] = EntryScopedList(tags, lst.key_tags, uniques)
+    return found
+
+
+def _local_path(path: str) -> list[str]:
+    return [step.rpartition(":")[2] for step in path.strip("/").split("/")]
+
+
+def _outside_lists(node: SchemaNode) -> bool:
+    up = node.snode.parent()
+    while up is not None:
+        if up.nodetype() == lib.LYS_LIST:
+            return False
+        up = up.parent()
+    return True
+
+
+def _tag_path(index: SchemaIndex, node: SchemaNode) -> list[str]:
+    chain = []
+    snode = node.snode
+    while snode is not None:
+        if snode.nodetype() in _KIND:
+            chain.append(f"{{{module_namespace(snode.module())}}}{snode.name()}")
+        snode = snode.parent()
+    return list(reversed(chain))
+
+
+def _musts(node: SchemaNode) -> list[str]:
+    try:
+        return list(node.snode.must_conditions())
+    except AttributeError:
+        return []
+
+
+def _whens(node: SchemaNode) -> list[str]:
+    try:
+        return list(node.snode.when_conditions())
+    except AttributeError:
+        return []
+
+
+def _leafrefs(node: SchemaNode) -> list[str]:
+    if node.kind not in ("leaf", "leaf-list"):
+        return []
+    paths = []
+
+    def collect(ytype: Any) -> None:
+        if ytype.base() == libyang.Type.LEAFREF:
+            paths.append(ytype.leafref_path())
+        elif ytype.base() == libyang.Type.UNION:
+            for member in ytype.union_types():
+                collect(member)
+
+    collect(node.snode.type())
+    return [p for p in paths if p]
+
+
+def _judged_alone(
+    expr: str, where: tuple[str, ...], lst: tuple[str, ...], is_leafref: bool
+) -> bool:
+    """Whether a constraint at schema position ``where`` keeps entries of the list at
+    ``lst`` judged alone: from inside an entry, it reads no other entry; from outside,
+    it reads no entry, or it is a leafref (an entry it names is there in every larger
+    set of entries too)."""
+    problem = False
+
+    def visit(position: tuple[str, ...], own: bool) -> None:
+        nonlocal problem
+        if position[: len(lst)] == lst and not own and not is_leafref:
+            problem = True  # another entry, or an entry reached from outside the list
+
+    # A when inherited from a uses or an augment has the closest data ancestor for
+    # context: both are followed.
+    contexts = [where] if not where else [where, where[:-1]]
+    try:
+        for context in contexts:
+            inside = context[: len(lst)] == lst
+            _Paths(expr, context, len(lst) if inside else 0, visit).run()
+    except _Unsafe:
+        return False
+    return not problem
+
+
+def _uniques(clist: Any, lst: SchemaNode) -> tuple[tuple[tuple[str, ...], ...], ...] | None:
+    """The list's unique statements as tag paths; None if one names a leaf with a default
+    (whether it counts then depends on more than the entry's explicit data)."""
+    out = []
+    uniques = clist.uniques
+    count = 0 if uniques == ffi.NULL else ffi.cast("uint64_t *", uniques)[-1]
+    for u in range(count):
+        leaves = uniques[u]
+        n = 0 if leaves == ffi.NULL else ffi.cast("uint64_t *", leaves)[-1]
+        paths = []
+        for k in range(n):
+            leaf = leaves[k]
+            if leaf.dflt != ffi.NULL:
+                return None
+            chain = []
+            node = ffi.cast("struct lysc_node *", leaf)
+            while node != ffi.NULL and node != lst.snode.cdata:
+                if node.nodetype & (lib.LYS_CHOICE | lib.LYS_CASE) == 0:
+                    ns = ffi.string(node.module.ns).decode()
+                    chain.append(f"{{{ns}}}{ffi.string(node.name).decode()}")
+                node = node.parent
+            paths.append(tuple(reversed(chain)))
+        out.append(tuple(paths))
+    return tuple(out)

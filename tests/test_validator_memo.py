@@ -192,3 +192,150 @@ def test_a_transactions_subtree_json_is_the_whole_documents_subtree(server):
         assert txn.old_at("/cevpn-ce:ce/certificates") == defaults["cevpn-ce:ce"]["certificates"]
     finally:
         free(tree)
+
+
+# -- incremental validation: the same verdicts, trees and canonical forms as full ---------
+
+
+def edited(server: NetconfServer, root: etree._Element, edit: str) -> etree._Element:
+    """``root`` after an edit of its ``ce`` (nc:operation attributes allowed)."""
+    work = deepcopy(root)
+    config = etree.fromstring(
+        f'<config xmlns="{NC}"><ce xmlns="{CE}" xmlns:t="{T}" xmlns:nc="{NC}">{edit}</ce></config>'
+    )
+    Editor(server.index).apply(work, config, "merge")
+    return work
+
+
+EDITS = {
+    "add a peer": peer(50),
+    "change a peer's prefix": "<peer><name>site-7</name><tunnel><remote-prefix>172.31.0.0/24"
+    "</remote-prefix></tunnel></peer>",
+    "disable a peer": "<peer><name>site-3</name><enabled>false</enabled></peer>",
+    "remove a peer": '<peer nc:operation="remove"><name>site-11</name></peer>',
+    "remove the first and add two": '<peer nc:operation="remove"><name>site-0</name></peer>'
+    + peer(60)
+    + peer(61),
+    "change a peer's keying": "<peer><name>site-5</name><ike><pre-shared-key>"
+    "0123456789abcdef0123</pre-shared-key></ike></peer>",
+    "change something else too": peer(62) + "<minimum-strength>t:strength-128</minimum-strength>",
+}
+
+
+@pytest.mark.parametrize("name", sorted(EDITS))
+def test_a_valid_change_makes_what_full_validation_makes(server, name):
+    validator = fresh(server)
+    base = configuration(server, "".join(peer(i) for i in range(40)))
+    first = validator.validate(base)
+    canonical = validator.canonical(first)
+    new = edited(server, canonical, EDITS[name])
+    tree = validator.validate(new)
+    assert validator.counts["changed-entries"] == (name != "change something else too")
+    reference = server.schema.parse_config(serialize(new), "xml")
+    try:
+        assert with_defaults(tree) == with_defaults(reference)
+        made = validator.canonical(tree)
+        assert etree.tostring(made) == etree.tostring(fresh(server).canonical(reference))
+        # and the next change starts from it
+        again = validator.validate(edited(server, made, peer(70)))
+        free(again)
+        assert validator.counts["changed-entries"] == (name != "change something else too") + 1
+    finally:
+        for t in (first, tree, reference):
+            free(t)
+
+
+INVALID = {
+    "a new peer with an existing peer's address": peer(50, "10.1.0.4"),
+    "a changed peer with an existing peer's address": "<peer><name>site-9</name>"
+    "<sp-address>10.1.0.2</sp-address></peer>",
+    "a new peer with the CE's own address": peer(50, "10.0.0.1"),
+    "a new peer without its keying": "<peer><name>site-90</name><sp-address>10.1.9.9"
+    "</sp-address></peer>",
+    "removing the gateway peer": '<peer nc:operation="remove"><name>site-1</name></peer>',
+    "a default route to another peer than the gateway": "<peer><name>site-2</name><tunnel>"
+    "<remote-prefix>0.0.0.0/0</remote-prefix></tunnel></peer>",
+    "an outbound SA alone": "<peer><name>site-91</name><sp-address>10.1.9.1</sp-address>"
+    "<ikeless><outbound><spi>4242</spi><encryption-algorithm>t:encr-aes-gcm-16-256"
+    "</encryption-algorithm><encryption-key>"
+    + ":".join(["ab"] * 36)
+    + "</encryption-key></outbound></ikeless></peer>",
+}
+
+
+@pytest.mark.parametrize("name", sorted(INVALID))
+def test_an_invalid_change_is_refused_with_the_rpc_errors_of_full_validation(server, name):
+    validator = fresh(server)
+    gateway = (
+        "<internet-access><role>via-gateway-site</role><gateway-peer>site-1</gateway-peer>"
+        "</internet-access>"
+    )
+    base = configuration(server, gateway + "".join(peer(i) for i in range(20)))
+    first = validator.validate(base)
+    canonical = validator.canonical(first)
+    invalid = edited(server, canonical, INVALID[name])
+    try:
+        assert errors_of(validator, invalid) == errors_of(fresh(server), invalid)
+    finally:
+        free(first)
+
+
+# -- the candidate's node-by-node check: the same canonical form and rpc-errors -----------
+
+
+def whole_check(server: NetconfServer, old: etree._Element, new: etree._Element):  # type: ignore[no-untyped-def]
+    validator = fresh(server)
+    tree = validator.parse_only(new)
+    try:
+        canonical = validator.canonical(tree)
+    finally:
+        free(tree)
+    return etree.tostring(canonical), etree.tostring(old) != etree.tostring(canonical)
+
+
+NODE_EDITS = {
+    **EDITS,
+    "the same peer again": peer(4),
+    "a non-canonical value": "<peer><name>site-8</name><ikeless><replay-window>0064"
+    "</replay-window></ikeless></peer>",
+    "a non-canonical value equal to the stored one": "<peer><name>site-8</name><tunnel>"
+    "<remote-prefix>172.16.8.0/24</remote-prefix></tunnel><enabled>true</enabled></peer>",
+}
+
+
+@pytest.mark.parametrize("name", sorted(NODE_EDITS))
+def test_an_edit_of_the_candidate_is_checked_into_the_same_canonical_form(server, name):
+    validator = fresh(server)
+    old = configuration(server, "".join(peer(i) for i in range(30)))
+    tree = validator.parse_only(old)
+    old = validator.canonical(tree)
+    free(tree)
+    new = edited(server, old, NODE_EDITS[name])
+    canonical, differs = validator.checked_nodes(old, new)
+    assert (etree.tostring(canonical), differs) == whole_check(server, old, new)
+    assert validator.counts["checked-entries"] == (name != "change something else too")
+
+
+NODE_ERRORS = {
+    "an address that is none": "<peer><name>site-3</name><sp-address>10.1.0.300</sp-address>"
+    "</peer>",
+    "an SPI out of range": peer(40).replace("<spi>4176</spi>", "<spi>12</spi>"),
+    "two bad values in two peers": "<peer><name>site-3</name><sp-address>x</sp-address></peer>"
+    "<peer><name>site-4</name><sp-address>y</sp-address></peer>",
+}
+
+
+@pytest.mark.parametrize("name", sorted(NODE_ERRORS))
+def test_an_edit_of_the_candidate_is_refused_with_the_rpc_error_of_the_whole_check(server, name):
+    validator = fresh(server)
+    old = configuration(server, "".join(peer(i) for i in range(30)))
+    tree = validator.parse_only(old)
+    old = validator.canonical(tree)
+    free(tree)
+    new = edited(server, old, NODE_ERRORS[name])
+    with pytest.raises(RpcErrors) as got:
+        validator.checked_nodes(old, new)
+    with pytest.raises(RpcErrors) as expected:
+        fresh(server).parse_only(new)
+    found = [(e.tag, e.app_tag, e.message, e.path) for e in got.value.errors]
+    assert found == [(e.tag, e.app_tag, e.message, e.path) for e in expected.value.errors]
