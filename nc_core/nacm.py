@@ -407,6 +407,8 @@ class Nacm:
         self.denied_operations = 0
         self.denied_data_writes = 0
         self.denied_notifications = 0
+        self.generation = 0
+        """Bumped by every :meth:`load`: decisions cached elsewhere are stale once it moves."""
         self._groups: dict[str, frozenset[str]] = {}
         self._plans: dict[tuple[str, str, str], _Plan] = {}
         self._schema_memo: dict[tuple[int, str], tuple[SchemaNode | None, str | None]] = {}
@@ -416,6 +418,7 @@ class Nacm:
     def load(self, running: etree._Element) -> None:
         """(Re)read /nacm from a running datastore tree; call after every commit."""
         self.config, self.problems = parse_config(running.find(_nacm("nacm")))
+        self.generation += 1
         self._groups.clear()
         self._plans.clear()
 
@@ -547,10 +550,18 @@ class Nacm:
         self, user: str, module: str, notification: str, *, default_deny_all: bool = False
     ) -> bool:
         """May ``user`` receive this event type?  Counts drops in denied_notifications."""
-        allowed = self._notify_decision(user, module, notification, default_deny_all)
+        allowed = self.notify_permitted(user, module, notification, default_deny_all)
         if not allowed:
             self.denied_notifications += 1
         return allowed
+
+    def notify_permitted(
+        self, user: str, module: str, notification: str, default_deny_all: bool = False
+    ) -> bool:
+        """:meth:`may_notify` without counting: for callers that cache the decision (it
+        depends only on the configuration, see :attr:`generation`) and count drops
+        themselves."""
+        return self._notify_decision(user, module, notification, default_deny_all)
 
     def _notify_decision(
         self, user: str, module: str, notification: str, default_deny_all: bool

@@ -119,6 +119,13 @@ class NotificationCenter:
         self.created = now()
         self.subscriptions: dict[int, Subscription] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Per event type, the subscriptions NACM lets hear it and how many it does not:
+        # the VPN server has a subscriber per CE and an event per CE status change, so
+        # deciding anew for every pair would cost CEs x CEs.  Valid while neither the
+        # subscriptions nor the NACM configuration change.
+        self._receivers: dict[tuple[str, str], tuple[list[Subscription], int]] = {}
+        self._receivers_stamp: tuple[int, int] = (-1, -1)
+        self._subscription_changes = 0
 
     # -- subscribing -------------------------------------------------------------
 
@@ -190,6 +197,7 @@ class NotificationCenter:
         sub = Subscription(session, filter_elem, start, stop, replaying=start is not None)
         session.subscription = sub
         self.subscriptions[session.id] = sub
+        self._subscription_changes += 1
         if start is not None:
             task = asyncio.get_running_loop().create_task(self._replay(sub))
             self._tasks.add(task)
@@ -222,6 +230,7 @@ class NotificationCenter:
 
     def unsubscribe(self, session: Session) -> None:
         sub = self.subscriptions.pop(session.id, None)
+        self._subscription_changes += 1
         if sub is not None and sub.stop_timer is not None:
             sub.stop_timer.cancel()
         session.subscription = None
@@ -253,18 +262,38 @@ class NotificationCenter:
 
     def _log(self, entry: Logged) -> None:
         self.log.append(entry)
-        for sub in list(self.subscriptions.values()):
+        receivers, denied = self._receivers_of(entry.module, entry.name)
+        self.server.nacm.denied_notifications += denied
+        for sub in receivers:
+            if sub.session.id not in self.subscriptions:
+                continue  # ended by an earlier delivery in this loop
             if sub.replaying:
                 sub.queued.append(entry)
             elif sub.stop is None or entry.time <= sub.stop:
-                self._deliver(sub, entry)
+                self._deliver(sub, entry, type_permitted=True)
 
-    def _deliver(self, sub: Subscription, entry: Logged) -> None:
+    def _receivers_of(self, module: str, name: str) -> tuple[list[Subscription], int]:
+        """The subscriptions that may hear events of this type (RFC 8341 3.4.6), and the
+        number that may not."""
+        nacm = self.server.nacm
+        stamp = (nacm.generation, self._subscription_changes)
+        if stamp != self._receivers_stamp:
+            self._receivers.clear()
+            self._receivers_stamp = stamp
+        known = self._receivers.get((module, name))
+        if known is None:
+            subs = list(self.subscriptions.values())
+            allowed = [s for s in subs if nacm.notify_permitted(s.session.user, module, name)]
+            known = (allowed, len(subs) - len(allowed))
+            self._receivers[(module, name)] = known
+        return known
+
+    def _deliver(self, sub: Subscription, entry: Logged, *, type_permitted: bool = False) -> None:
         session = sub.session
         if entry.audience is not None and session.user not in entry.audience:
             return
         nacm = self.server.nacm
-        if not nacm.may_notify(session.user, entry.module, entry.name):
+        if not type_permitted and not nacm.may_notify(session.user, entry.module, entry.name):
             return
         user = session.user
         if entry.owner != user and not all(nacm.may_read(user, node) for node in entry.about):

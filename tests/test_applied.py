@@ -23,6 +23,15 @@ def stored(path: Path, site: str) -> dict[str, object] | None:
         storage.close()
 
 
+async def written(path: Path, site: str) -> None:
+    """Wait (at most 30 s) until the record of ``site`` is in storage."""
+    for _ in range(3000):
+        if stored(path, site) is not None:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the record of {site} was never written")
+
+
 def test_a_confirmed_version_is_stored_without_the_configuration(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite"
 
@@ -30,13 +39,13 @@ def test_a_confirmed_version_is_stored_without_the_configuration(tmp_path: Path)
         ledger = AppliedLedger(SqliteStorage(path))
         ledger.record("s1", "v2", CONFIG, 8301)
         assert ledger.get("s1").config is CONFIG  # the same object, kept in memory
-        await asyncio.sleep(0)  # the turn in which the records are written together
+        await written(path, "s1")
 
     asyncio.run(run())
     assert stored(path, "s1") == {"version": "v2", "port": 8301}
 
 
-def test_confirmations_in_the_same_turn_are_written_in_one_transaction(tmp_path: Path) -> None:
+def test_confirmations_waiting_together_are_written_in_one_transaction(tmp_path: Path) -> None:
     storage = SqliteStorage(tmp_path / "db.sqlite")
     original = storage.transaction
     depth = outermost = 0
@@ -55,10 +64,11 @@ def test_confirmations_in_the_same_turn_are_written_in_one_transaction(tmp_path:
     storage.transaction = counting  # type: ignore[method-assign]
 
     async def run() -> None:
-        ledger = AppliedLedger(storage)
+        ledger = AppliedLedger(storage, flush_delay=3600)  # written only by the flush below
         for n in range(50):
             ledger.record(f"s{n}", "v2", CONFIG, 8300 + n)
-        await asyncio.sleep(0)
+        assert storage.scan(APPLIED) == []
+        ledger.flush()
 
     asyncio.run(run())
     assert outermost == 1
@@ -106,7 +116,7 @@ def test_a_forgotten_site_is_gone_from_memory_and_storage(tmp_path: Path) -> Non
         ledger = AppliedLedger(SqliteStorage(path))
         ledger.record("s1", "v2", CONFIG, 8301)
         ledger.forget("s1")  # before the batch is written: it must not come back
-        await asyncio.sleep(0)
+        ledger.flush()
         assert ledger.get("s1").version is None
 
     asyncio.run(run())
