@@ -20,22 +20,29 @@ prefixes, the spoke-prefix aggregate (only in a spoke's entry for the
 primary hub), whether the entry carries the default route, and the key
 material itself.  What is common to many entries is compared once: a
 changed VPN fingerprint drops the whole cache, a changed role or override
-of a site drops that site's own entries; per entry only (peer fingerprint,
-extra routes, key material) is compared.
+of a site drops that site's own entries.
 
-Key material is *asked of the KeySource at every compile* rather than
-fingerprinted: rotation can happen at any time, the protocol has no change
-counter, and the calls are look-ups of stored material, cheaper than
-rebuilding an entry.  Comparing the returned material with the cached one is
-what detects a rotation.  Each call is made once where it can be: a
-pre-shared key once per pair (both ends share it), an identity or a site
-certificate once per site, the CA once per VPN; an IKE-less SA twice (as its
-sender installs it and as its receiver does, which differ during a rekey).
+A compile after a small change must not even *visit* the n^2 entries (half
+a million in a 1,000-site mesh: seconds of Python), so it works from what
+changed, site by site (:func:`_incremental`): the sites added, removed, or
+whose fingerprint changed make every pair they are part of checked again;
+a site's changed extra routes, the entries concerned.  Key material has no
+fingerprint (rotation happens at any time), so the KeySource says which
+pairs' material changed since the mark it gave after the last compile
+(``KeySource.changed_pairs``); those pairs are asked again and compared.
+When it cannot tell, when the VPN fingerprint changed, for an explicit
+topology (its links are checked as they are paired) or when the change is
+large anyway, every pair is visited as in a first compile
+(:meth:`CompileCache._every_entry`), reusing what compares equal.
 
 Each entry also keeps its canonical JSON, so a site's version (sha256 over
-the canonical JSON of its whole configuration) is computed by joining cached
-bytes instead of re-serialising a million entries; a site whose entries and
-other sections did not change keeps its previous :class:`CeConfig` object.
+the canonical JSON of its whole configuration) is computed by hashing cached
+bytes instead of re-serialising a million entries; the hash state is kept
+every :data:`CHECKPOINT_ENTRIES` entries, so a site whose list changed only
+near its end (a new site sorts last) hashes only its last entries again.  A
+site whose entries and other sections did not change keeps its previous
+:class:`CeConfig` object, and a changed one records what changed
+(:class:`PeerChanges`), so that comparing two compiles costs what changed.
 
 Output configurations share sub-trees with each other and with the cache
 (a peer's tunnel container, for instance): treat them as read-only.
@@ -43,11 +50,13 @@ Output configurations share sub-trees with each other and with the cache
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import gc
 import hashlib
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+import operator
+from collections.abc import Hashable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from nc_server.compile_rules import (
@@ -55,11 +64,26 @@ from nc_server.compile_rules import (
     SaSuite,
     VpnRules,
     canonical_json,
+    paired,
+    partners,
 )
 
 # --------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PeerChanges:
+    """What changed in a configuration since the one it was derived from: what
+    :func:`nc_server.compiler.diff_configs` would find, known without comparing."""
+
+    since: str
+    """The version of the configuration these changes are relative to."""
+    added_peers: tuple[str, ...]
+    changed_peers: tuple[str, ...]
+    removed_peers: tuple[str, ...]
+    changed_sections: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -72,6 +96,8 @@ class CeConfig:
     with "configuration-version".  Read-only: shares sub-trees."""
     version: str
     """== config["configuration-version"]: "v" + 16 hex digits of sha256."""
+    changes: PeerChanges | None = field(default=None, compare=False, repr=False)
+    """Since the configuration of the previous compile, when the engine knows it."""
 
 
 # --------------------------------------------------------------------------
@@ -219,14 +245,29 @@ class Frame:
         return cls(head.encode(), tail.encode())
 
 
+CHECKPOINT_ENTRIES = 64
+"""Entries between two kept hash states of a site's peer list (a 1,000-entry list keeps 16)."""
+
+
 @dataclass(frozen=True, slots=True)
 class SiteMemo:
-    """A site's last result, reused when its frame and peer entries are unchanged."""
+    """A site's last result and what building the next one from it needs."""
 
+    top: dict[str, Any]
+    """Every top-level section but "peer" (:meth:`VpnRules.top`)."""
     frame: Frame
     datas: list[bytes]
-    """The canonical JSON of its peer entries, in order."""
+    """The canonical JSON of the peer entries, in the configuration's order.  Owned by
+    the cache: the next successful compile edits it in place."""
+    checkpoints: list[Any]
+    """sha256 states (hashlib objects) before every CHECKPOINT_ENTRIES-th entry."""
     result: CeConfig
+
+    @property
+    def entries(self) -> list[dict[str, Any]]:
+        """The peer entries (shared with the result: never edited in place)."""
+        entries: list[dict[str, Any]] = self.result.config.get("peer", [])
+        return entries
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,22 +276,41 @@ class VpnCache:
 
     vpn: VpnInputs
     ends: dict[str, EndInputs]
+    peers: dict[str, bytes]
+    extra: dict[str, dict[str, ExtraRoutes]]
+    explicit_psk: dict[tuple[str, str], str]
+    explicit_sa: dict[tuple[str, str], dict[str, Any]]
     records: dict[str, dict[str, PeerRecord]]
-    """site -> peer -> record, peers sorted."""
+    """site -> peer -> record.  Owned by the cache: the next successful compile edits it
+    in place (a failed one leaves it as it was, see :meth:`CompileCache._incremental`)."""
     memos: dict[str, SiteMemo]
-    configs: dict[str, CeConfig]
-    """The compile's result, by site id in sorted order."""
+    """By site id, in sorted order."""
+    mark: Hashable
+    """The KeySource's mark of the key material the entries carry."""
+
+    @property
+    def configs(self) -> dict[str, CeConfig]:
+        """The compile's result, by site id in sorted order."""
+        return {site: memo.result for site, memo in self.memos.items()}
 
 
-@dataclass(slots=True)
-class _SiteState:
-    """One site during the walk over the pairs."""
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What differs from the last compile, for :meth:`CompileCache._incremental`."""
 
-    old: dict[str, PeerRecord]
-    """Its reusable records of the last compile, by peer."""
-    new: dict[str, PeerRecord]
-    """Its records of this compile, by peer (filled in sorted order)."""
-    extra: dict[str, ExtraRoutes]
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    ends: frozenset[str]
+    """Kept sites whose role or overrides changed: their own entries are all built again."""
+    peers: frozenset[str]
+    """Kept sites whose peer fingerprint changed (includes ``ends``)."""
+    material: frozenset[tuple[str, str]]
+    """Pairs of the VPN (smaller id first) whose key material may have changed."""
+
+
+_INCREMENTAL_SHARE = 4
+"""The incremental path is taken while fewer than a quarter of the sites changed (plus a few)."""
+_INCREMENTAL_SLACK = 16
 
 
 # --------------------------------------------------------------------------
@@ -276,13 +336,31 @@ class CompileCache:
     def compile(self, rules: VpnRules) -> dict[str, CeConfig]:
         """Every site's configuration, building only the entries whose inputs changed."""
         fingerprints = Fingerprints.of(rules)
-        old = self._vpns.get(rules.vpn.id)
-        records = self._entries(rules, fingerprints, old)
-        cache = _assemble_sites(rules, fingerprints, records, old)
-        self._vpns[rules.vpn.id] = cache
+        vpn_id = rules.vpn.id
+        old = self._vpns.get(vpn_id)
+        sites = len(rules.vpn.sites)
+        with _collector_paused(sites * sites):
+            changes = None if old is None else what_changed(rules, fingerprints, old)
+            if old is None or changes is None:
+                records = self._every_entry(rules, fingerprints, old)
+                memos = _assemble_sites(rules, records, old)
+            else:
+                records, memos = self._incremental(rules, fingerprints, old, changes)
+        cache = VpnCache(
+            fingerprints.vpn,
+            fingerprints.ends,
+            fingerprints.peers,
+            fingerprints.extra,
+            rules.explicit.psk,
+            rules.explicit.sa,
+            records,
+            memos,
+            rules.keys.material_mark(vpn_id),
+        )
+        self._vpns[vpn_id] = cache
         return cache.configs
 
-    def _entries(
+    def _every_entry(
         self, rules: VpnRules, fingerprints: Fingerprints, old: VpnCache | None
     ) -> dict[str, dict[str, PeerRecord]]:
         """Visit every pair once, reusing or building both directions' entries.
@@ -297,91 +375,337 @@ class CompileCache:
         peer_fp = fingerprints.peers
         no_records: dict[str, PeerRecord] = {}
         no_extra: dict[str, ExtraRoutes] = {}
-        old_records = old.records if old is not None and old.vpn == fingerprints.vpn else {}
+        reusable = old is not None and old.vpn == fingerprints.vpn
         state: dict[str, _SiteState] = {}
         for site_id in rules.vpn.sites:
-            mine = old_records.get(site_id, no_records)
-            if old is None or old.ends.get(site_id) != fingerprints.ends[site_id]:
-                mine = no_records
+            mine = no_records
+            if old is not None and reusable and old.ends.get(site_id) == fingerprints.ends[site_id]:
+                mine = old.records.get(site_id, no_records)
             state[site_id] = _SiteState(mine, {}, fingerprints.extra.get(site_id, no_extra))
 
         pairs = rules.pairs()
         builds = 0
         try:
-            with _collector_paused(len(pairs)):
-                for a, b in pairs:
-                    for_a, for_b = material_of(a, b)
-                    # Both directions written out: this runs n^2/2 times in a full mesh.
-                    site = state[a]
-                    record = site.old.get(b)
-                    extra = site.extra.get(b)
-                    if (
-                        record is None
-                        or record.peer != peer_fp[b]
-                        or record.extra != extra
-                        or record.material != for_a
-                    ):
-                        builds += 1
-                        record = PeerRecord(peer_fp[b], extra, for_a, build(a, b, for_a))
-                    site.new[b] = record
-                    site = state[b]
-                    record = site.old.get(a)
-                    extra = site.extra.get(a)
-                    if (
-                        record is None
-                        or record.peer != peer_fp[a]
-                        or record.extra != extra
-                        or record.material != for_b
-                    ):
-                        builds += 1
-                        record = PeerRecord(peer_fp[a], extra, for_b, build(b, a, for_b))
-                    site.new[a] = record
+            for a, b in pairs:
+                for_a, for_b = material_of(a, b)
+                # Both directions written out: this runs n^2/2 times in a full mesh.
+                site = state[a]
+                record = site.old.get(b)
+                extra = site.extra.get(b)
+                if (
+                    record is None
+                    or record.peer != peer_fp[b]
+                    or record.extra != extra
+                    or record.material != for_a
+                ):
+                    builds += 1
+                    record = PeerRecord(peer_fp[b], extra, for_a, build(a, b, for_a))
+                site.new[b] = record
+                site = state[b]
+                record = site.old.get(a)
+                extra = site.extra.get(a)
+                if (
+                    record is None
+                    or record.peer != peer_fp[a]
+                    or record.extra != extra
+                    or record.material != for_b
+                ):
+                    builds += 1
+                    record = PeerRecord(peer_fp[a], extra, for_b, build(b, a, for_b))
+                site.new[a] = record
         finally:
             self.peer_builds += builds
         return {site_id: site.new for site_id, site in state.items()}
 
+    def _incremental(
+        self, rules: VpnRules, fingerprints: Fingerprints, old: VpnCache, changes: Changes
+    ) -> tuple[dict[str, dict[str, PeerRecord]], dict[str, SiteMemo]]:
+        """Check again only the pairs a change can have touched, and edit the other sites'
+        lists instead of rebuilding them (see the module docstring).
+
+        Everything that can fail (building entries, the sites' top levels) is done
+        before the cache's records and lists are edited in place.
+        """
+        whole = {*changes.added, *changes.ends}
+        edits = self._checked_entries(rules, fingerprints, old, changes, whole)
+        for gone in (*changes.removed, *sorted(changes.ends)):
+            for site_id in old.records[gone]:
+                if site_id in rules.vpn.sites and site_id not in whole:
+                    edits.setdefault(site_id, {}).setdefault(gone, None)
+        sites = rules.vpn.sites
+        ca = rules.ca_certificate()
+        tops = {site_id: rules.top(sites[site_id], ca) for site_id in sorted(sites)}
+        # Nothing below raises: the cache is now edited in place.
+        records = old.records
+        for gone in changes.removed:
+            del records[gone]
+        memos: dict[str, SiteMemo] = {}
+        for site_id, top in tops.items():
+            mine = edits.get(site_id, {})
+            memo = old.memos.get(site_id)
+            if memo is None or site_id in whole:
+                fresh = {peer: r for peer, r in sorted(mine.items()) if r is not None}
+                records[site_id] = fresh
+                memos[site_id] = _new_memo(site_id, top, fresh, None)
+                continue
+            own = records[site_id]
+            for peer, record in mine.items():
+                if record is None:
+                    own.pop(peer, None)
+                else:
+                    own[peer] = record
+            memos[site_id] = _edited_memo(site_id, memo, top, mine)
+        return records, memos
+
+    def _checked_entries(
+        self,
+        rules: VpnRules,
+        fingerprints: Fingerprints,
+        old: VpnCache,
+        changes: Changes,
+        whole: set[str],
+    ) -> dict[str, dict[str, PeerRecord | None]]:
+        """site -> peer -> its entry's record, for every pair a change can have touched:
+        reused where its inputs and material compare equal, else built."""
+        plan = rules.keying_plan()
+        material_of, build = plan.material, plan.build
+        peer_fp, extras = fingerprints.peers, fingerprints.extra
+        no_records: dict[str, PeerRecord] = {}
+        edits: dict[str, dict[str, PeerRecord | None]] = {}
+        builds = 0
+        try:
+            for a, b in sorted(_pairs_to_check(rules, fingerprints, old, changes)):
+                materials = material_of(a, b)
+                for me, peer, material in ((a, b, materials[0]), (b, a, materials[1])):
+                    mine = no_records if me in whole else old.records.get(me, no_records)
+                    record = mine.get(peer)
+                    extra = extras.get(me, {}).get(peer)
+                    if (
+                        record is None
+                        or record.peer != peer_fp[peer]
+                        or record.extra != extra
+                        or record.material != material
+                    ):
+                        builds += 1
+                        entry = build(me, peer, material)
+                        record = PeerRecord(peer_fp[peer], extra, material, entry)
+                    edits.setdefault(me, {})[peer] = record
+        finally:
+            self.peer_builds += builds
+        return edits
+
+
+def what_changed(rules: VpnRules, fingerprints: Fingerprints, old: VpnCache) -> Changes | None:
+    """What differs from the last compile; None when every pair must be visited again."""
+    m = rules.vpn
+    sites = m.sites
+    if old.vpn != fingerprints.vpn or not sites or partners(m, next(iter(sites))) is None:
+        return None
+    pairs = rules.keys.changed_pairs(m.id, old.mark)
+    if pairs is None:
+        return None
+    material = {pair for pair in pairs if pair[0] in sites and pair[1] in sites}
+    material.update(_changed_keys(old.explicit_psk, rules.explicit.psk, sites))
+    material.update(_changed_keys(old.explicit_sa, rules.explicit.sa, sites))
+    added = tuple(s for s in sites if s not in old.records)
+    removed = tuple(s for s in old.records if s not in sites)
+    ends = frozenset(s for s, end in fingerprints.ends.items() if old.ends.get(s, end) != end)
+    peers = frozenset(s for s, fp in fingerprints.peers.items() if old.peers.get(s, fp) != fp)
+    touched = len(added) + len(removed) + len(peers)
+    if _INCREMENTAL_SHARE * touched > len(sites) + _INCREMENTAL_SLACK:
+        return None
+    if _INCREMENTAL_SHARE * len(material) > len(sites) * len(sites) + _INCREMENTAL_SLACK:
+        return None
+    return Changes(added, removed, ends, peers, frozenset(material))
+
+
+def _changed_keys(
+    before: Mapping[tuple[str, str], object],
+    after: Mapping[tuple[str, str], object],
+    sites: Mapping[str, object],
+) -> Iterator[tuple[str, str]]:
+    """The pairs (smaller id first) of the VPN's sites whose explicit key in ``keys`` changed."""
+    for a, b in before.keys() | after.keys():
+        if before.get((a, b)) != after.get((a, b)) and a in sites and b in sites and a != b:
+            yield (a, b) if a < b else (b, a)
+
+
+def _pairs_to_check(
+    rules: VpnRules, fingerprints: Fingerprints, old: VpnCache, changes: Changes
+) -> set[tuple[str, str]]:
+    """Every pair (smaller id first) whose entries may differ from the last compile's:
+    those of added or changed sites, those whose material changed, and those whose
+    extra routes changed."""
+    m = rules.vpn
+    check: set[tuple[str, str]] = set()
+    for site in (*changes.added, *changes.peers):
+        mine = partners(m, site) or ()
+        check.update((site, other) if site < other else (other, site) for other in mine)
+    check.update(pair for pair in changes.material if paired(m, *pair))
+    for site in m.sites:
+        before, after = old.extra.get(site, {}), fingerprints.extra.get(site, {})
+        if before != after:
+            for peer in before.keys() | after.keys():
+                if peer in m.sites and paired(m, site, peer):
+                    check.add((site, peer) if site < peer else (peer, site))
+    return check
+
+
+@dataclass(slots=True)
+class _SiteState:
+    """One site during the walk over every pair."""
+
+    old: dict[str, PeerRecord]
+    """Its reusable records of the last compile, by peer."""
+    new: dict[str, PeerRecord]
+    """Its records of this compile, by peer (filled in sorted order)."""
+    extra: dict[str, ExtraRoutes]
+
+
+# --------------------------------------------------------------------------
+# Assembling the configurations
+# --------------------------------------------------------------------------
+
 
 def _assemble_sites(
-    rules: VpnRules,
-    fingerprints: Fingerprints,
-    records: dict[str, dict[str, PeerRecord]],
-    old: VpnCache | None,
-) -> VpnCache:
-    """Every site's configuration, in sorted order, reusing a site's last one when unchanged."""
+    rules: VpnRules, records: dict[str, dict[str, PeerRecord]], old: VpnCache | None
+) -> dict[str, SiteMemo]:
+    """Every site's memo, in sorted order, keeping a site's last result when unchanged."""
     sites = rules.vpn.sites
-    configs: dict[str, CeConfig] = {}
     memos: dict[str, SiteMemo] = {}
-    old_memos = old.memos if old is not None else {}
     ca = rules.ca_certificate()
     for site_id in sorted(sites):
         top = rules.top(sites[site_id], ca)
-        frame = Frame.of(top)
-        site_records = records[site_id].values()
-        datas = [r.built.canonical for r in site_records]
-        memo = old_memos.get(site_id)
-        if memo is None or memo.frame != frame or memo.datas != datas:
-            entries = [r.built.content for r in site_records]
-            memo = SiteMemo(frame, datas, _assemble(site_id, top, entries, frame, datas))
-        memos[site_id] = memo
-        configs[site_id] = memo.result
-    return VpnCache(fingerprints.vpn, fingerprints.ends, records, memos, configs)
+        memos[site_id] = _new_memo(
+            site_id, top, records[site_id], None if old is None else old.memos.get(site_id)
+        )
+    return memos
 
 
-def _assemble(
-    site: str,
-    top: dict[str, Any],
-    peers: list[dict[str, Any]],
-    frame: Frame,
-    datas: list[bytes],
-) -> CeConfig:
-    """The site's configuration and its version: sha256 over the canonical JSON."""
-    if datas:
-        digest = hashlib.sha256(frame.head)
-        digest.update(b",".join(datas))
-        digest.update(frame.tail)
+def _new_memo(
+    site: str, top: dict[str, Any], records: dict[str, PeerRecord], old: SiteMemo | None
+) -> SiteMemo:
+    """A site's memo from all its records (sorted by peer); ``old``'s result is kept when
+    the configuration is the same."""
+    frame = old.frame if old is not None and old.top == top else Frame.of(top)
+    values = records.values()
+    datas = [r.built.canonical for r in values]
+    if old is not None and old.frame == frame and old.datas == datas:
+        return SiteMemo(top, frame, datas, old.checkpoints, old.result)
+    version, checkpoints = _version(top, frame, datas, [], 0)
+    config = _config(top, [r.built.content for r in values], version)
+    return SiteMemo(top, frame, datas, checkpoints, CeConfig(site, config, version))
+
+
+_NAME = operator.itemgetter("name")
+
+
+@dataclass(slots=True)
+class _Splice:
+    """A site's peer list after an edit, and what the edit changed."""
+
+    entries: list[dict[str, Any]]
+    first: int | None = None
+    """Index of the first entry that differs (None: nothing did)."""
+    added: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+
+def _splice(memo: SiteMemo, edits: Mapping[str, PeerRecord | None]) -> _Splice:
+    """``edits`` (peer -> record, None: removed) applied to a copy of the memo's entries
+    and, in place, to its datas; from the last to the first, so indexes stay right."""
+    entries, datas = memo.entries, memo.datas
+    out = _Splice(entries)
+    for name in sorted(edits, reverse=True):
+        record = edits[name]
+        i = bisect.bisect_left(out.entries, name, key=_NAME)
+        present = i < len(out.entries) and out.entries[i]["name"] == name
+        if record is None and not present:
+            continue
+        if record is not None and present and record.built.canonical is datas[i]:
+            continue
+        if out.entries is entries:
+            out.entries = entries.copy()
+        if record is None:
+            del out.entries[i], datas[i]
+            out.removed.append(name)
+        elif present:
+            if record.built.content != out.entries[i]:
+                out.changed.append(name)
+            out.entries[i], datas[i] = record.built.content, record.built.canonical
+        else:
+            out.entries.insert(i, record.built.content)
+            datas.insert(i, record.built.canonical)
+            out.added.append(name)
+        out.first = i
+    out.added.reverse()
+    out.changed.reverse()
+    out.removed.reverse()
+    return out
+
+
+def _edited_memo(
+    site: str, memo: SiteMemo, top: dict[str, Any], edits: Mapping[str, PeerRecord | None]
+) -> SiteMemo:
+    """The site's memo after ``edits``, hashing again only from the first changed entry."""
+    lists = _splice(memo, edits)
+    same_top = memo.top == top
+    if lists.first is None and same_top:
+        return memo
+    frame = memo.frame if same_top else Frame.of(top)
+    if frame != memo.frame:
+        valid = 0
+    elif lists.first is None:
+        valid = len(memo.checkpoints)
     else:
-        digest = hashlib.sha256(canonical_json(top).encode())
-    version = "v" + digest.hexdigest()[:16]
+        valid = lists.first // CHECKPOINT_ENTRIES + 1
+    version, checkpoints = _version(top, frame, memo.datas, memo.checkpoints, valid)
+    result = memo.result
+    if version != result.version:
+        changes = PeerChanges(
+            result.version,
+            tuple(lists.added),
+            tuple(lists.changed),
+            tuple(lists.removed),
+            () if same_top else _changed_sections(memo.top, top),
+        )
+        result = CeConfig(site, _config(top, lists.entries, version), version, changes)
+    return SiteMemo(top, frame, memo.datas, checkpoints, result)
+
+
+def _changed_sections(before: Mapping[str, Any], after: Mapping[str, Any]) -> tuple[str, ...]:
+    return tuple(sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k)))
+
+
+def _version(
+    top: dict[str, Any], frame: Frame, datas: list[bytes], checkpoints: list[Any], valid: int
+) -> tuple[str, list[Any]]:
+    """ "v" + 16 hex digits of sha256 over the canonical JSON, and the hash states to keep.
+
+    The first ``valid`` of ``checkpoints`` still hold (nothing before them
+    changed): hashing resumes from the last of them.
+    """
+    if not datas:
+        digest = hashlib.sha256(canonical_json(top).encode()).hexdigest()
+        return "v" + digest[:16], []
+    chunks = (len(datas) + CHECKPOINT_ENTRIES - 1) // CHECKPOINT_ENTRIES
+    keep = min(valid, len(checkpoints), chunks)
+    kept = checkpoints[:keep] if keep else [hashlib.sha256(frame.head)]
+    state = kept[-1].copy()
+    for chunk in range(len(kept) - 1, chunks):
+        begin = chunk * CHECKPOINT_ENTRIES
+        if chunk >= len(kept):
+            state.update(b",")
+            kept.append(state.copy())
+        state.update(b",".join(datas[begin : begin + CHECKPOINT_ENTRIES]))
+    state.update(frame.tail)
+    return "v" + state.hexdigest()[:16], kept
+
+
+def _config(top: dict[str, Any], peers: list[dict[str, Any]], version: str) -> dict[str, Any]:
+    """The configuration: its version first, then the sections in CE order, "peer" before
+    "routing"."""
     config: dict[str, Any] = {"configuration-version": version}
     for key, value in top.items():
         if key == "routing" and peers:
@@ -389,22 +713,30 @@ def _assemble(
         config[key] = value
     if peers and "peer" not in config:
         config["peer"] = peers
-    return CeConfig(site=site, config=config, version=version)
+    return config
 
 
 _PAUSE_COLLECTOR_FROM = 10_000
-"""Tunnels from which the cyclic garbage collector is paused while entries are built."""
+"""Tunnels (sites squared) from which the cyclic garbage collector is paused for a compile."""
 
 
 @contextlib.contextmanager
 def _collector_paused(tunnels: int) -> Iterator[None]:
-    """Pause the cyclic garbage collector while a large VPN's entries are built.
+    """Keep the cyclic garbage collector off a large VPN's compile and its survivors.
 
     A 1,000-site mesh allocates millions of containers that all survive; the
     collector would traverse the growing heap again and again (half the time
-    of such a compile) without ever freeing one of them.  Nothing the compiler
-    makes forms a cycle, reference counting still frees everything else, and
-    the collector runs again as soon as the loop is over.
+    of a first compile) without ever freeing one of them.  Nothing the
+    compiler makes forms a cycle, and reference counting frees everything else.
+
+    Afterwards what the compile allocated is moved straight to the oldest
+    generation (``gc.freeze()`` then ``gc.unfreeze()``: two list splices).
+    Else the next young collections would traverse it: after a site is added
+    to a 1,000-site mesh, a thousand new peer lists through which a million
+    cached entries are touched, twice (half a second), only to promote them.
+    Cyclic garbage of others promoted with them waits for the next full
+    collection.  Skipped when the process froze objects of its own, which
+    unfreezing would release.
     """
     if tunnels < _PAUSE_COLLECTOR_FROM or not gc.isenabled():
         yield
@@ -413,4 +745,7 @@ def _collector_paused(tunnels: int) -> Iterator[None]:
     try:
         yield
     finally:
+        if gc.get_freeze_count() == 0:
+            gc.freeze()
+            gc.unfreeze()
         gc.enable()

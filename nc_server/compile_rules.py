@@ -111,7 +111,8 @@ import copy
 import functools
 import ipaddress
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
 from typing import Any, Generic, Literal, Protocol, TypeVar
@@ -174,9 +175,24 @@ class SaSuite:
 class KeySource(Protocol):
     """Where key material comes from when the VPN's ``keys`` container has none.
 
-    Calls must be cheap look-ups: the compiler asks at every compile so that a
-    rotation is always seen.
+    Calls must be cheap look-ups.  A compile asks for the material of every
+    entry it builds, and of every pair :meth:`changed_pairs` names; the
+    material of any other pair is taken to be what the last compile got.
     """
+
+    def material_mark(self, vpn: str) -> Hashable:
+        """A token for the VPN's key material as it is now, to give :meth:`changed_pairs`."""
+        ...
+
+    def changed_pairs(self, vpn: str, mark: Hashable) -> AbstractSet[tuple[str, str]] | None:
+        """Pairs (smaller id first) whose entry material changed since ``mark`` was taken:
+        a pre-shared key, an IKE-less SA either way, or an identity of either end.
+
+        None when the source cannot tell (it lost track, or ``mark`` is too old): then
+        every pair is asked again.  Material a call made (get-or-create) may be named
+        too: it is asked again, which is harmless.
+        """
+        ...
 
     def pre_shared_key(self, vpn: str, site_a: str, site_b: str, min_length: int) -> str:
         """The key of the pair, the same whatever the order of a and b."""
@@ -491,6 +507,27 @@ def sorted_pairs(m: Vpn) -> list[tuple[str, str]]:
             unique.add((a, b) if a < b else (b, a))
         return sorted(unique)
     raise CompileError(f"unknown topology type {m.topology!r}", m.id)
+
+
+def partners(m: Vpn, site: str) -> list[str] | None:
+    """The sites ``site`` has a tunnel with, in the VPN's order, exactly as :func:`sorted_pairs`
+    pairs them; None for an explicit topology, whose pairs only its links say (and check)."""
+    if m.topology == "full-mesh":
+        return [other for other in m.sites if other != site]
+    if m.topology == "hub-and-spoke":
+        if m.sites[site].role == "hub":
+            return [other for other in m.sites if other != site]
+        return [hub for hub in m.hubs if hub != site]
+    return None
+
+
+def paired(m: Vpn, a: str, b: str) -> bool:
+    """Whether sites a and b have a tunnel, for the topologies :func:`partners` knows."""
+    if a == b:
+        return False
+    if m.topology == "hub-and-spoke":
+        return m.sites[a].role == "hub" or m.sites[b].role == "hub"
+    return m.topology == "full-mesh"
 
 
 def tunnel_pairs(vpn: Mapping[str, Any]) -> set[tuple[str, str]]:
@@ -885,10 +922,10 @@ class VpnRules:
     def keying_plan(self) -> KeyingPlan[Any]:
         """Where this VPN's key material comes from and how an entry carries it.
 
-        The KeySource is asked at every compile (never remembered here): a
-        pre-shared key once per pair, an identity once per site, an IKE-less
-        SA once per direction and end (sender and receiver differ during a
-        rekey).
+        The KeySource is asked whenever an entry is built or checked (never
+        remembered here): a pre-shared key once per pair, an identity once per
+        site, an IKE-less SA once per direction and end (sender and receiver
+        differ during a rekey).
         """
         m = self.vpn
         if m.keying == "ikeless":

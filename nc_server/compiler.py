@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from nc_server.compile_cache import CeConfig, CompileCache
+from nc_server.compile_cache import CeConfig, CompileCache, PeerChanges
 from nc_server.compile_rules import (
     CA_CERTIFICATE_NAME,
     DEFAULT_ESP_ENCRYPTION,
@@ -57,6 +57,7 @@ __all__ = [
     "CeConfig",
     "CompileError",
     "KeySource",
+    "PeerChanges",
     "SaSuite",
     "SiteDelta",
     "VpnCompiler",
@@ -142,6 +143,9 @@ def diff_configs(old: Mapping[str, CeConfig], new: Mapping[str, CeConfig]) -> di
 
     A new site lists all its peers as added and all its sections as changed; a
     removed site lists all its peers as removed and all its sections as changed.
+    A configuration the incremental engine derived from one with ``old``'s
+    version carries what changed (``CeConfig.changes``): it is taken as is, so
+    that adding a site to a large mesh is not a comparison of a million entries.
     """
     deltas: dict[str, SiteDelta] = {}
     for site in sorted(set(old) | set(new)):
@@ -164,6 +168,17 @@ def diff_configs(old: Mapping[str, CeConfig], new: Mapping[str, CeConfig]) -> di
             continue
         assert before is not None and after is not None
         if before is after or before.version == after.version:
+            continue
+        known = after.changes
+        if known is not None and known.since == before.version:
+            # The engine derived after from a configuration with before's content.
+            deltas[site] = SiteDelta(
+                site,
+                added_peers=known.added_peers,
+                changed_peers=known.changed_peers,
+                removed_peers=known.removed_peers,
+                changed_sections=known.changed_sections,
+            )
             continue
         old_peers, new_peers = _peer_map(before.config), _peer_map(after.config)
         changed = tuple(

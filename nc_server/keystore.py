@@ -21,12 +21,16 @@ table ``keystore/psk`` key ``<vpn>/<site-a>/<site-b>`` (site-a < site-b),
 ``<vpn>/<site>``, ``keystore/ca`` and ``keystore/profile`` ``<vpn>``.  cevpn
 names never contain "/", so a ``<vpn>/`` prefix scan returns exactly one VPN.
 
-Speed: the compiler asks for every peer of every site, up to a 1,000-site full
-mesh (about 500,000 pairs), so each VPN is read from storage once into
+Speed: a first compile asks for every peer of every site, up to a 1,000-site
+full mesh (about 500,000 pairs), so each VPN is read from storage once into
 dictionaries and every later read is a dictionary lookup; writes go through
 to storage at once, or at the end of a :meth:`KeyStore.batch` in one
-transaction.  The class is not thread-safe: the server uses it from its
-event loop only.
+transaction.  Later compiles ask only for new pairs and for those whose
+material changed since: every change of a PSK or an SA is written in the
+VPN's :class:`ChangeLog`, which the compiler reads through
+:meth:`KeyStore.changed_pairs` (adding a site to that mesh then asks 1,000
+pairs, not 500,000).  The class is not thread-safe: the server uses it from
+its event loop only.
 
 No secret is ever logged or put in an exception message or a ``repr()``.
 """
@@ -34,11 +38,12 @@ No secret is ever logged or put in an exception message or a ``repr()``.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import secrets
 import sys
-from collections.abc import Callable, Container, Iterable, Iterator
+from collections.abc import Callable, Container, Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -264,6 +269,44 @@ class _VpnState:
     ca_pem: str = ""
 
 
+_LOG_KEEP = 65_536
+"""Changed pairs a VPN's change log keeps at least: older marks get None (ask every pair)."""
+_log_serials = itertools.count(1)
+
+
+class ChangeLog:
+    """The pairs whose material changed, in order, since the log was made.
+
+    A compiler keeps the position after its compile (:meth:`KeyStore.material_mark`)
+    and reads what came after it at the next one.  A fresh 1,000-site mesh
+    logs its 500,000 new pairs: the log drops its older half whenever it holds
+    twice :data:`_LOG_KEEP`, so it stays small while the marks in use are recent.
+    """
+
+    __slots__ = ("base", "pairs", "serial")
+
+    def __init__(self) -> None:
+        self.serial = next(_log_serials)
+        self.base = 0
+        """The position of pairs[0]."""
+        self.pairs: list[tuple[str, str]] = []
+
+    @property
+    def position(self) -> int:
+        return self.base + len(self.pairs)
+
+    def add(self, pair: tuple[str, str]) -> None:
+        self.pairs.append(pair)
+        if len(self.pairs) >= 2 * _LOG_KEEP:
+            self.base += len(self.pairs) - _LOG_KEEP
+            del self.pairs[:-_LOG_KEEP]
+
+    def since(self, position: int) -> frozenset[tuple[str, str]] | None:
+        if position < self.base or position > self.position:
+            return None
+        return frozenset(self.pairs[position - self.base :])
+
+
 class KeyStore:
     """The server's key material, behind the compiler's ``KeySource`` interface.
 
@@ -281,6 +324,9 @@ class KeyStore:
         self._batch_depth = 0
         self._pending: dict[tuple[str, str], bytes | None] = {}
         self._valid_sites: set[str] = set()
+        self._epoch = 0
+        """Raised whenever loaded material is dropped after a failure: marks before it are void."""
+        self._changes: dict[str, ChangeLog] = {}
 
     def __repr__(self) -> str:
         return f"<KeyStore vpns_loaded={len(self._vpns)} pending_writes={len(self._pending)}>"
@@ -306,7 +352,7 @@ class KeyStore:
             self._batch_depth -= 1
             if self._batch_depth == 0:
                 self._pending.clear()
-                self._vpns.clear()
+                self._drop_loaded()
             raise
         self._batch_depth -= 1
         if self._batch_depth == 0:
@@ -316,7 +362,9 @@ class KeyStore:
     def dry_run(self) -> Iterator[None]:
         """Answer every request inside as usual, generating what is missing, but keep
         nothing: for compiling a configuration that is only being validated.  At the end
-        the writes are dropped and the cache with them (it is reloaded from storage)."""
+        the writes are dropped and the cache with them (it is reloaded from storage).
+        Marks stay valid: storage holds what was handed out before, and what was made
+        inside is in the change log, so a compiler asks for those pairs again."""
         if self._batch_depth:
             raise RuntimeError("a dry run cannot be nested in a batch")
         self._batch_depth += 1
@@ -341,8 +389,14 @@ class KeyStore:
                     else:
                         self._storage.put(table, key, value)
         except BaseException:
-            self._vpns.clear()
+            self._drop_loaded()
             raise
+
+    def _drop_loaded(self) -> None:
+        """Forget what was loaded: storage may not hold what was handed out (a write
+        failed), so no compiler may trust its mark either (see :meth:`changed_pairs`)."""
+        self._vpns.clear()
+        self._epoch += 1
 
     def _write(self, table: str, key: str, value: dict[str, Any] | None) -> None:
         data = None if value is None else json.dumps(value, separators=(",", ":")).encode()
@@ -358,7 +412,7 @@ class KeyStore:
             else:
                 self._storage.put(table, key, data)
         except BaseException:
-            self._vpns.clear()  # the cache already changed: reload what storage has
+            self._drop_loaded()  # the cache already changed: reload what storage has
             raise
 
     def _state(self, vpn: str) -> _VpnState:
@@ -449,6 +503,7 @@ class KeyStore:
         changed: set[str] = set()
         with self.batch():
             state.profile = profile
+            self._changes.pop(vpn, None)  # any key may be replaced at its next request
             self._write(
                 TABLE_PROFILE,
                 vpn,
@@ -465,6 +520,38 @@ class KeyStore:
 
     def vpn_profile(self, vpn: str) -> VpnProfile:
         return self._state(vpn).profile
+
+    # ------------------------------------------------------------------
+    # What changed, for the compiler (KeySource.changed_pairs)
+    # ------------------------------------------------------------------
+
+    def _changed(self, vpn: str, pair: tuple[str, str]) -> None:
+        log = self._changes.get(vpn)
+        if log is None:
+            log = self._changes[vpn] = ChangeLog()
+        log.add(pair)
+
+    def material_mark(self, vpn: str) -> tuple[int, int, int]:
+        """Where the VPN's change log stands now (see :meth:`changed_pairs`)."""
+        log = self._changes.get(vpn)
+        if log is None:
+            log = self._changes[vpn] = ChangeLog()
+        return self._epoch, log.serial, log.position
+
+    def changed_pairs(self, vpn: str, mark: Hashable) -> frozenset[tuple[str, str]] | None:
+        """Pairs (smaller id first) whose PSK or an SA either way changed since ``mark``.
+
+        Identities never change (they are made of the names).  None when the
+        mark is void: material was dropped after a failed write, the VPN's
+        profile or the VPN itself was replaced, or the log moved past it.
+        """
+        log = self._changes.get(vpn)
+        if log is None or not isinstance(mark, tuple) or len(mark) != 3:
+            return None
+        epoch, serial, position = mark
+        if epoch != self._epoch or serial != log.serial:
+            return None
+        return log.since(position)
 
     # ------------------------------------------------------------------
     # Pre-shared keys (seed 3.3 (i))
@@ -500,6 +587,7 @@ class KeyStore:
         key = secrets.token_urlsafe(math.ceil(length * 3 / 4))[:length]
         record = PskRecord(key, self._now())
         state.psks[pair] = record
+        self._changed(vpn, pair)
         # JSON written by hand: this runs 500,000 times for a 1,000-site mesh
         # and json.dumps() is most of the cost.  Neither the URL-safe key nor
         # the timestamp has a character JSON would escape.
@@ -517,6 +605,7 @@ class KeyStore:
         pair = tuple(sorted((check_name("site", site_a), check_name("site", site_b))))
         record = PskRecord(key, self._now())
         state.psks[(pair[0], pair[1])] = record
+        self._changed(vpn, (pair[0], pair[1]))
         self._write(
             TABLE_PSK, f"{vpn}/{pair[0]}/{pair[1]}", {"key": key, "created": _iso(record.created)}
         )
@@ -607,6 +696,8 @@ class KeyStore:
         )
 
     def _write_slot(self, vpn: str, from_site: str, to_site: str, slot: SaSlot | None) -> None:
+        """Store a direction's SAs: every change of an SA goes through here."""
+        self._changed(vpn, (from_site, to_site) if from_site < to_site else (to_site, from_site))
         self._write(
             TABLE_SA, f"{vpn}/{from_site}/{to_site}", None if slot is None else slot.to_json()
         )
@@ -873,6 +964,7 @@ class KeyStore:
         with self.batch():
             for pair in [p for p in state.psks if site in p]:
                 del state.psks[pair]
+                self._changed(vpn, pair)
                 self._write(TABLE_PSK, f"{vpn}/{pair[0]}/{pair[1]}", None)
             for from_site, to_site in [d for d in state.sas if site in d]:
                 slot = state.sas.pop((from_site, to_site))
@@ -902,6 +994,7 @@ class KeyStore:
             # An empty state, not a missing one: inside an outer batch the
             # deletions are not in storage yet, and a reload would see them.
             self._vpns[vpn] = _VpnState()
+            self._changes.pop(vpn, None)  # marks of the VPN are void
 
 
 def _bare(identity: str | None) -> str | None:

@@ -25,6 +25,7 @@ message.  nc_server.service_validation runs them, with the compiler, for
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -88,7 +89,7 @@ def check_vpn(vpn: Mapping[str, Any]) -> list[Violation]:
     for site in vpn.get("site", []):
         site_id = str(site.get("id", ""))
         for text in site.get("local-prefix", ()):
-            network = ipaddress.ip_network(str(text), strict=False)
+            network = _network(str(text))
             if network.version != VPN_FAMILY:
                 found.append(
                     Violation(
@@ -118,6 +119,13 @@ def check_vpn(vpn: Mapping[str, Any]) -> list[Violation]:
             owned.append((network, site_id, str(text)))
     found.extend(_overlaps(vpn_id, owned))
     return found
+
+
+@functools.lru_cache(maxsize=65_536)
+def _network(text: str) -> Network:
+    """A prefix parsed once: every commit checks every site of a changed VPN again, and
+    ipaddress costs 20 us a prefix (20 ms of adding a site to a 1,000-site mesh)."""
+    return ipaddress.ip_network(text, strict=False)
 
 
 def _overlaps(vpn: str, owned: Sequence[tuple[Network, str, str]]) -> Iterable[Violation]:

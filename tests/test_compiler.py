@@ -9,13 +9,14 @@ against cevpn-ce with libyang, and its version against the canonical JSON.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import hashlib
 import itertools
 import json
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +29,7 @@ from nc_server.compiler import (
     CeConfig,
     CompileError,
     SaSuite,
+    SiteDelta,
     VpnCompiler,
     compile_vpn,
     diff_configs,
@@ -143,17 +145,42 @@ class FakeKeys:
     """Deterministic key material of correct lengths; ``rotate`` replaces some of it.
 
     Generated keys are kept, as a real key store keeps them, so that a call
-    is a look-up (the compiler asks at every compile).
+    is a look-up.  Like the real one it says which pairs ``rotate`` changed
+    (``changed_pairs``): a compiler asks only for those and for the entries it builds.
     """
 
     def __init__(self) -> None:
         self.generation: defaultdict[tuple[str, ...], int] = defaultdict(int)
         self.calls: Counter[str] = Counter()
-        self.psk_length: int | None = None  # force a (too short) length
+        self._psk_length: int | None = None
         self._psks: dict[tuple[str, str, str, int, int], str] = {}
+        self._epoch = 0
+        self._log: list[tuple[str, str]] = []
+        """Pairs whose material changed, in order: what changed_pairs reads."""
+
+    @property
+    def psk_length(self) -> int | None:
+        """Force a (too short) length: every key changes, so changed_pairs cannot tell."""
+        return self._psk_length
+
+    @psk_length.setter
+    def psk_length(self, length: int | None) -> None:
+        self._psk_length = length
+        self._epoch += 1
 
     def rotate(self, *what: str) -> None:
+        """("psk", a, b), ("sa", from, to), ("sa-inbound-ahead", from, to) or ("cert", site)."""
         self.generation[what] += 1
+        if len(what) == 3:
+            a, b = what[1], what[2]
+            self._log.append((a, b) if a < b else (b, a))
+
+    def material_mark(self, vpn: str) -> tuple[int, int]:
+        return self._epoch, len(self._log)
+
+    def changed_pairs(self, vpn: str, mark: Hashable) -> set[tuple[str, str]] | None:
+        epoch, position = mark if isinstance(mark, tuple) else (None, 0)
+        return None if epoch != self._epoch else set(self._log[position:])
 
     def pre_shared_key(self, vpn: str, site_a: str, site_b: str, min_length: int) -> str:
         self.calls["pre_shared_key"] += 1
@@ -1159,3 +1186,39 @@ def test_removing_a_site_from_the_mesh_builds_nothing(big_mesh: BigMesh) -> None
     assert len(delta) == BIG + 1
     assert all(d.removed_peers == ("s0500",) for n, d in delta.items() if n != "s0500")
     assert all(len(r.config["peer"]) == BIG - 1 for r in big_mesh.shrunk.values())
+
+
+def without_changes(configs: Mapping[str, CeConfig]) -> dict[str, CeConfig]:
+    """The configurations without what the engine knows of their changes: diff_configs
+    then compares them entry by entry, the reference for the changes it was told."""
+    return {name: dataclasses.replace(c, changes=None) for name, c in configs.items()}
+
+
+@pytest.mark.parametrize("new_id", ["s0000", "s0150a", "s9999"])
+def test_a_site_added_to_a_few_hundred_site_mesh_gives_the_fresh_compile(new_id: str) -> None:
+    """The add-site path (each site's list edited, its hash resumed where the new entry
+    sorts: first, in the middle, last) against a compile from nothing."""
+    template = parse_vpn(vpn_doc([site("s0", 1), site("s1", 2)]))
+    keys = FakeKeys()
+    compiler = VpnCompiler(keys)
+    count = 300
+    vpn = {**template, "site": [_big_site(template["site"][0], i) for i in range(1, count + 1)]}
+    before = compiler.compile(vpn)
+    added = {**_big_site(template["site"][0], count + 1), "id": new_id}
+    grown = {**vpn, "site": [*vpn["site"], added]}
+    builds = compiler.peer_builds
+    after = compiler.compile(grown)
+    assert compiler.peer_builds - builds == 2 * count
+    fresh = compile_vpn(grown, keys)
+    assert list(after) == list(fresh)
+    for name, config in fresh.items():
+        assert after[name].version == config.version, name
+        assert after[name].config == config.config, name
+    validate([after[new_id], after["s0001"], after["s0300"]])
+    delta = diff_configs(before, after)
+    assert delta == diff_configs(without_changes(before), without_changes(after))
+    assert len(delta) == count + 1
+    assert delta[new_id].new_site and len(delta[new_id].added_peers) == count
+    for name, site_delta in delta.items():
+        if name != new_id:
+            assert site_delta == SiteDelta(name, added_peers=(new_id,))
