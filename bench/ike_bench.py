@@ -6,11 +6,14 @@ On the host this boots one UML guest (lab/uml.py) that runs
 bench/ike_bench_guest.py in netns `pe` and prints the guest's result.  In the
 guest (lab.topology, 2 sites):
 
-- ce1 (198.51.100.2) is the CE under test.  Its 50 peers are 203.0.113.1..50,
+- ce1 (198.51.100.2) is the CE under test.  Its 50 peers are 203.0.113.65..114,
   all owned by ce2 and answered by ONE responder charon there (its own
   strongswan.conf from nc_agent.ike.charon.render_conf; 50 mirrored PSK
-  connections loaded over VICI, never initiating).  pe routes 203.0.113.0/26
-  to ce2.  All 50 IKE_SA_INITs reach the responder from one address, so the
+  connections loaded over VICI, never initiating).  pe routes 203.0.113.64/26
+  to ce2 (not the low end of 203.0.113.0/24: pe owns .1 and `inet` .10, and
+  peer-01 at .1 was answered by pe itself).  ce1 has the lower address of
+  every pair, so the agent leads (initiates at once).  All 50
+  IKE_SA_INITs reach the responder from one address, so the
   per-address cookie threshold matters: render_conf raises it (a default of 3
   drew COOKIE replies and once cost a whole 18 s retransmit).  The responder is
   restarted fresh, and the kernel state of ce1, ce1-vpn and ce2 flushed,
@@ -36,12 +39,14 @@ guest (lab.topology, 2 sites):
   it).
 
 Runs alternate agent, swanctl, agent, ... (--rounds each); the ratio is of the
-medians.  Also printed, to explain the ratio: when charon's VICI socket first
-answered, the first IKE_SA appeared, the first and the last tunnel came up,
-and the CPU seconds the agent (or swanctl), the CE's charon and the responder
-used until then.  Both ends run in one UML guest on a 2-core host, so the
-responder's CPU is inside both measurements alike, and lab guests of others
-running at the same time show up as noise (the host load average is printed).
+medians, and also given within each round (an agent run and the swanctl run
+right after it see about the same load from other lab guests on the host). Also
+printed, to explain the ratio: when charon's VICI socket first answered, the
+first IKE_SA appeared, the first and the last tunnel came up, and the CPU
+seconds the agent (or swanctl), the CE's charon and the responder used until
+then. Both ends run in one UML guest on a 2-core host, so the responder's CPU
+is inside both measurements alike, and lab guests of others running at the same
+time show up as noise (the host load average is printed).
 """
 
 from __future__ import annotations
@@ -90,6 +95,19 @@ def summarise(res: dict[str, Any]) -> dict[str, Any]:
             }
     if agent and swanctl:
         summary["ratio"] = round(agent / swanctl, 2)
+    # Each agent run and the swanctl run right after it share the host's load of the
+    # moment (other lab guests on the same 2 cores): the ratio within a round is less
+    # noisy than the ratio of the medians.
+    pairs = [
+        a["all_up_s"] / b["all_up_s"]
+        for a in runs
+        for b in runs
+        if a["kind"] == "agent" and b["kind"] == "swanctl" and a["run"] == b["run"]
+        if a.get("all_up_s") and b.get("all_up_s")
+    ]
+    if pairs:
+        summary["round_ratios"] = [round(r, 2) for r in pairs]
+        summary["median_round_ratio"] = round(statistics.median(pairs), 2)
     return summary
 
 
@@ -104,6 +122,8 @@ def report(res: dict[str, Any]) -> str:
         f"{n} peers, commit -> all tunnels up (UML guest, median of {rounds}):",
         f"  cevpn agent {sec(s['agent_all_up_s'])} s | swanctl --load-all "
         f"{sec(s['swanctl_all_up_s'])} s | ratio {s.get('ratio', 'n/a')}",
+        f"  ratio within each round {s.get('round_ratios', 'n/a')}, median "
+        f"{s.get('median_round_ratio', 'n/a')}",
         f"  (charon's own start, before either clock: {sec(s['charon_start_s'])} s)",
         f"  agent: edit-config RPC returned after {sec(s['agent_rpc_s'])} s; "
         f"swanctl process took {sec(s['swanctl_process_s'])} s",
@@ -158,7 +178,7 @@ def main() -> None:
     ap.add_argument("--in-guest", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if not 1 <= args.peers <= 62:
-        ap.error("--peers must be 1..62 (203.0.113.0/26)")
+        ap.error("--peers must be 1..62 (203.0.113.64/26)")
     if args.in_guest:
         from bench.ike_bench_guest import main as guest_main
 

@@ -8,6 +8,7 @@ here, so the agent and the reference differ only in who loads the connections.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import resource
@@ -33,10 +34,20 @@ from nc_core.schema import ce_schema
 
 WORK = Path(os.environ.get("WORK", "/tmp"))
 CE1, CE2 = Site(1), Site(2)
-PEER_NET = "203.0.113"
+PEER_NET = "203.0.113.64/26"
+"""The peers' SP addresses, 203.0.113.65..126, owned by ce2 and routed there by pe.  Not
+203.0.113.1..: pe owns 203.0.113.1 (its link to `inet`, lab.topology) and `inet` is
+203.0.113.10, so IKE to a peer at 203.0.113.1 was answered by pe itself (port 500
+unreachable) and that peer stayed CONNECTING in every run, which made every figure
+n/a.  Above 198.51.100.2, so ce1 has the lower address of every pair: the agent leads
+(initiates at once, nc_agent.ike.manager), as swanctl's start_action = start does."""
 POLL = 0.05
 """Seconds between two VICI list-sas polls of the CE's charon."""
 UP_TIMEOUT = 90.0
+
+
+def peer_address(i: int) -> str:
+    return str(ipaddress.ip_network(PEER_NET)[i])
 
 
 def peer_name(i: int) -> str:
@@ -49,7 +60,7 @@ def psk(i: int) -> str:
 
 def peers_xml(count: int) -> str:
     return "".join(
-        f"<peer><name>{peer_name(i)}</name><sp-address>{PEER_NET}.{i}</sp-address>"
+        f"<peer><name>{peer_name(i)}</name><sp-address>{peer_address(i)}</sp-address>"
         "<tunnel><establishment>permanent</establishment>"
         "<encapsulation>transport-ipip</encapsulation>"
         f"<remote-prefix>172.16.{i}.0/24</remote-prefix></tunnel>"
@@ -182,9 +193,9 @@ def add_peer_addresses(count: int) -> None:
     """ce2 owns the 50 peers' SP addresses; pe routes them to ce2."""
     sh(
         "ip", "-n", CE2.ce, "-batch", "-",
-        stdin="".join(f"addr add {PEER_NET}.{i}/32 dev sp0\n" for i in range(1, count + 1)),
+        stdin="".join(f"addr add {peer_address(i)}/32 dev sp0\n" for i in range(1, count + 1)),
     )  # fmt: skip
-    sh("ip", "-n", "pe", "route", "add", f"{PEER_NET}.0/26", "via", CE2.sp_address)
+    sh("ip", "-n", "pe", "route", "add", PEER_NET, "via", CE2.sp_address)
 
 
 # -- the responder: one charon in ce2 answering for every peer -------------------------
