@@ -268,10 +268,12 @@ class Validator:
         self.index = index
         self._valid: _Valid | None = None
         self._lists: dict[tuple[str, ...], EntryScopedList] | None = None
+        self._checked: _Checked | None = None
         self.counts: Counter[str] = Counter()
         """Full validations of configurations: 'whole', 'changed-entries' (incremental),
         'remembered' (the same bytes again); 'checked-entries': node-by-node checks of
-        the changed entries only (:meth:`checked_nodes`)."""
+        the changed entries only (:meth:`checked_nodes`); 'recorded': incremental
+        validations of a candidate whose check had found its changes."""
 
     def validate(self, root: etree._Element, *, full: bool = True) -> Any:
         """Validate ``root`` as a configuration datastore; raise RpcErrors.
@@ -308,43 +310,28 @@ class Validator:
     def _incremental(self, root: etree._Element, data: bytes, valid: _Valid) -> Any:
         """The tree of ``root`` validated through the changed entries of one entry-scoped
         list only, or None (nothing decided: validate it whole)."""
-        if self._lists is None:
-            self._lists = entry_scoped_lists(self.index)
         old = valid.canonical
         assert old is not None
-        change = _entry_change(old, root, self._lists)
-        if change is None:
+        found = self._recorded_changes(root, data, valid)
+        if found is not None:
+            self.counts["recorded"] += 1
+        else:
+            found = self._entry_changes(old, root, valid)
+        if found is None:
             return None
-        scoped, old_parent, new_parent = change
-        before = valid.entries.get(scoped.tags)
-        if before is None:
-            before = valid.entries[scoped.tags] = {
-                _key(e, scoped): etree.tostring(e) for e in _entries(old_parent, scoped)
-            }
-        now = _entries(new_parent, scoped)
-        keys = [_key(e, scoped) for e in now]
-        if len(set(keys)) != len(keys) or any(not all(k) for k in keys):
-            return None  # duplicate or missing keys: full validation names them
-        changed = [e for e, k in zip(now, keys, strict=True) if before.get(k) != etree.tostring(e)]
-        removed = set(before) - set(keys)
-        kept = [k for k in keys if k in before]
-        if [k for k in before if k in set(keys)] != kept:
-            return None  # entries moved
-        fresh = [k for k in keys if k not in before]
-        if fresh and keys[-len(fresh) :] != fresh:
-            return None  # new entries elsewhere than after the others
-        if not _unique_holds(now, changed, scoped):
-            return None
+        scoped, changed, keys, removed, fresh, before = found
         partial = _without_unchanged(root, scoped, set(map(id, changed)))
         try:
             checked = self.schema.parse_config(serialize(partial), "xml")
         except ValidationFailed:
             return None  # full validation says what is wrong, in its words
         try:
-            tree = self._patched_tree(valid, scoped, checked, changed, removed, fresh)
             canonical = _patched_canonical(
-                old, scoped, self.canonical_of(checked), changed, removed, fresh
+                old, scoped, self.canonical_of(checked), keys, removed, fresh
             )
+            if canonical is None or not _unique_holds(canonical, keys, scoped):
+                return None
+            tree = self._patched_tree(valid, scoped, checked, keys, removed, fresh)
         finally:
             checked.free()
         if tree is None:
@@ -353,11 +340,13 @@ class Validator:
         entries = dict(before)
         for key in removed:
             del entries[key]
-        made = {_key(e, scoped) for e in changed}
-        for elem in _entries(_parent_of(canonical, scoped), scoped):
-            key = _key(elem, scoped)
-            if key in made:
-                entries[key] = etree.tostring(elem)
+        parent = _parent_of(canonical, scoped)
+        for key in keys:
+            made = _find_entry(parent, scoped, key)
+            if made is None:
+                tree.release()
+                return None
+            entries[key] = etree.tostring(made)
         return self._remember(
             _Valid(
                 {data, canonical_bytes},
@@ -395,28 +384,14 @@ class Validator:
     def _checked_entries(
         self, old: etree._Element, new: etree._Element
     ) -> tuple[etree._Element, bool] | None:
-        if self._lists is None:
-            self._lists = entry_scoped_lists(self.index)
-        change = _entry_change(old, new, self._lists)
-        if change is None:
-            return None
-        scoped, old_parent, new_parent = change
+        self._checked = None
         valid = self._valid
-        before = valid.entries.get(scoped.tags) if valid is not None else None
-        if before is None or valid is None or serialize(old) not in valid.inputs:
-            before = {_key(e, scoped): etree.tostring(e) for e in _entries(old_parent, scoped)}
-        now = _entries(new_parent, scoped)
-        keys = [_key(e, scoped) for e in now]
-        if len(set(keys)) != len(keys):
+        base = serialize(old) if valid is not None else b""
+        memo = valid if valid is not None and base == valid.canonical_bytes else None
+        found = self._entry_changes(old, new, memo)
+        if found is None:
             return None
-        changed = [e for e, k in zip(now, keys, strict=True) if before.get(k) != etree.tostring(e)]
-        removed = set(before) - set(keys)
-        kept = [k for k in keys if k in before]
-        if [k for k in before if k in set(keys)] != kept:
-            return None
-        fresh = [k for k in keys if k not in before]
-        if fresh and keys[-len(fresh) :] != fresh:
-            return None
+        scoped, changed, keys, removed, fresh, before = found
         partial = _without_unchanged(new, scoped, set(map(id, changed)))
         try:
             tree = self.parse_only(partial)
@@ -426,15 +401,27 @@ class Validator:
             printed = self.canonical_of(tree) if tree is not None else new_datastore()
         finally:
             free(tree)
-        canonical = _patched_canonical(old, scoped, printed, changed, removed, fresh)
+        canonical = _patched_canonical(old, scoped, printed, keys, removed, fresh)
+        if canonical is None:
+            return None
         parent = _parent_of(canonical, scoped)
-        made = {_key(c, scoped) for c in changed}
-        differs = bool(removed) or any(
-            before.get(key) != etree.tostring(e)
-            for e in _entries(parent, scoped)
-            if (key := _key(e, scoped)) in made
-        )
-        return canonical, differs
+        differing = []
+        for key in keys:
+            made = _find_entry(parent, scoped, key)
+            if made is None:
+                return None
+            if before.get(key) != etree.tostring(made):
+                differing.append(key)
+        if memo is not None:
+            self._checked = _Checked(
+                serialize(canonical),
+                base,
+                scoped,
+                tuple(differing),
+                frozenset(removed),
+                tuple(fresh),
+            )
+        return canonical, bool(removed or differing)
 
     def canonical_of(self, tree: Any) -> etree._Element:
         """:meth:`canonical` of a tree the memo does not know."""
@@ -446,7 +433,7 @@ class Validator:
         valid: _Valid,
         scoped: EntryScopedList,
         checked: Any,
-        changed: list[etree._Element],
+        keys: list[tuple[str, ...]],
         removed: set[tuple[str, ...]],
         fresh: list[tuple[str, ...]],
     ) -> _SharedTree | None:
@@ -463,8 +450,7 @@ class Validator:
                 if node == ffi.NULL:
                     raise LookupError(key)
                 lib.lyd_free_tree(node)
-            for elem in changed:
-                key = _key(elem, scoped)
+            for key in keys:
                 source = self._find(checked.cdata, scoped, key)
                 if source == ffi.NULL:
                     raise LookupError(key)
@@ -537,6 +523,83 @@ class Validator:
     def _key_names(self, scoped: EntryScopedList) -> list[str]:
         return [tag.partition("}")[2] for tag in scoped.keys]
 
+    def _entries_before(
+        self, valid: _Valid | None, old: etree._Element, scoped: EntryScopedList
+    ) -> dict[tuple[str, ...], bytes]:
+        """Each entry of ``old`` serialised, by key (remembered for the memo's canonical
+        form, which ``old`` must be when ``valid`` is given)."""
+        if valid is not None:
+            cached = valid.entries.get(scoped.tags)
+            if cached is not None:
+                return cached
+        made = {
+            _key(e, scoped): etree.tostring(e) for e in _entries(_parent_of(old, scoped), scoped)
+        }
+        if valid is not None:
+            valid.entries[scoped.tags] = made
+        return made
+
+    def _entry_changes(
+        self, old: etree._Element, new: etree._Element, valid: _Valid | None
+    ) -> _EntryChanges | None:
+        """How ``new`` differs from ``old`` in the entries of one entry-scoped list, found
+        by comparing them; None if it differs anywhere else, or moved entries."""
+        if self._lists is None:
+            self._lists = entry_scoped_lists(self.index)
+        change = _entry_change(old, new, self._lists)
+        if change is None:
+            return None
+        scoped, _, new_parent = change
+        before = self._entries_before(valid, old, scoped)
+        now = _entries(new_parent, scoped)
+        keys = [_key(e, scoped) for e in now]
+        if len(set(keys)) != len(keys) or any(not all(k) for k in keys):
+            return None  # duplicate or missing keys: the whole check names them
+        present = set(keys)
+        kept = [k for k in keys if k in before]
+        if [k for k in before if k in present] != kept:
+            return None  # entries moved
+        fresh = [k for k in keys if k not in before]
+        if fresh and keys[-len(fresh) :] != fresh:
+            return None  # new entries elsewhere than after the others
+        changed = [
+            (e, k) for e, k in zip(now, keys, strict=True) if before.get(k) != etree.tostring(e)
+        ]
+        return (
+            scoped,
+            [e for e, _ in changed],
+            [k for _, k in changed],
+            set(before) - present,
+            fresh,
+            before,
+        )
+
+    def _recorded_changes(
+        self, root: etree._Element, data: bytes, valid: _Valid
+    ) -> _EntryChanges | None:
+        """The changes the candidate's check found, when ``root`` is that candidate (its
+        canonical form: the same bytes) and it was checked against the remembered
+        configuration: nothing to compare again."""
+        record = self._checked
+        if record is None or record.data != data or record.base != valid.canonical_bytes:
+            return None
+        old = valid.canonical
+        assert old is not None
+        scoped = record.scoped
+        parent = _parent_of(root, scoped)
+        changed = [_find_entry(parent, scoped, key) for key in record.changed]
+        if any(e is None for e in changed):
+            return None
+        before = self._entries_before(valid, old, scoped)
+        return (
+            scoped,
+            [e for e in changed if e is not None],
+            list(record.changed),
+            set(record.removed),
+            list(record.fresh),
+            before,
+        )
+
     def _remember(self, valid: _Valid) -> Any:
         forgotten, self._valid = self._valid, valid
         if forgotten is not None:
@@ -562,7 +625,10 @@ class Validator:
             raise validation_errors(exc, self.index) from None
 
     def canonical(self, tree: Any) -> etree._Element:
-        """The datastore tree libyang would print: canonical values, explicit nodes only."""
+        """The datastore tree libyang would print: canonical values, explicit nodes only.
+
+        For a tree :meth:`validate` returned, the result may be shared with other callers
+        (the running configuration): callers must not change it in place."""
         root = new_datastore()
         if tree is None:
             return root
@@ -573,9 +639,10 @@ class Validator:
                 # Made by incremental validation, for the caller that validated it.
                 valid.canonical_given = True
                 return valid.canonical
-            # The canonical form made before, if nobody changed it.
+            # The canonical form made before, if nobody changed it: shared, as the
+            # running configuration's trees are (replaced, never changed in place).
             if serialize(valid.canonical) == valid.canonical_bytes:
-                return deepcopy(valid.canonical)
+                return valid.canonical
         text = tree.print_mem("xml", with_siblings=True, pretty=False)
         if text:
             wrapped = f'<data xmlns="{NC_NS}">{text}</data>'.encode()
@@ -616,6 +683,93 @@ class Validator:
         except RpcErrors as exc:
             raise RuntimeError(f"{origin}: stored configuration no longer valid: {exc}") from exc
         return self.canonical(tree), tree
+
+
+_EntryChanges = tuple[
+    EntryScopedList,
+    list[etree._Element],
+    list[tuple[str, ...]],
+    set[tuple[str, ...]],
+    list[tuple[str, ...]],
+    dict[tuple[str, ...], bytes],
+]
+"""The list, its changed or new entries and their keys, the removed keys, the new keys
+(in order, after all others), and every entry before, serialised, by key."""
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """What the last check of the candidate found (Validator.checked_nodes)."""
+
+    data: bytes
+    """The checked candidate (canonical), serialised."""
+    base: bytes
+    """The remembered canonical configuration it was an edit of, serialised."""
+    scoped: EntryScopedList
+    changed: tuple[tuple[str, ...], ...]
+    """Keys of the entries it added or changed (their canonical form differs)."""
+    removed: frozenset[tuple[str, ...]]
+    fresh: tuple[tuple[str, ...], ...]
+
+
+_FINDERS: dict[
+    tuple[str, ...], tuple[etree.XPath, dict[tuple[tuple[str, ...], ...], etree.XPath]]
+] = {}
+
+
+def _finder(scoped: EntryScopedList) -> etree.XPath:
+    """An XPath finding an entry among its parent's children by its key values ($k0...)."""
+    found = _FINDERS.get(scoped.tags)
+    if found is None:
+        namespaces, name = _xpath_names(scoped.tags[-1:] + scoped.keys)
+        test = " and ".join(f"{name[k]} = $k{i}" for i, k in enumerate(scoped.keys))
+        found = _FINDERS[scoped.tags] = (
+            etree.XPath(f"{name[scoped.tags[-1]]}[{test}]", namespaces=namespaces),
+            {},
+        )
+    return found[0]
+
+
+def _counter(scoped: EntryScopedList, unique: tuple[tuple[str, ...], ...]) -> etree.XPath:
+    """An XPath counting the parent's entries whose ``unique`` leaves have the values
+    $v0...: canonical values, equal exactly when their text is."""
+    _finder(scoped)
+    cache = _FINDERS[scoped.tags][1]
+    found = cache.get(unique)
+    if found is None:
+        tags = scoped.tags[-1:] + tuple(t for path in unique for t in path)
+        namespaces, name = _xpath_names(tags)
+        test = " and ".join(
+            "/".join(name[t] for t in path) + f" = $v{i}" for i, path in enumerate(unique)
+        )
+        found = cache[unique] = etree.XPath(
+            f"count({name[scoped.tags[-1]]}[{test}])", namespaces=namespaces
+        )
+    return found
+
+
+def _xpath_names(tags: tuple[str, ...]) -> tuple[dict[str, str], dict[str, str]]:
+    namespaces: dict[str, str] = {}
+    names: dict[str, str] = {}
+    for tag in tags:
+        ns, _, local_name = tag[1:].partition("}")
+        prefix = next((p for p, n in namespaces.items() if n == ns), f"n{len(namespaces)}")
+        namespaces[prefix] = ns
+        names[tag] = f"{prefix}:{local_name}"
+    return namespaces, names
+
+
+def _find_entry(
+    parent: etree._Element | None, scoped: EntryScopedList, key: tuple[str, ...]
+) -> etree._Element | None:
+    """The entry of ``parent`` (canonical data: key values exactly as written) with this
+    key, found in C."""
+    if parent is None:
+        return None
+    found = _finder(scoped)(parent, **{f"k{i}": v for i, v in enumerate(key)})
+    if isinstance(found, list) and found and isinstance(found[0], etree._Element):
+        return found[0]
+    return None
 
 
 def _quoted(value: str) -> str:
@@ -699,28 +853,33 @@ def _contiguous(children: list[etree._Element], tag: str) -> bool:
 
 
 def _unique_holds(
-    entries: list[etree._Element], changed: list[etree._Element], scoped: EntryScopedList
+    canonical: etree._Element, keys: list[tuple[str, ...]], scoped: EntryScopedList
 ) -> bool:
-    """No changed entry shares the values of a ``unique`` statement with another entry
-    (the unchanged ones were valid among themselves)."""
-    if not scoped.uniques or not changed:
+    """No changed entry of ``canonical`` (a whole canonical datastore) shares the values
+    of a ``unique`` statement with another entry (the unchanged ones were valid among
+    themselves); canonical values are equal exactly when their text is."""
+    if not scoped.uniques or not keys:
         return True
-    mine = set(map(id, changed))
-    for unique in scoped.uniques:
-        seen: dict[tuple[str, ...], bool] = {}
-        for entry in entries:
+    parent = _parent_of(canonical, scoped)
+    if parent is None:
+        return False
+    for key in keys:
+        entry = _find_entry(parent, scoped, key)
+        if entry is None:
+            return False
+        for unique in scoped.uniques:
             values = []
             for leaf_path in unique:
-                found = entry.find("/".join(leaf_path))
-                if found is None:
+                leaf = entry.find("/".join(leaf_path))
+                if leaf is None:
                     break
-                values.append((found.text or "").strip())
+                values.append(leaf.text or "")
             else:
-                value = tuple(values)
-                is_changed = id(entry) in mine
-                if value in seen and (is_changed or seen[value]):
+                count = _counter(scoped, unique)(
+                    parent, **{f"v{i}": v for i, v in enumerate(values)}
+                )
+                if count != 1:
                     return False
-                seen[value] = seen.get(value, False) or is_changed
     return True
 
 
@@ -756,32 +915,40 @@ def _patched_canonical(
     old: etree._Element,
     scoped: EntryScopedList,
     checked: etree._Element,
-    changed: list[etree._Element],
+    keys: list[tuple[str, ...]],
     removed: set[tuple[str, ...]],
     fresh: list[tuple[str, ...]],
-) -> etree._Element:
+) -> etree._Element | None:
     """``old``'s canonical form with the canonical entries of ``checked`` in place of the
-    changed ones, new ones after the others, removed ones gone."""
+    changed ones, new ones after the others, removed ones gone; None if an entry is not
+    where it should be."""
     out = deepcopy(old)
     parent = _parent_of(out, scoped)
-    made = {_key(e, scoped): e for e in _entries(_parent_of(checked, scoped), scoped)}
-    if parent is None:
-        raise LookupError("the list's parent")
-    current = {_key(e, scoped): e for e in _entries(parent, scoped)}
+    printed = _parent_of(checked, scoped)
+    if parent is None or printed is None:
+        return None
     for key in removed:
-        parent.remove(current[key])
-    for elem in changed:
-        key = _key(elem, scoped)
-        entry = made[key]
-        if key in fresh:
-            siblings = _entries(parent, scoped)
+        gone = _find_entry(parent, scoped, key)
+        if gone is None:
+            return None
+        parent.remove(gone)
+    new_keys = set(fresh)
+    for key in keys:
+        entry = _find_entry(printed, scoped, key)
+        if entry is None:
+            return None
+        if key in new_keys:
+            siblings = parent.findall(scoped.tags[-1])
             if siblings:
                 siblings[-1].addnext(entry)
             else:
                 _insert_in_schema_order(parent, entry, checked, scoped)
-        else:
-            current[key].addnext(entry)
-            parent.remove(current[key])
+            continue
+        replaced = _find_entry(parent, scoped, key)
+        if replaced is None:
+            return None
+        replaced.addnext(entry)
+        parent.remove(replaced)
     return out
 
 

@@ -250,6 +250,8 @@ INVALID = {
     "a changed peer with an existing peer's address": "<peer><name>site-9</name>"
     "<sp-address>10.1.0.2</sp-address></peer>",
     "a new peer with the CE's own address": peer(50, "10.0.0.1"),
+    "a changed peer with another's address written otherwise": "<peer><name>site-9</name>"
+    "<sp-address>2001:DB8::0:1</sp-address></peer>",
     "a new peer without its keying": "<peer><name>site-90</name><sp-address>10.1.9.9"
     "</sp-address></peer>",
     "removing the gateway peer": '<peer nc:operation="remove"><name>site-1</name></peer>',
@@ -270,7 +272,9 @@ def test_an_invalid_change_is_refused_with_the_rpc_errors_of_full_validation(ser
         "<internet-access><role>via-gateway-site</role><gateway-peer>site-1</gateway-peer>"
         "</internet-access>"
     )
-    base = configuration(server, gateway + "".join(peer(i) for i in range(20)))
+    base = configuration(
+        server, gateway + "".join(peer(i) for i in range(20)) + peer(30, "2001:db8::1")
+    )
     first = validator.validate(base)
     canonical = validator.canonical(first)
     invalid = edited(server, canonical, INVALID[name])
@@ -339,3 +343,39 @@ def test_an_edit_of_the_candidate_is_refused_with_the_rpc_error_of_the_whole_che
         fresh(server).parse_only(new)
     found = [(e.tag, e.app_tag, e.message, e.path) for e in got.value.errors]
     assert found == [(e.tag, e.app_tag, e.message, e.path) for e in expected.value.errors]
+
+
+@pytest.mark.parametrize("name", sorted(EDITS))
+def test_committing_a_checked_candidate_makes_what_full_validation_makes(server, name):
+    """The commit takes the changed entries from the candidate's check, not comparing
+    every entry again: the result must not tell."""
+    validator = fresh(server)
+    first = validator.validate(configuration(server, "".join(peer(i) for i in range(40))))
+    running = validator.canonical(first)
+    candidate, _ = validator.checked_nodes(running, edited(server, running, EDITS[name]))
+    committed = deepcopy(candidate)  # what candidate_onto_running hands over
+    tree = validator.validate(committed)
+    reference = server.schema.parse_config(serialize(committed), "xml")
+    try:
+        entries_only = name != "change something else too"
+        assert validator.counts["recorded"] == entries_only
+        assert with_defaults(tree) == with_defaults(reference)
+        made = validator.canonical(tree)
+        assert etree.tostring(made) == etree.tostring(fresh(server).canonical(reference))
+    finally:
+        for t in (first, tree, reference):
+            free(t)
+
+
+def test_a_checked_candidate_changed_afterwards_is_compared_again(server):
+    validator = fresh(server)
+    first = validator.validate(configuration(server, "".join(peer(i) for i in range(10))))
+    running = validator.canonical(first)
+    candidate, _ = validator.checked_nodes(running, edited(server, running, peer(20)))
+    later = edited(server, candidate, "<peer><name>site-2</name><sp-address>10.1.0.2"
+                   "</sp-address></peer>")  # fmt: skip
+    try:
+        assert errors_of(validator, later)[0][1] == "data-not-unique"
+        assert validator.counts["recorded"] == 0
+    finally:
+        free(first)
