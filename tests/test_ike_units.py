@@ -33,7 +33,7 @@ from nc_agent.ike.connections import (
 )
 from nc_agent.ike.health import Failure, TunnelHealth
 from nc_agent.ike.proposals import ike_proposal
-from nc_agent.ike.reasons import failure_reason
+from nc_agent.ike.reasons import NOT_PROVISIONED, failure_reason
 from nc_agent.ike.retry import RetryPolicy
 from tests.yang_defaults import ce_with_defaults, peer_with_defaults, with_defaults
 
@@ -643,6 +643,63 @@ def test_an_attempt_clears_the_scheduled_retry() -> None:
     assert health.failures == 1
 
 
+def _refused_as_unknown(health: TunnelHealth, at: datetime) -> Failure:
+    health.attempt(at)
+    failure = health.failed(at, NOT_PROVISIONED, unprovisioned=True)
+    assert failure is not None
+    return failure
+
+
+def test_a_peer_that_does_not_know_this_ce_yet_is_retried_after_minimum_wait() -> None:
+    health = TunnelHealth(permanent=True, policy=RetryPolicy(5, 10, 2.0, 600))
+    clock = NOW
+    delays = []
+    for _ in range(4):
+        failure = _refused_as_unknown(health, clock)
+        delays.append(failure.delay)
+        assert health.next_attempt == clock + timedelta(seconds=5)
+        clock = health.next_attempt
+    assert delays == [5, 5, 5, 5]
+    assert (health.failures, health.steps, health.status) == (4, 0, "retrying")
+
+
+def test_refusals_as_unknown_raise_the_alarm_once_they_have_lasted_the_limit() -> None:
+    health = TunnelHealth(permanent=True, policy=RetryPolicy(5, 10, 2.0, 60))
+    clock = NOW
+    outcomes = []
+    while clock <= NOW + timedelta(seconds=75):
+        failure = _refused_as_unknown(health, clock)
+        outcomes.append(((clock - NOW).total_seconds(), failure.delay, failure.raise_alarm))
+        clock += timedelta(seconds=failure.delay)
+    assert [o for o in outcomes if o[2]] == [(60.0, 60, True)]
+    assert outcomes[-2:] == [(55.0, 5, False), (60.0, 60, True)]
+    assert health.status == "failed"
+
+
+def test_an_ordinary_failure_after_refusals_as_unknown_starts_the_back_off_at_its_first_step() -> (
+    None
+):
+    health = TunnelHealth(permanent=True, policy=RetryPolicy(5, 10, 2.0, 600))
+    _refused_as_unknown(health, NOW)
+    _refused_as_unknown(health, NOW + timedelta(seconds=5))
+    health.attempt(NOW + timedelta(seconds=10))
+    failure = health.failed(NOW + timedelta(seconds=10), "the peer did not answer")
+    assert failure is not None and failure.delay == 5
+    health.attempt(NOW + timedelta(seconds=15))
+    failure = health.failed(NOW + timedelta(seconds=15), "the peer did not answer")
+    assert failure is not None and failure.delay == 10
+    assert (health.failures, health.steps) == (4, 2)
+
+
+def test_coming_up_ends_a_run_of_refusals_as_unknown() -> None:
+    health = TunnelHealth(permanent=True, policy=RetryPolicy(5, 10, 2.0, 60))
+    _refused_as_unknown(health, NOW)
+    health.up(NOW + timedelta(seconds=50))
+    later = NOW + timedelta(seconds=100)
+    assert _refused_as_unknown(health, later) == Failure(5, False)
+    assert health.failing_since == later
+
+
 def test_retry_policy_is_the_yang_defaults_when_nothing_is_set() -> None:
     defaults = ce_with_defaults({})["retry-policy"]
     assert RetryPolicy.from_yang(defaults) == RetryPolicy(5.0, 10.0, 2.0, 600.0)
@@ -690,8 +747,28 @@ def test_reason_for_an_untrusted_certificate() -> None:
     )
 
 
-def test_reason_names_no_proposal_chosen() -> None:
-    assert failure_reason(["received NO_PROPOSAL_CHOSEN notify error"]) == (
+def test_a_refused_ike_sa_init_says_first_that_the_peer_may_not_know_this_ce() -> None:
+    """charon answers NO_PROPOSAL_CHOSEN alike when it has no configuration for this CE
+    ("no IKE config found for ...") and when the proposals differ."""
+    messages = [
+        "initiating IKE_SA site-b[1] to 198.51.100.2",
+        "received NO_PROPOSAL_CHOSEN notify error",
+    ]
+    assert failure_reason(messages) == NOT_PROVISIONED
+    assert NOT_PROVISIONED.startswith("the peer has no configuration for this CE")
+    assert "compare the SA information of both CEs" in NOT_PROVISIONED
+
+
+def test_a_refused_child_sa_is_an_esp_proposal_mismatch() -> None:
+    messages = ["received NO_PROPOSAL_CHOSEN notify, no CHILD_SA built"]
+    assert failure_reason(messages) == (
+        "no ESP proposal acceptable to both ends (NO_PROPOSAL_CHOSEN for the CHILD_SA): "
+        "compare the ESP SA information of both CEs"
+    )
+
+
+def test_proposals_this_ce_found_unacceptable_are_a_mismatch() -> None:
+    assert failure_reason(["received proposals unacceptable"]) == (
         "no proposal acceptable to both ends (NO_PROPOSAL_CHOSEN): compare the SA "
         "information of both CEs"
     )

@@ -8,7 +8,10 @@ are cevpn-types tunnel-status.
 
 Only failures of attempts this CE initiated count towards the back-off: a
 failed attempt by the peer is the peer's own schedule, and is only recorded
-as the last error so the operator sees it on both ends.
+as the last error so the operator sees it on both ends.  A failure because
+the peer does not know this CE yet is counted, but is not a back-off step
+(nc_agent.ike.retry): `failures` counts every failure (the retry-count),
+`steps` only those that move the back-off.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ class TunnelHealth:
     status: str = "down"
     since: datetime | None = None
     failures: int = 0
+    steps: int = 0
+    """Failures that moved the back-off (all but the peer-unprovisioned ones)."""
+    failing_since: datetime | None = None
+    """The first failure of the current run of failures."""
     next_attempt: datetime | None = None
     last_error: str | None = None
     last_error_at: datetime | None = None
@@ -65,8 +72,9 @@ class TunnelHealth:
             return False
         return self._set("connecting", now)
 
-    def failed(self, now: datetime, reason: str) -> Failure | None:
-        """An attempt this CE initiated failed (refused, authentication failed, no answer).
+    def failed(self, now: datetime, reason: str, *, unprovisioned: bool = False) -> Failure | None:
+        """An attempt this CE initiated failed (refused, authentication failed, no answer);
+        ``unprovisioned``: the peer answered as one without a configuration for this CE.
 
         None when the back-off is already running: an attempt nobody scheduled (a
         packet hit a trap, or both the agent and a trap started one) failed too; it
@@ -75,9 +83,17 @@ class TunnelHealth:
         if self.next_attempt is not None:
             return None
         self.failures += 1
-        delay = self.policy.delay(self.failures)
+        if self.failing_since is None:
+            self.failing_since = now
+        if unprovisioned:
+            refused_for = (now - self.failing_since).total_seconds()
+            delay = self.policy.unprovisioned_delay(refused_for)
+            alarm = self.policy.unprovisioned_alarm(refused_for)
+        else:
+            self.steps += 1
+            delay = self.policy.delay(self.steps)
+            alarm = self.policy.alarm(self.steps)
         self.next_attempt = now + timedelta(seconds=delay)
-        alarm = self.policy.alarm(self.failures)
         self._set("failed" if alarm else "retrying", now)
         first = alarm and self.alarm_raised_at is None
         if first:
@@ -90,7 +106,8 @@ class TunnelHealth:
 
     def up(self, now: datetime) -> tuple[bool, bool]:
         """The CHILD_SA is installed: (status changed, alarm to clear)."""
-        self.failures = 0
+        self.failures = self.steps = 0
+        self.failing_since = None
         self.next_attempt = None
         self.established_at = now
         clear = self.alarm_raised_at is not None

@@ -9,16 +9,24 @@ What it does, and why here:
   `IkeRefused`, so the agent can roll the kernel back too.
 - **Establishment** (seed 3.4): permanent peers are initiated by the agent as
   soon as they are configured and again whenever they go down; to avoid both
-  ends negotiating at once, the end with the lower SP address initiates at
-  once and the other only after a short delay and only if no IKE_SA exists by
-  then.  Traffic-driven peers are traps (the first packet starts the
-  negotiation); after their idle time charon deletes the CHILD_SA and the
-  agent deletes the IKE_SA too.
+  ends negotiating at once, the end with the lower SP address goes first and
+  the other only after a short delay, and either only if charon holds no IKE_SA
+  for the peer by then, not even a half-open one the peer started (the peer may
+  have been trying for a while when this end is provisioned).  Peers due at the
+  same moment are looked at with one list-sas and initiated in one go.  Two
+  IKE_SA_INITs that crossed on the wire still make two IKE_SAs: once both carry
+  traffic, each end deletes those it initiated that the shared rule of
+  nc_agent.ike.duplicates does not keep, so one tunnel is one IKE_SA.
+  Traffic-driven peers are traps (the first packet starts the negotiation);
+  after their idle time charon deletes the CHILD_SA and the agent deletes the
+  IKE_SA too.
 - **Failures** (seed 3.4): an IKE_SA this CE initiated that goes down while
   still connecting is a failed attempt; the next one follows the retry
   policy (nc_agent.ike.retry) and the alarm is raised when the back-off
-  reaches its limit.  Traffic-driven peers have their trap removed until the
-  next attempt is due, so traffic cannot retrigger negotiations early.
+  reaches its limit; a peer that refuses this CE as unknown is retried after
+  minimum-wait instead (it is usually being provisioned).  Traffic-driven
+  peers have their trap removed until the next attempt is due, so traffic
+  cannot retrigger negotiations early.
 - **Monitoring** (seed 5): charon's up/down events (DPD included) update the
   tunnel status at once, with a notification on every change.
 - **Supervision**: if charon dies the peers are reported down, what it left
@@ -41,8 +49,9 @@ from typing import Any
 from nc_agent.alarms import AlarmList
 from nc_agent.ike.charon import Charon, CharonError, CharonSettings, EventListener, text
 from nc_agent.ike.connections import Credentials, IkePeer
+from nc_agent.ike.duplicates import to_delete
 from nc_agent.ike.health import ALARM_TYPE, TunnelHealth
-from nc_agent.ike.reasons import failure_reason
+from nc_agent.ike.reasons import NOT_PROVISIONED, failure_reason
 from nc_agent.ike.retry import RetryPolicy
 from nc_core.notifications import date_and_time
 from nc_core.notifications import now as utc_now
@@ -113,6 +122,12 @@ class IkeManager:
         self._untrapped: set[str] = set()
         self._resetting: set[str] = set()
         """Peers whose SAs reset-tunnel is deleting: their going down is not a failure."""
+        self._ike_up: dict[str, set[str]] = {}
+        """Unique ids of each peer's established IKE_SAs, from charon's events: more than
+        one means a duplicate to resolve (nc_agent.ike.duplicates)."""
+        self._deduping: set[str] = set()
+        self._due: dict[str, None] = {}
+        """Peers whose attempt is due now: looked at together (one list-sas)."""
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -158,6 +173,7 @@ class IkeManager:
         self.loaded = {}
         self.loaded_credentials = Credentials()
         self._untrapped.clear()
+        self._ike_up.clear()
         await self.charon.start(self.settings())
         self._listener = EventListener(self.charon, self._deliver)
         await asyncio.to_thread(self._listener.start)
@@ -271,7 +287,7 @@ class IkeManager:
             if name in before and self.health[name].status == "up":
                 continue  # a changed connection keeps its SAs until they rekey
             self._untrapped.discard(name)
-            self._arm(name, first=True)
+            self._arm(name)
 
     def _load_credentials(self) -> None:
         creds = self.credentials
@@ -357,20 +373,19 @@ class IkeManager:
         local, remote = ipaddress.ip_address(peer.local), ipaddress.ip_address(peer.remote)
         return (local.version, int(local)) < (remote.version, int(remote))
 
-    def _arm(self, name: str, *, first: bool = False) -> None:
-        """Start (or wait for) establishment of a configured peer."""
+    def _arm(self, name: str) -> None:
+        """Start (or wait for) establishment of a just loaded peer.  Even the leader looks
+        before it initiates: the peer may have been negotiating with this CE for a while
+        (its attempts refused until now), and its next IKE_SA_INIT may be under way."""
         peer = self.peers.get(name)
         if peer is None:
             return
-        health = self.health[name]
-        if health.idle(utc_now()) and not first:
-            self._log_status(name)
-        if not peer.permanent:
-            return
-        if first and self._leader(peer):
-            self._later(name, 0.0, self._initiate)  # just loaded: nothing to look for
-        else:
-            self._later(name, 0.0 if self._leader(peer) else FOLLOWER_DELAY, self._attempt)
+        self.health[name].idle(utc_now())
+        if peer.permanent:
+            self._later(name, self._first_delay(peer), self._queue_attempt)
+
+    def _first_delay(self, peer: IkePeer) -> float:
+        return 0.0 if self._leader(peer) else FOLLOWER_DELAY
 
     def _later(self, name: str, delay: float, action: Callable[[str], Any]) -> None:
         self._cancel(name)
@@ -395,43 +410,89 @@ class IkeManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _attempt(self, name: str) -> None:
-        """One establishment attempt of a permanent peer (unless one is already up)."""
-        peer = self.peers.get(name)
-        if peer is None or not self.charon.running:
+    def _queue_attempt(self, name: str) -> None:
+        """An attempt of this peer is due: gathered with the others due in this turn of
+        the event loop, so 50 peers loaded at once cost one list-sas, not 50."""
+        if not self._due:
+            assert self._loop is not None
+            self._loop.call_soon(self._attempt_due)
+        self._due[name] = None
+
+    def _attempt_due(self) -> None:
+        names, self._due = list(self._due), {}
+        self._spawn(self._attempt_many(names))
+
+    async def _attempt_many(self, names: list[str]) -> None:
+        """One establishment attempt of each of these permanent peers, unless its tunnel
+        is up or a negotiation with the peer is already under way (the peer's, even one
+        still half-open, which charon lists unnamed, by address only)."""
+        names = [name for name in names if name in self.peers]
+        if not names or not self.charon.running:
             return
         try:
-            sas = (await asyncio.to_thread(self.charon.list_sas, name)).get(name, [])
+            sas = await asyncio.to_thread(self.charon.list_sas)
         except (CharonError, OSError) as exc:
-            log.debug("listing the SAs of %s: %s", name, exc)
+            log.debug("listing the SAs: %s", exc)
             return
-        if any(_installed_child(sa) for sa in sas):
-            self._came_up(name, sas)
-            return
-        if any(text(sa.get("state")) == "CONNECTING" for sa in sas):
-            self._later(name, RECHECK, self._attempt)  # the peer's attempt is under way
-            return
-        await self._initiate(name)
+        half_open = {
+            text(sa.get("remote-host"))
+            for conn, entries in sas.items()
+            if conn not in self.peers
+            for sa in entries
+            if text(sa.get("state")) in ("CREATED", "CONNECTING")
+        }
+        due = []
+        for name in names:
+            peer = self.peers.get(name)
+            if peer is None:
+                continue
+            entries = sas.get(name, [])
+            if any(_installed_child(sa) for sa in entries):
+                self._came_up(name, entries)
+            elif peer.remote in half_open or any(
+                text(sa.get("state")) == "CONNECTING" for sa in entries
+            ):
+                self._later(name, RECHECK, self._queue_attempt)  # one is under way
+            else:
+                due.append(name)
+        await self._initiate_many(due)
 
     async def _initiate(self, name: str) -> None:
         """Ask charon to negotiate now (its outcome arrives as events)."""
-        if name not in self.peers or not self.charon.running:
+        await self._initiate_many([name])
+
+    async def _initiate_many(self, names: list[str]) -> None:
+        """Ask charon to negotiate with each of these peers now, in one thread hop (each
+        initiate returns at once; the outcomes arrive as events)."""
+        names = [name for name in names if name in self.peers]
+        due = []
+        for name in names:
+            if self.health[name].status == "up":
+                continue  # the peer's negotiation completed while this one was being decided
+            if self.health[name].attempt(utc_now()):
+                self._log_status(name)
+            due.append(name)
+        if not due or not self.charon.running:
             return
-        if self.health[name].status == "up":
-            return  # the peer's negotiation completed while this one was being decided
-        if self.health[name].attempt(utc_now()):
-            self._log_status(name)
-        try:
-            await asyncio.to_thread(
-                self.charon.streamed,
-                "initiate",
-                "control-log",
-                {"child": name, "ike": name, "timeout": "-1", "loglevel": "-1"},
-            )
-        except CharonError as exc:
-            self._failed(name, f"charon refused to initiate: {exc}")
-        except OSError as exc:
-            log.debug("initiating %s: charon unreachable (%s)", name, exc)
+        refused = await asyncio.to_thread(self._initiate_blocking, due)
+        for name, message in refused.items():
+            self._failed(name, f"charon refused to initiate: {message}")
+
+    def _initiate_blocking(self, names: list[str]) -> dict[str, str]:
+        """One plain request per peer: no control-log subscription (three round trips
+        instead of one), as the outcome comes as events anyway."""
+        refused: dict[str, str] = {}
+        for name in names:
+            try:
+                self.charon.request(
+                    "initiate", {"child": name, "ike": name, "timeout": "-1", "loglevel": "-1"}
+                )
+            except CharonError as exc:
+                refused[name] = str(exc)
+            except OSError as exc:
+                log.debug("initiating %s: charon unreachable (%s)", name, exc)
+                break
+        return refused
 
     async def _rearm_trap(self, name: str) -> None:
         """A traffic-driven peer's back-off ended: put its trap back."""
@@ -451,7 +512,7 @@ class IkeManager:
             return
         health = self.health[name]
         now = utc_now() - timedelta(seconds=late)
-        outcome = health.failed(now, reason)
+        outcome = health.failed(now, reason, unprovisioned=reason == NOT_PROVISIONED)
         if outcome is None:
             log.info("IKE with peer %s failed again during the back-off: %s", name, reason)
             return
@@ -474,7 +535,7 @@ class IkeManager:
             self._raise_alarm(name, peer, reason)
         delay = max(0.0, outcome.delay - late)
         if peer.permanent:
-            self._later(name, delay, self._attempt)
+            self._later(name, delay, self._queue_attempt)
         else:
             if name not in self._untrapped:
                 self._untrapped.add(name)
@@ -529,7 +590,7 @@ class IkeManager:
             self._announce_down(name, reason)
         if peer.permanent:
             if name not in self._timers:
-                self._later(name, 0.0 if self._leader(peer) else FOLLOWER_DELAY, self._attempt)
+                self._later(name, self._first_delay(peer), self._queue_attempt)
             return
         if any(text(sa.get("state")) == "ESTABLISHED" for sa in sas):
             # A traffic-driven tunnel went idle: delete the IKE_SA too (seed 3.4).
@@ -543,8 +604,10 @@ class IkeManager:
         if name not in self._untrapped and health.idle(utc_now()):
             self._log_status(name)
 
-    async def _expect_child(self, name: str) -> None:
-        """The IKE_SA came up: without a CHILD_SA soon, the attempt failed after all."""
+    async def _expect_child(self, name: str, unique_id: str) -> None:
+        """The IKE_SA ``unique_id`` this CE initiated came up: without a CHILD_SA soon,
+        the attempt failed after all.  Only that IKE_SA is judged: by then the peer may
+        have been removed and configured again, with a new attempt of its own under way."""
         await asyncio.sleep(CHILD_GRACE)
         peer = self.peers.get(name)
         if peer is None or not self.charon.running or self.health[name].status == "up":
@@ -556,23 +619,24 @@ class IkeManager:
         if any(_installed_child(sa) for sa in sas):
             self._came_up(name, sas)
             return
-        mine = [sa for sa in sas if _flag(sa.get("initiator"))]
+        mine = [
+            sa
+            for sa in sas
+            if text(sa.get("uniqueid")) == unique_id and text(sa.get("state")) == "ESTABLISHED"
+        ]
         if not mine:
             return
-        messages = []
-        for sa in mine:
-            messages += await asyncio.to_thread(self.charon.lines_of, text(sa.get("uniqueid")))
+        messages = await asyncio.to_thread(self.charon.lines_of, unique_id)
         reason = failure_reason(messages)
         if reason.startswith("the negotiation failed"):
             reason = "the IKE_SA came up but the CHILD_SA was not established"
-        for sa in mine:
-            with contextlib.suppress(CharonError, OSError):
-                await asyncio.to_thread(
-                    self.charon.streamed,
-                    "terminate",
-                    "control-log",
-                    {"ike-id": text(sa.get("uniqueid")), "timeout": "-1", "loglevel": "-1"},
-                )
+        with contextlib.suppress(CharonError, OSError):
+            await asyncio.to_thread(
+                self.charon.streamed,
+                "terminate",
+                "control-log",
+                {"ike-id": unique_id, "timeout": "-1", "loglevel": "-1"},
+            )
         self._failed(name, reason)
 
     # -- events ------------------------------------------------------------------
@@ -584,6 +648,9 @@ class IkeManager:
             loop.call_soon_threadsafe(self._on_event, kind, message)
 
     def _on_event(self, kind: str, message: Any) -> None:
+        if kind == "ike-rekey":
+            self._ike_rekeyed(message)
+            return
         if kind not in ("ike-updown", "child-updown"):
             return
         up = _flag(message.get("up"))
@@ -591,18 +658,71 @@ class IkeManager:
             name = text(conn)
             if name == "up" or name not in self.peers:
                 continue
+            ids = self._ike_up.setdefault(name, set())
             if kind == "child-updown":
                 if up:
                     self._came_up(name, [sa])
+                    if len(ids) > 1:
+                        self._dedupe_soon(name)
                 else:
                     self._spawn(self._check(name, sa, child_only=True))
             elif up:
+                ids.add(text(sa.get("uniqueid")))
                 if _flag(sa.get("initiator")):
-                    self._spawn(self._expect_child(name))
-            elif text(sa.get("state")) == "CONNECTING":
-                self._spawn(self._attempt_failed(name, sa))
+                    self._spawn(self._expect_child(name, text(sa.get("uniqueid"))))
             else:
-                self._spawn(self._check(name, sa))
+                ids.discard(text(sa.get("uniqueid")))
+                if text(sa.get("state")) == "CONNECTING":
+                    self._spawn(self._attempt_failed(name, sa))
+                else:
+                    self._spawn(self._check(name, sa))
+
+    def _ike_rekeyed(self, message: Any) -> None:
+        """An IKE_SA rekey replaces the IKE_SA without up/down events: follow its id."""
+        for conn, entry in message.items():
+            name = text(conn)
+            if name not in self.peers or not isinstance(entry, Mapping):
+                continue
+            ids = self._ike_up.setdefault(name, set())
+            old, new = entry.get("old"), entry.get("new")
+            if isinstance(old, Mapping):
+                ids.discard(text(old.get("uniqueid")))
+            if isinstance(new, Mapping):
+                ids.add(text(new.get("uniqueid")))
+
+    def _dedupe_soon(self, name: str) -> None:
+        if name not in self._deduping:
+            self._deduping.add(name)
+            self._spawn(self._dedupe(name))
+
+    async def _dedupe(self, name: str) -> None:
+        """The peer has two IKE_SAs up: delete those of them this end must delete."""
+        try:
+            peer = self.peers.get(name)
+            if peer is None or not self.charon.running:
+                return
+            try:
+                sas = (await asyncio.to_thread(self.charon.list_sas, name)).get(name, [])
+            except (CharonError, OSError):
+                return
+            self._ike_up[name] = {
+                text(sa.get("uniqueid")) for sa in sas if text(sa.get("state")) == "ESTABLISHED"
+            }
+            for unique_id in to_delete(sas, self._leader(peer)):
+                log.info(
+                    "peer %s: both ends negotiated at once; deleting the duplicate IKE_SA %s "
+                    "this CE initiated (one tunnel, one IKE_SA)",
+                    name, unique_id,
+                )  # fmt: skip
+                with contextlib.suppress(CharonError, OSError):
+                    await asyncio.to_thread(
+                        self.charon.streamed,
+                        "terminate",
+                        "control-log",
+                        {"ike-id": unique_id, "timeout": "-1", "loglevel": "-1"},
+                    )
+        finally:
+            self._deduping.discard(name)
 
     async def _attempt_failed(self, name: str, sa: Any) -> None:
         await asyncio.sleep(LOG_SETTLE)  # charon's log lines for it may still come
@@ -640,7 +760,7 @@ class IkeManager:
     def _raise_alarm(self, name: str, peer: IkePeer, reason: str) -> None:
         words = (
             f"IKE with peer {name} ({peer.remote}) has failed {self.health[name].failures} "
-            f"times and the retry back-off reached its limit of {self.policy.limit:.0f} s: "
+            f"times and the retries reached their limit of {self.policy.limit:.0f} s: "
             f"{reason}.  Retries go on every {self.policy.limit:.0f} s; human action is "
             "needed (seed 3.4)."
         )

@@ -6,13 +6,31 @@ agent reads that IKE_SA's last lines back from charon's log
 (nc_agent.ike.charon.Charon.lines_of) and this module turns them into one
 sentence, naming the IKEv2 notify where there is one
 (AUTHENTICATION_FAILED, NO_PROPOSAL_CHOSEN, TS_UNACCEPTABLE) so it can be
-looked up in RFC 7296.
+looked up in RFC 7296.  One answer is ambiguous on the wire: see NOT_PROVISIONED.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+
+NOT_PROVISIONED = (
+    "the peer has no configuration for this CE (not provisioned yet?), or no IKE proposal "
+    "is acceptable to both ends: it refused IKE_SA_INIT with NO_PROPOSAL_CHOSEN, which is "
+    "charon's answer to both; if the peer is provisioned, compare the SA information of "
+    "both CEs"
+)
+"""The initiator's reason when the peer answered IKE_SA_INIT with NO_PROPOSAL_CHOSEN.
+
+A responder charon without a connection for this CE's address logs "no IKE config
+found for ..., sending NO_PROPOSAL_CHOSEN" and answers exactly as it does to
+proposals it cannot accept (a bare NO_PROPOSAL_CHOSEN notify either way: task
+manager's send_notify_response, ike_init's build_r with its payloads flushed), so
+the initiator cannot tell the two apart on the wire.  Between CEs provisioned by
+one VPN server the first is the usual one (the peer's configuration is still on
+its way), so the reason names it first, and the retry treats it as such
+(nc_agent.ike.retry.RetryPolicy.unprovisioned_delay).  A real mismatch also shows
+on the other end, whose own log then says "received proposals unacceptable"."""
 
 _RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
     (re.compile(pattern, re.IGNORECASE), text)
@@ -37,8 +55,19 @@ _RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
             "expired): check the CA certificates and the peer-identity",
         ),
         (
-            r"received NO_PROPOSAL_CHOSEN|no acceptable proposal found|"
-            r"received proposals unacceptable|no proposal chosen",
+            # ike_init.c, this CE initiating: the peer refused IKE_SA_INIT
+            r"received NO_PROPOSAL_CHOSEN notify error",
+            NOT_PROVISIONED,
+        ),
+        (
+            # child_create.c: IKE_SA_INIT passed, so the peer knows this CE; ESP differs
+            r"received NO_PROPOSAL_CHOSEN notify, no CHILD_SA built",
+            "no ESP proposal acceptable to both ends (NO_PROPOSAL_CHOSEN for the CHILD_SA): "
+            "compare the ESP SA information of both CEs",
+        ),
+        (
+            # this CE's own charon judged the peer's proposals (it had a configuration)
+            r"no acceptable proposal found|received proposals unacceptable|no proposal chosen",
             "no proposal acceptable to both ends (NO_PROPOSAL_CHOSEN): compare the SA "
             "information of both CEs",
         ),

@@ -8,6 +8,14 @@ failure 1 waits minimum-wait, failure 2 waits t1, failure n > 2 waits
 t1 x backoff-factor^(n-2); once that interval reaches the limit the alarm is
 raised and retries go on every `limit` seconds until the tunnel comes up
 (with a factor of 1, once the retries at t1 have lasted the limit).
+
+One failure is not a step of that back-off: a peer that answers IKE_SA_INIT as
+one without a configuration for this CE (nc_agent.ike.reasons.NOT_PROVISIONED)
+is usually still being provisioned by the VPN server, and will be within
+seconds.  Waiting t1 x factor^n for it would keep the tunnel down long after
+both ends are configured, so such a failure is retried after minimum-wait;
+only once such refusals have gone on for `limit` seconds is the alarm raised
+and the retries slow to every `limit` seconds.
 """
 
 from __future__ import annotations
@@ -53,6 +61,18 @@ class RetryPolicy:
         if self.backoff_factor <= 1.0:
             return self.t1 >= self.limit or (failures - 1) * self.t1 >= self.limit
         return self.t1 * self.backoff_factor ** (failures - 2) >= self.limit
+
+    def unprovisioned_delay(self, refused_for: float) -> float:
+        """Seconds to wait after the peer refused this CE as unknown, ``refused_for``
+        seconds after the first failure of this run of failures: minimum-wait, not a
+        back-off step, until the refusals have lasted the limit; then the limit."""
+        if refused_for >= self.limit:
+            return self.limit
+        return min(self.minimum_wait, self.limit)
+
+    def unprovisioned_alarm(self, refused_for: float) -> bool:
+        """Has the peer refused this CE as unknown for as long as the limit?"""
+        return refused_for >= self.limit
 
     def schedule(self, failures: int) -> list[float]:
         """The waits after failures 1..``failures`` (for operators and tests)."""

@@ -548,6 +548,160 @@ def reset_ikeless() -> dict[str, Any]:
     return report
 
 
+# -- one tunnel, one IKE_SA ---------------------------------------------------------
+
+CROSSING_DPD = (
+    "<sa-defaults><ike><dpd><delay>2</delay><timeout>30</timeout></dpd></ike></sa-defaults>"
+)
+"""A DPD timeout of 30 s: charon retransmits an unanswered IKE_SA_INIT after ~3.7 s and
+gives up only after ~30 s, so an IKE_SA_INIT held back by the core is still being
+retransmitted when the core lets it through."""
+
+
+def _delete_peer(agent: Agent, name: str) -> None:
+    configure(agent, f'<peer xmlns:nc="{NC}" nc:operation="delete"><name>{name}</name></peer>')
+
+
+def _all_sas(site: Site) -> list[dict[str, Any]]:
+    """Every IKE_SA charon of ``site`` holds, named or not (a half-open one the peer
+    started is listed before it has a name), with its CHILD_SAs' states."""
+    from nc_agent.ike.charon import Charon, text
+
+    try:
+        sas = Charon(WORK / site.ce, None).list_sas()
+    except OSError:
+        return []
+    return [
+        {
+            "conn": conn,
+            "state": text(sa.get("state")),
+            "initiator": text(sa.get("initiator", "no")) == "yes",
+            "children": [text(c.get("state")) for c in sa.get("child-sas", {}).values()],
+        }
+        for conn, entries in sas.items()
+        for sa in entries
+    ]
+
+
+def _one_ike_sa_each(agents: dict[int, Agent], sites: list[Site]) -> bool:
+    """Both ends hold exactly one IKE_SA (none half-open beside it) with exactly one
+    CHILD_SA, installed, whose two kernel SAs are the only ones, and say 'up'."""
+    for site in sites:
+        sas = _all_sas(site)
+        if [(sa["state"], sa["children"]) for sa in sas] != [("ESTABLISHED", ["INSTALLED"])]:
+            return False
+        if _sa_count(site) != 2:
+            return False
+    return all(
+        peer_state(agents[s.n], f"site-{o.n}").get("status") == "up"
+        for s in sites
+        for o in sites
+        if o != s
+    )
+
+
+def _nothing_left(sites: list[Site]) -> bool:
+    return all(not _all_sas(s) and _sa_count(s) == 0 for s in sites)
+
+
+def _duplicates_deleted(sites: list[Site]) -> int:
+    """The agents' log lines for duplicates they deleted (nc_agent.ike.manager._dedupe)."""
+    return sum(
+        (WORK / f"{s.ce}.log").read_text(errors="replace").count("deleting the duplicate IKE_SA")
+        for s in sites
+    )
+
+
+def _core_drops_ike(on: bool) -> None:
+    """pe drops (or stops dropping) IKE between the CEs: both IKE_SA_INITs wait."""
+    for port in ("500", "4500"):
+        subprocess.run(
+            ["iptables-legacy", "-I" if on else "-D", "FORWARD", "-p", "udp", "--dport", port,
+             "-j", "DROP"],
+            check=True,
+        )  # fmt: skip
+
+
+def _own_attempt_pending(site: Site) -> bool:
+    return any(sa["initiator"] and sa["state"] == "CONNECTING" for sa in _all_sas(site))
+
+
+def one_ike_sa() -> dict[str, Any]:
+    """Sites 1 and 2 load their tunnel four times; each time it must end as ONE IKE_SA
+    with one CHILD_SA on each end.
+
+    1. staggered: site 2 (the higher address, which waits before it initiates) is
+       provisioned first and negotiates in vain, refused as unknown; then site 1;
+    2. together: both in the same instant (two threads released at once);
+    3. crossing: both at once while the core holds IKE back until each end has sent
+       its own IKE_SA_INIT, then lets both through: two IKE_SAs for sure;
+    4. together again.
+    Between loads both delete the peer and wait until nothing is left."""
+    a, b = Site(1), Site(2)
+    sites = [a, b]
+    agents = started(sites)
+    report: dict[str, Any] = {"rounds": []}
+    retry = retry_xml(1, 4, "2.0", 60)
+    try:
+        for site in sites:
+            configure(agents[site.n], preconfiguration(site) + CROSSING_DPD + retry)
+        notes = Notifications(agents[2])
+
+        def load(site: Site, other: Site, gate: threading.Barrier | None = None) -> None:
+            if gate is not None:
+                gate.wait(30)
+            configure(agents[site.n], ike_peer_xml(site, other))
+
+        def settle(kind: str, deleted_before: int) -> None:
+            reached = wait_until(lambda: _one_ike_sa_each(agents, sites), 90)
+            report["rounds"].append(
+                {
+                    "kind": kind,
+                    "reached_after_s": reached,
+                    "sas": {s.ce: _all_sas(s) for s in sites},
+                    "kernel_sas": {s.ce: _sa_count(s) for s in sites},
+                    "duplicates_deleted": _duplicates_deleted(sites) - deleted_before,
+                }
+            )
+            for site, other in ((a, b), (b, a)):
+                _delete_peer(agents[site.n], f"site-{other.n}")
+            report["rounds"][-1]["cleared"] = wait_until(lambda: _nothing_left(sites), 30)
+
+        # 1. staggered
+        deleted = _duplicates_deleted(sites)
+        load(b, a)
+        wait_until(lambda: len(notes.named("tunnel-establishment-failed", "site-1")) >= 2, 30)
+        report["refusals"] = [
+            leaves for _, leaves in notes.named("tunnel-establishment-failed", "site-1")
+        ]
+        load(a, b)
+        settle("staggered", deleted)
+
+        for kind in ("together", "crossing", "together"):
+            deleted = _duplicates_deleted(sites)
+            if kind == "crossing":
+                _core_drops_ike(True)
+            gate = threading.Barrier(2)
+            threads = [
+                threading.Thread(target=load, args=(s, o, gate)) for s, o in ((a, b), (b, a))
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            if kind == "crossing":
+                report["both_sent"] = wait_until(
+                    lambda: all(_own_attempt_pending(s) for s in sites), 20, 0.05
+                )
+                _core_drops_ike(False)
+            settle(kind, deleted)
+        notes.close()
+    finally:
+        for agent in agents.values():
+            agent.stop()
+    return report
+
+
 def _sa_count(site: Site) -> int:
     out = subprocess.run(["ip", "-n", site.ce, "xfrm", "state"], capture_output=True, text=True)
     return out.stdout.count("proto esp")
@@ -581,6 +735,8 @@ def main() -> None:
         report = reset_ike()
     elif scenario == "reset-ikeless":
         report = reset_ikeless()
+    elif scenario == "one-ike-sa":
+        report = one_ike_sa()
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     report["at"] = datetime.now().isoformat()

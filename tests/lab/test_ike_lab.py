@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from lab.uml import run_guest
+from lab.uml import LabUnavailable, prepare_host, run_guest
 
 pytestmark = pytest.mark.lab
 
@@ -217,3 +217,46 @@ def test_reset_tunnel_without_ike_resets_the_inbound_sa_after_the_peer_restarted
     assert report["ping_after_reset"]
     assert report["spis"][0] == report["spis"][1]  # the configured SA, installed again
     assert report["status"] == "up"
+
+
+@pytest.fixture(scope="module")
+def loads() -> dict[str, Any]:
+    """One guest for both tests below: sites 1 and 2 load their tunnel four times."""
+    try:
+        prepare_host()
+    except LabUnavailable as exc:
+        pytest.skip(str(exc))
+    return scenario("ike_scenarios", "one-ike-sa", 2)
+
+
+def test_both_ends_loading_one_tunnel_end_with_one_ike_sa_and_one_child_sa_each_time(
+    loads: dict[str, Any],
+) -> None:
+    """Staggered, together, crossing on the wire, together: always one IKE_SA per tunnel."""
+    report = loads
+    assert [r["kind"] for r in report["rounds"]] == [
+        "staggered", "together", "crossing", "together",
+    ]  # fmt: skip
+    one = [{"conn": "site-2" if ce == "ce1" else "site-1", "state": "ESTABLISHED",
+            "children": ["INSTALLED"]} for ce in ("ce1", "ce2")]  # fmt: skip
+    for r in report["rounds"]:
+        assert r["reached_after_s"] is not None, r
+        for ce, expected in zip(("ce1", "ce2"), one, strict=True):
+            assert [{k: sa[k] for k in expected} for sa in r["sas"][ce]] == [expected], r
+        assert r["kernel_sas"] == {"ce1": 2, "ce2": 2}, r
+        assert r["cleared"] is not None, r
+    crossing = report["rounds"][2]
+    assert report["both_sent"] is not None  # two IKE_SA_INITs crossed ...
+    assert crossing["duplicates_deleted"] == 1  # ... and one end deleted the one it started
+
+
+def test_a_peer_not_provisioned_yet_is_named_as_such_in_the_failure_reason(
+    loads: dict[str, Any],
+) -> None:
+    """Site 2 negotiates before site 1 has its configuration: site 1's charon answers
+    NO_PROPOSAL_CHOSEN, and site 2 says the peer does not know it (yet)."""
+    refusals = loads["refusals"]
+    assert [r["retry-count"] for r in refusals[:2]] == ["1", "2"], refusals
+    assert all(
+        r["reason"].startswith("the peer has no configuration for this CE") for r in refusals
+    ), refusals
