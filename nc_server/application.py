@@ -139,9 +139,9 @@ class ServiceApplication(ServiceDatastore):
         self._removing: dict[str, SiteView] = {}
         """Sites deleted in 'deprovision' mode whose CE has not been cleaned yet."""
         self.southbound = Southbound()
+        """Standing management links to the CEs, reused by every push and audit."""
         self.applied = AppliedLedger(self.storage)
         """What each CE confirmed last."""
-        """Standing management links to the CEs, reused by every push and audit."""
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- transaction -------------------------------------------------------------
