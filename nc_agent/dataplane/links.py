@@ -28,6 +28,7 @@ from typing import Any, Literal, TypeVar
 
 from pyroute2.netlink.exceptions import NetlinkError
 
+from nc_agent.dataplane.link_batch import BatchError, add_tunnels, batchable
 from nc_agent.dataplane.netns import netlink_reason, with_ipr
 
 IPIP_PREFIX = "cvi"
@@ -138,9 +139,16 @@ class Links:
         """Create devices in the SP space, move them to the VPN space, configure them there.
 
         One namespace switch and one rtnetlink handle for the whole batch (each
-        costs tens of milliseconds under a slow kernel).  On failure the
-        LinkError's ``created`` lists the devices already made.
+        costs tens of milliseconds under a slow kernel); IPv4 devices, all new,
+        go to the kernel in one netlink batch per namespace (link_batch).  On
+        failure the LinkError's ``created`` lists the devices already made.
         """
+        if tunnels and all(batchable(t) for t in tunnels):
+            try:
+                add_tunnels(tunnels, self.sp_netns, self.vpn_netns, ROUTE_PROTO)
+            except BatchError as exc:
+                raise LinkError(str(exc), exc.created) from exc
+            return
         created: list[str] = []
 
         def create_all(sp: Any) -> None:
