@@ -24,7 +24,7 @@ of a site drops that site's own entries.
 
 A compile after a small change must not even *visit* the n^2 entries (half
 a million in a 1,000-site mesh: seconds of Python), so it works from what
-changed, site by site (:func:`_incremental`): the sites added, removed, or
+changed (:meth:`CompileCache._incremental`): the sites added, removed, or
 whose fingerprint changed make every pair they are part of checked again;
 a site's changed extra routes, the entries concerned.  Key material has no
 fingerprint (rotation happens at any time), so the KeySource says which
@@ -43,6 +43,9 @@ near its end (a new site sorts last) hashes only its last entries again.  A
 site whose entries and other sections did not change keeps its previous
 :class:`CeConfig` object, and a changed one records what changed
 (:class:`PeerChanges`), so that comparing two compiles costs what changed.
+The cache's own lists and records are edited in place, but only once
+everything that can fail has been done: a CompileError still leaves the
+previous state.
 
 Output configurations share sub-trees with each other and with the cache
 (a peer's tunnel container, for instance): treat them as read-only.
