@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from _libyang import ffi, lib
 from lxml import etree
 
-from nc_core.edit import new_datastore
+from nc_core.edit import EntryPatch, new_datastore, remember_patch
 from nc_core.errors import RpcError, RpcErrors
 from nc_core.redaction import is_secret, schema_chain, secret_message
 from nc_core.schema import (
@@ -336,6 +336,9 @@ class Validator:
             checked.free()
         if tree is None:
             return None
+        patch = _entry_patch(old, canonical, scoped, keys, removed)
+        if patch is not None:
+            remember_patch(patch)
         canonical_bytes = serialize(canonical)
         entries = dict(before)
         for key in removed:
@@ -412,6 +415,9 @@ class Validator:
                 return None
             if before.get(key) != etree.tostring(made):
                 differing.append(key)
+        patch = _entry_patch(old, canonical, scoped, keys, removed)
+        if patch is not None:
+            remember_patch(patch)
         if memo is not None:
             self._checked = _Checked(
                 serialize(canonical),
@@ -770,6 +776,33 @@ def _find_entry(
     if isinstance(found, list) and found and isinstance(found[0], etree._Element):
         return found[0]
     return None
+
+
+def _entry_patch(
+    old: etree._Element,
+    new: etree._Element,
+    scoped: EntryScopedList,
+    keys: list[tuple[str, ...]],
+    removed: set[tuple[str, ...]],
+) -> EntryPatch | None:
+    """What :func:`nc_core.edit.diff` needs to compare ``old`` and ``new`` (the patched
+    canonical form of a change) by their changed entries only."""
+    old_parent, new_parent = _parent_of(old, scoped), _parent_of(new, scoped)
+    if old_parent is None or new_parent is None:
+        return None
+    gone = [_find_entry(old_parent, scoped, key) for key in removed]
+    changed = [_find_entry(new_parent, scoped, key) for key in keys]
+    previous = [_find_entry(old_parent, scoped, key) for key in keys]
+    if any(e is None for e in gone) or any(e is None for e in changed):
+        return None
+    return EntryPatch(
+        old,
+        new,
+        scoped.tags,
+        tuple(sorted((e for e in gone if e is not None), key=old_parent.index)),
+        tuple(e for e in changed if e is not None),
+        tuple(previous),
+    )
 
 
 def _quoted(value: str) -> str:

@@ -754,8 +754,60 @@ def diff(
     3.4.5, and an application walks it if it needs them).  ``only`` restricts
     the comparison to top-level nodes with these tags.
     """
+    if old is new:
+        return []  # one tree (the running configuration handed out again)
+    patch = _PATCHES.get(id(new))
+    if patch is not None and patch.old is old and patch.new is new:
+        return _diff_patch(patch, index, only)
     changes: list[Change] = []
     _diff_children(old, new, None, index, changes, only)
+    return changes
+
+
+@dataclass(frozen=True)
+class EntryPatch:
+    """``new`` is a copy of ``old`` (datastore roots) in which only the entries at
+    ``entries`` (a path of containers from the root down to a list, Clark tags) with
+    these keys changed: ``removed`` (in old's order), ``changed`` (new or changed, in
+    new's order).  Made by nc_core.datastore's incremental validation, which knows it;
+    :func:`diff` then compares those entries only, with the result a whole comparison
+    gives."""
+
+    old: etree._Element
+    new: etree._Element
+    entries: tuple[str, ...]
+    removed: tuple[etree._Element, ...]
+    changed: tuple[etree._Element, ...]
+    """Entries of ``new``."""
+    previous: tuple[etree._Element | None, ...]
+    """For each of ``changed``, the entry of ``old`` it replaces (None: a new entry)."""
+
+
+_PATCHES: dict[int, EntryPatch] = {}
+"""The last patch per new root (one: the validator keeps only the last)."""
+
+
+def remember_patch(patch: EntryPatch) -> None:
+    _PATCHES.clear()
+    _PATCHES[id(patch.new)] = patch
+
+
+def _diff_patch(patch: EntryPatch, index: SchemaIndex, only: set[str] | None) -> list[Change]:
+    if only is not None and patch.entries[0] not in only:
+        return []
+    snode: SchemaNode | None = None
+    for tag in patch.entries:
+        snode = (
+            index.top_node(namespace(tag), local(tag)) if snode is None else snode.child_by_tag(tag)
+        )
+        if snode is None:
+            raise LookupError(tag)
+    changes = [Change("delete", entry) for entry in patch.removed]
+    for entry, previous in zip(patch.changed, patch.previous, strict=True):
+        if previous is None:
+            changes.append(Change("create", entry))
+        elif etree.tostring(previous) != etree.tostring(entry):
+            _diff_children(previous, entry, snode, index, changes)
     return changes
 
 

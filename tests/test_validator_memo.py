@@ -17,7 +17,7 @@ import pytest
 from lxml import etree
 
 from nc_core.datastore import Validator, free, serialize
-from nc_core.edit import Editor, new_datastore
+from nc_core.edit import Change, Editor, diff, instance_path, new_datastore
 from nc_core.errors import RpcErrors
 from nc_core.schema import CE_MODULES
 from nc_core.server import NetconfServer, ServerOptions
@@ -379,3 +379,32 @@ def test_a_checked_candidate_changed_afterwards_is_compared_again(server):
         assert validator.counts["recorded"] == 0
     finally:
         free(first)
+
+
+def described(changes: list[Change], index: object) -> list[tuple[str, str]]:
+    return [(c.op, instance_path(c.element, index)[0]) for c in changes]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", sorted(EDITS))
+def test_the_diff_of_a_patched_configuration_is_the_diff_of_the_whole(server, name):
+    """diff() compares only the entries incremental validation changed: with the same
+    changes, in the same order, as comparing everything."""
+    validator = fresh(server)
+    first = validator.validate(configuration(server, "".join(peer(i) for i in range(40))))
+    running = validator.canonical(first)
+    tree = validator.validate(edited(server, running, EDITS[name]))
+    made = validator.canonical(tree)
+    try:
+        expected = diff(deepcopy(running), deepcopy(made), server.index)
+        assert expected
+        assert described(diff(running, made, server.index), server.index) == described(
+            expected, server.index
+        )
+    finally:
+        free(first)
+        free(tree)
+
+
+def test_a_tree_compared_with_itself_has_no_changes(server):
+    root = configuration(server, peer(1))
+    assert diff(root, root, server.index) == []
