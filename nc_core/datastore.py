@@ -226,17 +226,33 @@ class _Valid:
     """The configuration last found fully valid (Validator's memo)."""
 
     inputs: set[bytes]
-    """Serialised datastores known to make ``tree`` (what was validated, and the
-    canonical form of the result once it was made)."""
+    """Serialised datastores known to make ``tree`` (what was validated; the canonical
+    form's bytes are added once made, see :meth:`canonical_bytes`)."""
     tree: _SharedTree
     canonical: etree._Element | None = None
-    """Its canonical form, by reference (the caller's running tree, never changed in
-    place): ``canonical_bytes`` say whether it still is what was made."""
-    canonical_bytes: bytes = b""
-    canonical_given: bool = True
-    """False until ``canonical`` is handed out the first time (uncopied then)."""
+    """Its canonical form, shared with whoever it was handed to (the running
+    configuration): trees handed out are replaced, never changed in place, as the
+    server's datastore trees are."""
+    _canonical_bytes: bytes | None = None
     entries: dict[tuple[str, ...], dict[tuple[str, ...], bytes]] = field(default_factory=dict)
     """Per entry-scoped list, each entry's serialised canonical form by its key."""
+
+    def canonical_bytes(self) -> bytes | None:
+        """``canonical`` serialised (made when first needed: a commit the confirming
+        commit hands back as the same tree never needs it)."""
+        if self._canonical_bytes is None and self.canonical is not None:
+            self._canonical_bytes = serialize(self.canonical)
+            self.inputs.add(self._canonical_bytes)
+        return self._canonical_bytes
+
+    def knows(self, root: etree._Element) -> bool:
+        """Whether ``root`` is this configuration: its canonical form itself, or a tree
+        with the same bytes as something validated into it."""
+        if root is self.canonical:
+            return True
+        data = serialize(root)
+        self.canonical_bytes()
+        return data in self.inputs
 
 
 class Validator:
@@ -286,13 +302,22 @@ class Validator:
         """
         if not full:
             return self.parse_only(root)
-        data = serialize(root)
         valid = self._valid
-        if valid is not None and data in valid.inputs:
+        if valid is not None and root is valid.canonical:
             self.counts["remembered"] += 1
             return valid.tree.handle()
         if valid is not None and valid.canonical is not None:
-            quick = self._incremental(root, data, valid)
+            quick = self._recorded(root, valid)
+            if quick is not None:
+                self.counts["changed-entries"] += 1
+                return quick
+        data = serialize(root)
+        if valid is not None and (valid.canonical_bytes() == data or data in valid.inputs):
+            self.counts["remembered"] += 1
+            return valid.tree.handle()
+        if valid is not None and valid.canonical is not None:
+            found = self._entry_changes(valid.canonical, root, valid)
+            quick = None if found is None else self._incremental(root, {data}, valid, found)
             if quick is not None:
                 self.counts["changed-entries"] += 1
                 return quick
@@ -307,18 +332,42 @@ class Validator:
 
     # -- incremental validation ---------------------------------------------------
 
-    def _incremental(self, root: etree._Element, data: bytes, valid: _Valid) -> Any:
-        """The tree of ``root`` validated through the changed entries of one entry-scoped
-        list only, or None (nothing decided: validate it whole)."""
+    def _recorded(self, root: etree._Element, valid: _Valid) -> Any:
+        """:meth:`_incremental` with the changes the candidate's check found, when
+        ``root`` is that candidate (the same tree, or its bytes) and was checked against
+        the remembered configuration: nothing to compare again."""
+        record = self._checked
+        if record is None or record.base is not valid.canonical:
+            return None
+        if root is not record.canonical:
+            if serialize(root) != record.data():
+                return None
+        scoped = record.scoped
+        changed = [_find_entry(_parent_of(root, scoped), scoped, key) for key in record.changed]
+        if any(e is None for e in changed):
+            return None
         old = valid.canonical
         assert old is not None
-        found = self._recorded_changes(root, data, valid)
-        if found is not None:
+        found: _EntryChanges = (
+            scoped,
+            [e for e in changed if e is not None],
+            list(record.changed),
+            set(record.removed),
+            list(record.fresh),
+            self._entries_before(valid, old, scoped),
+        )
+        quick = self._incremental(root, set(), valid, found)
+        if quick is not None:
             self.counts["recorded"] += 1
-        else:
-            found = self._entry_changes(old, root, valid)
-        if found is None:
-            return None
+        return quick
+
+    def _incremental(
+        self, root: etree._Element, inputs: set[bytes], valid: _Valid, found: _EntryChanges
+    ) -> Any:
+        """The tree of ``root`` validated through the changed entries of one entry-scoped
+        list only (``found``), or None (nothing decided: validate it whole)."""
+        old = valid.canonical
+        assert old is not None
         scoped, changed, keys, removed, fresh, before = found
         partial = _without_unchanged(root, scoped, set(map(id, changed)))
         try:
@@ -339,7 +388,6 @@ class Validator:
         patch = _entry_patch(old, canonical, scoped, keys, removed)
         if patch is not None:
             remember_patch(patch)
-        canonical_bytes = serialize(canonical)
         entries = dict(before)
         for key in removed:
             del entries[key]
@@ -351,14 +399,7 @@ class Validator:
                 return None
             entries[key] = etree.tostring(made)
         return self._remember(
-            _Valid(
-                {data, canonical_bytes},
-                tree,
-                canonical=canonical,
-                canonical_bytes=canonical_bytes,
-                canonical_given=False,
-                entries={scoped.tags: entries},
-            )
+            _Valid(inputs, tree, canonical=canonical, entries={scoped.tags: entries})
         )
 
     def checked_nodes(
@@ -389,8 +430,7 @@ class Validator:
     ) -> tuple[etree._Element, bool] | None:
         self._checked = None
         valid = self._valid
-        base = serialize(old) if valid is not None else b""
-        memo = valid if valid is not None and base == valid.canonical_bytes else None
+        memo = valid if valid is not None and valid.knows(old) else None
         found = self._entry_changes(old, new, memo)
         if found is None:
             return None
@@ -418,10 +458,10 @@ class Validator:
         patch = _entry_patch(old, canonical, scoped, keys, removed)
         if patch is not None:
             remember_patch(patch)
-        if memo is not None:
+        if memo is not None and memo.canonical is not None:
             self._checked = _Checked(
-                serialize(canonical),
-                base,
+                canonical,
+                memo.canonical,
                 scoped,
                 tuple(differing),
                 frozenset(removed),
@@ -580,32 +620,6 @@ class Validator:
             before,
         )
 
-    def _recorded_changes(
-        self, root: etree._Element, data: bytes, valid: _Valid
-    ) -> _EntryChanges | None:
-        """The changes the candidate's check found, when ``root`` is that candidate (its
-        canonical form: the same bytes) and it was checked against the remembered
-        configuration: nothing to compare again."""
-        record = self._checked
-        if record is None or record.data != data or record.base != valid.canonical_bytes:
-            return None
-        old = valid.canonical
-        assert old is not None
-        scoped = record.scoped
-        parent = _parent_of(root, scoped)
-        changed = [_find_entry(parent, scoped, key) for key in record.changed]
-        if any(e is None for e in changed):
-            return None
-        before = self._entries_before(valid, old, scoped)
-        return (
-            scoped,
-            [e for e in changed if e is not None],
-            list(record.changed),
-            set(record.removed),
-            list(record.fresh),
-            before,
-        )
-
     def _remember(self, valid: _Valid) -> Any:
         forgotten, self._valid = self._valid, valid
         if forgotten is not None:
@@ -641,14 +655,7 @@ class Validator:
         valid = self._valid
         mine = valid is not None and self._is_remembered(tree)
         if mine and valid is not None and valid.canonical is not None:
-            if not valid.canonical_given:
-                # Made by incremental validation, for the caller that validated it.
-                valid.canonical_given = True
-                return valid.canonical
-            # The canonical form made before, if nobody changed it: shared, as the
-            # running configuration's trees are (replaced, never changed in place).
-            if serialize(valid.canonical) == valid.canonical_bytes:
-                return valid.canonical
+            return valid.canonical  # shared: see _Valid.canonical
         text = tree.print_mem("xml", with_siblings=True, pretty=False)
         if text:
             wrapped = f'<data xmlns="{NC_NS}">{text}</data>'.encode()
@@ -658,9 +665,7 @@ class Validator:
                 raise RuntimeError(f"libyang printed unparsable XML: {exc}") from exc
             root = parsed
         if mine and valid is not None:
-            valid.canonical, valid.canonical_given = root, True
-            valid.canonical_bytes = serialize(root)
-            valid.inputs.add(valid.canonical_bytes)
+            valid.canonical = root
             valid.entries = {}
         return root
 
@@ -703,19 +708,26 @@ _EntryChanges = tuple[
 (in order, after all others), and every entry before, serialised, by key."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Checked:
     """What the last check of the candidate found (Validator.checked_nodes)."""
 
-    data: bytes
-    """The checked candidate (canonical), serialised."""
-    base: bytes
-    """The remembered canonical configuration it was an edit of, serialised."""
+    canonical: etree._Element
+    """The checked candidate (canonical), as handed out."""
+    base: etree._Element
+    """The remembered canonical configuration it was an edit of."""
     scoped: EntryScopedList
     changed: tuple[tuple[str, ...], ...]
     """Keys of the entries it added or changed (their canonical form differs)."""
     removed: frozenset[tuple[str, ...]]
     fresh: tuple[tuple[str, ...], ...]
+    _data: bytes | None = None
+
+    def data(self) -> bytes:
+        """The checked candidate serialised (for a copy of it, made when first needed)."""
+        if self._data is None:
+            self._data = serialize(self.canonical)
+        return self._data
 
 
 _FINDERS: dict[
