@@ -306,7 +306,9 @@ async def edit(
             if test_option == "test-only":
                 await _test_only(server, session, ds.root, work, tags)
             else:
-                canonical, changed = _checked_candidate(server, session, work, tags)
+                canonical, changed = _checked_candidate(
+                    server, session, work, tags, config, default_op
+                )
                 if changed:
                     server.replace_candidate(canonical)
         if editor.errors:
@@ -331,7 +333,12 @@ async def _test_only(
 
 
 def _checked_candidate(
-    server: NetconfServer, session: Session, root: etree._Element, only: set[str] | None
+    server: NetconfServer,
+    session: Session,
+    root: etree._Element,
+    only: set[str] | None,
+    edit: etree._Element | None = None,
+    default_operation: str = "merge",
 ) -> tuple[etree._Element, bool]:
     """A new candidate in canonical form, checked node by node and against NACM, and
     whether it differs from the candidate.
@@ -341,7 +348,7 @@ def _checked_candidate(
     """
     hash_clear_text_passwords(root)
     old = server.datastores["candidate"].root
-    canonical, differs = server.validator.checked_nodes(old, root)
+    canonical, differs = server.validator.checked_nodes(old, root, edit, default_operation)
     if server.nacm.permits_all_writes(session.user):
         # Nothing to check node by node: whether anything changed is all that matters
         # (a 10,000-entry edit: 4 ms to compare the documents instead of 45 to diff them).

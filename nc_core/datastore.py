@@ -403,7 +403,11 @@ class Validator:
         )
 
     def checked_nodes(
-        self, old: etree._Element, new: etree._Element
+        self,
+        old: etree._Element,
+        new: etree._Element,
+        edit: etree._Element | None = None,
+        default_operation: str = "merge",
     ) -> tuple[etree._Element, bool]:
         """``new`` checked node by node (:meth:`parse_only`) and in canonical form, and
         whether it differs from ``old``, a canonical tree that passed the same check (the
@@ -413,8 +417,13 @@ class Validator:
         the changed entries are parsed and printed: nothing a node-by-node check finds
         can be anywhere else, and the first finding in the changed entries is the first
         in the whole document.  Anything found is reported by the check of the whole
-        document, so the rpc-error is the one it always was."""
-        quick = self._checked_entries(old, new)
+        document, so the rpc-error is the one it always was.
+
+        ``edit`` is the <config> of an <edit-config> that made ``new`` of ``old`` (with
+        ``default_operation``): when it only merges entries of one such list into
+        containers ``old`` has, the other entries are unchanged by what an edit is, and
+        only those it names are looked at."""
+        quick = self._checked_entries(old, new, self._edited_entries(old, edit, default_operation))
         if quick is not None:
             self.counts["checked-entries"] += 1
             return quick
@@ -425,13 +434,101 @@ class Validator:
             free(tree)
         return canonical, etree.tostring(old) != etree.tostring(canonical)
 
+    def _edited_entries(
+        self, old: etree._Element, edit: etree._Element | None, default_operation: str
+    ) -> tuple[EntryScopedList, list[tuple[str, ...]]] | None:
+        """The list and the keys of the entries an edit names, when it names nothing
+        else: no operation above them, containers ``old`` has (creating one could drop
+        another case of a choice), keys written as they are stored."""
+        if edit is None or default_operation == "replace":
+            return None
+        if self._lists is None:
+            self._lists = entry_scoped_lists(self.index)
+        top = [c for c in edit if isinstance(c.tag, str)]
+        for scoped in self._lists.values():
+            if not scoped.plain:
+                continue
+            level, held = top, old
+            for tag in scoped.tags[:-1]:
+                if len(level) != 1 or level[0].tag != tag or level[0].attrib:
+                    break
+                found = held.find(tag)
+                if found is None:
+                    break
+                level, held = [c for c in level[0] if isinstance(c.tag, str)], found
+            else:
+                if not level or any(c.tag != scoped.tags[-1] for c in level):
+                    continue
+                keys = []
+                for entry in level:
+                    key = []
+                    for tag in scoped.keys:
+                        leaf = entry.find(tag)
+                        text = None if leaf is None else (leaf.text or "")
+                        if text is None or text != text.strip() or len(leaf):  # type: ignore[arg-type]
+                            return None
+                        key.append(text)
+                    keys.append(tuple(key))
+                return scoped, keys
+        return None
+
+    def _named_changes(
+        self,
+        old: etree._Element,
+        new: etree._Element,
+        memo: _Valid | None,
+        scoped: EntryScopedList,
+        named: list[tuple[str, ...]],
+    ) -> _EntryChanges | None:
+        """:meth:`_entry_changes` when only the ``named`` entries can have changed."""
+        before = self._entries_before(memo, old, scoped)
+        parent = _parent_of(new, scoped)
+        if parent is None:
+            return None
+        changed: list[tuple[etree._Element, tuple[str, ...]]] = []
+        removed: set[tuple[str, ...]] = set()
+        fresh: list[tuple[etree._Element, tuple[str, ...]]] = []
+        for key in dict.fromkeys(named):
+            entry = _find_entry(parent, scoped, key)
+            if entry is None:
+                if key in before:
+                    removed.add(key)
+            elif key not in before:
+                fresh.append((entry, key))
+            elif before[key] != etree.tostring(entry):
+                changed.append((entry, key))
+        if fresh:
+            tail = parent.findall(scoped.tags[-1])[-len(fresh) :]
+            order = {id(e): i for i, e in enumerate(tail)}
+            if set(order) != {id(e) for e, _ in fresh}:
+                return None  # new entries are not all after the others
+            fresh.sort(key=lambda pair: order[id(pair[0])])
+        changed.sort(key=lambda pair: parent.index(pair[0]))
+        everything = changed + fresh
+        return (
+            scoped,
+            [e for e, _ in everything],
+            [k for _, k in everything],
+            removed,
+            [k for _, k in fresh],
+            before,
+        )
+
     def _checked_entries(
-        self, old: etree._Element, new: etree._Element
+        self,
+        old: etree._Element,
+        new: etree._Element,
+        named: tuple[EntryScopedList, list[tuple[str, ...]]] | None = None,
     ) -> tuple[etree._Element, bool] | None:
         self._checked = None
         valid = self._valid
         memo = valid if valid is not None and valid.knows(old) else None
-        found = self._entry_changes(old, new, memo)
+        if named is not None:
+            found = self._named_changes(old, new, memo, *named)
+            if found is not None:
+                self.counts["named-entries"] += 1
+        else:
+            found = self._entry_changes(old, new, memo)
         if found is None:
             return None
         scoped, changed, keys, removed, fresh, before = found

@@ -422,6 +422,9 @@ class EntryScopedList:
     """Clark tags of the key leaves."""
     uniques: tuple[tuple[tuple[str, ...], ...], ...]
     """Each ``unique`` statement: the Clark-tag paths of its leaves, from an entry."""
+    plain: bool = False
+    """Ordered by the system, and neither it nor a container above it in a choice: an
+    edit that merges entries into the existing containers above changes nothing else."""
 
 
 _XPATH_TOKEN = re.compile(
@@ -667,8 +670,19 @@ def entry_scoped_lists(index: SchemaIndex) -> dict[tuple[str, ...], EntryScopedL
         if uniques is None:
             continue
         tags = tuple(_tag_path(index, lst))
-        found[tags] = EntryScopedList(tags, lst.key_tags, uniques)
+        plain = not lst.user_ordered and not _in_a_case(index, tags)
+        found[tags] = EntryScopedList(tags, lst.key_tags, uniques, plain)
     return found
+
+
+def _in_a_case(index: SchemaIndex, tags: tuple[str, ...]) -> bool:
+    node: SchemaNode | None = None
+    for tag in tags:
+        ns, _, name = tag[1:].partition("}")
+        node = index.top_node(ns, name) if node is None else node.child(ns, name)
+        if node is None or node.cases:
+            return True
+    return False
 
 
 def _local_path(path: str) -> list[str]:

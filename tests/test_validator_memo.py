@@ -199,13 +199,16 @@ def test_a_transactions_subtree_json_is_the_whole_documents_subtree(server):
 # -- incremental validation: the same verdicts, trees and canonical forms as full ---------
 
 
+def edit_config(edit: str) -> etree._Element:
+    return etree.fromstring(
+        f'<config xmlns="{NC}"><ce xmlns="{CE}" xmlns:t="{T}" xmlns:nc="{NC}">{edit}</ce></config>'
+    )
+
+
 def edited(server: NetconfServer, root: etree._Element, edit: str) -> etree._Element:
     """``root`` after an edit of its ``ce`` (nc:operation attributes allowed)."""
     work = deepcopy(root)
-    config = etree.fromstring(
-        f'<config xmlns="{NC}"><ce xmlns="{CE}" xmlns:t="{T}" xmlns:nc="{NC}">{edit}</ce></config>'
-    )
-    Editor(server.index).apply(work, config, "merge")
+    Editor(server.index).apply(work, edit_config(edit), "merge")
     return work
 
 
@@ -425,3 +428,33 @@ def test_committing_the_checked_candidate_tree_itself_uses_what_its_check_found(
     finally:
         for t in (first, tree, reference):
             free(t)
+
+
+@pytest.mark.parametrize("name", sorted(NODE_EDITS))
+def test_an_edit_naming_its_entries_is_checked_into_the_same_canonical_form(server, name):
+    """Given the edit, only the entries it names are looked at: the others are what they
+    were, by what an edit is."""
+    validator = fresh(server)
+    old = configuration(server, "".join(peer(i) for i in range(30)))
+    tree = validator.parse_only(old)
+    old = validator.canonical(tree)
+    free(tree)
+    new = edited(server, old, NODE_EDITS[name])
+    canonical, differs = validator.checked_nodes(old, new, edit_config(NODE_EDITS[name]))
+    assert (etree.tostring(canonical), differs) == whole_check(server, old, new)
+    assert validator.counts["named-entries"] == (name != "change something else too")
+
+
+def test_an_edit_replacing_the_container_names_no_entries(server):
+    validator = fresh(server)
+    old = configuration(server, "".join(peer(i) for i in range(5)))
+    tree = validator.parse_only(old)
+    old = validator.canonical(tree)
+    free(tree)
+    config = edit_config(peer(9))
+    config[0].set(f"{{{NC}}}operation", "replace")
+    new = deepcopy(old)
+    Editor(server.index).apply(new, config, "merge")
+    canonical, differs = validator.checked_nodes(old, new, config)
+    assert (etree.tostring(canonical), differs) == whole_check(server, old, new)
+    assert validator.counts["named-entries"] == 0
