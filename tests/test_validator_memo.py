@@ -458,3 +458,21 @@ def test_an_edit_replacing_the_container_names_no_entries(server):
     canonical, differs = validator.checked_nodes(old, new, config)
     assert (etree.tostring(canonical), differs) == whole_check(server, old, new)
     assert validator.counts["named-entries"] == 0
+
+
+def test_a_change_of_many_entries_is_validated_whole(server):
+    """Each changed entry costs a look-up among all: past a few, whole is cheaper."""
+    validator = fresh(server)
+    first = validator.validate(configuration(server, peer(0)))
+    running = validator.canonical(first)
+    many = "".join(peer(i) for i in range(1, 41))
+    candidate, _ = validator.checked_nodes(
+        running, edited(server, running, many), edit_config(many)
+    )
+    tree = validator.validate(candidate)
+    try:
+        assert validator.counts["named-entries"] == validator.counts["changed-entries"] == 0
+        assert validator.counts["whole"] == 2
+    finally:
+        free(first)
+        free(tree)
