@@ -455,9 +455,13 @@ class Validator:
                 found = held.find(tag)
                 if found is None:
                     break
+                if len(level[0]) > FEW_ENTRIES * 2:
+                    return None  # more than is worth looking at one by one
                 level, held = [c for c in level[0] if isinstance(c.tag, str)], found
             else:
-                if not level or any(c.tag != scoped.tags[-1] for c in level):
+                if not level or len(level) > FEW_ENTRIES:
+                    return None  # nothing, or more than is worth looking at one by one
+                if any(c.tag != scoped.tags[-1] for c in level):
                     continue
                 keys = []
                 for entry in level:
