@@ -408,6 +408,7 @@ class Validator:
         new: etree._Element,
         edit: etree._Element | None = None,
         default_operation: str = "merge",
+        copy_of: etree._Element | None = None,
     ) -> tuple[etree._Element, bool]:
         """``new`` checked node by node (:meth:`parse_only`) and in canonical form, and
         whether it differs from ``old``, a canonical tree that passed the same check (the
@@ -422,8 +423,12 @@ class Validator:
         ``edit`` is the <config> of an <edit-config> that made ``new`` of ``old`` (with
         ``default_operation``): when it only merges entries of one such list into
         containers ``old`` has, the other entries are unchanged by what an edit is, and
-        only those it names are looked at."""
-        quick = self._checked_entries(old, new, self._edited_entries(old, edit, default_operation))
+        only those it names are looked at.  ``copy_of``: a tree ``old`` is an unchanged
+        copy of (the running configuration a candidate follows), so that it is known
+        without comparing."""
+        quick = self._checked_entries(
+            old, new, self._edited_entries(old, edit, default_operation), copy_of
+        )
         if quick is not None:
             self.counts["checked-entries"] += 1
             return quick
@@ -523,10 +528,14 @@ class Validator:
         old: etree._Element,
         new: etree._Element,
         named: tuple[EntryScopedList, list[tuple[str, ...]]] | None = None,
+        copy_of: etree._Element | None = None,
     ) -> tuple[etree._Element, bool] | None:
         self._checked = None
         valid = self._valid
-        memo = valid if valid is not None and valid.knows(old) else None
+        memo = None
+        if valid is not None and valid.canonical is not None:
+            if (copy_of is not None and copy_of is valid.canonical) or valid.knows(old):
+                memo = valid
         if named is not None:
             found = self._named_changes(old, new, memo, *named)
             if found is not None:

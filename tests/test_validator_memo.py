@@ -476,3 +476,21 @@ def test_a_change_of_many_entries_is_validated_whole(server):
     finally:
         free(first)
         free(tree)
+
+
+def test_a_candidate_known_as_a_copy_of_running_is_checked_against_it_without_comparing(server):
+    """base_ops passes the running tree a candidate nobody changed is a copy of."""
+    validator = fresh(server)
+    first = validator.validate(configuration(server, "".join(peer(i) for i in range(10))))
+    running = validator.canonical(first)
+    old = deepcopy(running)
+    new = edited(server, old, peer(20))
+    candidate, differs = validator.checked_nodes(old, new, edit_config(peer(20)), copy_of=running)
+    tree = validator.validate(deepcopy(candidate))
+    reference = server.schema.parse_config(serialize(new), "xml")
+    try:
+        assert differs and validator.counts["recorded"] == 1
+        assert with_defaults(tree) == with_defaults(reference)
+    finally:
+        for t in (first, tree, reference):
+            free(t)
