@@ -356,16 +356,26 @@ class Validator:
             list(record.fresh),
             self._entries_before(valid, old, scoped),
         )
-        quick = self._incremental(root, set(), valid, found)
+        quick = self._incremental(root, set(), valid, found, canonical_root=True)
         if quick is not None:
             self.counts["recorded"] += 1
         return quick
 
     def _incremental(
-        self, root: etree._Element, inputs: set[bytes], valid: _Valid, found: _EntryChanges
+        self,
+        root: etree._Element,
+        inputs: set[bytes],
+        valid: _Valid,
+        found: _EntryChanges,
+        canonical_root: bool = False,
     ) -> Any:
         """The tree of ``root`` validated through the changed entries of one entry-scoped
-        list only (``found``), or None (nothing decided: validate it whole)."""
+        list only (``found``), or None (nothing decided: validate it whole).
+
+        ``canonical_root``: ``root`` is the canonical form already (the candidate its
+        check made, or a copy of it: explicit nodes, canonical values, as libyang prints
+        them whether the tree was validated or only parsed), so it becomes the canonical
+        form of the result as it is."""
         old = valid.canonical
         assert old is not None
         scoped, changed, keys, removed, fresh, before = found
@@ -375,8 +385,12 @@ class Validator:
         except ValidationFailed:
             return None  # full validation says what is wrong, in its words
         try:
-            canonical = _patched_canonical(
-                old, scoped, self.canonical_of(checked), keys, removed, fresh
+            canonical = (
+                root
+                if canonical_root
+                else _patched_canonical(
+                    old, scoped, self.canonical_of(checked), keys, removed, fresh
+                )
             )
             if canonical is None or not _unique_holds(canonical, keys, scoped):
                 return None

@@ -350,14 +350,14 @@ def test_an_edit_of_the_candidate_is_refused_with_the_rpc_error_of_the_whole_che
     assert found == [(e.tag, e.app_tag, e.message, e.path) for e in expected.value.errors]
 
 
-@pytest.mark.parametrize("name", sorted(EDITS))
+@pytest.mark.parametrize("name", sorted(NODE_EDITS))
 def test_committing_a_checked_candidate_makes_what_full_validation_makes(server, name):
     """The commit takes the changed entries from the candidate's check, not comparing
     every entry again: the result must not tell."""
     validator = fresh(server)
     first = validator.validate(configuration(server, "".join(peer(i) for i in range(40))))
     running = validator.canonical(first)
-    candidate, _ = validator.checked_nodes(running, edited(server, running, EDITS[name]))
+    candidate, _ = validator.checked_nodes(running, edited(server, running, NODE_EDITS[name]))
     committed = deepcopy(candidate)  # what candidate_onto_running hands over
     tree = validator.validate(committed)
     reference = server.schema.parse_config(serialize(committed), "xml")
