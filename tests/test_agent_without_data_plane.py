@@ -52,3 +52,83 @@ def test_reset_tunnel_is_not_for_an_account_in_no_group(agent: ServerProcess, tm
     with ncclient_connect(agent, VIEWER) as m, pytest.raises(RPCError) as exc:
         m.dispatch(to_ele(RESET))
     assert exc.value.tag == "access-denied"
+
+
+# -- one-peer changes on a CE with many peers (incremental validation) ---------------------
+
+KEY = ":".join(["ab"] * 36)
+
+
+def many_peers_xml(indices: range | list[int], extra: str = "") -> str:
+    sa = (
+        "<spi>%d</spi><encryption-algorithm xmlns:t='urn:cevpn:yang:cevpn-types'>"
+        f"t:encr-aes-gcm-16-256</encryption-algorithm><encryption-key>{KEY}</encryption-key>"
+    )
+    peers = "".join(
+        f"<peer><name>p{i}</name><sp-address>10.9.{i // 250}.{1 + i % 250}</sp-address>"
+        f"<tunnel><remote-prefix>172.20.{i}.0/24</remote-prefix></tunnel><ikeless>"
+        f"<outbound>{sa % (0x3000 + 2 * i)}</outbound><inbound>{sa % (0x3001 + 2 * i)}</inbound>"
+        "</ikeless></peer>"
+        for i in indices
+    )
+    return f'<config xmlns="{NC}"><ce xmlns="{CE}">{peers}{extra}</ce></config>'
+
+
+def running_ce(m) -> bytes:  # type: ignore[no-untyped-def]
+    data = m.get_config("running", filter=("subtree", f'<ce xmlns="{CE}"/>')).data_xml
+    return etree.tostring(etree.fromstring(data.encode()), method="c14n")
+
+
+@pytest.fixture
+def loaded(agent: ServerProcess) -> Iterator[ServerProcess]:
+    with ncclient_connect(agent) as m:
+        m.edit_config(target="running", config=many_peers_xml(range(60)))
+    yield agent
+    with ncclient_connect(agent) as m:
+        m.edit_config(
+            target="running",
+            config=f'<config xmlns="{NC}" xmlns:nc="{NC}"><ce xmlns="{CE}">'
+            + "".join(f'<peer nc:operation="remove"><name>p{i}</name></peer>' for i in range(61))
+            + "</ce></config>",
+        )
+
+
+ONE_PEER = many_peers_xml(
+    [60],
+    "<peer><name>p3</name><tunnel><remote-prefix>172.30.0.0/24</remote-prefix></tunnel></peer>",
+)
+"""Peer p60 added and p3's prefix changed: what the VPN server sends for one new site."""
+
+
+def test_a_cancelled_confirmed_one_peer_commit_restores_exactly_the_configuration(loaded):
+    with ncclient_connect(loaded) as m:
+        before = running_ce(m)
+        m.discard_changes()
+        m.edit_config(target="candidate", config=ONE_PEER)
+        m.commit(confirmed=True, timeout="120", persist="t1")
+        assert running_ce(m) != before
+        m.cancel_commit(persist_id="t1")
+        assert running_ce(m) == before
+
+
+def test_a_confirmed_one_peer_commit_stays_once_confirmed_from_another_session(loaded):
+    with ncclient_connect(loaded) as m:
+        before = running_ce(m)
+        m.discard_changes()
+        m.edit_config(target="candidate", config=ONE_PEER)
+        m.commit(confirmed=True, timeout="120", persist="t2")
+        during = running_ce(m)
+    with ncclient_connect(loaded) as m:
+        m.commit(persist_id="t2")
+        assert running_ce(m) == during != before
+        assert during.count(b"<name>p60</name>") == 1
+
+
+def test_a_one_peer_change_duplicating_an_address_is_refused_as_full_validation_refuses(loaded):
+    duplicate = ONE_PEER.replace("10.9.0.61", "10.9.0.5")
+    with ncclient_connect(loaded) as m, pytest.raises(RPCError) as exc:
+        m.discard_changes()
+        m.edit_config(target="candidate", config=duplicate)
+        m.commit()
+    assert exc.value.tag == "operation-failed"
+    assert "Unique data leaf" in exc.value.message
