@@ -26,6 +26,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -51,6 +52,8 @@ LOG_TAIL = 256 << 10
 """How much of the end of charon.log is searched for an IKE_SA's lines."""
 LOG_LIMIT = 16 << 20
 """charon.log is moved to charon.log.1 at a start when it is bigger than this."""
+PIPELINE = 32
+"""VICI requests written before their answers are read (Charon.pipelined)."""
 
 
 class CharonError(RuntimeError):
@@ -307,6 +310,50 @@ class Charon:
                 raise CharonError(str(exc).removeprefix("Command failed: ")) from None
 
         return self.call(run)
+
+    def pipelined(self, requests: list[tuple[str, Mapping[str, Any]]]) -> list[str | None]:
+        """Plain VICI commands sent back to back, PIPELINE at a time, before their answers
+        are read (blocking): charon handles one session's requests in order, so this is
+        the same as one request() after the other without a round trip each (100
+        load-conn/load-shared of a 50-peer commit: ~0.15 s under UML).  For each request
+        None, or charon's error message."""
+
+        def run(session: Any) -> list[str | None]:
+            out: list[str | None] = []
+            for start in range(0, len(requests), PIPELINE):
+                chunk = requests[start : start + PIPELINE]
+                data = b"".join(
+                    struct.pack("!I", len(packet)) + packet
+                    for packet in (
+                        Packet.request(name, Message.serialize(message)) for name, message in chunk
+                    )
+                )
+                session.transport.socket.sendall(data)
+                for _ in chunk:
+                    response = Packet.parse(session.transport.receive())
+                    if response.response_type != Packet.CMD_RESPONSE:
+                        raise vici.exception.SessionException(
+                            f"unexpected VICI response type {response.response_type}"
+                        )
+                    answer = Message.deserialize(response.payload)
+                    if text(answer.get("success", b"yes")) == "yes":
+                        out.append(None)
+                    else:
+                        out.append(text(answer.get("errmsg", b"failed")))
+            return out
+
+        with self._lock:
+            if self._session is None:
+                self._session = self.open_session()
+            try:
+                return run(self._session)
+            except OSError:
+                # Not retried (unlike call()): some of the commands may have been done.
+                self._session = None
+                raise
+            except vici.exception.SessionException as exc:
+                self._session = None
+                raise CharonError(f"VICI session broken: {exc}") from None
 
     def streamed(self, name: str, event: str, message: Mapping[str, Any]) -> list[Any]:
         """A streaming VICI command (list-sas, initiate, terminate): its events."""

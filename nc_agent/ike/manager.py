@@ -305,10 +305,26 @@ class IkeManager:
         self.loaded_credentials = creds
 
     def _load_peers(self, peers: list[IkePeer], loaded: list[str]) -> None:
-        """Load these peers in one go (one thread hop), noting each that got loaded."""
+        """Load these peers in one go (one thread hop, the requests pipelined), noting
+        each that got loaded; IkeRefused names the first peer charon refused."""
+        requests: list[tuple[str, Mapping[str, Any]]] = []
+        owner: list[IkePeer] = []
         for peer in peers:
-            self._load_peer(peer)
-            loaded.append(peer.name)
+            secret = peer.vici_shared_key()
+            if secret is not None:
+                requests.append(("load-shared", secret))
+                owner.append(peer)
+            requests.append(("load-conn", peer.vici_connection()))
+            owner.append(peer)
+        refused: dict[str, str] = {}
+        for peer, error in zip(owner, self.charon.pipelined(requests), strict=True):
+            if error is not None:
+                refused.setdefault(peer.name, error)
+        loaded += [peer.name for peer in peers if peer.name not in refused]
+        for peer in peers:
+            if peer.name in refused:
+                message = f"charon refused the connection to peer {peer.name}: {refused[peer.name]}"
+                raise IkeRefused(message, peer.name)
 
     def _load_peer(self, peer: IkePeer) -> None:
         secret = peer.vici_shared_key()
@@ -479,20 +495,18 @@ class IkeManager:
             self._failed(name, f"charon refused to initiate: {message}")
 
     def _initiate_blocking(self, names: list[str]) -> dict[str, str]:
-        """One plain request per peer: no control-log subscription (three round trips
-        instead of one), as the outcome comes as events anyway."""
-        refused: dict[str, str] = {}
-        for name in names:
-            try:
-                self.charon.request(
-                    "initiate", {"child": name, "ike": name, "timeout": "-1", "loglevel": "-1"}
-                )
-            except CharonError as exc:
-                refused[name] = str(exc)
-            except OSError as exc:
-                log.debug("initiating %s: charon unreachable (%s)", name, exc)
-                break
-        return refused
+        """Plain requests, pipelined: no control-log subscription (three round trips per
+        peer instead of one, or none), as the outcome comes as events anyway."""
+        requests: list[tuple[str, Mapping[str, Any]]] = [
+            ("initiate", {"child": name, "ike": name, "timeout": "-1", "loglevel": "-1"})
+            for name in names
+        ]
+        try:
+            answers = self.charon.pipelined(requests)
+        except (CharonError, OSError) as exc:
+            log.debug("initiating: charon unreachable (%s)", exc)
+            return {}
+        return {name: error for name, error in zip(names, answers, strict=True) if error}
 
     async def _rearm_trap(self, name: str) -> None:
         """A traffic-driven peer's back-off ended: put its trap back."""
