@@ -380,6 +380,8 @@ class ServiceApplication(ServiceDatastore):
         """A CE runs a configuration: the IKE-less SAs it now receives with may be used by
         their senders (inbound first, then outbound).  Only the inbound SPIs of that very
         configuration count, in case a rekey began after it was compiled."""
+        if not self.keys.awaits_receiver(rec.vpn, rec.site):
+            return  # the usual case: listing the SPIs costs O(peers) per CE, O(CEs^2) in all
         installed = {
             int(peer["ikeless"]["inbound"]["spi"])
             for peer in applied.config.get("peer", [])

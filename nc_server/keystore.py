@@ -727,6 +727,12 @@ class KeyStore:
                 pending.append((from_site, to_site))
         return RekeyStep(tuple(sorted(pending)))
 
+    def awaits_receiver(self, vpn: str, site: str) -> bool:
+        """Whether ``site`` has new inbound SAs waiting for it to confirm them (so that
+        :meth:`receiver_applied` has something to do): callers skip the work of
+        listing the SPIs a configuration installs when it has not."""
+        return bool(self._state(vpn).rekeying.get(site))
+
     def receiver_applied(
         self, vpn: str, site: str, installed_spis: Container[int] | None = None
     ) -> RekeyStep:
