@@ -170,6 +170,7 @@ class NetconfSession:
         self._pending: dict[str, asyncio.Future[etree._Element]] = {}
         self._ids = itertools.count(1)
         self._lost_reason: str | None = None
+        self._ended = asyncio.Event()
 
     @classmethod
     async def open(
@@ -269,6 +270,10 @@ class NetconfSession:
                 pass
         self.abort("closed")
 
+    async def wait_closed(self) -> None:
+        """Until the session has ended, by either side."""
+        await self._ended.wait()
+
     def abort(self, reason: str = "aborted") -> None:
         """Close the channel at once; every outstanding request fails with SessionLost."""
         if self.channel is not None:
@@ -310,6 +315,7 @@ class NetconfSession:
         if self._lost_reason is not None:
             return
         self._lost_reason = reason or (f"connection lost: {exc}" if exc else "session closed")
+        self._ended.set()
         error = SessionLost(f"{self.name}: {self._lost_reason}")
         for future in [self._hello, *self._pending.values()]:
             if not future.done():

@@ -23,23 +23,25 @@ def stored(path: Path, site: str) -> dict[str, object] | None:
         storage.close()
 
 
-async def written(path: Path, site: str) -> None:
-    """Wait (at most 30 s) until the record of ``site`` is in storage."""
-    for _ in range(3000):
-        if stored(path, site) is not None:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"the record of {site} was never written")
-
-
 def test_a_confirmed_version_is_stored_without_the_configuration(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite"
+    storage = SqliteStorage(path)
+    original = storage.transaction
 
     async def run() -> None:
-        ledger = AppliedLedger(SqliteStorage(path))
+        flushed = asyncio.Event()
+
+        @contextmanager
+        def noticed() -> Iterator[None]:
+            with original():
+                yield
+            flushed.set()
+
+        storage.transaction = noticed  # type: ignore[method-assign]
+        ledger = AppliedLedger(storage, flush_delay=0)
         ledger.record("s1", "v2", CONFIG, 8301)
         assert ledger.get("s1").config is CONFIG  # the same object, kept in memory
-        await written(path, "s1")
+        await asyncio.wait_for(flushed.wait(), 30)  # written by the scheduled flush
 
     asyncio.run(run())
     assert stored(path, "s1") == {"version": "v2", "port": 8301}

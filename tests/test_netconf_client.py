@@ -153,10 +153,7 @@ def test_a_killed_session_fails_its_next_request_and_is_no_longer_alive(setup: S
             f'<kill-session xmlns="{NC_NS}"><session-id>{victim.session_id}</session-id>'
             "</kill-session>"
         )
-        for _ in range(600):  # the channel's close arrives after the kill's reply
-            if not victim.alive:
-                break
-            await asyncio.sleep(0.05)
+        await asyncio.wait_for(victim.wait_closed(), 30)  # its close follows the kill's reply
         assert not victim.alive
         with pytest.raises(SessionLost):
             victim.send(GET_CONFIG)
