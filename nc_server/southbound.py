@@ -239,30 +239,22 @@ class Southbound:
         timings = Timings()
         token = secrets.token_hex(16)
         timeout = max(endpoint.timeout, RPC_TIMEOUT)
-        link = await self._link(site, endpoint, timings)
-        reused = timings.sessions == 0
-        try:
-            await self._edit_and_commit(
-                link, make_config, needs_peer_list, confirm_timeout, token, timeout, timings
-            )
-        except RpcFailed as exc:
-            raise _refused(exc) from None
-        except SessionLost as exc:
-            self._cut(site, link)
-            if not reused:
-                raise CeUnreachable(str(exc)) from None
-            # The standing link had died unnoticed (the CE restarted between keepalives):
-            # nothing was committed on it, so try once more on a new one.
+        while True:
+            opened = timings.sessions
             link = await self._link(site, endpoint, timings)
             try:
                 await self._edit_and_commit(
                     link, make_config, needs_peer_list, confirm_timeout, token, timeout, timings
                 )
-            except RpcFailed as again:
-                raise _refused(again) from None
-            except SessionLost as again:
+                break
+            except RpcFailed as exc:
+                raise _refused(exc) from None
+            except SessionLost as exc:
                 self._cut(site, link)
-                raise CeUnreachable(str(again)) from None
+                if timings.sessions > opened:
+                    raise CeUnreachable(str(exc)) from None
+                # The standing link had died unnoticed (the CE restarted between
+                # keepalives): once more, on a new link, which is not retried again.
         confirm_at = confirm_endpoint or endpoint
         fresh = touches_management or _where(confirm_at) != _where(endpoint)
         try:
