@@ -388,34 +388,23 @@ class CompileCache:
 
         pairs = rules.pairs()
         builds = 0
+
+        def entry(a: str, b: str, material: Any) -> None:
+            """a's entry for peer b: reused when nothing it was built from changed."""
+            nonlocal builds
+            site = state[a]
+            record = site.old.get(b)
+            extra = site.extra.get(b)
+            if record is None or not _still_valid(record, peer_fp[b], extra, material):
+                builds += 1
+                record = PeerRecord(peer_fp[b], extra, material, build(a, b, material))
+            site.new[b] = record
+
         try:
             for a, b in pairs:
                 for_a, for_b = material_of(a, b)
-                # Both directions written out: this runs n^2/2 times in a full mesh.
-                site = state[a]
-                record = site.old.get(b)
-                extra = site.extra.get(b)
-                if (
-                    record is None
-                    or record.peer != peer_fp[b]
-                    or record.extra != extra
-                    or record.material != for_a
-                ):
-                    builds += 1
-                    record = PeerRecord(peer_fp[b], extra, for_a, build(a, b, for_a))
-                site.new[b] = record
-                site = state[b]
-                record = site.old.get(a)
-                extra = site.extra.get(a)
-                if (
-                    record is None
-                    or record.peer != peer_fp[a]
-                    or record.extra != extra
-                    or record.material != for_b
-                ):
-                    builds += 1
-                    record = PeerRecord(peer_fp[a], extra, for_b, build(b, a, for_b))
-                site.new[a] = record
+                entry(a, b, for_a)
+                entry(b, a, for_b)
         finally:
             self.peer_builds += builds
         return {site_id: site.new for site_id, site in state.items()}
@@ -483,12 +472,7 @@ class CompileCache:
                     mine = no_records if me in whole else old.records.get(me, no_records)
                     record = mine.get(peer)
                     extra = extras.get(me, {}).get(peer)
-                    if (
-                        record is None
-                        or record.peer != peer_fp[peer]
-                        or record.extra != extra
-                        or record.material != material
-                    ):
+                    if record is None or not _still_valid(record, peer_fp[peer], extra, material):
                         builds += 1
                         entry = build(me, peer, material)
                         record = PeerRecord(peer_fp[peer], extra, material, entry)
@@ -496,6 +480,14 @@ class CompileCache:
         finally:
             self.peer_builds += builds
         return edits
+
+
+def _still_valid(
+    record: PeerRecord, peer_fp: bytes, extra: ExtraRoutes | None, material: object
+) -> bool:
+    """Whether a cached peer entry was built from exactly these inputs (the full walk and
+    the incremental check reuse an entry by this one rule)."""
+    return record.peer == peer_fp and record.extra == extra and record.material == material
 
 
 def what_changed(rules: VpnRules, fingerprints: Fingerprints, old: VpnCache) -> Changes | None:
