@@ -39,6 +39,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.thin_client import ThinNetconfClient, reply_is_ok  # noqa: E402
+from lab.agents import hexkey, ikeless_sa  # noqa: E402
 from tests.netconf_server import ServerProcess, free_port  # noqa: E402
 
 NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
@@ -48,15 +49,12 @@ RPCS = ("discard", "edit", "commit", "confirm")
 REFERENCE_PEERS = 10
 
 
-def hexkey(n: int) -> str:
-    return ":".join(f"{b:02x}" for b in secrets.token_bytes(n))
-
-
 def sa(spi: int) -> str:
+    """An IKE-less SA with the lifetimes the server compiles."""
     return (
-        f"<spi>{spi}</spi><encryption-algorithm>t:encr-aes-gcm-16-256</encryption-algorithm>"
-        f"<encryption-key>{hexkey(36)}</encryption-key>"
-        "<lifetime><soft-seconds>75600</soft-seconds><hard-seconds>86400</hard-seconds></lifetime>"
+        ikeless_sa(spi, hexkey(36))
+        + "<lifetime><soft-seconds>75600</soft-seconds>"
+        + "<hard-seconds>86400</hard-seconds></lifetime>"
     )
 
 

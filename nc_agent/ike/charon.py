@@ -366,6 +366,12 @@ class Charon:
 
         return list(self.call(run))
 
+    def terminate(self, *, ike: str | None = None, ike_id: str | None = None) -> None:
+        """Delete the IKE_SAs of connection ``ike``, or the one IKE_SA ``ike_id``, and
+        wait until charon has (a delete exchange; CharonError if none matched)."""
+        selector = {"ike": ike} if ike is not None else {"ike-id": str(ike_id)}
+        self.streamed("terminate", "control-log", {**selector, "timeout": "-1", "loglevel": "-1"})
+
     def list_sas(self, conn: str | None = None) -> dict[str, list[dict[str, Any]]]:
         """IKE_SAs by connection name (several when both ends initiated)."""
         message = {"ike": conn} if conn else {}

@@ -344,9 +344,7 @@ class IkeManager:
         unloaded connection has no trap left that could bring the tunnel back."""
         for name in peers:
             with contextlib.suppress(CharonError):
-                self.charon.streamed(
-                    "terminate", "control-log", {"ike": name, "timeout": "-1", "loglevel": "-1"}
-                )
+                self.charon.terminate(ike=name)
         for name, old in peers.items():
             with contextlib.suppress(CharonError):
                 self.charon.request("unload-conn", {"name": name})
@@ -367,12 +365,7 @@ class IkeManager:
         self._cancel(name)
         self._resetting.add(name)
         try:
-            await asyncio.to_thread(
-                self.charon.streamed,
-                "terminate",
-                "control-log",
-                {"ike": name, "timeout": "-1", "loglevel": "-1"},
-            )
+            await asyncio.to_thread(self.charon.terminate, ike=name)
         except CharonError as exc:
             if "no matching" not in str(exc).lower():  # nothing to delete is fine
                 self._resetting.discard(name)
@@ -609,12 +602,7 @@ class IkeManager:
         if any(text(sa.get("state")) == "ESTABLISHED" for sa in sas):
             # A traffic-driven tunnel went idle: delete the IKE_SA too (seed 3.4).
             with contextlib.suppress(CharonError, OSError):
-                await asyncio.to_thread(
-                    self.charon.streamed,
-                    "terminate",
-                    "control-log",
-                    {"ike": name, "timeout": "-1", "loglevel": "-1"},
-                )
+                await asyncio.to_thread(self.charon.terminate, ike=name)
         if name not in self._untrapped and health.idle(utc_now()):
             self._log_status(name)
 
@@ -645,12 +633,7 @@ class IkeManager:
         if reason.startswith("the negotiation failed"):
             reason = "the IKE_SA came up but the CHILD_SA was not established"
         with contextlib.suppress(CharonError, OSError):
-            await asyncio.to_thread(
-                self.charon.streamed,
-                "terminate",
-                "control-log",
-                {"ike-id": unique_id, "timeout": "-1", "loglevel": "-1"},
-            )
+            await asyncio.to_thread(self.charon.terminate, ike_id=unique_id)
         self._failed(name, reason)
 
     # -- events ------------------------------------------------------------------
@@ -729,12 +712,7 @@ class IkeManager:
                     name, unique_id,
                 )  # fmt: skip
                 with contextlib.suppress(CharonError, OSError):
-                    await asyncio.to_thread(
-                        self.charon.streamed,
-                        "terminate",
-                        "control-log",
-                        {"ike-id": unique_id, "timeout": "-1", "loglevel": "-1"},
-                    )
+                    await asyncio.to_thread(self.charon.terminate, ike_id=unique_id)
         finally:
             self._deduping.discard(name)
 
