@@ -36,6 +36,8 @@ MODULES = (
     # instead of one autoloading modprobe per module in every CE's first commit
     "ip_tables", "iptable_filter", "iptable_mangle", "iptable_nat", "xt_policy",
     "xt_conntrack", "xt_tcpudp", "xt_limit", "xt_LOG", "xt_mark", "xt_connmark", "xt_nat",
+    # pe as a NAT in front of a call-home CE (tests/lab/server_scenarios.py)
+    "xt_MASQUERADE",
 )  # fmt: skip
 PACKAGES = ("user-mode-linux", "kmod", "iproute2", "tcpdump", "iputils-ping", "nftables")
 

@@ -40,6 +40,7 @@ from nc_agent.alarms import (
 from nc_agent.allocations import Allocations
 from nc_agent.apply_steps import EdgeStep, IkeStep, KernelStep, Step, StepRefused, move
 from nc_agent.bootstrap import CLIENT_KEY_FILE
+from nc_agent.call_home import CallHomeSettings, call_home_settings
 from nc_agent.dataplane.xfrm import OWNED_REQIDS, SAKey, SAState, XfrmEvents
 from nc_agent.desired import ConfigProblem, Desired, PeerObjects, compile_desired
 from nc_agent.edge import Edge
@@ -49,6 +50,7 @@ from nc_agent.kernel import Kernel, Observed, sa_key
 from nc_agent.own_key import OWN_KEY_FILE, certifies_own_key
 from nc_agent.pull import Puller, UnknownPeerWatch
 from nc_agent.routing.bird import RoutingError
+from nc_core.call_home import CallHomeDialer
 from nc_core.errors import RpcError
 from nc_core.notifications import date_and_time, now
 from nc_core.schema import CE_MODULES
@@ -129,6 +131,9 @@ class AgentApplication(Application):
         self._certificate_timer: asyncio.TimerHandle | None = None
         self._dataplane = asyncio.Lock()
         """Held while the kernel and charon are changed: a commit's apply, a reset-tunnel."""
+        self.call_home: CallHomeDialer | None = None
+        """Dials the VPN server when the pre-configuration says so (RFC 8071)."""
+        self._call_home_settings: CallHomeSettings = CallHomeSettings((), 0.0)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -172,7 +177,24 @@ class AgentApplication(Application):
     def has_kernel(self) -> bool:
         return self.dataplane == "kernel"
 
+    def _follow_call_home(self, txn: Transaction) -> None:
+        """Dial the VPN server's call-home endpoints from now on, if the pre-configuration
+        has any (after start-up: the first dial waits for :meth:`started`)."""
+        self._call_home_settings = call_home_settings(txn.new_at(PRE_CONFIGURATION) or {})
+        if self.call_home is not None:
+            settings = self._call_home_settings
+            self.call_home.configure(settings.endpoints, settings.max_wait)
+
+    def _start_call_home(self) -> None:
+        from nc_core.transport_ssh import call_home
+
+        server = self.server
+        self.call_home = CallHomeDialer(lambda endpoint: call_home(server, endpoint))
+        settings = self._call_home_settings
+        self.call_home.configure(settings.endpoints, settings.max_wait)
+
     async def started(self) -> None:
+        self._start_call_home()
         self.puller = Puller(
             self.server, self.state_dir, self.state_dir / CLIENT_KEY_FILE, alarms=self.alarms
         )
@@ -192,6 +214,8 @@ class AgentApplication(Application):
             log.error("the IKE daemon could not be started: %s", exc)
 
     async def stopping(self) -> None:
+        if self.call_home is not None:
+            await self.call_home.close()
         if self.ike is not None:
             await self.ike.stop()
         if self.edge is not None:
@@ -291,6 +315,7 @@ class AgentApplication(Application):
         self._request_certificate_if_needed(txn)
         self._check_certificates({"certificates": txn.new_at(CERTIFICATES) or {}})
         self._follow_pre_configuration(txn)
+        self._follow_call_home(txn)
 
     def _follow_pre_configuration(self, txn: Transaction) -> None:
         """New server endpoints or timers take effect now, not after the pull interval that

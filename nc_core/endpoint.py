@@ -26,6 +26,9 @@ class Endpoint:
     key_file: Path
     """The client's private key (OpenSSH or PEM), 0600."""
     timeout: float = 10.0
+    call_home: bool = False
+    """The server calls us (RFC 8071, nc_core.call_home): never dial ``host``/``port``;
+    wait up to ``timeout`` for its call instead."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from nc_core.asyncssh_import import asyncssh
+from nc_core.call_home import CallHomeEndpoint
 from nc_core.server import NetconfServer
 from nc_core.session import Session
 
@@ -275,21 +276,39 @@ class _NetconfChannel(asyncssh.SSHServerSession[bytes]):
             self.conn.close()
 
 
+def _server_options(nc: NetconfServer) -> dict[str, Any]:
+    """The SSH server's settings, the same for a connection accepted and one dialled."""
+    return {
+        "server_host_keys": [host_key(nc.options.state_dir)],
+        "encoding": None,
+        "login_timeout": LOGIN_TIMEOUT,
+        "allow_pty": True,  # granted and ignored (_NetconfChannel.pty_requested)
+        "agent_forwarding": False,
+        "x11_forwarding": False,
+        "keepalive_interval": 0,
+        "line_editor": False,  # never: on a pty it would echo and rewrite LF as CR LF
+    }
+
+
 async def listen(nc: NetconfServer, host: str, port: int) -> asyncssh.SSHAcceptor:
     """Start accepting NETCONF over SSH connections."""
-    key = host_key(nc.options.state_dir)
     return await asyncssh.create_server(
         lambda: _NetconfSSHServer(nc),
         None if host in ("", "::") else host,  # '::': every address, IPv4 too
         port,
-        server_host_keys=[key],
-        encoding=None,
-        login_timeout=LOGIN_TIMEOUT,
-        allow_pty=True,  # granted and ignored (_NetconfChannel.pty_requested)
-        agent_forwarding=False,
-        x11_forwarding=False,
-        keepalive_interval=0,
-        line_editor=False,  # never: on a pty it would echo and rewrite LF as CR LF
+        **_server_options(nc),
+    )
+
+
+async def call_home(nc: NetconfServer, endpoint: CallHomeEndpoint) -> asyncssh.SSHServerConnection:
+    """Dial a NETCONF client's call-home port and serve NETCONF over SSH on that connection
+    (RFC 8071 Section 3.1: the connecting side is the SSH server).  Returns once the SSH
+    handshake is done; the client then authenticates as on any connection."""
+    return await asyncssh.connect_reverse(
+        endpoint.address,
+        endpoint.port,
+        server_factory=lambda: _NetconfSSHServer(nc),
+        **_server_options(nc),
     )
 
 

@@ -32,8 +32,11 @@ from typing import TYPE_CHECKING, Any
 from lxml import etree
 
 from nc_core import faults
-from nc_core.endpoint import Endpoint
+from nc_core.asyncssh_import import asyncssh
+from nc_core.call_home import CallHomeListener
+from nc_core.endpoint import Endpoint, host_key_blob
 from nc_core.errors import RpcError, RpcErrors
+from nc_core.netconf_client import KEEPALIVE_COUNT_MAX, KEEPALIVE_INTERVAL
 from nc_core.notifications import data_node
 from nc_core.transaction import Transaction
 from nc_core.transport_ssh import host_key_line
@@ -54,6 +57,7 @@ from nc_server.ce_config import (
 from nc_server.compiler import CeConfig, CompileError, VpnCompiler, diff_configs
 from nc_server.enrolment import (
     CE_GROUP,
+    SERVER_USERNAME_ON_CE,
     Bundle,
     ce_username,
     make_bundle,
@@ -111,6 +115,8 @@ class SiteView:
     host_keys: list[str]
     autodiscovery: str
     removal: str
+    call_home: bool = False
+    """The CE calls the server (RFC 8071) instead of being dialled."""
 
 
 @dataclass
@@ -143,6 +149,10 @@ class ServiceApplication(ServiceDatastore):
         self.applied = AppliedLedger(self.storage)
         """What each CE confirmed last."""
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.call_home: CallHomeListener | None = None
+        """Accepts call-home CEs' connections while server/call-home is configured."""
+        self.call_home_keys: dict[str, str] = {}
+        """Host key (base64 blob) -> site, for every call-home CE."""
 
     # -- transaction -------------------------------------------------------------
 
@@ -222,6 +232,8 @@ class ServiceApplication(ServiceDatastore):
         txn.scratch["server"] = new.get("server", {})
 
     async def apply(self, txn: Transaction) -> None:
+        # First: the one step that can fail, before anything of the server has changed.
+        await self._listen_for_calls(txn.scratch["server"].get("call-home"), txn.reason)
         new_vpns: dict[str, VpnState] = txn.scratch["vpns"]
         old_vpns = self.vpns
         old_sites = self.sites
@@ -241,9 +253,11 @@ class ServiceApplication(ServiceDatastore):
                     host_keys=list(mgmt.get("host-key", [])),
                     autodiscovery=str(vpn["autodiscovery"]),
                     removal=str(vpn["site-removal"]),
+                    call_home=mgmt.get("connection") == "call-home",
                 )
         for vid in set(old_vpns) - set(new_vpns):
             self.compilers.pop(vid, None)
+        self._learn_call_home_keys()
         loop = asyncio.get_running_loop()
         loop.call_soon(self._after_commit, old_vpns, old_sites, txn.reason == "startup")
 
@@ -315,7 +329,64 @@ class ServiceApplication(ServiceDatastore):
             username="cevpn-server",
             key_file=self.southbound_key,
             timeout=10.0,
+            call_home=view.call_home,
         )
+
+    # -- call home (RFC 8071) ------------------------------------------------------
+
+    def _learn_call_home_keys(self) -> None:
+        """The host keys of the call-home CEs, as the database now has them."""
+        self.call_home_keys = {
+            host_key_blob(key): site
+            for site, view in self.sites.items()
+            if view.call_home
+            for key in view.host_keys
+        }
+        if self.call_home is not None:
+            self.call_home.identify = self.call_home_keys.get
+
+    async def _listen_for_calls(self, settings: Mapping[str, Any] | None, reason: str) -> None:
+        """Accept call-home connections on the configured port, or stop.  A port that
+        cannot be listened on refuses the commit (at start-up: logged, the rest runs)."""
+        if settings is None:
+            if self.call_home is not None:
+                self.call_home.close()
+            return
+        if self.call_home is None:
+            self.call_home = CallHomeListener(
+                username=SERVER_USERNAME_ON_CE,
+                key_file=self.southbound_key,
+                identify=self.call_home_keys.get,
+                arrived=self._called,
+                keepalive_interval=KEEPALIVE_INTERVAL,
+                keepalive_count_max=KEEPALIVE_COUNT_MAX,
+            )
+        port = int(settings["port"])
+        try:
+            await self.call_home.listen(self.server.options.host, port)
+        except OSError as exc:
+            message = f"Cannot accept call-home connections on port {port}: {exc}"
+            if reason == "startup":
+                log.error("%s", message)
+                return
+            raise RpcError(
+                "operation-failed",
+                f"{message}; nothing was changed.",
+                path="/cevpn-svc:vpn-service/cevpn-svc:server/cevpn-svc:call-home/cevpn-svc:port",
+                path_ns={"cevpn-svc": SVC_NS},
+            ) from None
+
+    async def _called(self, site: str, conn: asyncssh.SSHClientConnection) -> None:
+        """A call-home CE connected: manage it over that connection, and provision it now if
+        it is not in sync (it may have been waited for)."""
+        view = self.sites.get(site)
+        if view is None or not view.call_home:
+            conn.close()
+            return
+        await self.southbound.called(site, self.endpoint(view), conn)
+        rec = self.provisioner.records.get(site) if self.provisioner is not None else None
+        if rec is not None and rec.status != "in-sync" and self.provisioning:
+            self._provisioner().want(site)
 
     async def _job(self, rec: CeRecord) -> str:
         if not self.provisioning:
@@ -522,6 +593,7 @@ class ServiceApplication(ServiceDatastore):
                     ("retry-count", str(rec.retry_count)),
                     ("next-attempt", rec.next_attempt),
                     ("peer-count", str(rec.peer_count)),
+                    ("called-from", self.southbound.called_from(rec.site)),
                 ):
                     if value is not None:
                         etree.SubElement(prov, _q(name)).text = value
@@ -541,6 +613,8 @@ class ServiceApplication(ServiceDatastore):
             self._rekey_task.cancel()
         if self.provisioner is not None:
             await self.provisioner.close()
+        if self.call_home is not None:
+            self.call_home.close()
         await self.southbound.close()
         self.applied.flush()
         (self.state_dir / LISTENING_FILE).unlink(missing_ok=True)
@@ -647,6 +721,7 @@ class ServiceApplication(ServiceDatastore):
                     or self.server.index.default(f"/{SVC}/vpn/pull-interval")
                 ),
                 orphan_after=int(settings["ce-orphan-after"]),
+                call_home_port=(int(settings["call-home"]["port"]) if view.call_home else None),
             )
         except ValueError as exc:
             raise RpcError("operation-failed", str(exc)) from None

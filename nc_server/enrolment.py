@@ -98,7 +98,10 @@ def make_bundle(
     ca_certificate: str | None,
     pull_interval: int,
     orphan_after: int,
+    call_home_port: int | None = None,
 ) -> Bundle:
+    """The bundle of one site.  ``call_home_port``: the CE calls home (RFC 8071) to every
+    server endpoint's address at that port, in the endpoints' order."""
     if not server_endpoints:
         raise ValueError(
             "no VPN server endpoint is configured: set /vpn-service/server/endpoint "
@@ -130,6 +133,12 @@ def make_bundle(
         },
         "timers": {"pull-interval": pull_interval, "orphan-after": orphan_after},
     }
+    if call_home_port is not None:
+        content["management"]["call-home"] = {
+            "endpoint": [
+                {"address": e["address"], "port": call_home_port} for e in server_endpoints
+            ]
+        }
     if ca_certificate:
         content["ca-certificate"] = ca_certificate
     return Bundle(content, host.public_line, client.public_line)

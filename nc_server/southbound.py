@@ -27,12 +27,21 @@ configures):
 If step 2 fails the CE puts its previous configuration back by itself after
 T seconds, and the link is cut at once: a confirmation still queued in TCP
 must not arrive after the rollback has restored the path.
+
+A CE behind a NAT calls home instead (RFC 8071, nc_core.call_home): its link
+is the connection it opened, handed over by :meth:`Southbound.called`, and
+everything above runs on it unchanged.  The server never dials such a CE: a
+push waits for its call.  Where a dialled CE's change is confirmed over a
+brand-new connection, a call-home CE's link is cut after the commit and the
+confirmation goes over the next connection the CE opens, which proves the CE
+still reaches the server.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +54,8 @@ from nc_core.endpoint import Endpoint
 from nc_core.netconf_client import NetconfSession, RpcFailed, SessionLost, connect_ssh
 from nc_core.xmlutil import NC_NS, default_ns_element, qn
 from nc_server.ce_config import CE_NS
+
+log = logging.getLogger("cevpn.server.southbound")
 
 RPC_TIMEOUT = 60.0
 """Seconds a CE may take to answer one request (a 1,000-peer commit in the lab is seconds)."""
@@ -102,7 +113,10 @@ def _refused(exc: RpcFailed) -> CeRefused:
 
 
 def _where(endpoint: Endpoint) -> tuple[str, int, tuple[str, ...], str]:
-    """What identifies a management path: a link opened for another tuple is not reused."""
+    """What identifies a management path: a link opened for another tuple is not reused.
+    A call-home CE's path is its calls, from wherever they come."""
+    if endpoint.call_home:
+        return "call-home", 0, tuple(endpoint.host_keys), endpoint.username
     return endpoint.host, endpoint.port, tuple(endpoint.host_keys), endpoint.username
 
 
@@ -115,25 +129,35 @@ class CeLink:
     editor: NetconfSession
     confirmer: NetconfSession
 
+    called_from: str | None = None
+    """The address a call-home connection came from; None for a link the server opened."""
+
     @classmethod
     async def open(cls, endpoint: Endpoint, timings: Timings) -> CeLink:
+        """Dial the CE and open both sessions."""
         started = time.perf_counter()
         name = f"{endpoint.host} port {endpoint.port}"
         try:
             conn = await connect_ssh(endpoint)
-            try:
-                editor, confirmer = await asyncio.gather(
-                    NetconfSession.open(conn, name, timeout=endpoint.timeout),
-                    NetconfSession.open(conn, name, timeout=endpoint.timeout),
-                )
-            except BaseException:
-                conn.abort()
-                raise
+            link = await cls.on(conn, endpoint, name)
         except SessionLost as exc:
             raise CeUnreachable(str(exc)) from None
         finally:
             timings.ssh += time.perf_counter() - started
         timings.sessions += 1
+        return link
+
+    @classmethod
+    async def on(cls, conn: asyncssh.SSHClientConnection, endpoint: Endpoint, name: str) -> CeLink:
+        """Both sessions on an authenticated connection (dialled, or a call-home one)."""
+        try:
+            editor, confirmer = await asyncio.gather(
+                NetconfSession.open(conn, name, timeout=endpoint.timeout),
+                NetconfSession.open(conn, name, timeout=endpoint.timeout),
+            )
+        except BaseException:
+            conn.abort()
+            raise
         return cls(endpoint, conn, editor, confirmer)
 
     @property
@@ -198,8 +222,64 @@ class Southbound:
     def __init__(self) -> None:
         self.links: dict[str, CeLink] = {}
         self._opening: dict[str, asyncio.Lock] = {}
+        self._calls: dict[str, asyncio.Event] = {}
+        """Set when a call-home CE's new link is in ``links``."""
+
+    async def called(
+        self, site: str, endpoint: Endpoint, conn: asyncssh.SSHClientConnection
+    ) -> None:
+        """A call-home CE connected and the server is logged in (nc_core.call_home): its
+        sessions become the site's link, replacing an older one (the CE called again
+        because that one is gone, or was cut on purpose)."""
+        peer = conn.get_extra_info("peername")
+        address = str(peer[0]) if peer else "?"
+        try:
+            link = await CeLink.on(conn, endpoint, f"{site} (call home from {address})")
+        except SessionLost as exc:
+            log.warning("call-home CE %s: no NETCONF session: %s", site, exc)
+            return
+        link.called_from = address
+        old = self.links.get(site)
+        self.links[site] = link
+        if old is not None:
+            old.abort()
+        self._calls.setdefault(site, asyncio.Event()).set()
+        log.info("call-home CE %s connected from %s", site, address)
+
+    async def _await_call(self, site: str, endpoint: Endpoint, timings: Timings) -> CeLink:
+        """The call-home CE's live link, waiting up to ``endpoint.timeout`` for its call."""
+        started = time.perf_counter()
+        deadline = asyncio.get_running_loop().time() + endpoint.timeout
+        waited = False
+        try:
+            while True:
+                link = self.links.get(site)
+                if link is not None and link.alive and _where(link.endpoint) == _where(endpoint):
+                    if waited:
+                        timings.sessions += 1
+                    return link
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    raise CeUnreachable(
+                        f"the CE has not called home (RFC 8071) within {endpoint.timeout:g} s: "
+                        "it is down, or cannot reach this server's call-home port"
+                    )
+                event = self._calls.setdefault(site, asyncio.Event())
+                event.clear()
+                waited = True
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), left)
+        finally:
+            timings.ssh += time.perf_counter() - started
+
+    def called_from(self, site: str) -> str | None:
+        """Where the call-home CE's live link comes from, if it has one."""
+        link = self.links.get(site)
+        return link.called_from if link is not None and link.alive else None
 
     async def _link(self, site: str, endpoint: Endpoint, timings: Timings) -> CeLink:
+        if endpoint.call_home:
+            return await self._await_call(site, endpoint, timings)
         lock = self._opening.setdefault(site, asyncio.Lock())
         async with lock:
             link = self.links.get(site)
@@ -261,8 +341,11 @@ class Southbound:
             if fresh:
                 # The old link was opened before the change: only a new one proves the path.
                 self._cut(site, link)
-                link = await CeLink.open(confirm_at, timings)
-                self.links[site] = link
+                if confirm_at.call_home:
+                    link = await self._await_call(site, confirm_at, timings)
+                else:
+                    link = await CeLink.open(confirm_at, timings)
+                    self.links[site] = link
             with timings.exchange(1):
                 await link.confirmer.rpc(confirming_commit(token), min(timeout, confirm_timeout))
         except (CeUnreachable, SessionLost, RpcFailed) as exc:
@@ -317,6 +400,7 @@ class Southbound:
     async def drop(self, site: str) -> None:
         """Close the link to ``site`` (the site was removed or deprovisioned)."""
         self._opening.pop(site, None)
+        self._calls.pop(site, None)
         link = self.links.pop(site, None)
         if link is not None:
             await link.close()

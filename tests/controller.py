@@ -43,7 +43,8 @@ class Agent:
     proc: subprocess.Popen[bytes] | None = None
     extra: tuple[str, ...] = ()
 
-    def start(self) -> None:
+    def start(self, *, wait: bool = True) -> None:
+        """Start the agent; ``wait``: until it listens on its management port."""
         log = (self.state_dir.parent / f"{self.site}.log").open("ab")
         self.proc = subprocess.Popen(
             [
@@ -61,7 +62,8 @@ class Agent:
             start_new_session=True,
         )
         log_path = self.state_dir.parent / f"{self.site}.log"
-        wait_listening(self.proc, "127.0.0.1", self.port, f"agent {self.site}", log_path)
+        if wait:
+            wait_listening(self.proc, "127.0.0.1", self.port, f"agent {self.site}", log_path)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -9,20 +9,18 @@ rolls it back by itself (RFC 6241 confirmed commit, seed 3.2).
 
 from __future__ import annotations
 
-import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from lxml import etree
 
 from tests.controller import SVC_NS, Controller, controller, vpn_xml
+from tests.firewall import HAVE_NFT, new_connections_refused
 from tests.waiting import wait_for
 
 pytestmark = [
     pytest.mark.timeout(300),
-    pytest.mark.skipif(not Path("/usr/sbin/nft").exists(), reason="needs nftables"),
+    pytest.mark.skipif(not HAVE_NFT, reason="needs nftables"),
 ]
 
 
@@ -31,24 +29,6 @@ def mesh(ctl: Controller, vpn: str, n: int) -> None:
     for i in range(1, n + 1):
         ctl.join(vpn, f"{vpn}-s{i}", i, f"10.{i}.0.0/24")
     ctl.in_sync(*(f"{vpn}-s{i}" for i in range(1, n + 1)))
-
-
-@contextmanager
-def new_connections_refused(*ports: int) -> Iterator[None]:
-    """Drop TCP SYNs to ``ports``; connections already established are untouched."""
-    table = f"cevpn_standing_{min(ports)}"
-    # The SYN itself, not conntrack's "new": a connection conntrack first sees mid-stream
-    # (the module loads with the first rule that uses it) counts as new too.
-    rules = "".join(f" tcp dport {p} tcp flags & (syn | ack) == syn drop;\n" for p in ports)
-    script = (
-        f"table inet {table} {{\n chain input {{\n type filter hook input priority -10;\n"
-        f"{rules} }}\n}}\n"
-    )
-    subprocess.run(["nft", "-f", "-"], input=script.encode(), check=True)
-    try:
-        yield
-    finally:
-        subprocess.run(["nft", "delete", "table", "inet", table], check=False)
 
 
 def test_a_new_peer_reaches_ces_over_the_sessions_the_server_already_holds(

@@ -26,7 +26,7 @@ from ncclient import manager
 
 from lab.agents import capture, ping, stop_capture
 from lab.processes import start, stop, wait_port
-from lab.topology import Site
+from lab.topology import INTERNET_HOST, Site
 from nc_core.journal import stored_running
 from tests.lab.ike_scenarios import grep_secrets, peer_statuses
 
@@ -47,9 +47,11 @@ def site_xml(s: Site) -> str:
 
 
 class Lab:
-    """The VPN server in pe, an OSS session to it, and the agents it enrolled."""
+    """The VPN server (in pe, or in ``netns`` at ``address``), an OSS session to it, and
+    the agents it enrolled."""
 
-    def __init__(self) -> None:
+    def __init__(self, netns: str | None = None, address: str = SERVER_ADDRESS) -> None:
+        self.address = address
         self.state = WORK / "vpn-server"
         pw = WORK / "operator.pw"
         pw.write_text(PASSWORD + "\n")
@@ -59,11 +61,12 @@ class Lab:
         self.server = start(
             [str(BIN / "cevpn-server"), "--state-dir", str(self.state), "--listen", ":830"],
             "vpn-server.log",
+            netns,
         )
         self.agents: dict[int, subprocess.Popen[bytes]] = {}
-        wait_port(SERVER_ADDRESS, 830, self.server, "the VPN server")
+        wait_port(address, 830, self.server, "the VPN server")
         host_key = (self.state / "ssh_host_ed25519_key.pub").read_text().split()[1]
-        self.m = manager.connect(host=SERVER_ADDRESS, port=830, username="oss",
+        self.m = manager.connect(host=address, port=830, username="oss",
                                  password=PASSWORD, hostkey_verify=True, hostkey_b64=host_key,
                                  allow_agent=False, look_for_keys=False, timeout=120)  # fmt: skip
 
@@ -92,11 +95,12 @@ class Lab:
         self.agents[s.n] = agent
         wait_port(s.sp_address, 830, agent, f"agent {s.ce}")
 
-    def statuses(self) -> dict[str, str]:
+    def statuses(self, leaf: str = "status") -> dict[str, str]:
+        """Each site's provisioning ``leaf`` (its status, or another leaf)."""
         data = self.m.get(filter=("subtree", f'<vpn-service xmlns="{SVC}"/>')).data_ele
         return {
             site.findtext(f"{{{SVC}}}id") or "": site.findtext(
-                f"{{{SVC}}}provisioning/{{{SVC}}}status"
+                f"{{{SVC}}}provisioning/{{{SVC}}}{leaf}"
             )
             or ""
             for site in data.iter(f"{{{SVC}}}site")
@@ -330,6 +334,80 @@ def hub_and_spoke(count: int) -> dict[str, Any]:
     return report
 
 
+def nat_in_front_of(s: Site) -> None:
+    """pe as the NAT in front of one CE: nothing from the VPN server's side (pe-inet) may
+    open a connection to it, and its connections to the server leave masqueraded with
+    pe's address.  ESP between CEs is routed as before (IKE-less SAs need fixed outer
+    addresses).  iptables-legacy: this UML kernel's nf_tables has no address family
+    (lab/uml.py), and the MASQUERADE target is the same netfilter NAT."""
+    for rule in (
+        f"-A FORWARD -i pe-inet -o pe-{s.ce} -m conntrack --ctstate NEW -j DROP",
+        f"-t nat -A POSTROUTING -s {s.sp_address} -o pe-inet -j MASQUERADE",
+    ):
+        subprocess.run(["iptables-legacy", *rule.split()], check=True)
+
+
+def call_home_behind_nat(count: int) -> dict[str, Any]:
+    """The VPN server sits behind pe (in `inet`); the last CE is behind a NAT (pe
+    masquerades it) and can only be managed through Call Home (RFC 8071); the others are
+    dialled.  Every site pings every other through ESP."""
+    sites = [Site(n) for n in range(1, count + 1)]
+    natted = sites[-1]
+    nat_in_front_of(natted)
+    lab = Lab(netns="inet", address=INTERNET_HOST)
+    report: dict[str, Any] = {}
+
+    def with_call_home(s: Site) -> str:
+        if s != natted:
+            return site_xml(s)
+        return site_xml(s).replace(
+            "</ce-address>",
+            "</ce-address><management><connection>call-home</connection></management>",
+        )
+
+    try:
+        lab.edit(
+            f"<server><endpoint><address>{INTERNET_HOST}</address></endpoint>"
+            "<confirm-timeout>60</confirm-timeout>"
+            "<unreachable-retry-limit>2</unreachable-retry-limit>"
+            "<call-home><port>4334</port></call-home></server>"
+            "<vpn><id>lab</id><customer>lab</customer><keying>ikeless</keying>"
+            "<tunnel-defaults><encapsulation>transport-ipip</encapsulation></tunnel-defaults>"
+            + "".join(with_call_home(s) for s in sites)
+            + "</vpn>"
+        )
+        for s in sites:
+            lab.enrol_and_start(s)
+        report["statuses"] = lab.wait_in_sync(count)
+        report["called_from"] = lab.statuses("called-from")
+        report["server_dials_natted_ce"] = subprocess.run(
+            ["ip", "netns", "exec", "inet", str(BIN / "python"), "-c",
+             "import socket, sys\n"
+             "try:\n"
+             f"    socket.create_connection(('{natted.sp_address}', 830), 3)\n"
+             "except OSError as exc:\n"
+             "    sys.exit(f'refused: {exc}')\n"],
+            capture_output=True, text=True,
+        ).returncode == 0  # fmt: skip
+        cap = capture("call-home")
+        report["pings"] = {f"{a.n}->{b.n}": ping(a, b) for a in sites for b in sites if a != b}
+        lines = stop_capture(cap, "call-home")
+        report["esp_with_natted_ce"] = sum(
+            1 for line in lines if "ESP(spi=" in line and f" {natted.sp_address}" in line
+        )
+        report["cleartext_lan"] = [line for line in lines if " 10." in line][:5]
+        report["nat_counters"] = subprocess.run(
+            ["iptables-legacy", "-t", "nat", "-L", "POSTROUTING", "-v", "-n"],
+            capture_output=True, text=True,
+        ).stdout  # fmt: skip
+    except Exception:
+        lab.dump_logs()
+        raise
+    finally:
+        lab.close()
+    return report
+
+
 def _tunnel_devices(s: Site) -> list[str]:
     out = subprocess.run(
         ["ip", "-n", s.vpn, "-o", "link", "show"], capture_output=True, text=True, check=True
@@ -360,6 +438,8 @@ def main() -> None:
         report = hub_and_spoke(count)
     elif scenario == "unknown-peer":
         report = unknown_peer(count)
+    elif scenario == "call-home-nat":
+        report = call_home_behind_nat(count)
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     (WORK / "report.json").write_text(json.dumps(report, indent=2))

@@ -65,3 +65,18 @@ def test_in_hub_and_spoke_spoke_to_spoke_traffic_goes_through_the_hub() -> None:
     pairs = report["esp_pairs"]
     assert pairs.get("198.51.100.2<->198.51.100.6") and pairs.get("198.51.100.10<->198.51.100.2")
     assert "198.51.100.10<->198.51.100.6" not in pairs, pairs
+
+
+def test_a_ce_behind_a_nat_is_provisioned_only_through_call_home_and_pings_through_esp() -> None:
+    """RFC 8071: the server (behind pe) cannot open a connection to site 3's CE, which pe
+    masquerades; the CE calls home, is provisioned over its own connection like the
+    dialled CEs, and every site reaches every other through ESP."""
+    report = scenario("call-home-nat")
+    assert report["statuses"] == {f"site-{n}": "in-sync" for n in (1, 2, 3)}
+    # The server never reached the CE: the NAT drops what it opens towards it.
+    assert report["server_dials_natted_ce"] is False
+    # Site 3 is managed over the connection it opened, seen from pe's (the NAT's) address.
+    assert report["called_from"] == {"site-1": "", "site-2": "", "site-3": "203.0.113.1"}
+    assert report["pings"] and all(report["pings"].values()), report["pings"]
+    assert report["esp_with_natted_ce"] > 0
+    assert report["cleartext_lan"] == []
