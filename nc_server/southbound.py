@@ -246,10 +246,12 @@ class Southbound:
         self._calls.setdefault(site, asyncio.Event()).set()
         log.info("call-home CE %s connected from %s", site, address)
 
-    async def _await_call(self, site: str, endpoint: Endpoint, timings: Timings) -> CeLink:
-        """The call-home CE's live link, waiting up to ``endpoint.timeout`` for its call."""
+    async def _await_call(
+        self, site: str, endpoint: Endpoint, timings: Timings, wait: float
+    ) -> CeLink:
+        """The call-home CE's live link, waiting up to ``wait`` seconds for its call."""
         started = time.perf_counter()
-        deadline = asyncio.get_running_loop().time() + endpoint.timeout
+        deadline = asyncio.get_running_loop().time() + wait
         waited = False
         try:
             while True:
@@ -260,9 +262,10 @@ class Southbound:
                     return link
                 left = deadline - asyncio.get_running_loop().time()
                 if left <= 0:
+                    within = f" within {wait:g} s" if wait else ""
                     raise CeUnreachable(
-                        f"the CE has not called home (RFC 8071) within {endpoint.timeout:g} s: "
-                        "it is down, or cannot reach this server's call-home port"
+                        f"the CE has not called home (RFC 8071){within}: it is down, or "
+                        "cannot reach this server's call-home port"
                     )
                 event = self._calls.setdefault(site, asyncio.Event())
                 event.clear()
@@ -279,7 +282,9 @@ class Southbound:
 
     async def _link(self, site: str, endpoint: Endpoint, timings: Timings) -> CeLink:
         if endpoint.call_home:
-            return await self._await_call(site, endpoint, timings)
+            # No wait: a call that arrives later starts the push by itself (the provisioning
+            # slot is not held for a CE that may be off for days).
+            return await self._await_call(site, endpoint, timings, 0)
         lock = self._opening.setdefault(site, asyncio.Lock())
         async with lock:
             link = self.links.get(site)
@@ -319,6 +324,7 @@ class Southbound:
         timings = Timings()
         token = secrets.token_hex(16)
         timeout = max(endpoint.timeout, RPC_TIMEOUT)
+        retried = False
         while True:
             opened = timings.sessions
             link = await self._link(site, endpoint, timings)
@@ -331,10 +337,11 @@ class Southbound:
                 raise _refused(exc) from None
             except SessionLost as exc:
                 self._cut(site, link)
-                if timings.sessions > opened:
+                if timings.sessions > opened or retried:
                     raise CeUnreachable(str(exc)) from None
                 # The standing link had died unnoticed (the CE restarted between
                 # keepalives): once more, on a new link, which is not retried again.
+                retried = True
         confirm_at = confirm_endpoint or endpoint
         fresh = touches_management or _where(confirm_at) != _where(endpoint)
         try:
@@ -342,7 +349,8 @@ class Southbound:
                 # The old link was opened before the change: only a new one proves the path.
                 self._cut(site, link)
                 if confirm_at.call_home:
-                    link = await self._await_call(site, confirm_at, timings)
+                    # The CE dials again at once when its connection closes.
+                    link = await self._await_call(site, confirm_at, timings, confirm_at.timeout)
                 else:
                     link = await CeLink.open(confirm_at, timings)
                     self.links[site] = link
