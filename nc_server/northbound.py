@@ -169,7 +169,7 @@ class ServiceApplication(ServiceDatastore):
 
     def _input_default(self, rpc: str, leaf: str) -> str:
         """The YANG default of an operation's input leaf (cevpn-service is its one source)."""
-        return str(self.server.index.default(f"/cevpn-service:{rpc}/{leaf}"))
+        return str(self.yang_default(f"/cevpn-service:{rpc}/{leaf}"))
 
     def _fetched_xml(self, fetched: Fetched) -> list[etree._Element]:
         version = etree.Element(q("version"))
