@@ -50,9 +50,10 @@ from nc_core.datastore import free
 from nc_core.edit import new_datastore
 from nc_core.schema import Schema, service_schema
 from nc_core.transaction import Transaction
-from nc_server.application import SVC, ServiceApplication
 from nc_server.compiler import VpnCompiler, diff_configs
 from nc_server.keystore import KeyStore
+from nc_server.northbound import ServiceApplication
+from nc_server.service_tree import SVC
 from nc_server.storage import SqliteStorage
 
 T = TypeVar("T")

@@ -81,8 +81,8 @@ class Bench:
         from nc_core.client import Endpoint, connect
         from nc_core.server import NetconfServer, ServerOptions
         from nc_core.transport_ssh import Listener, host_key_line
-        from nc_server.application import ServiceApplication
         from nc_server.enrolment import new_ed25519
+        from nc_server.northbound import ServiceApplication
 
         state = self.work / "server"
         state.mkdir(mode=0o700)
@@ -121,7 +121,7 @@ class Bench:
                     f'<enrol xmlns="{SVC}"><vpn>bench</vpn><site>s{n:03d}</site></enrol>'
                 )
                 reply = await asyncio.to_thread(oss.dispatch, request)
-                from nc_server.application import bundle_document_from_xml
+                from nc_server.enrolment import bundle_document_from_xml
 
                 bundle = etree.fromstring(reply.xml.encode()).find(f".//{{{SVC}}}bundle")
                 assert bundle is not None
@@ -186,7 +186,10 @@ class Bench:
         counts as the server's (every 50 ms, that was 2 ms per CE at 200 CEs)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            records = [app.provisioner.records.get(f"s{n:03d}") for n in range(1, self.sites + 1)]
+            records = [
+                app.controller.provisioner.records.get(f"s{n:03d}")
+                for n in range(1, self.sites + 1)
+            ]
             if all(
                 r is not None
                 and r.status == "in-sync"
@@ -202,10 +205,10 @@ class Bench:
 
         previous = {}
         for n in range(1, self.sites + 1):
-            rec = app.provisioner.records[f"s{n:03d}"]
+            rec = app.controller.provisioner.records[f"s{n:03d}"]
             previous[rec.site] = rec.applied_version
             rec.timings = Timings()
-        app.compile_seconds = 0.0
+        app.controller.compile_seconds = 0.0
         cpu_server, cpu_agents = self._cpu()
         started = time.perf_counter()
         await asyncio.to_thread(oss.edit_config, target="running", config=edit)
@@ -213,11 +216,13 @@ class Bench:
         await self._all_in_sync(app, previous, 900)
         done = time.perf_counter()
         cpu_server_end, cpu_agents_end = self._cpu()
-        records = [app.provisioner.records[f"s{n:03d}"] for n in range(1, self.sites + 1)]
+        records = [
+            app.controller.provisioner.records[f"s{n:03d}"] for n in range(1, self.sites + 1)
+        ]
         ssh = sum(r.timings.ssh for r in records)
         netconf = sum(r.timings.netconf for r in records)
         exchanges = sorted(r.timings.netconf * 1000 for r in records)
-        compile_s = app.compile_seconds
+        compile_s = app.controller.compile_seconds
         total = ssh + netconf + compile_s
         return {
             "wall_s": done - started,
@@ -234,7 +239,7 @@ class Bench:
             "exchange_ms_p50": _percentile(exchanges, 50),
             "exchange_ms_p99": _percentile(exchanges, 99),
             "ssh_connections_opened": sum(r.timings.sessions for r in records),
-            "standing_links": app.southbound.open_links(),
+            "standing_links": app.controller.jobs.southbound.open_links(),
         }
 
     def _cpu(self) -> tuple[float, float]:
@@ -285,8 +290,8 @@ class Bench:
         def make(_: Any) -> etree._Element:
             return etree.fromstring(f'<config xmlns="{NC}">{edit}</config>')
 
-        views = [app.sites[Path(s["bundle"]).stem] for s in specs]
-        endpoints = [app.endpoint(view) for view in views]
+        views = [app.controller.sites[Path(s["bundle"]).stem] for s in specs]
+        endpoints = [app.controller.jobs.endpoint(view) for view in views]
         times = {}
         started = time.perf_counter()
         for endpoint in endpoints:

@@ -59,12 +59,12 @@ def main(argv: list[str] | None = None) -> int:
             from nc_server.service_datastore import ServiceDatastore
 
             return ServiceDatastore(args.state_dir)
-        from nc_server.application import ServiceApplication
+        from nc_server.northbound import ServiceApplication
 
         return ServiceApplication(args.state_dir)
 
     def offline_app(state_dir: Path):  # type: ignore[no-untyped-def]
-        from nc_server.application import ServiceApplication
+        from nc_server.northbound import ServiceApplication
 
         return ServiceApplication(state_dir, provisioning=False)
 
@@ -129,17 +129,17 @@ def run_enrol(args: argparse.Namespace) -> int:
 async def _enrol_offline(state_dir: Path, site: str) -> dict[str, object]:
     from nc_core.errors import RpcError
     from nc_core.server import NetconfServer, ServerOptions
-    from nc_server.application import ServiceApplication
+    from nc_server.northbound import ServiceApplication
 
     app = ServiceApplication(state_dir, provisioning=False)
     server = NetconfServer(ServerOptions(state_dir=state_dir), app)
     await server.load()
     try:
-        view = app.sites.get(site)
+        view = app.controller.sites.get(site)
         if view is None:
             raise LookupError(f"there is no site {site!r} in the VPN database")
         try:
-            bundle = await app.enrol(view.vpn, site)
+            bundle = await app.controller.enrol(view.vpn, site)
         except RpcError as exc:
             raise ValueError(exc.message) from None
         return bundle.ce_document()
@@ -154,9 +154,9 @@ def _enrol_online(state_dir: Path, site: str) -> dict[str, object]:
     from nc_core.client import Endpoint, connect
     from nc_core.transport_ssh import host_key_line
     from nc_core.xmlutil import default_ns_element
-    from nc_server.application import SVC_NS, bundle_document_from_xml
-    from nc_server.enrolment import LOCAL_ADMIN, LOCAL_ADMIN_KEY
+    from nc_server.enrolment import LOCAL_ADMIN, LOCAL_ADMIN_KEY, bundle_document_from_xml
     from nc_server.service_datastore import LISTENING_FILE
+    from nc_server.service_tree import SVC_NS
 
     try:
         listening = (state_dir / LISTENING_FILE).read_text().split()

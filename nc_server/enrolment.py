@@ -14,14 +14,17 @@ directory and is authorised on the CE through the bundle.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from lxml import etree
 
 from nc_core.datastore import write_atomically
+from nc_server.service_tree import q
 
 SOUTHBOUND_KEY_FILE = "southbound_ed25519_key"
 """The server's client key for reaching CE agents."""
@@ -142,3 +145,53 @@ def make_bundle(
     if ca_certificate:
         content["ca-certificate"] = ca_certificate
     return Bundle(content, host.public_line, client.public_line)
+
+
+# --------------------------------------------------------------------------
+# The bundle as the enrol operation carries it
+# --------------------------------------------------------------------------
+
+
+def bundle_xml(bundle: Bundle) -> etree._Element:
+    """The enrol RPC's output <bundle> (cevpn-service)."""
+    elem = etree.Element(q("bundle"))
+    _fill(elem, bundle.content)
+    return elem
+
+
+def _fill(parent: etree._Element, content: Mapping[str, Any]) -> None:
+    for key, value in content.items():
+        if isinstance(value, dict):
+            _fill(etree.SubElement(parent, q(key)), value)
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, dict):
+                    _fill(etree.SubElement(parent, q(key)), item)
+                else:
+                    etree.SubElement(parent, q(key)).text = str(item)
+        else:
+            etree.SubElement(parent, q(key)).text = str(value)
+
+
+def bundle_document_from_xml(bundle: etree._Element) -> dict[str, Any]:
+    """The enrol RPC's <bundle> as the JSON document `cevpn-agent --bootstrap` reads (what
+    `cevpn-server enrol` writes, for a client that called the operation itself)."""
+    lists = {"endpoint", "host-key", "server-authorized-key", "url-host-key"}
+    ints = {"port", "pull-interval", "connect-timeout", "fetch-alarm-after", "orphan-after"}
+
+    def walk(elem: etree._Element) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for child in elem:
+            if not isinstance(child.tag, str):
+                continue
+            name = etree.QName(child).localname
+            value: Any = walk(child) if len(child) else (child.text or "")
+            if name in ints and isinstance(value, str):
+                value = int(value)
+            if name in lists:
+                out.setdefault(name, []).append(value)
+            else:
+                out[name] = value
+        return out
+
+    return {"cevpn-ce:ce": {"pre-configuration": walk(bundle)}}

@@ -8,8 +8,8 @@ to sleep a period computed once, before any VPN existed: a VPN added later
 with a 10 s interval was rekeyed up to 60 s late.)
 
 What a rekey does (new SAs in the key store, the CEs' configurations
-recompiled, the receiver first) is the application's; this module only says
-when.  The clock and the wait are injectable, so tests drive time instead of
+recompiled, the receiver first) is the controller's (nc_server.controller);
+this module only says when.  The clock and the wait are injectable, so tests drive time instead of
 waiting for it.
 """
 
@@ -60,6 +60,9 @@ async def wait_event(event: asyncio.Event, timeout: float) -> None:
 
 
 class RekeyScheduler:
+    """When the IKE-less SAs of the database's VPNs are due, and the task that waits for
+    it: ``plans`` says which VPNs are IKE-less now, ``rekey`` begins one VPN's due SAs."""
+
     def __init__(
         self,
         keys: RekeySource,
@@ -75,6 +78,16 @@ class RekeyScheduler:
         self.clock = clock
         self.wait = wait
         self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Run :meth:`run` in the background (the server is up)."""
+        self._task = asyncio.get_running_loop().create_task(self.run())
+
+    def stop(self) -> None:
+        """Stop the background run, if any (the server is stopping)."""
+        if self._task is not None:
+            self._task.cancel()
 
     def changed(self) -> None:
         """The VPNs, their intervals or their SAs changed: compute the next moment again."""

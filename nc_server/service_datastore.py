@@ -1,7 +1,7 @@
 """The VPN database's NETCONF datastores on the server's storage, and nothing more.
 
-ServiceApplication (nc_server.application) adds the compiler, the key store
-and the provisioner on top of this.  `cevpn-server adduser` needs only the
+ServiceApplication (nc_server.northbound) adds the controller, the key store
+and the provisioning on top of this.  `cevpn-server adduser` needs only the
 datastores and YANG validation to add an account, and importing the whole
 application costs seconds of CPU on a slow machine (7.5 s in the lab guest).
 """

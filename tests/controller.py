@@ -160,7 +160,7 @@ class Controller:
         return self.provisioning().get(site, {}).get("status")
 
     def enrol(self, vpn: str, site: str, port: int, *extra: str) -> Agent:
-        from nc_server.application import bundle_document_from_xml
+        from nc_server.enrolment import bundle_document_from_xml
 
         data = self.rpc(f'<enrol xmlns="{SVC_NS}"><vpn>{vpn}</vpn><site>{site}</site></enrol>')
         bundle = data.find(f".//{{{SVC_NS}}}bundle")

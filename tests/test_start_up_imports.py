@@ -69,5 +69,5 @@ def test_importing_asyncssh_starts_no_process() -> None:
 
 def test_importing_the_agent_or_the_server_starts_no_process() -> None:
     # Each process start is what makes a daemon slow to boot on a slow machine (the lab).
-    started = processes_started_by("import nc_agent.application, nc_server.application")
+    started = processes_started_by("import nc_agent.application, nc_server.northbound")
     assert started.startswith("0 "), started

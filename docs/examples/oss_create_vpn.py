@@ -143,7 +143,7 @@ def remove_site(m: Any, args: argparse.Namespace) -> None:
 def bundle_json(bundle: etree._Element) -> dict[str, Any]:
     """The enrol answer's <bundle> as the JSON document `cevpn-agent --bootstrap` reads.
 
-    The same conversion as nc_server.application.bundle_document_from_xml, kept here
+    The same conversion as nc_server.enrolment.bundle_document_from_xml, kept here
     so that an OSS needs ncclient and lxml only, not the cevpn package."""
     lists = {"endpoint", "host-key", "server-authorized-key", "url-host-key"}
     ints = {"port", "pull-interval", "connect-timeout", "fetch-alarm-after", "orphan-after"}

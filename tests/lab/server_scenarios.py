@@ -78,7 +78,7 @@ class Lab:
     def enrol_and_start(self, s: Site) -> None:
         # Imported here: the server's application costs seconds to import in the guest,
         # and the demo shares this module's small helpers without needing it.
-        from nc_server.application import bundle_document_from_xml
+        from nc_server.enrolment import bundle_document_from_xml
 
         request = etree.fromstring(
             f'<enrol xmlns="{SVC}"><vpn>lab</vpn><site>site-{s.n}</site></enrol>'

@@ -1,0 +1,255 @@
+"""The VPN server's NETCONF adapter: what the nc_core engine sees of cevpn-server.
+
+The engine hands every commit of the cevpn-service datastore to an
+application in phases, as FRR's northbound does (validate, prepare, apply,
+abort), asks it for operational state and for the operations it answers,
+and tells it who logged in.  :class:`ServiceApplication` is that
+application, and only a translator: transactions, RPCs and sessions become
+calls of the controller (nc_server.controller), whose records become XML.
+
+It is also the controller's one way back to the engine
+(:class:`nc_server.controller.Engine`): running-datastore edits, YANG
+defaults, NACM groups, the host key and notifications.  No other part of
+the server touches nc_core's server object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lxml import etree
+
+from nc_core.notifications import data_node
+from nc_core.transaction import Transaction
+from nc_core.transport_ssh import host_key_line
+from nc_core.xmlutil import default_ns_element
+from nc_server.controller import AuditResult, Controller, Fetched
+from nc_server.enrolment import bundle_xml, ce_username
+from nc_server.provisioner import CeRecord
+from nc_server.service_datastore import LISTENING_FILE, ServiceDatastore
+from nc_server.service_tree import SVC_NS, q
+
+if TYPE_CHECKING:
+    from nc_core.server import NetconfServer
+    from nc_core.session import Session
+
+RPCS = (
+    "enrol",
+    "fetch-ce-configuration",
+    "resynchronise",
+    "audit",
+    "rotate-keys",
+    "remove-site",
+)
+"""The cevpn-service operations the server answers."""
+
+
+class ServiceApplication(ServiceDatastore):
+    """The VPN database's NETCONF application: the controller behind the datastore."""
+
+    def __init__(self, state_dir: Path, *, provisioning: bool = True) -> None:
+        super().__init__(state_dir)
+        self.controller = Controller(self.storage, state_dir, provisioning=provisioning)
+        """Everything the server knows and decides; ``provisioning`` False: it touches no
+        CE (offline validation and enrolment)."""
+
+    def attach(self, server: NetconfServer) -> None:
+        super().attach(server)
+        self.controller.engine = self
+
+    # -- transaction -------------------------------------------------------------
+
+    async def validate(self, txn: Transaction) -> None:
+        """The controller's rules and compilation; what apply installs is kept in the
+        transaction."""
+        txn.scratch["validated"] = self.controller.validate(txn)
+
+    async def apply(self, txn: Transaction) -> None:
+        validated, startup = txn.scratch["validated"], txn.reason == "startup"
+        await self.controller.listen_for_calls(validated, self.server.options.host, startup=startup)
+        self.controller.apply(validated, startup=startup)
+
+    # -- operational state -------------------------------------------------------
+
+    async def operational(self, session: Session | None) -> list[etree._Element]:
+        """Every site's provisioning record, as cevpn-service site/provisioning."""
+        top = default_ns_element(SVC_NS, "vpn-service")
+        by_vpn: dict[str, list[CeRecord]] = {}
+        for rec in self.controller.provisioning_records():
+            by_vpn.setdefault(rec.vpn, []).append(rec)
+        for vid in sorted(by_vpn):
+            vpn = etree.SubElement(top, q("vpn"))
+            etree.SubElement(vpn, q("id")).text = vid
+            for rec in sorted(by_vpn[vid], key=lambda r: r.site):
+                site = etree.SubElement(vpn, q("site"))
+                etree.SubElement(site, q("id")).text = rec.site
+                prov = etree.SubElement(site, q("provisioning"))
+                for name, value in (
+                    ("status", rec.status),
+                    ("status-since", rec.since),
+                    ("target-version", rec.target_version),
+                    ("applied-version", rec.applied_version),
+                    ("last-contact", rec.last_contact),
+                    ("last-error", rec.last_error),
+                    ("retry-count", str(rec.retry_count)),
+                    ("next-attempt", rec.next_attempt),
+                    ("peer-count", str(rec.peer_count)),
+                    ("called-from", self.controller.called_from(rec.site)),
+                ):
+                    if value is not None:
+                        etree.SubElement(prov, q(name)).text = value
+        return [top]
+
+    # -- sessions and lifecycle ----------------------------------------------------
+
+    def session_started(self, session: Session) -> None:
+        """A CE's account logged in: the CE is reachable again (the controller decides
+        what follows)."""
+        site = self.controller.site_of_user(session.user)
+        if site is not None:
+            self.controller.ce_reachable(site, session.source_host)
+
+    async def started(self) -> None:
+        listener = self.server.listener
+        if listener is not None:
+            # `cevpn-server enrol` finds a running server here.
+            (self.state_dir / LISTENING_FILE).write_text(f"{listener.host} {listener.port}\n")
+        self.controller.start()
+
+    async def stopping(self) -> None:
+        await self.controller.stop()
+        (self.state_dir / LISTENING_FILE).unlink(missing_ok=True)
+        self.storage.close()
+
+    # -- operations ----------------------------------------------------------------
+
+    def rpc_names(self) -> set[tuple[str, str]]:
+        return {(SVC_NS, name) for name in RPCS}
+
+    async def rpc(self, session: Session, rpc: etree._Element) -> list[etree._Element]:
+        name = etree.QName(rpc).localname
+        args = {
+            etree.QName(c).localname: (c.text or "").strip() for c in rpc if isinstance(c.tag, str)
+        }
+        ctl = self.controller
+        if name == "enrol":
+            bundle = await ctl.enrol(args["vpn"], args["site"], session)
+            return [bundle_xml(bundle)]
+        if name == "fetch-ce-configuration":
+            fetched = ctl.fetch(
+                session.user,
+                args.get("site"),
+                args.get("applied-version"),
+                args.get("certificate-request"),
+            )
+            return self._fetched_xml(fetched)
+        if name == "resynchronise":
+            ctl.resynchronise(args.get("vpn"), args.get("site"))
+            return []
+        if name == "audit":
+            results = await ctl.audit(
+                args.get("vpn"), args.get("site"), args.get("repair") == "true"
+            )
+            return [_audit_xml(result) for result in results]
+        if name == "rotate-keys":
+            what = args.get("what") or self._input_default("rotate-keys", "what")
+            ctl.rotate_keys(args["vpn"], args.get("site"), what)
+            return []
+        if name == "remove-site":
+            await ctl.remove_site(
+                args["vpn"],
+                args["site"],
+                str(
+                    args.get("deprovision") or self._input_default("remove-site", "deprovision")
+                ).lower()
+                == "true",
+                session,
+            )
+            return []
+        return await super().rpc(session, rpc)
+
+    def _input_default(self, rpc: str, leaf: str) -> str:
+        """The YANG default of an operation's input leaf (cevpn-service is its one source)."""
+        return str(self.yang_default(f"/cevpn-service:{rpc}/{leaf}"))
+
+    def _fetched_xml(self, fetched: Fetched) -> list[etree._Element]:
+        version = etree.Element(q("version"))
+        version.text = fetched.version
+        holder = etree.Element(q("configuration"))
+        ce = self.controller.codec.to_xml(fetched.config, fetched.site)
+        if not fetched.for_the_ce:
+            _redact(ce)
+        holder.append(ce)
+        return [version, holder]
+
+    # -- the controller's way to the engine (nc_server.controller.Engine) -----------
+
+    async def edit_running(
+        self,
+        edit: Callable[[etree._Element], None],
+        *,
+        reason: str,
+        on_behalf_of: Session | None,
+    ) -> None:
+        await self.server.edit_running(edit, reason=reason, on_behalf_of=on_behalf_of)
+
+    def yang_default(self, path: str) -> Any:
+        return self.server.index.default(path)
+
+    def groups_of(self, user: str) -> frozenset[str]:
+        return self.server.nacm.groups_of(user)
+
+    def host_key(self) -> str:
+        return host_key_line(self.state_dir)
+
+    def provisioning_status_changed(self, rec: CeRecord, previous: str, error: str | None) -> None:
+        event = default_ns_element(SVC_NS, "provisioning-status-changed")
+        for name, value in (
+            ("vpn", rec.vpn),
+            ("site", rec.site),
+            ("status", rec.status),
+            ("previous-status", previous),
+            ("error", error if rec.status in ("failed", "unreachable") else None),
+        ):
+            if value:
+                etree.SubElement(event, q(name)).text = value
+        # Only to those who may read the site (a customer hears of its own sites only).
+        site = data_node(
+            (q("vpn-service"), ()),
+            (q("vpn"), [(q("id"), rec.vpn)]),
+            (q("site"), [(q("id"), rec.site)]),
+        )
+        self.server.notifications.emit(event, about=[site])
+
+    def configuration_available(self, vpn: str, site: str, version: str) -> None:
+        event = default_ns_element(SVC_NS, "configuration-available")
+        etree.SubElement(event, q("vpn")).text = vpn
+        etree.SubElement(event, q("site")).text = site
+        etree.SubElement(event, q("version")).text = version
+        self.server.notifications.emit(event, audience=frozenset({ce_username(site)}))
+
+
+def _audit_xml(result: AuditResult) -> etree._Element:
+    entry = etree.Element(q("result"))
+    etree.SubElement(entry, q("vpn")).text = result.vpn
+    etree.SubElement(entry, q("site")).text = result.site
+    etree.SubElement(entry, q("outcome")).text = result.outcome
+    for path in result.differences:
+        etree.SubElement(entry, q("difference")).text = path
+    return entry
+
+
+def _redact(ce: etree._Element) -> None:
+    """Key material is for the CE only: an operator fetching a CE's configuration sees
+    where keys are, not what they are."""
+    secret = {"pre-shared-key", "encryption-key", "integrity-key", "private-key"}
+    for elem in ce.iter():
+        if isinstance(elem.tag, str) and etree.QName(elem).localname in secret:
+            parent = elem.getparent()
+            if parent is not None:
+                parent.remove(elem)
+
+
+__all__ = ["ServiceApplication"]
