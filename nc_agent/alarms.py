@@ -16,6 +16,12 @@ not an alarm of the CE's.)
 
 An alarm is raised once (a second raise only updates its text) and cleared
 once; both are notified and logged.
+
+Every alarm is also kept in the CE's RFC 8632 alarm list (:attr:`AlarmList.standard`,
+nc_core.alarms: ``/alarms/alarm-list`` and ``alarm-notification``), its resource the
+instance-identifier of what it is about (:func:`resource_of`): the peer, the certificate,
+the pre-configuration that names the VPN server.  The cevpn-ce ``ce-state/alarms`` list
+and its notifications stay: they show only the active alarms.
 """
 
 from __future__ import annotations
@@ -23,8 +29,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
+
+from nc_core import alarms as standard_alarms
+from nc_core.alarms import AlarmType, Resource, instance
 
 log = logging.getLogger("cevpn.agent.alarms")
 
@@ -33,6 +42,54 @@ CONFIGURATION_FETCH_FAILURE = "cevpn-types:configuration-fetch-failure"
 CERTIFICATE_EXPIRY = "cevpn-types:certificate-expiry"
 
 Notify = Callable[..., None]
+
+CE_NS = "urn:cevpn:yang:cevpn-ce"
+
+
+def standard_type(type: str) -> str:
+    """The ietf-alarms alarm type of a CE alarm type: the cevpn-alarms identity derived from
+    the cevpn-types one (``cevpn-types:x`` -> ``cevpn-alarms:x``)."""
+    return "cevpn-alarms:" + type.partition(":")[2]
+
+
+INVENTORY = (
+    AlarmType(
+        standard_type(TUNNEL_ESTABLISHMENT_FAILURE),
+        "IKE with a peer kept failing until the retry back-off reached its limit: check the "
+        "peer's reachability, its pre-shared key or certificates and the proposals.  Clears "
+        "when the tunnel comes up.",
+        ("major",),
+    ),
+    AlarmType(
+        standard_type(CONFIGURATION_FETCH_FAILURE),
+        "No configuration fetch from the VPN server succeeded for timers/fetch-alarm-after.  "
+        "Clears at the next successful fetch.",
+        ("major",),
+    ),
+    AlarmType(
+        standard_type(CERTIFICATE_EXPIRY),
+        "A certificate this CE uses expires soon (warning) or has expired (critical).  "
+        "Clears when it is renewed.",
+        ("warning", "critical"),
+    ),
+)
+"""The CE's alarm types, as /alarms/alarm-inventory shows them."""
+
+
+def resource_of(type: str, resource: str) -> Resource:
+    """The ietf-alarms resource of a CE alarm: an instance-identifier into cevpn-ce."""
+    if resource == "certificate":
+        return instance("ce", CE_NS, ("ce", {}), ("certificates", {}), ("certificate", {}))
+    if resource.startswith("ca-certificate[") and resource.endswith("]"):
+        name = resource[len("ca-certificate[") : -1]
+        return instance(
+            "ce", CE_NS, ("ce", {}), ("certificates", {}), ("ca-certificate", {"name": name})
+        )
+    if type == CONFIGURATION_FETCH_FAILURE:
+        return instance("ce", CE_NS, ("ce", {}), ("pre-configuration", {}))
+    if type == TUNNEL_ESTABLISHMENT_FAILURE:
+        return instance("ce", CE_NS, ("ce", {}), ("peer", {"name": resource}))
+    return Resource(resource)
 
 
 @dataclass(frozen=True)
@@ -47,10 +104,23 @@ class Alarm:
 class AlarmList:
     """Active alarms by (type, resource)."""
 
-    def __init__(self, notify: Notify, clock: Callable[[], datetime] | None = None) -> None:
+    def __init__(
+        self,
+        notify: Notify,
+        clock: Callable[[], datetime] | None = None,
+        *,
+        notify_standard: standard_alarms.Notify | None = None,
+    ) -> None:
         self.notify = notify
         self.clock = clock or (lambda: datetime.now(UTC))
         self._active: dict[tuple[str, str], Alarm] = {}
+        self.standard = standard_alarms.AlarmList(
+            INVENTORY,
+            notify_standard,
+            clock=self.clock,
+            log_changes=False,
+        )
+        """The same alarms as RFC 8632 has them (``/alarms``), cleared ones included."""
 
     def __iter__(self) -> Iterator[Alarm]:
         return iter(sorted(self._active.values(), key=lambda a: (a.type, a.resource)))
@@ -66,6 +136,7 @@ class AlarmList:
         old = self._active.get((type, resource))
         raised_at = old.raised_at if old is not None else self.clock()
         self._active[(type, resource)] = Alarm(type, resource, severity, raised_at, text)
+        self.standard.raise_alarm(resource_of(type, resource), standard_type(type), severity, text)
         if old is not None and old.severity == severity:
             return False
         log.error("alarm raised: %s %s (%s): %s", type, resource, severity, text)
@@ -76,6 +147,7 @@ class AlarmList:
         """Clear an alarm; True if it was active."""
         if self._active.pop((type, resource), None) is None:
             return False
+        self.standard.clear(resource_of(type, resource), standard_type(type))
         log.info("alarm cleared: %s %s", type, resource)
         self.notify("alarm-cleared", type=type, resource=resource)
         return True
@@ -92,9 +164,8 @@ class AlarmList:
 
 # -- certificates ------------------------------------------------------------------------
 
-WARN_BEFORE = timedelta(days=30)
-"""A certificate is reported this long before it expires at most (seed 7's lifetimes are a
-year by default: a month to renew), or within its last fifth for shorter ones."""
+WARN_BEFORE = standard_alarms.WARN_BEFORE
+_RENEW = "Renew it on the VPN server (rotate-keys, what 'certificates')"
 
 
 def certificate_alarms(config: Mapping[str, Any], now: datetime) -> dict[str, tuple[str, str]]:
@@ -111,7 +182,13 @@ def certificate_alarms(config: Mapping[str, Any], now: datetime) -> dict[str, tu
             (f"ca-certificate[{name}]", str(ca.get("certificate", "")), f"CA certificate {name}")
         )
     for resource, pem, what in candidates:
-        verdict = _expiry(pem, now, what)
+        verdict = standard_alarms.certificate_expiry(
+            pem,
+            now,
+            what,
+            expired=f"IKE with it fails.  {_RENEW} and check that this CE gets it.",
+            soon=f"{_RENEW} before then.",
+        )
         if verdict is not None:
             found[resource] = verdict
     return found
@@ -123,51 +200,5 @@ def next_certificate_check(config: Mapping[str, Any], now: datetime) -> datetime
     certs = config.get("certificates", {})
     pems = [str(certs["certificate"])] if "certificate" in certs else []
     pems += [str(ca.get("certificate", "")) for ca in certs.get("ca-certificate", [])]
-    moments = []
-    for pem in pems:
-        window = _window(pem)
-        if window is None:
-            continue
-        starts, ends = window
-        moments += [m for m in (_warn_from(starts, ends), ends) if m > now]
+    moments = [m for pem in pems for m in standard_alarms.certificate_moments(pem) if m > now]
     return min(moments, default=None)
-
-
-def _window(pem: str) -> tuple[datetime, datetime] | None:
-    from cryptography import x509
-
-    try:
-        cert = x509.load_pem_x509_certificate(pem.encode())
-    except ValueError:
-        return None
-    return cert.not_valid_before_utc, cert.not_valid_after_utc
-
-
-def _warn_from(starts: datetime, ends: datetime) -> datetime:
-    return ends - min(WARN_BEFORE, (ends - starts) / 5)
-
-
-def _expiry(pem: str, now: datetime, what: str) -> tuple[str, str] | None:
-    window = _window(pem)
-    if window is None:
-        return None
-    starts, ends = window
-    if now >= ends:
-        return "critical", (
-            f"{what} expired at {ends.isoformat()}: IKE with it fails.  Renew it on the VPN "
-            "server (rotate-keys, what 'certificates') and check that this CE gets it."
-        )
-    if now >= _warn_from(starts, ends):
-        left = ends - now
-        return "warning", (
-            f"{what} expires at {ends.isoformat()} (in {_days(left)}).  Renew it on the VPN "
-            "server (rotate-keys, what 'certificates') before then."
-        )
-    return None
-
-
-def _days(span: timedelta) -> str:
-    if span >= timedelta(days=2):
-        return f"{span.days} days"
-    hours = span.total_seconds() / 3600
-    return f"{hours:.0f} hours" if hours >= 2 else f"{span.total_seconds() / 60:.0f} minutes"

@@ -126,7 +126,7 @@ class AgentApplication(Application):
         self.events: XfrmEvents | None = None
         self.ike: IkeManager | None = None
         self.edge: Edge | None = None
-        self.alarms = AlarmList(self._notify)
+        self.alarms = AlarmList(self._notify, notify_standard=self._notify_alarm)
         """Every alarm of the CE: IKE's, the configuration fetch's, the certificates'."""
         self._certificate_timer: asyncio.TimerHandle | None = None
         self._dataplane = asyncio.Lock()
@@ -482,6 +482,12 @@ class AgentApplication(Application):
             _leaf(event, leaf, value)
         server.notifications.emit(event)
 
+    def _notify_alarm(self, event: etree._Element, alarm: object) -> None:
+        """An ietf-alarms alarm-notification (nc_core.alarms)."""
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.notifications.emit(event)
+
     def _on_kernel_events(self) -> None:
         if self.events is None:
             return
@@ -671,7 +677,7 @@ class AgentApplication(Application):
 
     async def operational(self, session: Session | None) -> list[etree._Element]:
         if not self.has_kernel:
-            return [self._no_data_plane_state(), self._ce_state()]
+            return [self._no_data_plane_state(), self._ce_state(), self.alarms.standard.state()]
         kernel = self._kernel()
         observed = await asyncio.to_thread(kernel.observe)
         adjacency, routing = await self._routing_state()
@@ -722,7 +728,7 @@ class AgentApplication(Application):
                 etree.SubElement(state, _q("last-error")).text = self.last_error[name]
             if late is not None:
                 state.append(late)
-        return [ce, self._ce_state(routing)]
+        return [ce, self._ce_state(routing), self.alarms.standard.state()]
 
     def _ike_state(
         self, state: etree._Element, peer: PeerObjects, observed: Observed, mine: list[SAState]

@@ -26,8 +26,10 @@ from _libyang import ffi, lib
 
 CEVPN_YANG_DIR = Path(__file__).resolve().parent.parent / "yang"
 
-CE_MODULES = ("cevpn-types", "cevpn-ce")
-SERVICE_MODULES = ("cevpn-types", "cevpn-service")
+CE_MODULES = ("ietf-alarms", "cevpn-types", "cevpn-alarms", "cevpn-ce")
+SERVICE_MODULES = ("ietf-alarms", "cevpn-types", "cevpn-alarms", "cevpn-service")
+"""What each daemon serves beyond nc_core.server.BASE_MODULES: ietf-alarms is the RFC 8632
+alarm list both keep (nc_core.alarms), cevpn-alarms its alarm types."""
 
 _LOCATION = re.compile(r'(?:Data|Schema) location "(?P<path>[^"]*)"')
 _LINE = re.compile(r"[Ll]ine number (?P<line>\d+)")

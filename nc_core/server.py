@@ -76,6 +76,8 @@ BASE_FEATURES: dict[str, tuple[str, ...]] = {
     ),
     "ietf-system": ("authentication", "local-users"),
     "ietf-netconf-nmda": ("origin", "with-defaults"),
+    # The alarm list both daemons keep (nc_core.alarms).
+    "ietf-alarms": ("alarm-history", "alarm-summary"),
 }
 
 CAP = "urn:ietf:params:netconf:capability:"

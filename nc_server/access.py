@@ -9,7 +9,8 @@
   site a CE may fetch is decided by the operation itself from the account.
 - A customer's group is made by the operator, one rule list per customer
   (:func:`customer_rule_list`, shown in docs/server.md): read its own VPNs,
-  nothing else, no operation, no write.
+  nothing else, no operation, no write, no alarm (the server's alarm list names
+  every customer's sites).
 """
 
 from __future__ import annotations
@@ -170,6 +171,13 @@ _CUSTOMER_RULES = """
       <module-name>ietf-netconf-acm</module-name>
       <access-operations>*</access-operations>
       <action>deny</action>
+    </rule>
+    <rule>
+      <name>no-alarms</name>
+      <module-name>ietf-alarms</module-name>
+      <access-operations>*</access-operations>
+      <action>deny</action>
+      <comment>The server's alarms name every customer's sites.</comment>
     </rule>
   </rule-list>
 """

@@ -118,6 +118,9 @@ class Engine(Protocol):
     def configuration_available(self, vpn: str, site: str, version: str) -> None:
         """Notify the site's CE (its account only) that it should fetch."""
 
+    def site_removed(self, vpn: str, site: str) -> None:
+        """A site left the VPN database (its alarms clear)."""
+
 
 @dataclass
 class Validated:
@@ -411,6 +414,8 @@ class Controller:
         deprovision = mode == "deprovision"
         # A deprovisioning push uses the standing link, then drops it.
         self.jobs.forget(view.site, keep_link=deprovision)
+        if self.engine is not None:
+            self.engine.site_removed(view.vpn, view.site)
         self.storage.put(
             REMOVED,
             ce_username(view.site),

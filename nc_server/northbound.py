@@ -15,16 +15,20 @@ the server touches nc_core's server object.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
+from nc_core.alarms import Alarm, AlarmList
 from nc_core.notifications import data_node
 from nc_core.transaction import Transaction
 from nc_core.transport_ssh import host_key_line
 from nc_core.xmlutil import default_ns_element
+from nc_server import alarms as server_alarms
 from nc_server.controller import AuditResult, Controller, Fetched
 from nc_server.enrolment import bundle_xml, ce_username
 from nc_server.provisioner import CeRecord
@@ -54,10 +58,35 @@ class ServiceApplication(ServiceDatastore):
         self.controller = Controller(self.storage, state_dir, provisioning=provisioning)
         """Everything the server knows and decides; ``provisioning`` False: it touches no
         CE (offline validation and enrolment)."""
+        self.alarms = AlarmList(server_alarms.INVENTORY, self._notify_alarm)
+        """The server's own alarms (nc_server.alarms), served as ietf-alarms /alarms."""
+        self._certificate_timer: asyncio.TimerHandle | None = None
 
     def attach(self, server: NetconfServer) -> None:
         super().attach(server)
         self.controller.engine = self
+
+    # -- alarms ----------------------------------------------------------------------
+
+    def _notify_alarm(self, event: etree._Element, alarm: Alarm) -> None:
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.notifications.emit(event)
+
+    def check_certificates(self) -> None:
+        """Raise and clear certificate-expiry alarms now, and again when one is due."""
+        if self._certificate_timer is not None:
+            self._certificate_timer.cancel()
+            self._certificate_timer = None
+        due = server_alarms.check_certificates(self.alarms, self.storage)
+        if due is None:
+            return
+        wait = (due - datetime.now(UTC)).total_seconds()
+        # Bounded: a clock step, or a certificate changed outside a commit, is seen within a day.
+        wait = min(max(wait, 1.0), 86400.0)
+        self._certificate_timer = asyncio.get_running_loop().call_later(
+            wait, self.check_certificates
+        )
 
     # -- transaction -------------------------------------------------------------
 
@@ -70,6 +99,8 @@ class ServiceApplication(ServiceDatastore):
         validated, startup = txn.scratch["validated"], txn.reason == "startup"
         await self.controller.listen_for_calls(validated, self.server.options.host, startup=startup)
         self.controller.apply(validated, startup=startup)
+        if not startup:
+            self.check_certificates()
 
     # -- operational state -------------------------------------------------------
 
@@ -100,7 +131,7 @@ class ServiceApplication(ServiceDatastore):
                 ):
                     if value is not None:
                         etree.SubElement(prov, q(name)).text = value
-        return [top]
+        return [top, self.alarms.state()]
 
     # -- sessions and lifecycle ----------------------------------------------------
 
@@ -117,8 +148,11 @@ class ServiceApplication(ServiceDatastore):
             # `cevpn-server enrol` finds a running server here.
             (self.state_dir / LISTENING_FILE).write_text(f"{listener.host} {listener.port}\n")
         self.controller.start()
+        self.check_certificates()
 
     async def stopping(self) -> None:
+        if self._certificate_timer is not None:
+            self._certificate_timer.cancel()
         await self.controller.stop()
         (self.state_dir / LISTENING_FILE).unlink(missing_ok=True)
         self.storage.close()
@@ -222,6 +256,10 @@ class ServiceApplication(ServiceDatastore):
             (q("site"), [(q("id"), rec.site)]),
         )
         self.server.notifications.emit(event, about=[site])
+        server_alarms.provisioning_status(self.alarms, rec.vpn, rec.site, rec.status, error)
+
+    def site_removed(self, vpn: str, site: str) -> None:
+        server_alarms.site_removed(self.alarms, vpn, site)
 
     def configuration_available(self, vpn: str, site: str, version: str) -> None:
         event = default_ns_element(SVC_NS, "configuration-available")

@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from lxml import etree
 
 from nc_agent.alarms import (
     CERTIFICATE_EXPIRY,
@@ -188,3 +189,68 @@ def test_an_agent_raises_certificate_expiry_and_clears_it_when_the_certificate_i
                 seen.append(note.notification_xml)
     raised = [n for n in seen if "alarm-raised" in n]
     assert raised and CERTIFICATE_EXPIRY.split(":")[1] in raised[0]
+
+
+AL = "urn:ietf:params:xml:ns:yang:ietf-alarms"
+
+
+def standard_alarms_of(m) -> list[dict[str, str]]:  # type: ignore[no-untyped-def]
+    data = m.get(filter=("subtree", f'<alarms xmlns="{AL}"><alarm-list/></alarms>')).data_ele
+    return [
+        {etree.QName(c).localname: c.text or "" for c in alarm if len(c) == 0}
+        for alarm in data.iter(f"{{{AL}}}alarm")
+    ]
+
+
+def test_an_agent_keeps_its_alarms_in_the_ietf_alarms_list_too(agent):
+    now = dt.datetime.now(dt.UTC)
+    with ncclient_connect(agent) as m:
+        m.create_subscription()
+        old, old_key = certificate(now - dt.timedelta(days=340), now + dt.timedelta(days=3))
+        set_certificate(m, old, old_key)
+        [alarm] = standard_alarms_of(m)
+        assert alarm["resource"] == "/ce:ce/ce:certificates/ce:certificate"
+        assert alarm["alarm-type-id"].endswith(":certificate-expiry")
+        assert (alarm["is-cleared"], alarm["perceived-severity"]) == ("false", "warning")
+        new, new_key = certificate(now, now + dt.timedelta(days=365))
+        set_certificate(m, new, new_key)
+        [alarm] = standard_alarms_of(m)
+        assert alarm["is-cleared"] == "true"
+        severities = []
+        deadline = time.monotonic() + 30
+        while "cleared" not in severities:
+            assert time.monotonic() < deadline, severities
+            note = m.take_notification(block=True, timeout=1)
+            if note is not None:
+                event = etree.fromstring(note.notification_xml.encode()).find(
+                    f"{{{AL}}}alarm-notification"
+                )
+                if event is not None:
+                    severities.append(event.findtext(f"{{{AL}}}perceived-severity"))
+        assert severities == ["warning", "cleared"]
+        inventory = m.get(
+            filter=("subtree", f'<alarms xmlns="{AL}"><alarm-inventory/></alarms>')
+        ).data_xml
+        assert "tunnel-establishment-failure" in inventory
+        assert "configuration-fetch-failure" in inventory
+
+
+def test_each_ce_alarm_has_an_instance_identifier_as_its_resource():
+    from nc_agent.alarms import TUNNEL_ESTABLISHMENT_FAILURE, resource_of
+
+    assert resource_of(TUNNEL_ESTABLISHMENT_FAILURE, "b").path == "/ce:ce/ce:peer[ce:name='b']"
+    assert resource_of(CERTIFICATE_EXPIRY, "ca-certificate[vpn-ca]").path == (
+        "/ce:ce/ce:certificates/ce:ca-certificate[ce:name='vpn-ca']"
+    )
+    assert resource_of(CONFIGURATION_FETCH_FAILURE, "vpn-server").path == (
+        "/ce:ce/ce:pre-configuration"
+    )
+    alarms = AlarmList(Recorder(), clock=lambda: NOW)
+    alarms.raise_alarm(TUNNEL_ESTABLISHMENT_FAILURE, "b", "major", "IKE keeps failing")
+    [standard] = alarms.standard.active()
+    assert (standard.type_id, standard.severity) == (
+        "cevpn-alarms:tunnel-establishment-failure",
+        "major",
+    )
+    alarms.clear(TUNNEL_ESTABLISHMENT_FAILURE, "b")
+    assert alarms.standard.active() == [] and len(alarms.standard) == 1

@@ -62,6 +62,9 @@ class FakeEngine:
     def configuration_available(self, vpn: str, site: str, version: str) -> None:
         self.available.append((vpn, site, version))
 
+    def site_removed(self, vpn: str, site: str) -> None:
+        return None
+
 
 def site(name: str, autodiscovery: str = "notify-then-pull") -> SiteView:
     return SiteView(
