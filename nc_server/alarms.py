@@ -1,8 +1,9 @@
 """The VPN server's own alarms, in its RFC 8632 alarm list (nc_core.alarms).
 
 - ``ce-unreachable``: a site whose CE cannot be reached (provisioning status
-  ``unreachable``); cleared by any other status but ``pending`` (a new configuration to
-  push says nothing of the CE);
+  ``unreachable``; for a CE not reached since the server started, after
+  :data:`NEW_SITE_RETRIES` attempts); cleared by any other status but ``pending`` (a new
+  configuration to push says nothing of the CE);
 - ``provisioning-failure``: a site whose provisioning failed (status ``failed``);
   cleared likewise;
 - ``certificate-expiry``: a VPN's CA certificate, or a site's certificate, that expires
@@ -71,13 +72,28 @@ def vpn_resource(vpn: str) -> Resource:
     return instance("svc", SVC_NS, ("vpn-service", {}), ("vpn", {"id": vpn}))
 
 
+NEW_SITE_RETRIES = 5
+"""A CE this server has not reached yet (a site just added, its CE not installed yet, or
+the server just restarted) is alarmed as unreachable only after this many failed attempts
+(1 + 2 + 4 + 8 s of back-off at least), not at the first."""
+
+
 def provisioning_status(
-    alarms: AlarmList, vpn: str, site: str, status: str, error: str | None
+    alarms: AlarmList,
+    vpn: str,
+    site: str,
+    status: str,
+    error: str | None,
+    *,
+    reached_before: bool = True,
+    retries: int = 0,
 ) -> None:
-    """Raise or clear a site's provisioning alarms for its new provisioning status."""
+    """Raise or clear a site's provisioning alarms for its new provisioning status.
+    ``reached_before``: the server has reached this CE since it started; ``retries``: the
+    failed attempts in a row."""
     resource = site_resource(vpn, site)
     why = f": {error}" if error else ""
-    if status == "unreachable":
+    if status == "unreachable" and (reached_before or retries >= NEW_SITE_RETRIES):
         alarms.raise_alarm(
             resource, CE_UNREACHABLE, "major", f"The CE of site {site} (VPN {vpn}) "
             f"cannot be reached{why}"

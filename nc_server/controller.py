@@ -121,6 +121,9 @@ class Engine(Protocol):
     def site_removed(self, vpn: str, site: str) -> None:
         """A site left the VPN database (its alarms clear)."""
 
+    def still_unreachable(self, rec: CeRecord, error: str | None) -> None:
+        """Another attempt to reach an unreachable CE failed (alarms)."""
+
 
 @dataclass
 class Validated:
@@ -180,6 +183,7 @@ class Controller:
             on_applied=self._receiver_applied,
             on_status=self._status_changed,
             on_deprovisioned=self._deprovisioned,
+            on_retry_failed=self._still_unreachable,
         )
         self.rekeys = RekeyScheduler(self.keys, self._rekey_plans, self._begin_rekey)
         self.call_home = CallHomeDesk(self.jobs, self.ce_reachable)
@@ -396,6 +400,10 @@ class Controller:
     def _status_changed(self, rec: CeRecord, previous: str, error: str | None) -> None:
         if self.engine is not None:  # an offline server notifies nobody
             self.engine.provisioning_status_changed(rec, previous, error)
+
+    def _still_unreachable(self, rec: CeRecord, previous: str, error: str | None) -> None:
+        if self.engine is not None:
+            self.engine.still_unreachable(rec, error)
 
     def _deprovisioned(self, view: SiteView) -> None:
         self.keys.forget_site(view.vpn, view.site)

@@ -256,10 +256,24 @@ class ServiceApplication(ServiceDatastore):
             (q("site"), [(q("id"), rec.site)]),
         )
         self.server.notifications.emit(event, about=[site])
-        server_alarms.provisioning_status(self.alarms, rec.vpn, rec.site, rec.status, error)
+        self._provisioning_alarms(rec, error)
+
+    def still_unreachable(self, rec: CeRecord, error: str | None) -> None:
+        self._provisioning_alarms(rec, error)
 
     def site_removed(self, vpn: str, site: str) -> None:
         server_alarms.site_removed(self.alarms, vpn, site)
+
+    def _provisioning_alarms(self, rec: CeRecord, error: str | None) -> None:
+        server_alarms.provisioning_status(
+            self.alarms,
+            rec.vpn,
+            rec.site,
+            rec.status,
+            error,
+            reached_before=rec.last_contact is not None,
+            retries=rec.retry_count,
+        )
 
     def configuration_available(self, vpn: str, site: str, version: str) -> None:
         event = default_ns_element(SVC_NS, "configuration-available")

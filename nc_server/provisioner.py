@@ -72,9 +72,13 @@ class Provisioner:
         *,
         max_concurrent: int = 32,
         retry_limit: float = 300.0,
+        on_retry_failed: StatusListener | None = None,
     ) -> None:
         self.job = job
         self.on_status = on_status
+        self.on_retry_failed = on_retry_failed
+        """Told of each failed attempt to reach a CE that was already unreachable (its
+        status does not change: ``on_status`` is not told)."""
         self.records: dict[str, CeRecord] = {}
         self.max_concurrent = max_concurrent
         self.retry_limit = retry_limit
@@ -161,7 +165,10 @@ class Provisioner:
             rec.retry_count += 1
             delay = retry_delay(rec.retry_count, self.retry_limit)
             rec.next_attempt = now_text(datetime.now(UTC) + timedelta(seconds=delay))
+            previous = rec.status
             self.set_status(rec, "unreachable", str(exc))
+            if previous == "unreachable" and self.on_retry_failed is not None:
+                self.on_retry_failed(rec, previous, str(exc))
             log.info(
                 "CE %s unreachable (%s); retry %d in %.0f s", rec.site, exc, rec.retry_count, delay
             )

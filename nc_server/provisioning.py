@@ -94,6 +94,7 @@ class ProvisioningJobs:
         on_applied: Applied,
         on_status: StatusListener,
         on_deprovisioned: Deprovisioned,
+        on_retry_failed: StatusListener | None = None,
     ) -> None:
         self.storage = storage
         self.codec = codec
@@ -102,6 +103,7 @@ class ProvisioningJobs:
         self.target_of = target_of
         self.on_applied = on_applied
         self.on_status = on_status
+        self.on_retry_failed = on_retry_failed
         self.on_deprovisioned = on_deprovisioned
         self.settings: Mapping[str, Any] = {}
         """The database's /vpn-service/server container (limits and timeouts)."""
@@ -135,6 +137,7 @@ class ProvisioningJobs:
                 self.on_status,
                 max_concurrent=int(self.settings["max-concurrent-provisioning"]),
                 retry_limit=float(self.settings["unreachable-retry-limit"]),
+                on_retry_failed=self.on_retry_failed,
             )
         return self._provisioner
 

@@ -65,6 +65,9 @@ class FakeEngine:
     def site_removed(self, vpn: str, site: str) -> None:
         return None
 
+    def still_unreachable(self, rec: CeRecord, error: str | None) -> None:
+        return None
+
 
 def site(name: str, autodiscovery: str = "notify-then-pull") -> SiteView:
     return SiteView(

@@ -22,6 +22,7 @@ from nc_server.alarms import (
     CE_UNREACHABLE,
     CERTIFICATE_EXPIRY,
     INVENTORY,
+    NEW_SITE_RETRIES,
     PROVISIONING_FAILURE,
     certificate_alarms,
     check_certificates,
@@ -152,6 +153,17 @@ def test_provisioning_statuses_raise_and_clear_the_site_alarms():
     provisioning_status(alarms, "v1", "s2", "failed", "x")
     site_removed(alarms, "v1", "s2")
     assert alarms.active() == []
+
+
+def test_a_ce_never_reached_is_alarmed_only_after_some_attempts():
+    alarms = AlarmList(INVENTORY, clock=Clock())
+    for retries in range(1, NEW_SITE_RETRIES):
+        provisioning_status(alarms, "v1", "new", "unreachable", "refused", reached_before=False,
+                            retries=retries)  # fmt: skip
+        assert alarms.active() == []
+    provisioning_status(alarms, "v1", "new", "unreachable", "refused", reached_before=False,
+                        retries=NEW_SITE_RETRIES)  # fmt: skip
+    assert [a.type_id for a in alarms.active()] == [CE_UNREACHABLE]
 
 
 def _store_ca(storage: SqliteStorage, vpn: str, created: dt.datetime) -> CertificateAuthority:
