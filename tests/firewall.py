@@ -27,5 +27,3 @@ def new_connections_refused(*ports: int) -> Iterator[None]:
         yield
     finally:
         subprocess.run(["nft", "delete", "table", "inet", table], check=False)
-
-
