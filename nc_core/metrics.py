@@ -200,7 +200,7 @@ class PrometheusMetrics(Metrics):
 
     def add_collector(self, collect: Collect) -> None:
         assert self.registry is not None
-        self.registry.register(_Collector(collect))
+        self.registry.register(CallbackCollector(collect))
 
     def before_scrape(self, refresh: Callable[[], Awaitable[None]]) -> None:
         self._refreshers.append(refresh)
@@ -218,7 +218,7 @@ class PrometheusMetrics(Metrics):
         return generate_latest(self.registry)
 
 
-class _Collector:
+class CallbackCollector:
     """A prometheus-client collector around a function that yields metric families."""
 
     def __init__(self, collect: Collect) -> None:

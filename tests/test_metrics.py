@@ -367,3 +367,110 @@ def test_the_grafana_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     assert promtool
     done = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# -- the agent's kernel-backed metrics agree with its <get> ------------------------------------
+
+
+def test_an_agents_tunnel_and_sa_metrics_say_what_its_get_says(tmp_path: Path) -> None:
+    """Not a substitute for the lab (no kernel here): the same kernel observation read by
+    <get> and by the collector gives the same statuses and counters."""
+    import asyncio
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from lxml import etree
+
+    from nc_agent.application import AgentApplication
+    from nc_agent.dataplane.links import Existing, Tunnel
+    from nc_agent.dataplane.xfrm import SA, SAState
+    from nc_agent.desired import Desired, PeerObjects
+    from nc_agent.ike.health import TunnelHealth
+    from nc_agent.ike.retry import RetryPolicy
+    from nc_agent.kernel import Observed
+    from nc_agent.metrics import AgentMetrics
+    from nc_core.metrics import CallbackCollector
+
+    me = "192.0.2.1"
+
+    def sa(src: str, dst: str, spi: int, reqid: int) -> SA:
+        return SA(src, dst, spi, reqid, "transport")
+
+    def state(src: str, dst: str, spi: int, reqid: int, octets: int, packets: int) -> SAState:
+        return SAState(src, dst, spi, reqid, "transport", None, octets, packets,
+                       1, 0, 2, 1_700_000_000, 0, 1024, False)  # fmt: skip
+
+    def tunnel(name: str, remote: str) -> Tunnel:
+        return Tunnel(name, "transport-ipip", me, remote, 1400)
+
+    def device(name: str, remote: str) -> Existing:
+        return Existing(name, "ipip", me, remote, 1400, 0, True, ())
+
+    peers = {
+        "up": PeerObjects("up", 11, tunnel("t-up", "192.0.2.2"),
+                          sa(me, "192.0.2.2", 0x101, 11), sa("192.0.2.2", me, 0x201, 11)),
+        "half": PeerObjects("half", 12, tunnel("t-half", "192.0.2.3"),
+                            sa(me, "192.0.2.3", 0x102, 12), sa("192.0.2.3", me, 0x202, 12)),
+        "ike": PeerObjects("ike", 13, tunnel("t-ike", "192.0.2.4"),
+                           ike=SimpleNamespace(permanent=True)),  # type: ignore[arg-type]
+    }  # fmt: skip
+    observed = Observed()
+    for s in (
+        state(me, "192.0.2.2", 0x101, 11, 5000, 50),
+        state("192.0.2.2", me, 0x201, 11, 7000, 70),
+        state(me, "192.0.2.3", 0x102, 12, 100, 1),  # its inbound SA is gone: down
+        state(me, "192.0.2.4", 0x103, 13, 300, 3),  # IKE: two SAs each way after a rekey
+        state(me, "192.0.2.4", 0x104, 13, 400, 4),
+        state("192.0.2.4", me, 0x203, 13, 600, 6),
+        state("192.0.2.4", me, 0x204, 13, 800, 8),
+    ):
+        observed.sas[s.key] = s
+    for name, remote in (("t-up", "192.0.2.2"), ("t-half", "192.0.2.3"), ("t-ike", "192.0.2.4")):
+        observed.tunnels[name] = device(name, remote)
+
+    app = AgentApplication(tmp_path, "vpn", dataplane="kernel")
+    app.kernel = SimpleNamespace(observe=lambda: observed)  # type: ignore[assignment]
+    health = TunnelHealth(True, RetryPolicy())
+    health.status = "up"
+    app.ike = SimpleNamespace(  # type: ignore[assignment]
+        health={"ike": health}, failures_total=Counter({"ike": 3})
+    )
+    app.current = Desired(sp_address=me, peers=peers)
+    collector = AgentMetrics(app)
+
+    async def both() -> tuple[list[etree._Element], str]:
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.exposition import generate_latest
+
+        got = await app.operational(None)
+        await collector.refresh()
+        registry = CollectorRegistry()
+        registry.register(CallbackCollector(collector.collect))
+        return got, generate_latest(registry).decode()
+
+    got, text = asyncio.run(both())
+    promtool_clean(text)
+    found = samples(text)
+    ce = "{urn:cevpn:yang:cevpn-ce}"
+    assert len(got[0].findall(f"{ce}peer")) == 3
+    for peer in got[0].iterfind(f"{ce}peer"):
+        name = peer.findtext(f"{ce}name") or ""
+        status = peer.findtext(f"{ce}state/{ce}status")
+        assert value(found, "cevpn_agent_tunnel_up", peer=name) == (status == "up"), name
+        if status != "up":
+            continue
+        for leaf, metric, direction in (
+            ("in-octets", "cevpn_agent_sa_bytes_total", "in"),
+            ("out-octets", "cevpn_agent_sa_bytes_total", "out"),
+            ("in-packets", "cevpn_agent_sa_packets_total", "in"),
+            ("out-packets", "cevpn_agent_sa_packets_total", "out"),
+        ):
+            expected = float(peer.findtext(f"{ce}state/{ce}{leaf}") or "nan")
+            assert value(found, metric, peer=name, direction=direction) == expected, (name, leaf)
+        errors = float(peer.findtext(f"{ce}state/{ce}in-errors") or "nan")
+        assert value(found, "cevpn_agent_sa_errors_total", peer=name) == errors
+    assert value(found, "cevpn_agent_tunnel_up", peer="half") == 0
+    assert value(found, "cevpn_agent_sa_bytes_total", peer="ike", direction="in") == 1400
+    assert value(found, "cevpn_agent_tunnels", status="up") == 2
+    assert value(found, "cevpn_agent_tunnels", status="down") == 1
+    assert value(found, "cevpn_agent_ike_failures_total", peer="ike") == 3
