@@ -58,6 +58,7 @@ from nc_core.transaction import Application, Transaction, tree_json
 from nc_core.xmlutil import default_ns_element
 
 if TYPE_CHECKING:
+    from nc_core.server import NetconfServer
     from nc_core.session import Session
 
 CERTIFICATE_RECHECK = 86400.0
@@ -136,6 +137,13 @@ class AgentApplication(Application):
         self._call_home_settings: CallHomeSettings = CallHomeSettings((), 0.0)
 
     # -- lifecycle -------------------------------------------------------------
+
+    def attach(self, server: NetconfServer) -> None:
+        super().attach(server)
+        if server.metrics.enabled:
+            from nc_agent.metrics import AgentMetrics
+
+            AgentMetrics(self).register(server.metrics)
 
     def _kernel(self) -> Kernel:
         if self.kernel is None:

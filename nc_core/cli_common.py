@@ -79,6 +79,14 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_port: int = 83
         "process) before it is refused with resource-denied (default 5)",
     )
     parser.add_argument(
+        "--metrics-listen",
+        type=parse_listen,
+        default=None,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics "
+        "(default: off; :PORT is every address)",
+    )
+    parser.add_argument(
         "--log-level",
         default="INFO",
         type=str.upper,
@@ -367,6 +375,7 @@ def run_server(args: argparse.Namespace, make_app: Callable[[], Application], na
         max_sessions_per_user=args.max_sessions_per_user,
         reserved_admin_sessions=min(16, args.max_sessions // 4),
         name=name,
+        metrics_listen=args.metrics_listen,
     )
 
     async def main() -> None:

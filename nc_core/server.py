@@ -15,6 +15,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from copy import deepcopy
@@ -137,6 +138,8 @@ class ServerOptions:
     name: str = "cevpn"
     yang_dirs: tuple[Path, ...] = ()
     """Extra directories searched for the application's YANG modules."""
+    metrics_listen: tuple[str, int] | None = None
+    """Where to serve Prometheus metrics (nc_core.metrics); None: no metrics at all."""
 
 
 @dataclass
@@ -151,6 +154,8 @@ class ServerStats:
     in_bad_rpcs: int = 0
     out_rpc_errors: int = 0
     out_notifications: int = 0
+    dropped_subscribers: int = 0
+    """Sessions closed for leaving notifications unread (not in RFC 6022: metrics only)."""
 
 
 @dataclass
@@ -185,6 +190,7 @@ class NetconfServer:
     def __init__(self, options: ServerOptions, application: Application | None = None) -> None:
         from nc_core import base_ops, confirmed_commit, monitoring, nmda, notifications
         from nc_core.filter_worker import FilterRunner
+        from nc_core.metrics import metrics_for
 
         self.options = options
         self.app = application or Application()
@@ -220,6 +226,8 @@ class NetconfServer:
         """Octets of client input not handled yet, all sessions together (bounded by
         ServerOptions.max_input_buffer)."""
         self.stats = ServerStats()
+        self.metrics = metrics_for(self)
+        """Prometheus metrics (nc_core.metrics): no-ops unless options.metrics_listen."""
         self.handlers: dict[tuple[str, str], tuple[str, Handler]] = {}
         base_ops.register(self)
         self.confirmed = confirmed_commit.register(self)
@@ -390,6 +398,15 @@ class NetconfServer:
 
     def register(self, ns: str, name: str, module: str, handler: Handler) -> None:
         self.handlers[(ns, name)] = (module, handler)
+
+    def operation_name(self, rpc: etree._Element) -> str:
+        """The operation of an <rpc> as the metrics name it: one the server answers, else
+        'unsupported' (a client cannot grow the set of label values)."""
+        for op in rpc:
+            if isinstance(op.tag, str):
+                key = (namespace(op.tag) or "", local(op.tag))
+                return key[1] if key in self.handlers else "unsupported"
+        return "unsupported"
 
     async def dispatch(self, session: Session, rpc: etree._Element) -> list[etree._Element] | None:
         operations = [c for c in rpc if isinstance(c.tag, str)]
@@ -725,6 +742,28 @@ class NetconfServer:
         reason: str,
         check_access: bool = True,
         only: set[str] | None = None,
+    ) -> list[Change]:
+        """The engine's own primitive behind every change of running (see
+        :meth:`_change_running`), counted and timed for the metrics by ``reason``."""
+        started = time.perf_counter()
+        outcome = "failed"
+        try:
+            changes = await self._change_running(
+                new_root, session, reason=reason, check_access=check_access, only=only
+            )
+            outcome = "ok" if changes else "unchanged"
+            return changes
+        finally:
+            self.metrics.commit_done(reason, outcome, time.perf_counter() - started)
+
+    async def _change_running(
+        self,
+        new_root: etree._Element,
+        session: Session | None,
+        *,
+        reason: str,
+        check_access: bool,
+        only: set[str] | None,
     ) -> list[Change]:
         """The engine's own primitive behind every change of running; the caller holds
         config_lock and has checked locks and confirmed commits (applications use

@@ -299,6 +299,8 @@ class Session:
             return
         self.counters.in_rpcs += 1
         self.server.stats.in_rpcs += 1
+        started = time.perf_counter()
+        ok = False
         try:
             body = await self.server.dispatch(self, rpc)
         except RpcError as err:
@@ -312,7 +314,11 @@ class Session:
             error = RpcError("operation-failed", "Internal server error; see the server log.")
             self._send_reply(rpc, attrs, errors=[error])
         else:
+            ok = True
             self._send_reply(rpc, attrs, body=body)
+        metrics = self.server.metrics
+        if metrics.enabled:
+            metrics.rpc_done(self.server.operation_name(rpc), ok, time.perf_counter() - started)
 
     def _count_bad_rpc(self) -> None:
         """RFC 6022 in-bad-rpcs, for this session and the server."""
@@ -368,6 +374,7 @@ class Session:
                     self.user,
                     self._backlog_notifications,
                 )
+                self.server.stats.dropped_subscribers += 1
                 self.close("dropped")
                 return
         self._send(notification)

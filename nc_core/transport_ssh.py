@@ -343,14 +343,25 @@ class Listener:
 
 async def serve_forever(nc: NetconfServer, stop: asyncio.Event | None = None) -> None:
     """Load the datastores, listen, run until ``stop`` is set, then shut down cleanly."""
-    await nc.load()
-    listener = Listener(nc)
-    nc.listener = listener
-    await listener.start()
+    from nc_core.metrics import MetricsEndpoint
+
+    endpoint = MetricsEndpoint(nc.metrics)
+    if nc.options.metrics_listen is not None:
+        # First: a port taken fails the start before anything else is done.
+        await endpoint.start(*nc.options.metrics_listen)
+    try:
+        await nc.load()
+        listener = Listener(nc)
+        nc.listener = listener
+        await listener.start()
+    except BaseException:
+        endpoint.close()
+        raise
     await nc.app.started()
     try:
         await (stop or asyncio.Event()).wait()
     finally:
+        endpoint.close()
         listener.close()
         await nc.app.stopping()
         nc.close()

@@ -65,6 +65,10 @@ class ServiceApplication(ServiceDatastore):
     def attach(self, server: NetconfServer) -> None:
         super().attach(server)
         self.controller.engine = self
+        if server.metrics.enabled:
+            from nc_server import metrics
+
+            metrics.register(server.metrics, self.controller, self.alarms)
 
     # -- alarms ----------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ from nc_server.compiler import CeConfig
 from nc_server.enrolment import SERVER_USERNAME_ON_CE, southbound_key
 from nc_server.provisioner import CeRecord, Provisioner, StatusListener, now_text
 from nc_server.service_tree import SiteView
-from nc_server.southbound import Southbound
+from nc_server.southbound import CeUnreachable, Southbound
 from nc_server.storage import Storage
 
 log = logging.getLogger("cevpn.server")
@@ -78,6 +79,9 @@ Applied = Callable[[CeRecord, CeConfig], None]
 """A CE confirmed running this configuration."""
 Deprovisioned = Callable[[SiteView], None]
 """A removed site's CE was cleaned: what the server kept for it may go."""
+JobDone = Callable[[str, str, float], None]
+"""A job ended: its kind ('push' or 'deprovision'), outcome (the CE's new provisioning
+status: 'in-sync', 'unreachable', 'failed' ...) and duration in seconds."""
 
 
 class ProvisioningJobs:
@@ -116,6 +120,8 @@ class ProvisioningJobs:
         self._removing: dict[str, SiteView] = {}
         """Sites deleted in 'deprovision' mode whose CE has not been cleaned yet."""
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.job_done: JobDone = lambda kind, outcome, seconds: None
+        """Told of every job that ran to its end (the metrics, nc_server.metrics)."""
 
     # -- the Provisioner -----------------------------------------------------------
 
@@ -161,9 +167,21 @@ class ProvisioningJobs:
     async def _job(self, rec: CeRecord) -> str:
         if not self.enabled:
             return rec.status
-        if rec.site in self._removing:  # also when retried after 'unreachable'
-            return await self._deprovision_job(rec)
-        return await self._push_job(rec)
+        kind = "deprovision" if rec.site in self._removing else "push"
+        started = time.perf_counter()
+        try:
+            if kind == "deprovision":  # also when retried after 'unreachable'
+                status = await self._deprovision_job(rec)
+            else:
+                status = await self._push_job(rec)
+        except CeUnreachable:
+            self.job_done(kind, "unreachable", time.perf_counter() - started)
+            raise
+        except Exception:
+            self.job_done(kind, "failed", time.perf_counter() - started)
+            raise
+        self.job_done(kind, status, time.perf_counter() - started)
+        return status
 
     # -- push ----------------------------------------------------------------------
 

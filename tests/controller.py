@@ -206,10 +206,12 @@ class Controller:
 
 
 @contextlib.contextmanager
-def controller(tmp: Path, **server_settings: Any) -> Iterator[Controller]:
+def controller(
+    tmp: Path, *, server_args: tuple[str, ...] = (), **server_settings: Any
+) -> Iterator[Controller]:
     server = ServerProcess("cevpn-server", tmp / "server", free_port())
     server.adduser(ADMIN[0], ADMIN[1], ("admin",))
-    server.start()
+    server.start(*server_args)
     ctl = Controller(tmp, server)
     settings = {
         "confirm-timeout": 8,

@@ -42,6 +42,7 @@ import contextlib
 import ipaddress
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
@@ -108,6 +109,10 @@ class IkeManager:
         self.credentials = Credentials()
         self.policy = RetryPolicy()
         self.health: dict[str, TunnelHealth] = {}
+        self.failures_total: Counter[str] = Counter()
+        """Failed IKE attempts this CE initiated, per peer, since the agent started (never
+        reset when the tunnel comes up, unlike TunnelHealth.failures): the metrics'
+        cevpn_agent_ike_failures_total."""
         self.loaded: dict[str, IkePeer] = {}
         self.loaded_credentials = Credentials()
         self.enabled = False
@@ -518,6 +523,7 @@ class IkeManager:
         if peer is None:
             return
         health = self.health[name]
+        self.failures_total[name] += 1
         now = utc_now() - timedelta(seconds=late)
         outcome = health.failed(now, reason, unprovisioned=reason == NOT_PROVISIONED)
         if outcome is None:
