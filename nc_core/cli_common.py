@@ -89,10 +89,10 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_port: int = 83
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """The command line both servers share: serve options and common subcommands."""
-    from importlib.metadata import version
+    from nc_core.version import version_text
 
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--version", action="version", version=f"cevpn {version('cevpn')}")
+    parser.add_argument("--version", action="version", version=version_text(prog))
     add_server_arguments(parser)
     return parser
 
