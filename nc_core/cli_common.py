@@ -19,6 +19,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+from nc_core.config_file import add_config_argument
 from nc_core.log_setup import LOG_FORMATS, configure_logging
 from nc_core.schema import Schema, ValidationFailed
 from nc_core.transaction import Application
@@ -106,6 +107,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--version", action="version", version=version_text(prog))
+    add_config_argument(parser)
     add_server_arguments(parser)
     return parser
 
