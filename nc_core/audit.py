@@ -45,7 +45,7 @@ def log_commit(
         return
     paths = changed_paths(changes, index)
     if session is None:
-        who, session_id, source = "the server itself", None, None
+        who, session_id, source = "the daemon itself", None, None
         where = ""
     else:
         who, session_id, source = session.user or "?", session.id, session.source_host

@@ -232,7 +232,7 @@ class ProvisioningJobs:
             raise
         rec.timings.add(timings)
         log.info(
-            "CE %s: version %s committed and confirmed (%d RPCs in %d session(s), %.2f s)",
+            "CE %s: version %s committed and confirmed (%d RPCs, %d new session(s), %.2f s)",
             rec.site, target.version, timings.rpcs, timings.sessions,
             timings.ssh + timings.netconf,
             extra={"site": rec.site, "vpn": rec.vpn, "version": target.version,
