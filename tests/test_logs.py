@@ -59,6 +59,26 @@ def test_a_commit_line_never_holds_a_value(agent: ServerProcess) -> None:
     assert PSK not in log and "192.0.2.2" not in log
 
 
+def test_a_leaf_list_entry_is_logged_by_its_leaf_list_not_its_value(agent: ServerProcess) -> None:
+    def prefix(value: str) -> str:
+        return (
+            f'<config xmlns="{NC}"><ce xmlns="{CE_NS}"><peer><name>site-b</name><tunnel>'
+            f"<remote-prefix>{value}</remote-prefix></tunnel></peer></ce></config>"
+        )
+
+    with ncclient_connect(agent) as m:
+        m.edit_config(target="running", config=PEER)
+        m.edit_config(target="running", config=prefix("198.51.100.0/24"))  # creates <tunnel>
+        m.edit_config(target="running", config=prefix("203.0.113.0/24"))  # one more entry
+    agent.stop()
+    log = agent.log_path.read_text()
+    assert commit_lines(log)[-1].endswith(
+        "): create /cevpn-ce:ce/cevpn-ce:peer[cevpn-ce:name='site-b']"
+        "/cevpn-ce:tunnel/cevpn-ce:remote-prefix"
+    )
+    assert "198.51.100" not in log and "203.0.113" not in log
+
+
 def test_a_start_prints_no_warning_and_no_library_chatter(agent: ServerProcess) -> None:
     log = log_after_one_commit(agent)
     assert "Warning" not in log and "WARNING" not in log
