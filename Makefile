@@ -50,4 +50,4 @@ demo: venv
 	@$(VPY) tools/demo.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist cevpn.egg-info
