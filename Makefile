@@ -13,7 +13,7 @@ all: test
 deps:
 	@tools/install-debian-packages
 
-$(VENV)/.stamp: pyproject.toml tools/debian-packages.txt | deps
+$(VENV)/.stamp: pyproject.toml $(wildcard packaging/debian/*.txt) | deps
 	@test -x $(VPY) || $(PY) -m venv $(VENV)
 	@$(VPY) -m pip install -q --upgrade pip
 	@$(VPY) -m pip install -q -e '.[dev]'
@@ -50,4 +50,4 @@ demo: venv
 	@$(VPY) tools/demo.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist cevpn.egg-info

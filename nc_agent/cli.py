@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from nc_core.cli_common import add_common_commands, build_parser, run_common_command, run_server
+from nc_core.config_file import parse_args
 from nc_core.schema import CE_MODULES
 from nc_core.transaction import Application
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_common_commands(parser.add_subparsers(dest="command", required=False))
     raw = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
 
     def offline_app(state_dir: Path) -> Application:
         from nc_agent.application import AgentApplication
@@ -74,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.state_dir is None:
         print("cevpn-agent: --state-dir is required", file=sys.stderr)
         return 2
-    explicit_listen = any(a == "--listen" or a.startswith("--listen=") for a in raw)
+    explicit_listen = "listen" in args.configured or any(
+        a == "--listen" or a.startswith("--listen=") for a in raw
+    )
     if args.bootstrap is not None:
         from nc_agent.bootstrap import BadBundle, apply_bundle
         from nc_core.server import NetconfServer, ServerOptions, StateDirLocked

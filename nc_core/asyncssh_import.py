@@ -21,6 +21,12 @@ with the ciphers negotiated (ChaCha20-Poly1305, AES-GCM, AES-CTR) every
 NETCONF reply cost an extra packet to encrypt, MAC and send, and the client
 one more to receive, decrypt and verify: 10 % of a small request's round
 trip.  The IGNORE packet is still sent if either direction uses a CBC cipher.
+
+And it imports without warnings: asyncssh's type annotations name cryptography's DSA
+classes, and every such name printed a CryptographyDeprecationWarning ("DSA is
+deprecated") at each start, five lines on stderr an operator could do nothing about
+(cevpn offers no DSA key, asyncssh enables none by default).  Only that warning, and
+only when asyncssh's own modules raise it, is ignored.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import ctypes.util
 import glob
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -79,6 +86,20 @@ def _probes_answered_locally() -> Iterator[None]:
     finally:
         ctypes.util.find_library = original
 
+
+def ignore_asyncssh_dsa_warnings() -> None:
+    """Ignore cryptography's DSA deprecation where asyncssh raises it, and nothing else."""
+    from cryptography.utils import CryptographyDeprecationWarning
+
+    warnings.filterwarnings(
+        "ignore",
+        message=r"DSA is deprecated",
+        category=CryptographyDeprecationWarning,
+        module=r"asyncssh(\.|$)",
+    )
+
+
+ignore_asyncssh_dsa_warnings()
 
 if "asyncssh" in sys.modules:
     import asyncssh

@@ -19,6 +19,8 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+from nc_core.config_file import add_config_argument
+from nc_core.log_setup import LOG_FORMATS, configure_logging
 from nc_core.schema import Schema, ValidationFailed
 from nc_core.transaction import Application
 
@@ -93,14 +95,27 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_port: int = 83
         choices=LOG_LEVELS,
         help="DEBUG, INFO, WARNING or ERROR (default INFO)",
     )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="'text': lines (without timestamps under systemd's journal), or 'json': one "
+        "object a line for log pipelines (default text)",
+    )
+    parser.add_argument(
+        "--debug-libraries",
+        action="store_true",
+        help="log asyncssh, paramiko and ncclient at DEBUG too (default: their warnings only)",
+    )
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """The command line both servers share: serve options and common subcommands."""
-    from importlib.metadata import version
+    from nc_core.version import version_text
 
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--version", action="version", version=f"cevpn {version('cevpn')}")
+    parser.add_argument("--version", action="version", version=version_text(prog))
+    add_config_argument(parser)
     add_server_arguments(parser)
     return parser
 
@@ -353,13 +368,7 @@ def run_server(args: argparse.Namespace, make_app: Callable[[], Application], na
     from nc_core.server import NetconfServer, ServerOptions, StateDirLocked
     from nc_core.transport_ssh import serve_forever
 
-    logging.basicConfig(
-        level=getattr(logging, args.log_level),
-        format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s",
-    )
-    # ncclient and paramiko narrate every message at INFO; message contents may carry keys.
-    for noisy in ("ncclient", "paramiko"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(args.log_level, name, args.log_format, args.debug_libraries)
     if args.state_dir is None:
         print(f"{name}: --state-dir is required", file=sys.stderr)
         return 2

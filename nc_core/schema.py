@@ -24,7 +24,16 @@ from typing import Any
 import libyang
 from _libyang import ffi, lib
 
-CEVPN_YANG_DIR = Path(__file__).resolve().parent.parent / "yang"
+
+def _cevpn_yang_dir() -> Path:
+    """The cevpn modules: packaged next to this file in a wheel (setup.py copies them),
+    or ``yang/`` at the top of a checkout."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "yang"
+    return packaged if packaged.is_dir() else here.parent / "yang"
+
+
+CEVPN_YANG_DIR = _cevpn_yang_dir()
 
 CE_MODULES = ("ietf-alarms", "cevpn-types", "cevpn-alarms", "cevpn-ce")
 SERVICE_MODULES = ("ietf-alarms", "cevpn-types", "cevpn-alarms", "cevpn-service")
@@ -35,9 +44,23 @@ _LOCATION = re.compile(r'(?:Data|Schema) location "(?P<path>[^"]*)"')
 _LINE = re.compile(r"[Ll]ine number (?P<line>\d+)")
 
 
+def _pyang_prefix() -> Path | None:
+    """The prefix pyang was installed into (PREFIX/lib/pythonX.Y/site-packages/pyang)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pyang")
+    if spec is None or spec.origin is None:
+        return None
+    parents = Path(spec.origin).resolve().parents
+    return parents[4] if len(parents) > 4 else None
+
+
 def ietf_module_dirs() -> list[Path]:
     """Directories holding the IETF and IANA modules that pyang ships."""
     roots = [Path(sys.prefix), Path(sys.base_prefix), Path("/usr/local"), Path("/usr")]
+    pyang_prefix = _pyang_prefix()
+    if pyang_prefix is not None and pyang_prefix not in roots:
+        roots.insert(0, pyang_prefix)  # pyang installed in another prefix (user, venv)
     dirs: list[Path] = []
     for root in roots:
         base = root / "share" / "yang" / "modules"

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
+from nc_core.audit import log_commit
 from nc_core.datastore import Datastore, Validator, document_bytes, free
 from nc_core.edit import Change, Instances, diff, instance_identity, new_datastore, schema_of
 from nc_core.errors import RpcError, RpcErrors, operation_not_supported
@@ -830,6 +831,7 @@ class NetconfServer:
             # running and then the candidate does not commit stale data.
             self.reset_candidate()
         self.notifications.config_change(session, "running", changes)
+        log_commit(session, reason, changes, self.index)
         return changes
 
     def _publish_running(self) -> None:

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from nc_core.cli_common import add_common_commands, build_parser, run_common_command, run_server
+from nc_core.config_file import parse_args
 from nc_core.schema import SERVICE_MODULES
 
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     customer.add_argument("name", help="the customer (group customer-NAME)")
     customer.add_argument("--vpn", action="append", required=True, help="a VPN id (repeatable)")
     customer.add_argument("--user", action="append", default=[], help="an account to add")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.command == "customer-access":
         return run_customer_access(args)
 

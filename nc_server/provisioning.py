@@ -33,6 +33,7 @@ from nc_core.endpoint import Endpoint
 from nc_server.applied import AppliedLedger
 from nc_server.ce_config import (
     CeCodec,
+    CeEdit,
     add_management_port,
     deprovision_document,
     edit_document,
@@ -63,6 +64,15 @@ CE_SECTIONS = (
 REMOVALS = "pending-removal"
 """Storage table of sites deleted in 'deprovision' mode whose CE is not cleaned yet: a
 restarted server resumes them."""
+
+
+def describe_edit(edit: CeEdit) -> str:
+    """The parts of a CE's configuration an edit replaces or removes (names, not values)."""
+    parts = [f"replace {name}" for name in edit.sections]
+    parts += [f"replace peer[{name}]" for name in edit.peers]
+    parts += [f"remove {name}" for name in edit.removed_sections]
+    parts += [f"remove peer[{name}]" for name in edit.removed_peers]
+    return ", ".join(parts) or "nothing (the management port only)"
 
 
 @dataclass(frozen=True)
@@ -219,10 +229,17 @@ class ProvisioningJobs:
             return document
 
         confirm_timeout = int(self.settings["confirm-timeout"])
+        endpoint = self.endpoint(view, port=now_port)
+        what = "its whole configuration" if known is None else describe_edit(incremental)
+        log.info(
+            "CE %s: pushing version %s to %s port %s: %s",
+            rec.site, target.version, endpoint.host, endpoint.port, what,
+            extra={"site": rec.site, "vpn": rec.vpn, "version": target.version, "step": "push"},
+        )  # fmt: skip
         try:
             timings = await self.southbound.push(
                 rec.site,
-                self.endpoint(view, port=now_port),
+                endpoint,
                 make,
                 confirm_timeout,
                 needs_peer_list=known is None,
@@ -235,6 +252,13 @@ class ProvisioningJobs:
             self.applied.record(rec.site, None, None, now_port)
             raise
         rec.timings.add(timings)
+        log.info(
+            "CE %s: version %s committed and confirmed (%d RPCs, %d new session(s), %.2f s)",
+            rec.site, target.version, timings.rpcs, timings.sessions,
+            timings.ssh + timings.netconf,
+            extra={"site": rec.site, "vpn": rec.vpn, "version": target.version,
+                   "step": "confirmed"},
+        )  # fmt: skip
         self.applied.record(rec.site, target.version, target.config, view.management_port)
         rec.applied_version = target.version
         rec.last_contact = now_text()
@@ -291,6 +315,11 @@ class ProvisioningJobs:
         def make(present: list[str] | None) -> etree._Element:
             return deprovision_document(present or [], CE_SECTIONS)
 
+        log.info(
+            "CE %s: removing the site's configuration (%s port %s)",
+            rec.site, endpoint.host, endpoint.port,
+            extra={"site": rec.site, "vpn": rec.vpn, "step": "deprovision"},
+        )  # fmt: skip
         await self.southbound.push(
             rec.site, endpoint, make, confirm_timeout, needs_peer_list=True, touches_management=True
         )

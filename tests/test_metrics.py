@@ -48,7 +48,7 @@ def scrape(port: int) -> str:
 def promtool_clean(text: str) -> None:
     """`promtool check metrics`: no error and no lint warning."""
     promtool = shutil.which("promtool")
-    assert promtool, "promtool is missing: Debian's prometheus package (tools/debian-packages.txt)"
+    assert promtool, "no promtool: Debian's prometheus (packaging/debian/development.txt)"
     done = subprocess.run(
         [promtool, "check", "metrics"], input=text, capture_output=True, text=True
     )

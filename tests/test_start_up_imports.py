@@ -71,3 +71,28 @@ def test_importing_the_agent_or_the_server_starts_no_process() -> None:
     # Each process start is what makes a daemon slow to boot on a slow machine (the lab).
     started = processes_started_by("import nc_agent.application, nc_server.northbound")
     assert started.startswith("0 "), started
+
+
+def test_importing_the_daemons_raises_no_warning() -> None:
+    # asyncssh's import raised five CryptographyDeprecationWarnings (DSA) at every start.
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c",
+         "import nc_server.cli, nc_agent.cli, nc_server.northbound, nc_agent.application, "
+         "nc_core.client, nc_agent.pull"],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+def test_only_asyncssh_s_dsa_warning_is_ignored() -> None:
+    code = (
+        "import warnings\n"
+        "from nc_core.asyncssh_import import asyncssh\n"
+        "from cryptography.utils import CryptographyDeprecationWarning as W\n"
+        "warnings.warn_explicit('DSA is deprecated', W, 'x.py', 1, module='mine')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    assert "CryptographyDeprecationWarning: DSA is deprecated" in done.stderr
