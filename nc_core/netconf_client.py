@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -156,8 +156,9 @@ class _Channel(asyncssh.SSHClientSession[bytes]):
 class NetconfSession:
     """One NETCONF session on an SSH channel: hello, pipelined RPCs, close.
 
-    Create with :meth:`open`.  Not for subscriptions: a notification that
-    arrives is dropped (the southbound never subscribes).
+    Create with :meth:`open`.  A notification that arrives (after a
+    ``<create-subscription>`` on this session) goes to :attr:`on_notification`,
+    or is dropped when that is None.
     """
 
     def __init__(self, name: str, max_message_size: int) -> None:
@@ -171,6 +172,8 @@ class NetconfSession:
         self._ids = itertools.count(1)
         self._lost_reason: str | None = None
         self._ended = asyncio.Event()
+        self.on_notification: Callable[[etree._Element], None] | None = None
+        """Called with each ``<notification>`` the server sends on this session."""
 
     @classmethod
     async def open(
@@ -309,7 +312,11 @@ class NetconfSession:
                     future.set_result(message)
                 elif future is None:
                     log.debug("%s: reply to no outstanding request dropped", self.name)
-            # Notifications and anything else: the southbound never subscribes.
+            elif kind == "notification" and self.on_notification is not None:
+                try:
+                    self.on_notification(message)
+                except Exception:  # the listener's fault must not end the session
+                    log.exception("%s: handling a notification failed", self.name)
 
     def _lost(self, exc: Exception | None, reason: str | None = None) -> None:
         if self._lost_reason is not None:

@@ -6,6 +6,10 @@
   configuration to push says nothing of the CE);
 - ``provisioning-failure``: a site whose provisioning failed (status ``failed``);
   cleared likewise;
+- ``tunnel-down`` (qualifier: the peer): a CE reported the tunnel to a peer down, in
+  its ``tunnel-down`` notification or as status ``failed`` when the server started
+  watching it (nc_server.southbound's watcher session); cleared by ``tunnel-up``, or a
+  status up (or waiting for traffic, or without data plane), or the peer leaving the CE;
 - ``certificate-expiry``: a VPN's CA certificate, or a site's certificate, that expires
   within 30 days (or its last fifth) or has expired.  Checked at start-up, after each
   commit, and again when the next one is due (:func:`next_certificate_check`).
@@ -18,7 +22,7 @@ clears its alarms.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 
 from nc_core.alarms import (
@@ -37,6 +41,7 @@ SVC_NS = "urn:cevpn:yang:cevpn-service"
 CE_UNREACHABLE = "cevpn-alarms:ce-unreachable"
 PROVISIONING_FAILURE = "cevpn-alarms:provisioning-failure"
 CERTIFICATE_EXPIRY = "cevpn-alarms:certificate-expiry"
+TUNNEL_DOWN = "cevpn-alarms:tunnel-down"
 
 INVENTORY = (
     AlarmType(
@@ -51,6 +56,13 @@ INVENTORY = (
         "Provisioning a CE failed for a reason a retry does not cure: the CE refused the "
         "configuration, did not confirm the commit, or the server failed "
         "(site/provisioning/last-error).  Clears when a later provisioning succeeds.",
+        ("major",),
+    ),
+    AlarmType(
+        TUNNEL_DOWN,
+        "A CE reports its tunnel to a peer (the alarm-type-qualifier) down: no VPN "
+        "traffic flows between the two sites.  Check the CE's peer state and IKE log.  "
+        "Clears when the CE reports the tunnel up.",
         ("major",),
     ),
     AlarmType(
@@ -107,6 +119,49 @@ def provisioning_status(
         alarms.clear(resource, CE_UNREACHABLE)
     if status not in ("failed", "pending"):
         alarms.clear(resource, PROVISIONING_FAILURE)
+
+
+TUNNEL_FINE = frozenset({"up", "waiting-for-traffic", "no-data-plane"})
+"""Tunnel statuses (cevpn-types tunnel-status) that clear a tunnel-down alarm; 'down',
+'connecting' and 'retrying' leave it as it is (a tunnel being set up is not down)."""
+
+
+def tunnel_statuses(alarms: AlarmList, vpn: str, site: str, statuses: Mapping[str, str]) -> None:
+    """A CE's tunnels as it reports them when the server starts watching it."""
+    resource = site_resource(vpn, site)
+    for peer, status in statuses.items():
+        if status == "failed":
+            _tunnel_down(alarms, resource, site, peer, "it gave up establishing it")
+        elif status in TUNNEL_FINE:
+            alarms.clear(resource, TUNNEL_DOWN, peer)
+    for alarm in alarms.active():
+        if (
+            alarm.type_id == TUNNEL_DOWN
+            and alarm.resource.path == resource.path
+            and alarm.qualifier not in statuses
+        ):
+            alarms.clear(alarm.resource, TUNNEL_DOWN, alarm.qualifier)
+
+
+def tunnel_event(
+    alarms: AlarmList, vpn: str, site: str, event: str, peer: str, reason: str | None
+) -> None:
+    """A CE's tunnel-up or tunnel-down notification."""
+    resource = site_resource(vpn, site)
+    if event == "tunnel-up":
+        alarms.clear(resource, TUNNEL_DOWN, peer)
+    elif event == "tunnel-down":
+        _tunnel_down(alarms, resource, site, peer, reason or "no reason given")
+
+
+def _tunnel_down(alarms: AlarmList, resource: Resource, site: str, peer: str, why: str) -> None:
+    alarms.raise_alarm(
+        resource,
+        TUNNEL_DOWN,
+        "major",
+        f"The CE of site {site} reports its tunnel to {peer} down: {why}",
+        peer,
+    )
 
 
 def site_removed(alarms: AlarmList, vpn: str, site: str) -> None:
@@ -167,10 +222,13 @@ __all__ = [
     "CE_UNREACHABLE",
     "INVENTORY",
     "PROVISIONING_FAILURE",
+    "TUNNEL_DOWN",
     "certificate_alarms",
     "check_certificates",
     "provisioning_status",
     "site_removed",
     "site_resource",
+    "tunnel_event",
+    "tunnel_statuses",
     "vpn_resource",
 ]

@@ -124,6 +124,12 @@ class Engine(Protocol):
     def still_unreachable(self, rec: CeRecord, error: str | None) -> None:
         """Another attempt to reach an unreachable CE failed (alarms)."""
 
+    def tunnel_statuses(self, vpn: str, site: str, statuses: Mapping[str, str]) -> None:
+        """A CE's tunnels' status, as it reported them (alarms)."""
+
+    def tunnel_event(self, vpn: str, site: str, event: str, peer: str, reason: str | None) -> None:
+        """A CE notified a tunnel event (alarms)."""
+
 
 @dataclass
 class Validated:
@@ -184,6 +190,7 @@ class Controller:
             on_status=self._status_changed,
             on_deprovisioned=self._deprovisioned,
             on_retry_failed=self._still_unreachable,
+            tunnel_watch=self,
         )
         self.rekeys = RekeyScheduler(self.keys, self._rekey_plans, self._begin_rekey)
         self.call_home = CallHomeDesk(self.jobs, self.ce_reachable)
@@ -560,6 +567,18 @@ class Controller:
             elif was in ("unreachable", "failed") and view.autodiscovery == "push":
                 prov.want(site)  # it answers: push now, not at the next back-off retry
         return Fetched(site, config.version, config.config, for_the_ce=own is not None)
+
+    # -- what CEs say of their tunnels (nc_server.southbound.TunnelWatch) -------------
+
+    def tunnel_statuses(self, site: str, statuses: Mapping[str, str]) -> None:
+        view = self.sites.get(site)
+        if view is not None and self.engine is not None:
+            self.engine.tunnel_statuses(view.vpn, site, statuses)
+
+    def tunnel_event(self, site: str, event: str, peer: str, reason: str | None) -> None:
+        view = self.sites.get(site)
+        if view is not None and self.engine is not None:
+            self.engine.tunnel_event(view.vpn, site, event, peer, reason)
 
     def called_from(self, site: str) -> str | None:
         """Where a call-home CE's open connection comes from (None: it has none)."""

@@ -16,7 +16,7 @@ the server touches nc_core's server object.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -267,6 +267,12 @@ class ServiceApplication(ServiceDatastore):
 
     def site_removed(self, vpn: str, site: str) -> None:
         server_alarms.site_removed(self.alarms, vpn, site)
+
+    def tunnel_statuses(self, vpn: str, site: str, statuses: Mapping[str, str]) -> None:
+        server_alarms.tunnel_statuses(self.alarms, vpn, site, statuses)
+
+    def tunnel_event(self, vpn: str, site: str, event: str, peer: str, reason: str | None) -> None:
+        server_alarms.tunnel_event(self.alarms, vpn, site, event, peer, reason)
 
     def _provisioning_alarms(self, rec: CeRecord, error: str | None) -> None:
         server_alarms.provisioning_status(

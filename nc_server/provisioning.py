@@ -45,7 +45,7 @@ from nc_server.compiler import CeConfig
 from nc_server.enrolment import SERVER_USERNAME_ON_CE, southbound_key
 from nc_server.provisioner import CeRecord, Provisioner, StatusListener, now_text
 from nc_server.service_tree import SiteView
-from nc_server.southbound import CeUnreachable, Southbound
+from nc_server.southbound import CeUnreachable, Southbound, TunnelWatch
 from nc_server.storage import Storage
 
 log = logging.getLogger("cevpn.server")
@@ -109,6 +109,7 @@ class ProvisioningJobs:
         on_status: StatusListener,
         on_deprovisioned: Deprovisioned,
         on_retry_failed: StatusListener | None = None,
+        tunnel_watch: TunnelWatch | None = None,
     ) -> None:
         self.storage = storage
         self.codec = codec
@@ -122,7 +123,7 @@ class ProvisioningJobs:
         self.settings: Mapping[str, Any] = {}
         """The database's /vpn-service/server container (limits and timeouts)."""
         self.southbound_key, self.southbound_public = southbound_key(state_dir)
-        self.southbound = Southbound()
+        self.southbound = Southbound(tunnel_watch)
         """Standing management links to the CEs, reused by every push and audit."""
         self.applied = AppliedLedger(storage)
         """What each CE confirmed last."""

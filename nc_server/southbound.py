@@ -28,6 +28,13 @@ If step 2 fails the CE puts its previous configuration back by itself after
 T seconds, and the link is cut at once: a confirmation still queued in TCP
 must not arrive after the rollback has restored the path.
 
+Each link also carries a third session, the *watcher*, opened in the
+background once the link is up: it subscribes to the CE's tunnel events and
+reads its tunnels' status, so the server learns of tunnels going down from
+the CEs themselves (:class:`TunnelWatch`; nc_server.alarms turns that into
+alarms).  It never delays a push, and a CE that refuses it is managed as
+before.
+
 A CE behind a NAT calls home instead (RFC 8071, nc_core.call_home): its link
 is the connection it opened, handed over by :meth:`Southbound.called`, and
 everything above runs on it unchanged.  The server never dials such a CE: a
@@ -44,8 +51,9 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from lxml import etree
 
@@ -120,9 +128,27 @@ def _where(endpoint: Endpoint) -> tuple[str, int, tuple[str, ...], str]:
     return endpoint.host, endpoint.port, tuple(endpoint.host_keys), endpoint.username
 
 
+class TunnelWatch(Protocol):
+    """Who hears what CEs say of their tunnels (over each link's watcher session)."""
+
+    def tunnel_statuses(self, site: str, statuses: Mapping[str, str]) -> None:
+        """The status of every tunnel of the CE (peer -> cevpn-types tunnel-status), read
+        when the watcher session starts."""
+
+    def tunnel_event(self, site: str, event: str, peer: str, reason: str | None) -> None:
+        """The CE notified ``tunnel-up``, ``tunnel-down`` or
+        ``tunnel-establishment-failed`` for ``peer``."""
+
+
+TUNNEL_EVENTS = ("tunnel-up", "tunnel-down", "tunnel-establishment-failed")
+TUNNEL_EVENTS_FILTER = "".join(f'<{e} xmlns="{CE_NS}"/>' for e in TUNNEL_EVENTS)
+TUNNEL_STATUS_FILTER = f'<ce xmlns="{CE_NS}"><peer><name/><state><status/></state></peer></ce>'
+NOTIFICATION_NS = "urn:ietf:params:xml:ns:netconf:notification:1.0"
+
+
 @dataclass
 class CeLink:
-    """One SSH connection to a CE and its two standing NETCONF sessions."""
+    """One SSH connection to a CE and its standing NETCONF sessions."""
 
     endpoint: Endpoint
     conn: asyncssh.SSHClientConnection
@@ -131,6 +157,8 @@ class CeLink:
 
     called_from: str | None = None
     """The address a call-home connection came from; None for a link the server opened."""
+    watcher: NetconfSession | None = None
+    """Subscribed to the CE's tunnel events (:meth:`Southbound._watch`), once it is open."""
 
     @classmethod
     async def open(cls, endpoint: Endpoint, timings: Timings) -> CeLink:
@@ -168,12 +196,15 @@ class CeLink:
         """Cut the connection now: nothing queued on it may still reach the CE."""
         self.editor.abort("link cut")
         self.confirmer.abort("link cut")
+        if self.watcher is not None:
+            self.watcher.abort("link cut")
         self.conn.abort()
 
     async def close(self) -> None:
-        """Close both sessions politely (bounded), then the connection."""
+        """Close the sessions politely (bounded), then the connection."""
+        sessions = [self.editor, self.confirmer, *([self.watcher] if self.watcher else [])]
         with contextlib.suppress(Exception):
-            await asyncio.gather(self.editor.close(), self.confirmer.close())
+            await asyncio.gather(*(session.close() for session in sessions))
         self.conn.close()
 
 
@@ -187,6 +218,24 @@ def get_config(subtree: str) -> etree._Element:
     etree.SubElement(etree.SubElement(op, qn(NC_NS, "source")), qn(NC_NS, "running"))
     flt = etree.SubElement(op, qn(NC_NS, "filter"), type="subtree")
     flt.append(etree.fromstring(subtree))
+    return op
+
+
+def get_state(subtree: str) -> etree._Element:
+    """``<get>`` (configuration and state) with a subtree filter."""
+    op = default_ns_element(NC_NS, "get")
+    flt = etree.SubElement(op, qn(NC_NS, "filter"), type="subtree")
+    flt.append(etree.fromstring(subtree))
+    return op
+
+
+def create_subscription(subtree: str) -> etree._Element:
+    """RFC 5277 ``<create-subscription>`` to the NETCONF stream; ``subtree``: the events'
+    filter (sibling elements: any of them)."""
+    op = default_ns_element(NOTIFICATION_NS, "create-subscription")
+    flt = etree.SubElement(op, qn(NOTIFICATION_NS, "filter"), type="subtree")
+    for event in etree.fromstring(f"<events>{subtree}</events>"):
+        flt.append(event)
     return op
 
 
@@ -219,11 +268,63 @@ class Southbound:
     a CE while a push runs on it (its sessions answer in order).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, watch: TunnelWatch | None = None) -> None:
         self.links: dict[str, CeLink] = {}
         self._opening: dict[str, asyncio.Lock] = {}
         self._calls: dict[str, asyncio.Event] = {}
         """Set when a call-home CE's new link is in ``links``."""
+        self.watch = watch
+        """Hears the CEs' tunnel events; None: no watcher sessions are opened."""
+        self._watching: set[asyncio.Task[None]] = set()
+
+    def _adopt(self, site: str, link: CeLink) -> None:
+        """``link`` is the site's link from now on; its watcher opens in the background."""
+        self.links[site] = link
+        if self.watch is not None:
+            task = asyncio.get_running_loop().create_task(self._watch(site, link))
+            self._watching.add(task)
+            task.add_done_callback(self._watching.discard)
+
+    async def _watch(self, site: str, link: CeLink) -> None:
+        """Open the link's watcher session: subscribe to tunnel events first, then read every
+        tunnel's status (what changed in between arrives after, in order)."""
+        watch = self.watch
+        assert watch is not None
+        try:
+            watcher = await NetconfSession.open(
+                link.conn, f"{site} (watcher)", timeout=link.endpoint.timeout
+            )
+        except SessionLost as exc:
+            log.debug("CE %s: no watcher session: %s", site, exc)
+            return
+        link.watcher = watcher
+        if not link.alive:
+            watcher.abort("link cut")
+            return
+
+        def heard(message: etree._Element) -> None:
+            for child in message:
+                event = etree.QName(child).localname
+                if etree.QName(child).namespace == CE_NS and event in TUNNEL_EVENTS:
+                    peer = child.findtext(f"{{{CE_NS}}}peer")
+                    if peer:
+                        watch.tunnel_event(site, event, peer, child.findtext(f"{{{CE_NS}}}reason"))
+
+        watcher.on_notification = heard
+        try:
+            await watcher.rpc(create_subscription(TUNNEL_EVENTS_FILTER), RPC_TIMEOUT)
+            reply = await watcher.rpc(get_state(TUNNEL_STATUS_FILTER), RPC_TIMEOUT)
+        except (RpcFailed, SessionLost) as exc:
+            log.warning("CE %s: its tunnel events cannot be watched: %s", site, exc)
+            return
+        statuses = {
+            peer.findtext(f"{{{CE_NS}}}name") or "": peer.findtext(
+                f"{{{CE_NS}}}state/{{{CE_NS}}}status"
+            )
+            or ""
+            for peer in reply.iter(f"{{{CE_NS}}}peer")
+        }
+        watch.tunnel_statuses(site, statuses)
 
     async def called(
         self, site: str, endpoint: Endpoint, conn: asyncssh.SSHClientConnection
@@ -240,7 +341,7 @@ class Southbound:
             return
         link.called_from = address
         old = self.links.get(site)
-        self.links[site] = link
+        self._adopt(site, link)
         if old is not None:
             old.abort()
         self._calls.setdefault(site, asyncio.Event()).set()
@@ -294,7 +395,7 @@ class Southbound:
                 self.links.pop(site, None)
                 link.abort()
             link = await CeLink.open(endpoint, timings)
-            self.links[site] = link
+            self._adopt(site, link)
             return link
 
     def _cut(self, site: str, link: CeLink) -> None:
@@ -353,7 +454,7 @@ class Southbound:
                     link = await self._await_call(site, confirm_at, timings, confirm_at.timeout)
                 else:
                     link = await CeLink.open(confirm_at, timings)
-                    self.links[site] = link
+                    self._adopt(site, link)
             with timings.exchange(1):
                 await link.confirmer.rpc(confirming_commit(token), min(timeout, confirm_timeout))
         except (CeUnreachable, SessionLost, RpcFailed) as exc:
@@ -417,6 +518,8 @@ class Southbound:
         return sum(1 for link in self.links.values() if link.alive)
 
     async def close(self) -> None:
+        for task in list(self._watching):
+            task.cancel()
         links, self.links = list(self.links.values()), {}
         self._opening.clear()
         await asyncio.gather(*(link.close() for link in links), return_exceptions=True)

@@ -8,7 +8,7 @@ behalf) is seen as calls of that API, with no server, socket or CE.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,12 @@ class FakeEngine:
         return None
 
     def still_unreachable(self, rec: CeRecord, error: str | None) -> None:
+        return None
+
+    def tunnel_statuses(self, vpn: str, site: str, statuses: Mapping[str, str]) -> None:
+        return None
+
+    def tunnel_event(self, vpn: str, site: str, event: str, peer: str, reason: str | None) -> None:
         return None
 
 

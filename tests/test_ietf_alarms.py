@@ -125,6 +125,7 @@ def test_the_state_and_the_notification_are_valid_ietf_alarms():
     assert {t["alarm-type-id"] for t in inventory} == {
         "cevpn-alarms:ce-unreachable",
         "cevpn-alarms:provisioning-failure",
+        "cevpn-alarms:tunnel-down",
         "cevpn-alarms:certificate-expiry",
     }
     summary = data["ietf-alarms:alarms"]["summary"]["alarm-summary"]

@@ -88,3 +88,31 @@ def test_a_restarted_ce_is_provisioned_over_a_new_link(tmp_path: Path) -> None:
                     statuses.append(event.findtext(f"{{{SVC_NS}}}status"))
         assert "unreachable" not in statuses and statuses[-1:] == ["in-sync"]
         assert s1.running_ce()["peers"] == ["ruby-s2", "ruby-s3"]
+
+
+def test_each_link_carries_a_watcher_session_subscribed_to_the_ces_tunnel_events(
+    tmp_path: Path,
+) -> None:
+    """Editor, confirmer and watcher: three sessions of the server's account, from one
+    address (one SSH connection).  What the watcher hears is the lab's to show."""
+    mon = "urn:ietf:params:xml:ns:yang:ietf-netconf-monitoring"
+    with controller(tmp_path) as ctl:
+        mesh(ctl, "opal", 2)
+        s1 = ctl.agents["opal-s1"]
+        with s1.connect_as_server(ctl.server) as m:
+            mine = m.session_id
+
+            def server_sessions() -> list[etree._Element]:
+                reply = m.get(
+                    filter=("subtree", f'<netconf-state xmlns="{mon}"><sessions/></netconf-state>')
+                )
+                return [
+                    s
+                    for s in reply.data_ele.iter(f"{{{mon}}}session")
+                    if s.findtext(f"{{{mon}}}username") == "cevpn-server"
+                    and s.findtext(f"{{{mon}}}session-id") != str(mine)
+                ]
+
+            wait_for(lambda: len(server_sessions()) == 3, 30, "three sessions of the server")
+            sessions = server_sessions()
+        assert len({s.findtext(f"{{{mon}}}source-host") for s in sessions}) == 1

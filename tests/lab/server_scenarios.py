@@ -50,7 +50,9 @@ class Lab:
     """The VPN server (in pe, or in ``netns`` at ``address``), an OSS session to it, and
     the agents it enrolled."""
 
-    def __init__(self, netns: str | None = None, address: str = SERVER_ADDRESS) -> None:
+    def __init__(
+        self, netns: str | None = None, address: str = SERVER_ADDRESS, *extra: str
+    ) -> None:
         self.address = address
         self.state = WORK / "vpn-server"
         pw = WORK / "operator.pw"
@@ -59,7 +61,7 @@ class Lab:
                         "oss", "--password-file", str(pw), "--group", "operators"],
                        check=True, capture_output=True)  # fmt: skip
         self.server = start(
-            [str(BIN / "cevpn-server"), "--state-dir", str(self.state), "--listen", ":830"],
+            [str(BIN / "cevpn-server"), "--state-dir", str(self.state), "--listen", ":830", *extra],
             "vpn-server.log",
             netns,
         )
@@ -75,7 +77,7 @@ class Lab:
             f'<config xmlns="{NC}"><vpn-service xmlns="{SVC}">{body}</vpn-service></config>'
         ))  # fmt: skip
 
-    def enrol_and_start(self, s: Site) -> None:
+    def enrol_and_start(self, s: Site, *extra: str) -> None:
         # Imported here: the server's application costs seconds to import in the guest,
         # and the demo shares this module's small helpers without needing it.
         from nc_server.enrolment import bundle_document_from_xml
@@ -90,7 +92,7 @@ class Lab:
         path.write_text(json.dumps(bundle_document_from_xml(bundle)))
         path.chmod(0o600)
         agent = start([str(BIN / "cevpn-agent"), "--state-dir", str(WORK / s.ce),
-                       "--bootstrap", str(path), "--vpn-netns", s.vpn],
+                       "--bootstrap", str(path), "--vpn-netns", s.vpn, *extra],
                       f"{s.ce}.log", s.ce)  # fmt: skip
         self.agents[s.n] = agent
         wait_port(s.sp_address, 830, agent, f"agent {s.ce}")
@@ -334,6 +336,122 @@ def hub_and_spoke(count: int) -> dict[str, Any]:
     return report
 
 
+METRICS_PORT = 9100
+
+
+def scrape(address: str, netns: str | None = None) -> dict[str, float]:
+    """A daemon's Prometheus metrics (scraped from ``netns``): sample name with its labels
+    -> value.  A CE's ingress policy admits nothing but IKE, ESP and management on its SP
+    address, so its agent serves metrics on the namespace's loopback, scraped from there."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    fetch = (
+        "import sys, urllib.request\n"
+        f"url = 'http://{address}:{METRICS_PORT}/metrics'\n"
+        "sys.stdout.write(urllib.request.urlopen(url, timeout=10).read().decode())\n"
+    )
+    prefix = ["ip", "netns", "exec", netns] if netns else []
+    text = subprocess.run(
+        [*prefix, str(BIN / "python"), "-c", fetch], capture_output=True, text=True, check=True
+    ).stdout
+    return {
+        sample.name + json.dumps(sample.labels, sort_keys=True): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def server_alarms(lab: Lab) -> dict[tuple[str, str, str], str]:
+    """The server's RFC 8632 alarms: (resource, type, qualifier) -> is-cleared."""
+    al = "urn:ietf:params:xml:ns:yang:ietf-alarms"
+    data = lab.m.get(filter=("subtree", f'<alarms xmlns="{al}"/>')).data_ele
+    return {
+        (
+            alarm.findtext(f"{{{al}}}resource") or "",
+            (alarm.findtext(f"{{{al}}}alarm-type-id") or "").split(":")[-1],
+            alarm.findtext(f"{{{al}}}alarm-type-qualifier") or "",
+        ): alarm.findtext(f"{{{al}}}is-cleared") or ""
+        for alarm in data.iter(f"{{{al}}}alarm")
+    }
+
+
+def tunnel_failure_alarm(count: int) -> dict[str, Any]:
+    """An IKE mesh of two sites, the server and the agents serving metrics.  Site 2's CE
+    drops off the network: site 1's CE notices by dead peer detection and says so to the
+    server over its watcher session, and the server raises a tunnel-down alarm; when site 2
+    returns and the tunnel is up again, the alarm clears.  Both daemons' metrics say the
+    same at each step."""
+    sites = [Site(n) for n in range(1, count + 1)]
+    a, b = sites[0], sites[1]
+    lab = Lab(None, SERVER_ADDRESS, "--metrics-listen", f":{METRICS_PORT}")
+    report: dict[str, Any] = {}
+    resource = "/svc:vpn-service/svc:vpn[svc:id='lab']/svc:site[svc:id='site-1']"
+    key = (resource, "tunnel-down", "site-2")
+    server_metric = 'cevpn_server_alarms{"severity": "major", "type": "tunnel-down"}'
+    agent_metric = 'cevpn_agent_tunnel_up{"peer": "site-2"}'
+
+    def alarm_is(cleared: str) -> bool:
+        return server_alarms(lab).get(key) == cleared
+
+    try:
+        lab.edit(
+            SERVER_SETTINGS + "<vpn><id>lab</id><customer>lab</customer><keying>ike</keying>"
+            "<security-profile><authentication>pre-shared-key</authentication>"
+            "</security-profile><tunnel-defaults><encapsulation>transport-ipip</encapsulation>"
+            "<dpd><delay>2</delay><timeout>6</timeout></dpd></tunnel-defaults>"
+            + "".join(site_xml(s) for s in sites)
+            + "</vpn>"
+        )
+        for s in sites:
+            lab.enrol_and_start(s, "--metrics-listen", f"127.0.0.1:{METRICS_PORT}")
+        report["statuses"] = lab.wait_in_sync(count)
+        report["tunnels_before"] = wait_all_up(sites)
+        report["alarm_before"] = server_alarms(lab).get(key)
+        report["agent_up_before"] = scrape("127.0.0.1", a.ce).get(agent_metric)
+
+        subprocess.run(["ip", "-n", b.ce, "link", "set", "sp0", "down"], check=True)
+        cut_at = time.monotonic()
+        report["raised_after_s"] = wait_until(lambda: alarm_is("false"), 60)
+        report["raised_s_from_cut"] = time.monotonic() - cut_at
+        report["server_metric_raised"] = scrape(SERVER_ADDRESS).get(server_metric)
+        report["agent_up_while_cut"] = scrape("127.0.0.1", a.ce).get(agent_metric)
+        report["alarm_text"] = _alarm_text(lab, key)
+
+        subprocess.run(["ip", "-n", b.ce, "link", "set", "sp0", "up"], check=True)
+        subprocess.run(
+            ["ip", "-n", b.ce, "route", "replace", "default", "via", b.pe_address], check=True
+        )
+        report["cleared_after_s"] = wait_until(lambda: alarm_is("true"), 120)
+        report["server_metric_cleared"] = scrape(SERVER_ADDRESS).get(server_metric)
+        report["agent_up_after"] = scrape("127.0.0.1", a.ce).get(agent_metric)
+        report["ping_after"] = ping(a, b)
+    except Exception:
+        lab.dump_logs()
+        raise
+    finally:
+        lab.close()
+    return report
+
+
+def _alarm_text(lab: Lab, key: tuple[str, str, str]) -> str:
+    al = "urn:ietf:params:xml:ns:yang:ietf-alarms"
+    data = lab.m.get(filter=("subtree", f'<alarms xmlns="{al}"/>')).data_ele
+    for alarm in data.iter(f"{{{al}}}alarm"):
+        if (alarm.findtext(f"{{{al}}}alarm-type-qualifier") or "") == key[2]:
+            return alarm.findtext(f"{{{al}}}alarm-text") or ""
+    return ""
+
+
+def wait_until(condition: Any, timeout: float, step: float = 0.5) -> float | None:
+    """Seconds until ``condition()`` held, or None if it did not within ``timeout``."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if condition():
+            return time.monotonic() - started
+        time.sleep(step)
+    return None
+
+
 def nat_in_front_of(s: Site) -> None:
     """pe as the NAT in front of one CE: nothing from the VPN server's side (pe-inet) may
     open a connection to it, and its connections to the server leave masqueraded with
@@ -440,6 +558,8 @@ def main() -> None:
         report = unknown_peer(count)
     elif scenario == "call-home-nat":
         report = call_home_behind_nat(count)
+    elif scenario == "tunnel-failure-alarm":
+        report = tunnel_failure_alarm(count)
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     (WORK / "report.json").write_text(json.dumps(report, indent=2))

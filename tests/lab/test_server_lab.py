@@ -80,3 +80,22 @@ def test_a_ce_behind_a_nat_is_provisioned_only_through_call_home_and_pings_throu
     assert report["pings"] and all(report["pings"].values()), report["pings"]
     assert report["esp_with_natted_ce"] > 0
     assert report["cleartext_lan"] == []
+
+
+def test_a_tunnel_failure_on_a_ce_is_an_alarm_on_the_server_until_the_tunnel_returns() -> None:
+    """RFC 8632 on the server, fed by what CEs notify (their watcher sessions): site 2's CE
+    drops off the network, site 1's CE reports the tunnel down, and both daemons' metrics
+    follow the alarm."""
+    report = scenario("tunnel-failure-alarm", 2)
+    assert report["statuses"] == {"site-1": "in-sync", "site-2": "in-sync"}
+    assert report["tunnels_before"] == {"ce1": {"site-2": "up"}, "ce2": {"site-1": "up"}}
+    assert report["alarm_before"] in (None, "true")
+    assert report["agent_up_before"] == 1
+    assert report["raised_after_s"] is not None, report
+    assert "reports its tunnel to site-2 down" in report["alarm_text"]
+    assert report["server_metric_raised"] == 1
+    assert report["agent_up_while_cut"] == 0
+    assert report["cleared_after_s"] is not None, report
+    assert report["server_metric_cleared"] is None
+    assert report["agent_up_after"] == 1
+    assert report["ping_after"]
