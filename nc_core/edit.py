@@ -769,7 +769,7 @@ class EntryPatch:
     """``new`` is a copy of ``old`` (datastore roots) in which only the entries at
     ``entries`` (a path of containers from the root down to a list, Clark tags) with
     these keys changed: ``removed`` (in old's order), ``changed`` (new or changed, in
-    new's order).  Made by nc_core.datastore's incremental validation, which knows it;
+    new's order).  Made by nc_core.validation's incremental validation, which knows it;
     :func:`diff` then compares those entries only, with the result a whole comparison
     gives."""
 

@@ -401,7 +401,7 @@ class SchemaIndex:
 
 
 # --------------------------------------------------------------------------
-# Lists whose entries can be validated on their own (nc_core.datastore's
+# Lists whose entries can be validated on their own (nc_core.validation's
 # incremental validation)
 # --------------------------------------------------------------------------
 

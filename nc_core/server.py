@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
-from nc_core.datastore import Datastore, Validator, document_bytes, free
+from nc_core.datastore import Datastore, document_bytes, free
 from nc_core.edit import Change, Instances, diff, instance_identity, new_datastore, schema_of
 from nc_core.errors import RpcError, RpcErrors, operation_not_supported
 from nc_core.merge import MergeConflict, merge3
@@ -37,6 +37,7 @@ from nc_core.session import BASE_10, BASE_11, Session
 from nc_core.ssh_auth import PasswordGuard
 from nc_core.transaction import Application, Transaction
 from nc_core.users import User, hash_clear_text_passwords, initial_nacm, users_from
+from nc_core.validation import Validator
 from nc_core.with_defaults import (
     BASIC_MODE,
     add_implicit_defaults,
