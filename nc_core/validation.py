@@ -31,7 +31,7 @@ from _libyang import ffi, lib
 from lxml import etree
 
 from nc_core.datastore import free, serialize, validation_errors
-from nc_core.edit import EntryPatch, new_datastore, remember_patch
+from nc_core.edit import EntryPatch, new_datastore, remember_patch, remembered_patch
 from nc_core.errors import RpcErrors
 from nc_core.schema import (
     EntryScopedList,
@@ -209,7 +209,9 @@ class Validator:
             list(record.fresh),
             self._entries_before(valid, old, scoped),
         )
-        quick = self._incremental(root, set(), valid, found)
+        quick = self._incremental(
+            root, set(), valid, found, canonical_already=root is record.canonical
+        )
         if quick is not None:
             self.counts["recorded"] += 1
         return quick
@@ -220,15 +222,17 @@ class Validator:
         inputs: set[bytes],
         valid: _Valid,
         found: _EntryChanges,
+        *,
+        canonical_already: bool = False,
     ) -> Any:
         """The tree of ``root`` validated through the changed entries of one entry-scoped
         list only (``found``), or None (nothing decided: validate it whole).
 
         The canonical form of the result is a copy of the remembered one with the
-        changed entries as libyang prints them.  (Taking a checked candidate, canonical
-        already, as it is would save the copy, but in the agent bench each commit then
-        got slower than the one before: 57 -> 130 ms over 40 commits, for reasons not
-        found yet.)"""
+        changed entries as libyang prints them; or, with ``canonical_already`` (``root``
+        is the candidate's check's canonical form, which nobody changes: datastore trees
+        are replaced, never modified), ``root`` itself when its changed entries are what
+        libyang prints: a whole copy of the configuration less per commit."""
         old = valid.canonical
         assert old is not None
         scoped, changed, keys, removed, fresh, before = found
@@ -238,29 +242,38 @@ class Validator:
         except ValidationFailed:
             return None  # full validation says what is wrong, in its words
         try:
-            canonical = _patched_canonical(
-                old, scoped, self.canonical_of(checked), keys, removed, fresh
-            )
-            if canonical is None or not _unique_holds(canonical, keys, scoped):
+            printed = self.canonical_of(checked)
+            canonical = None
+            made: list[etree._Element] | None = None  # the entries of ``keys`` in canonical
+            if canonical_already and _same_entries(changed, printed, scoped, keys):
+                canonical, made = root, changed
+            if canonical is None:
+                canonical = _patched_canonical(old, scoped, printed, keys, removed, fresh)
+            if canonical is None or not _unique_holds(canonical, keys, scoped, made):
                 return None
             tree = self._patched_tree(valid, scoped, checked, keys, removed, fresh)
         finally:
             checked.free()
         if tree is None:
             return None
-        patch = _entry_patch(old, canonical, scoped, keys, removed)
-        if patch is not None:
-            remember_patch(patch)
+        if made is None or remembered_patch(old, canonical) is None:
+            # (The candidate's check remembered the patch from ``old`` to ``canonical``
+            # already when ``canonical`` is the checked candidate.)
+            patch = _entry_patch(old, canonical, scoped, keys, removed, made)
+            if patch is not None:
+                remember_patch(patch)
         entries = dict(before)
         for key in removed:
             del entries[key]
-        parent = _parent_of(canonical, scoped)
-        for key in keys:
-            made = _find_entry(parent, scoped, key)
-            if made is None:
+        if made is None:
+            parent = _parent_of(canonical, scoped)
+            found_entries = [_find_entry(parent, scoped, key) for key in keys]
+            if any(e is None for e in found_entries):
                 tree.release()
                 return None
-            entries[key] = etree.tostring(made)
+            made = [e for e in found_entries if e is not None]
+        for key, entry in zip(keys, made, strict=True):
+            entries[key] = etree.tostring(entry)
         return self._remember(
             _Valid(inputs, tree, canonical=canonical, entries={scoped.tags: entries})
         )
@@ -272,6 +285,8 @@ class Validator:
         edit: etree._Element | None = None,
         default_operation: str = "merge",
         copy_of: etree._Element | None = None,
+        *,
+        owned: bool = False,
     ) -> tuple[etree._Element, bool]:
         """``new`` checked node by node (:meth:`parse_only`) and in canonical form, and
         whether it differs from ``old``, a canonical tree that passed the same check (the
@@ -287,10 +302,16 @@ class Validator:
         ``default_operation``): when it only merges entries of one such list into
         containers ``old`` has, the other entries are unchanged by what an edit is, and
         only those it names are looked at.  ``copy_of``: a tree ``old`` is an unchanged
-        copy of (the running configuration a candidate follows), so that it is known
-        without comparing."""
+        copy of (the running configuration a candidate follows, or that configuration's
+        tree itself), so that it is known without comparing.
+
+        ``owned``: ``new`` is the caller's private tree, a copy of ``old`` changed by
+        ``edit``, which it hands over; when only the entries ``edit`` names were looked
+        at, the result is ``new`` itself with those entries put in canonical form,
+        instead of a copy of ``old`` with them (a whole copy of the configuration less
+        per edit).  Otherwise ``new`` is only read."""
         quick = self._checked_entries(
-            old, new, self._edited_entries(old, edit, default_operation), copy_of
+            old, new, self._edited_entries(old, edit, default_operation), copy_of, owned=owned
         )
         if quick is not None:
             self.counts["checked-entries"] += 1
@@ -392,6 +413,8 @@ class Validator:
         new: etree._Element,
         named: tuple[EntryScopedList, list[tuple[str, ...]]] | None = None,
         copy_of: etree._Element | None = None,
+        *,
+        owned: bool = False,
     ) -> tuple[etree._Element, bool] | None:
         self._checked = None
         valid = self._valid
@@ -417,18 +440,29 @@ class Validator:
             printed = self.canonical_of(tree) if tree is not None else new_datastore()
         finally:
             free(tree)
-        canonical = _patched_canonical(old, scoped, printed, keys, removed, fresh)
+        canonical = None
+        made: list[etree._Element] | None = None  # the entries of ``keys`` in canonical
+        if owned and named is not None:
+            # Only the named entries can differ from ``old``: everything else in ``new`` is
+            # the copy of ``old`` the edit was made on, canonical already.
+            made = _canonical_entries_into(new, scoped, printed, keys)
+            canonical = None if made is None else new
+        if canonical is None:
+            canonical = _patched_canonical(old, scoped, printed, keys, removed, fresh)
         if canonical is None:
             return None
-        parent = _parent_of(canonical, scoped)
-        differing = []
-        for key in keys:
-            made = _find_entry(parent, scoped, key)
-            if made is None:
+        if made is None:
+            parent = _parent_of(canonical, scoped)
+            found_entries = [_find_entry(parent, scoped, key) for key in keys]
+            if any(e is None for e in found_entries):
                 return None
-            if before.get(key) != etree.tostring(made):
-                differing.append(key)
-        patch = _entry_patch(old, canonical, scoped, keys, removed)
+            made = [e for e in found_entries if e is not None]
+        differing = [
+            key
+            for key, entry in zip(keys, made, strict=True)
+            if before.get(key) != etree.tostring(entry)
+        ]
+        patch = _entry_patch(old, canonical, scoped, keys, removed, made)
         if patch is not None:
             remember_patch(patch)
         if memo is not None and memo.canonical is not None:
@@ -773,14 +807,18 @@ def _entry_patch(
     scoped: EntryScopedList,
     keys: list[tuple[str, ...]],
     removed: set[tuple[str, ...]],
+    made: list[etree._Element] | None = None,
 ) -> EntryPatch | None:
     """What :func:`nc_core.edit.diff` needs to compare ``old`` and ``new`` (the patched
-    canonical form of a change) by their changed entries only."""
+    canonical form of a change) by their changed entries only; ``made``: the entries of
+    ``keys`` in ``new``, when known."""
     old_parent, new_parent = _parent_of(old, scoped), _parent_of(new, scoped)
     if old_parent is None or new_parent is None:
         return None
     gone = [_find_entry(old_parent, scoped, key) for key in removed]
-    changed = [_find_entry(new_parent, scoped, key) for key in keys]
+    changed: list[etree._Element | None] = (
+        list(made) if made is not None else [_find_entry(new_parent, scoped, key) for key in keys]
+    )
     previous = [_find_entry(old_parent, scoped, key) for key in keys]
     if any(e is None for e in gone) or any(e is None for e in changed):
         return None
@@ -881,18 +919,22 @@ def _contiguous(children: list[etree._Element], tag: str) -> bool:
 
 
 def _unique_holds(
-    canonical: etree._Element, keys: list[tuple[str, ...]], scoped: EntryScopedList
+    canonical: etree._Element,
+    keys: list[tuple[str, ...]],
+    scoped: EntryScopedList,
+    made: list[etree._Element] | None = None,
 ) -> bool:
     """No changed entry of ``canonical`` (a whole canonical datastore) shares the values
     of a ``unique`` statement with another entry (the unchanged ones were valid among
-    themselves); canonical values are equal exactly when their text is."""
+    themselves); canonical values are equal exactly when their text is.  ``made``: the
+    entries of ``keys`` in ``canonical``, when known."""
     if not scoped.uniques or not keys:
         return True
     parent = _parent_of(canonical, scoped)
     if parent is None:
         return False
-    for key in keys:
-        entry = _find_entry(parent, scoped, key)
+    for position, key in enumerate(keys):
+        entry = made[position] if made is not None else _find_entry(parent, scoped, key)
         if entry is None:
             return False
         for unique in scoped.uniques:
@@ -978,6 +1020,54 @@ def _patched_canonical(
         replaced.addnext(entry)
         parent.remove(replaced)
     return out
+
+
+def _same_entries(
+    mine: list[etree._Element],
+    checked: etree._Element,
+    scoped: EntryScopedList,
+    keys: list[tuple[str, ...]],
+) -> bool:
+    """Whether ``mine``, the entries of these keys, are each exactly as ``checked`` has it."""
+    printed = _parent_of(checked, scoped)
+    for entry, key in zip(mine, keys, strict=True):
+        theirs = _find_entry(printed, scoped, key)
+        if theirs is None or etree.tostring(entry) != etree.tostring(theirs):
+            return False
+    return True
+
+
+def _canonical_entries_into(
+    new: etree._Element,
+    scoped: EntryScopedList,
+    checked: etree._Element,
+    keys: list[tuple[str, ...]],
+) -> list[etree._Element] | None:
+    """Replace, in place, the entries of these keys in ``new`` (a private tree) by their
+    canonical form printed in ``checked``, and return them (in the order of ``keys``);
+    None, ``new`` unchanged, if an entry is not found.
+
+    Removed entries are gone from ``new`` already and new ones are where the edit put
+    them: after the others (checked before) or, for a list that had none, wherever the
+    edit put it, so that case is left to :func:`_patched_canonical`."""
+    parent = _parent_of(new, scoped)
+    printed = _parent_of(checked, scoped)
+    if parent is None or printed is None:
+        return None
+    pairs = []
+    for key in keys:
+        entry = _find_entry(printed, scoped, key)
+        replaced = _find_entry(parent, scoped, key)
+        if entry is None or replaced is None:
+            return None
+        pairs.append((replaced, entry))
+    if pairs and len(_entries(parent, scoped)) == len(pairs):
+        return None  # no entry was there before: its place among the parent's children
+    for replaced, entry in pairs:
+        entry.tail = None
+        replaced.addnext(entry)
+        parent.remove(replaced)
+    return [entry for _, entry in pairs]
 
 
 def _insert_in_schema_order(
