@@ -27,6 +27,7 @@ from typing import Any, Literal
 from lxml import etree
 
 from nc_core.errors import RpcError
+from nc_core.release import drop_later
 from nc_core.schema import SchemaIndex, SchemaNode
 from nc_core.xmlutil import NC_NS, SAFE_PARSER, default_ns_element, local, namespace, qn
 
@@ -808,6 +809,9 @@ _PATCHES: dict[int, EntryPatch] = {}
 
 
 def remember_patch(patch: EntryPatch) -> None:
+    # The patch forgotten may hold the last references to whole configurations: they
+    # are let go of after the reply (nc_core.release).
+    drop_later(*_PATCHES.values())
     _PATCHES.clear()
     _PATCHES[id(patch.new)] = patch
 

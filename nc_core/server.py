@@ -32,6 +32,7 @@ from nc_core.merge import MergeConflict, merge3
 from nc_core.nacm import Nacm
 from nc_core.nmda import CAPABILITIES as NMDA_CAPABILITIES
 from nc_core.redaction import for_user
+from nc_core.release import drop_later, free_later
 from nc_core.schema import Schema, SchemaIndex
 from nc_core.session import BASE_10, BASE_11, Session
 from nc_core.ssh_auth import PasswordGuard
@@ -670,6 +671,7 @@ class NetconfServer:
         candidate = self.datastores["candidate"]
         if not self.candidate_modified:
             self.candidate_base = self.datastores["running"].root
+        drop_later(candidate.root)  # after the reply (nc_core.release)
         candidate.root, candidate.tree = root, None
         self.candidate_modified = True
 
@@ -683,8 +685,9 @@ class NetconfServer:
         of the tree it is given (tests/test_shared_candidate.py).  Discarding changes on
         a CE holding 1,000 peers no longer copies them all."""
         running = self.datastores["running"]
-        self.datastores["candidate"].root = running.root
-        self.datastores["candidate"].tree = None
+        candidate = self.datastores["candidate"]
+        drop_later(candidate.root)  # after the reply (nc_core.release)
+        candidate.root, candidate.tree = running.root, None
         self.candidate_modified = False
         self.candidate_base = None
 
@@ -801,9 +804,10 @@ class NetconfServer:
                 ) from exc
             raise
         self.persistence.publish("running")
-        old_tree = running.tree
+        # The configuration replaced is let go of after the reply (nc_core.release).
+        drop_later(running.root)
+        free_later(running.tree)
         running.root, running.tree = canonical, new_tree
-        free(old_tree)
         if _touches(changes, (qn(NACM_NS, "nacm"), qn(SYS_NS, "system"))):
             self._publish_running()
         if not self.candidate_modified:

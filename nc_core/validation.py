@@ -33,6 +33,7 @@ from lxml import etree
 from nc_core.datastore import free, serialize, validation_errors
 from nc_core.edit import EntryPatch, new_datastore, remember_patch, remembered_patch
 from nc_core.errors import RpcErrors
+from nc_core.release import drop_later, free_later
 from nc_core.schema import (
     EntryScopedList,
     Schema,
@@ -72,6 +73,16 @@ class _SharedTree:
         if self.refs == 0:
             lib.lyd_free_all(self.cdata)
             self.cdata = None
+
+
+class _Release:
+    """A :class:`_SharedTree`'s memo reference, let go of by ``free()`` (free_later)."""
+
+    def __init__(self, shared: _SharedTree) -> None:
+        self.shared = shared
+
+    def free(self) -> None:
+        self.shared.release()
 
 
 @dataclass
@@ -634,7 +645,9 @@ class Validator:
     def _remember(self, valid: _Valid) -> Any:
         forgotten, self._valid = self._valid, valid
         if forgotten is not None:
-            forgotten.tree.release()
+            # Its canonical form and entries go with it: after the reply (nc_core.release).
+            drop_later(forgotten)
+            free_later(_Release(forgotten.tree))
         return valid.tree.handle()
 
     def _is_remembered(self, tree: Any) -> bool:
