@@ -18,26 +18,31 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-_kept: list[Any] = []
-_frees: list[Any] = []
-_scheduled = False
+
+class _Pending:
+    """What one event loop lets go of at its next turn."""
+
+    def __init__(self) -> None:
+        self.kept: list[Any] = []
+        self.frees: list[Any] = []
+
+    def release(self) -> None:
+        frees, self.frees = self.frees, []
+        self.kept = []
+        for tree in frees:
+            tree.free()
 
 
-def _loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
+_pending: dict[asyncio.AbstractEventLoop, _Pending] = {}
+"""Per loop (tests run servers on several loops, in several threads), until its turn."""
 
 
 def drop_later(*objects: Any) -> None:
     """Hold ``objects`` (about to lose their last other reference) until the loop's next
     turn."""
-    loop = _loop()
-    if loop is None:
-        return
-    _kept.extend(objects)
-    _schedule(loop)
+    pending = _pending_of_running_loop()
+    if pending is not None:
+        pending.kept.extend(objects)
 
 
 def free_later(tree: Any) -> None:
@@ -45,26 +50,28 @@ def free_later(tree: Any) -> None:
     loop's next turn, or now without a running loop."""
     if tree is None:
         return
-    loop = _loop()
-    if loop is None:
+    pending = _pending_of_running_loop()
+    if pending is None:
         tree.free()
-        return
-    _frees.append(tree)
-    _schedule(loop)
+    else:
+        pending.frees.append(tree)
 
 
-def _schedule(loop: asyncio.AbstractEventLoop) -> None:
-    global _scheduled
-    if not _scheduled:
-        _scheduled = True
-        loop.call_soon(_release)
+def _pending_of_running_loop() -> _Pending | None:
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    pending = _pending.get(loop)
+    if pending is None:
+        for other in [other for other in _pending if other.is_closed()]:
+            _pending.pop(other).release()  # a loop that closed before its turn came
+        pending = _pending[loop] = _Pending()
+        loop.call_soon(_release, loop)
+    return pending
 
 
-def _release() -> None:
-    global _scheduled
-    _scheduled = False
-    frees = list(_frees)
-    _frees.clear()
-    _kept.clear()
-    for tree in frees:
-        tree.free()
+def _release(loop: asyncio.AbstractEventLoop) -> None:
+    pending = _pending.pop(loop, None)
+    if pending is not None:
+        pending.release()
