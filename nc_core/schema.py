@@ -426,7 +426,7 @@ class SchemaIndex:
 
 
 # --------------------------------------------------------------------------
-# Lists whose entries can be validated on their own (nc_core.datastore's
+# Lists whose entries can be validated on their own (nc_core.validation's
 # incremental validation)
 # --------------------------------------------------------------------------
 

@@ -27,18 +27,26 @@ from typing import TYPE_CHECKING, Any
 from lxml import etree
 
 from nc_core.audit import log_commit
-from nc_core.datastore import Datastore, Validator, document_bytes, free
+from nc_core.datastore import Datastore, document_bytes, free
 from nc_core.edit import Change, Instances, diff, instance_identity, new_datastore, schema_of
 from nc_core.errors import RpcError, RpcErrors, operation_not_supported
 from nc_core.merge import MergeConflict, merge3
 from nc_core.nacm import Nacm
 from nc_core.nmda import CAPABILITIES as NMDA_CAPABILITIES
 from nc_core.redaction import for_user
+from nc_core.release import drop_later, free_later
 from nc_core.schema import Schema, SchemaIndex
 from nc_core.session import BASE_10, BASE_11, Session
 from nc_core.ssh_auth import PasswordGuard
 from nc_core.transaction import Application, Transaction
-from nc_core.users import User, hash_clear_text_passwords, initial_nacm, users_from
+from nc_core.users import (
+    User,
+    has_clear_text_passwords,
+    hash_clear_text_passwords,
+    initial_nacm,
+    users_from,
+)
+from nc_core.validation import Validator
 from nc_core.with_defaults import (
     BASIC_MODE,
     add_implicit_defaults,
@@ -683,13 +691,23 @@ class NetconfServer:
         candidate = self.datastores["candidate"]
         if not self.candidate_modified:
             self.candidate_base = self.datastores["running"].root
+        drop_later(candidate.root)  # after the reply (nc_core.release)
         candidate.root, candidate.tree = root, None
         self.candidate_modified = True
 
     def reset_candidate(self) -> None:
+        """The candidate follows running again: it *is* running's tree, not a copy.
+
+        Sharing is safe because no datastore tree is ever changed in place: running's
+        trees are replaced by change_running, never modified, and an edit of the
+        candidate works on a copy of it and replaces it (nc_core.base_ops.edit,
+        :meth:`replace_candidate`); change_running hashes clear-text passwords in a copy
+        of the tree it is given (tests/test_shared_candidate.py).  Discarding changes on
+        a CE holding 1,000 peers no longer copies them all."""
         running = self.datastores["running"]
-        self.datastores["candidate"].root = deepcopy(running.root)
-        self.datastores["candidate"].tree = None
+        candidate = self.datastores["candidate"]
+        drop_later(candidate.root)  # after the reply (nc_core.release)
+        candidate.root, candidate.tree = running.root, None
         self.candidate_modified = False
         self.candidate_base = None
 
@@ -697,12 +715,15 @@ class NetconfServer:
         """What committing the candidate makes running: the candidate itself if running did
         not change since it was taken, else the candidate's own changes merged onto the
         current running (nc_core.merge), so nothing acknowledged meanwhile is reverted.
-        Raises the running-changed rpc-error where both changed the same node."""
+        Raises the running-changed rpc-error where both changed the same node.
+
+        The candidate itself is returned, not a copy (it may be running's own tree): the
+        caller hands it to :meth:`change_running`, which does not change it."""
         candidate = self.datastores["candidate"].root
         running = self.datastores["running"].root
         base = self.candidate_base
         if base is None or base is running:
-            return deepcopy(candidate)
+            return candidate
         try:
             return merge3(base, candidate, running, self.index)
         except MergeConflict as conflict:
@@ -772,11 +793,15 @@ class NetconfServer:
 
         Validates fully, checks NACM write access, runs the application's
         transaction and persists atomically; on any failure nothing changes.
+        ``new_root`` is not changed (it may be the candidate's tree, or running's):
+        clear-text passwords are hashed in a copy of it.
         """
         if not self.config_lock.locked():
             raise RuntimeError("change_running needs the configuration lock: use edit_running")
         running = self.datastores["running"]
-        hash_clear_text_passwords(new_root)
+        if has_clear_text_passwords(new_root):
+            new_root = deepcopy(new_root)
+            hash_clear_text_passwords(new_root)
         new_tree = self.validator.validate(new_root, full=True)
         try:
             canonical = self.validator.canonical(new_tree)
@@ -821,9 +846,10 @@ class NetconfServer:
                 ) from exc
             raise
         self.persistence.publish("running")
-        old_tree = running.tree
+        # The configuration replaced is let go of after the reply (nc_core.release).
+        drop_later(running.root)
+        free_later(running.tree)
         running.root, running.tree = canonical, new_tree
-        free(old_tree)
         if _touches(changes, (qn(NACM_NS, "nacm"), qn(SYS_NS, "system"))):
             self._publish_running()
         if not self.candidate_modified:

@@ -105,6 +105,12 @@ def users_from(running: etree._Element) -> dict[str, User]:
     return users
 
 
+def has_clear_text_passwords(root: etree._Element) -> bool:
+    """Whether a datastore tree holds a '$0$' password (:func:`hash_clear_text_passwords`
+    would change it)."""
+    return any(pw.text and pw.text.startswith("$0$") for pw in root.iter(qn(SYS_NS, "password")))
+
+
 def hash_clear_text_passwords(root: etree._Element) -> bool:
     """Replace '$0$' passwords in a datastore tree by hashes; True if any was replaced."""
     changed = False

@@ -7,10 +7,10 @@ from copy import deepcopy
 import pytest
 from lxml import etree
 
-from nc_core.datastore import Validator
 from nc_core.edit import Editor, diff, new_datastore
 from nc_core.errors import RpcError, RpcErrors
 from nc_core.schema import SchemaIndex
+from nc_core.validation import Validator
 
 NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
 CE = "urn:cevpn:yang:cevpn-ce"

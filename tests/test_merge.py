@@ -15,11 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
-from nc_core.datastore import Validator
 from nc_core.edit import Editor, instance_identity, schema_of
 from nc_core.errors import RpcErrors
 from nc_core.merge import MergeConflict, merge3
 from nc_core.schema import Schema, SchemaIndex, SchemaNode
+from nc_core.validation import Validator
 from nc_core.xmlutil import NACM_NS, NC_NS, SYS_NS
 
 from .conftest import EXAMPLES

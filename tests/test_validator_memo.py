@@ -1,4 +1,4 @@
-"""The validator's memo of the configuration last found valid (nc_core.datastore.Validator).
+"""The validator's memo of the configuration last found valid (nc_core.validation.Validator).
 
 A confirmed commit validates the same configuration twice (the commit, then the
 confirming commit); the second time the memo hands out the tree and canonical form
@@ -16,12 +16,13 @@ from copy import deepcopy
 import pytest
 from lxml import etree
 
-from nc_core.datastore import Validator, free, serialize
+from nc_core.datastore import free, serialize
 from nc_core.edit import Change, Editor, diff, instance_path, new_datastore
 from nc_core.errors import RpcErrors
 from nc_core.schema import CE_MODULES
 from nc_core.server import NetconfServer, ServerOptions
 from nc_core.transaction import Application, Transaction, tree_json
+from nc_core.validation import Validator
 
 NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
 CE = "urn:cevpn:yang:cevpn-ce"

@@ -1,0 +1,75 @@
+"""Replaced configurations are let go of after the reply, not before it (nc_core.release)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import weakref
+
+from nc_core.release import drop_later, free_later
+
+
+class Tree:
+    """Stands for a libyang tree: counts its ``free()``."""
+
+    def __init__(self) -> None:
+        self.freed = 0
+
+    def free(self) -> None:
+        self.freed += 1
+
+
+class Big:
+    """Stands for an lxml tree: something only references keep alive."""
+
+
+def test_without_a_running_loop_a_tree_is_freed_at_once() -> None:
+    tree = Tree()
+    free_later(tree)
+    assert tree.freed == 1
+
+
+def test_a_tree_is_freed_after_the_current_step_not_during_it() -> None:
+    async def step() -> tuple[int, int]:
+        tree = Tree()
+        free_later(tree)
+        during = tree.freed
+        await asyncio.sleep(0)
+        return during, tree.freed
+
+    assert asyncio.run(step()) == (0, 1)
+
+
+def test_an_object_dropped_later_lives_until_the_loops_next_turn() -> None:
+    async def step() -> tuple[bool, bool]:
+        big = Big()
+        ref = weakref.ref(big)
+        drop_later(big)
+        del big
+        gc.collect()
+        alive_during = ref() is not None
+        await asyncio.sleep(0)
+        gc.collect()
+        return alive_during, ref() is not None
+
+    assert asyncio.run(step()) == (True, False)
+
+
+def test_a_loop_that_closed_before_its_turn_has_its_trees_freed_by_the_next_loop() -> None:
+    tree = Tree()
+    loop = asyncio.new_event_loop()
+
+    def last_callback() -> None:
+        free_later(tree)
+        loop.stop()  # callbacks scheduled by this one do not run: its turn never comes
+
+    loop.call_soon(last_callback)
+    loop.run_forever()
+    loop.close()
+    assert tree.freed == 0
+
+    async def another() -> None:
+        free_later(Tree())
+
+    asyncio.run(another())
+    assert tree.freed == 1
