@@ -286,8 +286,10 @@ class MetricsEndpoint:
 
     async def start(self, host: str, port: int) -> None:
         try:
+            # '::' (":PORT") is every address, IPv4 too, as for the NETCONF listener: one
+            # socket per family, not an IPv6 socket that may be IPv6-only.
             self.server = await asyncio.start_server(
-                self._serve, host or None, port, limit=MAX_REQUEST
+                self._serve, None if host in ("", "::") else host, port, limit=MAX_REQUEST
             )
         except OSError as exc:
             raise RuntimeError(f"cannot serve metrics on {host} port {port}: {exc}") from None
