@@ -35,6 +35,9 @@ log = logging.getLogger("cevpn.netconf")
 DEFAULT_TIMEOUT = 600  # seconds, RFC 6241 8.4.5.1
 BACKUP = "confirmed-commit-rollback"
 """The persisted document holding the configuration to roll back to."""
+PERSISTENT_COMMIT_PENDING = "persistent-commit-pending"
+"""error-app-tag of a commit refused because another client's persistent confirmed commit
+is pending: a client that lost its token (it restarted) knows to wait for the rollback."""
 
 
 @dataclass
@@ -140,6 +143,7 @@ class ConfirmedCommit:
                     + ("" if persist_id is None else f" ({persist_id!r} does not match)")
                     + ".",
                     type="protocol",
+                    app_tag=PERSISTENT_COMMIT_PENDING,
                     info=[("bad-element", "persist-id")],
                 )
         elif persist_id is not None:

@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from nc_core.notifications import date_and_time
-from nc_server.southbound import CeRefused, CeUnreachable, NotConfirmed, Timings
+from nc_server.southbound import CeBusy, CeRefused, CeUnreachable, NotConfirmed, Timings
 
 log = logging.getLogger("cevpn.server.provisioning")
 T = TypeVar("T")
@@ -172,6 +172,15 @@ class Provisioner:
             log.info(
                 "CE %s unreachable (%s); retry %d in %.0f s", rec.site, exc, rec.retry_count, delay
             )
+            self._schedule_retry(rec.site, delay)
+            return
+        except CeBusy as exc:
+            # Not the CE's fault nor a configuration problem: wait for its rollback.
+            rec.retry_count += 1
+            delay = retry_delay(rec.retry_count, self.retry_limit)
+            rec.next_attempt = now_text(datetime.now(UTC) + timedelta(seconds=delay))
+            self.set_status(rec, "pending", str(exc))
+            log.info("CE %s busy (%s); retry %d in %.0f s", rec.site, exc, rec.retry_count, delay)
             self._schedule_retry(rec.site, delay)
             return
         except NotConfirmed as exc:

@@ -58,6 +58,7 @@ from typing import Protocol
 from lxml import etree
 
 from nc_core.asyncssh_import import asyncssh
+from nc_core.confirmed_commit import PERSISTENT_COMMIT_PENDING
 from nc_core.endpoint import Endpoint
 from nc_core.netconf_client import NetconfSession, RpcFailed, SessionLost, connect_ssh
 from nc_core.xmlutil import NC_NS, default_ns_element, qn
@@ -111,6 +112,12 @@ class CeUnreachable(Exception):
     """No NETCONF session could be opened, or it broke."""
 
 
+class CeBusy(Exception):
+    """The CE holds another persistent confirmed commit (pushed by this server before it
+    restarted, its token lost): it rolls back by itself at its confirm timeout, and the push
+    can be retried then."""
+
+
 class NotConfirmed(Exception):
     """The change was committed but could not be confirmed: the CE rolls back by itself
     when the confirm timeout expires."""
@@ -144,6 +151,8 @@ TUNNEL_EVENTS = ("tunnel-up", "tunnel-down", "tunnel-establishment-failed")
 TUNNEL_EVENTS_FILTER = "".join(f'<{e} xmlns="{CE_NS}"/>' for e in TUNNEL_EVENTS)
 TUNNEL_STATUS_FILTER = f'<ce xmlns="{CE_NS}"><peer><name/><state><status/></state></peer></ce>'
 NOTIFICATION_NS = "urn:ietf:params:xml:ns:netconf:notification:1.0"
+WATCH_AGAIN_AFTER = 1.0
+"""Seconds before a watcher session the CE ended alone is opened again."""
 
 
 @dataclass
@@ -280,6 +289,9 @@ class Southbound:
     def _adopt(self, site: str, link: CeLink) -> None:
         """``link`` is the site's link from now on; its watcher opens in the background."""
         self.links[site] = link
+        self._start_watch(site, link)
+
+    def _start_watch(self, site: str, link: CeLink) -> None:
         if self.watch is not None:
             task = asyncio.get_running_loop().create_task(self._watch(site, link))
             self._watching.add(task)
@@ -325,6 +337,15 @@ class Southbound:
             for peer in reply.iter(f"{{{CE_NS}}}peer")
         }
         watch.tunnel_statuses(site, statuses)
+        await watcher.wait_closed()
+        if self.links.get(site) is link and link.alive:
+            # The CE ended the watcher alone (it drops a subscriber that falls behind):
+            # watch again, once a second at most, while the link itself lives.
+            log.warning("CE %s: the watcher session ended; watching again", site)
+            await asyncio.sleep(WATCH_AGAIN_AFTER)
+            if self.links.get(site) is link and link.alive:
+                link.watcher = None
+                self._start_watch(site, link)
 
     async def called(
         self, site: str, endpoint: Endpoint, conn: asyncssh.SSHClientConnection
@@ -435,6 +456,12 @@ class Southbound:
                 )
                 break
             except RpcFailed as exc:
+                if exc.app_tag == PERSISTENT_COMMIT_PENDING:
+                    raise CeBusy(
+                        "the CE holds a confirmed commit this server no longer knows the token "
+                        "of (the server restarted during a push): it rolls back by itself at "
+                        "its confirm timeout, then the push is retried"
+                    ) from None
                 raise _refused(exc) from None
             except SessionLost as exc:
                 self._cut(site, link)

@@ -116,3 +116,25 @@ def test_each_link_carries_a_watcher_session_subscribed_to_the_ces_tunnel_events
             wait_for(lambda: len(server_sessions()) == 3, 30, "three sessions of the server")
             sessions = server_sessions()
         assert len({s.findtext(f"{{{mon}}}source-host") for s in sessions}) == 1
+
+
+def test_a_persistent_commit_left_by_a_server_that_restarted_is_waited_out_not_failed(
+    tmp_path: Path,
+) -> None:
+    """A server killed between its commit and its confirmation leaves the CE a persistent
+    confirmed commit whose token died with it.  The next push is refused for that; the
+    server waits for the CE's rollback and pushes again, instead of calling the CE failed."""
+    with controller(tmp_path) as ctl:
+        mesh(ctl, "pearl", 2)
+        s1 = ctl.agents["pearl-s1"]
+        with s1.connect_as_server(ctl.server) as old_server:
+            old_server.commit(confirmed=True, timeout="20", persist="token-of-a-dead-server")
+            ctl.join("pearl", "pearl-s3", 3, "10.3.0.0/24")
+
+            def waiting() -> bool:
+                prov = ctl.provisioning()["pearl-s1"]
+                return prov["status"] == "pending" and "rolls back" in prov.get("last-error", "")
+
+            wait_for(waiting, 30, "pearl-s1 waiting for the CE's rollback")
+        ctl.in_sync("pearl-s1", "pearl-s2", "pearl-s3")
+        assert s1.running_ce()["peers"] == ["pearl-s2", "pearl-s3"]
