@@ -6,6 +6,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from lab.waiting import wait_until
+
+__all__ = ["wait_for", "wait_until"]
+
 
 def wait_for(
     what: Callable[[], Any], timeout: float = 60.0, message: str = "", step: float = 0.05
@@ -20,14 +24,3 @@ def wait_for(
             return last
         time.sleep(step)
     raise AssertionError(f"timed out waiting for {message or what}: last {last!r}")
-
-
-def wait_until(check: Callable[[], Any], timeout: float, step: float = 0.2) -> float | None:
-    """Poll ``check`` until it is true: the seconds that took, or None after ``timeout``
-    (for scenarios that report how long something took rather than fail at once)."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if check():
-            return time.monotonic() - start
-        time.sleep(step)
-    return None

@@ -43,6 +43,7 @@ from ncclient import manager  # noqa: E402
 from lab.agents import capture, stop_capture  # noqa: E402
 from lab.processes import start, wait_port  # noqa: E402
 from lab.topology import INTERNET_HOST, Site  # noqa: E402
+from lab.waiting import wait_until  # noqa: E402
 
 BIN = ROOT / ".venv" / "bin"
 PY = str(BIN / "python")
@@ -86,15 +87,6 @@ def run(argv: list[str], netns: str | None = None, **kw: Any) -> subprocess.Comp
     elif netns:
         argv = ["ip", "netns", "exec", netns, *argv]
     return subprocess.run(argv, capture_output=True, text=True, **kw)
-
-
-def wait_until(test: Callable[[], bool], timeout: float, every: float = 0.5) -> float | None:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if test():
-            return time.monotonic() - start
-        time.sleep(every)
-    return None
 
 
 # -- the lab's actors ----------------------------------------------------------------

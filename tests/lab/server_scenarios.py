@@ -27,6 +27,7 @@ from ncclient import manager
 from lab.agents import capture, ping, stop_capture
 from lab.processes import start, stop, wait_port
 from lab.topology import INTERNET_HOST, Site
+from lab.waiting import wait_until
 from nc_core.journal import stored_running
 from tests.lab.ike_scenarios import grep_secrets, peer_statuses
 
@@ -440,16 +441,6 @@ def _alarm_text(lab: Lab, key: tuple[str, str, str]) -> str:
         if (alarm.findtext(f"{{{al}}}alarm-type-qualifier") or "") == key[2]:
             return alarm.findtext(f"{{{al}}}alarm-text") or ""
     return ""
-
-
-def wait_until(condition: Any, timeout: float, step: float = 0.5) -> float | None:
-    """Seconds until ``condition()`` held, or None if it did not within ``timeout``."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if condition():
-            return time.monotonic() - started
-        time.sleep(step)
-    return None
 
 
 def nat_in_front_of(s: Site) -> None:
