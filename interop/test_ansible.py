@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from interop.documents import NC, SYS, user_config
 from tests.netconf_server import ADMIN, BIN, ServerProcess, ncclient_connect
 
-SYS = "urn:ietf:params:xml:ns:yang:ietf-system"
-NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
 NMDA = "urn:ietf:params:xml:ns:yang:ietf-netconf-nmda"
 DS = "urn:ietf:params:xml:ns:yang:ietf-datastores"
 PLAYBOOK_BIN = Path(sys.executable).parent / "ansible-playbook"
@@ -98,14 +97,6 @@ def user_names(server: ServerProcess) -> list[str]:
     with ncclient_connect(server) as m:
         reply = m.get_config("running").data_ele
     return sorted(str(n) for n in reply.xpath("//s:user/s:name/text()", namespaces={"s": SYS}))
-
-
-def user_config(name: str, operation: str = "") -> str:
-    op = f' xmlns:nc="{NC}" nc:operation="{operation}"' if operation else ""
-    return (
-        f'<config xmlns="{NC}"><system xmlns="{SYS}"><authentication>'
-        f"<user{op}><name>{name}</name></user></authentication></system></config>"
-    )
 
 
 def test_netconf_get_reads_running_with_a_subtree_filter(either, tmp_path):

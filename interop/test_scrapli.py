@@ -25,10 +25,9 @@ from scrapli.ssh_config import SSHKnownHosts
 from scrapli_netconf.driver import AsyncNetconfDriver, NetconfDriver
 from scrapli_netconf.response import NetconfResponse
 
+from interop.documents import SYS, user_config
 from tests.netconf_server import ADMIN, BIN, ServerProcess
 
-SYS = "urn:ietf:params:xml:ns:yang:ietf-system"
-NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
 MON = "urn:ietf:params:xml:ns:yang:ietf-netconf-monitoring"
 NS = {"sys": SYS, "mon": MON}
 USERS_FILTER = (
@@ -82,14 +81,6 @@ def driver_args(server: ServerProcess, hosts: Path) -> dict[str, object]:
         "timeout_transport": 30,
         "timeout_ops": 30,
     }
-
-
-def user_config(name: str, operation: str = "") -> str:
-    op = f' xmlns:nc="{NC}" nc:operation="{operation}"' if operation else ""
-    return (
-        f'<config xmlns="{NC}"><system xmlns="{SYS}"><authentication>'
-        f"<user{op}><name>{name}</name></user></authentication></system></config>"
-    )
 
 
 def ok(response: NetconfResponse) -> etree._Element:
