@@ -200,18 +200,13 @@ def run_common_command(
 
 def run_stored_config(args: argparse.Namespace, make_app: Callable[[], Application]) -> int:
     """Print a committed datastore from the state directory, read-only."""
-    from nc_core.journal import Journal, read_document
     from nc_core.server import LOCK_FILE
 
     state_dir: Path = args.state_dir
     if not (state_dir / LOCK_FILE).exists():  # a mistyped path: make nothing there
         print(f"stored-config: {state_dir} holds no server state", file=sys.stderr)
         return 1
-    persistence = make_app().persistence(state_dir)
-    if isinstance(persistence, Journal):
-        data = read_document(state_dir, args.datastore)  # never cuts or rewrites the file
-    else:
-        data = persistence.read(args.datastore)
+    data = make_app().persistence(state_dir).peek(args.datastore)
     if data is None:
         print(f"stored-config: no {args.datastore} configuration in {state_dir}", file=sys.stderr)
         return 1

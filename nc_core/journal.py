@@ -254,6 +254,9 @@ class Journal:
         self._open()
         return self._documents.get(name)
 
+    def peek(self, name: str) -> bytes | None:
+        return read_document(self.state_dir, name)  # never cuts or rewrites the file
+
     def write(self, name: str, data: bytes) -> None:
         self._open()
         offset = self._size

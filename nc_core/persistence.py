@@ -19,6 +19,11 @@ class DatastorePersistence(Protocol):
 
     def read(self, name: str) -> bytes | None: ...
 
+    def peek(self, name: str) -> bytes | None:
+        """The committed document, read without changing anything (no repair, no take-over):
+        for a tool looking at the state of a server that may be running."""
+        ...
+
     def write(self, name: str, data: bytes) -> None:
         """Replace the document atomically and durably."""
         ...

@@ -144,6 +144,9 @@ class SqliteDatastores:
     def read(self, name: str) -> bytes | None:
         return self.storage.get(self.TABLE, name)
 
+    def peek(self, name: str) -> bytes | None:
+        return self.read(name)  # a read changes nothing in SQLite
+
     def write(self, name: str, data: bytes) -> None:
         self.storage.put(self.TABLE, name, data)
 
