@@ -2,6 +2,8 @@
 
     python -m bench.agent_farm SPEC.json      (prints READY once every agent listens)
 
+or from a bench: ``start_farms(specs, per_process, work)`` and ``stop_farms(farms)``.
+
 SPEC is a list of {"state_dir", "port", "bundle"}.  Each agent is a complete
 cevpn agent (its own NETCONF server, SSH host key, datastore, bootstrap and
 pull) with ``--dataplane none``: nothing touches the kernel, so nothing here
@@ -15,9 +17,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
+import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 async def serve(spec: list[dict[str, object]]) -> None:
@@ -53,6 +61,58 @@ async def serve(spec: list[dict[str, object]]) -> None:
             server.listener.close()
         await server.app.stopping()
         server.close()
+
+
+def start_farms(
+    specs: Sequence[dict[str, Any]], per_process: int, work: Path
+) -> list[subprocess.Popen[bytes]]:
+    """Farm processes of ``per_process`` agents each, returned once every agent listens
+    (each farm's spec and log are ``work/farm-I.json`` and ``.log``).  Blocking."""
+    farms: list[subprocess.Popen[bytes]] = []
+    try:
+        for i in range(0, len(specs), per_process):
+            spec_file = work / f"farm-{i}.json"
+            spec_file.write_text(json.dumps(list(specs[i : i + per_process])))
+            with (work / f"farm-{i}.log").open("wb") as log:
+                farms.append(subprocess.Popen(
+                    [sys.executable, "-m", "bench.agent_farm", str(spec_file)],
+                    cwd=ROOT, stdout=subprocess.PIPE, stderr=log,
+                ))  # fmt: skip
+        for farm in farms:
+            assert farm.stdout is not None
+            if b"READY" not in farm.stdout.readline():
+                raise RuntimeError(f"an agent farm did not start; see the logs in {work}")
+    except BaseException:
+        stop_farms(farms)
+        raise
+    return farms
+
+
+def stop_farms(farms: Sequence[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every farm, then wait for each (SIGKILL after 60 s)."""
+    for farm in farms:
+        if farm.poll() is None:
+            farm.terminate()
+    for farm in farms:
+        try:
+            farm.wait(60)
+        except subprocess.TimeoutExpired:
+            farm.kill()
+            farm.wait()
+
+
+def cpu_seconds(pid: int | str = "self") -> float:
+    """User + system CPU seconds of a process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int | str = "self") -> float:
+    """A process's resident memory now (/proc/PID/status VmRSS), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def main() -> None:

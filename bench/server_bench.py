@@ -34,7 +34,6 @@ import json
 import os
 import secrets
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,7 +41,8 @@ from typing import Any
 
 from lxml import etree
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.agent_farm import cpu_seconds, rss_mb, start_farms, stop_farms
+
 SVC = "urn:cevpn:yang:cevpn-service"
 CE = "urn:cevpn:yang:cevpn-ce"
 NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
@@ -130,7 +130,7 @@ class Bench:
                 specs.append({"state_dir": str(self.work / f"ce-s{n:03d}"),
                               "port": ports[n - 1], "bundle": str(path)})  # fmt: skip
             result["enrol_per_ce_ms"] = (time.perf_counter() - started) / self.sites * 1000
-            await self._start_farms(specs)
+            self.farms = await asyncio.to_thread(start_farms, specs, self.per_process, self.work)
             await self._all_in_sync(app, None, 600)
             result["A_full_mesh"] = await self._measure(
                 app,
@@ -152,33 +152,15 @@ class Bench:
                 f"<vpn><id>bench</id>{site_xml(self.sites + 2, ports[-2])}</vpn></vpn-service>"
                 "</config>",
             )
-            result["server_rss_mb"] = _rss_mb()
+            result["server_rss_mb"] = rss_mb()  # the server runs in this process
             result["reference"] = await self._reference(app, specs[:20])
         finally:
             await asyncio.to_thread(oss.close_session)
-            for farm in self.farms:
-                farm.terminate()
-            for farm in self.farms:
-                farm.wait(60)
+            stop_farms(self.farms)
             listener.close()
             await app.stopping()
             server.close()
         return result
-
-    async def _start_farms(self, specs: list[dict[str, Any]]) -> None:
-        for i in range(0, len(specs), self.per_process):
-            spec_file = self.work / f"farm-{i}.json"
-            spec_file.write_text(json.dumps(specs[i : i + self.per_process]))
-            log = (self.work / f"farm-{i}.log").open("wb")
-            self.farms.append(subprocess.Popen(
-                [sys.executable, "-m", "bench.agent_farm", str(spec_file)],
-                cwd=ROOT, stdout=subprocess.PIPE, stderr=log,
-            ))  # fmt: skip
-        for farm in self.farms:
-            assert farm.stdout is not None
-            line = await asyncio.to_thread(farm.stdout.readline)
-            if b"READY" not in line:
-                raise RuntimeError("an agent farm did not start; see its log")
 
     async def _all_in_sync(self, app: Any, previous: dict[str, str] | None, timeout: float) -> None:
         """Until every CE is in-sync (with a version other than ``previous``'s).  Polled every
@@ -244,15 +226,7 @@ class Bench:
 
     def _cpu(self) -> tuple[float, float]:
         """CPU seconds used so far by this process (the server) and by the agent farms."""
-        import resource
-
-        own = resource.getrusage(resource.RUSAGE_SELF)
-        ticks = os.sysconf("SC_CLK_TCK")
-        farms = 0.0
-        for farm in self.farms:
-            fields = Path(f"/proc/{farm.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            farms += (int(fields[11]) + int(fields[12])) / ticks
-        return own.ru_utime + own.ru_stime, farms
+        return cpu_seconds(), sum(cpu_seconds(farm.pid) for farm in self.farms)
 
     async def _reference(self, app: Any, specs: list[dict[str, Any]]) -> dict[str, float]:
         """The same provisioning exchange per CE, 20 CEs one after the other: stock ncclient
@@ -317,14 +291,6 @@ def _percentile(ordered: list[float], pct: float) -> float:
         return float("nan")
     rank = max(1, min(len(ordered), round(pct / 100 * len(ordered) + 0.5)))
     return ordered[rank - 1]
-
-
-def _rss_mb() -> float:
-    """This process's resident memory now (the server runs in it), in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:

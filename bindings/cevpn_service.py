@@ -4795,7 +4795,13 @@ addresses (s) of the CE devices belonging to the VPN').
     """
     Getter method for id, mapped from YANG variable /vpn_service/vpn/site/id (cevpn-t:name)
 
-    YANG Description: Site identifier, unique across all VPNs.
+    YANG Description: Site identifier, unique across all VPNs.  Within a VPN
+the list key makes it unique; across VPNs the VPN server
+checks it at validation (its service rules, one pass over
+all sites: a must counting every VPN's sites here costs
+the square of the number of sites), refusing a commit
+with 'A site identifier must be unique across all VPNs.'
+at the second site's id.
     """
     return self.__id
       
@@ -4807,7 +4813,13 @@ addresses (s) of the CE devices belonging to the VPN').
     method. Backends looking to populate this variable should
     do so via calling thisObj._set_id() directly.
 
-    YANG Description: Site identifier, unique across all VPNs.
+    YANG Description: Site identifier, unique across all VPNs.  Within a VPN
+the list key makes it unique; across VPNs the VPN server
+checks it at validation (its service rules, one pass over
+all sites: a must counting every VPN's sites here costs
+the square of the number of sites), refusing a commit
+with 'A site identifier must be unique across all VPNs.'
+at the second site's id.
     """
     parent = getattr(self, "_parent", None)
     if parent is not None and load is False:
@@ -4874,7 +4886,13 @@ addresses (s) of the CE devices belonging to the VPN').
     """
     Getter method for ce_address, mapped from YANG variable /vpn_service/vpn/site/ce_address (cevpn-t:sp-address)
 
-    YANG Description: The CE's address in the SP routing space (seed 2.2).
+    YANG Description: The CE's address in the SP routing space (seed 2.2).  A
+CE belongs to one site: unique within the VPN (the
+list's unique statement) and across all VPNs, which the
+VPN server checks at validation (its service rules, one
+pass over all sites), refusing a commit with 'Another
+site already has this CE SP address: a CE belongs to one
+site.' at the second site's ce-address.
     """
     return self.__ce_address
       
@@ -4886,7 +4904,13 @@ addresses (s) of the CE devices belonging to the VPN').
     method. Backends looking to populate this variable should
     do so via calling thisObj._set_ce_address() directly.
 
-    YANG Description: The CE's address in the SP routing space (seed 2.2).
+    YANG Description: The CE's address in the SP routing space (seed 2.2).  A
+CE belongs to one site: unique within the VPN (the
+list's unique statement) and across all VPNs, which the
+VPN server checks at validation (its service rules, one
+pass over all sites), refusing a commit with 'Another
+site already has this CE SP address: a CE belongs to one
+site.' at the second site's ce-address.
     """
     if hasattr(v, "_utype"):
       v = v._utype(v)

@@ -54,7 +54,13 @@ from nc_server.keystore import KeyStore
 from nc_server.provisioner import CeRecord, Provisioner, now_text
 from nc_server.provisioning import ProvisioningJobs, Target
 from nc_server.rekey import RekeyPlan, RekeyScheduler
-from nc_server.service_rules import MAX_REPORTED, check_vpn, site_path, vpn_path
+from nc_server.service_rules import (
+    MAX_REPORTED,
+    check_sites_unique,
+    check_vpn,
+    site_path,
+    vpn_path,
+)
 from nc_server.service_tree import (
     SVC,
     SVC_NS,
@@ -237,7 +243,8 @@ class Controller:
         new = txn.new_json().get(SVC, {})
         old_vpns = {v["id"]: v for v in txn.old_json().get(SVC, {}).get("vpn", [])}
         compiled: dict[str, VpnState] = {}
-        errors: list[RpcError] = []
+        # Across VPNs, so over every VPN whatever changed: one pass over all sites.
+        errors: list[RpcError] = [d.rpc_error() for d in check_sites_unique(new.get("vpn", []))]
         for vpn in new.get("vpn", []):
             vid = str(vpn["id"])
             known = self.vpns.get(vid)

@@ -15,12 +15,21 @@ part of its own LAN, or two tunnels for one prefix, never reaches a CE:
   equal nor contain one another: the CE of the site with the longer prefix
   would send part of its own LAN into a tunnel, and other CEs would have two
   tunnels for one prefix.
+- **One site per identifier and per CE, over all VPNs.** A site id names one
+  site, and a CE SP address one CE, whichever VPN they are in
+  (:func:`check_sites_unique`).  These were YANG ``must`` statements counting
+  the matching sites of every VPN, which libyang evaluates once per site: the
+  whole datastore's validation grew with the square of the sites (1.7 s at
+  1,000 sites, 7.5 s at 2,000).  One dict over all sites does it in one pass;
+  the error is the one the ``must`` gave (operation-failed, must-violation,
+  the same message), at the second site's leaf.
 
-The rules are pure functions over one ``vpn`` entry (RFC 7951 JSON, as
+The per-VPN rules are pure functions over one ``vpn`` entry (RFC 7951 JSON, as
 libyang prints it) and return every violation, each naming the VPN, the
 site(s) and the prefix with list keys in its error-path, and the rule in its
-message.  nc_server.service_validation runs them, with the compiler, for
-``<commit>``, ``<validate>``, ``test-only`` and ``cevpn-server validate``.
+message.  ``ServiceApplication.validate`` (nc_server.application) runs them, with
+the compiler, for ``<commit>``, ``<validate>``, ``test-only`` and
+``cevpn-server validate``.
 """
 
 from __future__ import annotations
@@ -63,6 +72,65 @@ class Violation:
             app_tag=self.rule,
             info=[("bad-element", "local-prefix")],
         )
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """A site reusing another site's identifier or CE SP address (in any VPN)."""
+
+    vpn: str
+    site: str
+    leaf: str
+    """``id`` or ``ce-address``."""
+    message: str
+
+    def rpc_error(self) -> RpcError:
+        # What libyang answered for the YANG must these checks replace (RFC 7950 15.5).
+        return RpcError(
+            "operation-failed",
+            self.message,
+            path=f"{site_path(self.vpn, self.site)}/{PREFIX}:{self.leaf}",
+            path_ns={PREFIX: SVC_NS},
+            app_tag="must-violation",
+        )
+
+
+SITE_ID_TAKEN = "A site identifier must be unique across all VPNs."
+CE_ADDRESS_TAKEN = "Another site already has this CE SP address: a CE belongs to one site."
+
+
+def check_sites_unique(vpns: Iterable[Mapping[str, Any]]) -> list[Duplicate]:
+    """Every site, in datastore order, whose id or CE SP address an earlier site (of any
+    VPN) already has: one pass over all sites.  Within one VPN YANG already refuses a
+    repeated id (the list key) or ce-address (``unique``); this adds the other VPNs."""
+    ids: set[str] = set()
+    addresses: set[Any] = set()
+    found: list[Duplicate] = []
+    for vpn in vpns:
+        vpn_id = str(vpn.get("id", ""))
+        for site in vpn.get("site", ()):
+            site_id = str(site.get("id", ""))
+            if site_id in ids:
+                found.append(Duplicate(vpn_id, site_id, "id", SITE_ID_TAKEN))
+            ids.add(site_id)
+            address = site.get("ce-address")
+            if address is None:
+                continue
+            key = _address(str(address))
+            if key in addresses:
+                found.append(Duplicate(vpn_id, site_id, "ce-address", CE_ADDRESS_TAKEN))
+            addresses.add(key)
+    return found
+
+
+@functools.lru_cache(maxsize=65_536)
+def _address(text: str) -> Any:
+    """The address itself, not its spelling (the ``must`` compared libyang's canonical
+    values; an IPv6 address can be written several ways), parsed once per address."""
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return text
 
 
 def vpn_path(vpn: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nc_server.service_rules import check_vpn, prefix_path
+from nc_server.service_rules import check_sites_unique, check_vpn, prefix_path
 
 
 def vpn(*sites: tuple[str, list[str]]) -> dict[str, Any]:
@@ -79,3 +79,71 @@ def test_ten_thousand_sites_are_checked_in_one_pass():
     assert check_vpn(vpn(*sites)) == []
     sites.append(("late", ["10.39.15.128/25"]))  # inside s9999's 10.39.15.0/24
     assert rules(vpn(*sites)) == [("late", "10.39.15.128/25", "prefix-overlap")]
+
+
+def service(**vpns: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """VPNs by id, each a list of (site id, CE SP address)."""
+    return [
+        {"id": vid, "site": [{"id": site, "ce-address": ce} for site, ce in sites]}
+        for vid, sites in vpns.items()
+    ]
+
+
+def test_a_site_id_used_in_two_vpns_is_refused_at_the_second_site():
+    [dup] = check_sites_unique(
+        service(v1=[("s1", "192.0.2.1")], v2=[("s2", "192.0.2.2"), ("s1", "192.0.2.3")])
+    )
+    error = dup.rpc_error()
+    assert error.path == (
+        "/cevpn-svc:vpn-service/cevpn-svc:vpn[cevpn-svc:id='v2']"
+        "/cevpn-svc:site[cevpn-svc:id='s1']/cevpn-svc:id"
+    )
+    assert error.message == "A site identifier must be unique across all VPNs."
+    # What libyang answered for the YANG must this check replaces.
+    assert (error.tag, error.app_tag) == ("operation-failed", "must-violation")
+
+
+def test_a_ce_address_used_in_two_vpns_is_refused_at_the_second_site():
+    [dup] = check_sites_unique(service(v1=[("a", "192.0.2.1")], v2=[("b", "192.0.2.1")]))
+    error = dup.rpc_error()
+    assert error.path == (
+        "/cevpn-svc:vpn-service/cevpn-svc:vpn[cevpn-svc:id='v2']"
+        "/cevpn-svc:site[cevpn-svc:id='b']/cevpn-svc:ce-address"
+    )
+    assert "already has this CE SP address" in error.message
+    assert (error.tag, error.app_tag) == ("operation-failed", "must-violation")
+
+
+def test_an_ipv6_ce_address_is_the_same_address_however_it_is_written():
+    found = check_sites_unique(service(v1=[("a", "2001:db8::1")], v2=[("b", "2001:DB8:0::1")]))
+    assert [(d.vpn, d.site, d.leaf) for d in found] == [("v2", "b", "ce-address")]
+
+
+def test_every_duplicate_is_reported_both_kinds_at_once():
+    found = check_sites_unique(
+        service(
+            v1=[("a", "192.0.2.1"), ("b", "192.0.2.2")],
+            v2=[("a", "192.0.2.9"), ("c", "192.0.2.2")],
+            v3=[("a", "192.0.2.2")],
+        )
+    )
+    assert [(d.vpn, d.site, d.leaf) for d in found] == [
+        ("v2", "a", "id"),
+        ("v2", "c", "ce-address"),
+        ("v3", "a", "id"),
+        ("v3", "a", "ce-address"),
+    ]
+
+
+def test_distinct_sites_over_many_vpns_are_no_duplicates():
+    vpns = [
+        {
+            "id": f"v{v}",
+            "site": [
+                {"id": f"s{v * 100 + i}", "ce-address": f"10.{v}.{i // 250}.{i % 250 + 1}"}
+                for i in range(100)
+            ],
+        }
+        for v in range(100)
+    ]
+    assert check_sites_unique(vpns) == []

@@ -147,6 +147,29 @@ def test_an_edit_of_running_refuses_it_too(m):
     assert_refusal(exc.value, site_id, prefix, rule)
 
 
+@pytest.mark.parametrize(
+    ("reused", "leaf", "fragment"),
+    [
+        (site("a", 21, "10.21.0.0/24"), "id", "unique across all VPNs"),
+        (site("z", 1, "10.21.0.0/24"), "ce-address", "already has this CE SP address"),
+    ],
+    ids=["site-id", "ce-address"],
+)
+def test_a_site_reused_from_another_vpn_is_refused_at_its_leaf(m, reused, leaf, fragment):
+    before = running_vpns(m)
+    m.edit_config(target="candidate", config=config(vpn("beta", reused)))
+    with pytest.raises(RPCError) as exc:
+        m.commit()
+    assert (exc.value.tag, exc.value.app_tag) == ("operation-failed", "must-violation")
+    site_id = "a" if leaf == "id" else "z"
+    assert exc.value.path == (
+        "/cevpn-svc:vpn-service/cevpn-svc:vpn[cevpn-svc:id='beta']"
+        f"/cevpn-svc:site[cevpn-svc:id='{site_id}']/cevpn-svc:{leaf}"
+    )
+    assert fragment in exc.value.message
+    assert running_vpns(m) == before
+
+
 def key_rows(server: ServerProcess) -> int:
     db = sqlite3.connect(server.state_dir / "vpn-server.db")
     try:
