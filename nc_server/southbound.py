@@ -327,7 +327,8 @@ class Southbound:
             await watcher.rpc(create_subscription(TUNNEL_EVENTS_FILTER), RPC_TIMEOUT)
             reply = await watcher.rpc(get_state(TUNNEL_STATUS_FILTER), RPC_TIMEOUT)
         except (RpcFailed, SessionLost) as exc:
-            log.warning("CE %s: its tunnel events cannot be watched: %s", site, exc)
+            if self.links.get(site) is link and link.alive:  # not merely a link replaced
+                log.warning("CE %s: its tunnel events cannot be watched: %s", site, exc)
             return
         statuses = {
             peer.findtext(f"{{{CE_NS}}}name") or "": peer.findtext(

@@ -426,6 +426,16 @@ def tunnel_failure_alarm(count: int) -> dict[str, Any]:
         report["server_metric_cleared"] = scrape(SERVER_ADDRESS).get(server_metric)
         report["agent_up_after"] = scrape("127.0.0.1", a.ce).get(agent_metric)
         report["ping_after"] = ping(a, b)
+        after = scrape("127.0.0.1", a.ce)
+        report["agent_sa"] = {
+            f"{kind}_{direction}": after.get(
+                f"cevpn_agent_sa_{kind}_total"
+                + json.dumps({"direction": direction, "peer": "site-2"}, sort_keys=True)
+            )
+            for kind in ("bytes", "packets")
+            for direction in ("in", "out")
+        }
+        report["agent_ike_failures"] = after.get('cevpn_agent_ike_failures_total{"peer": "site-2"}')
     except Exception:
         lab.dump_logs()
         raise

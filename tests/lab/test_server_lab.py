@@ -99,3 +99,5 @@ def test_a_tunnel_failure_on_a_ce_is_an_alarm_on_the_server_until_the_tunnel_ret
     assert report["server_metric_cleared"] is None
     assert report["agent_up_after"] == 1
     assert report["ping_after"]
+    # The kernel's SA counters, per peer and direction, as the agent's metrics give them.
+    assert all(v is not None and v > 0 for v in report["agent_sa"].values()), report["agent_sa"]
