@@ -100,7 +100,10 @@ class Bench:
         server.listener = listener
         await listener.start()
         await app.started()
-        endpoint = Endpoint("127.0.0.1", port, [host_key_line(state)], "bench", key_file)
+        # The full-mesh commit at 1,000 sites compiles ~10^6 peer entries: minutes, not 30 s.
+        endpoint = Endpoint(
+            "127.0.0.1", port, [host_key_line(state)], "bench", key_file, timeout=1800.0
+        )
         oss = await asyncio.to_thread(connect, endpoint)
         ports = free_ports(self.sites + 2)
         result: dict[str, Any] = {"sites": self.sites}
