@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from nc_core.call_home import FIRST_WAIT, CallHomeDialer, CallHomeEndpoint
+from tests.waiting import next_turn
 
 A = CallHomeEndpoint("192.0.2.1", 4334)
 B = CallHomeEndpoint("192.0.2.2", 4334)
@@ -51,7 +52,7 @@ class Script:
 
     async def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
-        await asyncio.sleep(0)
+        await next_turn()
 
     async def until(self, condition) -> None:  # type: ignore[no-untyped-def]
         while not condition():
@@ -134,7 +135,7 @@ def test_the_same_endpoints_again_change_nothing() -> None:
     async def scenario(dialer: CallHomeDialer, script: Script) -> None:
         await script.until(lambda: len(script.connections) == 1)
         dialer.configure([A, B], max_wait=8)
-        await asyncio.sleep(0)
+        await next_turn()
         assert not script.connections[0].closed.is_set()
         assert dialer.connections == 1
 

@@ -7,6 +7,7 @@ import gc
 import weakref
 
 from nc_core.release import drop_later, free_later
+from tests.waiting import next_turn
 
 
 class Tree:
@@ -34,7 +35,7 @@ def test_a_tree_is_freed_after_the_current_step_not_during_it() -> None:
         tree = Tree()
         free_later(tree)
         during = tree.freed
-        await asyncio.sleep(0)
+        await next_turn()
         return during, tree.freed
 
     assert asyncio.run(step()) == (0, 1)
@@ -48,7 +49,7 @@ def test_an_object_dropped_later_lives_until_the_loops_next_turn() -> None:
         del big
         gc.collect()
         alive_during = ref() is not None
-        await asyncio.sleep(0)
+        await next_turn()
         gc.collect()
         return alive_during, ref() is not None
 

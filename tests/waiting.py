@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
 
 from lab.waiting import wait_until
 
-__all__ = ["wait_for", "wait_until"]
+__all__ = ["next_turn", "wait_for", "wait_until"]
 
 
 def wait_for(
@@ -24,3 +25,12 @@ def wait_for(
             return last
         time.sleep(step)
     raise AssertionError(f"timed out waiting for {message or what}: last {last!r}")
+
+
+async def next_turn() -> None:
+    """Until the event loop has run every callback scheduled before this call (one turn):
+    what code that defers work with ``loop.call_soon`` promises, awaited as a condition."""
+    loop = asyncio.get_running_loop()
+    turned = loop.create_future()
+    loop.call_soon(turned.set_result, None)
+    await turned
