@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -54,15 +56,23 @@ def server_log(ctl: Controller) -> str:
     return ctl.server.log_path.read_text()
 
 
+@contextmanager
+def one_dialled_one_calling(ctl: Controller, vpn: str) -> Iterator[Agent]:
+    """A VPN of two sites in sync: ``<vpn>-s1`` dialled by the server, ``<vpn>-s2`` (yielded)
+    calling home with its management port closed to new connections while this lasts."""
+    ctl.edit(vpn_xml(vpn))
+    ctl.join(vpn, f"{vpn}-s1", 1, "10.1.0.0/24")
+    s2 = enrol_call_home(ctl, vpn, f"{vpn}-s2", 2)
+    with new_connections_refused(s2.port):
+        s2.start(wait=False)
+        ctl.in_sync(f"{vpn}-s1", f"{vpn}-s2")
+        yield s2
+
+
 def test_a_ce_reachable_only_by_its_own_calls_is_provisioned(tmp_path: Path) -> None:
     ch = free_port()
     with call_home_server(tmp_path, ch) as ctl:
-        ctl.edit(vpn_xml("amber"))
-        ctl.join("amber", "amber-s1", 1, "10.1.0.0/24")
-        s2 = enrol_call_home(ctl, "amber", "amber-s2", 2)
-        with new_connections_refused(s2.port):
-            s2.start(wait=False)
-            ctl.in_sync("amber-s1", "amber-s2")
+        with one_dialled_one_calling(ctl, "amber") as s2:
             assert s2.running_ce()["peers"] == ["amber-s1"]
             assert ctl.provisioning()["amber-s2"]["called-from"] == "127.0.0.1"
             # A later change reaches it over the same call.
@@ -130,12 +140,7 @@ def test_a_ce_calls_again_after_the_server_restarts_and_gets_what_changed(
 ) -> None:
     ch = free_port()
     with call_home_server(tmp_path, ch) as ctl:
-        ctl.edit(vpn_xml("ember"))
-        ctl.join("ember", "ember-s1", 1, "10.1.0.0/24")
-        s2 = enrol_call_home(ctl, "ember", "ember-s2", 2)
-        with new_connections_refused(s2.port):
-            s2.start(wait=False)
-            ctl.in_sync("ember-s1", "ember-s2")
+        with one_dialled_one_calling(ctl, "ember") as s2:
             ctl.server.stop()
             ctl.server.start()
             ctl.join("ember", "ember-s3", 3, "10.3.0.0/24")
@@ -168,12 +173,7 @@ def test_a_change_to_a_call_home_ces_management_path_is_confirmed_over_its_next_
     that new connection confirms the change (it proves the CE still reaches the server)."""
     ch = free_port()
     with call_home_server(tmp_path, ch) as ctl:
-        ctl.edit(vpn_xml("garnet"))
-        ctl.join("garnet", "garnet-s1", 1, "10.1.0.0/24")
-        s2 = enrol_call_home(ctl, "garnet", "garnet-s2", 2)
-        with new_connections_refused(s2.port):
-            s2.start(wait=False)
-            ctl.in_sync("garnet-s1", "garnet-s2")
+        with one_dialled_one_calling(ctl, "garnet") as s2:
             calls = server_log(ctl).count("call-home CE garnet-s2 connected")
             before = s2.running_ce()["version"]
             ctl.edit(
@@ -191,12 +191,7 @@ def test_a_call_home_ce_that_cannot_call_back_rolls_the_change_back(tmp_path: Pa
     never confirmed and the CE puts its previous configuration back by itself."""
     ch = free_port()
     with call_home_server(tmp_path, ch, **{"confirm-timeout": 6}) as ctl:
-        ctl.edit(vpn_xml("henna"))
-        ctl.join("henna", "henna-s1", 1, "10.1.0.0/24")
-        s2 = enrol_call_home(ctl, "henna", "henna-s2", 2)
-        with new_connections_refused(s2.port):
-            s2.start(wait=False)
-            ctl.in_sync("henna-s1", "henna-s2")
+        with one_dialled_one_calling(ctl, "henna") as s2:
             before = s2.running_ce()["version"]
             with new_connections_refused(ch):
                 ctl.edit(
