@@ -362,8 +362,8 @@ def scrape(address: str, netns: str | None = None) -> dict[str, float]:
     }
 
 
-def server_alarms(lab: Lab) -> dict[tuple[str, str, str], str]:
-    """The server's RFC 8632 alarms: (resource, type, qualifier) -> is-cleared."""
+def server_alarms(lab: Lab) -> dict[tuple[str, str, str], tuple[str, str]]:
+    """The server's RFC 8632 alarms: (resource, type, qualifier) -> (is-cleared, text)."""
     al = "urn:ietf:params:xml:ns:yang:ietf-alarms"
     data = lab.m.get(filter=("subtree", f'<alarms xmlns="{al}"/>')).data_ele
     return {
@@ -371,7 +371,10 @@ def server_alarms(lab: Lab) -> dict[tuple[str, str, str], str]:
             alarm.findtext(f"{{{al}}}resource") or "",
             (alarm.findtext(f"{{{al}}}alarm-type-id") or "").split(":")[-1],
             alarm.findtext(f"{{{al}}}alarm-type-qualifier") or "",
-        ): alarm.findtext(f"{{{al}}}is-cleared") or ""
+        ): (
+            alarm.findtext(f"{{{al}}}is-cleared") or "",
+            alarm.findtext(f"{{{al}}}alarm-text") or "",
+        )
         for alarm in data.iter(f"{{{al}}}alarm")
     }
 
@@ -392,7 +395,7 @@ def tunnel_failure_alarm(count: int) -> dict[str, Any]:
     agent_metric = 'cevpn_agent_tunnel_up{"peer": "site-2"}'
 
     def alarm_is(cleared: str) -> bool:
-        return server_alarms(lab).get(key) == cleared
+        return server_alarms(lab).get(key, ("", ""))[0] == cleared
 
     try:
         lab.edit(
@@ -407,7 +410,7 @@ def tunnel_failure_alarm(count: int) -> dict[str, Any]:
             lab.enrol_and_start(s, "--metrics-listen", f"127.0.0.1:{METRICS_PORT}")
         report["statuses"] = lab.wait_in_sync(count)
         report["tunnels_before"] = wait_all_up(sites)
-        report["alarm_before"] = server_alarms(lab).get(key)
+        report["alarm_before"] = server_alarms(lab).get(key, (None, ""))[0]
         report["agent_up_before"] = scrape("127.0.0.1", a.ce).get(agent_metric)
 
         subprocess.run(["ip", "-n", b.ce, "link", "set", "sp0", "down"], check=True)
@@ -416,7 +419,7 @@ def tunnel_failure_alarm(count: int) -> dict[str, Any]:
         report["raised_s_from_cut"] = time.monotonic() - cut_at
         report["server_metric_raised"] = scrape(SERVER_ADDRESS).get(server_metric)
         report["agent_up_while_cut"] = scrape("127.0.0.1", a.ce).get(agent_metric)
-        report["alarm_text"] = _alarm_text(lab, key)
+        report["alarm_text"] = server_alarms(lab)[key][1]
 
         subprocess.run(["ip", "-n", b.ce, "link", "set", "sp0", "up"], check=True)
         subprocess.run(
@@ -442,15 +445,6 @@ def tunnel_failure_alarm(count: int) -> dict[str, Any]:
     finally:
         lab.close()
     return report
-
-
-def _alarm_text(lab: Lab, key: tuple[str, str, str]) -> str:
-    al = "urn:ietf:params:xml:ns:yang:ietf-alarms"
-    data = lab.m.get(filter=("subtree", f'<alarms xmlns="{al}"/>')).data_ele
-    for alarm in data.iter(f"{{{al}}}alarm"):
-        if (alarm.findtext(f"{{{al}}}alarm-type-qualifier") or "") == key[2]:
-            return alarm.findtext(f"{{{al}}}alarm-text") or ""
-    return ""
 
 
 def nat_in_front_of(s: Site) -> None:
