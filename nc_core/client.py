@@ -10,6 +10,13 @@ Two things are added to stock ncclient, both measured:
 - Host keys are always pinned: :func:`connect` takes the OpenSSH lines the
   peer may present and refuses anything else.  There is no way to connect
   without verifying.
+- SSH handshakes are taken one at a time in a process (:data:`HANDSHAKE_TURN`).
+  paramiko signs and verifies Ed25519 keys with PyNaCl, a cffi module, and
+  cffi's lazy realization of C types is not thread-safe on CPython builds with
+  a GIL (python-cffi/cffi#271): two threads handshaking at once (the agent's
+  notification listener and a fetch, at start-up) aborted the agent in CI with
+  ``realize_c_type_or_func_lock_held: Assertion ... failed``.  A handshake is
+  milliseconds; the sessions themselves run concurrently.
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ from nc_core.endpoint import Endpoint, host_key_blob
 __all__ = ["Endpoint", "PromptSSHSession", "connect", "host_key_blob"]
 
 END_DELIM = b"\n##\n"
+
+HANDSHAKE_TURN = threading.Lock()
+"""Held for an SSH handshake and authentication (where paramiko uses PyNaCl)."""
 
 
 class PromptSSHSession(transport.SSHSession):  # type: ignore[misc]
@@ -132,18 +142,19 @@ def connect(endpoint: Endpoint) -> manager.Manager:
                 f"Could not open socket to {endpoint.host}:{endpoint.port}: {exc}"
             ) from None
         try:
-            session.connect(
-                host=endpoint.host,
-                sock=sock,
-                port=endpoint.port,
-                username=endpoint.username,
-                key_filename=str(endpoint.key_file),
-                hostkey_verify=True,
-                hostkey_b64=host_key_blob(line),
-                allow_agent=False,
-                look_for_keys=False,
-                timeout=endpoint.timeout,
-            )
+            with HANDSHAKE_TURN:
+                session.connect(
+                    host=endpoint.host,
+                    sock=sock,
+                    port=endpoint.port,
+                    username=endpoint.username,
+                    key_filename=str(endpoint.key_file),
+                    hostkey_verify=True,
+                    hostkey_b64=host_key_blob(line),
+                    allow_agent=False,
+                    look_for_keys=False,
+                    timeout=endpoint.timeout,
+                )
         except (paramiko.SSHException, transport.SSHError) as exc:
             if session.transport:
                 session.close()
