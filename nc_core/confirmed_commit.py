@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from lxml import etree
 
+from nc_core import faults
 from nc_core.base_ops import checked, parameter
 from nc_core.datastore import document_bytes
 from nc_core.errors import RpcError
@@ -108,6 +109,8 @@ class ConfirmedCommit:
                 server.notifications.confirmed_commit(session, "start", timeout or DEFAULT_TIMEOUT)
                 return
             self._check_owner(pending, session, persist_id, "commit")
+            if not confirmed:
+                faults.point("confirming-commit")  # tests: a confirmation that fails
             await self._commit_candidate(session)
             if confirmed:  # a follow-up confirmed commit extends the window
                 if persist is not None:

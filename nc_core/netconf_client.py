@@ -54,6 +54,24 @@ MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 class SessionLost(Exception):
     """The session (or its SSH connection) is gone, or never came up: no reply can come."""
 
+    def __init__(self, message: str, *, reached: bool = True) -> None:
+        super().__init__(message)
+        self.reached = reached
+        """Did the peer's port accept the TCP connection?  False only for a connection that
+        never got that far (refused, no route, no answer): then the path to the peer is in
+        doubt, not just the peer."""
+
+
+class _Dialled(asyncssh.SSHClient):
+    """Notes that the TCP connection completed (asyncssh calls this before the SSH
+    handshake), so a failure after it is told apart from an unreachable port."""
+
+    def __init__(self) -> None:
+        self.reached = False
+
+    def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+        self.reached = True
+
 
 class RpcFailed(Exception):
     """The server answered with an ``<rpc-error>`` (the first one is described)."""
@@ -101,6 +119,7 @@ async def connect_ssh(
     if not endpoint.host_keys:
         raise ValueError(f"no pinned host key for {endpoint.host}: refusing to connect")
     key_path = Path(endpoint.key_file)
+    dialled = _Dialled()
     try:
         key = _client_key(str(key_path), key_path.stat().st_mtime_ns)
         conn = await asyncio.wait_for(
@@ -117,15 +136,19 @@ async def connect_ssh(
                 config=None,
                 keepalive_interval=keepalive_interval,
                 keepalive_count_max=keepalive_count_max,
+                client_factory=lambda: dialled,
             ),
             endpoint.timeout,
         )
     except TimeoutError:
         raise SessionLost(
-            f"{endpoint.host} port {endpoint.port}: no SSH session within {endpoint.timeout:g} s"
+            f"{endpoint.host} port {endpoint.port}: no SSH session within {endpoint.timeout:g} s",
+            reached=dialled.reached,
         ) from None
     except (OSError, asyncssh.Error) as exc:
-        raise SessionLost(f"{endpoint.host} port {endpoint.port}: {_reason(exc)}") from None
+        raise SessionLost(
+            f"{endpoint.host} port {endpoint.port}: {_reason(exc)}", reached=dialled.reached
+        ) from None
     return conn
 
 

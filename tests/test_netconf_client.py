@@ -8,6 +8,7 @@ the CE bounded.
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -137,6 +138,30 @@ def test_a_host_key_other_than_the_pinned_one_is_refused(setup: Setup) -> None:
             await connect_ssh(wrong)
 
     asyncio.run(run())
+
+
+def test_a_port_that_refuses_the_connection_was_not_reached(setup: Setup) -> None:
+    """The path to the peer is in doubt: a confirmation that fails so ends provisioning."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, never listening: refused
+        nowhere = Endpoint(**{**setup.endpoint.__dict__, "port": port})
+        with pytest.raises(SessionLost, match="connection refused") as lost:
+            asyncio.run(connect_ssh(nowhere))
+    assert lost.value.reached is False
+
+
+def test_a_port_that_accepts_but_never_speaks_ssh_was_reached(setup: Setup) -> None:
+    """The kernel completes the TCP handshake of a CE too busy to answer: the path works,
+    the peer is slow, and the failure says so."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)  # never accepted, never a banner
+        port = silent.getsockname()[1]
+        busy = Endpoint(**{**setup.endpoint.__dict__, "port": port, "timeout": 0.5})
+        with pytest.raises(SessionLost, match="no SSH session within") as lost:
+            asyncio.run(connect_ssh(busy))
+    assert lost.value.reached is True
 
 
 def test_an_endpoint_without_a_pinned_key_is_refused_before_connecting(setup: Setup) -> None:

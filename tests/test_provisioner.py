@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from nc_server.provisioner import CeRecord, Provisioner, retry_delay
-from nc_server.southbound import CeRefused, CeUnreachable, NotConfirmed
+from nc_server.southbound import CeRefused, CeUnreachable, ConfirmLost, NotConfirmed
 
 
 def test_retries_back_off_exponentially_up_to_the_limit() -> None:
@@ -58,6 +58,12 @@ def test_a_refused_configuration_is_not_retried() -> None:
 def test_an_unconfirmed_change_is_not_pushed_again() -> None:
     rec, _, calls = run([NotConfirmed("lost the CE")])
     assert calls == 1 and rec.status == "failed"
+
+
+def test_a_confirmation_lost_over_a_working_path_is_pushed_again() -> None:
+    rec, changes, calls = run([ConfirmLost("no reply to the confirmation"), "in-sync"])
+    assert calls == 2 and rec.status == "in-sync"
+    assert ("pending", "unreachable") in changes
 
 
 def test_work_asked_for_while_running_runs_once_more_not_in_parallel() -> None:

@@ -138,3 +138,32 @@ def test_a_persistent_commit_left_by_a_server_that_restarted_is_waited_out_not_f
             wait_for(waiting, 30, "pearl-s1 waiting for the CE's rollback")
         ctl.in_sync("pearl-s1", "pearl-s2", "pearl-s3")
         assert s1.running_ce()["peers"] == ["pearl-s2", "pearl-s3"]
+
+
+def test_a_confirmation_lost_on_a_working_management_path_is_pushed_again_not_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CE takes a new peer but answers the confirmation with an error (a busy or
+    failing CE, injected while a file exists).  The change leaves the management path alone
+    and the CE answered over it: nothing says the change is bad, so the server retries as
+    for an unreachable CE instead of calling it failed, and the CE ends with the peer."""
+    armed = tmp_path / "confirmations-fail"
+    monkeypatch.setenv("CEVPN_FAULTS", "confirming-commit=raise")
+    monkeypatch.setenv("CEVPN_FAULTS_ARMED", str(armed))
+    with controller(tmp_path, **{"confirm-timeout": 4}) as ctl:
+        mesh(ctl, "amber", 2)
+        s1 = ctl.agents["amber-s1"]
+        armed.touch()
+        ctl.join("amber", "amber-s3", 3, "10.3.0.0/24")
+
+        def retried() -> bool:
+            prov = ctl.provisioning()["amber-s1"]
+            error = prov.get("last-error", "")
+            return prov["status"] == "unreachable" and "not confirmed" in error
+
+        wait_for(retried, 60, "amber-s1's lost confirmation reported as a retry")
+        assert "is retried" in ctl.provisioning()["amber-s1"]["last-error"]
+        assert ctl.status("amber-s1") != "failed"
+        armed.unlink()
+        ctl.in_sync("amber-s1", "amber-s2", "amber-s3", timeout=90)
+        assert s1.running_ce()["peers"] == ["amber-s2", "amber-s3"]
