@@ -75,6 +75,12 @@ def describe_edit(edit: CeEdit) -> str:
     return ", ".join(parts) or "nothing (the management port only)"
 
 
+class Superseded(Exception):
+    """The CE's target changed while its push was on the way (a commit, a rekey): what the
+    push was made from is stale and is not sent.  A CE that pulls may already run the newer
+    version; a stale push would take it back, if only until the next push."""
+
+
 @dataclass(frozen=True)
 class Target:
     """What a CE should run: where it is and its compiled configuration."""
@@ -220,6 +226,10 @@ class ProvisioningJobs:
             touches_management = touches_management_path(incremental)
 
         def make(present: list[str] | None) -> etree._Element:
+            # Called just before the edit goes out, after any round trip to the CE.
+            now = self.target_of(rec)
+            if now is None or now.config.version != target.version or now.view != view:
+                raise Superseded(target.version)
             if known is None or present is not None:
                 edit = full_edit(target.config, present or [])
             else:
@@ -247,6 +257,15 @@ class ProvisioningJobs:
                 touches_management=touches_management,
                 confirm_endpoint=self.endpoint(view),
             )
+        except Superseded:
+            log.info(
+                "CE %s: version %s superseded before it was sent; pushing the newer one",
+                rec.site, target.version,
+                extra={"site": rec.site, "vpn": rec.vpn, "version": target.version,
+                       "step": "superseded"},
+            )  # fmt: skip
+            self.provisioner.want(rec.site)  # runs again once this job has ended
+            return "pending"
         except Exception:
             # We no longer know what the CE holds: resynchronise fully next time.  If a
             # commit was not confirmed the CE rolls back, so it listens where it did.
