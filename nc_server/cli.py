@@ -173,6 +173,9 @@ async def _enrol_offline(state_dir: Path, site: str, database: str | None) -> di
     app = ServiceApplication(state_dir, provisioning=False, database=database)
     server = NetconfServer(ServerOptions(state_dir=state_dir), app)
     await server.load()
+    # One turn of the loop: what loading scheduled (the controller's after-commit work,
+    # which reads the storage) runs now, not after `stopping` closed the storage.
+    await asyncio.sleep(0)
     try:
         view = app.controller.sites.get(site)
         if view is None:

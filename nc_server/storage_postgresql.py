@@ -172,7 +172,11 @@ class PostgresStorage:
                 name="cevpn-storage",
                 open=False,
             )
-            self._pool.open(wait=True, timeout=CONNECT_TIMEOUT)
+            try:
+                self._pool.open(wait=True, timeout=CONNECT_TIMEOUT)
+            except BaseException:
+                self._pool.close()
+                raise
         except StorageError:
             raise
         except Exception as exc:

@@ -64,6 +64,11 @@ def test_enrol_with_the_server_stopped_reads_the_sites_from_postgresql(
     pre_configuration = json.loads(bundle.read_text())["cevpn-ce:ce"]["pre-configuration"]
     assert pre_configuration["site-id"] == "jade-s1"
     assert not (server.state_dir / "vpn-server.db").exists()
+    unknown = cevpn_server(
+        "enrol", "--database", postgres_url, "--state-dir", str(server.state_dir), "no-such-site"
+    )  # fmt: skip
+    assert unknown.returncode == 1
+    assert unknown.stderr == "enrol: there is no site 'no-such-site' in the VPN database\n"
 
 
 def test_the_configuration_file_names_the_database_for_every_subcommand(
