@@ -36,7 +36,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote
 
 import psycopg
 from psycopg_pool import ConnectionPool
@@ -95,12 +95,6 @@ def _secrets(url: str) -> set[str]:
         if eq and unquote(name) == "password":
             found.add(value)
     with_decoded = found | {unquote(secret) for secret in found}
-    try:
-        for name, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
-            if name == "password":
-                with_decoded.add(value)
-    except ValueError:
-        pass
     return {secret for secret in with_decoded if secret}
 
 
@@ -135,8 +129,20 @@ class _RedactingFilter(logging.Filter):
 
 
 _REDACTING = _RedactingFilter()
-for _name in ("psycopg", "psycopg.pool"):
-    logging.getLogger(_name).addFilter(_REDACTING)
+
+
+def _redact_psycopg_logs(url: str) -> None:
+    """Filter ``url``'s password out of every psycopg logger.
+
+    A logger's filter sees only the records logged on that very logger, not its
+    children's, and psycopg's modules log on loggers of their own names: each
+    one present (they are made when psycopg and psycopg_pool are imported,
+    before any storage is opened) gets the filter.
+    """
+    _REDACTING.urls.add(url)
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and name.split(".")[0] in ("psycopg", "psycopg_pool"):
+            logger.addFilter(_REDACTING)
 
 
 def _connection_error(url: str, exc: BaseException) -> DatabaseUnavailable:
@@ -157,7 +163,7 @@ class PostgresStorage:
             raise StorageError(f"not a postgresql:// URL: {redact(url)}")
         self.url = url
         self.display_url = redact(url)
-        _REDACTING.urls.add(url)
+        _redact_psycopg_logs(url)
         self._local = _ThreadState()
         self._transactions = threading.Lock()
         try:

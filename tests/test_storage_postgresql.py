@@ -174,6 +174,18 @@ def test_the_password_never_appears_in_an_error_or_a_log_line(
     assert secret not in caplog.text
 
 
+@pytest.mark.parametrize("logger", ["psycopg", "psycopg.pool", "psycopg_pool.sched"])
+def test_a_psycopg_log_line_holding_the_password_shows_it_redacted(
+    postgres_url: str, logger: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = PostgresStorage(postgres_url)
+    caplog.set_level(logging.DEBUG)
+    logging.getLogger(logger).warning("error connecting to %s", postgres_url)
+    store.close()
+    assert PASSWORD not in caplog.text
+    assert "cevpn_test:***@127.0.0.1" in caplog.text
+
+
 def test_redact_hides_every_form_of_the_password() -> None:
     assert (
         redact("postgresql://u:s3cr%2Ft@h1:5432,h2:5433/db")
