@@ -18,7 +18,8 @@ Semantics kept from SQLite:
   on other connections of the pool.
 - ``scan`` is in byte order of the UTF-8 keys (the key column is
   ``COLLATE "C"``), with a prefix as an index range, never ``LIKE``.
-- Commits are durable: ``synchronous_commit`` is left on.
+- Commits are durable: ``synchronous_commit`` is on (turned on if a default
+  of the database or role turned it off).
 
 The server creates and migrates its own schema, versioned in ``cevpn_schema``,
 under an advisory lock so that servers starting together do not race; a
@@ -174,6 +175,7 @@ class PostgresStorage:
                 min_size=1,
                 max_size=pool_size,
                 kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT},
+                configure=_durable,
                 check=ConnectionPool.check_connection,
                 name="cevpn-storage",
                 open=False,
@@ -258,6 +260,18 @@ class PostgresStorage:
     def close(self) -> None:
         self._pool.close()
         _REDACTING.urls.discard(self.url)
+
+
+def _durable(conn: psycopg.Connection[Any]) -> None:
+    """Every connection commits durably, whatever the database's or role's default.
+
+    ``synchronous_commit = off`` would acknowledge a commit a crash of the database
+    then loses; ``local``, ``remote_write`` and ``remote_apply`` are left as the DBA
+    chose them (durable locally, with or without a standby).
+    """
+    row = conn.execute("SHOW synchronous_commit").fetchone()
+    if row is not None and row[0] == "off":
+        conn.execute("SET synchronous_commit = on")
 
 
 def migrate(conn: psycopg.Connection[Any], display_url: str) -> int:

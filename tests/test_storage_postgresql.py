@@ -111,6 +111,21 @@ def test_a_committed_put_survives_a_crash_of_the_database(
     again.close()
 
 
+def test_commits_are_durable_even_where_the_database_turns_synchronous_commit_off(
+    postgres_url: str,
+) -> None:
+    dbname = postgres_url.rsplit("/", 1)[1]
+    with as_owner(postgres_url) as conn:
+        conn.execute(f"ALTER DATABASE {dbname} SET synchronous_commit = off")
+    store = PostgresStorage(postgres_url)
+    with store.transaction():
+        # The transaction's own connection (no Storage call shows a setting).
+        conn = store._local.connection
+        assert conn is not None
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+    store.close()
+
+
 def test_a_storage_works_again_once_the_database_is_back_after_a_restart(
     postgres: PostgresCluster, postgres_url: str
 ) -> None:
