@@ -175,7 +175,7 @@ class SqliteDatastores:
         return self.storage.get(self.TABLE, name)
 
     def peek(self, name: str) -> bytes | None:
-        return self.read(name)  # a read changes nothing in SQLite
+        return self.read(name)  # a read changes nothing in the storage (SQLite or PostgreSQL)
 
     def write(self, name: str, data: bytes) -> None:
         self.storage.put(self.TABLE, name, data)
