@@ -1,11 +1,14 @@
 """`cevpn-server`: the SP VPN server's command line.
 
 cevpn-server --state-dir DIR [--listen HOST:PORT]       serve the VPN database and provision CEs
+             [--database postgresql://...]              ... in PostgreSQL (default: SQLite in DIR)
 cevpn-server enrol --state-dir DIR SITE [-o FILE]       a CE's pre-configuration bundle (seed 3.2)
 cevpn-server adduser --state-dir DIR NAME [--password-file F] [--key F.pub] [--group G]
 cevpn-server host-key --state-dir DIR                   the host key clients must pin
 cevpn-server validate FILE...                           check documents against the YANG
 cevpn-server customer-access NAME --vpn VPN [--user U]  the NACM rules of a customer (print)
+
+Every subcommand taking --state-dir takes --database too (docs/server.md).
 """
 
 from __future__ import annotations
@@ -20,6 +23,31 @@ from pathlib import Path
 from nc_core.cli_common import add_common_commands, build_parser, run_common_command, run_server
 from nc_core.config_file import parse_args
 from nc_core.schema import SERVICE_MODULES
+
+DATABASE_HELP = (
+    "where the VPN database lives: a postgresql:// (or postgres://) libpq URI, several "
+    "hosts allowed, or sqlite:PATH; default: SQLite in --state-dir, which keeps what is "
+    "per server (host key, local files) either way.  Prefer ~/.pgpass or PGPASSFILE to a "
+    "password in the URI (a command line is visible to every local user)"
+)
+
+
+def add_database_arguments(
+    parser: argparse.ArgumentParser,
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    """``--database`` on the server and on each subcommand taking ``--state-dir``.
+
+    On a subcommand its default is SUPPRESS: the server's value (from the command
+    line before the subcommand, or the --config file's ``database`` key) stands
+    unless the subcommand is given its own.
+    """
+    parser.add_argument("--database", metavar="URL", help=DATABASE_HELP)
+    for sub in commands.choices.values():
+        if "--state-dir" in sub._option_string_actions:
+            sub.add_argument(
+                "--database", metavar="URL", default=argparse.SUPPRESS, help=DATABASE_HELP
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,18 +79,28 @@ def main(argv: list[str] | None = None) -> int:
     customer.add_argument("name", help="the customer (group customer-NAME)")
     customer.add_argument("--vpn", action="append", required=True, help="a VPN id (repeatable)")
     customer.add_argument("--user", action="append", default=[], help="an account to add")
+    add_database_arguments(parser, commands)
     args = parse_args(parser, argv)
     if args.command == "customer-access":
         return run_customer_access(args)
+    from nc_server.storage import StorageError
 
+    try:
+        return run_command(args)
+    except StorageError as exc:  # its message never holds the database's password
+        print(f"cevpn-server: {exc}", file=sys.stderr)
+        return 1
+
+
+def run_command(args: argparse.Namespace) -> int:
     def make_app():  # type: ignore[no-untyped-def]
         if args.command == "adduser":
             from nc_server.service_datastore import ServiceDatastore
 
-            return ServiceDatastore(args.state_dir)
+            return ServiceDatastore(args.state_dir, database=args.database)
         from nc_server.northbound import ServiceApplication
 
-        return ServiceApplication(args.state_dir)
+        return ServiceApplication(args.state_dir, database=args.database)
 
     def offline_app(state_dir: Path):  # type: ignore[no-untyped-def]
         from nc_server.northbound import ServiceApplication
@@ -106,7 +144,7 @@ def run_enrol(args: argparse.Namespace) -> int:
     from nc_core.server import StateDirLocked
 
     try:
-        document = asyncio.run(_enrol_offline(args.state_dir, args.site))
+        document = asyncio.run(_enrol_offline(args.state_dir, args.site, args.database))
     except StateDirLocked:
         try:
             document = _enrol_online(args.state_dir, args.site)
@@ -127,14 +165,17 @@ def run_enrol(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _enrol_offline(state_dir: Path, site: str) -> dict[str, object]:
+async def _enrol_offline(state_dir: Path, site: str, database: str | None) -> dict[str, object]:
     from nc_core.errors import RpcError
     from nc_core.server import NetconfServer, ServerOptions
     from nc_server.northbound import ServiceApplication
 
-    app = ServiceApplication(state_dir, provisioning=False)
+    app = ServiceApplication(state_dir, provisioning=False, database=database)
     server = NetconfServer(ServerOptions(state_dir=state_dir), app)
     await server.load()
+    # One turn of the loop: what loading scheduled (the controller's after-commit work,
+    # which reads the storage) runs now, not after `stopping` closed the storage.
+    await asyncio.sleep(0)
     try:
         view = app.controller.sites.get(site)
         if view is None:

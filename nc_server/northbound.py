@@ -53,8 +53,10 @@ RPCS = (
 class ServiceApplication(ServiceDatastore):
     """The VPN database's NETCONF application: the controller behind the datastore."""
 
-    def __init__(self, state_dir: Path, *, provisioning: bool = True) -> None:
-        super().__init__(state_dir)
+    def __init__(
+        self, state_dir: Path, *, provisioning: bool = True, database: str | None = None
+    ) -> None:
+        super().__init__(state_dir, database=database)
         self.controller = Controller(self.storage, state_dir, provisioning=provisioning)
         """Everything the server knows and decides; ``provisioning`` False: it touches no
         CE (offline validation and enrolment)."""

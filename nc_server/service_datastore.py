@@ -15,7 +15,7 @@ from lxml import etree
 from nc_core.persistence import DatastorePersistence
 from nc_core.schema import SERVICE_MODULES
 from nc_core.transaction import Application
-from nc_server.storage import SqliteDatastores, SqliteStorage, Storage
+from nc_server.storage import SqliteDatastores, Storage, open_storage
 
 LISTENING_FILE = "listening"
 """Where a running server says it listens (host and port), for `cevpn-server enrol`."""
@@ -24,10 +24,12 @@ LISTENING_FILE = "listening"
 class ServiceDatastore(Application):
     modules = SERVICE_MODULES
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, *, database: str | None = None) -> None:
+        """``database``: where the VPN database lives (``--database``; see
+        nc_server.storage.open_storage), by default SQLite in ``state_dir``."""
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.state_dir = state_dir
-        self.storage: Storage = SqliteStorage.in_state_dir(state_dir)
+        self.storage: Storage = open_storage(database, state_dir)
 
     def persistence(self, state_dir: Path) -> DatastorePersistence:
         return SqliteDatastores(self.storage)

@@ -4,8 +4,9 @@ Everything the server must not lose lives here: its NETCONF datastores (the
 VPN database itself), the key material it generates, enrolment records and
 the last configuration each CE confirmed.  The interface is deliberately a
 handful of key-value operations on named tables, grouped in transactions, so
-that a PostgreSQL implementation (one table, the same five statements) can
-replace SQLite for a replicated deployment without touching any caller.
+that the PostgreSQL implementation (nc_server.storage_postgresql: one table,
+the same five statements) replaces SQLite for a replicated deployment without
+touching any caller; :func:`open_storage` picks one from ``--database``.
 
 SQLite runs in WAL mode with synchronous=FULL: a committed transaction
 survives a kill -9 or a power cut.  The database file is created 0600: it
@@ -23,6 +24,35 @@ from pathlib import Path
 from typing import Protocol
 
 DATABASE_FILE = "vpn-server.db"
+
+
+class StorageError(RuntimeError):
+    """The storage cannot be opened or used as configured; the message says why."""
+
+
+def open_storage(database: str | None, state_dir: Path) -> Storage:
+    """The storage ``--database`` names: PostgreSQL for a ``postgresql://`` (or
+    ``postgres://``) libpq URI, several hosts allowed; SQLite otherwise.
+
+    None, "" and ``sqlite:`` are the SQLite file in the state directory (the
+    default); ``sqlite:PATH`` or a bare PATH is that file, relative to the state
+    directory.  What is per server (the SSH host key, local files) stays in the
+    state directory either way.
+    """
+    if database and database.startswith(("postgresql://", "postgres://")):
+        # Imported here: psycopg is not loaded by a server that does not use it.
+        from nc_server.storage_postgresql import PostgresStorage
+
+        return PostgresStorage(database)
+    if not database:
+        return SqliteStorage.in_state_dir(state_dir)
+    if "://" in database and not database.startswith("sqlite:"):
+        scheme = database.split("://", 1)[0]
+        raise StorageError(
+            f"unsupported database {scheme}://...: give postgresql://..., sqlite:PATH or a path"
+        )
+    path = database.removeprefix("sqlite:")
+    return SqliteStorage(state_dir / path) if path else SqliteStorage.in_state_dir(state_dir)
 
 
 class Storage(Protocol):
@@ -145,7 +175,7 @@ class SqliteDatastores:
         return self.storage.get(self.TABLE, name)
 
     def peek(self, name: str) -> bytes | None:
-        return self.read(name)  # a read changes nothing in SQLite
+        return self.read(name)  # a read changes nothing in the storage (SQLite or PostgreSQL)
 
     def write(self, name: str, data: bytes) -> None:
         self.storage.put(self.TABLE, name, data)

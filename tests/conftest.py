@@ -26,3 +26,7 @@ def service_schema():
     from nc_core.schema import service_schema
 
     return service_schema()
+
+
+# A real PostgreSQL (tests/postgres.py), started only when a test asks for it.
+from tests.postgres import postgres, postgres_url  # noqa: E402, F401

@@ -55,6 +55,8 @@ class ServerProcess:
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path = field(init=False)
     host: str = "127.0.0.1"
+    database: str | None = None
+    """cevpn-server's --database (None: SQLite in the state directory)."""
 
     def __post_init__(self) -> None:
         self.log_path = self.state_dir.parent / f"{self.state_dir.name}.log"
@@ -75,6 +77,7 @@ class ServerProcess:
         key: Path | None = None,
     ) -> None:
         args = [str(BIN / self.command), "adduser", "--state-dir", str(self.state_dir), name]
+        args += self.database_args()
         if password is not None:
             pw = self.state_dir.parent / f".{name}.pw"
             pw.write_text(password + "\n")
@@ -96,6 +99,7 @@ class ServerProcess:
                 str(self.state_dir),
                 "--listen",
                 f"{self.host}:{self.port}",
+                *self.database_args(),
                 *extra,
             ],
             stdout=log,
@@ -103,6 +107,9 @@ class ServerProcess:
             start_new_session=True,
         )
         wait_listening(self.proc, self.host, self.port, self.command, self.log_path)
+
+    def database_args(self) -> list[str]:
+        return [] if self.database is None else ["--database", self.database]
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is None:

@@ -29,15 +29,24 @@ def vpn_ids(m) -> list[str]:  # type: ignore[no-untyped-def]
     return data.xpath("//s:vpn/s:id/text()", namespaces={"s": SVC})
 
 
+BOTH_BACK_ENDS = pytest.mark.parametrize("server", ["sqlite", "postgresql"], indirect=True)
+"""For the few tests that also run on PostgreSQL (the storage contract itself is
+tests/test_storage.py's: a server on each back end for every test would double their cost)."""
+
+
 @pytest.fixture
-def server(tmp_path: Path):  # type: ignore[no-untyped-def]
-    srv = ServerProcess("cevpn-server", tmp_path / "state", free_port())
+def server(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
+    database = None
+    if getattr(request, "param", "sqlite") == "postgresql":
+        database = request.getfixturevalue("postgres_url")
+    srv = ServerProcess("cevpn-server", tmp_path / "state", free_port(), database=database)
     srv.adduser(ADMIN[0], ADMIN[1], ("admin",))
     srv.start()
     yield srv
     srv.stop()
 
 
+@BOTH_BACK_ENDS
 def test_committed_configuration_survives_kill_9(server):
     with ncclient_connect(server) as m:
         m.edit_config(target="running", config=vpn("acme"))
@@ -93,6 +102,7 @@ def test_kill_9_at_random_moments_during_edits_never_loses_or_tears_a_commit(ser
         committed = sorted(present)
 
 
+@BOTH_BACK_ENDS
 def test_pending_confirmed_commit_is_rolled_back_after_kill_9(server):
     with ncclient_connect(server) as m:
         m.edit_config(target="running", config=vpn("kept"))
@@ -105,6 +115,7 @@ def test_pending_confirmed_commit_is_rolled_back_after_kill_9(server):
         assert vpn_ids(m) == ["kept"]
 
 
+@BOTH_BACK_ENDS
 def test_startup_is_saved_by_copy_config_and_used_when_running_is_lost(server):
     with ncclient_connect(server) as m:
         m.edit_config(target="running", config=vpn("saved"))
@@ -113,10 +124,10 @@ def test_startup_is_saved_by_copy_config_and_used_when_running_is_lost(server):
         startup = etree.fromstring(m.get_config("startup").data_xml.encode())
         assert startup.xpath("//s:vpn/s:id/text()", namespaces={"s": SVC}) == ["saved"]
     server.stop()
-    # The VPN server keeps its datastores in SQLite (nc_server.storage): lose running there.
-    from nc_server.storage import SqliteDatastores, SqliteStorage
+    # The VPN server keeps its datastores in its storage (nc_server.storage): lose running there.
+    from nc_server.storage import SqliteDatastores, open_storage
 
-    storage = SqliteStorage.in_state_dir(server.state_dir)
+    storage = open_storage(server.database, server.state_dir)
     SqliteDatastores(storage).delete("running")
     storage.close()
     server.start()
@@ -124,6 +135,7 @@ def test_startup_is_saved_by_copy_config_and_used_when_running_is_lost(server):
         assert vpn_ids(m) == ["saved"]
 
 
+@BOTH_BACK_ENDS
 def test_running_cannot_be_deleted_but_startup_can(server):
     with ncclient_connect(server) as m:
         with pytest.raises(RPCError) as err:
