@@ -43,6 +43,23 @@ HANDSHAKE_TURN = threading.Lock()
 """Held for an SSH handshake and authentication (where paramiko uses PyNaCl)."""
 
 
+def realize_pynacl_types() -> None:
+    """Make cffi realize every PyNaCl function type now, in the importing thread.
+
+    Defence in depth beside :data:`HANDSHAKE_TURN`, for paramiko used outside
+    :func:`connect` (ncclient directly, in tools and tests): once realized, a
+    type is only read, and reading is safe from any thread.  239 functions,
+    about 2 ms.
+    """
+    import nacl._sodium  # type: ignore[import-not-found]
+
+    for name in dir(nacl._sodium.lib):
+        getattr(nacl._sodium.lib, name)
+
+
+realize_pynacl_types()
+
+
 class PromptSSHSession(transport.SSHSession):  # type: ignore[misc]
     """ncclient's SSH session whose loop wakes on send instead of every 100 ms."""
 

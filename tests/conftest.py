@@ -13,6 +13,10 @@ if str(ROOT) not in sys.path:
 
 EXAMPLES = ROOT / "tests" / "examples"
 
+# Tests open ncclient (paramiko) sessions from several threads: PyNaCl's cffi types are
+# realized once here, in the main thread (nc_core.client.realize_pynacl_types says why).
+import nc_core.client  # noqa: E402,F401
+
 
 @pytest.fixture(scope="session")
 def ce_schema():
