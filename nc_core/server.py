@@ -794,7 +794,8 @@ class NetconfServer:
         base = self.datastores["running"].root
         async with self.shared.committing() as newer:
             if newer is not None:
-                new_root = rebase(base, new_root, self.datastores["running"].root, self.index, newer)
+                theirs = self.datastores["running"].root
+                new_root = rebase(base, new_root, theirs, self.index, newer)
             return await self._timed_change(new_root, session, reason, check_access, only)
 
     async def adopt_running(self, document: bytes) -> list[Change]:

@@ -37,8 +37,8 @@ from nc_server.service_tree import SVC_NS, q
 
 if TYPE_CHECKING:
     from nc_core.server import NetconfServer
-    from nc_server.shared_running import PostgresSharedRunning
     from nc_core.session import Session
+    from nc_server.shared_running import PostgresSharedRunning
 
 RPCS = (
     "enrol",
