@@ -551,14 +551,17 @@ class NetconfServer:
                 info=[("session-id", str(holder))],
             )
         pending = self.confirmed.pending
-        if pending is not None and (session is None or pending.session_id != session.id):
+        if pending is not None and (
+            session is None or pending.session_id != session.id or pending.server is not None
+        ):
             persist = (
                 " (persistent: confirm or cancel it with its persist-id)" if pending.persist else ""
             )
+            where = "" if pending.server is None else f" of server {pending.server}"
             raise RpcError(
                 "in-use",
-                f"Session {pending.session_id} ({pending.user}) has a confirmed commit pending"
-                f"{persist}; running cannot change until it is confirmed or rolled back.",
+                f"Session {pending.session_id}{where} ({pending.user}) has a confirmed commit "
+                f"pending{persist}; running cannot change until it is confirmed or rolled back.",
                 type="protocol",
                 info=[("session-id", str(pending.session_id))],
             )

@@ -23,13 +23,16 @@ from __future__ import annotations
 
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from lxml import etree
 
 from nc_core.errors import RpcError
 from nc_core.merge import MESSAGE_PATHS, MergeConflict, merge3
 from nc_core.schema import SchemaIndex
+
+if TYPE_CHECKING:
+    from nc_core.confirmed_commit import PendingCommit
 
 CHANGED_ELSEWHERE = "configuration-changed-elsewhere"
 """error-app-tag of a change refused because another server changed the same nodes first."""
@@ -66,6 +69,17 @@ class SharedRunning(Protocol):
 
     async def unlock(self, name: str) -> None:
         """Release this server's lock of ``name`` (unlock, or its session ended)."""
+        ...
+
+    async def refresh(self) -> None:
+        """Catch up with the other servers now (running, their pending confirmed commit);
+        the caller holds the configuration lock."""
+        ...
+
+    def confirmed_commit_armed(self, pending: PendingCommit) -> None:
+        """This server's confirmed commit is pending until ``pending.deadline``: share it, so
+        that the others refuse changes, accept its persist-id and roll it back if this
+        server dies (at once, or at the deadline for a persistent one)."""
         ...
 
 

@@ -25,6 +25,15 @@ Any server accepts operators' NETCONF sessions.  What keeps them one truth:
   on a connection of its own, so it dies with the server's process or its
   connection; a row names the holder (server, session-id) for the error other
   servers give.
+- **A pending confirmed commit** is stored: its rollback document (the datastore
+  ``confirmed-commit-rollback``) and a record (:class:`ConfirmedRecord`: server,
+  session, persist token, deadline), both written before the commit and deleted
+  in the transaction that confirms or rolls it back.  Its server holds
+  :data:`CONFIRMED_LOCK` meanwhile, so the others know whether it is alive.
+  Every other server mirrors it (``ConfirmedCommit.mirror``): its sessions'
+  changes are refused with in-use, its persist-id confirms or cancels it there,
+  and when the deadline passes, or at once for a non-persistent one whose server
+  died, the first server to notice rolls it back.
 
 A session's lock and a session-level advisory lock are both owned by a
 database session: each of the three connections here is this server's alone.
@@ -33,17 +42,20 @@ database session: each of the three connections here is this server's alone.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 
+from nc_core.confirmed_commit import BACKUP, PendingCommit
+from nc_core.datastore import free
 from nc_core.errors import RpcError
 from nc_core.shared_running import NewerRunning
 from nc_server.storage import SqliteDatastores
@@ -63,12 +75,15 @@ CHANNEL = "cevpn_running"
 TABLE = "cluster"
 """The storage table of what the servers share about running."""
 GENERATION_KEY = "running"
+CONFIRMED_KEY = "confirmed-commit"
+"""The pending confirmed commit (:class:`ConfirmedRecord` as JSON), while there is one."""
 LOCK_KEY = "lock:"
 """+ a datastore name: the holder of its lock (``server-name\\nsession-id``)."""
 
 # Session-level advisory locks ("cevpn", then 3 and 4; storage_postgresql has 1 and 2).
 COMMIT_LOCK = 0x636576706E_0003
 RUNNING_LOCK = 0x636576706E_0004
+CONFIRMED_LOCK = 0x636576706E_0005
 
 COMMIT_WAIT = 30.0
 """Seconds a commit waits for another server's commit to finish before it is refused."""
@@ -99,6 +114,25 @@ class Generation:
         return cls(int(number), by)
 
 
+@dataclass(frozen=True)
+class ConfirmedRecord:
+    """A pending confirmed commit as the servers share it."""
+
+    server: str
+    session_id: int = 0
+    user: str = ""
+    source_host: str = ""
+    persist: str | None = None
+    deadline: float | None = None
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def decode(cls, value: bytes | None) -> ConfirmedRecord | None:
+        return None if value is None else cls(**json.loads(value))
+
+
 class StaleRunning(RuntimeError):
     """Running in the database is not the one this commit was judged on: never published."""
 
@@ -112,6 +146,91 @@ class SharedDatastores(SqliteDatastores):
         self.name = name or server_name()
         self.generation: int | None = None
         """The generation this server's running is; None until running is first read."""
+        self._owner_conn: psycopg.Connection[Any] | None = None
+        self.holds_confirmed = False
+        """This server holds CONFIRMED_LOCK: the pending confirmed commit is its own."""
+
+    # -- a pending confirmed commit ------------------------------------------------------
+
+    def confirmed_record(self) -> ConfirmedRecord | None:
+        return ConfirmedRecord.decode(self.storage.get(TABLE, CONFIRMED_KEY))
+
+    def _owner(self) -> psycopg.Connection[Any]:
+        """This server's connection for CONFIRMED_LOCK (a session-level lock: it must stay)."""
+        if self._owner_conn is None or self._owner_conn.closed:
+            self._owner_conn = psycopg.connect(
+                self.postgres.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT
+            )
+            self.holds_confirmed = False
+        return self._owner_conn
+
+    def owner_alive(self) -> bool:
+        """Does some server hold CONFIRMED_LOCK (this one excepted)?"""
+        if self.holds_confirmed:
+            return True
+        conn = self._owner()
+        row = conn.execute("SELECT pg_try_advisory_lock_shared(%s)", (CONFIRMED_LOCK,)).fetchone()
+        if row is not None and row[0]:
+            conn.execute("SELECT pg_advisory_unlock_shared(%s)", (CONFIRMED_LOCK,))
+            return False
+        return True
+
+    def _take_confirmed_lock(self) -> bool:
+        if not self.holds_confirmed:
+            conn = self._owner()
+            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (CONFIRMED_LOCK,)).fetchone()
+            self.holds_confirmed = bool(row is not None and row[0])
+        return self.holds_confirmed
+
+    def release_confirmed_lock(self) -> None:
+        if self.holds_confirmed and self._owner_conn is not None:
+            try:
+                self._owner_conn.execute("SELECT pg_advisory_unlock(%s)", (CONFIRMED_LOCK,))
+            except psycopg.Error:
+                self._owner_conn.close()  # the lock goes with the session
+        self.holds_confirmed = False
+
+    def update_confirmed(self, record: ConfirmedRecord) -> None:
+        with self.storage.transaction():
+            self.storage.put(TABLE, CONFIRMED_KEY, record.encode())
+            self.postgres.notify(CHANNEL, "confirmed-commit")
+        self._take_confirmed_lock()
+
+    def _write_backup(self, data: bytes) -> None:
+        """A confirmed commit starts here: refused while another server's is pending."""
+        with self.storage.transaction():
+            record = self.confirmed_record()
+            if record is not None and record.server != self.name:
+                raise RpcError(
+                    "in-use",
+                    f"Session {record.session_id} of server {record.server} has a confirmed "
+                    "commit pending; running cannot change until it is confirmed or rolled back.",
+                    type="protocol",
+                    info=[("session-id", str(record.session_id))],
+                )
+            super().write(BACKUP, data)
+            self.storage.put(TABLE, CONFIRMED_KEY, ConfirmedRecord(self.name).encode())
+            self.postgres.notify(CHANNEL, "confirmed-commit")
+        self._take_confirmed_lock()
+
+    def _delete_backup(self) -> None:
+        with self.storage.transaction():
+            super().delete(BACKUP)
+            if self.storage.get(TABLE, CONFIRMED_KEY) is not None:
+                self.storage.delete(TABLE, CONFIRMED_KEY)
+                self.postgres.notify(CHANNEL, "confirmed-commit")
+        self.release_confirmed_lock()
+
+    def _read_backup(self) -> bytes | None:
+        """At start-up: the rollback document only if no server is left to see to it (its
+        server died, and it is not a persistent one still within its deadline)."""
+        record = self.confirmed_record()
+        if record is not None:
+            if self.owner_alive():
+                return None
+            if record.persist is not None and (record.deadline or 0) > time.time():
+                return None  # mirrored once started: confirmable, rolled back at its deadline
+        return super().read(BACKUP)
 
     def stored_generation(self) -> Generation:
         return Generation.decode(self.storage.get(TABLE, GENERATION_KEY))
@@ -122,6 +241,8 @@ class SharedDatastores(SqliteDatastores):
             return self.storage.get(self.TABLE, "running"), self.stored_generation()
 
     def read(self, name: str) -> bytes | None:
+        if name == BACKUP:
+            return self._read_backup()
         if name != "running" or self.generation is not None:
             return super().read(name)
         # The first read of running is the server loading it: its base generation.
@@ -130,11 +251,24 @@ class SharedDatastores(SqliteDatastores):
         return document
 
     def write(self, name: str, data: bytes) -> None:
+        if name == BACKUP:
+            self._write_backup(data)
+            return
         if name != "running":
             super().write(name, data)
             return
         with self.storage.transaction():
             self._store_running(data, self.stored_generation())
+
+    def delete(self, name: str) -> None:
+        if name == BACKUP:
+            self._delete_backup()
+        else:
+            super().delete(name)
+
+    def close(self) -> None:
+        if self._owner_conn is not None:
+            self._owner_conn.close()
 
     def publish(self, name: str) -> None:
         if name != "running":
@@ -182,6 +316,8 @@ class PostgresSharedRunning:
         self._lock_conn: psycopg.AsyncConnection[Any] | None = None
         self._lock_conn_use = asyncio.Lock()
         self._follower: asyncio.Task[None] | None = None
+        self._orphan: tuple[str, int] | None = None
+        """The dead server's confirmed commit whose rollback this server started."""
         self.adopted_at: float | None = None
         """time.monotonic() of the last adoption of another server's commit (tests, logs)."""
 
@@ -230,7 +366,11 @@ class PostgresSharedRunning:
             ) from None
         try:
             await self._check_running_not_locked_elsewhere(conn)
-            yield await self._catch_up_locked()
+            newer = await self._catch_up_locked()
+            operation = self._check_confirmed_commit()
+            yield newer
+            if operation in ("confirm", "rollback"):
+                self.datastores.delete(BACKUP)  # inside the commit lock: no one rolls back twice
         finally:
             try:
                 await conn.execute("SELECT pg_advisory_unlock(%s)", (COMMIT_LOCK,))
@@ -254,6 +394,89 @@ class PostgresSharedRunning:
             info=[("session-id", str(holder.session_id if holder else 0))],
         )
 
+    def _check_confirmed_commit(self) -> str | None:
+        """Refuse a change of running while another server's confirmed commit is pending, and
+        the end of one no longer pending; the confirmed-commit operation under way."""
+        operation = self.server.confirmed.operation
+        record = self.datastores.confirmed_record()
+        if operation in ("confirm", "extend", "rollback"):
+            if record is None:
+                raise RpcError(
+                    "operation-failed",
+                    "No confirmed commit is in progress any more: another server confirmed, "
+                    "cancelled or rolled it back.",
+                    type="protocol",
+                )
+        elif record is not None and record.server != self.datastores.name:
+            raise RpcError(
+                "in-use",
+                f"Session {record.session_id} of server {record.server} has a confirmed commit "
+                "pending; running cannot change until it is confirmed or rolled back.",
+                type="protocol",
+                info=[("session-id", str(record.session_id))],
+            )
+        return operation
+
+    def confirmed_commit_armed(self, pending: PendingCommit) -> None:
+        self.datastores.update_confirmed(
+            ConfirmedRecord(
+                self.datastores.name,
+                pending.session_id,
+                pending.user,
+                pending.source_host,
+                pending.persist,
+                pending.deadline,
+            )
+        )
+
+    def _sync_confirmed(self) -> None:
+        """Mirror the database's pending confirmed commit in this server's engine."""
+        confirmed = self.server.confirmed
+        record = self.datastores.confirmed_record()
+        local = confirmed.pending
+        if record is not None and record.server == self.datastores.name:
+            return  # this server's own, as the engine knows it
+        self.datastores.release_confirmed_lock()
+        if record is None:
+            if local is not None:
+                log.info("the pending confirmed commit was ended by another server")
+                confirmed.mirror(None)
+            return
+        if local is not None and local.server == record.server:
+            if local.session_id == record.session_id:
+                local.persist, local.deadline = record.persist, record.deadline
+                confirmed.mirror(local)
+                self._roll_back_orphan(record)
+                return
+        document = self.datastores.storage.get(self.datastores.TABLE, BACKUP)
+        if document is None:
+            return
+        rollback_to, tree = self.server.validator.load(document, "confirmed-commit rollback")
+        free(tree)
+        confirmed.mirror(
+            PendingCommit(
+                record.session_id,
+                record.user,
+                record.source_host,
+                record.persist,
+                rollback_to,
+                server=record.server,
+                deadline=record.deadline,
+            )
+        )
+        self._roll_back_orphan(record)
+
+    def _roll_back_orphan(self, record: ConfirmedRecord) -> None:
+        """A non-persistent confirmed commit dies with its session, so with its server."""
+        if record.persist is not None or self.datastores.owner_alive():
+            return
+        key = (record.server, record.session_id)
+        if self._orphan == key:
+            return  # its rollback is under way
+        self._orphan = key
+        log.warning("server %s died with a confirmed commit pending: rolling back", record.server)
+        self.server.confirmed.roll_back_soon("cancel")
+
     def _holder(self, name: str) -> LockHolder | None:
         return LockHolder.decode(self.datastores.storage.get(TABLE, LOCK_KEY + name))
 
@@ -264,7 +487,15 @@ class PostgresSharedRunning:
         async with self.server.config_lock:
             return await self._catch_up_locked()
 
+    async def refresh(self) -> None:
+        await self._catch_up_locked()
+
     async def _catch_up_locked(self) -> NewerRunning | None:
+        newer = await self._adopt_newer()
+        self._sync_confirmed()
+        return newer
+
+    async def _adopt_newer(self) -> NewerRunning | None:
         document, stored = self.datastores.read_running()
         ours = self.datastores.generation
         if document is None or ours is None or stored.number <= ours:
@@ -359,6 +590,7 @@ class PostgresSharedRunning:
         for conn in (self._commit_conn, self._lock_conn):
             if conn is not None and not conn.closed:
                 await conn.close()
+        self.datastores.close()
 
 
 def _described(holder: LockHolder | None) -> str:
