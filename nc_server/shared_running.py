@@ -197,21 +197,30 @@ class SharedDatastores(SqliteDatastores):
         self._take_confirmed_lock()
 
     def _write_backup(self, data: bytes) -> None:
-        """A confirmed commit starts here: refused while another server's is pending."""
-        with self.storage.transaction():
-            record = self.confirmed_record()
-            if record is not None and record.server != self.name:
-                raise RpcError(
-                    "in-use",
-                    f"Session {record.session_id} of server {record.server} has a confirmed "
-                    "commit pending; running cannot change until it is confirmed or rolled back.",
-                    type="protocol",
-                    info=[("session-id", str(record.session_id))],
-                )
-            super().write(BACKUP, data)
-            self.storage.put(TABLE, CONFIRMED_KEY, ConfirmedRecord(self.name).encode())
-            self.postgres.notify(CHANNEL, "confirmed-commit")
-        self._take_confirmed_lock()
+        """A confirmed commit starts here: refused while another server's is pending.
+
+        CONFIRMED_LOCK is taken first, so that no server ever sees the record without
+        a live owner (and rolls back a commit still being made)."""
+        record: ConfirmedRecord | None = None
+        taken = self._take_confirmed_lock()
+        try:
+            with self.storage.transaction():
+                record = self.confirmed_record()
+                if not taken or (record is not None and record.server != self.name):
+                    raise RpcError(
+                        "in-use",
+                        f"{_pending_of(record)} has a confirmed commit pending; running cannot "
+                        "change until it is confirmed or rolled back.",
+                        type="protocol",
+                        info=[("session-id", str(record.session_id if record else 0))],
+                    )
+                super().write(BACKUP, data)
+                self.storage.put(TABLE, CONFIRMED_KEY, ConfirmedRecord(self.name).encode())
+                self.postgres.notify(CHANNEL, "confirmed-commit")
+        except BaseException:
+            if taken:
+                self.release_confirmed_lock()
+            raise
 
     def _delete_backup(self) -> None:
         with self.storage.transaction():
@@ -591,6 +600,12 @@ class PostgresSharedRunning:
             if conn is not None and not conn.closed:
                 await conn.close()
         self.datastores.close()
+
+
+def _pending_of(record: ConfirmedRecord | None) -> str:
+    if record is None:
+        return "Another server"
+    return f"Session {record.session_id} of server {record.server}"
 
 
 def _described(holder: LockHolder | None) -> str:

@@ -237,3 +237,65 @@ def test_the_lock_is_released_when_its_server_is_killed(
         a.kill9()
         wait_for(lambda: locked(mb), 10, "the lock free once a died")
         assert edit_running(mb, config(vpn_xml("jade"))) is None
+
+
+def test_a_persistent_confirmed_commit_is_confirmed_from_the_other_server(
+    pair: tuple[ServerProcess, ServerProcess],
+) -> None:
+    a, b = pair
+    with ncclient_connect(a) as ma, ncclient_connect(b) as mb, ncclient_connect(a) as other:
+        ma.edit_config(target="candidate", config=config(vpn_xml("jade")))
+        ma.commit(confirmed=True, timeout="600", persist="jade-token")
+        wait_for(lambda: "jade" in customers(mb), 10, "jade on b")
+        refused = edit_running(mb, config(vpn_xml("amber")))
+        assert refused is not None and refused.tag == "in-use"
+        assert f"Session {ma.session_id} of server" in refused.message
+        mb.commit(persist_id="jade-token")
+        # a's own record of it ends too: its other sessions may change running again.
+        wait_for(lambda: edit_running(other, config(vpn_xml("amber"))) is None, 10, "a free")
+        for m in (ma, mb):
+            wait_for(lambda m=m: set(customers(m)) == {"jade", "amber"}, 10, "both kept")
+
+
+def test_a_persistent_confirmed_commit_is_cancelled_from_the_other_server(
+    pair: tuple[ServerProcess, ServerProcess],
+) -> None:
+    a, b = pair
+    with ncclient_connect(a) as ma, ncclient_connect(b) as mb:
+        ma.edit_config(target="running", config=config(vpn_xml("kept")))
+        ma.edit_config(target="candidate", config=config(vpn_xml("jade")))
+        ma.commit(confirmed=True, timeout="600", persist="jade-token")
+        wait_for(lambda: "jade" in customers(mb), 10, "jade on b")
+        mb.cancel_commit(persist_id="jade-token")
+        for m in (ma, mb):
+            wait_for(lambda m=m: set(customers(m)) == {"kept"}, 10, "rolled back everywhere")
+        assert edit_running(ma, config(vpn_xml("amber"))) is None
+
+
+def test_a_persistent_confirmed_commit_rolls_back_at_its_deadline_though_its_server_died(
+    pair: tuple[ServerProcess, ServerProcess],
+) -> None:
+    a, b = pair
+    with ncclient_connect(b) as mb:
+        ma = ncclient_connect(a)
+        ma.edit_config(target="running", config=config(vpn_xml("kept")))
+        ma.edit_config(target="candidate", config=config(vpn_xml("jade")))
+        ma.commit(confirmed=True, timeout="3", persist="jade-token")
+        wait_for(lambda: "jade" in customers(mb), 10, "jade on b")
+        a.kill9()
+        wait_for(lambda: set(customers(mb)) == {"kept"}, 15, "rolled back by b")
+        assert edit_running(mb, config(vpn_xml("amber"))) is None
+
+
+def test_a_confirmed_commit_rolls_back_when_its_server_dies(
+    pair: tuple[ServerProcess, ServerProcess],
+) -> None:
+    a, b = pair
+    with ncclient_connect(b) as mb:
+        ma = ncclient_connect(a)
+        ma.edit_config(target="running", config=config(vpn_xml("kept")))
+        ma.edit_config(target="candidate", config=config(vpn_xml("jade")))
+        ma.commit(confirmed=True, timeout="600")
+        wait_for(lambda: "jade" in customers(mb), 10, "jade on b")
+        a.kill9()
+        wait_for(lambda: set(customers(mb)) == {"kept"}, 15, "rolled back by b")
