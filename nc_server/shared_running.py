@@ -279,6 +279,11 @@ class SharedDatastores(SqliteDatastores):
         if self._owner_conn is not None:
             self._owner_conn.close()
 
+    def stage(self, name: str, data: bytes) -> None:
+        if name == "running":
+            self._check_base(self.stored_generation())  # before the application applies it
+        super().stage(name, data)
+
     def publish(self, name: str) -> None:
         if name != "running":
             super().publish(name)
@@ -286,12 +291,18 @@ class SharedDatastores(SqliteDatastores):
         data = self._staged.pop(name)
         with self.storage.transaction():
             stored = self.stored_generation()
-            if self.generation is not None and stored.number != self.generation:
-                raise StaleRunning(
-                    f"running in the database is generation {stored.number} (by "
-                    f"{stored.committed_by}), this commit was judged on {self.generation}"
-                )
+            self._check_base(stored)
             self._store_running(data, stored)
+
+    def _check_base(self, stored: Generation) -> None:
+        """The fence: under the commit lock no other server can commit, so this fails only
+        if the lock was lost (its connection broke) while the commit was being made."""
+        if self.generation is not None and stored.number != self.generation:
+            raise StaleRunning(
+                f"server {stored.committed_by} committed running (generation {stored.number}) "
+                f"while this change, made on generation {self.generation}, was being applied; "
+                "make the change again"
+            )
 
     def _store_running(self, data: bytes, stored: Generation) -> None:
         new = Generation(stored.number + 1, self.name)
