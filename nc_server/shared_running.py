@@ -42,6 +42,7 @@ database session: each of the three connections here is this server's alone.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -91,9 +92,14 @@ POLL = 2.0
 """Seconds between checks of the database when no notification comes."""
 
 
+_instances = itertools.count(1)
+
+
 def server_name() -> str:
-    """How a server names itself to the others (messages, changed-by in logs)."""
-    return f"{socket.gethostname()} (pid {os.getpid()})"
+    """How a server names itself to the others (messages, logs); unique, as it also tells
+    a server's own records from the others' (a second one in a process: tests)."""
+    n = next(_instances)
+    return f"{socket.gethostname()} (pid {os.getpid()}{'' if n == 1 else f' #{n}'})"
 
 
 @dataclass(frozen=True)

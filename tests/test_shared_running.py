@@ -299,3 +299,56 @@ def test_a_confirmed_commit_rolls_back_when_its_server_dies(
         wait_for(lambda: "jade" in customers(mb), 10, "jade on b")
         a.kill9()
         wait_for(lambda: set(customers(mb)) == {"kept"}, 15, "rolled back by b")
+
+
+@pytest.fixture
+def unfollowing(tmp_path: Path, postgres_url: str) -> Iterator[tuple[Any, Any]]:
+    """Two servers in this process on one database, neither following the other: each
+    learns of the other's commits only when it commits itself (deterministic races)."""
+    from nc_server.northbound import ServiceApplication
+    from tests.in_process import InProcessServer
+
+    servers = []
+    try:
+        for name in ("a", "b"):
+            app = ServiceApplication(tmp_path / name, provisioning=False, database=postgres_url)
+            servers.append(InProcessServer(tmp_path / name, app))
+        yield servers[0], servers[1]
+    finally:
+        for server in servers:
+            server.close()
+            server.app.storage.close()
+
+
+def test_a_commit_on_a_running_changed_elsewhere_at_the_same_node_is_refused(
+    unfollowing: tuple[Any, Any],
+) -> None:
+    a, b = unfollowing
+    with a.connect() as ma, b.connect() as mb:
+        ma.edit_config(target="running", config=config(vpn_xml("jade")))
+        mb.edit_config(target="running", config=config(vpn_xml("beryl")))  # b adopts jade first
+        mb.edit_config(target="candidate", config=customer_of("jade", "from-b"))
+        ma.edit_config(target="running", config=customer_of("jade", "from-a"))
+        refused = commit(mb)
+        assert refused is not None and refused.tag == "operation-failed"
+        assert refused.app_tag == "configuration-changed-elsewhere"
+        assert (
+            "generation 5" in refused.message
+        )  # adduser on a, on b, jade, beryl, from-a and "discard-changes" in refused.message
+        assert customers(mb) == {"jade": "from-a", "beryl": "acme"}  # a's, adopted; b's not
+        mb.discard_changes()
+        assert commit(mb) is None
+        assert customers(ma) == customers(mb)
+
+
+def test_a_commit_on_a_running_changed_elsewhere_at_other_nodes_is_redone_on_it(
+    unfollowing: tuple[Any, Any],
+) -> None:
+    a, b = unfollowing
+    with a.connect() as ma, b.connect() as mb:
+        mb.edit_config(target="candidate", config=config(vpn_xml("beryl")))
+        ma.edit_config(target="running", config=config(vpn_xml("amber")))
+        assert commit(mb) is None
+        assert customers(mb) == {"amber": "acme", "beryl": "acme"}
+        ma.edit_config(target="running", config=customer_of("amber", "later"))  # a's turn
+        assert customers(ma) == {"amber": "later", "beryl": "acme"}
