@@ -175,8 +175,7 @@ class ConfirmedCommit:
             raise RpcError(
                 "in-use",
                 f"Session {pending.session_id}{_of(pending)} has a confirmed commit in progress; "
-                "only it can "
-                f"{'confirm' if what == 'commit' else 'cancel'} it.",
+                f"only it can {'confirm' if what == 'commit' else 'cancel'} it.",
                 type="protocol",
                 info=[("session-id", str(pending.session_id))],
             )

@@ -225,9 +225,10 @@ class NetconfServer:
         self._next_session_id = 1
         self.config_lock = asyncio.Lock()
         self.shared: SharedRunning | None = None
-        self._background: set[asyncio.Task[None]] = set()
         """Set by an application whose running is shared with other servers (one database):
-        commits and the running lock then hold for all of them (nc_core.shared_running)."""
+        commits, the running lock and confirmed commits then hold for all of them
+        (nc_core.shared_running)."""
+        self._background: set[asyncio.Task[None]] = set()
         self.filters = FilterRunner(workers=options.filter_workers, budget=options.filter_budget)
         self.nacm = Nacm(self.index, options.recovery_user)
         self.users: dict[str, User] = {}

@@ -16,7 +16,11 @@ database that is:
   same nodes;
 - another server's commit reaches this one without a commit of its own (the
   coordinator calls ``adopt_running`` when the database tells it);
-- the running datastore's ``<lock>`` holds on every server (:meth:`SharedRunning.lock`).
+- the running datastore's ``<lock>`` holds on every server (:meth:`SharedRunning.lock`);
+- a pending confirmed commit holds on every server: the coordinator shares this
+  server's (:meth:`SharedRunning.confirmed_commit_armed`) and mirrors another's in
+  ``ConfirmedCommit.mirror``, so that changes are refused everywhere, its persist-id
+  works everywhere, and it is rolled back even if its server died.
 """
 
 from __future__ import annotations
