@@ -449,14 +449,30 @@ async def lock(ctx: RpcContext, op: etree._Element) -> None:
             type="protocol",
             info=[("session-id", "0")],
         )
-    pending = server.confirmed.pending_session()
-    if target == "running" and pending is not None and pending != session.id:
+    pending = server.confirmed.pending
+    if (
+        target == "running"
+        and pending is not None
+        and (pending.session_id != session.id or pending.server is not None)
+    ):
+        where = "" if pending.server is None else f" of server {pending.server}"
         raise RpcError(
             "lock-denied",
-            f"Session {pending} has a confirmed commit in progress (RFC 6241 7.5).",
+            f"Session {pending.session_id}{where} has a confirmed commit in progress "
+            "(RFC 6241 7.5).",
             type="protocol",
-            info=[("session-id", str(pending))],
+            info=[("session-id", str(pending.session_id))],
         )
+    if server.shared is not None and target == "running":
+        await server.shared.lock(target, session.id)  # lock-denied: another server's session has it
+        if server.locks.get(target) is not None:  # a session of ours took it meanwhile
+            await server.shared.unlock(target)
+            raise RpcError(
+                "lock-denied",
+                f"The {target} datastore is already locked by session {server.locks[target]}.",
+                type="protocol",
+                info=[("session-id", str(server.locks[target]))],
+            )
     server.locks[target] = session.id
     server.lock_times[target] = datetime.now(UTC)
 
@@ -475,6 +491,8 @@ async def unlock(ctx: RpcContext, op: etree._Element) -> None:
         )
     del server.locks[target]
     server.lock_times.pop(target, None)
+    if server.shared is not None and target == "running":
+        await server.shared.unlock(target)
 
 
 # -- close-session, kill-session (7.8, 7.9) --------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from copy import deepcopy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -49,6 +50,12 @@ class PendingCommit:
     persist: str | None
     rollback_to: etree._Element
     timer: asyncio.TimerHandle | None = None
+    server: str | None = None
+    """The server sharing running (nc_core.shared_running) whose session made it; None: this
+    one.  Another server's pending commit is mirrored here so that RFC 6241 holds across
+    servers: changes are refused, and its persist-id confirms or cancels it."""
+    deadline: float | None = None
+    """When it rolls back (time.time())."""
 
 
 class ConfirmedCommit:
@@ -57,6 +64,9 @@ class ConfirmedCommit:
         self.pending: PendingCommit | None = None
         self.store = server.persistence
         self._tasks: set[asyncio.Task[None]] = set()
+        self.operation: str | None = None
+        """"confirm", "extend" or "rollback" while such a change of running is made: a
+        coordinator of servers sharing running tells it from any other change."""
 
     def pending_session(self) -> int | None:
         return self.pending.session_id if self.pending is not None else None
@@ -111,10 +121,15 @@ class ConfirmedCommit:
             self._check_owner(pending, session, persist_id, "commit")
             if not confirmed:
                 faults.point("confirming-commit")  # tests: a confirmation that fails
-            await self._commit_candidate(session)
+            self.operation = "extend" if confirmed else "confirm"
+            try:
+                await self._commit_candidate(session)
+            finally:
+                self.operation = None
             if confirmed:  # a follow-up confirmed commit extends the window
                 if persist is not None:
                     pending.persist = persist
+                pending.server = None  # made here: this server keeps it now
                 self._arm(timeout or DEFAULT_TIMEOUT)
                 server.notifications.confirmed_commit(session, "extend", timeout or DEFAULT_TIMEOUT)
             else:
@@ -156,11 +171,11 @@ class ConfirmedCommit:
                 type="protocol",
                 info=[("bad-element", "persist-id")],
             )
-        elif pending.session_id != session.id:
+        elif pending.session_id != session.id or pending.server is not None:
             raise RpcError(
                 "in-use",
-                f"Session {pending.session_id} has a confirmed commit in progress; only it can "
-                f"{'confirm' if what == 'commit' else 'cancel'} it.",
+                f"Session {pending.session_id}{_of(pending)} has a confirmed commit in progress; "
+                f"only it can {'confirm' if what == 'commit' else 'cancel'} it.",
                 type="protocol",
                 info=[("session-id", str(pending.session_id))],
             )
@@ -191,6 +206,32 @@ class ConfirmedCommit:
             self.pending.timer.cancel()
         loop = asyncio.get_running_loop()
         self.pending.timer = loop.call_later(timeout, self._spawn_rollback, "timeout")
+        self.pending.deadline = time.time() + timeout
+        if self.server.shared is not None:
+            self.server.shared.confirmed_commit_armed(self.pending)
+
+    def mirror(self, pending: PendingCommit | None, *, grace: float = 1.0) -> None:
+        """Another server's pending commit (None: none any more, this server's included, which
+        another server confirmed or cancelled), as its coordinator sees it in the database.
+
+        Its rollback is armed at its deadline plus ``grace``: the server that made it
+        normally rolls it back first, and if that server died, this one does."""
+        current = self.pending
+        if current is not None and current is not pending and current.timer is not None:
+            current.timer.cancel()
+        self.pending = pending
+        if pending is not None and pending.deadline is not None:
+            if pending.timer is not None:
+                pending.timer.cancel()
+            wait = max(pending.deadline - time.time(), 0.0) + grace
+            pending.timer = asyncio.get_running_loop().call_later(
+                wait, self._spawn_rollback, "timeout"
+            )
+
+    def roll_back_soon(self, reason: str) -> None:
+        """Roll the pending commit back as soon as the configuration lock is free (a
+        coordinator of servers sharing running: the server that made it died)."""
+        self._spawn_rollback(reason)
 
     def _spawn_rollback(self, reason: str) -> None:
         task = asyncio.get_running_loop().create_task(self._locked_rollback(reason))
@@ -199,6 +240,8 @@ class ConfirmedCommit:
 
     async def _locked_rollback(self, reason: str) -> None:
         async with self.server.config_lock:
+            if self.server.shared is not None:
+                await self.server.shared.refresh()  # another server may have ended it
             if self.pending is not None:
                 await self._rollback(reason, None)
 
@@ -206,6 +249,7 @@ class ConfirmedCommit:
         pending = self.pending
         assert pending is not None
         log.warning("confirmed commit of session %d rolled back (%s)", pending.session_id, reason)
+        self.operation = "rollback"
         try:
             await self.server.change_running(
                 deepcopy(pending.rollback_to), None, reason="rollback", check_access=False
@@ -213,6 +257,8 @@ class ConfirmedCommit:
         except Exception:
             log.exception("rollback of a confirmed commit failed; keeping the rollback file")
             raise
+        finally:
+            self.operation = None
         self.server.reset_candidate()
         self._finish()
         self.server.notifications.confirmed_commit(session, reason, None, pending=pending)
@@ -226,7 +272,12 @@ class ConfirmedCommit:
     def session_ended(self, session: Session) -> None:
         """RFC 6241 8.4.1: a non-persistent confirmed commit dies with its session."""
         pending = self.pending
-        if pending is not None and pending.persist is None and pending.session_id == session.id:
+        if (
+            pending is not None
+            and pending.persist is None
+            and pending.server is None
+            and pending.session_id == session.id
+        ):
             self._spawn_rollback("cancel")
 
     def recover_after_restart(self) -> None:
@@ -241,6 +292,10 @@ class ConfirmedCommit:
     def shutdown(self) -> None:
         if self.pending is not None and self.pending.timer is not None:
             self.pending.timer.cancel()
+
+
+def _of(pending: PendingCommit) -> str:
+    return "" if pending.server is None else f" of server {pending.server}"
 
 
 def _text(op: etree._Element, name: str) -> str | None:

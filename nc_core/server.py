@@ -59,6 +59,7 @@ from nc_core.with_defaults import (
 from nc_core.xmlutil import NACM_NS, NC_NS, SYS_NS, default_ns_element, local, namespace, qn
 
 if TYPE_CHECKING:
+    from nc_core.shared_running import SharedRunning
     from nc_core.transport_ssh import Listener
 
 log = logging.getLogger("cevpn.netconf")
@@ -223,6 +224,11 @@ class NetconfServer:
         self.sessions: dict[int, Session] = {}
         self._next_session_id = 1
         self.config_lock = asyncio.Lock()
+        self.shared: SharedRunning | None = None
+        """Set by an application whose running is shared with other servers (one database):
+        commits, the running lock and confirmed commits then hold for all of them
+        (nc_core.shared_running)."""
+        self._background: set[asyncio.Task[None]] = set()
         self.filters = FilterRunner(workers=options.filter_workers, budget=options.filter_budget)
         self.nacm = Nacm(self.index, options.recovery_user)
         self.users: dict[str, User] = {}
@@ -385,6 +391,8 @@ class NetconfServer:
         for name, holder in list(self.locks.items()):
             if holder == session.id:
                 del self.locks[name]
+                if self.shared is not None and name == "running":
+                    self.shared_unlock(name)
                 if name == "candidate":  # RFC 6241 8.3.5.2: changes of a dead lock holder go
                     self.reset_candidate()
         self.confirmed.session_ended(session)
@@ -544,19 +552,31 @@ class NetconfServer:
                 info=[("session-id", str(holder))],
             )
         pending = self.confirmed.pending
-        if pending is not None and (session is None or pending.session_id != session.id):
+        if pending is not None and (
+            session is None or pending.session_id != session.id or pending.server is not None
+        ):
             persist = (
                 " (persistent: confirm or cancel it with its persist-id)" if pending.persist else ""
             )
+            where = "" if pending.server is None else f" of server {pending.server}"
             raise RpcError(
                 "in-use",
-                f"Session {pending.session_id} ({pending.user}) has a confirmed commit pending"
-                f"{persist}; running cannot change until it is confirmed or rolled back.",
+                f"Session {pending.session_id}{where} ({pending.user}) has a confirmed commit "
+                f"pending{persist}; running cannot change until it is confirmed or rolled back.",
                 type="protocol",
                 info=[("session-id", str(pending.session_id))],
             )
 
     # -- locks ---------------------------------------------------------------------
+
+    def shared_unlock(self, name: str) -> None:
+        """Release this server's lock of ``name`` for the other servers too, in the background
+        (a session ending cannot wait for the database)."""
+        if self.shared is None:
+            return
+        task = asyncio.get_running_loop().create_task(self.shared.unlock(name))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def check_not_locked(self, name: str, session: Session) -> None:
         holder = self.locks.get(name)
@@ -766,12 +786,54 @@ class NetconfServer:
         only: set[str] | None = None,
     ) -> list[Change]:
         """The engine's own primitive behind every change of running (see
-        :meth:`_change_running`), counted and timed for the metrics by ``reason``."""
+        :meth:`_change_running`), counted and timed for the metrics by ``reason``.
+
+        With running shared by other servers (:attr:`shared`), the commit is
+        serialised against theirs and redone onto a newer running one of them
+        committed meanwhile, or refused (nc_core.shared_running)."""
+        if self.shared is None:
+            return await self._timed_change(new_root, session, reason, check_access, only)
+        from nc_core.shared_running import rebase
+
+        base = self.datastores["running"].root
+        async with self.shared.committing() as newer:
+            if newer is not None:
+                theirs = self.datastores["running"].root
+                new_root = rebase(base, new_root, theirs, self.index, newer)
+            return await self._timed_change(new_root, session, reason, check_access, only)
+
+    async def adopt_running(self, document: bytes) -> list[Change]:
+        """Another server sharing running committed ``document``: make it this server's
+        running through the same path as a commit (validation, the application's
+        phases, notifications to subscribers, changed-by the server), without
+        persisting it (it is stored already).  The caller holds config_lock.
+
+        A candidate nobody changed follows running; a changed one stays, and its
+        commit is judged against the running it was taken from (RFC 6241 8.3)."""
+        root, tree = self.validator.load(document, "running of another server")
+        free(tree)
+        return await self._timed_change(root, None, "replicated", False, None, persist=False)
+
+    async def _timed_change(
+        self,
+        new_root: etree._Element,
+        session: Session | None,
+        reason: str,
+        check_access: bool,
+        only: set[str] | None,
+        *,
+        persist: bool = True,
+    ) -> list[Change]:
         started = time.perf_counter()
         outcome = "failed"
         try:
             changes = await self._change_running(
-                new_root, session, reason=reason, check_access=check_access, only=only
+                new_root,
+                session,
+                reason=reason,
+                check_access=check_access,
+                only=only,
+                persist=persist,
             )
             outcome = "ok" if changes else "unchanged"
             return changes
@@ -786,6 +848,7 @@ class NetconfServer:
         reason: str,
         check_access: bool,
         only: set[str] | None,
+        persist: bool = True,
     ) -> list[Change]:
         """The engine's own primitive behind every change of running; the caller holds
         config_lock and has checked locks and confirmed commits (applications use
@@ -828,10 +891,12 @@ class NetconfServer:
             free(new_tree)
             raise
         try:
-            self.persistence.stage("running", document_bytes(canonical))
+            if persist:
+                self.persistence.stage("running", document_bytes(canonical))
             await self.app.apply(txn)
         except BaseException as exc:
-            self.persistence.discard("running")
+            if persist:
+                self.persistence.discard("running")
             try:
                 await self.app.abort(txn)
             finally:
@@ -845,7 +910,8 @@ class NetconfServer:
                     f"The change could not be applied and was rolled back: {exc}",
                 ) from exc
             raise
-        self.persistence.publish("running")
+        if persist:
+            self.persistence.publish("running")
         # The configuration replaced is let go of after the reply (nc_core.release).
         drop_later(running.root)
         free_later(running.tree)

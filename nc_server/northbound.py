@@ -38,6 +38,7 @@ from nc_server.service_tree import SVC_NS, q
 if TYPE_CHECKING:
     from nc_core.server import NetconfServer
     from nc_core.session import Session
+    from nc_server.shared_running import PostgresSharedRunning
 
 RPCS = (
     "enrol",
@@ -67,6 +68,15 @@ class ServiceApplication(ServiceDatastore):
     def attach(self, server: NetconfServer) -> None:
         super().attach(server)
         self.controller.engine = self
+        self.shared: PostgresSharedRunning | None = None
+        datastores = getattr(self, "datastores", None)
+        if type(datastores).__name__ == "SharedDatastores":
+            # One running for every server on the PostgreSQL database (seed 2.3).
+            from nc_server.shared_running import PostgresSharedRunning, SharedDatastores
+
+            assert isinstance(datastores, SharedDatastores)
+            self.shared = PostgresSharedRunning(server, datastores)
+            server.shared = self.shared
         if server.metrics.enabled:
             from nc_server import metrics
 
@@ -155,10 +165,14 @@ class ServiceApplication(ServiceDatastore):
             (self.state_dir / LISTENING_FILE).write_text(f"{listener.host} {listener.port}\n")
         self.controller.start()
         self.check_certificates()
+        if self.shared is not None:
+            await self.shared.start()
 
     async def stopping(self) -> None:
         if self._certificate_timer is not None:
             self._certificate_timer.cancel()
+        if self.shared is not None:
+            await self.shared.stop()
         await self.controller.stop()
         (self.state_dir / LISTENING_FILE).unlink(missing_ok=True)
         self.storage.close()

@@ -32,7 +32,16 @@ class ServiceDatastore(Application):
         self.storage: Storage = open_storage(database, state_dir)
 
     def persistence(self, state_dir: Path) -> DatastorePersistence:
-        return SqliteDatastores(self.storage)
+        if type(self.storage).__name__ == "PostgresStorage":
+            # Running is shared with every server on the database (nc_server.shared_running).
+            from nc_server.shared_running import SharedDatastores
+            from nc_server.storage_postgresql import PostgresStorage
+
+            assert isinstance(self.storage, PostgresStorage)
+            self.datastores: SqliteDatastores = SharedDatastores(self.storage)
+        else:
+            self.datastores = SqliteDatastores(self.storage)
+        return self.datastores
 
     def state_dir_taken(self) -> None:
         # `listening` tells `cevpn-server enrol` where the running server is; one left by a

@@ -239,6 +239,13 @@ class PostgresStorage:
                 ).fetchall()
         return [(str(k), bytes(v)) for k, v in rows]
 
+    def notify(self, channel: str, payload: str) -> None:
+        """NOTIFY ``channel`` when this thread's transaction commits (never if it rolls
+        back): what other servers LISTEN on to follow a commit (nc_server.shared_running)."""
+        with self.transaction():
+            assert self._local.connection is not None
+            self._local.connection.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+
     @contextmanager
     def transaction(self) -> Iterator[None]:
         state = self._local

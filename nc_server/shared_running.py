@@ -1,0 +1,631 @@
+"""Several VPN servers on one PostgreSQL database: one running configuration for all.
+
+Any server accepts operators' NETCONF sessions.  What keeps them one truth:
+
+- **A generation number** of running, stored in the same transaction as the
+  document (table ``cluster``, key ``running``: the number and the server that
+  committed it).  Each server knows the generation its own running is.
+- **Commits serialised through the database.**  A commit of running (edit-config,
+  commit, copy-config, a confirmed commit's rollback, the server's own enrol and
+  remove-site: everything that goes through ``NetconfServer.change_running``)
+  holds a session-level advisory lock (:data:`COMMIT_LOCK`) on a connection of
+  its own from before it is validated until it is published.  Inside it, a
+  database generation newer than this server's means another server committed
+  meanwhile: that commit is adopted first, then this change is redone on top of
+  it if the two are disjoint or refused (configuration-changed-elsewhere) if not
+  (nc_core.shared_running).  Publishing checks the generation again in its
+  transaction (a fence: it cannot differ while the commit lock is held) and
+  NOTIFYs the new one.
+- **Followers.**  Each server LISTENs on :data:`CHANNEL` and adopts the newer
+  running through the same application path a local commit takes (the
+  controller compiles, subscribers get netconf-config-change with changed-by
+  server); it also polls every :data:`POLL` seconds, which catches up after a
+  lost connection or notification and notices a dead listening connection.
+- **The running lock** is a session-level advisory lock (:data:`RUNNING_LOCK`)
+  on a connection of its own, so it dies with the server's process or its
+  connection; a row names the holder (server, session-id) for the error other
+  servers give.
+- **A pending confirmed commit** is stored: its rollback document (the datastore
+  ``confirmed-commit-rollback``) and a record (:class:`ConfirmedRecord`: server,
+  session, persist token, deadline), both written before the commit and deleted
+  in the transaction that confirms or rolls it back.  Its server holds
+  :data:`CONFIRMED_LOCK` meanwhile, so the others know whether it is alive.
+  Every other server mirrors it (``ConfirmedCommit.mirror``): its sessions'
+  changes are refused with in-use, its persist-id confirms or cancels it there,
+  and when the deadline passes, or at once for a non-persistent one whose server
+  died, the first server to notice rolls it back.
+
+A session's lock and a session-level advisory lock are both owned by a
+database session: each of the three connections here is this server's alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from nc_core.confirmed_commit import BACKUP, PendingCommit
+from nc_core.datastore import free
+from nc_core.errors import RpcError
+from nc_core.shared_running import NewerRunning
+from nc_server.storage import SqliteDatastores
+from nc_server.storage_postgresql import (
+    CONNECT_TIMEOUT,
+    PostgresStorage,
+    redact_text,
+)
+
+if TYPE_CHECKING:
+    from nc_core.server import NetconfServer
+
+log = logging.getLogger("cevpn.shared")
+
+CHANNEL = "cevpn_running"
+"""NOTIFY channel: the payload is the generation just committed."""
+TABLE = "cluster"
+"""The storage table of what the servers share about running."""
+GENERATION_KEY = "running"
+CONFIRMED_KEY = "confirmed-commit"
+"""The pending confirmed commit (:class:`ConfirmedRecord` as JSON), while there is one."""
+LOCK_KEY = "lock:"
+"""+ a datastore name: the holder of its lock (``server-name\\nsession-id``)."""
+
+# Session-level advisory locks ("cevpn", then 3 and 4; storage_postgresql has 1 and 2).
+COMMIT_LOCK = 0x636576706E_0003
+RUNNING_LOCK = 0x636576706E_0004
+CONFIRMED_LOCK = 0x636576706E_0005
+
+COMMIT_WAIT = 30.0
+"""Seconds a commit waits for another server's commit to finish before it is refused."""
+POLL = 2.0
+"""Seconds between checks of the database when no notification comes."""
+
+
+_instances = itertools.count(1)
+
+
+def server_name() -> str:
+    """How a server names itself to the others (messages, logs); unique, as it also tells
+    a server's own records from the others' (a second one in a process: tests)."""
+    n = next(_instances)
+    return f"{socket.gethostname()} (pid {os.getpid()}{'' if n == 1 else f' #{n}'})"
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Which commit of running the database holds, and who made it."""
+
+    number: int
+    committed_by: str
+
+    def encode(self) -> bytes:
+        return f"{self.number}\n{self.committed_by}".encode()
+
+    @classmethod
+    def decode(cls, value: bytes | None) -> Generation:
+        if value is None:
+            return cls(0, "")
+        number, _, by = value.decode().partition("\n")
+        return cls(int(number), by)
+
+
+@dataclass(frozen=True)
+class ConfirmedRecord:
+    """A pending confirmed commit as the servers share it."""
+
+    server: str
+    session_id: int = 0
+    user: str = ""
+    source_host: str = ""
+    persist: str | None = None
+    deadline: float | None = None
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def decode(cls, value: bytes | None) -> ConfirmedRecord | None:
+        return None if value is None else cls(**json.loads(value))
+
+
+class StaleRunning(RuntimeError):
+    """Running in the database is not the one this commit was judged on: never published."""
+
+
+class SharedDatastores(SqliteDatastores):
+    """The datastores on PostgreSQL, running with its generation (see the module)."""
+
+    def __init__(self, storage: PostgresStorage, name: str | None = None) -> None:
+        super().__init__(storage)
+        self.postgres = storage
+        self.name = name or server_name()
+        self.generation: int | None = None
+        """The generation this server's running is; None until running is first read."""
+        self._owner_conn: psycopg.Connection[Any] | None = None
+        self.holds_confirmed = False
+        """This server holds CONFIRMED_LOCK: the pending confirmed commit is its own."""
+
+    # -- a pending confirmed commit ------------------------------------------------------
+
+    def confirmed_record(self) -> ConfirmedRecord | None:
+        return ConfirmedRecord.decode(self.storage.get(TABLE, CONFIRMED_KEY))
+
+    def _owner(self) -> psycopg.Connection[Any]:
+        """This server's connection for CONFIRMED_LOCK (a session-level lock: it must stay)."""
+        if self._owner_conn is None or self._owner_conn.closed:
+            self._owner_conn = psycopg.connect(
+                self.postgres.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT
+            )
+            self.holds_confirmed = False
+        return self._owner_conn
+
+    def owner_alive(self) -> bool:
+        """Does some server hold CONFIRMED_LOCK (this one excepted)?"""
+        if self.holds_confirmed:
+            return True
+        conn = self._owner()
+        row = conn.execute("SELECT pg_try_advisory_lock_shared(%s)", (CONFIRMED_LOCK,)).fetchone()
+        if row is not None and row[0]:
+            conn.execute("SELECT pg_advisory_unlock_shared(%s)", (CONFIRMED_LOCK,))
+            return False
+        return True
+
+    def _take_confirmed_lock(self) -> bool:
+        if not self.holds_confirmed:
+            conn = self._owner()
+            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (CONFIRMED_LOCK,)).fetchone()
+            self.holds_confirmed = bool(row is not None and row[0])
+        return self.holds_confirmed
+
+    def release_confirmed_lock(self) -> None:
+        if self.holds_confirmed and self._owner_conn is not None:
+            try:
+                self._owner_conn.execute("SELECT pg_advisory_unlock(%s)", (CONFIRMED_LOCK,))
+            except psycopg.Error:
+                self._owner_conn.close()  # the lock goes with the session
+        self.holds_confirmed = False
+
+    def update_confirmed(self, record: ConfirmedRecord) -> None:
+        with self.storage.transaction():
+            self.storage.put(TABLE, CONFIRMED_KEY, record.encode())
+            self.postgres.notify(CHANNEL, "confirmed-commit")
+        self._take_confirmed_lock()
+
+    def _write_backup(self, data: bytes) -> None:
+        """A confirmed commit starts here: refused while another server's is pending.
+
+        CONFIRMED_LOCK is taken first, so that no server ever sees the record without
+        a live owner (and rolls back a commit still being made)."""
+        record: ConfirmedRecord | None = None
+        taken = self._take_confirmed_lock()
+        try:
+            with self.storage.transaction():
+                record = self.confirmed_record()
+                if not taken or (record is not None and record.server != self.name):
+                    raise RpcError(
+                        "in-use",
+                        f"{_pending_of(record)} has a confirmed commit pending; running cannot "
+                        "change until it is confirmed or rolled back.",
+                        type="protocol",
+                        info=[("session-id", str(record.session_id if record else 0))],
+                    )
+                super().write(BACKUP, data)
+                self.storage.put(TABLE, CONFIRMED_KEY, ConfirmedRecord(self.name).encode())
+                self.postgres.notify(CHANNEL, "confirmed-commit")
+        except BaseException:
+            if taken:
+                self.release_confirmed_lock()
+            raise
+
+    def _delete_backup(self) -> None:
+        with self.storage.transaction():
+            super().delete(BACKUP)
+            if self.storage.get(TABLE, CONFIRMED_KEY) is not None:
+                self.storage.delete(TABLE, CONFIRMED_KEY)
+                self.postgres.notify(CHANNEL, "confirmed-commit")
+        self.release_confirmed_lock()
+
+    def _read_backup(self) -> bytes | None:
+        """At start-up: the rollback document only if no server is left to see to it (its
+        server died, and it is not a persistent one still within its deadline)."""
+        record = self.confirmed_record()
+        if record is not None:
+            if self.owner_alive():
+                return None
+            if record.persist is not None and (record.deadline or 0) > time.time():
+                return None  # mirrored once started: confirmable, rolled back at its deadline
+        return super().read(BACKUP)
+
+    def stored_generation(self) -> Generation:
+        return Generation.decode(self.storage.get(TABLE, GENERATION_KEY))
+
+    def read_running(self) -> tuple[bytes | None, Generation]:
+        """Running and its generation, as one committed state of the database."""
+        with self.storage.transaction():
+            return self.storage.get(self.TABLE, "running"), self.stored_generation()
+
+    def read(self, name: str) -> bytes | None:
+        if name == BACKUP:
+            return self._read_backup()
+        if name != "running" or self.generation is not None:
+            return super().read(name)
+        # The first read of running is the server loading it: its base generation.
+        document, generation = self.read_running()
+        self.generation = generation.number
+        return document
+
+    def write(self, name: str, data: bytes) -> None:
+        if name == BACKUP:
+            self._write_backup(data)
+            return
+        if name != "running":
+            super().write(name, data)
+            return
+        with self.storage.transaction():
+            self._store_running(data, self.stored_generation())
+
+    def delete(self, name: str) -> None:
+        if name == BACKUP:
+            self._delete_backup()
+        else:
+            super().delete(name)
+
+    def close(self) -> None:
+        if self._owner_conn is not None:
+            self._owner_conn.close()
+
+    def stage(self, name: str, data: bytes) -> None:
+        if name == "running":
+            self._check_base(self.stored_generation())  # before the application applies it
+        super().stage(name, data)
+
+    def publish(self, name: str) -> None:
+        if name != "running":
+            super().publish(name)
+            return
+        data = self._staged.pop(name)
+        with self.storage.transaction():
+            stored = self.stored_generation()
+            self._check_base(stored)
+            self._store_running(data, stored)
+
+    def _check_base(self, stored: Generation) -> None:
+        """The fence: under the commit lock no other server can commit, so this fails only
+        if the lock was lost (its connection broke) while the commit was being made."""
+        if self.generation is not None and stored.number != self.generation:
+            raise StaleRunning(
+                f"server {stored.committed_by} committed running (generation {stored.number}) "
+                f"while this change, made on generation {self.generation}, was being applied; "
+                "make the change again"
+            )
+
+    def _store_running(self, data: bytes, stored: Generation) -> None:
+        new = Generation(stored.number + 1, self.name)
+        self.storage.put(self.TABLE, "running", data)
+        self.storage.put(TABLE, GENERATION_KEY, new.encode())
+        self.postgres.notify(CHANNEL, str(new.number))
+        self.generation = new.number
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    server: str
+    session_id: int
+
+    @classmethod
+    def decode(cls, value: bytes | None) -> LockHolder | None:
+        if value is None:
+            return None
+        server, _, session = value.decode().partition("\n")
+        return cls(server, int(session or 0))
+
+
+class PostgresSharedRunning:
+    """nc_core.shared_running.SharedRunning on PostgreSQL, and the follower of other servers."""
+
+    def __init__(self, server: NetconfServer, datastores: SharedDatastores) -> None:
+        self.server = server
+        self.datastores = datastores
+        self.url = datastores.postgres.url
+        self._commit_conn: psycopg.AsyncConnection[Any] | None = None
+        self._lock_conn: psycopg.AsyncConnection[Any] | None = None
+        self._lock_conn_use = asyncio.Lock()
+        self._follower: asyncio.Task[None] | None = None
+        self._orphan: tuple[str, int] | None = None
+        """The dead server's confirmed commit whose rollback this server started."""
+        self.adopted_at: float | None = None
+        """time.monotonic() of the last adoption of another server's commit (tests, logs)."""
+
+    # -- connections ---------------------------------------------------------------
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        try:
+            return await psycopg.AsyncConnection.connect(
+                self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT
+            )
+        except psycopg.Error as exc:
+            raise RpcError(
+                "resource-denied",
+                "The shared VPN database cannot be reached: "
+                + redact_text(" ".join(str(exc).split()), self.url),
+            ) from None
+
+    async def _commit_connection(self) -> psycopg.AsyncConnection[Any]:
+        conn = self._commit_conn
+        if conn is None or conn.closed:
+            conn = await self._connect()
+            await conn.execute(f"SET lock_timeout = '{int(COMMIT_WAIT * 1000)}ms'")
+            self._commit_conn = conn
+        return conn
+
+    # -- commits -------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def committing(self) -> AsyncIterator[NewerRunning | None]:
+        conn = await self._commit_connection()
+        try:
+            await conn.execute("SELECT pg_advisory_lock(%s)", (COMMIT_LOCK,))
+        except psycopg.errors.LockNotAvailable:
+            raise RpcError(
+                "resource-denied",
+                f"Another server's commit of running has not finished in {COMMIT_WAIT:.0f} s; "
+                "nothing was changed: try again.",
+            ) from None
+        except psycopg.Error as exc:
+            await conn.close()
+            raise RpcError(
+                "operation-failed",
+                "The commit could not be serialised with the other servers' (database: "
+                + redact_text(" ".join(str(exc).split()), self.url)
+                + "); nothing was changed.",
+            ) from None
+        try:
+            await self._check_running_not_locked_elsewhere(conn)
+            newer = await self._catch_up_locked()
+            operation = self._check_confirmed_commit()
+            yield newer
+            if operation in ("confirm", "rollback"):
+                self.datastores.delete(BACKUP)  # inside the commit lock: no one rolls back twice
+        finally:
+            try:
+                await conn.execute("SELECT pg_advisory_unlock(%s)", (COMMIT_LOCK,))
+            except psycopg.Error:
+                await conn.close()  # the lock goes with the session
+
+    async def _check_running_not_locked_elsewhere(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        if self.server.locks.get("running") is not None:
+            return  # a session of ours holds it: the engine refused everyone else already
+        cur = await conn.execute("SELECT pg_try_advisory_lock_shared(%s)", (RUNNING_LOCK,))
+        row = await cur.fetchone()
+        if row is not None and row[0]:
+            await conn.execute("SELECT pg_advisory_unlock_shared(%s)", (RUNNING_LOCK,))
+            return
+        holder = self._holder("running")
+        raise RpcError(
+            "in-use",
+            f"The running datastore is locked by {_described(holder)}; try again once it is "
+            "unlocked.",
+            type="protocol",
+            info=[("session-id", str(holder.session_id if holder else 0))],
+        )
+
+    def _check_confirmed_commit(self) -> str | None:
+        """Refuse a change of running while another server's confirmed commit is pending, and
+        the end of one no longer pending; the confirmed-commit operation under way."""
+        operation = self.server.confirmed.operation
+        record = self.datastores.confirmed_record()
+        if operation in ("confirm", "extend", "rollback"):
+            if record is None:
+                raise RpcError(
+                    "operation-failed",
+                    "No confirmed commit is in progress any more: another server confirmed, "
+                    "cancelled or rolled it back.",
+                    type="protocol",
+                )
+        elif record is not None and record.server != self.datastores.name:
+            raise RpcError(
+                "in-use",
+                f"Session {record.session_id} of server {record.server} has a confirmed commit "
+                "pending; running cannot change until it is confirmed or rolled back.",
+                type="protocol",
+                info=[("session-id", str(record.session_id))],
+            )
+        return operation
+
+    def confirmed_commit_armed(self, pending: PendingCommit) -> None:
+        self.datastores.update_confirmed(
+            ConfirmedRecord(
+                self.datastores.name,
+                pending.session_id,
+                pending.user,
+                pending.source_host,
+                pending.persist,
+                pending.deadline,
+            )
+        )
+
+    def _sync_confirmed(self) -> None:
+        """Mirror the database's pending confirmed commit in this server's engine."""
+        confirmed = self.server.confirmed
+        record = self.datastores.confirmed_record()
+        local = confirmed.pending
+        if record is not None and record.server == self.datastores.name:
+            return  # this server's own, as the engine knows it
+        self.datastores.release_confirmed_lock()
+        if record is None:
+            if local is not None:
+                log.info("the pending confirmed commit was ended by another server")
+                confirmed.mirror(None)
+            return
+        if local is not None and local.server == record.server:
+            if local.session_id == record.session_id:
+                local.persist, local.deadline = record.persist, record.deadline
+                confirmed.mirror(local)
+                self._roll_back_orphan(record)
+                return
+        document = self.datastores.storage.get(self.datastores.TABLE, BACKUP)
+        if document is None:
+            return
+        rollback_to, tree = self.server.validator.load(document, "confirmed-commit rollback")
+        free(tree)
+        confirmed.mirror(
+            PendingCommit(
+                record.session_id,
+                record.user,
+                record.source_host,
+                record.persist,
+                rollback_to,
+                server=record.server,
+                deadline=record.deadline,
+            )
+        )
+        self._roll_back_orphan(record)
+
+    def _roll_back_orphan(self, record: ConfirmedRecord) -> None:
+        """A non-persistent confirmed commit dies with its session, so with its server."""
+        if record.persist is not None or self.datastores.owner_alive():
+            return
+        key = (record.server, record.session_id)
+        if self._orphan == key:
+            return  # its rollback is under way
+        self._orphan = key
+        log.warning("server %s died with a confirmed commit pending: rolling back", record.server)
+        self.server.confirmed.roll_back_soon("cancel")
+
+    def _holder(self, name: str) -> LockHolder | None:
+        return LockHolder.decode(self.datastores.storage.get(TABLE, LOCK_KEY + name))
+
+    # -- following the other servers ---------------------------------------------------
+
+    async def catch_up(self) -> NewerRunning | None:
+        """Adopt running if another server committed a newer one."""
+        async with self.server.config_lock:
+            return await self._catch_up_locked()
+
+    async def refresh(self) -> None:
+        await self._catch_up_locked()
+
+    async def _catch_up_locked(self) -> NewerRunning | None:
+        newer = await self._adopt_newer()
+        self._sync_confirmed()
+        return newer
+
+    async def _adopt_newer(self) -> NewerRunning | None:
+        document, stored = self.datastores.read_running()
+        ours = self.datastores.generation
+        if document is None or ours is None or stored.number <= ours:
+            return None
+        started = time.monotonic()
+        await self.server.adopt_running(document)
+        self.datastores.generation = stored.number
+        self.adopted_at = time.monotonic()
+        log.info(
+            "running: adopted generation %d committed by %s (%.0f ms)",
+            stored.number,
+            stored.committed_by,
+            (self.adopted_at - started) * 1000,
+        )
+        return NewerRunning(stored.number, stored.committed_by)
+
+    async def start(self) -> None:
+        self._follower = asyncio.get_running_loop().create_task(self._follow())
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT
+                ) as conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    while True:
+                        await self._catch_up_logged()
+                        async for _ in conn.notifies(timeout=POLL, stop_after=1):
+                            pass
+                        await conn.execute("SELECT 1")  # a dead connection raises here
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "following the other servers: %s; reconnecting",
+                    redact_text(" ".join(str(exc).split()), self.url),
+                )
+                await asyncio.sleep(1.0)
+
+    async def _catch_up_logged(self) -> None:
+        try:
+            await self.catch_up()
+        except (RpcError, psycopg.Error, RuntimeError):
+            log.exception("running of another server could not be adopted; retrying")
+            await asyncio.sleep(POLL)
+
+    # -- locks -------------------------------------------------------------------------
+
+    async def lock(self, name: str, session_id: int) -> None:
+        async with self._lock_conn_use:
+            conn = self._lock_conn
+            if conn is None or conn.closed:
+                conn = self._lock_conn = await self._connect()
+            cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (RUNNING_LOCK,))
+            row = await cur.fetchone()
+            if row is None or not row[0]:
+                holder = self._holder(name)
+                raise RpcError(
+                    "lock-denied",
+                    f"The {name} datastore is already locked by {_described(holder)}.",
+                    type="protocol",
+                    info=[("session-id", str(holder.session_id if holder else 0))],
+                )
+            self.datastores.storage.put(
+                TABLE, LOCK_KEY + name, f"{self.datastores.name}\n{session_id}".encode()
+            )
+
+    async def unlock(self, name: str) -> None:
+        async with self._lock_conn_use:
+            conn = self._lock_conn
+            if conn is None or conn.closed:
+                return  # the lock went with the connection
+            try:
+                await conn.execute("SELECT pg_advisory_unlock(%s)", (RUNNING_LOCK,))
+            except psycopg.Error:
+                await conn.close()
+            holder = self._holder(name)
+            if holder is not None and holder.server == self.datastores.name:
+                self.datastores.storage.delete(TABLE, LOCK_KEY + name)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            try:
+                await self._follower
+            except asyncio.CancelledError:
+                pass
+            self._follower = None
+        for conn in (self._commit_conn, self._lock_conn):
+            if conn is not None and not conn.closed:
+                await conn.close()
+        self.datastores.close()
+
+
+def _pending_of(record: ConfirmedRecord | None) -> str:
+    if record is None:
+        return "Another server"
+    return f"Session {record.session_id} of server {record.server}"
+
+
+def _described(holder: LockHolder | None) -> str:
+    if holder is None:
+        return "a session of another server"
+    return f"session {holder.session_id} of server {holder.server}"
