@@ -28,7 +28,16 @@ from lxml import etree
 
 from nc_core.audit import log_commit
 from nc_core.datastore import Datastore, document_bytes, free
-from nc_core.edit import Change, Instances, diff, instance_identity, new_datastore, schema_of
+from nc_core.document_splice import spliced_document
+from nc_core.edit import (
+    Change,
+    Instances,
+    diff,
+    instance_identity,
+    new_datastore,
+    remembered_patch,
+    schema_of,
+)
 from nc_core.errors import RpcError, RpcErrors, operation_not_supported
 from nc_core.merge import MergeConflict, merge3
 from nc_core.nacm import Nacm
@@ -209,6 +218,9 @@ class NetconfServer:
         self.schema = Schema(modules, features=features, search_dirs=options.yang_dirs)
         self.index = SchemaIndex(self.schema)
         self.validator = Validator(self.schema, self.index)
+        self._running_document: tuple[etree._Element, bytes] | None = None
+        """The running configuration's tree and ``document_bytes`` of it, as last staged
+        (:meth:`_running_bytes`)."""
         self.persistence = self.app.persistence(options.state_dir)
         self.datastores = {
             "running": Datastore("running", persistence=self.persistence),
@@ -828,7 +840,7 @@ class NetconfServer:
             free(new_tree)
             raise
         try:
-            self.persistence.stage("running", document_bytes(canonical))
+            staged = self._stage_running(running.root, canonical)
             await self.app.apply(txn)
         except BaseException as exc:
             self.persistence.discard("running")
@@ -846,6 +858,7 @@ class NetconfServer:
                 ) from exc
             raise
         self.persistence.publish("running")
+        self._running_document = (canonical, staged)
         # The configuration replaced is let go of after the reply (nc_core.release).
         drop_later(running.root)
         free_later(running.tree)
@@ -859,6 +872,23 @@ class NetconfServer:
         self.notifications.config_change(session, "running", changes)
         log_commit(session, reason, changes, self.index)
         return changes
+
+    def _stage_running(self, old: etree._Element, new: etree._Element) -> bytes:
+        """Stage ``new``'s document, made from ``old``'s by its changed entries when the
+        validator's patch says which (nc_core.document_splice), else serialised whole."""
+        known = self._running_document
+        patch = remembered_patch(old, new)
+        spliced = None
+        if known is not None and known[0] is old and patch is not None:
+            spliced = spliced_document(known[1], patch)
+        if spliced is None:
+            data = document_bytes(new)
+            self.persistence.stage("running", data)
+        else:
+            data = spliced.data
+            shared = (spliced.start, spliced.end)
+            self.persistence.stage("running", data, base=known[1] if known else None, shared=shared)
+        return data
 
     def _publish_running(self) -> None:
         root = self.datastores["running"].root
