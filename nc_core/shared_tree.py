@@ -159,19 +159,29 @@ class Patch:
     def outside(self, path: str) -> bool:
         """Whether the data path ``path`` (steps without predicates) names a node outside
         the patched list: one the base has exactly as the patched tree has it."""
+        return self._where(path) == "outside"
+
+    def same_existence(self, path: str) -> bool:
+        """Whether the base has a node at ``path`` exactly when the patched tree has: a
+        node outside the list, or one above it (the patch changes entries only, never
+        the containers holding them)."""
+        return self._where(path) in ("outside", "above")
+
+    def _where(self, path: str) -> str:
         if not _PLAIN_PATH.fullmatch(path):
-            return False
+            return "unknown"
         module = ""
-        for depth, step in enumerate(path[1:].split("/")):
+        steps = path[1:].split("/")
+        for depth, step in enumerate(steps):
             prefix, _, name = step.rpartition(":")
             module = prefix or module
             if not module:
-                return False  # not a path libyang finds anything at
+                return "unknown"  # not a path libyang finds anything at
             if depth >= len(self.list_steps):
-                return False  # inside the list
+                return "inside"
             if (module, name) != self.list_steps[depth]:
-                return True
-        return False  # the list or one of the nodes above it
+                return "outside"
+        return "above" if len(steps) < len(self.list_steps) else "inside"
 
 
 class LazyNode(libyang.DNode):
@@ -199,3 +209,18 @@ class LazyNode(libyang.DNode):
         if patch is not None and not output and patch.outside(path):
             return libyang.DNode.new(self.context, patch.base.cdata).find_path(path)
         return super().find_path(path, output)
+
+
+def has_node(tree: Any, path: str) -> bool:
+    """Whether ``tree`` (a libyang tree or handle) has a node at the data path ``path``;
+    for a pending tree, without making it when its base answers the same."""
+    if isinstance(tree, LazyNode):
+        shared = tree.__dict__.get("lazy")
+        patch = None if shared is None else shared.pending
+        if patch is not None and patch.same_existence(path):
+            node_p = ffi.new("struct lyd_node **")
+            found = lib.lyd_find_path(patch.base.cdata, path.encode(), 0, node_p)
+            if found != lib.LY_SUCCESS:
+                lib.ly_err_clean(tree.context.cdata, ffi.NULL)
+            return bool(found == lib.LY_SUCCESS)
+    return tree.find_path(path) is not None
