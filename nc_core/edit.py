@@ -816,6 +816,13 @@ def remember_patch(patch: EntryPatch) -> None:
     _PATCHES[id(patch.new)] = patch
 
 
+def forget_patch(patch: EntryPatch) -> None:
+    """Forget ``patch`` if it is the one remembered (its old tree is about to change:
+    nc_core.spare_tree)."""
+    if _PATCHES.get(id(patch.new)) is patch:
+        del _PATCHES[id(patch.new)]
+
+
 def remembered_patch(old: etree._Element, new: etree._Element) -> EntryPatch | None:
     """The patch remembered from ``old`` to ``new`` (these very trees), if any."""
     patch = _PATCHES.get(id(new))

@@ -33,6 +33,7 @@ from nc_core.edit import (
     Change,
     Instances,
     diff,
+    forget_patch,
     instance_identity,
     new_datastore,
     remembered_patch,
@@ -46,6 +47,7 @@ from nc_core.redaction import for_user
 from nc_core.release import drop_later, free_later
 from nc_core.schema import Schema, SchemaIndex
 from nc_core.session import BASE_10, BASE_11, Session
+from nc_core.spare_tree import Spare, copy_from_spare
 from nc_core.ssh_auth import PasswordGuard
 from nc_core.transaction import Application, Transaction
 from nc_core.users import (
@@ -219,6 +221,11 @@ class NetconfServer:
         self.index = SchemaIndex(self.schema)
         self.validator = Validator(self.schema, self.index)
         self._running_document: tuple[etree._Element, bytes] | None = None
+        self._spare: Spare | None = None
+        self.spare_copies = 0
+        """Edits whose copy of running was made from the spare (tests look)."""
+        """The configuration the last commit replaced, for the next edit's copy of
+        running (nc_core.spare_tree)."""
         """The running configuration's tree and ``document_bytes`` of it, as last staged
         (:meth:`_running_bytes`)."""
         self.persistence = self.app.persistence(options.state_dir)
@@ -859,7 +866,11 @@ class NetconfServer:
             raise
         self.persistence.publish("running")
         self._running_document = (canonical, staged)
-        # The configuration replaced is let go of after the reply (nc_core.release).
+        # The configuration replaced is kept for the next edit's copy of running when the
+        # change is known entry by entry, else let go of after the reply (nc_core.release).
+        drop_later(self._spare)
+        patch = remembered_patch(running.root, canonical)
+        self._spare = None if patch is None else Spare(patch)
         drop_later(running.root)
         free_later(running.tree)
         running.root, running.tree = canonical, new_tree
@@ -872,6 +883,20 @@ class NetconfServer:
         self.notifications.config_change(session, "running", changes)
         log_commit(session, reason, changes, self.index)
         return changes
+
+    def private_copy(self, root: etree._Element) -> etree._Element:
+        """A copy of a datastore tree for an edit to change: of running's, made from the
+        configuration the last commit replaced when it can be (nc_core.spare_tree)."""
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.patch.new is root:
+            self.validator.forget_check_of(spare.patch.old)
+            forget_patch(spare.patch)
+            made = copy_from_spare(spare, root)
+            if made is not None:
+                self.spare_copies += 1
+                return made
+        drop_later(spare)
+        return deepcopy(root)
 
     def _stage_running(self, old: etree._Element, new: etree._Element) -> bytes:
         """Stage ``new``'s document, made from ``old``'s by its changed entries when the

@@ -115,6 +115,13 @@ class Validator:
         the changed entries only (:meth:`checked_nodes`); 'recorded': incremental
         validations of a candidate whose check had found its changes."""
 
+    def forget_check_of(self, root: etree._Element) -> None:
+        """Forget the last candidate check if it refers to ``root`` (a tree about to be
+        changed in place: nc_core.spare_tree)."""
+        record = self._checked
+        if record is not None and (record.base is root or record.canonical is root):
+            self._checked = None
+
     def validate(self, root: etree._Element, *, full: bool = True) -> Any:
         """Validate ``root`` as a configuration datastore; raise RpcErrors.
 
