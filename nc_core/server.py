@@ -221,13 +221,13 @@ class NetconfServer:
         self.index = SchemaIndex(self.schema)
         self.validator = Validator(self.schema, self.index)
         self._running_document: tuple[etree._Element, bytes] | None = None
+        """The running configuration's tree and ``document_bytes`` of it, as last staged
+        and published (:meth:`_stage_running`)."""
         self._spare: Spare | None = None
-        self.spare_copies = 0
-        """Edits whose copy of running was made from the spare (tests look)."""
         """The configuration the last commit replaced, for the next edit's copy of
         running (nc_core.spare_tree)."""
-        """The running configuration's tree and ``document_bytes`` of it, as last staged
-        (:meth:`_running_bytes`)."""
+        self.spare_copies = 0
+        """Edits whose copy of running was made from the spare (tests look)."""
         self.persistence = self.app.persistence(options.state_dir)
         self.datastores = {
             "running": Datastore("running", persistence=self.persistence),

@@ -476,8 +476,6 @@ class Validator:
         the patch), or None (``checked`` left to the caller) if an entry is not where it
         must be."""
         base = valid.tree
-        if len(scoped.tags) < 2:
-            return None  # top-level entries: the tree's first node could change
         base.made()  # the previous change, made now: one patch pending at a time
         for key in removed:
             if self._find(base.cdata, scoped, key) == ffi.NULL:
@@ -495,7 +493,12 @@ class Validator:
         def apply(tree: Any, source: Any) -> None:
             self._patch_into(tree, source, scoped, keys, removed, fresh_keys)
 
-        return SharedTree.patched(base, Patch(base, checked, apply, self._list_steps(scoped)))
+        tree = SharedTree.patched(base, Patch(base, checked, apply, self._list_steps(scoped)))
+        if len(scoped.tags) < 2:
+            # Top-level entries: the tree's first node could be the one removed, under
+            # its holders' feet; made now, a copy (the memo still holds ``base``).
+            tree.made()
+        return tree
 
     def _patch_into(
         self,
