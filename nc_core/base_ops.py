@@ -292,7 +292,7 @@ async def edit(
         else:
             server.check_not_locked(target, session)
         ds = server.datastores[target]
-        work = deepcopy(ds.root)
+        work = server.private_copy(ds.root)
         editor = Editor(server.index, continue_on_error=error_option == "continue-on-error")
         editor.apply(work, config, default_op)
         tags = subtree_tags(config)

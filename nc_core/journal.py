@@ -181,12 +181,14 @@ def _shared_ends(old: bytes, new: bytes) -> tuple[int, int]:
     return start, end
 
 
-def _patch_payload(old: bytes, new: bytes) -> bytes | None:
+def _patch_payload(old: bytes, new: bytes, shared: tuple[int, int] | None = None) -> bytes | None:
     """A PATCH payload turning ``old`` into ``new``, or None when the whole document is
-    smaller."""
+    smaller; ``shared``: what the two share at their start and end, when known."""
     if len(old) < DELTA_MIN:
         return None
-    start, end = _shared_ends(old, new)
+    start, end = _shared_ends(old, new) if shared is None else shared
+    if start + end > min(len(old), len(new)):
+        return None
     middle = new[start : len(new) - end]
     if _PATCH.size + len(middle) >= len(new):
         return None
@@ -274,11 +276,23 @@ class Journal:
         del self._documents[name]
         self._compact_if_large()
 
-    def stage(self, name: str, data: bytes) -> None:
+    def stage(
+        self, name: str, data: bytes, *, base: bytes | None = None, shared: tuple[int, int] = (0, 0)
+    ) -> None:
+        """Append ``data`` as the next document of ``name`` (a PATCH record when smaller).
+
+        ``base`` and ``shared``: ``data`` is known to share ``shared`` bytes at its start
+        and end with ``base`` (nc_core.document_splice made it so), used instead of
+        comparing the two when ``base`` is the very committed document."""
         self._open()
         offset = self._size
         committed = self._documents.get(name)
-        patch = None if committed is None else _patch_payload(committed, data)
+        if committed is None:
+            patch = None
+        elif committed is base:
+            patch = _patch_payload(committed, data, shared)
+        else:
+            patch = _patch_payload(committed, data)
         if patch is None:
             self._append(_record(STAGE, name, data))
         else:

@@ -30,8 +30,14 @@ class DatastorePersistence(Protocol):
 
     def delete(self, name: str) -> None: ...
 
-    def stage(self, name: str, data: bytes) -> None:
-        """Write ``data`` without publishing it: a crash before publish discards it."""
+    def stage(
+        self, name: str, data: bytes, *, base: bytes | None = None, shared: tuple[int, int] = (0, 0)
+    ) -> None:
+        """Write ``data`` without publishing it: a crash before publish discards it.
+
+        ``base``/``shared``: a hint, ``data`` shares ``shared`` bytes at its start and
+        end with the document ``base`` (the one last staged and published, when it is the
+        very same object), so a journal need not compare them; others ignore it."""
         ...
 
     def publish(self, name: str) -> None:

@@ -28,7 +28,17 @@ from lxml import etree
 
 from nc_core.audit import log_commit
 from nc_core.datastore import Datastore, document_bytes, free
-from nc_core.edit import Change, Instances, diff, instance_identity, new_datastore, schema_of
+from nc_core.document_splice import spliced_document
+from nc_core.edit import (
+    Change,
+    Instances,
+    diff,
+    forget_patch,
+    instance_identity,
+    new_datastore,
+    remembered_patch,
+    schema_of,
+)
 from nc_core.errors import RpcError, RpcErrors, operation_not_supported
 from nc_core.merge import MergeConflict, merge3
 from nc_core.nacm import Nacm
@@ -37,6 +47,7 @@ from nc_core.redaction import for_user
 from nc_core.release import drop_later, free_later
 from nc_core.schema import Schema, SchemaIndex
 from nc_core.session import BASE_10, BASE_11, Session
+from nc_core.spare_tree import Spare, copy_from_spare
 from nc_core.ssh_auth import PasswordGuard
 from nc_core.transaction import Application, Transaction
 from nc_core.users import (
@@ -210,6 +221,14 @@ class NetconfServer:
         self.schema = Schema(modules, features=features, search_dirs=options.yang_dirs)
         self.index = SchemaIndex(self.schema)
         self.validator = Validator(self.schema, self.index)
+        self._running_document: tuple[etree._Element, bytes] | None = None
+        """The running configuration's tree and ``document_bytes`` of it, as last staged
+        and published (:meth:`_stage_running`)."""
+        self._spare: Spare | None = None
+        """The configuration the last commit replaced, for the next edit's copy of
+        running (nc_core.spare_tree)."""
+        self.spare_copies = 0
+        """Edits whose copy of running was made from the spare (tests look)."""
         self.persistence = self.app.persistence(options.state_dir)
         self.datastores = {
             "running": Datastore("running", persistence=self.persistence),
@@ -890,9 +909,10 @@ class NetconfServer:
         except BaseException:
             free(new_tree)
             raise
+        staged: bytes | None = None
         try:
             if persist:
-                self.persistence.stage("running", document_bytes(canonical))
+                staged = self._stage_running(running.root, canonical)
             await self.app.apply(txn)
         except BaseException as exc:
             if persist:
@@ -912,7 +932,14 @@ class NetconfServer:
             raise
         if persist:
             self.persistence.publish("running")
-        # The configuration replaced is let go of after the reply (nc_core.release).
+        # The stored bytes of running, which the next commit's document is spliced from (not
+        # known for a running adopted from another server: the next one is serialised whole).
+        self._running_document = None if staged is None else (canonical, staged)
+        # The configuration replaced is kept for the next edit's copy of running when the
+        # change is known entry by entry, else let go of after the reply (nc_core.release).
+        drop_later(self._spare)
+        patch = remembered_patch(running.root, canonical)
+        self._spare = None if patch is None else Spare(patch)
         drop_later(running.root)
         free_later(running.tree)
         running.root, running.tree = canonical, new_tree
@@ -925,6 +952,37 @@ class NetconfServer:
         self.notifications.config_change(session, "running", changes)
         log_commit(session, reason, changes, self.index)
         return changes
+
+    def private_copy(self, root: etree._Element) -> etree._Element:
+        """A copy of a datastore tree for an edit to change: of running's, made from the
+        configuration the last commit replaced when it can be (nc_core.spare_tree)."""
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.patch.new is root:
+            self.validator.forget_check_of(spare.patch.old)
+            forget_patch(spare.patch)
+            made = copy_from_spare(spare, root)
+            if made is not None:
+                self.spare_copies += 1
+                return made
+        drop_later(spare)
+        return deepcopy(root)
+
+    def _stage_running(self, old: etree._Element, new: etree._Element) -> bytes:
+        """Stage ``new``'s document, made from ``old``'s by its changed entries when the
+        validator's patch says which (nc_core.document_splice), else serialised whole."""
+        known = self._running_document
+        patch = remembered_patch(old, new)
+        spliced = None
+        if known is not None and known[0] is old and patch is not None:
+            spliced = spliced_document(known[1], patch)
+        if spliced is None:
+            data = document_bytes(new)
+            self.persistence.stage("running", data)
+        else:
+            data = spliced.data
+            shared = (spliced.start, spliced.end)
+            self.persistence.stage("running", data, base=known[1] if known else None, shared=shared)
+        return data
 
     def _publish_running(self) -> None:
         root = self.datastores["running"].root

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from lxml import etree
 
 from nc_core.edit import Change
+from nc_core.shared_tree import has_node
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -97,7 +98,7 @@ class Transaction:
             if node is not None:
                 text = node.print_mem("json", with_siblings=False, include_implicit_defaults=True)
                 return next(iter(json.loads(text).values()))
-            if tree.find_path(f"/{steps[0]}") is not None:
+            if has_node(tree, f"/{steps[0]}"):
                 return None  # the module has data, without this node
         value: Any = self.new_json() if which == "new" else self.old_json()
         for step in steps:

@@ -285,10 +285,12 @@ class SharedDatastores(SqliteDatastores):
         if self._owner_conn is not None:
             self._owner_conn.close()
 
-    def stage(self, name: str, data: bytes) -> None:
+    def stage(
+        self, name: str, data: bytes, *, base: bytes | None = None, shared: tuple[int, int] = (0, 0)
+    ) -> None:
         if name == "running":
             self._check_base(self.stored_generation())  # before the application applies it
-        super().stage(name, data)
+        super().stage(name, data, base=base, shared=shared)
 
     def publish(self, name: str) -> None:
         if name != "running":

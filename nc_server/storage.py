@@ -183,8 +183,10 @@ class SqliteDatastores:
     def delete(self, name: str) -> None:
         self.storage.delete(self.TABLE, name)
 
-    def stage(self, name: str, data: bytes) -> None:
-        self._staged[name] = data
+    def stage(
+        self, name: str, data: bytes, *, base: bytes | None = None, shared: tuple[int, int] = (0, 0)
+    ) -> None:
+        self._staged[name] = data  # stored whole: the hint (base, shared) is for journals
 
     def publish(self, name: str) -> None:
         self.storage.put(self.TABLE, name, self._staged.pop(name))
