@@ -661,7 +661,8 @@ def entry_scoped_lists(index: SchemaIndex) -> dict[tuple[str, ...], EntryScopedL
     (:class:`EntryScopedList`), by their tags.  A constraint the analysis cannot follow
     (an XPath function or axis it does not know, a path into another entry, a must or
     when outside the list reading its entries, min- or max-elements, a unique leaf with
-    a default) leaves its list out: such a list is validated whole."""
+    a default) leaves its list out, as does a list at the top of the data tree: such a
+    list is validated whole."""
     nodes: list[SchemaNode] = []
 
     def walk(node: SchemaNode) -> None:
@@ -695,6 +696,10 @@ def entry_scoped_lists(index: SchemaIndex) -> dict[tuple[str, ...], EntryScopedL
         if uniques is None:
             continue
         tags = tuple(_tag_path(index, lst))
+        if len(tags) < 2:
+            # A list at the top of the data tree: an entry removed may be the node a tree is
+            # held by (nc_core.shared_tree patches trees in place).  Validated whole.
+            continue
         plain = not lst.user_ordered and not _in_a_case(index, tags)
         found[tags] = EntryScopedList(tags, lst.key_tags, uniques, plain)
     return found

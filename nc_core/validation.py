@@ -493,12 +493,9 @@ class Validator:
         def apply(tree: Any, source: Any) -> None:
             self._patch_into(tree, source, scoped, keys, removed, fresh_keys)
 
-        tree = SharedTree.patched(base, Patch(base, checked, apply, self._list_steps(scoped)))
-        if len(scoped.tags) < 2:
-            # Top-level entries: the tree's first node could be the one removed, under
-            # its holders' feet; made now, a copy (the memo still holds ``base``).
-            tree.made()
-        return tree
+        # Never a list at the top of the tree (entry_scoped_lists leaves those out): the
+        # node a tree is held by is never an entry the patch removes.
+        return SharedTree.patched(base, Patch(base, checked, apply, self._list_steps(scoped)))
 
     def _patch_into(
         self,

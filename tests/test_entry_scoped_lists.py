@@ -140,6 +140,26 @@ def test_reading_data_outside_the_list_through_the_ancestor_axis_is_followed(sco
     assert "ancestors" in scoped
 
 
+TOP_LEVEL = """
+module toplevel {
+  yang-version 1.1;
+  namespace "urn:test:toplevel";
+  prefix t;
+
+  list item {
+    key name;
+    leaf name { type string; }
+  }
+}
+"""
+
+
+def test_a_list_at_the_top_of_the_data_tree_is_validated_whole(tmp_path: Path):
+    """Its first entry is what a libyang tree is held by: a patch removing it in place
+    would pull the tree from under its holders (nc_core.shared_tree)."""
+    assert qualifying(tmp_path, "toplevel", TOP_LEVEL) == set()
+
+
 def test_the_ce_peer_list_qualifies_with_its_unique_sp_address() -> None:
     from nc_core.schema import CE_MODULES
 
