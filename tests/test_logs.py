@@ -131,8 +131,11 @@ def test_each_provisioning_step_is_a_server_line_and_the_agent_logs_the_change(
 ) -> None:
     with controller(tmp_path) as ctl:
         ctl.edit(vpn_xml("red"))
-        for i in (1, 2):
-            ctl.join("red", f"red-s{i}", i, f"10.{i}.0.0/24")
+        ctl.join("red", "red-s1", 1, "10.1.0.0/24")
+        # In sync first: red-s1's start-up fetch is over, so its peer red-s2 can reach it
+        # only in a push of the server's (not in that fetch, were red-s2 added before it).
+        ctl.in_sync("red-s1")
+        ctl.join("red", "red-s2", 2, "10.2.0.0/24")
         ctl.in_sync("red-s1", "red-s2")
         agent_dir = ctl.agents["red-s1"].state_dir
         ce = etree.fromstring(stored_running(agent_dir))
