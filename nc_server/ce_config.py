@@ -174,10 +174,17 @@ def incremental_edit(old: Mapping[str, Any], new: Mapping[str, Any]) -> CeEdit:
             edit.removed_sections.append(key)
         elif old.get(key) != new[key]:
             edit.sections.append(key)
-    old_peers = {p["name"]: p for p in old.get("peer", [])}
-    new_peers = {p["name"]: p for p in new.get("peer", [])}
-    edit.peers = [n for n, p in new_peers.items() if old_peers.get(n) != p]
-    edit.removed_peers = sorted(n for n in old_peers if n not in new_peers)
+    old_list, new_list = old.get("peer", []), new.get("peer", [])
+    if old_list is new_list:
+        return edit
+    old_peers = {p["name"]: p for p in old_list}
+    # The compiler shares the entries of peers it did not change between its results
+    # (nc_server.compile_cache): an entry that is the very same object is unchanged, and
+    # comparing it key by key would cost every CE O(peers) on every push.
+    edit.peers = [
+        p["name"] for p in new_list if (was := old_peers.pop(p["name"], None)) is not p and was != p
+    ]
+    edit.removed_peers = sorted(old_peers)
     return edit
 
 

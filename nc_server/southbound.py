@@ -241,6 +241,8 @@ class CeLink:
 
 
 DISCARD = f'<discard-changes xmlns="{NC_NS}"/>'
+DISCARD_BYTES = etree.tostring(etree.fromstring(DISCARD))
+"""Parsed once here, so every push sends it as it is (NetconfSession.send_all)."""
 PEER_NAMES_FILTER = f'<ce xmlns="{CE_NS}"><peer><name/></peer></ce>'
 CE_FILTER = f'<ce xmlns="{CE_NS}"/>'
 
@@ -544,8 +546,8 @@ class Southbound:
         peers = await self._present_peers(link, timings) if needs_peer_list else None
         edit = edit_candidate(make_config(peers))
         with timings.exchange(3):
-            discarded = link.editor.send(DISCARD)
-            edited = link.editor.send(edit)
+            # One write, one SSH packet: the CE answers the two in order.
+            discarded, edited = link.editor.send_all([DISCARD_BYTES, edit])
             await link.editor.wait(discarded, timeout)
             await link.editor.wait(edited, timeout)
             await link.editor.rpc(commit_confirmed(confirm_timeout, token), timeout)
