@@ -59,17 +59,46 @@ class CeCodec:
             raise InvalidCompiledConfig(f"unexpected root {root.tag}")
         return root
 
-    def parts_to_xml(self, config: Mapping[str, Any], edit: CeEdit, site: str) -> etree._Element:
-        """Only what an incremental edit sends, as XML, checked node by node (types,
-        patterns, ranges) but not as a whole: the whole was validated when this CE's
-        configuration was first pushed, and the CE validates the result in full."""
+    def incremental_document(
+        self,
+        config: Mapping[str, Any],
+        edit: CeEdit,
+        site: str,
+        management_port: int | None = None,
+    ) -> bytes:
+        """The ``<config>`` of the edit-config carrying an incremental ``edit`` of ``config``,
+        serialised: what :func:`edit_document` gives (and :func:`add_management_port`, when
+        the CE's port moves), made for the one or few parts a one-peer change sends.
+
+        The parts sent are checked node by node by libyang (types, patterns, ranges, a
+        value the CE would refuse raises :class:`InvalidCompiledConfig` before anything is
+        sent) but not as a whole: the whole was validated when this CE's configuration was
+        first pushed, and the CE validates the result in full.  libyang's XML is parsed
+        once, inside the ``<config>`` that declares the ``nc`` prefix, marked in place and
+        serialised once: no copy of each part, no second tree for the ``<edit-config>``.
+        """
+        text = self._checked_parts(config, edit, site)
+        root = etree.fromstring(b"".join((_CONFIG_OPEN, text or _EMPTY_CE, b"</config>")))
+        ce = root[0]
+        for child in ce:
+            child.set(NC_OPERATION, "replace")
+        _removals(ce, edit)
+        if management_port is not None:
+            add_management_port(root, management_port)
+        return etree.tostring(root)
+
+    def _checked_parts(self, config: Mapping[str, Any], edit: CeEdit, site: str) -> bytes:
+        """The replaced sections and peers of ``edit`` as libyang prints a ``<ce>`` holding
+        only them, every node's value checked (b"": the edit replaces nothing)."""
         import libyang
 
         wanted = set(edit.peers)
         part: dict[str, Any] = {k: config[k] for k in edit.sections if k in config}
-        peers = [p for p in config.get("peer", []) if p["name"] in wanted]
+        peers = [p for p in config.get("peer", []) if p["name"] in wanted] if wanted else []
         if peers:
             part["peer"] = peers
+        if not part:
+            return b""
         document = json.dumps({f"{CE_MODULE}:ce": part})
         try:
             tree = self.schema.ctx.parse_data_mem(
@@ -78,13 +107,11 @@ class CeCodec:
         except libyang.LibyangError as exc:
             raise InvalidCompiledConfig(f"compiled configuration of {site}: {exc}") from None
         if tree is None:
-            return etree.Element(_q("ce"))
+            return b""
         try:
-            text = str(tree.print_mem("xml", with_siblings=True, pretty=False) or "")
+            return str(tree.print_mem("xml", with_siblings=True, pretty=False) or "").encode()
         finally:
             tree.free()
-        # Nothing of the configuration changed (a management port move alone): empty <ce>.
-        return etree.fromstring(text.encode()) if text else etree.Element(_q("ce"))
 
     def to_json(self, ce: etree._Element) -> dict[str, Any]:
         """A ``<ce>`` read from a CE as canonical JSON content (no defaults), without
@@ -124,6 +151,8 @@ def _strip(ce: etree._Element) -> etree._Element:
 # --------------------------------------------------------------------------
 
 NC_OPERATION = qn(NC_NS, "operation")
+_CONFIG_OPEN = f'<config xmlns="{NC_NS}" xmlns:nc="{NC_NS}">'.encode()
+_EMPTY_CE = f'<ce xmlns="{CE_NS}"/>'.encode()
 
 
 @dataclass
@@ -209,6 +238,12 @@ def edit_document(target_xml: etree._Element, edit: CeEdit) -> etree._Element:
             copy = _copy(child)
             copy.set(NC_OPERATION, "replace")
             ce.append(copy)
+    _removals(ce, edit)
+    return config
+
+
+def _removals(ce: etree._Element, edit: CeEdit) -> None:
+    """Append to ``ce`` the sections and peers ``edit`` removes."""
     for name in edit.removed_sections:
         gone = etree.SubElement(ce, _q(name))
         gone.set(NC_OPERATION, "remove")
@@ -216,7 +251,6 @@ def edit_document(target_xml: etree._Element, edit: CeEdit) -> etree._Element:
         gone = etree.SubElement(ce, _q("peer"))
         gone.set(NC_OPERATION, "remove")
         etree.SubElement(gone, _q("name")).text = peer
-    return config
 
 
 def add_management_port(config: etree._Element, port: int) -> None:

@@ -273,12 +273,18 @@ def create_subscription(subtree: str) -> etree._Element:
     return op
 
 
-def edit_candidate(config: etree._Element) -> etree._Element:
-    """``<edit-config>`` of the candidate; ``config`` is its ``<config>`` element."""
+def edit_candidate(config: etree._Element | bytes) -> etree._Element | bytes:
+    """``<edit-config>`` of the candidate; ``config`` is its ``<config>`` element, or that
+    element serialised (then so is the answer: the edit is not parsed again to be sent)."""
+    if isinstance(config, bytes):
+        return b"".join((_EDIT_CANDIDATE_OPEN, config, b"</edit-config>"))
     op = default_ns_element(NC_NS, "edit-config")
     etree.SubElement(etree.SubElement(op, qn(NC_NS, "target")), qn(NC_NS, "candidate"))
     op.append(config)
     return op
+
+
+_EDIT_CANDIDATE_OPEN = f'<edit-config xmlns="{NC_NS}"><target><candidate/></target>'.encode()
 
 
 def commit_confirmed(timeout: int, token: str) -> etree._Element:
@@ -454,7 +460,7 @@ class Southbound:
         self,
         site: str,
         endpoint: Endpoint,
-        make_config: Callable[[list[str] | None], etree._Element],
+        make_config: Callable[[list[str] | None], etree._Element | bytes],
         confirm_timeout: int,
         *,
         needs_peer_list: bool,
@@ -462,7 +468,8 @@ class Southbound:
         confirm_endpoint: Endpoint | None = None,
     ) -> Timings:
         """Edit, commit confirmed, confirm.  ``make_config`` gets the CE's current peer
-        names when ``needs_peer_list`` (a full resynchronisation), else None.
+        names when ``needs_peer_list`` (a full resynchronisation), else None, and gives the
+        edit-config's ``<config>``, as an element or serialised.
 
         The confirmation goes over a brand-new connection, at
         ``confirm_endpoint`` if given, when ``touches_management`` or when
@@ -535,7 +542,7 @@ class Southbound:
     async def _edit_and_commit(
         self,
         link: CeLink,
-        make_config: Callable[[list[str] | None], etree._Element],
+        make_config: Callable[[list[str] | None], etree._Element | bytes],
         needs_peer_list: bool,
         confirm_timeout: int,
         token: str,
