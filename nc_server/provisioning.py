@@ -37,6 +37,7 @@ from nc_server.ce_config import (
     add_management_port,
     deprovision_document,
     edit_document,
+    edit_of_changes,
     full_edit,
     incremental_edit,
     touches_management_path,
@@ -224,7 +225,11 @@ class ProvisioningJobs:
             prepared: etree._Element | bytes = self.codec.to_xml(target.config, rec.site)
             touches_management = True  # what the CE holds is unknown
         else:
-            incremental = incremental_edit(known, target.config)
+            changes = target.changes
+            if changes is not None and changes.since == applied.version:
+                incremental = edit_of_changes(target.config, changes)  # the usual push
+            else:
+                incremental = incremental_edit(known, target.config)
             # Made (and checked) here, before anything goes out, and once: a push retried
             # on a new link sends the same bytes.
             prepared = self.codec.incremental_document(
