@@ -13,6 +13,7 @@ peers that went away: adding one site to a 1,000-site mesh sends each CE one
 
 from __future__ import annotations
 
+import bisect
 import functools
 import json
 from collections.abc import Iterable, Mapping
@@ -93,9 +94,8 @@ class CeCodec:
         only them, every node's value checked (b"": the edit replaces nothing)."""
         import libyang
 
-        wanted = set(edit.peers)
         part: dict[str, Any] = {k: config[k] for k in edit.sections if k in config}
-        peers = [p for p in config.get("peer", []) if p["name"] in wanted] if wanted else []
+        peers = _named_entries(config.get("peer", []), set(edit.peers))
         if peers:
             part["peer"] = peers
         if not part:
@@ -137,6 +137,25 @@ class CeCodec:
     def normalise(self, config: Mapping[str, Any], site: str) -> dict[str, Any]:
         """A compiled configuration in the same canonical form :meth:`to_json` gives."""
         return self.to_json(self.to_xml(config, site))
+
+
+def _named_entries(peers: list[dict[str, Any]], names: set[str]) -> list[dict[str, Any]]:
+    """The entries of ``peers`` named in ``names``, in list order.  Found by binary search,
+    since the compiler keeps a CE's peers sorted by name (a one-peer push then looks at a
+    few entries, not all of them); by a scan of the list should one not be where the
+    search looks."""
+    found: dict[int, dict[str, Any]] = {}
+    for name in names:
+        i = bisect.bisect_left(peers, name, key=_peer_name)
+        if i < len(peers) and peers[i]["name"] == name:
+            found[i] = peers[i]
+        else:
+            return [p for p in peers if p["name"] in names]
+    return [found[i] for i in sorted(found)]
+
+
+def _peer_name(entry: Mapping[str, Any]) -> str:
+    return str(entry["name"])
 
 
 def _strip(ce: etree._Element) -> etree._Element:

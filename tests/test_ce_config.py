@@ -152,3 +152,15 @@ def test_an_incremental_edit_with_a_value_the_schema_refuses_is_not_made() -> No
     new = {**OLD, "peer": [*OLD["peer"], bad]}  # type: ignore[list-item]
     with pytest.raises(InvalidCompiledConfig, match="compiled configuration of a"):
         CeCodec().incremental_document(new, incremental_edit(OLD, new), "a")
+
+
+def test_the_changed_peers_are_sent_even_from_a_peer_list_not_sorted_by_name() -> None:
+    """The compiler keeps peers sorted (binary search finds them); any other order is
+    scanned."""
+    from nc_server.ce_config import CeCodec
+
+    new = {**OLD, "peer": [peer("d", "10.4.0.0/24"), *OLD["peer"], peer("a", "10.9.0.0/24")]}  # type: ignore[list-item]
+    edit = incremental_edit(OLD, new)
+    doc = etree.fromstring(CeCodec().incremental_document(new, edit, "x"))
+    sent = [p.findtext(f"{{{CE_NS}}}name") for p in doc.iter(f"{{{CE_NS}}}peer")]
+    assert sent == ["d", "a"]
