@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import secrets
@@ -207,6 +208,8 @@ class Bench:
             rec.timings = Timings()
         app.controller.compile_seconds = 0.0
         profiler = cProfile.Profile() if profile is not None else None
+        collector = CollectorTime()
+        gc.callbacks.append(collector)
         cpu_server, cpu_agents = self._cpu()
         if profiler is not None:
             profiler.enable()  # this thread: the event loop, where the server runs
@@ -219,6 +222,7 @@ class Bench:
             profiler.disable()
             profiler.dump_stats(str(profile))
         cpu_server_end, cpu_agents_end = self._cpu()
+        gc.callbacks.remove(collector)
         records = [
             app.controller.provisioner.records[f"s{n:03d}"] for n in range(1, self.sites + 1)
         ]
@@ -242,6 +246,8 @@ class Bench:
             "exchange_ms_p50": _percentile(exchanges, 50),
             "exchange_ms_p99": _percentile(exchanges, 99),
             "ssh_connections_opened": sum(r.timings.sessions for r in records),
+            "gc_ms": collector.seconds * 1000,
+            "gc_collections": collector.collections,
             "standing_links": app.controller.jobs.southbound.open_links(),
         }
 
@@ -306,6 +312,24 @@ class Bench:
         return times
 
 
+class CollectorTime:
+    """A gc callback: how long the cyclic garbage collector ran (its pauses count as the
+    server's CPU, charged by a profiler to whatever allocated when one began)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.collections: dict[int, int] = {}
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        self.seconds += time.perf_counter() - self._started
+        generation = int(info["generation"])
+        self.collections[generation] = self.collections.get(generation, 0) + 1
+
+
 def _percentile(ordered: list[float], pct: float) -> float:
     """Nearest-rank percentile of an ascending list."""
     if not ordered:
@@ -362,7 +386,8 @@ def main() -> None:
         rate = f"{r['ces_per_s']:.1f} CEs/s; commit answered in {r['commit_s']:.2f} s"
         print(f"  {title}: all {n} CEs in-sync after {r['wall_s']:.2f} s ({rate})")
         print(f"     CPU per CE: server {r['server_cpu_per_ce_ms']:.1f} ms, agent "
-              f"{r['agent_cpu_per_ce_ms']:.1f} ms (2 cores for both)")  # fmt: skip
+              f"{r['agent_cpu_per_ce_ms']:.1f} ms (2 cores for both); server's garbage "
+              f"collector {r['gc_ms']:.0f} ms {r['gc_collections']}")  # fmt: skip
         print(f"     per CE {r['per_ce_ms']:.1f} ms in flight; shares: SSH {r['share_ssh']:.0%}, "
               f"NETCONF {r['share_netconf']:.0%}, compile {r['share_compile']:.0%} "
               f"({r['compile_s']:.2f} s)")  # fmt: skip
