@@ -13,7 +13,7 @@ the management path (seed 3.2: the SP manages the CE over the network it
 configures):
 
 1. on the editor, ``<discard-changes>`` and the ``<edit-config>`` of the
-   candidate, pipelined (one round trip), then
+   candidate, pipelined (one write, one round trip), then
    ``<commit><confirmed/><confirm-timeout>T</confirm-timeout><persist>X</persist>``;
 2. ``<commit><persist-id>X</persist-id>`` on the confirmer: a second session,
    open since before the change, whose answer proves the path from the
