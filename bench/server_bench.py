@@ -1,6 +1,6 @@
 """VPN server at scale: provisioning a full mesh of real CE agents, then propagating one added site.
 
-    python -m bench.server_bench [--sites 200] [--per-process 50] [--json FILE]
+    python -m bench.server_bench [--sites 200] [--per-process 50] [--json FILE] [--profile FILE]
 
 The server runs in this process (so its own accounting can be read: compile
 time, and per CE the time spent opening SSH connections and in NETCONF
@@ -17,7 +17,10 @@ C. site N+2 is added with max-concurrent-provisioning 1: each CE's
    exchange is then timed without the others competing for the 2 cores,
    which is what a CE on its own CPU would see (agent_commit_ms_p50/p99).
 
-``--json`` writes the metric set (see summary()) and the raw result.
+``--json`` writes the metric set (see summary()) and the raw result;
+``--profile`` writes a cProfile of this process (the server's event loop)
+over step B, for ``python -m pstats`` (the profiler slows the server, so a
+profiled run's CPU figures are not comparable with an unprofiled one's).
 
 Reference, side by side: one CE's provisioning exchange (get-config,
 discard, edit-config, confirmed commit, confirming commit) for 20 CEs one
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import secrets
@@ -71,10 +75,14 @@ def site_xml(n: int, port: int) -> str:
 
 
 class Bench:
-    def __init__(self, sites: int, per_process: int, work: Path) -> None:
+    def __init__(
+        self, sites: int, per_process: int, work: Path, profile: Path | None = None
+    ) -> None:
         self.sites = sites
         self.per_process = per_process
         self.work = work
+        self.profile = profile
+        """Where step B's cProfile goes (None: not profiled)."""
         self.farms: list[subprocess.Popen[bytes]] = []
 
     async def run(self) -> dict[str, Any]:
@@ -146,6 +154,7 @@ class Bench:
                 oss,
                 f'<config xmlns="{NC}"><vpn-service xmlns="{SVC}"><vpn><id>bench</id>'
                 f"{site_xml(self.sites + 1, ports[-1])}</vpn></vpn-service></config>",
+                profile=self.profile,
             )
             result["C_one_at_a_time"] = await self._measure(
                 app,
@@ -185,7 +194,11 @@ class Bench:
             await asyncio.sleep(0.2)
         raise RuntimeError("the CEs did not all become in-sync in time")
 
-    async def _measure(self, app: Any, oss: Any, edit: str) -> dict[str, Any]:
+    async def _measure(
+        self, app: Any, oss: Any, edit: str, profile: Path | None = None
+    ) -> dict[str, Any]:
+        import cProfile
+
         from nc_server.southbound import Timings
 
         previous = {}
@@ -194,13 +207,22 @@ class Bench:
             previous[rec.site] = rec.applied_version
             rec.timings = Timings()
         app.controller.compile_seconds = 0.0
+        profiler = cProfile.Profile() if profile is not None else None
+        collector = CollectorTime()
+        gc.callbacks.append(collector)
         cpu_server, cpu_agents = self._cpu()
+        if profiler is not None:
+            profiler.enable()  # this thread: the event loop, where the server runs
         started = time.perf_counter()
         await asyncio.to_thread(oss.edit_config, target="running", config=edit)
         committed = time.perf_counter()
         await self._all_in_sync(app, previous, 900)
         done = time.perf_counter()
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(str(profile))
         cpu_server_end, cpu_agents_end = self._cpu()
+        gc.callbacks.remove(collector)
         records = [
             app.controller.provisioner.records[f"s{n:03d}"] for n in range(1, self.sites + 1)
         ]
@@ -224,6 +246,8 @@ class Bench:
             "exchange_ms_p50": _percentile(exchanges, 50),
             "exchange_ms_p99": _percentile(exchanges, 99),
             "ssh_connections_opened": sum(r.timings.sessions for r in records),
+            "gc_ms": collector.seconds * 1000,
+            "gc_collections": collector.collections,
             "standing_links": app.controller.jobs.southbound.open_links(),
         }
 
@@ -288,6 +312,24 @@ class Bench:
         return times
 
 
+class CollectorTime:
+    """A gc callback: how long the cyclic garbage collector ran (its pauses count as the
+    server's CPU, charged by a profiler to whatever allocated when one began)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.collections: dict[int, int] = {}
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        self.seconds += time.perf_counter() - self._started
+        generation = int(info["generation"])
+        self.collections[generation] = self.collections.get(generation, 0) + 1
+
+
 def _percentile(ordered: list[float], pct: float) -> float:
     """Nearest-rank percentile of an ascending list."""
     if not ordered:
@@ -324,6 +366,7 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=200)
     parser.add_argument("--per-process", type=int, default=50)
     parser.add_argument("--json", type=Path, help="write the metric set and raw result here")
+    parser.add_argument("--profile", type=Path, help="write a cProfile of step B here")
     args = parser.parse_args()
     import logging
 
@@ -332,7 +375,7 @@ def main() -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="cevpn-server-bench-") as tmp:
         os.chmod(tmp, 0o700)
-        result = asyncio.run(Bench(args.sites, args.per_process, Path(tmp)).run())
+        result = asyncio.run(Bench(args.sites, args.per_process, Path(tmp), args.profile).run())
     n = result["sites"]
     print(f"VPN server, full mesh of {n} CE agents (--dataplane none), 2 cores shared")
     print(f"  enrol: {result['enrol_per_ce_ms']:.1f} ms per CE (one session, sequential)")
@@ -343,7 +386,8 @@ def main() -> None:
         rate = f"{r['ces_per_s']:.1f} CEs/s; commit answered in {r['commit_s']:.2f} s"
         print(f"  {title}: all {n} CEs in-sync after {r['wall_s']:.2f} s ({rate})")
         print(f"     CPU per CE: server {r['server_cpu_per_ce_ms']:.1f} ms, agent "
-              f"{r['agent_cpu_per_ce_ms']:.1f} ms (2 cores for both)")  # fmt: skip
+              f"{r['agent_cpu_per_ce_ms']:.1f} ms (2 cores for both); server's garbage "
+              f"collector {r['gc_ms']:.0f} ms {r['gc_collections']}")  # fmt: skip
         print(f"     per CE {r['per_ce_ms']:.1f} ms in flight; shares: SSH {r['share_ssh']:.0%}, "
               f"NETCONF {r['share_netconf']:.0%}, compile {r['share_compile']:.0%} "
               f"({r['compile_s']:.2f} s)")  # fmt: skip

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from nc_core.asyncssh_import import asyncssh
+from nc_core.netconf_client import ENCRYPTION_PREFERENCE
 
 log = logging.getLogger("cevpn.netconf.call-home")
 
@@ -266,6 +267,7 @@ class CallHomeListener:
             login_timeout=LOGIN_TIMEOUT,
             keepalive_interval=self.keepalive_interval,
             keepalive_count_max=self.keepalive_count_max,
+            encryption_algs=list(ENCRYPTION_PREFERENCE),
         )
         self.close()
         self.acceptor, self.host, self.port = acceptor, host, port

@@ -13,6 +13,7 @@ peers that went away: adding one site to a 1,000-site mesh sends each CE one
 
 from __future__ import annotations
 
+import bisect
 import functools
 import json
 from collections.abc import Iterable, Mapping
@@ -23,6 +24,7 @@ from lxml import etree
 
 from nc_core.schema import Schema, SchemaIndex, SchemaNode, ValidationFailed, ce_schema
 from nc_core.xmlutil import NC_NS, default_ns_element, qn
+from nc_server.compile_cache import PeerChanges
 
 CE_NS = "urn:cevpn:yang:cevpn-ce"
 CE_MODULE = "cevpn-ce"
@@ -59,17 +61,45 @@ class CeCodec:
             raise InvalidCompiledConfig(f"unexpected root {root.tag}")
         return root
 
-    def parts_to_xml(self, config: Mapping[str, Any], edit: CeEdit, site: str) -> etree._Element:
-        """Only what an incremental edit sends, as XML, checked node by node (types,
-        patterns, ranges) but not as a whole: the whole was validated when this CE's
-        configuration was first pushed, and the CE validates the result in full."""
+    def incremental_document(
+        self,
+        config: Mapping[str, Any],
+        edit: CeEdit,
+        site: str,
+        management_port: int | None = None,
+    ) -> bytes:
+        """The ``<config>`` of the edit-config carrying an incremental ``edit`` of ``config``,
+        serialised: what :func:`edit_document` gives (and :func:`add_management_port`, when
+        the CE's port moves), made for the one or few parts a one-peer change sends.
+
+        The parts sent are checked node by node by libyang (types, patterns, ranges, a
+        value the CE would refuse raises :class:`InvalidCompiledConfig` before anything is
+        sent) but not as a whole: the whole was validated when this CE's configuration was
+        first pushed, and the CE validates the result in full.  libyang's XML is parsed
+        once, inside the ``<config>`` that declares the ``nc`` prefix, marked in place and
+        serialised once: no copy of each part, no second tree for the ``<edit-config>``.
+        """
+        text = self._checked_parts(config, edit, site)
+        root = etree.fromstring(b"".join((_CONFIG_OPEN, text or _EMPTY_CE, b"</config>")))
+        ce = root[0]
+        for child in ce:
+            child.set(NC_OPERATION, "replace")
+        _removals(ce, edit)
+        if management_port is not None:
+            add_management_port(root, management_port)
+        return etree.tostring(root)
+
+    def _checked_parts(self, config: Mapping[str, Any], edit: CeEdit, site: str) -> bytes:
+        """The replaced sections and peers of ``edit`` as libyang prints a ``<ce>`` holding
+        only them, every node's value checked (b"": the edit replaces nothing)."""
         import libyang
 
-        wanted = set(edit.peers)
         part: dict[str, Any] = {k: config[k] for k in edit.sections if k in config}
-        peers = [p for p in config.get("peer", []) if p["name"] in wanted]
+        peers = _named_entries(config.get("peer", []), set(edit.peers))
         if peers:
             part["peer"] = peers
+        if not part:
+            return b""
         document = json.dumps({f"{CE_MODULE}:ce": part})
         try:
             tree = self.schema.ctx.parse_data_mem(
@@ -78,13 +108,11 @@ class CeCodec:
         except libyang.LibyangError as exc:
             raise InvalidCompiledConfig(f"compiled configuration of {site}: {exc}") from None
         if tree is None:
-            return etree.Element(_q("ce"))
+            return b""
         try:
-            text = str(tree.print_mem("xml", with_siblings=True, pretty=False) or "")
+            return str(tree.print_mem("xml", with_siblings=True, pretty=False) or "").encode()
         finally:
             tree.free()
-        # Nothing of the configuration changed (a management port move alone): empty <ce>.
-        return etree.fromstring(text.encode()) if text else etree.Element(_q("ce"))
 
     def to_json(self, ce: etree._Element) -> dict[str, Any]:
         """A ``<ce>`` read from a CE as canonical JSON content (no defaults), without
@@ -111,6 +139,25 @@ class CeCodec:
         return self.to_json(self.to_xml(config, site))
 
 
+def _named_entries(peers: list[dict[str, Any]], names: set[str]) -> list[dict[str, Any]]:
+    """The entries of ``peers`` named in ``names``, in list order.  Found by binary search,
+    since the compiler keeps a CE's peers sorted by name (a one-peer push then looks at a
+    few entries, not all of them); by a scan of the list should one not be where the
+    search looks."""
+    found: dict[int, dict[str, Any]] = {}
+    for name in names:
+        i = bisect.bisect_left(peers, name, key=_peer_name)
+        if i < len(peers) and peers[i]["name"] == name:
+            found[i] = peers[i]
+        else:
+            return [p for p in peers if p["name"] in names]
+    return [found[i] for i in sorted(found)]
+
+
+def _peer_name(entry: Mapping[str, Any]) -> str:
+    return str(entry["name"])
+
+
 def _strip(ce: etree._Element) -> etree._Element:
     copy = etree.fromstring(etree.tostring(ce))
     for name in SERVER_OWNED_EXCEPT:
@@ -124,6 +171,8 @@ def _strip(ce: etree._Element) -> etree._Element:
 # --------------------------------------------------------------------------
 
 NC_OPERATION = qn(NC_NS, "operation")
+_CONFIG_OPEN = f'<config xmlns="{NC_NS}" xmlns:nc="{NC_NS}">'.encode()
+_EMPTY_CE = f'<ce xmlns="{CE_NS}"/>'.encode()
 
 
 @dataclass
@@ -174,11 +223,34 @@ def incremental_edit(old: Mapping[str, Any], new: Mapping[str, Any]) -> CeEdit:
             edit.removed_sections.append(key)
         elif old.get(key) != new[key]:
             edit.sections.append(key)
-    old_peers = {p["name"]: p for p in old.get("peer", [])}
-    new_peers = {p["name"]: p for p in new.get("peer", [])}
-    edit.peers = [n for n, p in new_peers.items() if old_peers.get(n) != p]
-    edit.removed_peers = sorted(n for n in old_peers if n not in new_peers)
+    old_list, new_list = old.get("peer", []), new.get("peer", [])
+    if old_list is new_list:
+        return edit
+    old_peers = {p["name"]: p for p in old_list}
+    # The compiler shares the entries of peers it did not change between its results
+    # (nc_server.compile_cache): an entry that is the very same object is unchanged, and
+    # comparing it key by key would cost every CE O(peers) on every push.
+    edit.peers = [
+        p["name"] for p in new_list if (was := old_peers.pop(p["name"], None)) is not p and was != p
+    ]
+    edit.removed_peers = sorted(old_peers)
     return edit
+
+
+def edit_of_changes(new: Mapping[str, Any], changes: PeerChanges) -> CeEdit:
+    """What :func:`incremental_edit` would find between the configuration ``changes`` is
+    relative to and ``new``, read from what the compiler recorded instead of comparing
+    the two peer by peer: O(what changed) per CE where the comparison is O(peers), that
+    is O(sites^2) for a site added to a full mesh.  A peer entry the compiler rebuilt
+    with the same content is sent again: same result on the CE."""
+    return CeEdit(
+        sections=sorted(
+            {"configuration-version", *(k for k in changes.changed_sections if k in new)}
+        ),
+        peers=[*changes.added_peers, *changes.changed_peers],
+        removed_peers=sorted(changes.removed_peers),
+        removed_sections=sorted(k for k in changes.changed_sections if k not in new),
+    )
 
 
 def edit_document(target_xml: etree._Element, edit: CeEdit) -> etree._Element:
@@ -202,6 +274,12 @@ def edit_document(target_xml: etree._Element, edit: CeEdit) -> etree._Element:
             copy = _copy(child)
             copy.set(NC_OPERATION, "replace")
             ce.append(copy)
+    _removals(ce, edit)
+    return config
+
+
+def _removals(ce: etree._Element, edit: CeEdit) -> None:
+    """Append to ``ce`` the sections and peers ``edit`` removes."""
     for name in edit.removed_sections:
         gone = etree.SubElement(ce, _q(name))
         gone.set(NC_OPERATION, "remove")
@@ -209,7 +287,6 @@ def edit_document(target_xml: etree._Element, edit: CeEdit) -> etree._Element:
         gone = etree.SubElement(ce, _q("peer"))
         gone.set(NC_OPERATION, "remove")
         etree.SubElement(gone, _q("name")).text = peer
-    return config
 
 
 def add_management_port(config: etree._Element, port: int) -> None:

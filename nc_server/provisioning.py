@@ -37,6 +37,7 @@ from nc_server.ce_config import (
     add_management_port,
     deprovision_document,
     edit_document,
+    edit_of_changes,
     full_edit,
     incremental_edit,
     touches_management_path,
@@ -217,31 +218,40 @@ class ProvisioningJobs:
             rec.applied_version = target.version
             return "in-sync"
         known = applied.config
+        moved_to = view.management_port if now_port != view.management_port else None
         if known is None:
-            target_xml = self.codec.to_xml(target.config, rec.site)
+            incremental = None
+            # The whole configuration, the edit made of it once the CE's peer list is read.
+            prepared: etree._Element | bytes = self.codec.to_xml(target.config, rec.site)
             touches_management = True  # what the CE holds is unknown
         else:
-            incremental = incremental_edit(known, target.config)
-            target_xml = self.codec.parts_to_xml(target.config, incremental, rec.site)
+            changes = target.changes
+            if changes is not None and changes.since == applied.version:
+                incremental = edit_of_changes(target.config, changes)  # the usual push
+            else:
+                incremental = incremental_edit(known, target.config)
+            # Made (and checked) here, before anything goes out, and once: a push retried
+            # on a new link sends the same bytes.
+            prepared = self.codec.incremental_document(
+                target.config, incremental, rec.site, moved_to
+            )
             touches_management = touches_management_path(incremental)
 
-        def make(present: list[str] | None) -> etree._Element:
+        def make(present: list[str] | None) -> etree._Element | bytes:
             # Called just before the edit goes out, after any round trip to the CE.
             now = self.target_of(rec)
             if now is None or now.config.version != target.version or now.view != view:
                 raise Superseded(target.version)
-            if known is None or present is not None:
-                edit = full_edit(target.config, present or [])
-            else:
-                edit = incremental
-            document = edit_document(target_xml, edit)
-            if now_port != view.management_port:
-                add_management_port(document, view.management_port)
+            if isinstance(prepared, bytes):
+                return prepared
+            document = edit_document(prepared, full_edit(target.config, present or []))
+            if moved_to is not None:
+                add_management_port(document, moved_to)
             return document
 
         confirm_timeout = int(self.settings["confirm-timeout"])
         endpoint = self.endpoint(view, port=now_port)
-        what = "its whole configuration" if known is None else describe_edit(incremental)
+        what = "its whole configuration" if incremental is None else describe_edit(incremental)
         log.info(
             "CE %s: pushing version %s to %s port %s: %s",
             rec.site, target.version, endpoint.host, endpoint.port, what,

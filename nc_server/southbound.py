@@ -13,7 +13,7 @@ the management path (seed 3.2: the SP manages the CE over the network it
 configures):
 
 1. on the editor, ``<discard-changes>`` and the ``<edit-config>`` of the
-   candidate, pipelined (one round trip), then
+   candidate, pipelined (one write, one round trip), then
    ``<commit><confirmed/><confirm-timeout>T</confirm-timeout><persist>X</persist>``;
 2. ``<commit><persist-id>X</persist-id>`` on the confirmer: a second session,
    open since before the change, whose answer proves the path from the
@@ -241,6 +241,8 @@ class CeLink:
 
 
 DISCARD = f'<discard-changes xmlns="{NC_NS}"/>'
+DISCARD_BYTES = etree.tostring(etree.fromstring(DISCARD))
+"""Parsed once here, so every push sends it as it is (NetconfSession.send_all)."""
 PEER_NAMES_FILTER = f'<ce xmlns="{CE_NS}"><peer><name/></peer></ce>'
 CE_FILTER = f'<ce xmlns="{CE_NS}"/>'
 
@@ -271,12 +273,18 @@ def create_subscription(subtree: str) -> etree._Element:
     return op
 
 
-def edit_candidate(config: etree._Element) -> etree._Element:
-    """``<edit-config>`` of the candidate; ``config`` is its ``<config>`` element."""
+def edit_candidate(config: etree._Element | bytes) -> etree._Element | bytes:
+    """``<edit-config>`` of the candidate; ``config`` is its ``<config>`` element, or that
+    element serialised (then so is the answer: the edit is not parsed again to be sent)."""
+    if isinstance(config, bytes):
+        return b"".join((_EDIT_CANDIDATE_OPEN, config, b"</edit-config>"))
     op = default_ns_element(NC_NS, "edit-config")
     etree.SubElement(etree.SubElement(op, qn(NC_NS, "target")), qn(NC_NS, "candidate"))
     op.append(config)
     return op
+
+
+_EDIT_CANDIDATE_OPEN = f'<edit-config xmlns="{NC_NS}"><target><candidate/></target>'.encode()
 
 
 def commit_confirmed(timeout: int, token: str) -> etree._Element:
@@ -452,7 +460,7 @@ class Southbound:
         self,
         site: str,
         endpoint: Endpoint,
-        make_config: Callable[[list[str] | None], etree._Element],
+        make_config: Callable[[list[str] | None], etree._Element | bytes],
         confirm_timeout: int,
         *,
         needs_peer_list: bool,
@@ -460,7 +468,8 @@ class Southbound:
         confirm_endpoint: Endpoint | None = None,
     ) -> Timings:
         """Edit, commit confirmed, confirm.  ``make_config`` gets the CE's current peer
-        names when ``needs_peer_list`` (a full resynchronisation), else None.
+        names when ``needs_peer_list`` (a full resynchronisation), else None, and gives the
+        edit-config's ``<config>``, as an element or serialised.
 
         The confirmation goes over a brand-new connection, at
         ``confirm_endpoint`` if given, when ``touches_management`` or when
@@ -533,7 +542,7 @@ class Southbound:
     async def _edit_and_commit(
         self,
         link: CeLink,
-        make_config: Callable[[list[str] | None], etree._Element],
+        make_config: Callable[[list[str] | None], etree._Element | bytes],
         needs_peer_list: bool,
         confirm_timeout: int,
         token: str,
@@ -544,8 +553,8 @@ class Southbound:
         peers = await self._present_peers(link, timings) if needs_peer_list else None
         edit = edit_candidate(make_config(peers))
         with timings.exchange(3):
-            discarded = link.editor.send(DISCARD)
-            edited = link.editor.send(edit)
+            # One write, one SSH packet: the CE answers the two in order.
+            discarded, edited = link.editor.send_all([DISCARD_BYTES, edit])
             await link.editor.wait(discarded, timeout)
             await link.editor.wait(edited, timeout)
             await link.editor.rpc(commit_confirmed(confirm_timeout, token), timeout)

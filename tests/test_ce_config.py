@@ -109,5 +109,58 @@ def test_audit_of_a_ce_with_no_peers_lists_each_missing_one() -> None:
 def test_an_edit_that_changes_nothing_in_the_configuration_converts_to_an_empty_ce() -> None:
     from nc_server.ce_config import CeCodec
 
-    ce = CeCodec().parts_to_xml(OLD, incremental_edit(OLD, OLD), "a")
-    assert ce.tag == f"{{{CE_NS}}}ce" and len(ce) == 0
+    doc = etree.fromstring(CeCodec().incremental_document(OLD, incremental_edit(OLD, OLD), "a"))
+    ce = doc.find(f"{{{CE_NS}}}ce")
+    assert ce is not None and len(ce) == 0
+
+
+def infoset(elem: etree._Element) -> tuple[object, ...]:
+    """Names (with their namespaces), attributes, text and children, in order: what a
+    document says whatever prefixes and namespace declarations it is written with."""
+    return (
+        elem.tag,
+        sorted(elem.attrib.items()),
+        (elem.text or "").strip(),
+        [infoset(child) for child in elem],
+    )
+
+
+def test_the_incremental_document_is_the_edit_document_serialised() -> None:
+    """The one-peer path (libyang's XML marked in place) sends what edit_document would."""
+    from nc_server.ce_config import CeCodec
+
+    new = {
+        **OLD,
+        "configuration-version": "v2",
+        "minimum-strength": "cevpn-types:strength-128",
+        "peer": [peer("b", "10.22.0.0/24"), peer("d", "10.4.0.0/24")],
+    }
+    edit = incremental_edit(OLD, new)
+    expected = edit_document(target_xml(new), edit)
+    add_management_port(expected, 8830)
+    sent = CeCodec().incremental_document(new, edit, "a", management_port=8830)
+    assert infoset(etree.fromstring(sent)) == infoset(expected)
+
+
+def test_an_incremental_edit_with_a_value_the_schema_refuses_is_not_made() -> None:
+    """A compiler mistake in one peer is caught on the server, before anything is sent."""
+    import pytest
+
+    from nc_server.ce_config import CeCodec, InvalidCompiledConfig
+
+    bad = {**peer("d", "10.4.0.0/24"), "sp-address": "not-an-address"}
+    new = {**OLD, "peer": [*OLD["peer"], bad]}  # type: ignore[list-item]
+    with pytest.raises(InvalidCompiledConfig, match="compiled configuration of a"):
+        CeCodec().incremental_document(new, incremental_edit(OLD, new), "a")
+
+
+def test_the_changed_peers_are_sent_even_from_a_peer_list_not_sorted_by_name() -> None:
+    """The compiler keeps peers sorted (binary search finds them); any other order is
+    scanned."""
+    from nc_server.ce_config import CeCodec
+
+    new = {**OLD, "peer": [peer("d", "10.4.0.0/24"), *OLD["peer"], peer("a", "10.9.0.0/24")]}  # type: ignore[list-item]
+    edit = incremental_edit(OLD, new)
+    doc = etree.fromstring(CeCodec().incremental_document(new, edit, "x"))
+    sent = [p.findtext(f"{{{CE_NS}}}name") for p in doc.iter(f"{{{CE_NS}}}peer")]
+    assert sent == ["d", "a"]

@@ -15,6 +15,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nc_server.ce_config import CeEdit, edit_of_changes, incremental_edit
 from nc_server.compiler import CompileError, VpnCompiler, compile_vpn, diff_configs
 from tests.test_compiler import (
     FakeKeys,
@@ -188,4 +189,62 @@ def test_incremental_compile_equals_a_fresh_compile_after_any_edits(start, steps
         assert set(delta) == expected_changed
         # What the engine said changed is what comparing entry by entry finds.
         assert delta == diff_configs(without_changes(previous), without_changes(result))
+        previous = result
+
+
+def _edited(old: dict[str, Any], new: dict[str, Any], edit: CeEdit) -> dict[str, Any]:
+    """What a CE holding ``old`` holds after ``edit`` (parts taken from ``new``)."""
+    out = {k: v for k, v in old.items() if k != "peer" and k not in edit.removed_sections}
+    out.update({k: new[k] for k in edit.sections})
+    peers = {p["name"]: p for p in old.get("peer", []) if p["name"] not in edit.removed_peers}
+    peers.update({p["name"]: p for p in new.get("peer", []) if p["name"] in edit.peers})
+    if peers:
+        out["peer"] = sorted(peers.values(), key=lambda p: p["name"])
+    return out
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    derandomize=True,
+)
+@given(
+    start=st.integers(min_value=1, max_value=4),
+    steps=st.lists(
+        st.tuples(st.sampled_from(EDITS), st.integers(min_value=0, max_value=10_000)),
+        min_size=1,
+        max_size=6,
+    ),
+)
+def test_the_edit_read_from_the_compilers_changes_gives_the_ce_its_new_configuration(
+    start, steps
+) -> None:
+    """edit_of_changes (what a push sends when the CE runs the previous compile's
+    configuration) turns that configuration into the new one, as incremental_edit does."""
+    keys = FakeKeys()
+    doc = _initial(start)
+    compiler = VpnCompiler(keys)
+    previous = compiler.compile(parse_vpn(doc))
+    for edit, n in steps:
+        candidate = copy.deepcopy(doc)
+        edit(candidate, keys, n)
+        try:
+            result = compiler.compile(parse_vpn(candidate))
+        except Exception:  # an edit the model or the rules refuse
+            continue
+        doc = candidate
+        for name, config in result.items():
+            changes = config.changes
+            if name not in previous or changes is None or previous[name] == config:
+                continue  # new, rebuilt whole, or unchanged (nothing is pushed)
+            assert changes.since == previous[name].version
+            old = previous[name].config
+            made = _edited(old, config.config, edit_of_changes(config.config, changes))
+            compared = _edited(old, config.config, incremental_edit(old, config.config))
+            want = {**config.config, "peer": sorted(config.config.get("peer", []),
+                                                     key=lambda p: p["name"])}  # fmt: skip
+            if not want["peer"]:
+                del want["peer"]
+            assert made == want == compared, (edit.__name__, name)
         previous = result

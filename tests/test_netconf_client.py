@@ -100,6 +100,41 @@ def test_requests_sent_together_get_their_own_replies(setup: Setup) -> None:
     asyncio.run(run())
 
 
+def test_requests_sent_in_one_write_get_their_own_replies_in_order(setup: Setup) -> None:
+    """send_all: an element, a string and pre-serialised bytes, one channel write."""
+
+    async def run() -> None:
+        conn, session = await _session(setup.endpoint)
+        assert session.channel is not None
+        writes: list[bytes] = []
+        write = session.channel.write
+
+        def counted(data: bytes) -> None:
+            writes.append(data)
+            write(data)
+
+        session.channel.write = counted  # type: ignore[method-assign]
+        futures = session.send_all([etree.fromstring(GET_CONFIG), LOCK, UNLOCK.encode()])
+        replies = [await session.wait(future) for future in futures]
+        assert len(writes) == 1
+        assert [etree.QName(reply[0]).localname for reply in replies] == ["data", "ok", "ok"]
+        conn.close()
+
+    asyncio.run(run())
+
+
+def test_the_southbound_connection_is_encrypted_with_aes_gcm(setup: Setup) -> None:
+    """asyncssh's ChaCha20-Poly1305 is Python and costs the server ~7x AES-GCM per packet."""
+
+    async def run() -> None:
+        conn = await connect_ssh(setup.endpoint)
+        names = (getattr(conn, "_enc_alg_cs", None), getattr(conn, "_enc_alg_sc", None))
+        assert names == (b"aes256-gcm@openssh.com", b"aes256-gcm@openssh.com")
+        conn.close()
+
+    asyncio.run(run())
+
+
 def test_an_rpc_error_keeps_its_tag_and_message_and_the_session_stays_usable(setup: Setup) -> None:
     async def run() -> None:
         conn, session = await _session(setup.endpoint)
