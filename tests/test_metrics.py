@@ -267,6 +267,9 @@ def test_an_agent_reports_its_peers_without_a_data_plane_and_no_ike_failure(
         agent = ctl.enrol("red", "red-a", ctl.add_site("red", "red-a", 1, "10.1.0.0/24"))
         agent.extra = ("--metrics-listen", f"127.0.0.1:{agent_port}")
         agent.start()
+        # In sync first: red-b then reaches red-a in a push, a commit on the CE (red-a's
+        # start-up fetch could otherwise carry it, and no commit would be counted).
+        ctl.in_sync("red-a")
         ctl.join("red", "red-b", 2, "10.2.0.0/24")
         ctl.in_sync("red-a", "red-b")
         found = checked(agent_port)
