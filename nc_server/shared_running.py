@@ -213,13 +213,7 @@ class SharedDatastores(SqliteDatastores):
             with self.storage.transaction():
                 record = self.confirmed_record()
                 if not taken or (record is not None and record.server != self.name):
-                    raise RpcError(
-                        "in-use",
-                        f"{_pending_of(record)} has a confirmed commit pending; running cannot "
-                        "change until it is confirmed or rolled back.",
-                        type="protocol",
-                        info=[("session-id", str(record.session_id if record else 0))],
-                    )
+                    raise confirmed_elsewhere(record)
                 super().write(BACKUP, data)
                 self.storage.put(TABLE, CONFIRMED_KEY, ConfirmedRecord(self.name).encode())
                 self.postgres.notify(CHANNEL, "confirmed-commit")
@@ -436,13 +430,7 @@ class PostgresSharedRunning:
                     type="protocol",
                 )
         elif record is not None and record.server != self.datastores.name:
-            raise RpcError(
-                "in-use",
-                f"Session {record.session_id} of server {record.server} has a confirmed commit "
-                "pending; running cannot change until it is confirmed or rolled back.",
-                type="protocol",
-                info=[("session-id", str(record.session_id))],
-            )
+            raise confirmed_elsewhere(record)
         return operation
 
     def confirmed_commit_armed(self, pending: PendingCommit) -> None:
@@ -621,10 +609,21 @@ class PostgresSharedRunning:
         self.datastores.close()
 
 
-def _pending_of(record: ConfirmedRecord | None) -> str:
-    if record is None:
-        return "Another server"
-    return f"Session {record.session_id} of server {record.server}"
+def confirmed_elsewhere(record: ConfirmedRecord | None) -> RpcError:
+    """The refusal of a change of running while another server's confirmed commit is
+    pending (None: its record is not readable yet, only its lock is taken)."""
+    who = (
+        "Another server"
+        if record is None
+        else (f"Session {record.session_id} of server {record.server}")
+    )
+    return RpcError(
+        "in-use",
+        f"{who} has a confirmed commit pending; running cannot change until it is confirmed "
+        "or rolled back.",
+        type="protocol",
+        info=[("session-id", str(record.session_id if record else 0))],
+    )
 
 
 def _described(holder: LockHolder | None) -> str:
