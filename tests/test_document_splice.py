@@ -4,6 +4,7 @@ nothing; and the journal record staged with it replays to the same document."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from copy import deepcopy
 from pathlib import Path
@@ -186,14 +187,23 @@ def test_a_hint_about_another_document_than_the_committed_one_is_not_used(
 # -- a server's commits ------------------------------------------------------------------
 
 
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[InProcessServer]:
+@contextlib.contextmanager
+def server_with_peers(tmp_path: Path, peers: int = 40) -> Iterator[InProcessServer]:
+    """An in-process CE server whose running configuration holds ``peers`` peers."""
     server = InProcessServer(tmp_path, Refusing())
     with server.connect() as m:
-        body = preconfiguration() + "".join(ce_peer(i) for i in range(40))
+        body = preconfiguration() + "".join(ce_peer(i) for i in range(peers))
         m.edit_config(target="running", config=ce_config(body))
-    yield server
-    server.close()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[InProcessServer]:
+    with server_with_peers(tmp_path) as server:
+        yield server
 
 
 def commit_each(lab: InProcessServer, edits: list[str]) -> None:

@@ -15,8 +15,7 @@ from ncclient.xml_ import to_ele
 from nc_core.datastore import document_bytes
 from nc_core.spare_tree import Spare, copy_from_spare
 from tests.in_process import InProcessServer
-from tests.test_document_splice import configuration, patch_of, peer
-from tests.test_shared_candidate import Refusing, preconfiguration
+from tests.test_document_splice import configuration, patch_of, peer, server_with_peers
 from tests.test_shared_candidate import config as ce_config
 from tests.test_shared_candidate import peer as ce_peer
 
@@ -71,12 +70,8 @@ def test_a_spare_of_another_configuration_is_not_used() -> None:
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[InProcessServer]:
-    server = InProcessServer(tmp_path, Refusing())
-    with server.connect() as m:
-        body = preconfiguration() + "".join(ce_peer(i) for i in range(40))
-        m.edit_config(target="running", config=ce_config(body))
-    yield server
-    server.close()
+    with server_with_peers(tmp_path) as server:
+        yield server
 
 
 def running_bytes(lab: InProcessServer) -> bytes:
