@@ -129,6 +129,12 @@ def text(value: Any) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
+def _close(session: Any) -> None:
+    """Close a VICI session's socket now rather than whenever it is garbage-collected."""
+    with contextlib.suppress(OSError):
+        session.transport.socket.close()
+
+
 class Charon:
     """The charon process of one CE and its VICI command session."""
 
@@ -142,6 +148,7 @@ class Charon:
         self.settings = CharonSettings()
         self._session: Any = None
         self._lock = threading.Lock()
+        self._stopping = False
         self.started_at = 0.0
 
     # -- process ---------------------------------------------------------------
@@ -200,6 +207,7 @@ class Charon:
     async def start(self, settings: CharonSettings, timeout: float = 30.0) -> None:
         """Start charon (on the event loop's thread: the death signal follows that thread)."""
         self.disconnect()  # a session to an earlier daemon is dead
+        self._stopping = False
         await asyncio.to_thread(self.kill_stale)
         self._rotate_log()
         self.write_config(settings)
@@ -235,6 +243,7 @@ class Charon:
                 await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
+        self._stopping = True  # a call whose session breaks now must not open another
         self.disconnect()
         proc, self.proc = self.proc, None
         await terminate(proc)
@@ -279,11 +288,25 @@ class Charon:
                 self._session = self.open_session()
 
     def disconnect(self) -> None:
-        with self._lock:
-            session, self._session = self._session, None
-        if session is not None:
-            with contextlib.suppress(OSError):
-                session.transport.socket.close()
+        """End the command session now, without waiting for the call using it.
+
+        The event loop calls this when charon stops or restarts, while a worker thread
+        may hold the lock in a VICI request that waits on charon (an ``initiate`` lasts
+        as long as the IKE exchange).  Waiting for the lock there froze the whole agent:
+        a removed CE did not exit on SIGTERM.  Shutting the socket down ends such a
+        request at once with an error; the thread that held it drops the session."""
+        session = self._session
+        if session is None:
+            return
+        with contextlib.suppress(OSError):
+            session.transport.socket.shutdown(socket.SHUT_RDWR)
+        if self._lock.acquire(blocking=False):
+            try:
+                if self._session is session:
+                    self._session = None
+                    _close(session)
+            finally:
+                self._lock.release()
 
     def call(self, command: Callable[[Any], Any]) -> Any:
         """Run ``command(session)`` on the command session (blocking; one at a time)."""
@@ -293,8 +316,9 @@ class Charon:
             try:
                 return command(self._session)
             except (OSError, vici.exception.SessionException):
+                _close(self._session)
                 self._session = None
-                if not self.running:
+                if not self.running or self._stopping:
                     raise
             # The session broke but charon runs: one more try on a new session.
             self._session = self.open_session()
@@ -349,9 +373,11 @@ class Charon:
                 return run(self._session)
             except OSError:
                 # Not retried (unlike call()): some of the commands may have been done.
+                _close(self._session)
                 self._session = None
                 raise
             except vici.exception.SessionException as exc:
+                _close(self._session)
                 self._session = None
                 raise CharonError(f"VICI session broken: {exc}") from None
 
