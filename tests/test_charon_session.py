@@ -79,20 +79,26 @@ async def _blocked_request_then_stop(charon: Charon, server: SilentVici) -> Base
     return None
 
 
-def test_stopping_charon_ends_a_request_blocked_on_it(silent_vici) -> None:
+def test_stopping_charon_ends_a_request_blocked_on_it(
+    silent_vici: tuple[Charon, SilentVici],
+) -> None:
     charon, server = silent_vici
     error = asyncio.run(_blocked_request_then_stop(charon, server))
     assert error is not None, "the blocked request returned as if charon had answered"
 
 
-def test_a_request_broken_by_the_stop_opens_no_new_session(silent_vici) -> None:
+def test_a_request_broken_by_the_stop_opens_no_new_session(
+    silent_vici: tuple[Charon, SilentVici],
+) -> None:
     charon, server = silent_vici
     asyncio.run(_blocked_request_then_stop(charon, server))
     assert len(server.accepted) == 1
     assert charon._session is None
 
 
-def test_disconnect_with_no_request_in_flight_closes_the_session(silent_vici) -> None:
+def test_disconnect_with_no_request_in_flight_closes_the_session(
+    silent_vici: tuple[Charon, SilentVici],
+) -> None:
     charon, _server = silent_vici
     charon._connect()
     session = charon._session
