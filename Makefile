@@ -38,8 +38,14 @@ lint: lint-yang
 	@$(VENV)/bin/ruff format --check .
 	@$(VENV)/bin/mypy
 
+# The lab's tests one at a time (one User-Mode Linux lab at a time), then everything
+# else two at a time: most of those wait on servers and agents, not on the CPU.
+# Both halves always run; make fails if either did.
 test: venv lint
-	@$(VPY) -m pytest
+	@rc=0; \
+	$(VPY) -m pytest -m lab || rc=$$?; \
+	$(VPY) -m pytest -m "not lab" -n 2 --dist worksteal || rc=$$?; \
+	exit $$rc
 
 # Every test that needs no lab, four at a time (most wait on servers, not the CPU);
 # worksteal rebalances the long tail (141 s against 171 s with --dist load, here).
