@@ -53,6 +53,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -319,6 +320,9 @@ class Journal:
     def discard(self, name: str) -> None:
         self._open()
         self._staged.pop(name, None)  # its STAGE record stays, and counts for nothing
+
+    def exclusive(self) -> AbstractContextManager[None]:
+        return nullcontext()  # one process writes a journal: the state directory's lock
 
     # -- the file ----------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ keeps its datastores in SQLite next to its key material (nc_server.storage).
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 
@@ -46,4 +47,10 @@ class DatastorePersistence(Protocol):
 
     def discard(self, name: str) -> None:
         """Forget a staged document (also called at start-up for one a crash left behind)."""
+        ...
+
+    def exclusive(self) -> AbstractContextManager[None]:
+        """Hold every other writer off for a read-modify-write made without a server
+        (``adduser``).  The state directory's lock is enough for a journal or SQLite; a
+        database shared by running servers needs their commit lock as well."""
         ...

@@ -337,12 +337,13 @@ class NetconfServer:
         fd = lock_state_dir(self.options.state_dir)
         try:
             self.app.state_dir_taken()
-            root = self.stored_running()
-            add_user(root, name, password=password, public_keys=public_keys, groups=groups)
-            try:
-                self.store_running(root)
-            except RpcErrors as exc:
-                raise ValueError(f"the account is not valid: {exc}") from None
+            with self.persistence.exclusive():
+                root = self.stored_running()
+                add_user(root, name, password=password, public_keys=public_keys, groups=groups)
+                try:
+                    self.store_running(root)
+                except RpcErrors as exc:
+                    raise ValueError(f"the account is not valid: {exc}") from None
         finally:
             os.close(fd)
 

@@ -48,8 +48,8 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -59,7 +59,7 @@ from nc_core.confirmed_commit import BACKUP, PendingCommit
 from nc_core.datastore import free
 from nc_core.errors import RpcError
 from nc_core.shared_running import NewerRunning
-from nc_server.storage import SqliteDatastores
+from nc_server.storage import SqliteDatastores, StorageError
 from nc_server.storage_postgresql import (
     CONNECT_TIMEOUT,
     PostgresStorage,
@@ -279,6 +279,53 @@ class SharedDatastores(SqliteDatastores):
         if self._owner_conn is not None:
             self._owner_conn.close()
 
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """A change of running made by a command while servers run (``adduser``): under
+        the servers' commit lock, on the running of that moment, refused while a session
+        holds running's lock or a confirmed commit is pending.  Without the lock, a
+        commit published between this read and this write would be silently undone."""
+        try:
+            conn = psycopg.connect(
+                self.postgres.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT
+            )
+        except psycopg.Error as exc:
+            raise StorageError(
+                "the shared VPN database cannot be reached: "
+                + redact_text(" ".join(str(exc).split()), self.postgres.url)
+            ) from None
+        try:
+            conn.execute(f"SET lock_timeout = '{int(COMMIT_WAIT * 1000)}ms'")
+            try:
+                conn.execute("SELECT pg_advisory_lock(%s)", (COMMIT_LOCK,))
+            except psycopg.errors.LockNotAvailable:
+                raise StorageError(
+                    f"a server's commit of running has not finished in {COMMIT_WAIT:.0f} s; "
+                    "nothing was changed: try again"
+                ) from None
+            row = conn.execute("SELECT pg_try_advisory_lock_shared(%s)", (RUNNING_LOCK,)).fetchone()
+            if not (row is not None and row[0]):
+                holder = _described(self.lock_holder("running"))
+                raise StorageError(
+                    f"the running datastore is locked by {holder}; nothing was changed: "
+                    "try again once it is unlocked"
+                )
+            conn.execute("SELECT pg_advisory_unlock_shared(%s)", (RUNNING_LOCK,))
+            record = self.confirmed_record()
+            if record is not None and self.owner_alive():
+                raise StorageError(
+                    f"a confirmed commit of server {record.server} is pending; nothing was "
+                    "changed: confirm or cancel it first"
+                )
+            self.generation = None  # running is read afresh, under the lock
+            yield
+        finally:
+            conn.close()  # the session's advisory locks go with it
+
+    def lock_holder(self, name: str) -> LockHolder | None:
+        """Which server's session holds datastore ``name``'s lock, as that server recorded."""
+        return LockHolder.decode(self.storage.get(TABLE, LOCK_KEY + name))
+
     def stage(
         self, name: str, data: bytes, *, base: bytes | None = None, shared: tuple[int, int] = (0, 0)
     ) -> None:
@@ -494,7 +541,7 @@ class PostgresSharedRunning:
         self.server.confirmed.roll_back_soon("cancel")
 
     def _holder(self, name: str) -> LockHolder | None:
-        return LockHolder.decode(self.datastores.storage.get(TABLE, LOCK_KEY + name))
+        return self.datastores.lock_holder(name)
 
     # -- following the other servers ---------------------------------------------------
 

@@ -19,7 +19,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Protocol
 
@@ -193,3 +193,6 @@ class SqliteDatastores:
 
     def discard(self, name: str) -> None:
         self._staged.pop(name, None)
+
+    def exclusive(self) -> AbstractContextManager[None]:
+        return nullcontext()  # SQLite is one server's: the state directory's lock

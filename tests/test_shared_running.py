@@ -9,16 +9,21 @@ have no CE enrolled: which server provisions a CE is not shared yet.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from lxml import etree
 from ncclient.operations.rpc import RPCError
 
+from nc_core import faults
 from tests.controller import vpn_xml
 from tests.netconf_server import ADMIN, ServerProcess, free_port, ncclient_connect
 from tests.waiting import wait_for
@@ -352,3 +357,89 @@ def test_a_commit_on_a_running_changed_elsewhere_at_other_nodes_is_redone_on_it(
         assert customers(mb) == {"amber": "acme", "beryl": "acme"}
         ma.edit_config(target="running", config=customer_of("amber", "later"))  # a's turn
         assert customers(ma) == {"amber": "later", "beryl": "acme"}
+
+
+# -- cevpn-server adduser while servers run ---------------------------------------------
+
+OPERATOR = ("oper2", "Oper2-pw-9v")
+
+
+def can_log_in(server: ServerProcess, user: tuple[str, str]) -> bool:
+    try:
+        with ncclient_connect(server, user):
+            return True
+    except Exception:
+        return False
+
+
+def waiting_for_an_advisory_lock(url: str) -> bool:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        ).fetchone()
+    return bool(row and row[0])
+
+
+def test_adduser_while_servers_run_reaches_every_server(
+    pair: tuple[ServerProcess, ServerProcess], tmp_path: Path, postgres_url: str
+) -> None:
+    a, b = pair
+    tool = ServerProcess("cevpn-server", tmp_path / "tool", free_port(), database=postgres_url)
+    tool.adduser(OPERATOR[0], OPERATOR[1], ("operators",))
+    wait_for(lambda: can_log_in(a, OPERATOR), 10, "the new account on a")
+    wait_for(lambda: can_log_in(b, OPERATOR), 10, "the new account on b")
+
+
+def test_adduser_is_refused_while_a_session_holds_the_running_lock(
+    pair: tuple[ServerProcess, ServerProcess], tmp_path: Path, postgres_url: str
+) -> None:
+    a, b = pair
+    tool = ServerProcess("cevpn-server", tmp_path / "tool", free_port(), database=postgres_url)
+    with ncclient_connect(a) as ma:
+        ma.lock(target="running")
+        with pytest.raises(subprocess.CalledProcessError) as refused:
+            tool.adduser(OPERATOR[0], OPERATOR[1], ("operators",))
+        assert b"the running datastore is locked by session" in refused.value.stderr
+        assert b"nothing was changed" in refused.value.stderr
+    assert not can_log_in(b, OPERATOR)
+
+
+@pytest.fixture
+def commits_stop_at_compile(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[Path, Path]:
+    """Servers started after this stop (SIGSTOP) inside a commit, at its compile step, while
+    the file ``armed`` exists; ``report`` names the step once reached."""
+    armed, report = tmp_path / "armed", tmp_path / "reached"
+    monkeypatch.setenv(faults.ENV, "compile=stop")
+    monkeypatch.setenv(faults.ARMED_ENV, str(armed))
+    monkeypatch.setenv(faults.REPORT_ENV, str(report))
+    return armed, report
+
+
+def test_adduser_waits_for_a_commit_in_progress_and_keeps_it(
+    commits_stop_at_compile: tuple[Path, Path],
+    pair: tuple[ServerProcess, ServerProcess],
+    tmp_path: Path,
+    postgres_url: str,
+) -> None:
+    """Without the servers' commit lock, adduser would write the running it read before
+    the commit was published, and undo that commit."""
+    armed, report = commits_stop_at_compile
+    a, b = pair
+    tool = ServerProcess("cevpn-server", tmp_path / "tool", free_port(), database=postgres_url)
+    with ncclient_connect(a) as ma, ThreadPoolExecutor(2) as pool:
+        armed.touch()
+        committed = pool.submit(edit_running, ma, config(vpn_xml("jade")))
+        wait_for(lambda: report.exists() and "compile" in report.read_text(), 30, "a stopped")
+        armed.unlink()  # b compiles when it adopts the commit: it must not stop
+        assert a.proc is not None
+        try:
+            added = pool.submit(tool.adduser, OPERATOR[0], OPERATOR[1], ("operators",))
+            wait_for(lambda: waiting_for_an_advisory_lock(postgres_url), 30, "adduser waiting")
+            assert not added.done()
+        finally:
+            os.kill(a.proc.pid, signal.SIGCONT)
+        assert committed.result(60) is None
+        added.result(60)
+    wait_for(lambda: can_log_in(b, OPERATOR), 10, "the new account on b")
+    with ncclient_connect(b) as mb:
+        wait_for(lambda: "jade" in customers(mb), 10, "the commit on b")
