@@ -63,6 +63,26 @@ def prepare_host() -> None:
     if not link.exists():
         link.symlink_to(UML_MODULES / versions[-1])
     compile_checkout()
+    xstate_shim()
+
+
+SHIM_SOURCE = ROOT / "lab" / "xstate_shim.c"
+SHIM = ROOT / "build" / "lab" / "xstate_shim.so"
+
+
+def xstate_shim() -> Path:
+    """The LD_PRELOAD library every guest runs with (lab/xstate_shim.c: UML 6.1 panics on
+    a host whose XSAVE area outgrows its buffer, a CPU with AMX), built when missing or
+    older than its source.  On other hosts it passes every request through unchanged."""
+    if not SHIM.exists() or SHIM.stat().st_mtime < SHIM_SOURCE.stat().st_mtime:
+        SHIM.parent.mkdir(parents=True, exist_ok=True)
+        built = SHIM.with_suffix(f".{os.getpid()}.tmp")
+        subprocess.run(
+            ["cc", "-O2", "-Wall", "-shared", "-fPIC", "-o", str(built), str(SHIM_SOURCE), "-ldl"],
+            check=True,
+        )
+        os.replace(built, SHIM)
+    return SHIM
 
 
 def compile_checkout() -> None:
@@ -159,6 +179,7 @@ def run_guest(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        env={**os.environ, "LD_PRELOAD": str(xstate_shim())},
     )
     if on_line is not None:
         out = _stream(proc, on_line, timeout, umid)
