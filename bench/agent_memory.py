@@ -7,7 +7,8 @@ The agent runs in this process exactly as in a farm of bench/agent_farm.py
 provisioning exchange is played by a client in another process (so the client's
 memory is not counted): ``<discard-changes/>``, an ``<edit-config>`` of the
 candidate with every peer, ``<commit><confirmed/>`` with a ``<persist>`` token, then
-the confirming ``<commit>`` on a second session, as nc_server/southbound.py does.
+the confirming ``<commit>`` on a second session, as nc_server/southbound.py does; then
+two one-peer changes the same way (two sites added, as in bench/server_bench.py).
 
 Reported: VmRSS (/proc/self/status) after start-up with an empty configuration and
 after the configuration is in place (the difference is what one more agent of a farm
@@ -71,6 +72,15 @@ def client(port: int, key: str, host_key: str, peers: int) -> None:
         timeout=600,
     )
     b.rpc_ok(f"<commit><persist-id>{token}</persist-id></commit>", timeout=600)
+    for extra in (peers, peers + 1):  # then two sites added, one peer each (steps B, C)
+        token = secrets.token_hex(16)
+        a.rpc_ok("<discard-changes/>")
+        a.rpc_ok(f"<edit-config><target><candidate/></target>{config(peer(extra))}</edit-config>")
+        a.rpc_ok(
+            "<commit><confirmed/><confirm-timeout>120</confirm-timeout>"
+            f"<persist>{token}</persist></commit>"
+        )
+        b.rpc_ok(f"<commit><persist-id>{token}</persist-id></commit>")
     a.close()
     b.close()
 
@@ -146,6 +156,8 @@ def probe(server: Any) -> dict[str, float]:
         "candidate_tree": server.datastores["candidate"].tree is not None,
         "spare": server._spare is not None,
         "running_document": server._running_document is not None,
+        "validations": dict(server.validator.counts),
+        "spare_copies": server.spare_copies,
     }
     return out
 
