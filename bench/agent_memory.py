@@ -27,7 +27,6 @@ import gc
 import json
 import os
 import secrets
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,16 +55,13 @@ def client(port: int, key: str, host_key: str, peers: int) -> None:
     b = ThinNetconfClient.connect("127.0.0.1", port, "bench", key, host_key, timeout=600)
     pub = Path(key + ".pub").read_text().strip()
     a.rpc_ok(
-        "<edit-config><target><running/></target>"
-        f"{config(preconfiguration(pub))}</edit-config>",
+        f"<edit-config><target><running/></target>{config(preconfiguration(pub))}</edit-config>",
         timeout=600,
     )
     token = secrets.token_hex(16)
     a.rpc_ok("<discard-changes/>")
     body = "".join(peer(i) for i in range(peers))
-    a.rpc_ok(
-        f"<edit-config><target><candidate/></target>{config(body)}</edit-config>", timeout=600
-    )
+    a.rpc_ok(f"<edit-config><target><candidate/></target>{config(body)}</edit-config>", timeout=600)
     a.rpc_ok(
         "<commit><confirmed/><confirm-timeout>120</confirm-timeout>"
         f"<persist>{token}</persist></commit>",
@@ -119,7 +115,7 @@ def in_use_mb() -> float:
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = MallInfo2
     info = libc.mallinfo2()
-    return (info.uordblks + info.hblkhd) / 2**20
+    return float(info.uordblks + info.hblkhd) / 2**20
 
 
 def probe(server: Any) -> dict[str, float]:
@@ -147,7 +143,11 @@ def probe(server: Any) -> dict[str, float]:
     tree = running.tree
     if tree is not None:
         base = in_use_mb()
-        dup = tree.duplicate(with_siblings=True, recursive=True) if hasattr(tree, "duplicate") else None
+        dup = (
+            tree.duplicate(with_siblings=True, recursive=True)
+            if hasattr(tree, "duplicate")
+            else None
+        )
         out["libyang_copy_mb"] = in_use_mb() - base
         if dup is not None:
             dup.free()
@@ -188,9 +188,7 @@ async def agent(
         ).add_user_offline("bench", password=None, public_keys=[pair.public_line],
                            groups=["admin"])  # fmt: skip
         app = AgentApplication(state_dir, None, dataplane="none")
-        server = NetconfServer(
-            ServerOptions(state_dir=state_dir, host="127.0.0.1", port=port), app
-        )
+        server = NetconfServer(ServerOptions(state_dir=state_dir, host="127.0.0.1", port=port), app)
         await server.load()
         listener = Listener(server)
         server.listener = listener
@@ -205,9 +203,16 @@ async def agent(
     started = time.perf_counter()
     procs = [
         await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bench.agent_memory", "--client", str(port), str(key),
-            host_key, str(peers), cwd=ROOT,
-        )  # fmt: skip
+            sys.executable,
+            "-m",
+            "bench.agent_memory",
+            "--client",
+            str(port),
+            str(key),
+            host_key,
+            str(peers),
+            cwd=ROOT,
+        )
         for _, _, port, host_key in servers
     ]
     for proc in procs:
@@ -289,7 +294,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="cevpn-agent-memory-") as tmp:
         os.chmod(tmp, 0o700)
-        result = uvloop.run(agent(args.peers, args.agents, Path(tmp), args.tracemalloc, args.census))
+        result = uvloop.run(
+            agent(args.peers, args.agents, Path(tmp), args.tracemalloc, args.census)
+        )
     print(json.dumps(result, indent=1))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1) + "\n")

@@ -642,7 +642,9 @@ class Validator:
         if fresh and keys[-len(fresh) :] != fresh:
             return None  # new entries elsewhere than after the others
         changed = [
-            (e, k) for e, k in zip(now, keys, strict=True) if before.get(k) != digest(etree.tostring(e))
+            (e, k)
+            for e, k in zip(now, keys, strict=True)
+            if before.get(k) != digest(etree.tostring(e))
         ]
         if len(changed) + len(before) - len(kept) > FEW_ENTRIES:
             return None
