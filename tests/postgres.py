@@ -201,10 +201,7 @@ class ReplicatedPostgres:
 
     def url(self, dbname: str, *, password: str = PASSWORD) -> str:
         hosts = f"127.0.0.1:{self.primary.port},127.0.0.1:{self.standby.port}"
-        return (
-            f"postgresql://{ROLE}:{password}@{hosts}/{dbname}"
-            "?target_session_attrs=read-write"
-        )
+        return f"postgresql://{ROLE}:{password}@{hosts}/{dbname}?target_session_attrs=read-write"
 
     def database(self) -> str:
         """A new database owned by the test role, made on the primary (and so on the
@@ -231,7 +228,9 @@ class ReplicatedPostgres:
 
     def promote(self) -> None:
         self.standby._pg("pg_ctl", "promote", "-w", "-D", str(self.standby.data))
-        wait_for(lambda: not self.standby.in_recovery(), 60, "the promoted standby to leave recovery")
+        wait_for(
+            lambda: not self.standby.in_recovery(), 60, "the promoted standby to leave recovery"
+        )
 
 
 @contextlib.contextmanager
