@@ -138,7 +138,20 @@ def test_the_standby_is_synchronous(replicated_postgres: ReplicatedPostgres) -> 
 
 
 def test_every_acknowledged_commit_survives_the_failover_and_commits_work_again(
-    server: ServerProcess, replicated_postgres: ReplicatedPostgres
+    server: ServerProcess, replicated_postgres: ReplicatedPostgres, tmp_path: Path
+) -> None:
+    assert server.database is not None
+    # A second server on the same URL, which only follows: it too reconnects by itself.
+    other = ServerProcess("cevpn-server", tmp_path / "other", free_port(), database=server.database)
+    other.start()
+    try:
+        _stream_through_failover(server, other, replicated_postgres)
+    finally:
+        other.stop()
+
+
+def _stream_through_failover(
+    server: ServerProcess, other: ServerProcess, replicated_postgres: ReplicatedPostgres
 ) -> None:
     assert server.database is not None
     stream = CommitStream(server)
@@ -204,9 +217,12 @@ def test_every_acknowledged_commit_survives_the_failover_and_commits_work_again(
     # What the server shows is what the database holds (a refused commit that the database
     # made nonetheless, its acknowledgement lost, is adopted).
     assert seen == stored
+    with ncclient_connect(other) as m:
+        wait_for(lambda: running_vpns(m) == stored, 10, "the other server following")
 
     log = server.log_path.read_text()
     assert PASSWORD not in log
+    assert PASSWORD not in other.log_path.read_text()
     assert "the VPN database" in log  # the connection errors are logged, redacted
 
 
