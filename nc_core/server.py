@@ -933,7 +933,19 @@ class NetconfServer:
                 ) from exc
             raise
         if persist:
-            self.persistence.publish("running")
+            try:
+                self.persistence.publish("running")
+            except Exception as exc:
+                await self._unapply(txn)
+                free(new_tree)
+                log.error("commit not stored: %s", exc)
+                raise RpcError(
+                    "operation-failed",
+                    f"The change could not be stored ({exc}), so it was not made here. If "
+                    "the database's connection broke while it committed, the database may "
+                    "have it all the same: running shows what the database holds once it is "
+                    "reached again.",
+                ) from None
         # The stored bytes of running, which the next commit's document is spliced from (not
         # known for a running adopted from another server: the next one is serialised whole).
         self._running_document = None if staged is None else (canonical, staged)
@@ -955,6 +967,31 @@ class NetconfServer:
         log_commit(session, reason, changes, self.index)
         heap.after_commit(changes)
         return changes
+
+    async def _unapply(self, txn: Transaction) -> None:
+        """The application had applied ``txn`` when its persistence failed: take it back to
+        running as it still is (a transaction the other way)."""
+        running = self.datastores["running"]
+        back = Transaction(
+            old=txn.new,
+            new=running.root,
+            old_tree=txn.new_tree,
+            new_tree=running.tree,
+            changes=diff(txn.new, running.root, self.index),
+            user=None,
+            session_id=0,
+            reason="rollback",
+            defaults=self.schema.defaults_json(),
+        )
+        try:
+            await self.app.validate(back)
+            await self.app.prepare(back)
+            await self.app.apply(back)
+        except Exception:
+            log.exception(
+                "the application could not be taken back to running after a failed commit"
+            )
+            await self.app.abort(back)
 
     def private_copy(self, root: etree._Element) -> etree._Element:
         """A copy of a datastore tree for an edit to change: of running's, made from the

@@ -267,7 +267,8 @@ class SharedDatastores(SqliteDatastores):
             super().write(name, data)
             return
         with self.storage.transaction():
-            self._store_running(data, self.stored_generation())
+            new = self._store_running(data, self.stored_generation())
+        self.generation = new  # committed: never before (a failed COMMIT leaves it as it was)
 
     def delete(self, name: str) -> None:
         if name == BACKUP:
@@ -341,7 +342,8 @@ class SharedDatastores(SqliteDatastores):
         with self.storage.transaction():
             stored = self.stored_generation()
             self._check_base(stored)
-            self._store_running(data, stored)
+            new = self._store_running(data, stored)
+        self.generation = new  # committed: never before (a failed COMMIT leaves it as it was)
 
     def _check_base(self, stored: Generation) -> None:
         """The fence: under the commit lock no other server can commit, so this fails only
@@ -353,12 +355,18 @@ class SharedDatastores(SqliteDatastores):
                 "make the change again"
             )
 
-    def _store_running(self, data: bytes, stored: Generation) -> None:
+    def _store_running(self, data: bytes, stored: Generation) -> int:
+        """Write running as the generation after ``stored``, in the caller's transaction;
+        that generation, which becomes this server's once the transaction commits.
+
+        A COMMIT whose connection breaks (the primary database died) may or may not have
+        been made: this server's generation stays the one before, so that the follower
+        adopts the commit if the database (the promoted standby) has it."""
         new = Generation(stored.number + 1, self.name)
         self.storage.put(self.TABLE, "running", data)
         self.storage.put(TABLE, GENERATION_KEY, new.encode())
         self.postgres.notify(CHANNEL, str(new.number))
-        self.generation = new.number
+        return new.number
 
 
 @dataclass(frozen=True)
@@ -398,10 +406,11 @@ class PostgresSharedRunning:
                 self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT
             )
         except psycopg.Error as exc:
+            detail = redact_text(" ".join(str(exc).split()), self.url)
+            log.warning("the VPN database cannot be reached: %s", detail)
             raise RpcError(
                 "resource-denied",
-                "The shared VPN database cannot be reached: "
-                + redact_text(" ".join(str(exc).split()), self.url),
+                f"The shared VPN database cannot be reached: {detail}; nothing was changed.",
             ) from None
 
     async def _commit_connection(self) -> psycopg.AsyncConnection[Any]:
@@ -426,7 +435,11 @@ class PostgresSharedRunning:
                 "nothing was changed: try again.",
             ) from None
         except psycopg.Error as exc:
-            await conn.close()
+            await conn.close()  # the next commit connects again (to the promoted standby)
+            log.warning(
+                "commit refused: the VPN database: %s",
+                redact_text(" ".join(str(exc).split()), self.url),
+            )
             raise RpcError(
                 "operation-failed",
                 "The commit could not be serialised with the other servers' (database: "
@@ -434,9 +447,12 @@ class PostgresSharedRunning:
                 + "); nothing was changed.",
             ) from None
         try:
-            await self._check_running_not_locked_elsewhere(conn)
-            newer = await self._catch_up_locked()
-            operation = self._check_confirmed_commit()
+            try:
+                await self._check_running_not_locked_elsewhere(conn)
+                newer = await self._catch_up_locked()
+                operation = self._check_confirmed_commit()
+            except (psycopg.Error, StorageError) as exc:
+                raise database_lost(exc, self.url) from None
             yield newer
             if operation in ("confirm", "rollback"):
                 self.datastores.delete(BACKUP)  # inside the commit lock: no one rolls back twice
@@ -594,7 +610,7 @@ class PostgresSharedRunning:
                 raise
             except Exception as exc:
                 log.warning(
-                    "following the other servers: %s; reconnecting",
+                    "following the other servers: the VPN database: %s; reconnecting",
                     redact_text(" ".join(str(exc).split()), self.url),
                 )
                 await asyncio.sleep(1.0)
@@ -611,10 +627,19 @@ class PostgresSharedRunning:
     async def lock(self, name: str, session_id: int) -> None:
         async with self._lock_conn_use:
             conn = self._lock_conn
+            if conn is not None and not conn.closed:
+                try:
+                    await conn.execute("SELECT 1")
+                except psycopg.Error:
+                    await conn.close()  # broken (the database failed over): connect again
             if conn is None or conn.closed:
                 conn = self._lock_conn = await self._connect()
-            cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (RUNNING_LOCK,))
-            row = await cur.fetchone()
+            try:
+                cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (RUNNING_LOCK,))
+                row = await cur.fetchone()
+            except psycopg.Error as exc:
+                await conn.close()
+                raise database_lost(exc, self.url) from None
             if row is None or not row[0]:
                 holder = self._holder(name)
                 raise RpcError(
@@ -654,6 +679,19 @@ class PostgresSharedRunning:
             if conn is not None and not conn.closed:
                 await conn.close()
         self.datastores.close()
+
+
+def database_lost(exc: BaseException, url: str) -> RpcError:
+    """The refusal of an operation whose database connection failed before it changed
+    anything (the primary database died, say: it works again once the standby is
+    promoted)."""
+    detail = redact_text(" ".join(str(exc).split()), url)
+    log.warning("the VPN database: %s", detail)
+    return RpcError(
+        "operation-failed",
+        f"The VPN database could not be used ({detail}); nothing was changed: try again "
+        "(if the primary database failed, once its standby is promoted).",
+    )
 
 
 def confirmed_elsewhere(record: ConfirmedRecord | None) -> RpcError:

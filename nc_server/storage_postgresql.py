@@ -28,6 +28,17 @@ database whose schema is newer than this code is refused.
 The connection string may carry a password: it never appears in an error or a
 log line (:func:`redact`); a password file (``~/.pgpass``, ``PGPASSFILE``) keeps
 it off the command line altogether.
+
+A primary and its standby are given as one multi-host URL
+(``postgresql://user@primary:5432,standby:5432/cevpn?target_session_attrs=read-write``):
+every connection, the pool's included, goes to whichever of them accepts
+writes.  When the primary dies, a statement on a broken connection fails with
+:class:`DatabaseUnavailable` (the caller's rpc-error: nothing acknowledged);
+the pool drops broken connections when it hands them out
+(``check_connection``), and its reconnection attempts never back off for more
+than :data:`RECONNECT` seconds, so once the standby is promoted the next use of
+the storage reaches it (docs/server.md, "A standby database").  No use of the
+storage waits more than :data:`POOL_WAIT` seconds for a connection.
 """
 
 from __future__ import annotations
@@ -40,7 +51,7 @@ from typing import Any
 from urllib.parse import unquote
 
 import psycopg
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from nc_server.storage import StorageError
 
@@ -67,6 +78,12 @@ WRITE_LOCK = 0x636576706E_0002
 URL_SCHEMES = ("postgresql://", "postgres://")
 CONNECT_TIMEOUT = 10
 POOL_SIZE = 8
+POOL_WAIT = 10.0
+"""Seconds a use of the storage waits for a connection before it fails (database down)."""
+RECONNECT = 5.0
+"""Seconds the pool goes on retrying one reconnection before it starts a new one: its
+back-off between attempts (1, 2, 4 s...) never grows past this, so a standby promoted
+after a long outage is reached within seconds."""
 
 
 class SchemaTooNew(StorageError):
@@ -151,6 +168,10 @@ def _connection_error(url: str, exc: BaseException) -> DatabaseUnavailable:
     return DatabaseUnavailable(f"cannot use the database {redact(url)}: {detail}")
 
 
+UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
+"""What a lost or unreachable database raises (a statement's own errors are not these)."""
+
+
 class _ThreadState(threading.local):
     connection: psycopg.Connection[Any] | None = None
     depth = 0
@@ -178,6 +199,8 @@ class PostgresStorage:
                 configure=_durable,
                 check=ConnectionPool.check_connection,
                 name="cevpn-storage",
+                timeout=POOL_WAIT,
+                reconnect_timeout=RECONNECT,
                 open=False,
             )
             try:
@@ -197,8 +220,11 @@ class PostgresStorage:
         if self._local.connection is not None:
             yield self._local.connection
             return
-        with self._pool.connection() as conn:
-            yield conn
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except UNAVAILABLE as exc:
+            raise _connection_error(self.url, exc) from None
 
     def get(self, table: str, key: str) -> bytes | None:
         with self._reading() as conn:
@@ -256,13 +282,18 @@ class PostgresStorage:
             finally:
                 state.depth -= 1
             return
-        with self._transactions, self._pool.connection() as conn, conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
-            state.connection, state.depth = conn, 1
-            try:
-                yield
-            finally:
-                state.connection, state.depth = None, 0
+        try:
+            with self._transactions, self._pool.connection() as conn, conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+                state.connection, state.depth = conn, 1
+                try:
+                    yield
+                finally:
+                    state.connection, state.depth = None, 0
+        except UNAVAILABLE as exc:
+            # Lost before COMMIT: nothing was written.  Lost during COMMIT: the outcome is
+            # unknown (the caller must not acknowledge it, and reads what is stored later).
+            raise _connection_error(self.url, exc) from None
 
     def close(self) -> None:
         self._pool.close()

@@ -33,4 +33,4 @@ def service_schema():
 
 
 # A real PostgreSQL (tests/postgres.py), started only when a test asks for it.
-from tests.postgres import postgres, postgres_url  # noqa: E402, F401
+from tests.postgres import postgres, postgres_url, replicated_postgres  # noqa: E402, F401
