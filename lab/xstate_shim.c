@@ -81,9 +81,15 @@ long ptrace(enum __ptrace_request request, ...)
     size_t n = iov->iov_len;
     memset(whole, 0, host_size);
     memcpy(whole, iov->iov_base, n);
+    static size_t mask_len;
+    static uint64_t mask;
+    if (mask_len != n) { /* once: CPUID traps to the hypervisor in a VM, ~60 calls here */
+        mask = components_within(n);
+        mask_len = n;
+    }
     uint64_t bv;
     memcpy(&bv, whole + XSTATE_BV_OFFSET, sizeof bv);
-    bv &= components_within(n);
+    bv &= mask;
     memcpy(whole + XSTATE_BV_OFFSET, &bv, sizeof bv);
     all.iov_len = host_size;
     return real_ptrace(request, pid, addr, &all);
