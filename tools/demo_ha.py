@@ -617,6 +617,7 @@ def main() -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminated)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with it ignored
     print("cevpn demo-ha: two VPN servers and a replicated PostgreSQL on this machine; "
           f"{args.sites} CEs without a data plane; work directory {work}")  # fmt: skip
     demo = Demo(work, args.sites, not args.no_promotion)
