@@ -65,6 +65,8 @@ NS = {"s": SVC}
 VPN = "acme"
 ADMIN = ("noc", "noc-demo-password")  # a throw-away account of a throw-away database
 T0 = time.monotonic()
+SERVER_PIDS: dict[int, str] = {}
+"""Each server process the demo started, by pid: its name (A, B) in the owner leaves shown."""
 
 
 # -- presentation ----------------------------------------------------------------------
@@ -126,6 +128,7 @@ class Server:
                  "--listen", f"{self.host}:{self.port}", "--database", self.database],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
+        SERVER_PIDS[self.proc.pid] = self.name
         if wait_until(self.listening, 30, 0.05) is None:
             raise Abort(f"server {self.name} did not listen (see {self.log})")
 
@@ -228,7 +231,13 @@ def owners(prov: dict[str, dict[str, str]]) -> str:
             by.setdefault(leaves["owner"], []).append(site)
     if not by:
         return "every server provisions every CE (no CE ownership on this version)"
-    return "; ".join(f"{owner}: {' '.join(sites)}" for owner, sites in sorted(by.items()))
+
+    def named(owner: str) -> str:
+        for pid, name in SERVER_PIDS.items():
+            owner = owner.replace(f"(pid {pid})", f"(pid {pid}, server {name})")
+        return owner
+
+    return "; ".join(f"{named(owner)}: {' '.join(sites)}" for owner, sites in sorted(by.items()))
 
 
 def vpns_of(document: bytes | str) -> set[str]:
