@@ -6,7 +6,7 @@ YANGDIR := yang
 IETF    := $(VENV)/share/yang/modules
 MODULES := $(YANGDIR)/cevpn-types.yang $(YANGDIR)/cevpn-ce.yang $(YANGDIR)/cevpn-service.yang
 
-.PHONY: all deps venv docs bindings lint lint-yang test unit demo clean
+.PHONY: all deps venv docs bindings lint lint-yang test unit demo demo-ha clean
 
 all: test
 
@@ -54,6 +54,11 @@ unit: venv
 
 demo: venv
 	@$(VPY) tools/demo.py
+
+# Two servers and a primary + synchronous standby PostgreSQL on this machine (no lab):
+# a server and then the primary database are killed; nothing acknowledged is lost.
+demo-ha: venv
+	@$(VPY) tools/demo_ha.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist cevpn.egg-info
