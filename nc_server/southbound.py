@@ -466,6 +466,7 @@ class Southbound:
         needs_peer_list: bool,
         touches_management: bool = False,
         confirm_endpoint: Endpoint | None = None,
+        fence: Callable[[], None] = lambda: None,
     ) -> Timings:
         """Edit, commit confirmed, confirm.  ``make_config`` gets the CE's current peer
         names when ``needs_peer_list`` (a full resynchronisation), else None, and gives the
@@ -475,6 +476,10 @@ class Southbound:
         ``confirm_endpoint`` if given, when ``touches_management`` or when
         that endpoint differs from ``endpoint`` (the change moves the CE's
         management port).
+
+        ``fence`` raises (nc_server.leases.Fenced) when this server may no longer push
+        to the CE: it is called just before the edit, the commit and the confirmation
+        go out, and what it raises propagates (the CE rolls back an unconfirmed commit).
         """
         timings = Timings()
         token = secrets.token_hex(16)
@@ -485,8 +490,9 @@ class Southbound:
             link = await self._link(site, endpoint, timings)
             try:
                 await self._edit_and_commit(
-                    link, make_config, needs_peer_list, confirm_timeout, token, timeout, timings
-                )
+                    link, make_config, needs_peer_list, confirm_timeout, token, timeout, timings,
+                    fence,
+                )  # fmt: skip
                 break
             except RpcFailed as exc:
                 if exc.app_tag == PERSISTENT_COMMIT_PENDING:
@@ -515,6 +521,7 @@ class Southbound:
                 else:
                     link = await CeLink.open(confirm_at, timings)
                     self._adopt(site, link)
+            fence()
             with timings.exchange(1):
                 await link.confirmer.rpc(confirming_commit(token), min(timeout, confirm_timeout))
         except (CeUnreachable, SessionLost, RpcFailed) as exc:
@@ -548,15 +555,18 @@ class Southbound:
         token: str,
         timeout: float,
         timings: Timings,
+        fence: Callable[[], None],
     ) -> None:
         """Steps 1: the edit (discard and edit-config pipelined), then the confirmed commit."""
         peers = await self._present_peers(link, timings) if needs_peer_list else None
         edit = edit_candidate(make_config(peers))
+        fence()
         with timings.exchange(3):
             # One write, one SSH packet: the CE answers the two in order.
             discarded, edited = link.editor.send_all([DISCARD_BYTES, edit])
             await link.editor.wait(discarded, timeout)
             await link.editor.wait(edited, timeout)
+            fence()
             await link.editor.rpc(commit_confirmed(confirm_timeout, token), timeout)
 
     async def _present_peers(self, link: CeLink, timings: Timings) -> list[str]:
