@@ -66,6 +66,7 @@ from typing import Protocol
 from lxml import etree
 
 from nc_core.asyncssh_import import asyncssh
+from nc_core import faults
 from nc_core.confirmed_commit import PERSISTENT_COMMIT_PENDING
 from nc_core.endpoint import Endpoint
 from nc_core.netconf_client import NetconfSession, RpcFailed, SessionLost, connect_ssh
@@ -501,6 +502,13 @@ class Southbound:
                         "of (the server restarted during a push): it rolls back by itself at "
                         "its confirm timeout, then the push is retried"
                     ) from None
+                if exc.app_tag == "running-changed":
+                    # The CE changed its own running meanwhile (its start-up fetch, say):
+                    # not a refusal of the configuration; pushed again, in full.
+                    raise CeBusy(
+                        "the CE's running configuration changed while the push was made (its "
+                        "own fetch): the push is retried"
+                    ) from None
                 raise _refused(exc) from None
             except SessionLost as exc:
                 self._cut(site, link)
@@ -509,6 +517,7 @@ class Southbound:
                 # The standing link had died unnoticed (the CE restarted between
                 # keepalives): once more, on a new link, which is not retried again.
                 retried = True
+        faults.point("push-committed", site)  # tests: a server stopped mid-push
         confirm_at = confirm_endpoint or endpoint
         fresh = touches_management or _where(confirm_at) != _where(endpoint)
         try:
