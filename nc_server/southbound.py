@@ -65,8 +65,8 @@ from typing import Protocol
 
 from lxml import etree
 
-from nc_core.asyncssh_import import asyncssh
 from nc_core import faults
+from nc_core.asyncssh_import import asyncssh
 from nc_core.confirmed_commit import PERSISTENT_COMMIT_PENDING
 from nc_core.endpoint import Endpoint
 from nc_core.netconf_client import NetconfSession, RpcFailed, SessionLost, connect_ssh
