@@ -215,6 +215,10 @@ class SharedOwnership:
             # A renewal that cannot finish in time is worth nothing: give up and retry.
             timeout_ms = int(self.times.renew * 1000)
             await self._conn.execute(f"SET statement_timeout = {timeout_ms}")
+            # A server frozen inside its renewal (SIGSTOP, a pause) must not keep the
+            # ownership lock from the others, who are to take its CEs over: the database
+            # ends its session, and its transaction with it, after this long.
+            await self._conn.execute(f"SET idle_in_transaction_session_timeout = {timeout_ms}")
         return self._conn
 
     async def renew(self) -> None:
