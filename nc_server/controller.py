@@ -241,6 +241,11 @@ class Controller:
         """Service rules, then compilation, of every VPN that changed: what a commit, a
         <validate>, a test-only edit and `cevpn-server validate` are all refused for
         (RpcErrors, at most MAX_REPORTED)."""
+        if txn.reason == "replicated":
+            # Another server committed and compiled this running, making any key material
+            # it needed: compile with that material (read again), never with new material
+            # of this server's, or the two would push different keys to the CEs they own.
+            self.keys.reload()
         new = txn.new_json().get(SVC, {})
         old_vpns = {v["id"]: v for v in txn.old_json().get(SVC, {}).get("vpn", [])}
         compiled: dict[str, VpnState] = {}

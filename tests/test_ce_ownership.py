@@ -208,15 +208,22 @@ def test_each_ce_has_exactly_one_owner_and_a_new_site_is_provisioned_by_its_owne
     assert set(owners) == {f"s{n}" for n in range(1, N + 1)}
     by_server = {names[o] for o, _ in owners.values()}
     assert by_server == {"a", "b"}, owners
-    # Both servers say the same owner for every CE (the provisioning owner leaf).
-    for key in ("a", "b"):
-        view = cluster.provisioning(key)
+    # Both servers say the same owner for every CE (the provisioning owner leaf), and
+    # compiled the same configuration for it (the same keys: one pushes, the other answers
+    # the CE's fetches).
+    views = {key: cluster.provisioning(key) for key in ("a", "b")}
+    for view in views.values():
         assert {s: view[s]["owner"] for s in owners} == {s: o for s, (o, _) in owners.items()}
+    assert {s: views["a"][s]["target-version"] for s in owners} == {
+        s: views["b"][s]["target-version"] for s in owners
+    }
     # Each CE was changed only by its owner.
     # (A CE that fetched its configuration at start-up before the push has none.)
     for site, servers in assert_one_server_at_a_time(cluster).items():
         assert servers in ([], [names[owners[site][0]]]), (site, servers)
-    # A site added (through server b): provisioned by its owner, whichever that is.
+    # A site added (through server b): it and every CE that gains it as a peer are
+    # provisioned by their owners, whichever server that is.
+    before = {f"s{n}": len(cluster.commits(f"s{n}")) for n in range(1, N + 1)}
     ctl = cluster.ctl
     ctl.server = cluster.servers["b"]
     port = ctl.add_site("jade", f"s{N + 1}", N + 1, f"10.{N + 1}.0.0/24")
@@ -230,7 +237,15 @@ def test_each_ce_has_exactly_one_owner_and_a_new_site_is_provisioned_by_its_owne
         60,
         f"{site} in-sync on {owner}",
     )
-    assert {server for _, server in cluster.commits(site)} == {owner}
+    # (The new CE may have fetched its configuration at start-up before any push.)
+    assert {server for _, server in cluster.commits(site)} <= {owner}
+
+    def pushed_the_new_peer() -> bool:
+        return all(len(cluster.commits(s)) > before[s] for s in before)
+
+    wait_for(pushed_the_new_peer, 60, "every CE pushed its new peer")
+    for s, count in before.items():
+        assert {server for _, server in cluster.commits(s)[count:]} == {names[owners[s][0]]}, s
 
 
 def test_a_server_killed_mid_push_has_its_ces_taken_over_within_10_s_and_all_end_in_sync(
