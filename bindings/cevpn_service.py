@@ -4274,7 +4274,7 @@ class yc_provisioning_cevpn_service__vpn_service_vpn_site_provisioning(PybindBas
 
   YANG Description: Where provisioning of this CE stands.
   """
-  __slots__ = ('_path_helper', '_extmethods', '__status','__status_since','__target_version','__applied_version','__last_contact','__last_error','__retry_count','__next_attempt','__peer_count','__called_from',)
+  __slots__ = ('_path_helper', '_extmethods', '__status','__status_since','__target_version','__applied_version','__last_contact','__last_error','__retry_count','__next_attempt','__peer_count','__called_from','__owner',)
 
   _yang_name = 'provisioning'
   _yang_namespace = 'urn:cevpn:yang:cevpn-service'
@@ -4305,6 +4305,7 @@ class yc_provisioning_cevpn_service__vpn_service_vpn_site_provisioning(PybindBas
     self.__next_attempt = YANGDynClass(base=RestrictedClassType(base_type=str, restriction_dict={'pattern': '\\d{4}-\\d{2}-\\d{2}T\\d{2}:\\d{2}:\\d{2}(\\.\\d+)?(Z|[\\+\\-]\\d{2}:\\d{2})'}), is_leaf=True, yang_name="next-attempt", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='yang:date-and-time', is_config=False)
     self.__peer_count = YANGDynClass(base=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), is_leaf=True, yang_name="peer-count", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='uint32', is_config=False)
     self.__called_from = YANGDynClass(base=[RestrictedClassType(base_type=str, restriction_dict={'pattern': '(([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])\\.){3}([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])(%[\\p{N}\\p{L}]+)?'}),RestrictedClassType(base_type=str, restriction_dict={'pattern': '((:|[0-9a-fA-F]{0,4}):)([0-9a-fA-F]{0,4}:){0,5}((([0-9a-fA-F]{0,4}:)?(:|[0-9a-fA-F]{0,4}))|(((25[0-5]|2[0-4][0-9]|[01]?[0-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|[01]?[0-9]?[0-9])))(%[\\p{N}\\p{L}]+)?'}),], is_leaf=True, yang_name="called-from", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='inet:ip-address', is_config=False)
+    self.__owner = YANGDynClass(base=str, is_leaf=True, yang_name="owner", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='string', is_config=False)
 
     load = kwargs.pop("load", None)
     if args:
@@ -4708,6 +4709,55 @@ while the CE has no call-home connection open.
   def _unset_called_from(self):
     self.__called_from = YANGDynClass(base=[RestrictedClassType(base_type=str, restriction_dict={'pattern': '(([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])\\.){3}([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])(%[\\p{N}\\p{L}]+)?'}),RestrictedClassType(base_type=str, restriction_dict={'pattern': '((:|[0-9a-fA-F]{0,4}):)([0-9a-fA-F]{0,4}:){0,5}((([0-9a-fA-F]{0,4}:)?(:|[0-9a-fA-F]{0,4}))|(((25[0-5]|2[0-4][0-9]|[01]?[0-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|[01]?[0-9]?[0-9])))(%[\\p{N}\\p{L}]+)?'}),], is_leaf=True, yang_name="called-from", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='inet:ip-address', is_config=False)
 
+
+  def _get_owner(self):
+    """
+    Getter method for owner, mapped from YANG variable /vpn_service/vpn/site/provisioning/owner (string)
+
+    YANG Description: The VPN server that provisions this CE (its name: host and
+process).  With several servers on one database each CE is
+provisioned by exactly one live server, under a lease with
+fencing; when that server dies another takes the CE over.
+Where another server owns the CE, the other leaves here are
+this server's view from the shared database: ask the owner
+for its live record.
+    """
+    return self.__owner
+      
+  def _set_owner(self, v, load=False):
+    """
+    Setter method for owner, mapped from YANG variable /vpn_service/vpn/site/provisioning/owner (string)
+    If this variable is read-only (config: false) in the
+    source YANG file, then _set_owner is considered as a private
+    method. Backends looking to populate this variable should
+    do so via calling thisObj._set_owner() directly.
+
+    YANG Description: The VPN server that provisions this CE (its name: host and
+process).  With several servers on one database each CE is
+provisioned by exactly one live server, under a lease with
+fencing; when that server dies another takes the CE over.
+Where another server owns the CE, the other leaves here are
+this server's view from the shared database: ask the owner
+for its live record.
+    """
+    if hasattr(v, "_utype"):
+      v = v._utype(v)
+    try:
+      t = YANGDynClass(v,base=str, is_leaf=True, yang_name="owner", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='string', is_config=False)
+    except (TypeError, ValueError):
+      raise ValueError({
+          'error-string': """owner must be of a type compatible with string""",
+          'defined-type': "string",
+          'generated-type': """YANGDynClass(base=str, is_leaf=True, yang_name="owner", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='string', is_config=False)""",
+        })
+
+    self.__owner = t
+    if hasattr(self, '_set'):
+      self._set()
+
+  def _unset_owner(self):
+    self.__owner = YANGDynClass(base=str, is_leaf=True, yang_name="owner", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:cevpn:yang:cevpn-service', defining_module='cevpn-service', yang_type='string', is_config=False)
+
   status = __builtin__.property(_get_status)
   status_since = __builtin__.property(_get_status_since)
   target_version = __builtin__.property(_get_target_version)
@@ -4718,9 +4768,10 @@ while the CE has no call-home connection open.
   next_attempt = __builtin__.property(_get_next_attempt)
   peer_count = __builtin__.property(_get_peer_count)
   called_from = __builtin__.property(_get_called_from)
+  owner = __builtin__.property(_get_owner)
 
 
-  _pyangbind_elements = OrderedDict([('status', status), ('status_since', status_since), ('target_version', target_version), ('applied_version', applied_version), ('last_contact', last_contact), ('last_error', last_error), ('retry_count', retry_count), ('next_attempt', next_attempt), ('peer_count', peer_count), ('called_from', called_from), ])
+  _pyangbind_elements = OrderedDict([('status', status), ('status_since', status_since), ('target_version', target_version), ('applied_version', applied_version), ('last_contact', last_contact), ('last_error', last_error), ('retry_count', retry_count), ('next_attempt', next_attempt), ('peer_count', peer_count), ('called_from', called_from), ('owner', owner), ])
 
 
 class yc_site_cevpn_service__vpn_service_vpn_site(PybindBase):

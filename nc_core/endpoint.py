@@ -29,6 +29,8 @@ class Endpoint:
     call_home: bool = False
     """The server calls us (RFC 8071, nc_core.call_home): never dial ``host``/``port``;
     wait up to ``timeout`` for its call instead."""
+    local_address: str | None = None
+    """The local address to connect from (None: the system's choice)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -167,6 +167,7 @@ async def connect_ssh(
                 keepalive_count_max=keepalive_count_max,
                 encryption_algs=list(ENCRYPTION_PREFERENCE),
                 client_factory=lambda: dialled,
+                local_addr=(endpoint.local_address, 0) if endpoint.local_address else None,
             ),
             endpoint.timeout,
         )

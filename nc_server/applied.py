@@ -18,13 +18,18 @@ than the CE runs, which again only costs a full resynchronisation.  A
 record saying the state is unknown (after a failed push) is written at
 once: it must never be lost, or a CE that took an unconfirmed change could
 be believed in sync.
+
+With several servers on one database, a record is written only while its
+server still owns the CE at the epoch its push began with (``guard``,
+nc_server.ownership), checked in the transaction that writes it: a server
+that lost the CE meanwhile never overwrites what the new owner recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,10 +50,20 @@ class Applied:
     """The configuration of that version, when this server process pushed it."""
 
 
+Guard = Callable[[Mapping[str, int]], set[str]]
+"""Of {site: epoch}, the sites whose record may be written now (inside the transaction)."""
+
+
 class AppliedLedger:
-    def __init__(self, storage: Storage, flush_delay: float = FLUSH_DELAY) -> None:
+    def __init__(
+        self, storage: Storage, flush_delay: float = FLUSH_DELAY, guard: Guard | None = None
+    ) -> None:
         self.storage = storage
         self.flush_delay = flush_delay
+        self.guard = guard
+        """None: one server, every record is written."""
+        self._epochs: dict[str, int] = {}
+        """The ownership epoch each unwritten record was made under."""
         self._known: dict[str, Applied] = {}
         self._unwritten: set[str] = set()
         self._flush_scheduled = False
@@ -64,10 +79,22 @@ class AppliedLedger:
             self._known[site] = known
         return known
 
+    def reread(self, site: str) -> Applied:
+        """What the database says now (another server may have written it)."""
+        if site not in self._unwritten:
+            self._known.pop(site, None)
+        return self.get(site)
+
     def record(
-        self, site: str, version: str | None, config: Mapping[str, Any] | None, port: int | None
+        self,
+        site: str,
+        version: str | None,
+        config: Mapping[str, Any] | None,
+        port: int | None,
+        epoch: int = 0,
     ) -> None:
         self._known[site] = Applied(version, port, config if version is not None else None)
+        self._epochs[site] = epoch
         if version is None:
             self._unwritten.discard(site)
             self._write([site])
@@ -92,6 +119,11 @@ class AppliedLedger:
         if not sites:
             return
         with self.storage.transaction():
+            if self.guard is not None:
+                allowed = self.guard({site: self._epochs.get(site, 0) for site in sites})
+                for site in set(sites) - allowed:
+                    self._known.pop(site, None)  # another server's now: read it from there
+                sites = [site for site in sites if site in allowed]
             for site in sites:
                 known = self._known[site]
                 record = {"version": known.version, "port": known.port}

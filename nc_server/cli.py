@@ -2,6 +2,7 @@
 
 cevpn-server --state-dir DIR [--listen HOST:PORT]       serve the VPN database and provision CEs
              [--database postgresql://...]              ... in PostgreSQL (default: SQLite in DIR)
+             [--southbound-source ADDRESS]              ... dialling CEs from that address
 cevpn-server enrol --state-dir DIR SITE [-o FILE]       a CE's pre-configuration bundle (seed 3.2)
 cevpn-server adduser --state-dir DIR NAME [--password-file F] [--key F.pub] [--group G]
 cevpn-server host-key --state-dir DIR                   the host key clients must pin
@@ -80,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     customer.add_argument("--vpn", action="append", required=True, help="a VPN id (repeatable)")
     customer.add_argument("--user", action="append", default=[], help="an account to add")
     add_database_arguments(parser, commands)
+    parser.add_argument(
+        "--southbound-source",
+        metavar="ADDRESS",
+        help="the local address connections to CEs leave from (default: the system's "
+        "choice); with several servers it also tells them apart in the CEs' logs",
+    )
     args = parse_args(parser, argv)
     if args.command == "customer-access":
         return run_customer_access(args)
@@ -100,7 +107,9 @@ def run_command(args: argparse.Namespace) -> int:
             return ServiceDatastore(args.state_dir, database=args.database)
         from nc_server.northbound import ServiceApplication
 
-        return ServiceApplication(args.state_dir, database=args.database)
+        app = ServiceApplication(args.state_dir, database=args.database)
+        app.controller.jobs.source_address = getattr(args, "southbound_source", None)
+        return app
 
     def offline_app(state_dir: Path):  # type: ignore[no-untyped-def]
         from nc_server.northbound import ServiceApplication

@@ -76,6 +76,7 @@ from nc_server.storage import Storage
 
 if TYPE_CHECKING:
     from nc_core.session import Session
+    from nc_server.storage_postgresql import PostgresStorage
 
 log = logging.getLogger("cevpn.server")
 
@@ -240,6 +241,11 @@ class Controller:
         """Service rules, then compilation, of every VPN that changed: what a commit, a
         <validate>, a test-only edit and `cevpn-server validate` are all refused for
         (RpcErrors, at most MAX_REPORTED)."""
+        if txn.reason == "replicated":
+            # Another server committed and compiled this running, making any key material
+            # it needed: compile with that material (read again), never with new material
+            # of this server's, or the two would push different keys to the CEs they own.
+            self.keys.reload()
         new = txn.new_json().get(SVC, {})
         old_vpns = {v["id"]: v for v in txn.old_json().get(SVC, {}).get("vpn", [])}
         compiled: dict[str, VpnState] = {}
@@ -354,13 +360,18 @@ class Controller:
         if not view.host_keys:
             prov.set_status(rec, "not-enrolled")
             return
+        ours = self.jobs.ownership.epoch(view.site) is not None
+        if not ours and self.jobs.ownership.shared:
+            # Another server provisions it: what it recorded is the best this one knows.
+            rec.applied_version = self.jobs.applied.reread(view.site).version
         applied_port = self.jobs.applied.get(view.site).port or view.management_port
         if rec.applied_version == rec.target_version and applied_port == view.management_port:
             prov.set_status(rec, "in-sync")
             return
         prov.set_status(rec, "pending")
         if view.autodiscovery == "push":
-            prov.want(view.site)
+            if ours:
+                prov.want(view.site)
         elif view.autodiscovery == "notify-then-pull":
             self._engine().configuration_available(view.vpn, view.site, rec.target_version or "")
 
@@ -411,6 +422,56 @@ class Controller:
         if promoted:
             asyncio.get_running_loop().call_soon(self._recompile, rec.vpn)
 
+    # -- ownership of the CEs (several servers on one database) -------------------------
+
+    def share_ownership(self, storage: PostgresStorage, name: str) -> None:
+        """Several servers share the database: each CE is provisioned by one of them."""
+        from nc_server.ownership import SharedOwnership
+
+        if not self.jobs.enabled:
+            return  # offline: no CE is touched, nothing to own
+        self.jobs.ownership = SharedOwnership(
+            storage,
+            name,
+            known_sites=lambda: set(self.sites) | self.jobs.removals(),
+            busy=lambda: set(self.jobs.in_flight),
+            changed=self._ownership_changed,
+        )
+
+    def _ownership_changed(self, gained: set[str], lost: set[str]) -> None:
+        """CEs became this server's (taken over, handed over, new) or another's."""
+        if not self.jobs.enabled:
+            return
+        prov = self.jobs.provisioner
+        for site in sorted(lost):
+            self.jobs.release(site)
+        for site in sorted(gained):
+            view = self.sites.get(site)
+            if view is None:
+                if site in self.jobs.removals():
+                    prov.want(site)  # a removed site's CE still to clean
+                continue
+            state = self.vpns.get(view.vpn)
+            if state is None or site not in state.compiled:
+                continue
+            rec = prov.record(view.vpn, site)
+            rec.target_version = state.compiled[site].version
+            # What the previous owner recorded (or nothing: then a full resynchronisation).
+            rec.applied_version = self.jobs.applied.reread(site).version
+            self._target_changed(view, rec)
+        if gained or lost:
+            log.info(
+                "ownership: this server now provisions %d CE(s) (%d gained, %d lost)",
+                sum(1 for s in self.sites if self.jobs.ownership.epoch(s) is not None),
+                len(gained),
+                len(lost),
+                extra={"step": "ownership", "gained": len(gained), "lost": len(lost)},
+            )
+
+    def owner_of(self, site: str) -> str | None:
+        """The server provisioning the CE (None with one server on its own database)."""
+        return self.jobs.ownership.owner(site)
+
     def _status_changed(self, rec: CeRecord, previous: str, error: str | None) -> None:
         if self.engine is not None:  # an offline server notifies nobody
             self.engine.provisioning_status_changed(rec, previous, error)
@@ -444,9 +505,10 @@ class Controller:
             json.dumps({"vpn": view.vpn, "site": view.site, "at": now_text()}).encode(),
         )
         if deprovision and view.host_keys:
-            self.jobs.deprovision(view)
+            self.jobs.deprovision(view)  # its owner cleans it, then drops the row
         else:
             self.keys.forget_site(view.vpn, view.site)
+            self.jobs.ownership.forget(view.site)
 
     # -- IKE-less rekeys ---------------------------------------------------------------
 

@@ -392,6 +392,12 @@ class KeyStore:
             self._drop_loaded()
             raise
 
+    def reload(self) -> None:
+        """Read everything from storage again at the next request: another server sharing
+        the database may have made material this one must use, not make anew."""
+        if self._batch_depth == 0:
+            self._drop_loaded()
+
     def _drop_loaded(self) -> None:
         """Forget what was loaded: storage may not hold what was handed out (a write
         failed), so no compiler may trust its mark either (see :meth:`changed_pairs`)."""

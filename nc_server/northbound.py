@@ -58,6 +58,11 @@ class ServiceApplication(ServiceDatastore):
         self, state_dir: Path, *, provisioning: bool = True, database: str | None = None
     ) -> None:
         super().__init__(state_dir, database=database)
+        if type(self.storage).__name__ == "PostgresStorage":
+            # Every server on the database is the one service CEs know (nc_server.identity).
+            from nc_server.identity import share_identity
+
+            share_identity(self.storage, state_dir)
         self.controller = Controller(self.storage, state_dir, provisioning=provisioning)
         """Everything the server knows and decides; ``provisioning`` False: it touches no
         CE (offline validation and enrolment)."""
@@ -77,6 +82,8 @@ class ServiceApplication(ServiceDatastore):
             assert isinstance(datastores, SharedDatastores)
             self.shared = PostgresSharedRunning(server, datastores)
             server.shared = self.shared
+            # Each CE provisioned by one live server (nc_server.ownership).
+            self.controller.share_ownership(datastores.postgres, datastores.name)
         if server.metrics.enabled:
             from nc_server import metrics
 
@@ -144,6 +151,7 @@ class ServiceApplication(ServiceDatastore):
                     ("next-attempt", rec.next_attempt),
                     ("peer-count", str(rec.peer_count)),
                     ("called-from", self.controller.called_from(rec.site)),
+                    ("owner", self.controller.owner_of(rec.site)),
                 ):
                     if value is not None:
                         etree.SubElement(prov, q(name)).text = value
@@ -167,6 +175,7 @@ class ServiceApplication(ServiceDatastore):
         self.check_certificates()
         if self.shared is not None:
             await self.shared.start()
+        await self.controller.jobs.ownership.start()
 
     async def stopping(self) -> None:
         if self._certificate_timer is not None:
@@ -174,6 +183,7 @@ class ServiceApplication(ServiceDatastore):
         if self.shared is not None:
             await self.shared.stop()
         await self.controller.stop()
+        await self.controller.jobs.ownership.stop()
         (self.state_dir / LISTENING_FILE).unlink(missing_ok=True)
         self.storage.close()
 

@@ -109,6 +109,19 @@ class Provisioner:
         if timer is not None:
             timer.cancel()
 
+    def drop(self, site: str) -> None:
+        """No more retries for ``site`` (its record stays); a job running now ends by
+        itself (it is fenced)."""
+        timer = self._timers.pop(site, None)
+        if timer is not None:
+            timer.cancel()
+        self._again.discard(site)
+        rec = self.records.get(site)
+        if rec is not None:
+            rec.next_attempt = None
+        if not self._running and not self._timers:
+            self._idle.set()
+
     def set_status(self, rec: CeRecord, status: str, error: str | None = None) -> None:
         previous = rec.status
         rec.last_error = error if error is not None else rec.last_error

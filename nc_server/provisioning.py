@@ -44,6 +44,8 @@ from nc_server.ce_config import (
 )
 from nc_server.compiler import CeConfig
 from nc_server.enrolment import SERVER_USERNAME_ON_CE, southbound_key
+from nc_server.leases import Fenced
+from nc_server.ownership import Ownership, SoleOwnership
 from nc_server.provisioner import CeRecord, Provisioner, StatusListener, now_text
 from nc_server.service_tree import SiteView
 from nc_server.southbound import CeUnreachable, Southbound, TunnelWatch
@@ -132,14 +134,24 @@ class ProvisioningJobs:
         self.southbound_key, self.southbound_public = southbound_key(state_dir)
         self.southbound = Southbound(tunnel_watch)
         """Standing management links to the CEs, reused by every push and audit."""
-        self.applied = AppliedLedger(storage)
+        self.ownership: Ownership = SoleOwnership()
+        """Which CEs this server provisions (all of them, but with several servers on one
+        database: nc_server.ownership)."""
+        self.applied = AppliedLedger(storage, guard=self._writable)
         """What each CE confirmed last."""
+        self.in_flight: set[str] = set()
+        """The CEs a job of this server is working on now (never handed over meanwhile)."""
+        self.source_address: str | None = None
+        """The local address southbound connections leave from (None: the system's choice)."""
         self._provisioner: Provisioner | None = None
         self._removing: dict[str, SiteView] = {}
         """Sites deleted in 'deprovision' mode whose CE has not been cleaned yet."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self.job_done: JobDone = lambda kind, outcome, seconds: None
         """Told of every job that ran to its end (the metrics, nc_server.metrics)."""
+
+    def _writable(self, epochs: Mapping[str, int]) -> set[str]:
+        return self.ownership.writable(epochs)
 
     # -- the Provisioner -----------------------------------------------------------
 
@@ -180,30 +192,49 @@ class ProvisioningJobs:
             key_file=self.southbound_key,
             timeout=10.0,
             call_home=view.call_home,
+            local_address=self.source_address,
         )
 
     async def _job(self, rec: CeRecord) -> str:
         if not self.enabled:
             return rec.status
+        epoch = self.ownership.epoch(rec.site)
+        if epoch is None:
+            return rec.status  # another server's CE, or this server's lease is in doubt
         kind = "deprovision" if rec.site in self._removing else "push"
         started = time.perf_counter()
+        self.in_flight.add(rec.site)
         try:
             if kind == "deprovision":  # also when retried after 'unreachable'
-                status = await self._deprovision_job(rec)
+                status = await self._deprovision_job(rec, epoch)
             else:
-                status = await self._push_job(rec)
+                status = await self._push_job(rec, epoch)
+        except Fenced as exc:
+            log.info(
+                "CE %s: not pushed: %s", rec.site, exc,
+                extra={"site": rec.site, "vpn": rec.vpn, "step": "fenced"},
+            )  # fmt: skip
+            return rec.status
         except CeUnreachable:
             self.job_done(kind, "unreachable", time.perf_counter() - started)
             raise
         except Exception:
             self.job_done(kind, "failed", time.perf_counter() - started)
             raise
+        finally:
+            self.in_flight.discard(rec.site)
         self.job_done(kind, status, time.perf_counter() - started)
         return status
 
+    def release(self, site: str) -> None:
+        """Another server provisions the CE now: no more jobs nor link here (quietly)."""
+        self.provisioner.drop(site)
+        if site in self.southbound.links:
+            self.background(self.southbound.drop(site))
+
     # -- push ----------------------------------------------------------------------
 
-    async def _push_job(self, rec: CeRecord) -> str:
+    async def _push_job(self, rec: CeRecord, epoch: int = 0) -> str:
         """Bring the CE to its target: only what changed since what it confirmed last, or
         everything if that is unknown."""
         found = self.target_of(rec)
@@ -242,6 +273,7 @@ class ProvisioningJobs:
             now = self.target_of(rec)
             if now is None or now.config.version != target.version or now.view != view:
                 raise Superseded(target.version)
+            self.ownership.check(rec.site, epoch)
             if isinstance(prepared, bytes):
                 return prepared
             document = edit_document(prepared, full_edit(target.config, present or []))
@@ -266,6 +298,7 @@ class ProvisioningJobs:
                 needs_peer_list=known is None,
                 touches_management=touches_management,
                 confirm_endpoint=self.endpoint(view),
+                fence=lambda: self.ownership.check(rec.site, epoch),
             )
         except Superseded:
             log.info(
@@ -276,10 +309,12 @@ class ProvisioningJobs:
             )  # fmt: skip
             self.provisioner.want(rec.site)  # runs again once this job has ended
             return "pending"
+        except Fenced:
+            raise
         except Exception:
             # We no longer know what the CE holds: resynchronise fully next time.  If a
             # commit was not confirmed the CE rolls back, so it listens where it did.
-            self.applied.record(rec.site, None, None, now_port)
+            self.applied.record(rec.site, None, None, now_port, epoch)
             raise
         rec.timings.add(timings)
         log.info(
@@ -289,7 +324,7 @@ class ProvisioningJobs:
             extra={"site": rec.site, "vpn": rec.vpn, "version": target.version,
                    "step": "confirmed"},
         )  # fmt: skip
-        self.applied.record(rec.site, target.version, target.config, view.management_port)
+        self.applied.record(rec.site, target.version, target.config, view.management_port, epoch)
         rec.applied_version = target.version
         rec.last_contact = now_text()
         self.on_applied(rec, target)
@@ -322,6 +357,15 @@ class ProvisioningJobs:
         self.storage.put(REMOVALS, view.site, json.dumps(asdict(view)).encode())
         self._schedule_removal(view)
 
+    def removals(self) -> set[str]:
+        """The removed sites whose CE is still to be cleaned (by whichever server owns it)."""
+        pending = {key for key, _ in self.storage.scan(REMOVALS)}
+        for site in set(self._removing) - pending:
+            self._removing.pop(site, None)  # another server cleaned it
+            if self._provisioner is not None:
+                self._provisioner.forget(site)
+        return pending
+
     def resume_removals(self) -> None:
         """At start-up: the deprovisioning a previous run did not finish."""
         for key, _ in self.storage.scan(REMOVALS):
@@ -335,7 +379,7 @@ class ProvisioningJobs:
         self._removing[view.site] = view
         prov.want(view.site)
 
-    async def _deprovision_job(self, rec: CeRecord) -> str:
+    async def _deprovision_job(self, rec: CeRecord, epoch: int = 0) -> str:
         view = self._removing.get(rec.site)
         if view is None:
             return "removing"
@@ -343,6 +387,7 @@ class ProvisioningJobs:
         endpoint = self.endpoint(view)
 
         def make(present: list[str] | None) -> etree._Element:
+            self.ownership.check(rec.site, epoch)
             return deprovision_document(present or [], CE_SECTIONS)
 
         log.info(
@@ -351,11 +396,13 @@ class ProvisioningJobs:
             extra={"site": rec.site, "vpn": rec.vpn, "step": "deprovision"},
         )  # fmt: skip
         await self.southbound.push(
-            rec.site, endpoint, make, confirm_timeout, needs_peer_list=True, touches_management=True
-        )
+            rec.site, endpoint, make, confirm_timeout, needs_peer_list=True,
+            touches_management=True, fence=lambda: self.ownership.check(rec.site, epoch),
+        )  # fmt: skip
         await self.southbound.drop(rec.site)
         self._removing.pop(rec.site, None)
         self.storage.delete(REMOVALS, rec.site)
+        self.ownership.forget(rec.site)
         self.on_deprovisioned(view)
         self.provisioner.forget(rec.site)
         log.info("site %s deprovisioned from its CE", rec.site)

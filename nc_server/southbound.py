@@ -65,6 +65,7 @@ from typing import Protocol
 
 from lxml import etree
 
+from nc_core import faults
 from nc_core.asyncssh_import import asyncssh
 from nc_core.confirmed_commit import PERSISTENT_COMMIT_PENDING
 from nc_core.endpoint import Endpoint
@@ -466,6 +467,7 @@ class Southbound:
         needs_peer_list: bool,
         touches_management: bool = False,
         confirm_endpoint: Endpoint | None = None,
+        fence: Callable[[], None] = lambda: None,
     ) -> Timings:
         """Edit, commit confirmed, confirm.  ``make_config`` gets the CE's current peer
         names when ``needs_peer_list`` (a full resynchronisation), else None, and gives the
@@ -475,6 +477,10 @@ class Southbound:
         ``confirm_endpoint`` if given, when ``touches_management`` or when
         that endpoint differs from ``endpoint`` (the change moves the CE's
         management port).
+
+        ``fence`` raises (nc_server.leases.Fenced) when this server may no longer push
+        to the CE: it is called just before the edit, the commit and the confirmation
+        go out, and what it raises propagates (the CE rolls back an unconfirmed commit).
         """
         timings = Timings()
         token = secrets.token_hex(16)
@@ -485,8 +491,9 @@ class Southbound:
             link = await self._link(site, endpoint, timings)
             try:
                 await self._edit_and_commit(
-                    link, make_config, needs_peer_list, confirm_timeout, token, timeout, timings
-                )
+                    link, make_config, needs_peer_list, confirm_timeout, token, timeout, timings,
+                    fence,
+                )  # fmt: skip
                 break
             except RpcFailed as exc:
                 if exc.app_tag == PERSISTENT_COMMIT_PENDING:
@@ -494,6 +501,13 @@ class Southbound:
                         "the CE holds a confirmed commit this server no longer knows the token "
                         "of (the server restarted during a push): it rolls back by itself at "
                         "its confirm timeout, then the push is retried"
+                    ) from None
+                if exc.app_tag == "running-changed":
+                    # The CE changed its own running meanwhile (its start-up fetch, say):
+                    # not a refusal of the configuration; pushed again, in full.
+                    raise CeBusy(
+                        "the CE's running configuration changed while the push was made (its "
+                        "own fetch): the push is retried"
                     ) from None
                 raise _refused(exc) from None
             except SessionLost as exc:
@@ -503,6 +517,7 @@ class Southbound:
                 # The standing link had died unnoticed (the CE restarted between
                 # keepalives): once more, on a new link, which is not retried again.
                 retried = True
+        faults.point("push-committed", site)  # tests: a server stopped mid-push
         confirm_at = confirm_endpoint or endpoint
         fresh = touches_management or _where(confirm_at) != _where(endpoint)
         try:
@@ -515,6 +530,7 @@ class Southbound:
                 else:
                     link = await CeLink.open(confirm_at, timings)
                     self._adopt(site, link)
+            fence()
             with timings.exchange(1):
                 await link.confirmer.rpc(confirming_commit(token), min(timeout, confirm_timeout))
         except (CeUnreachable, SessionLost, RpcFailed) as exc:
@@ -548,15 +564,18 @@ class Southbound:
         token: str,
         timeout: float,
         timings: Timings,
+        fence: Callable[[], None],
     ) -> None:
         """Steps 1: the edit (discard and edit-config pipelined), then the confirmed commit."""
         peers = await self._present_peers(link, timings) if needs_peer_list else None
         edit = edit_candidate(make_config(peers))
+        fence()
         with timings.exchange(3):
             # One write, one SSH packet: the CE answers the two in order.
             discarded, edited = link.editor.send_all([DISCARD_BYTES, edit])
             await link.editor.wait(discarded, timeout)
             await link.editor.wait(edited, timeout)
+            fence()
             await link.editor.rpc(commit_confirmed(confirm_timeout, token), timeout)
 
     async def _present_peers(self, link: CeLink, timings: Timings) -> list[str]:

@@ -57,7 +57,7 @@ from nc_server.storage import StorageError
 
 log = logging.getLogger("cevpn.storage")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """The schema this code reads and writes; MIGRATIONS[n] brings version n to n + 1."""
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -67,6 +67,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         'CREATE TABLE cevpn_kv (tbl text NOT NULL, key text COLLATE "C" NOT NULL,'
         " value bytea NOT NULL, PRIMARY KEY (tbl, key))",
     ),
+    (
+        # nc_server.ownership: each server's lease (its expiry set by the database's clock)
+        # and which server provisions each CE, with the epoch that fences a former owner.
+        "CREATE TABLE cevpn_server_lease (server text PRIMARY KEY,"
+        " expires timestamptz NOT NULL, since timestamptz NOT NULL DEFAULT now())",
+        'CREATE TABLE cevpn_ce_owner (site text COLLATE "C" PRIMARY KEY,'
+        " server text NOT NULL, epoch bigint NOT NULL,"
+        " since timestamptz NOT NULL DEFAULT now())",
+    ),
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
@@ -74,6 +83,9 @@ assert len(MIGRATIONS) == SCHEMA_VERSION
 # database uses ("cevpn" in ASCII, then 1 and 2).
 SCHEMA_LOCK = 0x636576706E_0001
 WRITE_LOCK = 0x636576706E_0002
+OWNERSHIP_LOCK = 0x636576706E_0006
+"""Serialises the servers' changes of CE ownership (nc_server.ownership; 3 to 5 are
+nc_server.shared_running's)."""
 
 URL_SCHEMES = ("postgresql://", "postgres://")
 CONNECT_TIMEOUT = 10
@@ -264,6 +276,13 @@ class PostgresStorage:
                     "SELECT key, value FROM cevpn_kv WHERE tbl = %s ORDER BY key", (table,)
                 ).fetchall()
         return [(str(k), bytes(v)) for k, v in rows]
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Rows of one statement on a table of its own (nc_server.ownership's), inside this
+        thread's transaction if one is open: a conditional write reads there."""
+        with self._reading() as conn:
+            cur = conn.execute(sql, params)
+            return list(cur.fetchall()) if cur.description is not None else []
 
     def notify(self, channel: str, payload: str) -> None:
         """NOTIFY ``channel`` when this thread's transaction commits (never if it rolls

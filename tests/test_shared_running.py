@@ -4,7 +4,7 @@ Real servers (subprocesses on a throw-away PostgreSQL, tests/postgres.py), real
 NETCONF clients (ncclient): a commit on one is seen by the other within a
 second, conflicting commits on two servers leave exactly one winner, disjoint
 ones both survive, and the running lock holds across servers.  The VPNs here
-have no CE enrolled: which server provisions a CE is not shared yet.
+have no CE enrolled: which server provisions a CE is tests/test_ce_ownership.py's.
 """
 
 from __future__ import annotations

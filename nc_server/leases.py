@@ -1,0 +1,171 @@
+"""The rules of CE ownership among several VPN servers: leases, fencing, rendezvous.
+
+Pure logic, no database (nc_server.ownership runs it on PostgreSQL), so that
+the rules are tested with a controllable clock and plain data:
+
+- **A server's lease** is a row whose expiry the *database* sets (its
+  ``now()`` + :attr:`LeaseTimes.ttl`), renewed every :attr:`LeaseTimes.renew`
+  seconds.  Another server judges it dead only once the database's clock is
+  past that expiry by :attr:`LeaseTimes.grace` as well.
+- **Fencing** (:class:`LocalLease`): the server itself counts its lease on its
+  own monotonic clock from the moment it *sent* the renewal that succeeded (the
+  database set the expiry later than that, so this end comes first), and stops
+  pushing :attr:`LeaseTimes.margin` seconds before it.  Between the last edit
+  it may send and the first moment another server may take its CEs over there
+  are then margin + grace seconds: room for an edit on its way and for the two
+  clocks' rates to differ.
+- **Who owns a CE** (:func:`owner_of`): rendezvous (highest random weight)
+  hashing of the site over the live servers.  Load spreads evenly, every server
+  computes the same answer from the same list, and a server joining or leaving
+  moves only the CEs it wins or held.
+- **What changes** (:func:`plan`): the CEs of a dead server go to the live ones
+  in one transaction, each with its epoch + 1; a CE nobody owns yet goes to its
+  rendezvous winner; a CE this server owns but another live server now wins is
+  handed over, only while no push to it is in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LeaseTimes:
+    """Every duration of the lease protocol, in seconds, in one place.
+
+    With the defaults a dead server's CEs are taken over at most
+    ttl + grace + renew = 6 s after its last renewal.
+    """
+
+    ttl: float = 4.0
+    """A renewal keeps the lease this long (by the database's clock)."""
+    renew: float = 1.0
+    """Seconds between renewals (and checks for dead servers)."""
+    margin: float = 1.0
+    """The server stops pushing this long before its lease ends by its own clock."""
+    grace: float = 1.0
+    """Another server waits this long past the expiry before it takes the CEs over."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.renew < self.ttl - self.margin:
+            raise ValueError("a lease must be renewed well before it runs out")
+
+    @classmethod
+    def from_environment(cls) -> LeaseTimes:
+        """The defaults, or ``CEVPN_LEASE_TTL`` / ``_RENEW`` / ``_MARGIN`` / ``_GRACE``
+        (tests shorten or lengthen them; an operator has no reason to)."""
+        values = {}
+        for name in ("ttl", "renew", "margin", "grace"):
+            raw = os.environ.get(f"CEVPN_LEASE_{name.upper()}")
+            if raw:
+                values[name] = float(raw)
+        return cls(**values)
+
+
+class Fenced(Exception):
+    """This server may not push to the CE now: it does not own it, or its own lease may
+    have run out (the database is unreachable).  Nothing was sent; the owner, this server
+    once its lease is renewed or another one, provisions the CE."""
+
+
+class LocalLease:
+    """The fencing rule: is this server's lease still valid, by its own monotonic clock?"""
+
+    def __init__(self, times: LeaseTimes, clock: Callable[[], float] = time.monotonic) -> None:
+        self.times = times
+        self.clock = clock
+        self.valid_until = float("-inf")
+        """Local monotonic time at which pushing stops; -inf: never renewed."""
+
+    def sending(self) -> float:
+        """Call just before sending a renewal: the stamp to give :meth:`renewed`."""
+        return self.clock()
+
+    def renewed(self, sent_at: float) -> None:
+        """The renewal sent at ``sent_at`` succeeded (the database committed it)."""
+        self.valid_until = max(self.valid_until, sent_at + self.times.ttl - self.times.margin)
+
+    def lapse(self) -> None:
+        """Stop pushing now (a clean stop, or ownership rows lost)."""
+        self.valid_until = float("-inf")
+
+    def valid(self) -> bool:
+        return self.clock() < self.valid_until
+
+    def remaining(self) -> float:
+        return max(0.0, self.valid_until - self.clock())
+
+
+def weight(site: str, server: str) -> int:
+    """The rendezvous weight of ``server`` for ``site``: stable across processes and runs
+    (never Python's salted hash())."""
+    digest = hashlib.blake2b(f"{site}\0{server}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def owner_of(site: str, servers: Iterable[str]) -> str | None:
+    """The live server that should own ``site`` (None: no server is live)."""
+    best: tuple[int, str] | None = None
+    for server in servers:
+        candidate = (weight(site, server), server)
+        if best is None or candidate > best:
+            best = candidate
+    return None if best is None else best[1]
+
+
+@dataclass(frozen=True)
+class Owner:
+    """A CE's ownership row: which server, and how many times it changed hands."""
+
+    server: str
+    epoch: int
+
+
+@dataclass(frozen=True)
+class Change:
+    """One row to write: ``site`` is now ``server``'s at ``epoch``."""
+
+    site: str
+    server: str
+    epoch: int
+    previous: str | None
+    """The server that owned it (None: nobody yet)."""
+    reason: str
+    """'new', 'takeover' (its server died) or 'handover' (rebalanced to a live server)."""
+
+
+def plan(
+    me: str,
+    rows: Mapping[str, Owner],
+    live: Collection[str],
+    known_sites: Iterable[str],
+    busy: Collection[str] = (),
+) -> list[Change]:
+    """The ownership rows to write so that every known CE has one live owner.
+
+    ``rows``: the table now; ``live``: the servers whose lease has not expired (``me``
+    among them); ``known_sites``: the sites this server knows of (a row is never made for
+    a site it does not know, nor deleted here); ``busy``: this server's CEs with a push in
+    flight, which it does not hand over yet.
+    """
+    assert me in live, "only a live server changes ownership"
+    changes = []
+    for site, row in sorted(rows.items()):
+        if row.server not in live:
+            winner = owner_of(site, live)
+            assert winner is not None
+            changes.append(Change(site, winner, row.epoch + 1, row.server, "takeover"))
+        elif row.server == me and site not in busy:
+            winner = owner_of(site, live)
+            if winner != me:
+                assert winner is not None
+                changes.append(Change(site, winner, row.epoch + 1, me, "handover"))
+    for site in sorted(set(known_sites) - set(rows)):
+        winner = owner_of(site, live)
+        assert winner is not None
+        changes.append(Change(site, winner, 1, None, "new"))
+    return changes

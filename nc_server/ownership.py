@@ -1,0 +1,347 @@
+"""Which VPN server provisions which CE: exactly one live server each, fenced.
+
+With SQLite there is one server and it owns every CE (:class:`SoleOwnership`:
+nothing stored, nothing checked).  With several servers on one PostgreSQL
+database (:class:`SharedOwnership`), the rules of nc_server.leases run on two
+tables (nc_server.storage_postgresql, schema version 2):
+
+- ``cevpn_server_lease``: each server's lease, renewed every second; its
+  expiry is the database's ``now()`` + TTL, so every server judges it by the
+  same clock.
+- ``cevpn_ce_owner``: site -> server, epoch.  Every renewal runs in one
+  transaction, under an advisory lock all servers take: renew, read who is
+  live, take over the CEs of servers whose lease expired (epoch + 1, one log
+  line per dead server), give new CEs their rendezvous owner, hand over this
+  server's CEs another live server now wins (only those with no push in flight).
+
+A push checks :meth:`SharedOwnership.check` just before its edit, its commit
+and its confirmation go out: the CE must be this server's at the epoch the
+push began with, and the lease valid by the local clock (nc_server.leases.
+LocalLease).  What a CE confirmed is recorded only while this server still
+owns it at that epoch, checked in the very transaction that writes it
+(:meth:`SharedOwnership.writable`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Collection, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+import psycopg
+
+from nc_server.leases import Change, Fenced, LeaseTimes, LocalLease, Owner, owner_of, plan
+
+if TYPE_CHECKING:
+    from nc_server.storage_postgresql import PostgresStorage
+
+log = logging.getLogger("cevpn.ownership")
+
+OwnershipChanged = Callable[[set[str], set[str]], None]
+"""Told (gained, lost) after each change of the CEs this server owns (and, as gained,
+every CE it owns when its lease comes back after it lapsed)."""
+
+
+class Ownership(Protocol):
+    """What provisioning asks of ownership; both kinds below implement it."""
+
+    name: str
+    shared: bool
+
+    def epoch(self, site: str) -> int | None:
+        """This server's epoch of the CE if it may push to it now; None otherwise."""
+        ...
+
+    def check(self, site: str, epoch: int) -> None:
+        """Raise :class:`Fenced` unless the CE is still this server's at ``epoch`` and its
+        lease is valid: called just before anything goes out to the CE."""
+        ...
+
+    def owner(self, site: str) -> str | None:
+        """The server owning the CE as last seen (None: unknown, or not shared)."""
+        ...
+
+    def writable(self, epochs: Mapping[str, int]) -> set[str]:
+        """The sites whose record may be written now (inside the storage transaction)."""
+        ...
+
+    def forget(self, site: str) -> None:
+        """The site left the database (or its CE is deprovisioned): its row goes."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class SoleOwnership:
+    """One server on its own database: it owns every CE, and nothing is checked."""
+
+    shared = False
+
+    def __init__(self, name: str = "") -> None:
+        self.name = name
+
+    def epoch(self, site: str) -> int | None:
+        return 0
+
+    def check(self, site: str, epoch: int) -> None:
+        return None
+
+    def owner(self, site: str) -> str | None:
+        return None
+
+    def writable(self, epochs: Mapping[str, int]) -> set[str]:
+        return set(epochs)
+
+    def forget(self, site: str) -> None:
+        return None
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+
+class SharedOwnership:
+    """CE ownership among the servers of one PostgreSQL database (see the module)."""
+
+    shared = True
+
+    def __init__(
+        self,
+        storage: PostgresStorage,
+        name: str,
+        *,
+        known_sites: Callable[[], Collection[str]],
+        busy: Callable[[], Collection[str]],
+        changed: OwnershipChanged,
+        times: LeaseTimes | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.storage = storage
+        self.name = name
+        self.known_sites = known_sites
+        self.busy = busy
+        self.changed = changed
+        self.times = times or LeaseTimes.from_environment()
+        self.lease = LocalLease(self.times, clock)
+        self.owned: dict[str, int] = {}
+        """This server's CEs and their epochs, as of its last successful renewal."""
+        self.owners: dict[str, str] = {}
+        """Every CE's owner as of the last renewal (operational state)."""
+        self.live: list[str] = []
+        self._releasing: set[str] = set()
+        """CEs being handed over: no push may start on them."""
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._renewal_failed = False
+
+    # -- what provisioning asks --------------------------------------------------------
+
+    def epoch(self, site: str) -> int | None:
+        if not self.lease.valid() or site in self._releasing:
+            return None
+        return self.owned.get(site)
+
+    def check(self, site: str, epoch: int) -> None:
+        if not self.lease.valid():
+            raise Fenced(f"the lease of server {self.name} may have run out")
+        if site in self._releasing or self.owned.get(site) != epoch:
+            raise Fenced(f"CE {site} is no longer provisioned by server {self.name}")
+
+    def owner(self, site: str) -> str | None:
+        return self.owners.get(site)
+
+    def writable(self, epochs: Mapping[str, int]) -> set[str]:
+        if not epochs:
+            return set()
+        rows = self.storage.query(
+            "SELECT site, epoch FROM cevpn_ce_owner WHERE server = %s AND site = ANY(%s) FOR SHARE",
+            (self.name, list(epochs)),
+        )
+        return {str(site) for site, epoch in rows if epochs.get(str(site)) == int(epoch)}
+
+    def forget(self, site: str) -> None:
+        self.storage.query("DELETE FROM cevpn_ce_owner WHERE site = %s", (site,))
+        self.owned.pop(site, None)
+        self.owners.pop(site, None)
+
+    # -- the lease -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            await self.renew()
+        except (psycopg.Error, OSError) as exc:
+            self._renewal_failed = True
+            log.warning(
+                "ownership: first lease renewal failed (%s); retrying",
+                _brief(exc, self.storage.url),
+            )
+        self._task = asyncio.get_running_loop().create_task(self._renewing())
+
+    async def _renewing(self) -> None:
+        while True:
+            await asyncio.sleep(self.times.renew)
+            try:
+                await self.renew()
+                if self._renewal_failed:
+                    log.info("ownership: lease renewed again")
+                self._renewal_failed = False
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not self._renewal_failed:
+                    log.warning(
+                        "ownership: lease renewal failed (%s); pushes stop within %.1f s",
+                        _brief(exc, self.storage.url),
+                        self.lease.remaining(),
+                    )
+                self._renewal_failed = True
+                if self._conn is not None:
+                    await self._conn.close()
+                    self._conn = None
+
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = await psycopg.AsyncConnection.connect(
+                self.storage.url,
+                autocommit=True,
+                connect_timeout=max(1, int(self.times.renew * 2)),
+            )
+            # A renewal that cannot finish in time is worth nothing: give up and retry.
+            timeout_ms = int(self.times.renew * 1000)
+            await self._conn.execute(f"SET statement_timeout = {timeout_ms}")
+            # A server frozen inside its renewal (SIGSTOP, a pause) must not keep the
+            # ownership lock from the others, who are to take its CEs over: the database
+            # ends its session, and its transaction with it, after this long.
+            await self._conn.execute(f"SET idle_in_transaction_session_timeout = {timeout_ms}")
+        return self._conn
+
+    async def renew(self) -> None:
+        """One renewal: the lease, dead servers' CEs, new CEs, handovers (one transaction)."""
+        from nc_server.storage_postgresql import OWNERSHIP_LOCK
+
+        conn = await self._connection()
+        was_valid = self.lease.valid()
+        busy = set(self.busy())
+        # Synchronously with the snapshot of ``busy``: a push starting from now on a CE that
+        # may be handed over is refused (pushes in flight keep their CE until they end).
+        self._releasing = {
+            site
+            for site in self.owned
+            if site not in busy and self.live and owner_of(site, self.live) != self.name
+        }
+        known = set(self.known_sites())
+        sent = self.lease.sending()
+        try:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (OWNERSHIP_LOCK,))
+                await conn.execute(
+                    "INSERT INTO cevpn_server_lease (server, expires) VALUES"
+                    " (%s, now() + make_interval(secs => %s))"
+                    " ON CONFLICT (server) DO UPDATE SET expires = EXCLUDED.expires",
+                    (self.name, self.times.ttl),
+                )
+                cur = await conn.execute(
+                    "SELECT server, expires + make_interval(secs => %s) > now(), expires"
+                    " FROM cevpn_server_lease",
+                    (self.times.grace,),
+                )
+                leases = await cur.fetchall()
+                live = sorted(str(s) for s, alive, _ in leases if alive)
+                dead = {str(s): expires for s, alive, expires in leases if not alive}
+                if dead:
+                    await conn.execute(
+                        "DELETE FROM cevpn_server_lease WHERE server = ANY(%s)", (list(dead),)
+                    )
+                cur = await conn.execute("SELECT site, server, epoch FROM cevpn_ce_owner")
+                rows = {str(s): Owner(str(o), int(e)) for s, o, e in await cur.fetchall()}
+                # Not handed over: what is busy, and what was not marked releasing in time.
+                keep = busy | (set(self.owned) - self._releasing)
+                changes = plan(self.name, rows, live, known, busy=keep)
+                for change in changes:
+                    await conn.execute(
+                        "INSERT INTO cevpn_ce_owner (site, server, epoch) VALUES (%s, %s, %s)"
+                        " ON CONFLICT (site) DO UPDATE SET server = EXCLUDED.server,"
+                        " epoch = EXCLUDED.epoch, since = now()",
+                        (change.site, change.server, change.epoch),
+                    )
+        except BaseException:
+            self._releasing = set()
+            raise
+        self.lease.renewed(sent)
+        for change in changes:
+            rows[change.site] = Owner(change.server, change.epoch)
+        self._log_changes(changes, dead)
+        self.live = live
+        self.owners = {site: row.server for site, row in rows.items()}
+        owned = {site: row.epoch for site, row in rows.items() if row.server == self.name}
+        before = self.owned
+        self.owned = owned
+        self._releasing = set()
+        gained = {site for site, epoch in owned.items() if before.get(site) != epoch}
+        lost = {site for site, epoch in before.items() if owned.get(site) != epoch}
+        if not was_valid:
+            gained = set(owned)  # pushes were refused meanwhile: go over every CE again
+        if gained or lost:
+            self.changed(gained, lost - set(owned))
+
+    def _log_changes(self, changes: list[Change], dead: Mapping[str, Any]) -> None:
+        by_dead: dict[str, list[Change]] = {}
+        for change in changes:
+            if change.reason == "takeover" and change.previous is not None:
+                by_dead.setdefault(change.previous, []).append(change)
+        for server, taken in sorted(by_dead.items()):
+            shares: dict[str, int] = {}
+            for change in taken:
+                shares[change.server] = shares.get(change.server, 0) + 1
+            expired = dead.get(server)
+            log.warning(
+                "ownership: server %s is dead (lease expired %s): its %d CE(s) taken over by %s",
+                server,
+                expired.isoformat(timespec="milliseconds") if expired is not None else "earlier",
+                len(taken),
+                ", ".join(f"{s} ({n})" for s, n in sorted(shares.items())),
+                extra={"step": "takeover", "dead_server": server, "sites": len(taken)},
+            )
+        handed = [c for c in changes if c.reason == "handover"]
+        if handed:
+            log.info(
+                "ownership: %d CE(s) handed over to the servers that now win them",
+                len(handed),
+                extra={"step": "handover", "sites": len(handed)},
+            )
+
+    async def stop(self) -> None:
+        """Stop pushing, then give the lease up so that the others take the CEs at once."""
+        self.lease.lapse()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        try:
+            conn = await self._connection()
+            await conn.execute("DELETE FROM cevpn_server_lease WHERE server = %s", (self.name,))
+            log.info("ownership: lease of server %s given up", self.name)
+        except (psycopg.Error, OSError) as exc:
+            log.warning(
+                "ownership: lease not given up (%s): it expires by itself",
+                _brief(exc, self.storage.url),
+            )
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+
+def _brief(exc: BaseException, url: str) -> str:
+    """The error in one line, never with the database's password."""
+    from nc_server.storage_postgresql import redact_text
+
+    return redact_text(" ".join(str(exc).split()) or type(exc).__name__, url)

@@ -1,0 +1,335 @@
+"""Two cevpn-servers on one PostgreSQL database: each CE provisioned by exactly one live one.
+
+Real servers (subprocesses on a throw-away PostgreSQL, tests/postgres.py), real
+CE agents (``--dataplane none``) enrolled through the servers, real SSH.
+Each server dials CEs from an address of its own (``--southbound-source``:
+127.0.0.2 and 127.0.0.3), so each agent's own log says which server changed
+its running configuration and when: the evidence that no CE was ever
+provisioned by two servers at once comes from the CEs' side.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.controller import SVC_NS, Agent, Controller, vpn_xml
+from tests.netconf_server import ADMIN, ServerProcess, free_port
+from tests.waiting import wait_for
+
+pytestmark = pytest.mark.timeout(400)
+
+N = 20
+"""Agents (one process each)."""
+SOURCES = {"a": "127.0.0.2", "b": "127.0.0.3"}
+CONFIRM_TIMEOUT = 4
+COMMIT_LINE = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*running changed \(\w[\w-]*\) by cevpn-server "
+    r"\(session \d+ from ([\d.]+)\)"
+)
+
+
+@dataclass
+class Cluster:
+    ctl: Controller
+    servers: dict[str, ServerProcess]
+    url: str
+    tmp: Path
+
+    def server_name(self, key: str) -> str:
+        """The name a server registers its lease under (host and pid)."""
+        proc = self.servers[key].proc
+        assert proc is not None
+        with psycopg.connect(self.url) as conn:
+            rows = conn.execute("SELECT server FROM cevpn_server_lease").fetchall()
+        names = [str(r[0]) for r in rows if f"(pid {proc.pid})" in str(r[0])]
+        assert len(names) == 1, rows
+        return names[0]
+
+    def owners(self) -> dict[str, tuple[str, int]]:
+        with psycopg.connect(self.url) as conn:
+            rows = conn.execute("SELECT site, server, epoch FROM cevpn_ce_owner").fetchall()
+        return {str(s): (str(o), int(e)) for s, o, e in rows}
+
+    def provisioning(self, key: str) -> dict[str, dict[str, str]]:
+        saved, self.ctl.server = self.ctl.server, self.servers[key]
+        try:
+            return self.ctl.provisioning()
+        finally:
+            self.ctl.server = saved
+
+    def commits(self, site: str) -> list[tuple[datetime, str]]:
+        """(when, which server) of each change of the CE's running by a server, from the
+        agent's own log, in order."""
+        out = []
+        log = self.tmp / f"{site}.log"
+        for line in log.read_text(errors="replace").splitlines():
+            m = COMMIT_LINE.match(line)
+            if m:
+                when = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f")
+                server = next(k for k, v in SOURCES.items() if v == m.group(2))
+                out.append((when, server))
+        return out
+
+
+def start_server(key: str, tmp: Path, url: str) -> ServerProcess:
+    server = ServerProcess("cevpn-server", tmp / key, free_port(), database=url)
+    server.start("--southbound-source", SOURCES[key])
+    return server
+
+
+@pytest.fixture
+def cluster(
+    tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Cluster]:
+    """Servers a (armed to stop at its first commit to a CE once ``tmp/armed`` exists) and b
+    on one database, and N enrolled agents of one full-mesh VPN, all in-sync."""
+    monkeypatch.setenv("CEVPN_FAULTS", "push-committed=stop")
+    monkeypatch.setenv("CEVPN_FAULTS_ARMED", str(tmp_path / "armed"))
+    monkeypatch.setenv("CEVPN_FAULTS_REPORT", str(tmp_path / "faults"))
+    a = ServerProcess("cevpn-server", tmp_path / "a", free_port(), database=postgres_url)
+    a.adduser(ADMIN[0], ADMIN[1], ("admin",))
+    servers = {"a": a}
+    try:
+        a.start("--southbound-source", SOURCES["a"])
+        for name in ("CEVPN_FAULTS", "CEVPN_FAULTS_ARMED", "CEVPN_FAULTS_REPORT"):
+            monkeypatch.delenv(name)
+        servers["b"] = start_server("b", tmp_path, postgres_url)
+        ctl = Controller(tmp_path, a)
+        # One endpoint (an address is the list's key): b's, the server that survives.
+        endpoints = (
+            f"<endpoint><address>127.0.0.1</address><port>{servers['b'].port}</port></endpoint>"
+        )
+        ctl.edit(
+            f'<vpn-service xmlns="{SVC_NS}"><server>{endpoints}'
+            f"<confirm-timeout>{CONFIRM_TIMEOUT}</confirm-timeout>"
+            "<unreachable-retry-limit>2</unreachable-retry-limit>"
+            "<ce-orphan-after>2</ce-orphan-after></server></vpn-service>"
+        )
+        ctl.edit(vpn_xml("jade"))
+        cluster = Cluster(ctl, servers, postgres_url, tmp_path)
+        # Both servers hold a lease before any CE exists: no CE changes hands at the start.
+        wait_for(lambda: len(leases(postgres_url)) == 2, 20, "two leases")
+        time.sleep(0)  # next turn only; the waits below are on conditions
+        for n in range(1, N + 1):
+            port = ctl.add_site("jade", f"s{n}", n, f"10.{n}.0.0/24")
+            ctl.enrol("jade", f"s{n}", port)
+        for agent in ctl.agents.values():
+            agent.start(wait=False)
+        for agent in ctl.agents.values():
+            wait_until_listening(agent)
+        wait_all_in_sync(cluster, ("a", "b"), 120)
+        yield cluster
+    finally:
+        for agent in list(getattr(locals().get("ctl"), "agents", {}).values()):
+            agent.stop()
+        for server in servers.values():
+            if server.proc is not None and server.proc.poll() is None:
+                os.killpg(server.proc.pid, signal.SIGCONT)
+            server.stop()
+
+
+def leases(url: str) -> list[str]:
+    with psycopg.connect(url) as conn:
+        return [str(r[0]) for r in conn.execute("SELECT server FROM cevpn_server_lease")]
+
+
+def wait_until_listening(agent: Agent) -> None:
+    from tests.netconf_server import wait_listening
+
+    assert agent.proc is not None
+    log = agent.state_dir.parent / f"{agent.site}.log"
+    wait_listening(agent.proc, "127.0.0.1", agent.port, f"agent {agent.site}", log)
+
+
+def wait_all_in_sync(cluster: Cluster, keys: tuple[str, ...], timeout: float) -> None:
+    """Every CE in-sync on its owner, and running the version its owner targets."""
+    problems: list[str] = []
+
+    def check() -> bool:
+        problems.clear()
+        names = {cluster.server_name(k): k for k in keys}
+        owners = cluster.owners()
+        views = {k: cluster.provisioning(k) for k in keys}
+        for n in range(1, N + 1):
+            site = f"s{n}"
+            owner = owners.get(site)
+            if owner is None or owner[0] not in names:
+                problems.append(f"{site}: owner {owner}")
+                continue
+            record = views[names[owner[0]]].get(site, {})
+            running = cluster.ctl.agents[site].running_ce()["version"]
+            if record.get("status") != "in-sync" or running != record.get("target-version"):
+                problems.append(f"{site} on {names[owner[0]]}: {record}, CE runs {running}")
+        return not problems
+
+    try:
+        wait_for(check, timeout, "every CE in-sync on its owner", step=0.5)
+    except AssertionError:
+        raise AssertionError(f"not every CE in-sync on its owner: {problems}") from None
+
+
+def assert_one_server_at_a_time(cluster: Cluster) -> dict[str, list[str]]:
+    """From each CE's log: each server's changes of its running form one unbroken run (no
+    server came back after another started), and runs do not overlap in time."""
+    runs_of = {}
+    for n in range(1, N + 1):
+        site = f"s{n}"
+        commits = cluster.commits(site)
+        runs: list[tuple[str, datetime, datetime]] = []
+        for when, server in commits:
+            if runs and runs[-1][0] == server:
+                runs[-1] = (server, runs[-1][1], when)
+            else:
+                runs.append((server, when, when))
+        servers = [r[0] for r in runs]
+        assert len(servers) == len(set(servers)), f"{site}: servers interleaved: {servers}"
+        for before, after in itertools.pairwise(runs):
+            assert before[2] < after[1], f"{site}: {before} overlaps {after}"
+        runs_of[site] = servers
+    return runs_of
+
+
+def test_each_ce_has_exactly_one_owner_and_a_new_site_is_provisioned_by_its_owner_only(
+    cluster: Cluster,
+) -> None:
+    names = {cluster.server_name(k): k for k in ("a", "b")}
+    owners = cluster.owners()
+    assert set(owners) == {f"s{n}" for n in range(1, N + 1)}
+    by_server = {names[o] for o, _ in owners.values()}
+    assert by_server == {"a", "b"}, owners
+    # Both servers say the same owner for every CE (the provisioning owner leaf), and
+    # compiled the same configuration for it (the same keys: one pushes, the other answers
+    # the CE's fetches).
+    views = {key: cluster.provisioning(key) for key in ("a", "b")}
+    for view in views.values():
+        assert {s: view[s]["owner"] for s in owners} == {s: o for s, (o, _) in owners.items()}
+    assert {s: views["a"][s]["target-version"] for s in owners} == {
+        s: views["b"][s]["target-version"] for s in owners
+    }
+    # Each CE was changed only by its owner.
+    # (A CE that fetched its configuration at start-up before the push has none.)
+    for site, servers in assert_one_server_at_a_time(cluster).items():
+        assert servers in ([], [names[owners[site][0]]]), (site, servers)
+    # A site added (through server b): it and every CE that gains it as a peer are
+    # provisioned by their owners, whichever server that is.
+    before = {f"s{n}": len(cluster.commits(f"s{n}")) for n in range(1, N + 1)}
+    ctl = cluster.ctl
+    ctl.server = cluster.servers["b"]
+    port = ctl.add_site("jade", f"s{N + 1}", N + 1, f"10.{N + 1}.0.0/24")
+    agent = ctl.enrol("jade", f"s{N + 1}", port)
+    agent.start()
+    site = f"s{N + 1}"
+    wait_for(lambda: site in cluster.owners(), 20, "the new site's owner")
+    owner = names[cluster.owners()[site][0]]
+    wait_for(
+        lambda: cluster.provisioning(owner).get(site, {}).get("status") == "in-sync",
+        60,
+        f"{site} in-sync on {owner}",
+    )
+    # (The new CE may have fetched its configuration at start-up before any push.)
+    assert {server for _, server in cluster.commits(site)} <= {owner}
+
+    def pushed_the_new_peer() -> bool:
+        return all(len(cluster.commits(s)) > before[s] for s in before)
+
+    wait_for(pushed_the_new_peer, 60, "every CE pushed its new peer")
+    for s, count in before.items():
+        assert {server for _, server in cluster.commits(s)[count:]} == {names[owners[s][0]]}, s
+
+
+def test_a_server_killed_mid_push_has_its_ces_taken_over_within_10_s_and_all_end_in_sync(
+    cluster: Cluster,
+) -> None:
+    a, b = cluster.servers["a"], cluster.servers["b"]
+    name_a, name_b = cluster.server_name("a"), cluster.server_name("b")
+    of_a = sorted(s for s, (o, _) in cluster.owners().items() if o == name_a)
+    assert of_a
+    # Arm a, then change every CE's configuration (a new peer in the full mesh): a stops
+    # just after its first commit confirmed to one of its CEs, before confirming it.
+    (cluster.tmp / "armed").touch()
+    ctl = cluster.ctl
+    ctl.server = b
+    ctl.add_site("jade", "extra", N + 1, f"10.{N + 1}.0.0/24")  # never enrolled: no agent
+    wait_for(lambda: (cluster.tmp / "faults").exists(), 60, "a stopped mid-push")
+    assert a.proc is not None
+    os.killpg(a.proc.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    a.proc.wait(10)
+    a.proc = None
+
+    def taken_over() -> bool:
+        owners = cluster.owners()
+        return all(owners[s][0] == name_b for s in of_a)
+
+    wait_for(taken_over, 20, "a's CEs owned by b", step=0.05)
+    takeover = time.monotonic() - killed
+    print(f"takeover of {len(of_a)} CEs {takeover:.2f} s after kill -9")
+    assert takeover < 10.0
+    started = time.monotonic()
+    wait_all_in_sync(cluster, ("b",), 120)
+    print(f"all {N} CEs in-sync {time.monotonic() - started + takeover:.2f} s after the kill")
+    b_log = (cluster.tmp / "b.log").read_text()
+    assert f"server {name_a} is dead" in b_log
+    for site, servers in assert_one_server_at_a_time(cluster).items():
+        assert servers[-1] == "b" if site in of_a else servers == ["b"], (site, servers)
+
+
+def test_a_frozen_server_whose_lease_lapsed_does_not_push_when_it_wakes(
+    cluster: Cluster,
+) -> None:
+    """a stops (SIGSTOP) between a commit to a CE and its confirmation; b takes its CEs
+    over; a wakes (SIGCONT) with its push half done: the confirmation is fenced (its lease
+    ran out by its own clock), it pushes nothing more, and it learns it owns none of them."""
+    a, b = cluster.servers["a"], cluster.servers["b"]
+    name_a, name_b = cluster.server_name("a"), cluster.server_name("b")
+    of_a = sorted(s for s, (o, _) in cluster.owners().items() if o == name_a)
+    (cluster.tmp / "armed").touch()
+    ctl = cluster.ctl
+    ctl.server = b
+    ctl.add_site("jade", "extra", N + 1, f"10.{N + 1}.0.0/24")
+    wait_for(lambda: (cluster.tmp / "faults").exists(), 60, "a stopped mid-push")
+    (cluster.tmp / "armed").unlink()
+    wait_for(lambda: all(cluster.owners()[s][0] == name_b for s in of_a), 20, "a's CEs owned by b")
+    assert a.proc is not None
+    os.killpg(a.proc.pid, signal.SIGCONT)
+    wait_all_in_sync(cluster, ("b",), 120)
+    # a is alive again, with its lease renewed, and owns its rendezvous share back only
+    # through handovers from b (which hands over only CEs with no push in flight).
+    wait_for(lambda: name_a in leases(cluster.url), 20, "a's lease renewed")
+    a_log = (cluster.tmp / "a.log").read_text()
+    assert "not pushed: the lease of server" in a_log, a_log[-3000:]
+    # The CE a had committed to rolled that commit back by itself: a never confirmed it.
+    rolled = [
+        f"s{n}"
+        for n in range(1, N + 1)
+        if "rolled back" in (cluster.tmp / f"s{n}.log").read_text(errors="replace")
+    ]
+    assert rolled and set(rolled) <= set(of_a), rolled
+    assert_no_overlap(cluster)
+    wait_all_in_sync(cluster, ("a", "b"), 120)
+
+
+def assert_no_overlap(cluster: Cluster) -> None:
+    """Once a wakes, b may hand CEs back to it (a wins them by rendezvous): a CE's runs may
+    then go a, b, a.  What must never happen is a change by a while b was pushing to the CE,
+    which in the CE's log would be a run of a shorter than a lease between b's changes."""
+    for n in range(1, N + 1):
+        commits = cluster.commits(f"s{n}")
+        servers = [s for _, s in commits]
+        # a's changes after b's first one come only from a handover back, never mixed in.
+        if "b" in servers:
+            first_b = servers.index("b")
+            after = servers[first_b:]
+            switches = sum(1 for x, y in itertools.pairwise(after) if x != y)
+            assert switches <= 1, (f"s{n}", servers)

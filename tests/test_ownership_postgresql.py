@@ -1,0 +1,119 @@
+"""CE ownership (nc_server.ownership) on a real PostgreSQL, two owners in one process.
+
+Short lease times make a takeover a matter of seconds; one owner "freezes"
+(its renewals stop, as in a stopped process) and the other takes its CEs
+over with epoch + 1, while the frozen one's own clock has already stopped
+its pushes and its records at the old epoch are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from nc_server.leases import Fenced, LeaseTimes
+from nc_server.ownership import SharedOwnership
+from nc_server.storage_postgresql import PostgresStorage
+
+pytestmark = pytest.mark.timeout(120)
+
+TIMES = LeaseTimes(ttl=1.5, renew=0.3, margin=0.3, grace=0.3)
+SITES = {f"site-{n}" for n in range(40)}
+
+
+@pytest.fixture
+def storage(postgres_url: str) -> Iterator[PostgresStorage]:
+    store = PostgresStorage(postgres_url)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+async def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def owner(
+    storage: PostgresStorage, name: str, events: list[tuple[set[str], set[str]]]
+) -> SharedOwnership:
+    return SharedOwnership(
+        storage,
+        name,
+        known_sites=lambda: SITES,
+        busy=set,
+        changed=lambda gained, lost: events.append((gained, lost)),
+        times=TIMES,
+    )
+
+
+def test_a_frozen_owner_is_fenced_before_its_ces_are_taken_over_with_a_new_epoch(
+    storage: PostgresStorage,
+) -> None:
+    async def scenario() -> None:
+        events_a: list[tuple[set[str], set[str]]] = []
+        events_b: list[tuple[set[str], set[str]]] = []
+        a, b = owner(storage, "a", events_a), owner(storage, "b", events_b)
+        await a.start()
+        await b.start()
+        try:
+            await until(
+                lambda: bool(a.owned) and bool(b.owned) and set(a.owned) | set(b.owned) == SITES,
+                10,
+                "every CE owned, by both",
+            )
+            assert not set(a.owned) & set(b.owned)
+            assert set(a.owners) == SITES
+            of_a = dict(a.owned)
+            assert a.epoch(next(iter(of_a))) is not None
+            # a freezes: its renewals stop (its loop is cancelled, nothing is given up).
+            assert a._task is not None
+            a._task.cancel()
+            frozen = time.monotonic()
+            await until(lambda: set(b.owned) == SITES, 10, "b owns every CE")
+            took = time.monotonic() - frozen
+            print(f"takeover {took:.2f} s after the last renewal could have been sent")
+            assert took <= TIMES.ttl + TIMES.grace + 2 * TIMES.renew + 0.5
+            # a's own clock stopped its pushes before the takeover.
+            assert not a.lease.valid()
+            for site, epoch in of_a.items():
+                assert b.owned[site] == epoch + 1
+                assert a.epoch(site) is None
+                with pytest.raises(Fenced):
+                    a.check(site, epoch)
+            # What a would record now is refused; b's records are written.
+            with storage.transaction():
+                assert a.writable(of_a) == set()
+                assert b.writable(b.owned) == SITES
+            assert set().union(*(gained for gained, _ in events_b)) == SITES
+        finally:
+            await b.stop()
+            a.lease.lapse()
+            if a._conn is not None:
+                await a._conn.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_server_that_stops_cleanly_gives_its_ces_up_at_once(storage: PostgresStorage) -> None:
+    async def scenario() -> None:
+        a, b = owner(storage, "a", []), owner(storage, "b", [])
+        await a.start()
+        await b.start()
+        try:
+            await until(lambda: bool(a.owned) and bool(b.owned), 10, "both own CEs")
+            await a.stop()
+            stopped = time.monotonic()
+            await until(lambda: set(b.owned) == SITES, 10, "b owns every CE")
+            # No waiting for a lease to expire: the next renewal takes them.
+            assert time.monotonic() - stopped < TIMES.ttl
+        finally:
+            await b.stop()
+
+    asyncio.run(scenario())
