@@ -36,3 +36,29 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+
+
+STACKS_DUMPED = "most recent call first"
+"""What Python's faulthandler writes for each thread (the daemons dump on SIGUSR2)."""
+
+
+def wait_exit(proc: subprocess.Popen[bytes], log: str, timeout: float = 30) -> str | None:
+    """Wait for a daemon told to stop; None once it exited.  A daemon still running after
+    ``timeout`` is a failure: its threads' stacks are asked for (SIGUSR2, written to its
+    log), it is killed, and the message returned holds the end of its log."""
+    try:
+        proc.wait(timeout)
+        return None
+    except subprocess.TimeoutExpired:
+        pass
+    path = WORK / log
+    with suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGUSR2)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and STACKS_DUMPED not in path.read_text(errors="replace"):
+        time.sleep(0.2)
+    with suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    tail = path.read_text(errors="replace")[-8000:]
+    return f"{log}: still running {timeout:.0f} s after SIGTERM; its end:\n{tail}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import signal
 import sys
@@ -364,6 +365,9 @@ def run_server(args: argparse.Namespace, make_app: Callable[[], Application], na
     from nc_core.transport_ssh import serve_forever
 
     configure_logging(args.log_level, name, args.log_format, args.debug_libraries)
+    # `kill -USR2 PID` writes every thread's stack to the log (stderr): how a daemon that
+    # does not stop, or stalls, is read without stopping it.
+    faulthandler.register(signal.SIGUSR2, file=sys.stderr, all_threads=True)
     if args.state_dir is None:
         print(f"{name}: --state-dir is required", file=sys.stderr)
         return 2

@@ -1,30 +1,22 @@
-"""Python's full garbage collections kept off the reply path of a server holding a large
-configuration.
+"""What a large commit freed, collected and given back to the system after the reply.
 
-A CE agent holding 1,000 peers keeps 26,000-71,000 Python objects alive for as long as
-its configuration lasts.  A full (generation 2) collection walks every one of them:
-15-32 ms, measured in the agent with ``gc.callbacks`` under
-``bench/agent_commit_bench.py``, and it lands inside whichever request happened to
-allocate when it began: the p99 of a one-peer exchange was 36-58 ms against a p50 of
-7-9 ms.  With those objects moved to the permanent generation (``gc.freeze``) no full
-collection ran in 100 changes and the p99 was 17 ms.
+A commit of a 999-peer configuration parses, validates and serialises several
+transient copies of it (the edit's text, the candidate, libyang's trees, the
+document), some 15 MB that glibc otherwise keeps in its heaps for good, between the
+chunks still in use.  In a farm of 50 agents in one process (bench/agent_farm.py)
+that was half of each agent's resident memory (docs/benchmarks.md).  So after
+start-up, and after a commit that changed much of the configuration (a load, a full
+resynchronisation), at the event loop's next turn, after the reply has been written,
+everything is collected and ``malloc_trim`` gives the free pages back: about a
+millisecond per 100 MB.  Small commits change nothing here.
 
-So the objects that live as long as the configuration are frozen once they exist:
-after start-up, and after a commit that changed much of the configuration (a load, a
-full resynchronisation), at the event loop's next turn, after the reply has been
-written.  Settling first unfreezes and collects everything: cyclic garbage made of
-frozen objects in between is collected then, so what freezing can keep alive is bounded
-by what one such commit replaces.  Small commits change nothing here; the objects they
-make are collected as usual, and a full collection walks only those.
-
-Settling also gives the memory such a commit freed back to the system
-(``malloc_trim``): a commit of a 999-peer configuration parses, validates and
-serialises several transient copies of it (the edit's text, the candidate, libyang's
-trees, the document), some 15 MB that glibc otherwise keeps in its heaps for good,
-between the chunks still in use.  In a farm of 50 agents in one process
-(bench/agent_farm.py) that was half of each agent's resident memory
-(docs/benchmarks.md).  Trimming a process's heaps takes about a millisecond per
-100 MB, at the same moment, after the reply.
+Tried and withdrawn: also freezing what survives (``gc.freeze``), so that Python's full
+collections, which walk the 26,000-71,000 objects of a 1,000-peer configuration
+(15-32 ms, measured with ``gc.callbacks``), stop landing inside requests.  It brought
+the p99 of a one-peer exchange at 1,000 peers from 36.6-58.3 ms to 12.3 ms, but in
+both CI runs that had it, an agent of the lab's demo did not exit within 30 s of
+SIGTERM, and the cause was not found (docs/benchmarks.md).  The daemons now dump
+every thread's stack on SIGUSR2 (nc_core.cli_common) so that such a hang can be read.
 """
 
 from __future__ import annotations
@@ -43,6 +35,9 @@ LARGE_CHANGE = 200
 """Changed nodes from which a commit settles the heap (a one-peer change is ~1-20)."""
 
 _scheduled: set[asyncio.AbstractEventLoop] = set()
+
+settled = 0
+"""How many times the heap was settled (what tests observe)."""
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -68,12 +63,12 @@ def release_free_memory() -> None:
 
 
 def settle() -> None:
-    """Collect everything, then freeze what survived: it is the configuration's; and
-    give what the collection and the commit before it freed back to the system."""
-    gc.unfreeze()
+    """Collect everything, and give what the collection and the commit before it freed
+    back to the system."""
+    global settled
     gc.collect()
-    gc.freeze()
     release_free_memory()
+    settled += 1
 
 
 def settle_soon() -> None:

@@ -1,25 +1,16 @@
-"""Full garbage collections kept off the reply path (nc_core.heap): what a large commit
-leaves alive is frozen after the reply; a small commit leaves the collector alone."""
+"""What a large commit freed is collected and given back after the reply (nc_core.heap);
+a small commit leaves the collector alone."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Iterator
 
-import pytest
 from lxml import etree
 
 from nc_core import heap
 from nc_core.edit import Change
 from tests.waiting import next_turn
-
-
-@pytest.fixture(autouse=True)
-def unfrozen() -> Iterator[None]:
-    gc.unfreeze()
-    yield
-    gc.unfreeze()  # the test process's objects go back to the collector
 
 
 def peers(n: int) -> etree._Element:
@@ -31,9 +22,24 @@ def peers(n: int) -> etree._Element:
     return ce
 
 
-def test_settling_freezes_what_survives_a_collection() -> None:
+def test_settling_collects_every_generation() -> None:
+    seen: list[int] = []
+
+    def watch(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            seen.append(info["generation"])
+
+    gc.callbacks.append(watch)
+    try:
+        heap.settle()
+    finally:
+        gc.callbacks.remove(watch)
+    assert 2 in seen
+
+
+def test_settling_freezes_nothing() -> None:
     heap.settle()
-    assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0
 
 
 def test_a_created_subtree_counts_all_its_nodes() -> None:
@@ -47,19 +53,21 @@ def test_an_updated_leaf_counts_one_node() -> None:
 
 def test_a_large_commit_settles_the_heap_at_the_next_turn_not_before() -> None:
     async def run() -> tuple[int, int]:
+        settled = heap.settled
         heap.after_commit([Change("create", peers(100))])
-        before = gc.get_freeze_count()  # the reply is still being written
+        before = heap.settled - settled  # the reply is still being written
         await next_turn()
-        return before, gc.get_freeze_count()
+        return before, heap.settled - settled
 
     before, after = asyncio.run(run())
-    assert before == 0 and after > 0
+    assert before == 0 and after == 1
 
 
 def test_a_small_commit_leaves_the_collector_alone() -> None:
     async def run() -> int:
+        settled = heap.settled
         heap.after_commit([Change("create", peers(1))])
         await next_turn()
-        return gc.get_freeze_count()
+        return heap.settled - settled
 
     assert asyncio.run(run()) == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from lxml import etree
 from nc_core.journal import stored_running
 from tests.controller import CE_NS, controller, vpn_xml
 from tests.netconf_server import ServerProcess, ncclient_connect, running_server
+from tests.waiting import wait_for
 
 NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
 PSK = "0123456789abcdef0123-never-logged"
@@ -148,3 +150,16 @@ def test_each_provisioning_step_is_a_server_line_and_the_agent_logs_the_change(
     assert changes and "/cevpn-ce:ce/cevpn-ce:peer[cevpn-ce:name='red-s2']" in "".join(changes)
     keys = [k.text for k in ce.iter(f"{{{CE_NS}}}encryption-key") if k.text]
     assert keys and not any(key in agent_log or key in server_log for key in keys)
+
+
+def test_sigusr2_writes_every_threads_stack_to_the_log_and_the_daemon_carries_on(
+    agent: ServerProcess,
+) -> None:
+    assert agent.proc is not None
+    with ncclient_connect(agent) as m:
+        os.kill(agent.proc.pid, signal.SIGUSR2)
+        wait_for(lambda: "most recent call first" in agent.log_path.read_text(), 10, "stacks")
+        m.edit_config(target="running", config=PEER)  # still serving
+    log = agent.log_path.read_text()
+    assert "Current thread" in log or "Thread 0x" in log
+    assert PSK not in log

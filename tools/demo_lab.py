@@ -40,7 +40,7 @@ from lxml import etree  # noqa: E402
 from ncclient import manager  # noqa: E402
 
 from lab.agents import capture, stop_capture  # noqa: E402
-from lab.processes import start, wait_port  # noqa: E402
+from lab.processes import start, wait_exit, wait_port  # noqa: E402
 from lab.topology import INTERNET_HOST, Site  # noqa: E402
 from lab.waiting import wait_until  # noqa: E402
 
@@ -217,13 +217,18 @@ class Demo:
             with suppress(Exception):
                 m.close_session()
         # Every daemon told at once (each stops its charon and BIRD), then waited for.
-        daemons = [*self.agents.values(), *([self.server] if self.server else [])]
-        for proc in daemons:
+        daemons = [(proc, f"ce{n}.log") for n, proc in self.agents.items()]
+        if self.server:
+            daemons.append((self.server, "vpn-server.log"))
+        for proc, _ in daemons:
             if proc.poll() is None:
                 with suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGTERM)
-        for proc in daemons:
-            proc.wait(30)
+        for proc, log in daemons:
+            hung = wait_exit(proc, log)
+            if hung is not None:
+                report["failures"].append(hung.splitlines()[0])
+                say(f"\n         FAIL {hung}")
 
 
 # -- what an engineer looks at ----------------------------------------------------------
