@@ -255,13 +255,13 @@ class SharedOwnership:
         mine = set(self.holding()) & call_home
         # Synchronously with the snapshot of ``busy``: a push starting from now on a CE that
         # may be handed over is refused (pushes in flight keep their CE until they end).
-        before = Calls(call_home, self.held, mine)
+        previously = Calls(call_home, self.held, mine)
         self._releasing = {
             site
             for site in self.owned
             if site not in busy
             and self.live
-            and hands_over(self.name, site, self.live, before) is not None
+            and hands_over(self.name, site, self.live, previously) is not None
         }
         known = set(self.known_sites())
         sent = self.lease.sending()

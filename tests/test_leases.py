@@ -99,9 +99,7 @@ def test_a_call_home_ce_is_owned_by_the_server_it_called_not_by_its_rendezvous_w
     assert winner(sites[0], ["a", "b"], alone) is None
 
 
-def test_the_owner_of_a_call_home_ce_hands_it_to_the_server_it_called_only_once_it_holds_no_live_connection_and_no_push() -> (
-    None
-):  # noqa: E501
+def test_a_call_home_ces_owner_hands_it_over_only_without_a_live_call_or_a_push() -> None:
     sites = SITES[:10]
     rows = {site: Owner("a", 3) for site in sites}
     # The CE called b (a's connection died): a hands every one over, but the one being pushed.
