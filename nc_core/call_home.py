@@ -36,6 +36,11 @@ FIRST_WAIT = 1.0
 """Seconds before the second round of attempts; doubled each round up to max-wait."""
 CONNECT_TIMEOUT = 10.0
 """Seconds one TCP connect plus SSH handshake to one endpoint may take."""
+KEEPALIVE_INTERVAL = 5.0
+"""Seconds between the dialling side's SSH keepalive requests on an idle call-home
+connection: a server host that vanished (no TCP reset) is noticed, and the next endpoint
+dialled, after :data:`KEEPALIVE_COUNT_MAX` of them go unanswered (15 s)."""
+KEEPALIVE_COUNT_MAX = 3
 
 
 @dataclass(frozen=True)
