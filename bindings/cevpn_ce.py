@@ -487,8 +487,11 @@ class yc_endpoint_cevpn_ce__ce_pre_configuration_management_call_home_endpoint(P
   YANG type.
 
   YANG Description: The VPN server's call-home endpoints, tried in order
-(RFC 8071 'start-with first-listed'); more than one when
-backup servers exist (seed 2.3).
+('start-with first-listed'), except that after a connection
+closed the endpoint it went to is tried first
+('start-with last-connected'); more than one when backup
+servers exist (seed 2.3): the CE is provisioned by the
+server it is connected to.
   """
   __slots__ = ('_path_helper', '_extmethods', '__address','__port',)
 
@@ -642,8 +645,11 @@ and then acts as the SSH server on it: the VPN server
 authenticates the CE by its host key, the CE the VPN server
 by 'server-authorized-key', exactly as when the VPN server
 connects.  The connection is persistent: when it closes, the
-CE dials again at once, then with a back-off doubling from
-one second up to 'max-wait' while no endpoint answers.
+CE dials again at once, starting with the endpoint it was
+connected to, then with a back-off doubling from one second
+up to 'max-wait' while no endpoint answers.  SSH keepalives
+every 5 s (3 unanswered) detect a server gone without a TCP
+reset.
   """
   __slots__ = ('_path_helper', '_extmethods', '__endpoint','__max_wait',)
 
@@ -701,8 +707,11 @@ one second up to 'max-wait' while no endpoint answers.
     Getter method for endpoint, mapped from YANG variable /ce/pre_configuration/management/call_home/endpoint (list)
 
     YANG Description: The VPN server's call-home endpoints, tried in order
-(RFC 8071 'start-with first-listed'); more than one when
-backup servers exist (seed 2.3).
+('start-with first-listed'), except that after a connection
+closed the endpoint it went to is tried first
+('start-with last-connected'); more than one when backup
+servers exist (seed 2.3): the CE is provisioned by the
+server it is connected to.
     """
     return self.__endpoint
       
@@ -715,8 +724,11 @@ backup servers exist (seed 2.3).
     do so via calling thisObj._set_endpoint() directly.
 
     YANG Description: The VPN server's call-home endpoints, tried in order
-(RFC 8071 'start-with first-listed'); more than one when
-backup servers exist (seed 2.3).
+('start-with first-listed'), except that after a connection
+closed the endpoint it went to is tried first
+('start-with last-connected'); more than one when backup
+servers exist (seed 2.3): the CE is provisioned by the
+server it is connected to.
     """
     if hasattr(v, "_utype"):
       v = v._utype(v)
@@ -1011,8 +1023,11 @@ and then acts as the SSH server on it: the VPN server
 authenticates the CE by its host key, the CE the VPN server
 by 'server-authorized-key', exactly as when the VPN server
 connects.  The connection is persistent: when it closes, the
-CE dials again at once, then with a back-off doubling from
-one second up to 'max-wait' while no endpoint answers.
+CE dials again at once, starting with the endpoint it was
+connected to, then with a back-off doubling from one second
+up to 'max-wait' while no endpoint answers.  SSH keepalives
+every 5 s (3 unanswered) detect a server gone without a TCP
+reset.
     """
     return self.__call_home
       
@@ -1031,8 +1046,11 @@ and then acts as the SSH server on it: the VPN server
 authenticates the CE by its host key, the CE the VPN server
 by 'server-authorized-key', exactly as when the VPN server
 connects.  The connection is persistent: when it closes, the
-CE dials again at once, then with a back-off doubling from
-one second up to 'max-wait' while no endpoint answers.
+CE dials again at once, starting with the endpoint it was
+connected to, then with a back-off doubling from one second
+up to 'max-wait' while no endpoint answers.  SSH keepalives
+every 5 s (3 unanswered) detect a server gone without a TCP
+reset.
     """
     if hasattr(v, "_utype"):
       v = v._utype(v)

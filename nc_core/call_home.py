@@ -10,11 +10,16 @@ applies here too: the same host key, the same authentication of users
 
 The connection is persistent (RFC 8071 Section 4.1, "persistent
 connection"): the dialer keeps one connection open to the first endpoint
-that answers, tried in configured order ("start-with first-listed").  When
-it closes, the first endpoint is dialled again at once (the server may have
-closed it on purpose, to prove the path with a new one); while no endpoint
-answers, rounds are spaced by a back-off doubling from :data:`FIRST_WAIT` up
-to ``max_wait``.
+that answers, tried in configured order.  When it closes, it dials again at
+once, starting with the endpoint it was connected to, then the others in
+order (ietf-netconf-server's "start-with last-connected"): the server may
+have closed it on purpose, to confirm a change over a new connection, and
+waits for that call; a first-listed server that stopped answering without
+refusing (a host gone, a frozen process) would hold the call up for
+:data:`CONNECT_TIMEOUT` every time.  With several servers on one database the
+CE thus stays with the server it called, which owns it, until that one fails.
+While no endpoint answers, rounds are spaced by a back-off doubling from
+:data:`FIRST_WAIT` up to ``max_wait``.
 """
 
 from __future__ import annotations
@@ -36,6 +41,11 @@ FIRST_WAIT = 1.0
 """Seconds before the second round of attempts; doubled each round up to max-wait."""
 CONNECT_TIMEOUT = 10.0
 """Seconds one TCP connect plus SSH handshake to one endpoint may take."""
+KEEPALIVE_INTERVAL = 5.0
+"""Seconds between the dialling side's SSH keepalive requests on an idle call-home
+connection: a server host that vanished (no TCP reset) is noticed, and the next endpoint
+dialled, after :data:`KEEPALIVE_COUNT_MAX` of them go unanswered (15 s)."""
+KEEPALIVE_COUNT_MAX = 3
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,8 @@ class CallHomeDialer:
         self.connections = 0
         """Connections opened since the dialer started (a NOC's flap counter)."""
         self.last_error: str | None = None
+        self.last_connected: CallHomeEndpoint | None = None
+        """The endpoint of the last connection opened: the next round starts with it."""
         self._conn: asyncssh.SSHServerConnection | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -87,6 +99,7 @@ class CallHomeDialer:
         if endpoints == self.endpoints and (self._task is not None or not endpoints):
             return
         self.endpoints = endpoints
+        self.last_connected = None
         self._stop_task()
         if endpoints:
             log.info("calling home to %s", ", then ".join(map(str, endpoints)))
@@ -131,8 +144,11 @@ class CallHomeDialer:
             log.info("call-home connection closed: dialling again")
 
     async def _first_answering(self) -> asyncssh.SSHServerConnection | None:
-        """One round: the endpoints in order until one answers."""
-        for endpoint in self.endpoints:
+        """One round: the endpoints in order, the last connected one first, until one
+        answers."""
+        last = self.last_connected
+        first = [last] if last is not None and last in self.endpoints else []
+        for endpoint in first + [e for e in self.endpoints if e not in first]:
             try:
                 conn = await asyncio.wait_for(self.dial(endpoint), CONNECT_TIMEOUT)
             except (TimeoutError, OSError, asyncssh.Error) as exc:
@@ -142,7 +158,7 @@ class CallHomeDialer:
                 self.last_error = reason
                 continue
             self._conn = conn
-            self.connected_to = endpoint
+            self.connected_to = self.last_connected = endpoint
             self.connections += 1
             self.last_error = None
             log.info("call-home connection to %s open", endpoint)

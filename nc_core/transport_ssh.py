@@ -21,6 +21,8 @@ from typing import Any
 
 from nc_core import heap
 from nc_core.asyncssh_import import asyncssh
+from nc_core.call_home import KEEPALIVE_COUNT_MAX as CALL_HOME_KEEPALIVE_COUNT_MAX
+from nc_core.call_home import KEEPALIVE_INTERVAL as CALL_HOME_KEEPALIVE_INTERVAL
 from nc_core.call_home import CallHomeEndpoint
 from nc_core.server import NetconfServer
 from nc_core.session import Session
@@ -305,11 +307,17 @@ async def call_home(nc: NetconfServer, endpoint: CallHomeEndpoint) -> asyncssh.S
     """Dial a NETCONF client's call-home port and serve NETCONF over SSH on that connection
     (RFC 8071 Section 3.1: the connecting side is the SSH server).  Returns once the SSH
     handshake is done; the client then authenticates as on any connection."""
+    options = _server_options(nc)
+    # A server that vanished without a TCP reset is noticed by keepalives: the dialler then
+    # calls the next endpoint (with several servers on one database, the one that owns the
+    # CE from then on).
+    options["keepalive_interval"] = CALL_HOME_KEEPALIVE_INTERVAL
+    options["keepalive_count_max"] = CALL_HOME_KEEPALIVE_COUNT_MAX
     return await asyncssh.connect_reverse(
         endpoint.address,
         endpoint.port,
         server_factory=lambda: _NetconfSSHServer(nc),
-        **_server_options(nc),
+        **options,
     )
 
 

@@ -14,6 +14,12 @@ module is the server's policy around it:
 - hand the connection to the southbound (nc_server.southbound) as the site's
   standing link, then tell the controller the CE is reachable, which pushes
   it at once if it is behind.
+
+With several servers on one database, the call-home CEs whose live links a
+server holds (``Southbound.called_sites``) are recorded at each lease renewal,
+and a call-home CE is owned by the server it called (nc_server.ownership,
+nc_server.leases.winner): a server that is called by a CE another server owns
+pushes nothing to it until that one hands it over.
 """
 
 from __future__ import annotations

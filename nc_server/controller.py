@@ -436,6 +436,8 @@ class Controller:
             known_sites=lambda: set(self.sites) | self.jobs.removals(),
             busy=lambda: set(self.jobs.in_flight),
             changed=self._ownership_changed,
+            call_home=lambda: {site for site, view in self.sites.items() if view.call_home},
+            holding=self.jobs.southbound.called_sites,
         )
 
     def _ownership_changed(self, gained: set[str], lost: set[str]) -> None:

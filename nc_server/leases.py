@@ -18,10 +18,16 @@ the rules are tested with a controllable clock and plain data:
   hashing of the site over the live servers.  Load spreads evenly, every server
   computes the same answer from the same list, and a server joining or leaving
   moves only the CEs it wins or held.
+- **A Call Home CE** (RFC 8071) can be provisioned only over the connection it
+  opens, so it is owned by the server holding that connection (:func:`winner`),
+  never by a rendezvous winner it did not call.  While no live server holds one
+  it stays with its owner (a dead owner's goes to the rendezvous winner, until
+  the CE calls).  Its owner hands it over to the server it called only once it
+  holds no live connection from the CE itself, and has no push to it in flight.
 - **What changes** (:func:`plan`): the CEs of a dead server go to the live ones
   in one transaction, each with its epoch + 1; a CE nobody owns yet goes to its
-  rendezvous winner; a CE this server owns but another live server now wins is
-  handed over, only while no push to it is in flight.
+  winner; a CE this server owns but another live server now wins is handed
+  over, only while no push to it is in flight.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,48 @@ def owner_of(site: str, servers: Iterable[str]) -> str | None:
 
 
 @dataclass(frozen=True)
+class Calls:
+    """Who holds the call-home connections (RFC 8071) of the call-home CEs."""
+
+    call_home: Collection[str] = ()
+    """The sites whose CE calls home (every other site is dialled)."""
+    held: Mapping[str, Collection[str]] = field(default_factory=dict)
+    """Site -> the servers recorded holding a connection from its CE (live or not)."""
+    mine: Collection[str] = ()
+    """The sites whose CE's connection this server holds, alive, right now."""
+
+
+def winner(
+    site: str, live: Collection[str], calls: Calls, current: str | None = None
+) -> str | None:
+    """The server that should own ``site`` now, ``current`` owning it; None: no preference
+    (a call-home CE no live server holds a connection from stays where it is).
+
+    A dialled CE: its rendezvous winner among the live servers.  A call-home CE: the live
+    server holding its connection (``current`` if it is one of them; the rendezvous winner
+    among them if, for a moment, several are recorded).
+    """
+    if site not in calls.call_home:
+        return owner_of(site, live)
+    holders = [s for s in calls.held.get(site, ()) if s in live]
+    if current is not None and current in holders:
+        return current
+    return owner_of(site, holders)
+
+
+def hands_over(me: str, site: str, live: Collection[str], calls: Calls) -> str | None:
+    """The server this server's CE ``site`` is to be handed to now (None: keep it).
+
+    Never a call-home CE whose live connection this server holds: the CE is provisioned
+    over it, and it is this server's until the connection ends.
+    """
+    if site in calls.call_home and site in calls.mine:
+        return None
+    to = winner(site, live, calls, me)
+    return None if to is None or to == me else to
+
+
+@dataclass(frozen=True)
 class Owner:
     """A CE's ownership row: which server, and how many times it changed hands."""
 
@@ -144,28 +192,30 @@ def plan(
     live: Collection[str],
     known_sites: Iterable[str],
     busy: Collection[str] = (),
+    calls: Calls | None = None,
 ) -> list[Change]:
     """The ownership rows to write so that every known CE has one live owner.
 
     ``rows``: the table now; ``live``: the servers whose lease has not expired (``me``
     among them); ``known_sites``: the sites this server knows of (a row is never made for
     a site it does not know, nor deleted here); ``busy``: this server's CEs with a push in
-    flight, which it does not hand over yet.
+    flight, which it does not hand over yet; ``calls``: the call-home CEs and who holds
+    their connections (None: every CE is dialled).
     """
     assert me in live, "only a live server changes ownership"
+    calls = calls or Calls()
     changes = []
     for site, row in sorted(rows.items()):
         if row.server not in live:
-            winner = owner_of(site, live)
-            assert winner is not None
-            changes.append(Change(site, winner, row.epoch + 1, row.server, "takeover"))
+            to = winner(site, live, calls) or owner_of(site, live)
+            assert to is not None
+            changes.append(Change(site, to, row.epoch + 1, row.server, "takeover"))
         elif row.server == me and site not in busy:
-            winner = owner_of(site, live)
-            if winner != me:
-                assert winner is not None
-                changes.append(Change(site, winner, row.epoch + 1, me, "handover"))
+            handed_to = hands_over(me, site, live, calls)
+            if handed_to is not None:
+                changes.append(Change(site, handed_to, row.epoch + 1, me, "handover"))
     for site in sorted(set(known_sites) - set(rows)):
-        winner = owner_of(site, live)
-        assert winner is not None
-        changes.append(Change(site, winner, 1, None, "new"))
+        to = winner(site, live, calls) or owner_of(site, live)
+        assert to is not None
+        changes.append(Change(site, to, 1, None, "new"))
     return changes

@@ -13,6 +13,11 @@ tables (nc_server.storage_postgresql, schema version 2):
   live, take over the CEs of servers whose lease expired (epoch + 1, one log
   line per dead server), give new CEs their rendezvous owner, hand over this
   server's CEs another live server now wins (only those with no push in flight).
+- ``cevpn_ce_caller``: site -> server, for each call-home CE's connection a
+  server holds (RFC 8071).  Each server rewrites its own rows in every
+  renewal, from its live links; a call-home CE is owned by the server holding
+  its connection (nc_server.leases.winner), and handed over by its owner only
+  once the owner holds no live connection from it (and no push is in flight).
 
 A push checks :meth:`SharedOwnership.check` just before its edit, its commit
 and its confirmation go out: the CE must be this server's at the epoch the
@@ -32,7 +37,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import psycopg
 
-from nc_server.leases import Change, Fenced, LeaseTimes, LocalLease, Owner, owner_of, plan
+from nc_server.leases import (
+    Calls,
+    Change,
+    Fenced,
+    LeaseTimes,
+    LocalLease,
+    Owner,
+    hands_over,
+    plan,
+)
 
 if TYPE_CHECKING:
     from nc_server.storage_postgresql import PostgresStorage
@@ -119,6 +133,8 @@ class SharedOwnership:
         known_sites: Callable[[], Collection[str]],
         busy: Callable[[], Collection[str]],
         changed: OwnershipChanged,
+        call_home: Callable[[], Collection[str]] = frozenset,
+        holding: Callable[[], Collection[str]] = frozenset,
         times: LeaseTimes | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -127,6 +143,10 @@ class SharedOwnership:
         self.known_sites = known_sites
         self.busy = busy
         self.changed = changed
+        self.call_home = call_home
+        """The call-home sites (their CEs open the connection, RFC 8071)."""
+        self.holding = holding
+        """The call-home sites whose CE's connection this server holds, alive, now."""
         self.times = times or LeaseTimes.from_environment()
         self.lease = LocalLease(self.times, clock)
         self.owned: dict[str, int] = {}
@@ -134,6 +154,8 @@ class SharedOwnership:
         self.owners: dict[str, str] = {}
         """Every CE's owner as of the last renewal (operational state)."""
         self.live: list[str] = []
+        self.held: dict[str, set[str]] = {}
+        """Call-home site -> servers holding its connection, as of the last renewal."""
         self._releasing: set[str] = set()
         """CEs being handed over: no push may start on them."""
         self._conn: psycopg.AsyncConnection[Any] | None = None
@@ -167,6 +189,7 @@ class SharedOwnership:
 
     def forget(self, site: str) -> None:
         self.storage.query("DELETE FROM cevpn_ce_owner WHERE site = %s", (site,))
+        self.storage.query("DELETE FROM cevpn_ce_caller WHERE site = %s", (site,))
         self.owned.pop(site, None)
         self.owners.pop(site, None)
 
@@ -228,12 +251,17 @@ class SharedOwnership:
         conn = await self._connection()
         was_valid = self.lease.valid()
         busy = set(self.busy())
+        call_home = set(self.call_home())
+        mine = set(self.holding()) & call_home
         # Synchronously with the snapshot of ``busy``: a push starting from now on a CE that
         # may be handed over is refused (pushes in flight keep their CE until they end).
+        previously = Calls(call_home, self.held, mine)
         self._releasing = {
             site
             for site in self.owned
-            if site not in busy and self.live and owner_of(site, self.live) != self.name
+            if site not in busy
+            and self.live
+            and hands_over(self.name, site, self.live, previously) is not None
         }
         known = set(self.known_sites())
         sent = self.lease.sending()
@@ -258,11 +286,26 @@ class SharedOwnership:
                     await conn.execute(
                         "DELETE FROM cevpn_server_lease WHERE server = ANY(%s)", (list(dead),)
                     )
+                # The call-home connections this server holds now replace what it recorded.
+                await conn.execute(
+                    "DELETE FROM cevpn_ce_caller WHERE server = %s OR server = ANY(%s)",
+                    (self.name, list(dead)),
+                )
+                if mine:
+                    await conn.execute(
+                        "INSERT INTO cevpn_ce_caller (site, server) SELECT unnest(%s::text[]), %s",
+                        (sorted(mine), self.name),
+                    )
+                cur = await conn.execute("SELECT site, server FROM cevpn_ce_caller")
+                held: dict[str, set[str]] = {}
+                for site, server in await cur.fetchall():
+                    held.setdefault(str(site), set()).add(str(server))
                 cur = await conn.execute("SELECT site, server, epoch FROM cevpn_ce_owner")
                 rows = {str(s): Owner(str(o), int(e)) for s, o, e in await cur.fetchall()}
                 # Not handed over: what is busy, and what was not marked releasing in time.
                 keep = busy | (set(self.owned) - self._releasing)
-                changes = plan(self.name, rows, live, known, busy=keep)
+                calls = Calls(call_home, held, mine)
+                changes = plan(self.name, rows, live, known, busy=keep, calls=calls)
                 for change in changes:
                     await conn.execute(
                         "INSERT INTO cevpn_ce_owner (site, server, epoch) VALUES (%s, %s, %s)"
@@ -278,6 +321,7 @@ class SharedOwnership:
             rows[change.site] = Owner(change.server, change.epoch)
         self._log_changes(changes, dead)
         self.live = live
+        self.held = held
         self.owners = {site: row.server for site, row in rows.items()}
         owned = {site: row.epoch for site, row in rows.items() if row.server == self.name}
         before = self.owned
@@ -329,6 +373,7 @@ class SharedOwnership:
         try:
             conn = await self._connection()
             await conn.execute("DELETE FROM cevpn_server_lease WHERE server = %s", (self.name,))
+            await conn.execute("DELETE FROM cevpn_ce_caller WHERE server = %s", (self.name,))
             log.info("ownership: lease of server %s given up", self.name)
         except (psycopg.Error, OSError) as exc:
             log.warning(

@@ -430,6 +430,12 @@ class Southbound:
         finally:
             timings.ssh += time.perf_counter() - started
 
+    def called_sites(self) -> set[str]:
+        """The sites whose call-home CE's live link this server holds."""
+        return {
+            site for site, link in self.links.items() if link.called_from is not None and link.alive
+        }
+
     def called_from(self, site: str) -> str | None:
         """Where the call-home CE's live link comes from, if it has one."""
         link = self.links.get(site)

@@ -57,7 +57,7 @@ from nc_server.storage import StorageError
 
 log = logging.getLogger("cevpn.storage")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The schema this code reads and writes; MIGRATIONS[n] brings version n to n + 1."""
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -75,6 +75,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         'CREATE TABLE cevpn_ce_owner (site text COLLATE "C" PRIMARY KEY,'
         " server text NOT NULL, epoch bigint NOT NULL,"
         " since timestamptz NOT NULL DEFAULT now())",
+    ),
+    (
+        # nc_server.ownership: which server holds which call-home CE's connection (RFC
+        # 8071), rewritten by each server at its lease renewals: such a CE is owned by
+        # the server it called.
+        'CREATE TABLE cevpn_ce_caller (site text COLLATE "C" NOT NULL,'
+        " server text NOT NULL, since timestamptz NOT NULL DEFAULT now(),"
+        " PRIMARY KEY (site, server))",
     ),
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION

@@ -1,5 +1,6 @@
 """The call-home dialer's schedule (RFC 8071 Section 4.1, persistent connection): endpoints in
-order, back-off between failed rounds, dial again at once when a connection closes.
+order, back-off between failed rounds, dial again at once when a connection closes,
+starting with the endpoint it was connected to.
 
 The dial and the clock are the dialer's two inputs, so they are driven here
 directly; the connection over real SSH is tests/test_call_home.py's.
@@ -94,7 +95,7 @@ def test_rounds_that_fail_are_spaced_by_a_doubling_back_off_up_to_max_wait() -> 
     assert script.slept[:5] == [FIRST_WAIT, 2 * FIRST_WAIT, 4 * FIRST_WAIT, 8, 8]
 
 
-def test_a_closed_connection_is_dialled_again_at_once_from_the_first_endpoint() -> None:
+def test_a_closed_connection_is_dialled_again_at_once() -> None:
     async def scenario(dialer: CallHomeDialer, script: Script) -> None:
         await script.until(lambda: len(script.connections) == 1)
         script.connections[0].closed.set()
@@ -104,6 +105,24 @@ def test_a_closed_connection_is_dialled_again_at_once_from_the_first_endpoint() 
 
     script = run({A: [True, True]}, scenario)
     assert script.dialled == [A, A]
+    assert script.slept == []
+
+
+def test_after_a_close_the_endpoint_last_connected_is_dialled_first_then_the_others() -> None:
+    """b closed the call (to confirm a change over a new one, or it died): the CE calls b
+    again before a, which it left because a did not answer."""
+
+    async def scenario(dialer: CallHomeDialer, script: Script) -> None:
+        await script.until(lambda: len(script.connections) == 1)
+        script.connections[0].closed.set()  # b cuts the call: b is dialled again at once
+        await script.until(lambda: len(script.connections) == 2)
+        assert dialer.connected_to == B
+        script.connections[1].closed.set()  # b dies: b refuses, a answers
+        await script.until(lambda: len(script.connections) == 3)
+        assert dialer.connected_to == A
+
+    script = run({A: [False, True], B: [True, True]}, scenario)
+    assert script.dialled == [A, B, B, B, A]
     assert script.slept == []
 
 

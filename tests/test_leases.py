@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from nc_server.leases import Fenced, LeaseTimes, LocalLease, Owner, owner_of, plan
+from nc_server.leases import Calls, Fenced, LeaseTimes, LocalLease, Owner, owner_of, plan, winner
 
 
 class Clock:
@@ -78,6 +78,50 @@ def test_a_server_hands_over_what_another_now_wins_but_never_a_ce_with_a_push_in
     assert all(c.reason == "handover" and c.server == "b" and c.epoch == 2 for c in changes)
     # b never takes a live server's CE itself: a's release is the handover.
     assert plan("b", rows, ["a", "b"], rows) == []
+
+
+def test_a_call_home_ce_is_owned_by_the_server_it_called_not_by_its_rendezvous_winner() -> None:
+    sites = SITES[:40]
+    # Every CE called b: new ones are b's, whatever rendezvous says; a dialled one is not.
+    calls = Calls(call_home=sites, held={site: {"b"} for site in sites})
+    changes = plan("a", {}, ["a", "b"], [*sites, "dialled"], calls=calls)
+    assert {c.site: c.server for c in changes if c.site != "dialled"} == dict.fromkeys(sites, "b")
+    assert [c.server for c in changes if c.site == "dialled"] == [owner_of("dialled", ["a", "b"])]
+    # One nobody called yet goes to its rendezvous winner, and stays there while no live
+    # server holds its connection (a dead server's record does not count).
+    alone = Calls(call_home=sites, held={site: {"c"} for site in sites})
+    assert [c.server for c in plan("a", {}, ["a", "b"], sites[:1], calls=alone)] == [
+        owner_of(sites[0], ["a", "b"])
+    ]
+    rows = {site: Owner("a", 3) for site in sites}
+    assert plan("a", rows, ["a", "b"], sites, calls=alone) == []
+    assert plan("a", rows, ["a", "b"], sites, calls=Calls(call_home=sites)) == []
+    assert winner(sites[0], ["a", "b"], alone) is None
+
+
+def test_a_call_home_ces_owner_hands_it_over_only_without_a_live_call_or_a_push() -> None:
+    sites = SITES[:10]
+    rows = {site: Owner("a", 3) for site in sites}
+    # The CE called b (a's connection died): a hands every one over, but the one being pushed.
+    moved = Calls(call_home=sites, held={site: {"b"} for site in sites})
+    changes = plan("a", rows, ["a", "b"], sites, busy={sites[0]}, calls=moved)
+    assert [c.site for c in changes] == sites[1:]
+    assert all(c.server == "b" and c.epoch == 4 and c.reason == "handover" for c in changes)
+    # a still holds a live connection from the CE (b's record may be of a call a has not
+    # seen end yet, or the CE's redial): a keeps it, even if a's own record lags.
+    both = Calls(call_home=sites, held={site: {"a", "b"} for site in sites}, mine=sites)
+    assert plan("a", rows, ["a", "b"], sites, calls=both) == []
+    lagging = Calls(call_home=sites, held={site: {"b"} for site in sites}, mine=sites)
+    assert plan("a", rows, ["a", "b"], sites, calls=lagging) == []
+    # b never takes it from live a itself, not even holding the connection.
+    b_holds = Calls(call_home=sites, held={site: {"b"} for site in sites}, mine=sites)
+    assert plan("b", rows, ["a", "b"], sites, calls=b_holds) == []
+    # A dead owner's call-home CE goes to the server it called, with the epoch + 1.
+    taken = plan("b", rows, ["b", "c"], sites, calls=b_holds)
+    assert {(c.server, c.epoch, c.reason) for c in taken} == {("b", 4, "takeover")}
+    # ... and to the rendezvous winner when it called nobody (yet).
+    taken = plan("b", rows, ["b", "c"], sites, calls=Calls(call_home=sites))
+    assert all(c.server == owner_of(c.site, ["b", "c"]) for c in taken)
 
 
 def test_a_lease_is_valid_from_the_sending_of_its_renewal_minus_the_margin() -> None:

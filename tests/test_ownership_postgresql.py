@@ -41,14 +41,22 @@ async def until(condition: Callable[[], bool], timeout: float, what: str) -> Non
 
 
 def owner(
-    storage: PostgresStorage, name: str, events: list[tuple[set[str], set[str]]]
+    storage: PostgresStorage,
+    name: str,
+    events: list[tuple[set[str], set[str]]],
+    holding: set[str] | None = None,
+    busy: set[str] | None = None,
 ) -> SharedOwnership:
+    """An owner of SITES; with ``holding``, every site calls home and this is the set of
+    sites whose call this owner holds (the test changes it as CEs would call)."""
     return SharedOwnership(
         storage,
         name,
         known_sites=lambda: SITES,
-        busy=set,
+        busy=(lambda: set(busy)) if busy is not None else set,
         changed=lambda gained, lost: events.append((gained, lost)),
+        call_home=(lambda: SITES) if holding is not None else frozenset,
+        holding=(lambda: set(holding)) if holding is not None else frozenset,
         times=TIMES,
     )
 
@@ -115,5 +123,52 @@ def test_a_server_that_stops_cleanly_gives_its_ces_up_at_once(storage: PostgresS
             assert time.monotonic() - stopped < TIMES.ttl
         finally:
             await b.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_call_home_ce_is_owned_by_the_server_holding_its_call_and_moves_with_it(
+    storage: PostgresStorage,
+) -> None:
+    async def scenario() -> None:
+        calls_a: set[str] = set(SITES)  # every CE called a
+        calls_b: set[str] = set()
+        busy_a: set[str] = set()
+        a = owner(storage, "a", [], holding=calls_a, busy=busy_a)
+        b = owner(storage, "b", [], holding=calls_b)
+        await a.start()
+        await b.start()
+        try:
+            await until(lambda: set(a.owned) == SITES, 10, "a owns every call-home CE")
+            assert not b.owned
+            first = dict(a.owned)
+            # A few CEs call b instead (their calls to a ended); one of them is being pushed
+            # by a: it stays a's until that push ends.
+            moved = set(sorted(SITES)[:5])
+            busy_a.add(min(moved))
+            calls_a -= moved
+            calls_b |= moved
+            await until(lambda: set(b.owned) == moved - busy_a, 10, "b owns the CEs that called it")
+            assert all(b.owned[site] == first[site] + 1 for site in b.owned)
+            busy_a.clear()
+            await until(lambda: set(b.owned) == moved, 10, "b owns the one pushed too")
+            # A CE whose call b holds while a still holds one too (a has not seen its call
+            # end): a keeps it.
+            also = max(SITES)
+            calls_b.add(also)
+            for _ in range(3):
+                await b.renew()
+                await a.renew()
+            assert also in a.owned and also not in b.owned
+            # a dies without giving anything up: b takes the CEs that call it, the others
+            # go to the rendezvous winner among the live, which is b alone.
+            assert a._task is not None
+            a._task.cancel()
+            await until(lambda: set(b.owned) == SITES, 10, "b owns every CE")
+        finally:
+            await b.stop()
+            a.lease.lapse()
+            if a._conn is not None:
+                await a._conn.close()
 
     asyncio.run(scenario())
