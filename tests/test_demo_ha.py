@@ -19,6 +19,7 @@ DEMO = ROOT / "tools" / "demo_ha.py"
 
 CHECKS = [
     "✓ the standby streams synchronously",
+    "✓ B took the service's identity from the database",
     "✓ the operator account made once is accepted by both servers",
     "CEs enrolled on A; each bundle lists both servers' endpoints",
     "✓ B's running holds the VPN and its sites too",

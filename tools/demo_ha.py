@@ -166,23 +166,13 @@ class Server:
 IDENTITY_FILES = ("ssh_host_ed25519_key", "southbound_ed25519_key")
 
 
-def share_identity(first: Server, other: Server) -> str:
-    """Give ``other`` the identity of ``first`` before it starts: CEs pin one server host
-    key (their bundle's) and authorise one southbound key, so every server on a database
-    must have the same two.  Today that is a copy of the first server's key files into
-    the other's state directory (0600); the line returned says so."""
-    if not all((first.state_dir / name).exists() for name in IDENTITY_FILES):
-        raise Abort(f"server {first.name} made no host and southbound keys")
-    other.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for name in IDENTITY_FILES:
-        for suffix in ("", ".pub"):
-            target = other.state_dir / f"{name}{suffix}"
-            shutil.copyfile(first.state_dir / f"{name}{suffix}", target)
-            target.chmod(0o600 if not suffix else 0o644)
-    return (
-        f"server {other.name} starts with server {first.name}'s host key and southbound key "
-        f"(copied from its state directory: {', '.join(IDENTITY_FILES)}), the identity "
-        "the CEs' bundles pin and authorise"
+def same_identity(first: Server, other: Server) -> bool:
+    """Do both servers hold the same host key and southbound key?  CEs pin one server host
+    key (their bundle's) and authorise one southbound key: the first server on a database
+    stores both there, and every other takes them at start-up (nc_server.identity)."""
+    return all(
+        (first.state_dir / name).read_bytes() == (other.state_dir / name).read_bytes()
+        for name in IDENTITY_FILES
     )
 
 
@@ -406,9 +396,13 @@ class Demo:
         a.start()
         r.say(f"server A listening on {a.host}:{a.port} (pid {a.proc.pid if a.proc else '?'})")
         wait_until(lambda: all((a.state_dir / f).exists() for f in IDENTITY_FILES), 10, 0.05)
-        r.say(share_identity(a, b))
         b.start()
         r.say(f"server B listening on {b.host}:{b.port} (pid {b.proc.pid if b.proc else '?'})")
+        r.check(
+            "B took the service's identity from the database",
+            same_identity(a, b),
+            "the host key the CEs' bundles pin and the southbound key they authorise",
+        )
         with a.connect(), b.connect():
             pass
         r.check("the operator account made once is accepted by both servers", True,
