@@ -311,6 +311,7 @@ async def edit(
                 )
                 if changed:
                     server.replace_candidate(canonical)
+                server.candidate_edited = True  # even to what it was: see running_rolled_back
         if editor.errors:
             raise RpcErrors(editor.errors)
 

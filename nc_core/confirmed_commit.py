@@ -250,6 +250,7 @@ class ConfirmedCommit:
         assert pending is not None
         log.warning("confirmed commit of session %d rolled back (%s)", pending.session_id, reason)
         self.operation = "rollback"
+        edited = self.server.candidate_modified or self.server.candidate_edited
         try:
             await self.server.change_running(
                 deepcopy(pending.rollback_to), None, reason="rollback", check_access=False
@@ -259,7 +260,9 @@ class ConfirmedCommit:
             raise
         finally:
             self.operation = None
-        self.server.reset_candidate()
+        self.server.running_rolled_back(
+            f"the confirmed commit of session {pending.session_id}: {reason}", edited=edited
+        )
         self._finish()
         self.server.notifications.confirmed_commit(session, reason, None, pending=pending)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import gc
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -41,11 +40,13 @@ settled = 0
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
-    name = ctypes.util.find_library("c")
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS).
+
+    Looked up among the symbols the process has loaded already (``dlopen(NULL)``), not
+    by ``ctypes.util.find_library``, which runs ``ldconfig -p``: a daemon starts no
+    process at import (tests/test_start_up_imports.py; each costs ~50 ms in the lab)."""
     try:
-        libc = ctypes.CDLL(name)
-        trim = libc.malloc_trim
+        trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError, TypeError):
         return None
     trim.argtypes = [ctypes.c_size_t]

@@ -241,6 +241,12 @@ class NetconfServer:
         self.candidate_modified = False
         self.candidate_base: etree._Element | None = None
         """Running as it was when the candidate stopped following it (replace_candidate)."""
+        self.candidate_edited = False
+        """A session edited the candidate since it last followed running, maybe to what it
+        already was (candidate_modified stays False then)."""
+        self.candidate_reverted: str | None = None
+        """Why the running the candidate was edited on was rolled back since (a confirmed
+        commit's rollback): such a candidate is not committed (candidate_onto_running)."""
         self.sessions: dict[int, Session] = {}
         self._next_session_id = 1
         self.config_lock = asyncio.Lock()
@@ -751,6 +757,24 @@ class NetconfServer:
         candidate.root, candidate.tree = running.root, None
         self.candidate_modified = False
         self.candidate_base = None
+        self.candidate_edited = False
+        self.candidate_reverted = None
+
+    def running_rolled_back(self, why: str, *, edited: bool) -> None:
+        """A confirmed commit was rolled back (``why``): an untouched candidate follows the
+        running it went back to; an edited one is kept but may not be committed until it
+        is discarded, because its edits were made on a configuration that no longer
+        exists.  Merging them onto the older running instead would silently drop what
+        they meant: a VPN server that pushed a CE's whole configuration again while the
+        previous push's confirmed commit was timing out would see its edit merged to
+        nothing and its commit succeed, the CE left without its configuration.
+
+        ``edited``: the candidate was edited before the rollback changed running (which
+        already made an unmodified candidate follow it), even to what it was."""
+        if edited:
+            self.candidate_reverted = why  # an edit to what running was is an edit too
+        else:
+            self.reset_candidate()
 
     def candidate_onto_running(self) -> etree._Element:
         """What committing the candidate makes running: the candidate itself if running did
@@ -760,6 +784,15 @@ class NetconfServer:
 
         The candidate itself is returned, not a copy (it may be running's own tree): the
         caller hands it to :meth:`change_running`, which does not change it."""
+        if self.candidate_reverted is not None:
+            raise RpcError(
+                "operation-failed",
+                "The candidate was edited on a running configuration that has since been "
+                f"rolled back ({self.candidate_reverted}); nothing was committed. Use "
+                "<discard-changes>, look at running as it is now, and make the edit again.",
+                type="application",
+                app_tag="running-changed",
+            )
         candidate = self.datastores["candidate"].root
         running = self.datastores["running"].root
         base = self.candidate_base

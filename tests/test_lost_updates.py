@@ -164,6 +164,45 @@ def test_a_running_edit_is_refused_while_another_sessions_confirmed_commit_is_pe
     assert "after-the-rollback" in groups_in(root)
 
 
+def test_a_candidate_edited_on_a_confirmed_commit_that_rolls_back_is_not_committed(server):
+    """The VPN server's case: it pushes a CE's whole configuration again while its previous
+    push's confirmed commit is still pending, and that one times out between the new edit
+    and the new commit.  Merged onto the older running, the edit (identical to what was
+    rolled back) would be nothing, and the commit would succeed without it."""
+    with ncclient_connect(server) as a, ncclient_connect(server) as b:
+        a.edit_config(target="candidate", config=customer("Pushed"))
+        a.commit(confirmed=True, timeout="120")
+        b.discard_changes()
+        b.edit_config(target="candidate", config=customer("Pushed"))
+        a.cancel_commit()  # the first push's commit is rolled back
+        with pytest.raises(RPCError) as exc:
+            b.commit(confirmed=True, timeout="120")
+        assert exc.value.tag == "operation-failed"
+        assert exc.value.app_tag == "running-changed"
+        assert "rolled back" in exc.value.message and "discard-changes" in exc.value.message
+        values = running(server).xpath("//v:vpn/v:customer/text()", namespaces={"v": SVC})
+        assert values == ["Before"]
+        b.discard_changes()
+        b.edit_config(target="candidate", config=customer("Pushed"))
+        b.commit()
+    values = running(server).xpath("//v:vpn/v:customer/text()", namespaces={"v": SVC})
+    assert values == ["Pushed"]
+
+
+def test_an_untouched_candidate_follows_running_back_after_a_rollback(server):
+    with ncclient_connect(server) as a, ncclient_connect(server) as b:
+        a.edit_config(target="candidate", config=customer("Confirmed"))
+        a.commit(confirmed=True, timeout="120")
+        a.cancel_commit()
+        b.commit()  # nothing to commit: the candidate is running again
+        reply = b.get_config(
+            source="candidate", filter=("subtree", f'<vpn-service xmlns="{SVC}"/>')
+        )
+        assert "Before" in reply.data_xml and "Confirmed" not in reply.data_xml
+    values = running(server).xpath("//v:vpn/v:customer/text()", namespaces={"v": SVC})
+    assert values == ["Before"]
+
+
 def test_an_enrolment_is_refused_while_a_confirmed_commit_is_pending(server):
     with ncclient_connect(server) as a, ncclient_connect(server, OPERATOR) as b:
         a.edit_config(target="candidate", config=group("confirmed"))
