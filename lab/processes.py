@@ -14,11 +14,17 @@ from pathlib import Path
 WORK = Path(os.environ.get("WORK", "/tmp"))
 
 
+_LOGS: dict[int, str] = {}
+"""Each started process's log file name, by pid (stop() shows it when the process hangs)."""
+
+
 def start(argv: list[str], log: str, netns: str | None = None) -> subprocess.Popen[bytes]:
     prefix = ["ip", "netns", "exec", netns] if netns else []
     out = (WORK / log).open("ab")
-    return subprocess.Popen([*prefix, *argv], stdout=out, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen([*prefix, *argv], stdout=out, stderr=subprocess.STDOUT,
                             start_new_session=True)  # fmt: skip
+    _LOGS[proc.pid] = log
+    return proc
 
 
 def wait_port(host: str, port: int, proc: subprocess.Popen[bytes], what: str) -> None:
@@ -33,9 +39,13 @@ def wait_port(host: str, port: int, proc: subprocess.Popen[bytes], what: str) ->
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM and wait; a daemon still running 30 s later has its threads' stacks written
+    to its log, is killed, and fails the caller with the end of that log."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
+        hung = wait_exit(proc, _LOGS.get(proc.pid, "unknown.log"))
+        if hung is not None:
+            raise RuntimeError(hung)
 
 
 STACKS_DUMPED = "most recent call first"
@@ -55,10 +65,17 @@ def wait_exit(proc: subprocess.Popen[bytes], log: str, timeout: float = 30) -> s
     with suppress(ProcessLookupError):
         os.kill(proc.pid, signal.SIGUSR2)
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and STACKS_DUMPED not in path.read_text(errors="replace"):
+    while time.monotonic() < deadline and STACKS_DUMPED not in _read(path):
         time.sleep(0.2)
     with suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    tail = path.read_text(errors="replace")[-8000:]
+    tail = _read(path)[-8000:]
     return f"{log}: still running {timeout:.0f} s after SIGTERM; its end:\n{tail}"
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""

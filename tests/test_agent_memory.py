@@ -4,8 +4,7 @@
 The lxml and libyang trees are C allocations that tracemalloc does not see; what it
 sees is what the server keeps in Python beside them.  The validator's memo kept two
 serialised copies of the configuration (the validated document, 0.9 MB at 999 peers,
-and each peer's serialised entry, 0.8 MB): it keeps their digests now.  And a large
-commit's transient copies, freed, are given back to the system (nc_core.heap).
+and each peer's serialised entry, 0.8 MB): it keeps their digests now.
 """
 
 from __future__ import annotations
@@ -13,13 +12,9 @@ from __future__ import annotations
 import gc
 import tracemalloc
 from copy import deepcopy
-from pathlib import Path
 from typing import Any
 
-import pytest
-
 from bench.agent_commit_bench import peer
-from nc_core import heap
 from nc_core.datastore import free
 from tests.test_validator_memo import CE, configuration, fresh, server  # noqa: F401
 
@@ -55,23 +50,3 @@ def test_the_validators_memo_of_999_peers_keeps_no_serialised_copies(server: Any
         tracemalloc.stop()
     held = sum(d.size_diff for d in kept if "nc_core" in str(d.traceback))
     assert held < MEMO_BOUND, [(str(d.traceback), d.size_diff) for d in kept[:5]]
-
-
-def rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
-@pytest.mark.skipif(heap._TRIM is None, reason="no malloc_trim (not glibc)")
-def test_settling_gives_freed_memory_back_to_the_system() -> None:
-    chunks = [bytes(2000) for _ in range(20_000)]  # 40 MB in small chunks
-    kept = chunks[::256]  # a few stay in use, scattered over the heap
-    del chunks
-    before = rss_bytes()
-    heap.settle()
-    gc.unfreeze()
-    after = rss_bytes()
-    assert before - after > 20 * 2**20, (before, after)
-    assert len(kept) == 79
