@@ -62,6 +62,7 @@ import errno as errno_mod
 import os
 import socket
 import struct
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -719,6 +720,12 @@ class Xfrm:
         self._sock = _netlink_socket(netns)
         self._seq = 0
         self._buf = bytearray(1 << 20)
+        self._turn = threading.RLock()
+        """One exchange on the socket at a time.  The agent reads the kernel from several
+        worker threads at once (a <get>, the server's tunnel watcher, metrics): two dumps
+        on one socket each skipped the other's messages, and one waited for ever for an
+        NLMSG_DONE the other had read, which also held the agent's exit on SIGTERM (its
+        executor waits for every worker)."""
 
     # ------------------------------------------------------------ plumbing
     def _next_seq(self) -> int:
@@ -727,6 +734,10 @@ class Xfrm:
 
     def _run(self, ops: Sequence[_Op], stop_on_error: bool = True) -> _Outcome:
         """Send ops in chunks of CHUNK per sendmsg; read every ack."""
+        with self._turn:
+            return self._run_ops(ops, stop_on_error)
+
+    def _run_ops(self, ops: Sequence[_Op], stop_on_error: bool) -> _Outcome:
         outcome = _Outcome()
         view = memoryview(self._buf)
         for start in range(0, len(ops), self.CHUNK):
@@ -761,6 +772,10 @@ class Xfrm:
         return outcome
 
     def _dump(self, kind: int, body: bytes) -> list[bytes]:
+        with self._turn:
+            return self._dump_all(kind, body)
+
+    def _dump_all(self, kind: int, body: bytes) -> list[bytes]:
         seq = self._next_seq()
         self._sock.sendall(_nlmsg(kind, NLM_F_REQUEST | NLM_F_DUMP, seq, body))
         out: list[bytes] = []
