@@ -129,7 +129,6 @@ def cluster(
         cluster = Cluster(ctl, servers, postgres_url, tmp_path, count)
         # Both servers hold a lease before any CE exists: no CE changes hands at the start.
         wait_for(lambda: len(leases(postgres_url)) == 2, 20, "two leases")
-        time.sleep(0)  # next turn only; the waits below are on conditions
         for n in range(1, count + 1):
             port = ctl.add_site("jade", f"s{n}", n, f"10.{n}.0.0/24")
             ctl.enrol("jade", f"s{n}", port)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from nc_server.leases import Fenced, LeaseTimes
 from nc_server.ownership import SharedOwnership
 from nc_server.storage_postgresql import PostgresStorage
+from tests.waiting import wait_for_async
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,13 +36,6 @@ def storage(postgres_url: str) -> Iterator[PostgresStorage]:
         yield store
     finally:
         store.close()
-
-
-async def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 def owner(
@@ -76,7 +70,7 @@ def test_a_frozen_owner_is_fenced_before_its_ces_are_taken_over_with_a_new_epoch
         await a.start()
         await b.start()
         try:
-            await until(
+            await wait_for_async(
                 lambda: bool(a.owned) and bool(b.owned) and set(a.owned) | set(b.owned) == SITES,
                 10,
                 "every CE owned, by both",
@@ -89,7 +83,7 @@ def test_a_frozen_owner_is_fenced_before_its_ces_are_taken_over_with_a_new_epoch
             assert a._task is not None
             a._task.cancel()
             frozen = time.monotonic()
-            await until(lambda: set(b.owned) == SITES, 10, "b owns every CE")
+            await wait_for_async(lambda: set(b.owned) == SITES, 10, "b owns every CE")
             took = time.monotonic() - frozen
             print(f"takeover {took:.2f} s after the last renewal could have been sent")
             assert took <= TIMES.ttl + TIMES.grace + 2 * TIMES.renew + 0.5
@@ -120,10 +114,10 @@ def test_a_server_that_stops_cleanly_gives_its_ces_up_at_once(storage: PostgresS
         await a.start()
         await b.start()
         try:
-            await until(lambda: bool(a.owned) and bool(b.owned), 10, "both own CEs")
+            await wait_for_async(lambda: bool(a.owned) and bool(b.owned), 10, "both own CEs")
             await a.stop()
             stopped = time.monotonic()
-            await until(lambda: set(b.owned) == SITES, 10, "b owns every CE")
+            await wait_for_async(lambda: set(b.owned) == SITES, 10, "b owns every CE")
             # No waiting for a lease to expire: the next renewal takes them.
             assert time.monotonic() - stopped < TIMES.ttl
         finally:
@@ -144,7 +138,7 @@ def test_a_call_home_ce_is_owned_by_the_server_holding_its_call_and_moves_with_i
         await a.start()
         await b.start()
         try:
-            await until(lambda: set(a.owned) == SITES, 10, "a owns every call-home CE")
+            await wait_for_async(lambda: set(a.owned) == SITES, 10, "a owns every call-home CE")
             assert not b.owned
             first = dict(a.owned)
             # A few CEs call b instead (their calls to a ended); one of them is being pushed
@@ -153,10 +147,12 @@ def test_a_call_home_ce_is_owned_by_the_server_holding_its_call_and_moves_with_i
             busy_a.add(min(moved))
             calls_a -= moved
             calls_b |= moved
-            await until(lambda: set(b.owned) == moved - busy_a, 10, "b owns the CEs that called it")
+            await wait_for_async(
+                lambda: set(b.owned) == moved - busy_a, 10, "b owns the CEs that called it"
+            )
             assert all(b.owned[site] == first[site] + 1 for site in b.owned)
             busy_a.clear()
-            await until(lambda: set(b.owned) == moved, 10, "b owns the one pushed too")
+            await wait_for_async(lambda: set(b.owned) == moved, 10, "b owns the one pushed too")
             # A CE whose call b holds while a still holds one too (a has not seen its call
             # end): a keeps it.
             also = max(SITES)
@@ -169,7 +165,7 @@ def test_a_call_home_ce_is_owned_by_the_server_holding_its_call_and_moves_with_i
             # go to the rendezvous winner among the live, which is b alone.
             assert a._task is not None
             a._task.cancel()
-            await until(lambda: set(b.owned) == SITES, 10, "b owns every CE")
+            await wait_for_async(lambda: set(b.owned) == SITES, 10, "b owns every CE")
         finally:
             await b.stop()
             a.lease.lapse()

@@ -9,7 +9,7 @@ from typing import Any
 
 from lab.waiting import wait_until
 
-__all__ = ["next_turn", "wait_for", "wait_until"]
+__all__ = ["next_turn", "wait_for", "wait_for_async", "wait_until"]
 
 
 def wait_for(
@@ -24,6 +24,20 @@ def wait_for(
         if last:
             return last
         time.sleep(step)
+    raise AssertionError(f"timed out waiting for {message or what}: last {last!r}")
+
+
+async def wait_for_async(
+    what: Callable[[], Any], timeout: float = 60.0, message: str = "", step: float = 0.02
+) -> Any:
+    """:func:`wait_for` inside an event loop: the loop runs between polls."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = what()
+        if last:
+            return last
+        await asyncio.sleep(step)
     raise AssertionError(f"timed out waiting for {message or what}: last {last!r}")
 
 
