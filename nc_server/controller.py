@@ -372,6 +372,8 @@ class Controller:
         if view.autodiscovery == "push":
             if ours:
                 prov.want(view.site)
+            else:
+                self.jobs.ownership.defer(view.site)  # pushed if it proves this server's
         elif view.autodiscovery == "notify-then-pull":
             self._engine().configuration_available(view.vpn, view.site, rec.target_version or "")
 

@@ -85,6 +85,12 @@ class Ownership(Protocol):
         """The site left the database (or its CE is deprovisioned): its row goes."""
         ...
 
+    def defer(self, site: str) -> None:
+        """A push to the CE was not made, or stopped, because ownership was in doubt (the
+        lease lapsing, the CE being handed over): if the CE is still this server's after
+        the next renewal, it is reported gained again, so that its push is not lost."""
+        ...
+
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
@@ -112,6 +118,9 @@ class SoleOwnership:
 
     def forget(self, site: str) -> None:
         return None
+
+    def defer(self, site: str) -> None:
+        return None  # never in doubt
 
     async def start(self) -> None:
         return None
@@ -158,6 +167,8 @@ class SharedOwnership:
         """Call-home site -> servers holding its connection, as of the last renewal."""
         self._releasing: set[str] = set()
         """CEs being handed over: no push may start on them."""
+        self._deferred: set[str] = set()
+        """CEs whose push was refused while ownership was in doubt (:meth:`defer`)."""
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._task: asyncio.Task[None] | None = None
         self._renewal_failed = False
@@ -192,6 +203,10 @@ class SharedOwnership:
         self.storage.query("DELETE FROM cevpn_ce_caller WHERE site = %s", (site,))
         self.owned.pop(site, None)
         self.owners.pop(site, None)
+        self._deferred.discard(site)
+
+    def defer(self, site: str) -> None:
+        self._deferred.add(site)
 
     # -- the lease -----------------------------------------------------------------------
 
@@ -331,6 +346,11 @@ class SharedOwnership:
         lost = {site for site, epoch in before.items() if owned.get(site) != epoch}
         if not was_valid:
             gained = set(owned)  # pushes were refused meanwhile: go over every CE again
+        # Pushes refused since the last renewal (the lease ran short while this one was
+        # on its way, or the CE was about to be handed over and was not after all): the
+        # CEs still this server's are gone over again, or they would wait for ever.
+        deferred, self._deferred = self._deferred, set()
+        gained |= deferred & set(owned)
         if gained or lost:
             self.changed(gained, lost - set(owned))
 

@@ -200,7 +200,10 @@ class ProvisioningJobs:
             return rec.status
         epoch = self.ownership.epoch(rec.site)
         if epoch is None:
-            return rec.status  # another server's CE, or this server's lease is in doubt
+            # Another server's CE, or this server's lease is in doubt: looked at again after
+            # the next renewal if it is still this server's.
+            self.ownership.defer(rec.site)
+            return rec.status
         kind = "deprovision" if rec.site in self._removing else "push"
         started = time.perf_counter()
         self.in_flight.add(rec.site)
@@ -214,6 +217,7 @@ class ProvisioningJobs:
                 "CE %s: not pushed: %s", rec.site, exc,
                 extra={"site": rec.site, "vpn": rec.vpn, "step": "fenced"},
             )  # fmt: skip
+            self.ownership.defer(rec.site)
             return rec.status
         except CeUnreachable:
             self.job_done(kind, "unreachable", time.perf_counter() - started)

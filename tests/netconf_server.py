@@ -41,10 +41,23 @@ def wait_listening(
     raise RuntimeError(f"{what} did not listen on port {port}")
 
 
+_HANDED_OUT: set[int] = set()
+"""Every port free_port() returned in this process: never given twice."""
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port free on 127.0.0.1 now, and never returned before by this process.
+
+    The kernel may give a port just closed to the next bind to port 0: two agents of
+    one test were once told the same port, and the server met one's host key on the
+    other's port."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 @dataclass

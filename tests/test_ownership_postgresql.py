@@ -173,3 +173,35 @@ def test_a_call_home_ce_is_owned_by_the_server_holding_its_call_and_moves_with_i
                 await a._conn.close()
 
     asyncio.run(scenario())
+
+
+def test_a_push_refused_while_ownership_was_in_doubt_is_retried_after_the_next_renewal(
+    storage: PostgresStorage,
+) -> None:
+    """A push skipped because the lease ran short during a renewal (or the CE was about to be
+    handed over and was not) is not lost: the CE, still this server's, is reported gained
+    again by the next renewal; a CE that is another server's is not."""
+
+    async def scenario() -> None:
+        events_a: list[tuple[set[str], set[str]]] = []
+        a, b = owner(storage, "a", events_a, times=STEADY), owner(storage, "b", [], times=STEADY)
+        try:
+            for _ in range(3):  # both live, every CE owned, no handover left
+                await a.renew()
+                await b.renew()
+            assert set(a.owned) | set(b.owned) == SITES and a.owned and b.owned
+            events_a.clear()
+            await a.renew()
+            assert events_a == []  # a steady state reports nothing
+            mine, theirs = min(a.owned), min(b.owned)
+            a.defer(mine)
+            a.defer(theirs)
+            await a.renew()
+            assert events_a == [({mine}, set())]
+            await a.renew()
+            assert events_a == [({mine}, set())]  # once: the deferral is used up
+        finally:
+            await a.stop()
+            await b.stop()
+
+    asyncio.run(scenario())
