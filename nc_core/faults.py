@@ -8,9 +8,10 @@ environment variable ``CEVPN_FAULTS`` names the step, which only tests set:
     CEVPN_FAULTS="compile=raise"               the step raises InjectedFault
     CEVPN_FAULTS="agent-apply-kernel-done=stop" the process reports the step, then stops
 
-``stop`` writes the step's name to the file ``CEVPN_FAULTS_REPORT`` names (one
-line per step reached) and sends itself SIGSTOP: the test waits for that line,
-then kills the process with -9 at exactly that point.  With
+``stop`` writes the step's name (and its qualifier, if any) to the file
+``CEVPN_FAULTS_REPORT`` names (one line per step reached) and sends itself
+SIGSTOP: the test waits for that line, then kills the process with -9 at
+exactly that point.  With
 ``CEVPN_FAULTS_ARMED`` naming a file, faults act only while that file exists.  A step may carry a
 qualifier after a colon (``compile:acme=raise``: only for VPN acme).
 
@@ -67,7 +68,7 @@ def point(step: str, qualifier: str | None = None) -> None:
     report = os.environ.get(REPORT_ENV)
     if report:
         with open(report, "a") as out:
-            out.write(f"{step}\n")
+            out.write(f"{step} {qualifier}\n" if qualifier is not None else f"{step}\n")
             out.flush()
             os.fsync(out.fileno())
     os.kill(os.getpid(), signal.SIGSTOP)

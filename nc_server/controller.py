@@ -76,6 +76,7 @@ from nc_server.storage import Storage
 
 if TYPE_CHECKING:
     from nc_core.session import Session
+    from nc_server.shared_contacts import ContactTeller
     from nc_server.storage_postgresql import PostgresStorage
 
 log = logging.getLogger("cevpn.server")
@@ -199,7 +200,17 @@ class Controller:
             on_retry_failed=self._still_unreachable,
             tunnel_watch=self,
         )
-        self.rekeys = RekeyScheduler(self.keys, self._rekey_plans, self._begin_rekey)
+        self.rekeys = RekeyScheduler(
+            self.keys,
+            self._rekey_plans,
+            self._begin_rekey,
+            leads=lambda: self.jobs.ownership.leads(),
+        )
+        self._contacts: ContactTeller | None = None
+        """With several servers: how the owner of a CE that logged in here is told."""
+        self._validating = False
+        """A commit is being validated: the key material it makes reaches the other servers
+        with the commit itself, not as news (nc_server.shared_keys)."""
         self.call_home = CallHomeDesk(self.jobs, self.ce_reachable)
         """CEs behind a NAT that dial in (RFC 8071)."""
 
@@ -246,6 +257,13 @@ class Controller:
             # it needed: compile with that material (read again), never with new material
             # of this server's, or the two would push different keys to the CEs they own.
             self.keys.reload()
+        self._validating = True
+        try:
+            return self._validate(txn)
+        finally:
+            self._validating = False
+
+    def _validate(self, txn: Transaction) -> Validated:
         new = txn.new_json().get(SVC, {})
         old_vpns = {v["id"]: v for v in txn.old_json().get(SVC, {}).get("vpn", [])}
         compiled: dict[str, VpnState] = {}
@@ -432,6 +450,10 @@ class Controller:
 
         if not self.jobs.enabled:
             return  # offline: no CE is touched, nothing to own
+        self.keys.written = lambda vpns: self._announce_keys(storage, name, vpns)
+        from nc_server.shared_contacts import ContactTeller
+
+        self._contacts = ContactTeller(name, storage.notify)
         self.jobs.ownership = SharedOwnership(
             storage,
             name,
@@ -441,6 +463,24 @@ class Controller:
             call_home=lambda: {site for site, view in self.sites.items() if view.call_home},
             holding=self.jobs.southbound.called_sites,
         )
+
+    def _announce_keys(self, storage: PostgresStorage, name: str, vpns: frozenset[str]) -> None:
+        """Key material of ``vpns`` is being written (inside its transaction): the other
+        servers hear of it when it commits, unless a commit is being validated."""
+        from nc_server.shared_keys import CHANNEL, news
+
+        if not self._validating:
+            storage.notify(CHANNEL, news(name, vpns).payload())
+
+    def keys_changed_elsewhere(self, vpns: frozenset[str] | None) -> None:
+        """Another server changed these VPNs' key material between commits (None: any VPN
+        may have): read it again, compile what differs and provision it to this server's
+        CEs (nc_server.shared_keys)."""
+        for vid in sorted(self.vpns if vpns is None else vpns & self.vpns.keys()):
+            if self.keys.reload_vpn(vid):
+                log.info("VPN %s: key material changed by another server", vid)
+                self._recompile(vid)
+        self.rekeys.changed()
 
     def _ownership_changed(self, gained: set[str], lost: set[str]) -> None:
         """CEs became this server's (taken over, handed over, new) or another's."""
@@ -670,9 +710,20 @@ class Controller:
         view = self.sites[site]
         rec = self.jobs.provisioner.record(view.vpn, site)
         rec.last_contact = now_text()
+        owner = self.jobs.ownership.owner(site)
+        if self._contacts is not None and owner is not None and owner != self._contacts.server:
+            # Another server provisions it: that one decides (nc_server.shared_contacts).
+            self._contacts.heard(site, source)
+            return
         if rec.status in ("unreachable", "failed") or rec.next_attempt is not None:
             log.info("CE %s is back (logged in from %s)", site, source)
             self._target_changed(view, rec)
+
+    def ce_heard_elsewhere(self, server: str, site: str, source: str) -> None:
+        """Another server heard from a CE (nc_server.shared_contacts): if it is this
+        server's, as if it had logged in here."""
+        if self.jobs.ownership.epoch(site) is not None:
+            self.ce_reachable(site, f"{source}, through server {server}")
 
     def _certify(self, view: SiteView, request: str) -> None:
         """Seed 3.3 (ii): certify the key pair the CE made, once per key."""

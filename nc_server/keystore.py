@@ -327,6 +327,10 @@ class KeyStore:
         self._epoch = 0
         """Raised whenever loaded material is dropped after a failure: marks before it are void."""
         self._changes: dict[str, ChangeLog] = {}
+        self.written: Callable[[frozenset[str]], None] | None = None
+        """Told, inside the storage transaction that writes them, which VPNs' material a
+        flush wrote: with several servers on one database, the others must read it again
+        (nc_server.shared_keys)."""
 
     def __repr__(self) -> str:
         return f"<KeyStore vpns_loaded={len(self._vpns)} pending_writes={len(self._pending)}>"
@@ -388,6 +392,8 @@ class KeyStore:
                         self._storage.delete(table, key)
                     else:
                         self._storage.put(table, key, value)
+                if self.written is not None:
+                    self.written(frozenset(key.split("/", 1)[0] for _, key in pending))
         except BaseException:
             self._drop_loaded()
             raise
@@ -397,6 +403,36 @@ class KeyStore:
         the database may have made material this one must use, not make anew."""
         if self._batch_depth == 0:
             self._drop_loaded()
+
+    def reload_vpn(self, vpn: str) -> bool:
+        """Another server changed the VPN's material (a rekey, a rotation, a certified CE
+        key): read it from storage again.  True if it differs from what was loaded.
+
+        The pairs whose PSK or SAs differ go into the VPN's change log, so a compiler
+        redoes only those; a different profile, CA or certificate voids the VPN's marks
+        (its next compile is a whole one), as does a VPN that was not loaded at all.
+        """
+        if self._batch_depth:
+            raise RuntimeError("material cannot be read again inside a batch")
+        old = self._vpns.get(vpn)
+        new = self._load(check_name("VPN", vpn))
+        self._vpns[vpn] = new
+        if old is None or _identity_material(old) != _identity_material(new):
+            self._changes.pop(vpn, None)  # a new log: every mark of the VPN is void
+            return True
+        pairs: set[tuple[str, str]] = set()
+        for pair in old.psks.keys() | new.psks.keys():
+            was, now = old.psks.get(pair), new.psks.get(pair)
+            if was is None or now is None or was.key != now.key:
+                pairs.add(pair)
+        for direction in old.sas.keys() | new.sas.keys():
+            before, after = old.sas.get(direction), new.sas.get(direction)
+            if before is None or after is None or _slot_differs(before, after):
+                first, second = direction
+                pairs.add((first, second) if first < second else (second, first))
+        for pair in sorted(pairs):
+            self._changed(vpn, pair)
+        return bool(pairs)
 
     def _drop_loaded(self) -> None:
         """Forget what was loaded: storage may not hold what was handed out (a write
@@ -1007,6 +1043,30 @@ class KeyStore:
             # deletions are not in storage yet, and a reload would see them.
             self._vpns[vpn] = _VpnState()
             self._changes.pop(vpn, None)  # marks of the VPN are void
+
+
+def _identity_material(state: _VpnState) -> tuple[Any, ...]:
+    """What of a VPN is not per pair: its profile, CA and certificates (without the times
+    of issue, kept in memory to the microsecond and stored to the second)."""
+    certs = {
+        site: (cert.certificate_pem, cert.private_key_pem, cert.source)
+        for site, cert in state.certs.items()
+    }
+    return state.profile, state.ca_pem, certs
+
+
+def _slot_differs(before: SaSlot, after: SaSlot) -> bool:
+    """Whether a direction's SAs differ in anything a CE's configuration carries (the
+    creation time is the key store's alone)."""
+    if (before.next is None) != (after.next is None):
+        return True
+    if before.current.to_yang() != after.current.to_yang():
+        return True
+    return (
+        before.next is not None
+        and after.next is not None
+        and (before.next.to_yang() != after.next.to_yang())
+    )
 
 
 def _bare(identity: str | None) -> str | None:

@@ -84,6 +84,10 @@ class ServiceApplication(ServiceDatastore):
             server.shared = self.shared
             # Each CE provisioned by one live server (nc_server.ownership).
             self.controller.share_ownership(datastores.postgres, datastores.name)
+            # One key material (nc_server.shared_keys).
+            self.shared.keys_changed = self.controller.keys_changed_elsewhere
+            # A CE heard here, provisioned there (nc_server.shared_contacts).
+            self.shared.ce_heard = self.controller.ce_heard_elsewhere
         if server.metrics.enabled:
             from nc_server import metrics
 

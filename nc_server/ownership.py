@@ -85,6 +85,11 @@ class Ownership(Protocol):
         """The site left the database (or its CE is deprovisioned): its row goes."""
         ...
 
+    def leads(self) -> bool:
+        """Whether this server is the one that begins IKE-less rekeys now (the first live
+        server by name; nc_server.shared_keys)."""
+        ...
+
     def defer(self, site: str) -> None:
         """A push to the CE was not made, or stopped, because ownership was in doubt (the
         lease lapsing, the CE being handed over): if the CE is still this server's after
@@ -121,6 +126,9 @@ class SoleOwnership:
 
     def defer(self, site: str) -> None:
         return None  # never in doubt
+
+    def leads(self) -> bool:
+        return True
 
     async def start(self) -> None:
         return None
@@ -207,6 +215,9 @@ class SharedOwnership:
 
     def defer(self, site: str) -> None:
         self._deferred.add(site)
+
+    def leads(self) -> bool:
+        return self.lease.valid() and bool(self.live) and self.live[0] == self.name
 
     # -- the lease -----------------------------------------------------------------------
 
@@ -335,7 +346,14 @@ class SharedOwnership:
         for change in changes:
             rows[change.site] = Owner(change.server, change.epoch)
         self._log_changes(changes, dead)
+        led = bool(self.live) and self.live[0] == self.name
         self.live = live
+        if (live[0] == self.name) != led:
+            log.info(
+                "ownership: this server %s IKE-less rekeys",
+                "now leads" if not led else "no longer leads",
+                extra={"step": "rekey-leader"},
+            )
         self.held = held
         self.owners = {site: row.server for site, row in rows.items()}
         owned = {site: row.epoch for site, row in rows.items() if row.server == self.name}

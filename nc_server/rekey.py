@@ -71,10 +71,16 @@ class RekeyScheduler:
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         wait: Wait = wait_event,
+        leads: Callable[[], bool] = lambda: True,
     ) -> None:
         self.keys = keys
         self.plans = plans
         self.rekey = rekey
+        self.leads = leads
+        """Whether this server begins rekeys now: with several servers on one database only
+        one does (nc_server.ownership); the others learn of its new SAs from the database
+        (nc_server.shared_keys) and ask again every RETRY_AFTER_FAILURE seconds while an SA
+        is due, so that a new leader takes over a dead one's rekeys."""
         self.clock = clock
         self.wait = wait
         self._wake = asyncio.Event()
@@ -106,6 +112,8 @@ class RekeyScheduler:
     def run_due(self) -> int:
         """Begin the rekeys that are due now; the number of directions."""
         started = 0
+        if not self.leads():
+            return 0
         now = self.clock()
         for plan in list(self.plans()):
             try:
@@ -126,6 +134,6 @@ class RekeyScheduler:
             if delay is None or delay > 0:
                 await self.wait(self._wake, IDLE_CHECK if delay is None else delay)
             if not self.run_due() and delay == 0:
-                # Due, yet nothing could begin (the failure is logged): try again in a
-                # while rather than spin.
+                # Due, yet nothing could begin (the failure is logged, or another server
+                # leads): try again in a while rather than spin.
                 await self.wait(self._wake, RETRY_AFTER_FAILURE)

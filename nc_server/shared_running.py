@@ -48,7 +48,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -59,6 +59,7 @@ from nc_core.confirmed_commit import BACKUP, PendingCommit
 from nc_core.datastore import free
 from nc_core.errors import RpcError
 from nc_core.shared_running import NewerRunning
+from nc_server import shared_contacts, shared_keys
 from nc_server.storage import SqliteDatastores, StorageError
 from nc_server.storage_postgresql import (
     CONNECT_TIMEOUT,
@@ -397,6 +398,12 @@ class PostgresSharedRunning:
         """The dead server's confirmed commit whose rollback this server started."""
         self.adopted_at: float | None = None
         """time.monotonic() of the last adoption of another server's commit (tests, logs)."""
+        self.ce_heard: Callable[[str, str, str], None] | None = None
+        """Told (server, site, source) when another server heard from a CE: the owner
+        reacts (nc_server.shared_contacts)."""
+        self.keys_changed: Callable[[frozenset[str] | None], None] | None = None
+        """Told which VPNs' key material another server changed between commits (None: any
+        may have, a notification may have been lost): nc_server.shared_keys."""
 
     # -- connections ---------------------------------------------------------------
 
@@ -575,9 +582,13 @@ class PostgresSharedRunning:
         return newer
 
     async def _adopt_newer(self) -> NewerRunning | None:
-        document, stored = self.datastores.read_running()
         ours = self.datastores.generation
-        if document is None or ours is None or stored.number <= ours:
+        # The generation alone first: most checks (every POLL seconds) find nothing new,
+        # and a 1,000-site running is megabytes.
+        if ours is None or self.datastores.stored_generation().number <= ours:
+            return None
+        document, stored = self.datastores.read_running()
+        if document is None or stored.number <= ours:
             return None
         started = time.monotonic()
         await self.server.adopt_running(document)
@@ -595,16 +606,21 @@ class PostgresSharedRunning:
         self._follower = asyncio.get_running_loop().create_task(self._follow())
 
     async def _follow(self) -> None:
+        first = True
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
                     self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT
                 ) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
+                    await conn.execute(f"LISTEN {shared_keys.CHANNEL}")
+                    await conn.execute(f"LISTEN {shared_contacts.CHANNEL}")
+                    if not first:
+                        await self._keys_changed(None)  # news may have come meanwhile
+                    first = False
                     while True:
                         await self._catch_up_logged()
-                        async for _ in conn.notifies(timeout=POLL, stop_after=1):
-                            pass
+                        await self._other_news(conn)
                         await conn.execute("SELECT 1")  # a dead connection raises here
             except asyncio.CancelledError:
                 raise
@@ -614,6 +630,53 @@ class PostgresSharedRunning:
                     redact_text(" ".join(str(exc).split()), self.url),
                 )
                 await asyncio.sleep(1.0)
+
+    async def _other_news(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Handle the news of keys and CEs until running's comes, or POLL seconds pass."""
+        deadline = time.monotonic() + POLL
+        while (left := deadline - time.monotonic()) > 0:
+            # Several notifications may come in one packet: every one is handled.
+            notes = [n async for n in conn.notifies(timeout=left, stop_after=1)]
+            if not notes:
+                return
+            keys = [n.payload for n in notes if n.channel == shared_keys.CHANNEL]
+            if keys:
+                await self._key_news(keys)  # read again once for all of them
+            for note in notes:
+                if note.channel == shared_contacts.CHANNEL:
+                    self._contact_news(note.payload)
+            if any(note.channel == CHANNEL for note in notes):
+                return
+
+    async def _key_news(self, payloads: list[str]) -> None:
+        vpns: set[str] | None = set()
+        for payload in payloads:
+            news = shared_keys.KeyNews.parse(payload)
+            if news is None:
+                log.warning("key material: a notification not understood was ignored")
+            elif news.server != self.datastores.name:
+                if not news.vpns:
+                    vpns = None  # every VPN
+                elif vpns is not None:
+                    vpns |= news.vpns
+        if vpns is None or vpns:
+            await self._keys_changed(None if vpns is None else frozenset(vpns))
+
+    def _contact_news(self, payload: str) -> None:
+        news = shared_contacts.ContactNews.parse(payload)
+        if news is None:
+            log.warning("CE contacts: a notification not understood was ignored")
+        elif news.server != self.datastores.name and self.ce_heard is not None:
+            self.ce_heard(news.server, news.site, news.source)
+
+    async def _keys_changed(self, vpns: frozenset[str] | None) -> None:
+        """Under the configuration lock, as an adoption: a commit validated with the old
+        material must not be applied after the new material was read.  If it cannot be
+        read (the database), the follower connects again and reads every VPN."""
+        if self.keys_changed is None:
+            return
+        async with self.server.config_lock:
+            self.keys_changed(vpns)
 
     async def _catch_up_logged(self) -> None:
         try:

@@ -325,12 +325,16 @@ def test_a_frozen_server_whose_lease_lapsed_does_not_push_when_it_wakes(
     a, b = cluster.servers["a"], cluster.servers["b"]
     name_a, name_b = cluster.server_name("a"), cluster.server_name("b")
     of_a = sorted(s for s, (o, _) in cluster.owners().items() if o == name_a)
+    logs = {f"s{n}": cluster.tmp / f"s{n}.log" for n in range(1, cluster.n + 1)}
+    offsets = {site: path.stat().st_size for site, path in logs.items()}
     (cluster.tmp / "armed").touch()
     ctl = cluster.ctl
     ctl.server = b
     ctl.add_site("jade", "extra", cluster.n + 1, f"10.{cluster.n + 1}.0.0/24")
     wait_for(lambda: (cluster.tmp / "faults").exists(), 60, "a stopped mid-push")
     (cluster.tmp / "armed").unlink()
+    stopped_at = (cluster.tmp / "faults").read_text().split()[1]  # "push-committed <site>"
+    assert stopped_at in of_a
     wait_for(lambda: all(cluster.owners()[s][0] == name_b for s in of_a), 20, "a's CEs owned by b")
     assert a.proc is not None
     os.killpg(a.proc.pid, signal.SIGCONT)
@@ -341,12 +345,11 @@ def test_a_frozen_server_whose_lease_lapsed_does_not_push_when_it_wakes(
     a_log = (cluster.tmp / "a.log").read_text()
     assert "not pushed: the lease of server" in a_log, a_log[-3000:]
     # The CE a had committed to rolled that commit back by itself: a never confirmed it.
-    rolled = [
-        f"s{n}"
-        for n in range(1, cluster.n + 1)
-        if "rolled back" in (cluster.tmp / f"s{n}.log").read_text(errors="replace")
-    ]
-    assert rolled and set(rolled) <= set(of_a), rolled
+    # (Other CEs may roll back a confirmed commit too on a loaded host, whose confirmation
+    # came late; their server pushes them again.)
+    with logs[stopped_at].open("rb") as log:
+        log.seek(offsets[stopped_at])
+        assert b"rolled back" in log.read(), stopped_at
     assert_no_overlap(cluster)
     wait_all_in_sync(cluster, ("a", "b"), 120)
 
@@ -364,3 +367,123 @@ def assert_no_overlap(cluster: Cluster) -> None:
             after = servers[first_b:]
             switches = sum(1 for x, y in itertools.pairwise(after) if x != y)
             assert switches <= 1, (f"s{n}", servers)
+
+
+# -- one key material for all servers (nc_server.shared_keys) ----------------------------
+
+KEYS_N = 12
+"""Agents of the key tests: enough for both servers to own some (all 12 on one server by
+rendezvous: 1 chance in 2,048)."""
+CE = "{urn:cevpn:yang:cevpn-ce}"
+
+
+def sa_spis(agent: Agent) -> dict[str, tuple[int, int]]:
+    """peer -> (outbound SPI, inbound SPI) in the CE's running datastore."""
+    from lxml import etree
+
+    from nc_core.journal import stored_running
+
+    root = etree.fromstring(stored_running(agent.state_dir))
+    return {
+        peer.findtext(f"{CE}name") or "": (
+            int(peer.findtext(f"{CE}ikeless/{CE}outbound/{CE}spi") or 0),
+            int(peer.findtext(f"{CE}ikeless/{CE}inbound/{CE}spi") or 0),
+        )
+        for peer in root.iter(f"{CE}peer")
+    }
+
+
+def tunnels_agree(cluster: Cluster, rekeyed_from: dict[str, dict[str, tuple[int, int]]]) -> bool:
+    """Every CE is in-sync on both servers' views alike, and for every pair of CEs each
+    end sends with the SA the other receives with, all of them new since ``rekeyed_from``."""
+    spis = {site: sa_spis(agent) for site, agent in cluster.ctl.agents.items()}
+    for site, peers in spis.items():
+        for peer, (outbound, inbound) in peers.items():
+            if peer not in spis or spis[peer].get(site) != (inbound, outbound):
+                return False
+            if {outbound, inbound} & set(rekeyed_from[site].get(peer, ())):
+                return False
+    views = [cluster.provisioning(key) for key in ("a", "b")]
+    versions = [{s: v[s].get("target-version") for s in spis} for v in views]
+    return versions[0] == versions[1] and all(
+        cluster.ctl.agents[s].running_ce()["version"] == versions[0][s] for s in spis
+    )
+
+
+@pytest.mark.parametrize("cluster", [KEYS_N], indirect=True)
+def test_scheduled_rekeys_are_begun_by_one_server_and_every_tunnel_ends_with_one_sa_pair(
+    cluster: Cluster,
+) -> None:
+    names = {cluster.server_name(k): k for k in ("a", "b")}
+    assert {names[o] for o, _ in cluster.owners().values()} == {"a", "b"}
+    before = {site: sa_spis(agent) for site, agent in cluster.ctl.agents.items()}
+    # Rekeys every 4 s for a while, then every hour again (the last rekey completes).
+    interval = (
+        f'<vpn-service xmlns="{SVC_NS}"><vpn><id>jade</id><tunnel-defaults>'
+        "<ikeless-rekey-interval>{}</ikeless-rekey-interval></tunnel-defaults></vpn>"
+        "</vpn-service>"
+    )
+    cluster.ctl.edit(interval.format(4))
+    logs = {key: cluster.tmp / f"{key}.log" for key in ("a", "b")}
+    wait_for(
+        lambda: any("rekeying" in path.read_text() for path in logs.values()),
+        60,
+        "a scheduled rekey",
+    )
+    cluster.ctl.edit(interval.format(3600))
+    wait_for(lambda: tunnels_agree(cluster, before), 120, "every tunnel rekeyed, one SA pair each")
+    # Only the first live server by name began rekeys; the other followed its news.
+    leader = names[min(names)]
+    rekeyed_by = {key for key, path in logs.items() if "rekeying" in path.read_text()}
+    assert rekeyed_by == {leader}, rekeyed_by
+    follower = "b" if leader == "a" else "a"
+    assert "key material changed by another server" in logs[follower].read_text()
+
+
+@pytest.mark.parametrize("cluster", [KEYS_N], indirect=True)
+def test_keys_rotated_through_one_server_reach_the_ces_the_other_server_owns(
+    cluster: Cluster,
+) -> None:
+    before = {site: sa_spis(agent) for site, agent in cluster.ctl.agents.items()}
+    for key in ("a", "b"):
+        assert (
+            "key material changed by another server" not in (cluster.tmp / f"{key}.log").read_text()
+        )
+    cluster.ctl.server = cluster.servers["b"]
+    cluster.ctl.rpc(
+        f'<rotate-keys xmlns="{SVC_NS}"><vpn>jade</vpn><what>ikeless-sas</what></rotate-keys>'
+    )
+    wait_for(lambda: tunnels_agree(cluster, before), 120, "every tunnel on the rotated SAs")
+    assert "key material changed by another server" in (cluster.tmp / "a.log").read_text()
+
+
+def test_a_ce_back_on_another_server_is_pushed_by_its_owner_at_once(cluster: Cluster) -> None:
+    """A CE its owner marked unreachable (retries backing off) comes back and logs in to
+    the other server (its bundle's endpoint): the owner is told and pushes it now, not
+    at its next retry (nc_server.shared_contacts)."""
+    names = {cluster.server_name(k): k for k in ("a", "b")}
+    site = min(s for s, (o, _) in cluster.owners().items() if names[o] == "a")
+    ctl = cluster.ctl
+    ctl.edit(
+        f'<vpn-service xmlns="{SVC_NS}"><server>'
+        "<unreachable-retry-limit>600</unreachable-retry-limit></server></vpn-service>"
+    )
+    agent = ctl.agents[site]
+    agent.stop()
+    ctl.add_site("jade", "extra", cluster.n + 1, f"10.{cluster.n + 1}.0.0/24")  # a new peer
+
+    def backing_off() -> bool:
+        record = cluster.provisioning("a").get(site, {})
+        return record.get("status") == "unreachable" and int(record.get("retry-count", 0)) >= 3
+
+    wait_for(backing_off, 60, f"{site} unreachable on a, its retries backing off")
+    agent.start()
+    wait_for(
+        lambda: (
+            f"CE {site} is back (logged in from 127.0.0.1, through server"
+            in (cluster.tmp / "a.log").read_text()
+        ),
+        30,
+        "a told that its CE logged in to b",
+    )
+    wait_all_in_sync(cluster, ("a", "b"), 60)

@@ -756,3 +756,63 @@ def test_returned_sa_is_a_copy_the_caller_may_change(ks):
     sa["lifetime"]["soft-seconds"] = 1
     sa["encryption-key"] = "00"
     assert ks.ikeless_sa("v1", "a", "b", "outbound", GCM) == kept
+
+
+# -- two servers on one database (nc_server.shared_keys) ---------------------------------
+
+
+def test_a_rekey_made_by_another_store_is_read_again_and_only_its_pairs_are_logged(ks, db):
+    for direction in [("a", "b"), ("b", "a"), ("a", "c"), ("c", "a")]:
+        ks.ikeless_sa("v1", *direction, "outbound", GCM)
+    other = reopen(db)
+    other.ikeless_sa("v1", "a", "b", "outbound", GCM)  # loaded there too
+    mark = other.material_mark("v1")
+    ks.begin_rekey("v1", [("b", "a")])
+    new = ks.ikeless_sa("v1", "b", "a", "inbound", GCM)
+    assert other.reload_vpn("v1")
+    assert other.changed_pairs("v1", mark) == {("a", "b")}
+    assert other.ikeless_sa("v1", "b", "a", "inbound", GCM) == new
+    # The receiver's promotion, heard by the other store: it is the sender's SA now.
+    assert other.receiver_applied("v1", "a").directions == (("b", "a"),)
+    assert ks.reload_vpn("v1")
+    assert ks.ikeless_sa("v1", "b", "a", "outbound", GCM) == new
+
+
+def test_reading_again_unchanged_material_changes_nothing_and_keeps_the_marks(ks, db):
+    ks.ikeless_sa("v1", "a", "b", "outbound", GCM)
+    ks.pre_shared_key("v1", "a", "b", 32)
+    ks.site_certificate("v1", "a")
+    mark = ks.material_mark("v1")
+    assert not ks.reload_vpn("v1")
+    assert ks.changed_pairs("v1", mark) == frozenset()
+
+
+def test_a_certificate_made_by_another_store_voids_the_marks(ks, db):
+    ks.ikeless_sa("v1", "a", "b", "outbound", GCM)
+    other = reopen(db)
+    other.ikeless_sa("v1", "a", "b", "outbound", GCM)
+    mark = other.material_mark("v1")
+    ks.site_certificate("v1", "a")
+    assert other.reload_vpn("v1")
+    assert other.changed_pairs("v1", mark) is None  # a whole compile
+    assert other.site_certificate("v1", "a") == ks.site_certificate("v1", "a")
+
+
+def test_every_flush_names_the_vpns_it_wrote_inside_its_transaction(ks, db):
+    told: list[tuple[frozenset[str], bool]] = []
+    outside = SqliteStorage(db)
+
+    def written(vpns: frozenset[str]) -> None:
+        # Told before the transaction commits: another connection does not see it yet.
+        told.append((vpns, bool(outside.scan(TABLE_SA, "v1/"))))
+
+    ks.written = written
+    with ks.batch():
+        ks.ikeless_sa("v1", "a", "b", "outbound", GCM)
+        ks.pre_shared_key("v2", "a", "b", 32)
+    assert told == [(frozenset({"v1", "v2"}), False)]
+    assert outside.scan(TABLE_SA, "v1/")
+    with ks.dry_run():
+        ks.ikeless_sa("v3", "a", "b", "outbound", GCM)
+    assert len(told) == 1  # nothing written, nothing told
+    outside.close()

@@ -205,3 +205,24 @@ def test_a_push_refused_while_ownership_was_in_doubt_is_retried_after_the_next_r
             await b.stop()
 
     asyncio.run(scenario())
+
+
+def test_exactly_one_live_server_leads_the_rekeys_and_another_takes_over_when_it_stops(
+    storage: PostgresStorage,
+) -> None:
+    async def scenario() -> None:
+        a, b = owner(storage, "a", [], times=STEADY), owner(storage, "b", [], times=STEADY)
+        try:
+            assert not a.leads() and not b.leads()  # no lease yet
+            for _ in range(2):
+                await a.renew()
+                await b.renew()
+            assert (a.leads(), b.leads()) == (True, False)  # the first live by name
+            await a.stop()
+            assert not a.leads()
+            await b.renew()
+            assert b.leads()
+        finally:
+            await b.stop()
+
+    asyncio.run(scenario())

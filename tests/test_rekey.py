@@ -11,7 +11,7 @@ import pytest
 
 from nc_server.compiler import SaSuite
 from nc_server.keystore import KeyStore
-from nc_server.rekey import IDLE_CHECK, RekeyPlan, RekeyScheduler
+from nc_server.rekey import IDLE_CHECK, RETRY_AFTER_FAILURE, RekeyPlan, RekeyScheduler
 from nc_server.storage import SqliteStorage
 
 GCM = SaSuite("cevpn-types:encr-aes-gcm-16-256", None, 3600, 4200)
@@ -137,3 +137,38 @@ def test_a_rekey_that_fails_is_retried_later_not_in_a_busy_loop(setup):
 
     asyncio.run(scenario())
     assert all(w > 0 for w in fake.waits)  # it waited between attempts
+
+
+def test_a_server_that_does_not_lead_begins_no_rekey_and_asks_again_later(setup):
+    """With several servers on one database only the leader rekeys; another one checks
+    again every RETRY_AFTER_FAILURE seconds, so it takes over when it comes to lead."""
+    keys, fake, plans, rekeyed = setup
+    plans.append(RekeyPlan("fast", 10))
+    make_sas(keys, "fast")
+    fake.now += timedelta(seconds=10)
+    leading = [False]
+
+    def rekey(vpn: str, due: list[tuple[str, str]]) -> None:
+        keys.begin_rekey(vpn, due)
+        rekeyed.append((vpn, len(due)))
+
+    s = RekeyScheduler(
+        keys, lambda: plans, rekey, clock=fake.clock, wait=fake.wait, leads=lambda: leading[0]
+    )
+    assert s.run_due() == 0 and rekeyed == []
+
+    async def scenario() -> None:
+        task = asyncio.get_running_loop().create_task(s.run())
+        while len(fake.waits) < 2:
+            await asyncio.sleep(0)
+        assert rekeyed == []
+        assert fake.waits[:2] == [RETRY_AFTER_FAILURE] * 2  # not a busy loop
+        leading[0] = True  # the leader died: this server leads now
+        while not rekeyed:
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert rekeyed == [("fast", 2)]
