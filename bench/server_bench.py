@@ -1,6 +1,7 @@
 """VPN server at scale: provisioning a full mesh of real CE agents, then propagating one added site.
 
     python -m bench.server_bench [--sites 200] [--per-process 50] [--json FILE] [--profile FILE]
+                                 [--servers 1] [--postgresql]
 
 The server runs in this process (so its own accounting can be read: compile
 time, and per CE the time spent opening SSH connections and in NETCONF
@@ -22,6 +23,14 @@ C. site N+2 is added with max-concurrent-provisioning 1: each CE's
 over step B, for ``python -m pstats`` (the profiler slows the server, so a
 profiled run's CPU figures are not comparable with an unprofiled one's).
 
+``--servers K`` runs K VPN servers on one PostgreSQL database (a throw-away
+cluster, lab/postgres.py): this process's and K - 1 ``cevpn-server``
+processes; each provisions its share of the CEs (nc_server.ownership), a CE
+counts as in-sync when what its owner recorded it confirmed is its target,
+and the servers' CPU is the sum of all K.  The per-exchange figures are this
+process's share.  ``--postgresql`` puts one server on PostgreSQL (the
+reference for K > 1).
+
 Reference, side by side: one CE's provisioning exchange (get-config,
 discard, edit-config, confirmed commit, confirming commit) for 20 CEs one
 after the other, with stock ncclient opening two SSH sessions per change
@@ -33,11 +42,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
 import secrets
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -76,7 +87,14 @@ def site_xml(n: int, port: int) -> str:
 
 class Bench:
     def __init__(
-        self, sites: int, per_process: int, work: Path, profile: Path | None = None
+        self,
+        sites: int,
+        per_process: int,
+        work: Path,
+        profile: Path | None = None,
+        *,
+        servers: int = 1,
+        database: str | None = None,
     ) -> None:
         self.sites = sites
         self.per_process = per_process
@@ -84,6 +102,11 @@ class Bench:
         self.profile = profile
         """Where step B's cProfile goes (None: not profiled)."""
         self.farms: list[subprocess.Popen[bytes]] = []
+        self.servers = servers
+        """VPN servers on the one database: this process's and servers - 1 cevpn-server
+        processes (they need ``database``, a PostgreSQL URL)."""
+        self.database = database
+        self.others: list[subprocess.Popen[bytes]] = []
 
     async def run(self) -> dict[str, Any]:
         from nc_core.client import Endpoint, connect
@@ -99,7 +122,7 @@ class Bench:
         key_file.write_text(admin.private_openssh)
         key_file.chmod(0o600)
         port = free_ports(1)[0]
-        app = ServiceApplication(state)
+        app = ServiceApplication(state, database=self.database)
         server = NetconfServer(ServerOptions(state_dir=state, host="127.0.0.1", port=port), app)
         server.add_user_offline("bench", password=None, public_keys=[admin.public_line],
                                 groups=["admin"])  # fmt: skip
@@ -108,6 +131,9 @@ class Bench:
         server.listener = listener
         await listener.start()
         await app.started()
+        self.others = [self._start_server(k) for k in range(2, self.servers + 1)]
+        if self.others:
+            await asyncio.to_thread(self._wait_leases, app)
         # The full-mesh commit at 1,000 sites compiles ~10^6 peer entries: minutes, not 30 s.
         endpoint = Endpoint(
             "127.0.0.1", port, [host_key_line(state)], "bench", key_file, timeout=1800.0
@@ -165,14 +191,62 @@ class Bench:
                 "</config>",
             )
             result["server_rss_mb"] = rss_mb()  # the server runs in this process
+            result["servers"] = self.servers
             result["reference"] = await self._reference(app, specs[:20])
         finally:
             await asyncio.to_thread(oss.close_session)
             stop_farms(self.farms)
+            for other in self.others:
+                other.terminate()
+            for other in self.others:
+                other.wait(60)
             listener.close()
             await app.stopping()
             server.close()
         return result
+
+    def _start_server(self, k: int) -> subprocess.Popen[bytes]:
+        """Server number ``k`` on the database, in its own process."""
+        state = self.work / f"server-{k}"
+        state.mkdir(mode=0o700)
+        log = (self.work / f"server-{k}.log").open("ab")
+        return subprocess.Popen(
+            [str(Path(sys.executable).parent / "cevpn-server"), "--state-dir", str(state),
+             "--database", str(self.database), "--listen", f"127.0.0.1:{free_ports(1)[0]}",
+             "--log-level", "WARNING"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+    def _wait_leases(self, app: Any) -> None:
+        """Until every server holds a lease (no CE changes hands during the bench)."""
+        deadline = time.monotonic() + 60
+        storage = app.controller.jobs.ownership.storage
+        while time.monotonic() < deadline:
+            if len(storage.query("SELECT server FROM cevpn_server_lease")) == self.servers:
+                return
+            for other in self.others:
+                if other.poll() is not None:
+                    raise RuntimeError(f"a server exited: {other.args}")
+            time.sleep(0.2)
+        raise RuntimeError("the servers did not all take a lease")
+
+    def _versions(self, app: Any) -> dict[str, tuple[str | None, str | None]]:
+        """Site -> (target version, version the CE confirmed) as the servers know them: this
+        server's records, or with several servers the confirmed versions every owner writes
+        to the database (one query)."""
+        from nc_server.applied import APPLIED
+
+        records = app.controller.provisioner.records
+        targets = {site: rec.target_version for site, rec in records.items()}
+        if self.servers == 1:
+            return {
+                site: (rec.target_version, rec.applied_version if rec.status == "in-sync" else None)
+                for site, rec in records.items()
+            }
+        confirmed = {
+            site: json.loads(raw).get("version") for site, raw in app.storage.scan(APPLIED)
+        }
+        return {site: (target, confirmed.get(site)) for site, target in targets.items()}
 
     async def _all_in_sync(self, app: Any, previous: dict[str, str] | None, timeout: float) -> None:
         """Until every CE is in-sync (with a version other than ``previous``'s).  Polled every
@@ -180,15 +254,13 @@ class Bench:
         counts as the server's (every 50 ms, that was 2 ms per CE at 200 CEs)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            records = [
-                app.controller.provisioner.records.get(f"s{n:03d}")
-                for n in range(1, self.sites + 1)
-            ]
+            versions = self._versions(app)
             if all(
-                r is not None
-                and r.status == "in-sync"
-                and (previous is None or r.applied_version != previous[r.site])
-                for r in records
+                (v := versions.get(f"s{n:03d}")) is not None
+                and v[0] is not None
+                and v[0] == v[1]
+                and (previous is None or v[1] != previous[f"s{n:03d}"])
+                for n in range(1, self.sites + 1)
             ):
                 return
             await asyncio.sleep(0.2)
@@ -201,11 +273,9 @@ class Bench:
 
         from nc_server.southbound import Timings
 
-        previous = {}
+        previous = {site: str(confirmed) for site, (_, confirmed) in self._versions(app).items()}
         for n in range(1, self.sites + 1):
-            rec = app.controller.provisioner.records[f"s{n:03d}"]
-            previous[rec.site] = rec.applied_version
-            rec.timings = Timings()
+            app.controller.provisioner.records[f"s{n:03d}"].timings = Timings()
         app.controller.compile_seconds = 0.0
         profiler = cProfile.Profile() if profile is not None else None
         collector = CollectorTime()
@@ -223,8 +293,12 @@ class Bench:
             profiler.dump_stats(str(profile))
         cpu_server_end, cpu_agents_end = self._cpu()
         gc.callbacks.remove(collector)
+        # The exchanges this process's server made (with several servers, its share).
+        ownership = app.controller.jobs.ownership
         records = [
-            app.controller.provisioner.records[f"s{n:03d}"] for n in range(1, self.sites + 1)
+            app.controller.provisioner.records[f"s{n:03d}"]
+            for n in range(1, self.sites + 1)
+            if ownership.epoch(f"s{n:03d}") is not None
         ]
         ssh = sum(r.timings.ssh for r in records)
         netconf = sum(r.timings.netconf for r in records)
@@ -234,7 +308,7 @@ class Bench:
         return {
             "wall_s": done - started,
             "commit_s": committed - started,
-            "per_ce_ms": (ssh + netconf) / self.sites * 1000,
+            "per_ce_ms": (ssh + netconf) / max(1, len(records)) * 1000,
             "compile_s": compile_s,
             "share_ssh": ssh / total,
             "share_netconf": netconf / total,
@@ -252,8 +326,10 @@ class Bench:
         }
 
     def _cpu(self) -> tuple[float, float]:
-        """CPU seconds used so far by this process (the server) and by the agent farms."""
-        return cpu_seconds(), sum(cpu_seconds(farm.pid) for farm in self.farms)
+        """CPU seconds used so far by the servers (this process and the others) and by the
+        agent farms."""
+        servers = cpu_seconds() + sum(cpu_seconds(other.pid) for other in self.others)
+        return servers, sum(cpu_seconds(farm.pid) for farm in self.farms)
 
     async def _reference(self, app: Any, specs: list[dict[str, Any]]) -> dict[str, float]:
         """The same provisioning exchange per CE, 20 CEs one after the other: stock ncclient
@@ -349,6 +425,7 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
     a, b, c = result["A_full_mesh"], result["B_add_site"], result["C_one_at_a_time"]
     return {
         "sites": result["sites"],
+        "servers": result.get("servers", 1),
         "full_mesh_all_in_sync_s": a["wall_s"],
         "site_add_all_in_sync_s": b["wall_s"],
         "server_cpu_ms_per_ce_site_add": b["server_cpu_per_ce_ms"],
@@ -367,17 +444,34 @@ def main() -> None:
     parser.add_argument("--per-process", type=int, default=50)
     parser.add_argument("--json", type=Path, help="write the metric set and raw result here")
     parser.add_argument("--profile", type=Path, help="write a cProfile of step B here")
+    parser.add_argument(
+        "--servers", type=int, default=1,
+        help="VPN servers on one PostgreSQL database (a throw-away cluster; 1: SQLite)",
+    )  # fmt: skip
+    parser.add_argument("--postgresql", action="store_true", help="PostgreSQL even with one server")
     args = parser.parse_args()
     import logging
 
     logging.basicConfig(level=logging.WARNING)
     for noisy in ("ncclient", "paramiko", "asyncssh", "cevpn"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    with tempfile.TemporaryDirectory(prefix="cevpn-server-bench-") as tmp:
+    with contextlib.ExitStack() as stack:
+        database = None
+        if args.servers > 1 or args.postgresql:
+            from lab.postgres import postgres_cluster
+
+            database = stack.enter_context(postgres_cluster()).database("bench")
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="cevpn-server-bench-"))
         os.chmod(tmp, 0o700)
-        result = asyncio.run(Bench(args.sites, args.per_process, Path(tmp), args.profile).run())
+        bench = Bench(
+            args.sites, args.per_process, Path(tmp), args.profile,
+            servers=args.servers, database=database,
+        )  # fmt: skip
+        result = asyncio.run(bench.run())
     n = result["sites"]
+    where = "SQLite" if database is None else "PostgreSQL"
     print(f"VPN server, full mesh of {n} CE agents (--dataplane none), 2 cores shared")
+    print(f"  {args.servers} server(s) on one {where} database")
     print(f"  enrol: {result['enrol_per_ce_ms']:.1f} ms per CE (one session, sequential)")
     for key, title in (("A_full_mesh", f"A. initial full mesh ({n - 1} peers per CE)"),
                        ("B_add_site", "B. one site added (1 peer per CE)"),
