@@ -84,7 +84,6 @@ def client(port: int, key: str, host_key: str, peers: int) -> None:
 def census(server: Any) -> dict[str, Any]:
     """What the server and its validator keep of the configuration."""
     out: dict[str, Any] = {}
-    gc.unfreeze()  # nc_core.heap froze the configuration's objects: get_objects skips them
     for name, store in server.datastores.items():
         out[f"elements_{name}"] = sum(1 for _ in store.root.iter())
     roots = {id(s.root) for s in server.datastores.values()}
@@ -219,7 +218,7 @@ async def agent(
         if await proc.wait() != 0:
             raise RuntimeError("a client failed")
     result["push_s"] = time.perf_counter() - started
-    await asyncio.sleep(1.0)  # the heap settles at the loop's next turn (nc_core.heap)
+    await asyncio.sleep(1.0)  # what the last exchange left behind is released
     gc.collect()
     result["rss_mb_loaded"] = rss_mb()
     result["in_use_mb_loaded"] = in_use_mb()
@@ -228,11 +227,6 @@ async def agent(
         result["in_use_mb_loaded"] - result["in_use_mb_empty"]
     ) / agents
     server = servers[0][0]
-    from nc_core import heap
-
-    t0 = time.perf_counter()
-    heap.settle()
-    result["settle_ms"] = (time.perf_counter() - t0) * 1000
     if trace:
         after = tracemalloc.take_snapshot()
         assert before is not None

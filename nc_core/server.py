@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
-from nc_core import heap
 from nc_core.audit import log_commit
 from nc_core.datastore import Datastore, document_bytes, free
 from nc_core.document_splice import spliced_document
@@ -998,7 +997,6 @@ class NetconfServer:
             self.reset_candidate()
         self.notifications.config_change(session, "running", changes)
         log_commit(session, reason, changes, self.index)
-        heap.after_commit(changes)
         return changes
 
     async def _unapply(self, txn: Transaction) -> None:

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nc_core import heap
 from nc_core.asyncssh_import import asyncssh
 from nc_core.call_home import KEEPALIVE_COUNT_MAX as CALL_HOME_KEEPALIVE_COUNT_MAX
 from nc_core.call_home import KEEPALIVE_INTERVAL as CALL_HOME_KEEPALIVE_INTERVAL
@@ -367,7 +366,6 @@ async def serve_forever(nc: NetconfServer, stop: asyncio.Event | None = None) ->
         endpoint.close()
         raise
     await nc.app.started()
-    heap.settle_soon()  # what start-up loaded lives as long as the configuration
     try:
         await (stop or asyncio.Event()).wait()
     finally:
