@@ -200,6 +200,12 @@ class Bench:
                 other.terminate()
             for other in self.others:
                 other.wait(60)
+            # Did a server lose its lease under the load (CEs then change hands mid-bench)?
+            logs = [self.work / f"server-{k}.log" for k in range(2, self.servers + 1)]
+            result["lease_troubles"] = sum(
+                text.count("lease renewal failed") + text.count("is dead")
+                for text in (path.read_text(errors="replace") for path in logs)
+            )
             listener.close()
             await app.stopping()
             server.close()
@@ -232,13 +238,14 @@ class Bench:
 
     def _versions(self, app: Any) -> dict[str, tuple[str | None, str | None]]:
         """Site -> (target version, version the CE confirmed) as the servers know them: this
-        server's records, or with several servers the confirmed versions every owner writes
-        to the database (one query)."""
+        server's records, or on PostgreSQL (one server or more) the confirmed versions every
+        owner writes to the database (one query; written in batches every
+        nc_server.applied.FLUSH_DELAY, so up to that much after the CE confirmed)."""
         from nc_server.applied import APPLIED
 
         records = app.controller.provisioner.records
         targets = {site: rec.target_version for site, rec in records.items()}
-        if self.servers == 1:
+        if self.database is None:
             return {
                 site: (rec.target_version, rec.applied_version if rec.status == "in-sync" else None)
                 for site, rec in records.items()

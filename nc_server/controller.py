@@ -252,11 +252,6 @@ class Controller:
         """Service rules, then compilation, of every VPN that changed: what a commit, a
         <validate>, a test-only edit and `cevpn-server validate` are all refused for
         (RpcErrors, at most MAX_REPORTED)."""
-        if txn.reason == "replicated":
-            # Another server committed and compiled this running, making any key material
-            # it needed: compile with that material (read again), never with new material
-            # of this server's, or the two would push different keys to the CEs they own.
-            self.keys.reload()
         self._validating = True
         try:
             return self._validate(txn)
@@ -284,6 +279,12 @@ class Controller:
             if violations:
                 errors.extend(v.rpc_error() for v in violations)
                 continue
+            if txn.reason == "replicated":
+                # Another server committed and compiled this running, making any key
+                # material it needed: compile with that material (read again; only the pairs
+                # that differ are compiled again), never with new material of this server's,
+                # or the two would push different keys to the CEs they own.
+                self.keys.reload_vpn(vid)
             try:
                 configs = self._compile(vpn, dry=txn.dry_run)
             except CompileError as exc:

@@ -398,12 +398,6 @@ class KeyStore:
             self._drop_loaded()
             raise
 
-    def reload(self) -> None:
-        """Read everything from storage again at the next request: another server sharing
-        the database may have made material this one must use, not make anew."""
-        if self._batch_depth == 0:
-            self._drop_loaded()
-
     def reload_vpn(self, vpn: str) -> bool:
         """Another server changed the VPN's material (a rekey, a rotation, a certified CE
         key): read it from storage again.  True if it differs from what was loaded.
