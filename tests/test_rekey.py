@@ -4,6 +4,7 @@ controllable clock and wait, no sleeping."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -24,12 +25,21 @@ class FakeTime:
     def __init__(self) -> None:
         self.now = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
         self.waits: list[float] = []
+        self._waiting = asyncio.Event()
 
     def clock(self) -> datetime:
         return self.now
 
+    async def until(self, condition: Callable[[], object]) -> None:
+        """Until ``condition`` holds, looked at each time the scheduler comes to a wait (its
+        only points of rest, where whatever it did is done)."""
+        while not condition():
+            self._waiting.clear()
+            await self._waiting.wait()
+
     async def wait(self, event: asyncio.Event, timeout: float) -> None:
         self.waits.append(timeout)
+        self._waiting.set()
         if timeout >= IDLE_CHECK:
             await event.wait()
         else:
@@ -95,15 +105,13 @@ def test_the_scheduler_wakes_for_a_new_vpn_and_rekeys_it_on_time(setup):
 
     async def scenario() -> None:
         task = asyncio.get_running_loop().create_task(s.run())
-        while not fake.waits:  # asleep with nothing to do
-            await asyncio.sleep(0)
+        await fake.until(lambda: fake.waits)  # asleep with nothing to do
         assert fake.waits == [IDLE_CHECK]
         start = fake.now
         plans.append(RekeyPlan("fast", 10))
         make_sas(keys, "fast")
         s.changed()  # what a commit does
-        while not rekeyed:
-            await asyncio.sleep(0)
+        await fake.until(lambda: rekeyed)
         assert fake.now - start == timedelta(seconds=10)  # on time, not at a fixed period
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -129,8 +137,7 @@ def test_a_rekey_that_fails_is_retried_later_not_in_a_busy_loop(setup):
 
     async def scenario() -> None:
         task = asyncio.get_running_loop().create_task(s.run())
-        while len(attempts) < 3:
-            await asyncio.sleep(0)
+        await fake.until(lambda: len(attempts) >= 3)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -159,13 +166,11 @@ def test_a_server_that_does_not_lead_begins_no_rekey_and_asks_again_later(setup)
 
     async def scenario() -> None:
         task = asyncio.get_running_loop().create_task(s.run())
-        while len(fake.waits) < 2:
-            await asyncio.sleep(0)
+        await fake.until(lambda: len(fake.waits) >= 2)
         assert rekeyed == []
         assert fake.waits[:2] == [RETRY_AFTER_FAILURE] * 2  # not a busy loop
         leading[0] = True  # the leader died: this server leads now
-        while not rekeyed:
-            await asyncio.sleep(0)
+        await fake.until(lambda: rekeyed)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
