@@ -70,6 +70,10 @@ def running(server: ServerProcess) -> etree._Element:
         return etree.fromstring(m.get_config("running").data_xml.encode())
 
 
+def customers_in(root: etree._Element) -> list[str]:
+    return list(root.xpath("//v:vpn/v:customer/text()", namespaces={"v": SVC}))
+
+
 def groups_in(root: etree._Element) -> set[str]:
     return set(root.xpath("//n:group/n:name/text()", namespaces={"n": NACM}))
 
@@ -105,7 +109,7 @@ def test_a_commit_keeps_a_running_edit_made_after_the_candidate_was_taken(server
         a.commit()
     root = running(server)
     assert "made-meanwhile" in groups_in(root)
-    assert root.xpath("//v:vpn/v:customer/text()", namespaces={"v": SVC}) == ["After"]
+    assert customers_in(root) == ["After"]
 
 
 def test_copying_the_candidate_to_running_keeps_a_newer_running_edit(server):
@@ -115,7 +119,7 @@ def test_copying_the_candidate_to_running_keeps_a_newer_running_edit(server):
         a.copy_config(source="candidate", target="running")
     root = running(server)
     assert "made-meanwhile" in groups_in(root)
-    assert root.xpath("//v:vpn/v:customer/text()", namespaces={"v": SVC}) == ["Copied"]
+    assert customers_in(root) == ["Copied"]
 
 
 def test_a_commit_keeps_an_enrolment_made_after_the_candidate_was_taken(server):
@@ -145,7 +149,7 @@ def test_a_commit_that_would_revert_a_newer_change_is_refused_and_changes_nothin
         assert "id='v'" in (error.path or "") and "customer" in (error.path or "")
         assert "discard-changes" in error.message
         a.discard_changes()
-    values = running(server).xpath("//v:vpn/v:customer/text()", namespaces={"v": SVC})
+    values = customers_in(running(server))
     assert values == ["Acknowledged meanwhile"]
 
 
@@ -180,12 +184,12 @@ def test_a_candidate_edited_on_a_confirmed_commit_that_rolls_back_is_not_committ
         assert exc.value.tag == "operation-failed"
         assert exc.value.app_tag == "running-changed"
         assert "rolled back" in exc.value.message and "discard-changes" in exc.value.message
-        values = running(server).xpath("//v:vpn/v:customer/text()", namespaces={"v": SVC})
+        values = customers_in(running(server))
         assert values == ["Before"]
         b.discard_changes()
         b.edit_config(target="candidate", config=customer("Pushed"))
         b.commit()
-    values = running(server).xpath("//v:vpn/v:customer/text()", namespaces={"v": SVC})
+    values = customers_in(running(server))
     assert values == ["Pushed"]
 
 
@@ -199,7 +203,7 @@ def test_an_untouched_candidate_follows_running_back_after_a_rollback(server):
             source="candidate", filter=("subtree", f'<vpn-service xmlns="{SVC}"/>')
         )
         assert "Before" in reply.data_xml and "Confirmed" not in reply.data_xml
-    values = running(server).xpath("//v:vpn/v:customer/text()", namespaces={"v": SVC})
+    values = customers_in(running(server))
     assert values == ["Before"]
 
 
