@@ -244,7 +244,6 @@ class Bench:
         from nc_server.applied import APPLIED
 
         records = app.controller.provisioner.records
-        targets = {site: rec.target_version for site, rec in records.items()}
         if self.database is None:
             return {
                 site: (rec.target_version, rec.applied_version if rec.status == "in-sync" else None)
@@ -253,7 +252,7 @@ class Bench:
         confirmed = {
             site: json.loads(raw).get("version") for site, raw in app.storage.scan(APPLIED)
         }
-        return {site: (target, confirmed.get(site)) for site, target in targets.items()}
+        return {site: (rec.target_version, confirmed.get(site)) for site, rec in records.items()}
 
     async def _all_in_sync(self, app: Any, previous: dict[str, str] | None, timeout: float) -> None:
         """Until every CE is in-sync (with a version other than ``previous``'s).  Polled every

@@ -468,10 +468,10 @@ class Controller:
     def _announce_keys(self, storage: PostgresStorage, name: str, vpns: frozenset[str]) -> None:
         """Key material of ``vpns`` is being written (inside its transaction): the other
         servers hear of it when it commits, unless a commit is being validated."""
-        from nc_server.shared_keys import CHANNEL, news
+        from nc_server.shared_keys import CHANNEL, KeyNews
 
         if not self._validating:
-            storage.notify(CHANNEL, news(name, vpns).payload())
+            storage.notify(CHANNEL, KeyNews(name, vpns).payload())
 
     def keys_changed_elsewhere(self, vpns: frozenset[str] | None) -> None:
         """Another server changed these VPNs' key material between commits (None: any VPN

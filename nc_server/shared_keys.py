@@ -23,7 +23,6 @@ reads every VPN again when it is back (a notification may have been missed).
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
 from dataclasses import dataclass
 
 CHANNEL = "cevpn_keys"
@@ -53,7 +52,3 @@ class KeyNews:
             return cls(str(data["server"]), frozenset(str(v) for v in data["vpns"]))
         except (ValueError, KeyError, TypeError):
             return None
-
-
-def news(server: str, vpns: Collection[str]) -> KeyNews:
-    return KeyNews(server, frozenset(vpns))
