@@ -1060,6 +1060,17 @@ class NetconfServer:
         self.nacm.load(root)
         self.users = users_from(root)
 
+    def adopt_startup(self, document: bytes | None) -> None:
+        """Another server sharing the datastores saved ``document`` as startup (None: it
+        was never saved): serve it.  The caller holds config_lock."""
+        startup = self.datastores["startup"]
+        if document is None:
+            root, tree = new_datastore(), None
+        else:
+            root, tree = self.validator.load(document, "startup of another server")
+        free(startup.tree)
+        startup.root, startup.tree = root, tree
+
     def save_startup(self, root: etree._Element) -> None:
         startup = self.datastores["startup"]
         tree = self.validator.validate(root, full=True)

@@ -24,7 +24,13 @@ Any server accepts operators' NETCONF sessions.  What keeps them one truth:
 - **The running lock** is a session-level advisory lock (:data:`RUNNING_LOCK`)
   on a connection of its own, so it dies with the server's process or its
   connection; a row names the holder (server, session-id) for the error other
-  servers give.
+  servers give.  When that connection breaks (a database failover, a network
+  cut) the database has let the lock go: the server takes it again on a new
+  connection within :data:`KEEP_LOCKS_EVERY` seconds of reaching the database,
+  unless another server changed running meanwhile, or took the lock.  Then the
+  lock was not a lock for a while: the holding session is ended (RFC 6022
+  termination-reason ``other``), so that its client learns it at its next
+  request instead of going on in the belief that nobody else changed running.
 - **A pending confirmed commit** is stored: its rollback document (the datastore
   ``confirmed-commit-rollback``) and a record (:class:`ConfirmedRecord`: server,
   session, persist token, deadline), both written before the commit and deleted
@@ -33,7 +39,11 @@ Any server accepts operators' NETCONF sessions.  What keeps them one truth:
   Every other server mirrors it (``ConfirmedCommit.mirror``): its sessions'
   changes are refused with in-use, its persist-id confirms or cancels it there,
   and when the deadline passes, or at once for a non-persistent one whose server
-  died, the first server to notice rolls it back.
+  died, the first server to notice rolls it back, once its server has looked dead
+  for :data:`ORPHAN_GRACE` seconds (a live one whose connection broke takes the lock
+  again in that time).
+- **Startup** is stored with a generation of its own (key ``startup``, NOTIFY
+  payload ``startup``): every server serves the startup any of them last saved.
 
 A session's lock and a session-level advisory lock are both owned by a
 database session: each of the three connections here is this server's alone.
@@ -55,6 +65,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
+from nc_core import faults
 from nc_core.confirmed_commit import BACKUP, PendingCommit
 from nc_core.datastore import free
 from nc_core.errors import RpcError
@@ -77,6 +88,8 @@ CHANNEL = "cevpn_running"
 TABLE = "cluster"
 """The storage table of what the servers share about running."""
 GENERATION_KEY = "running"
+STARTUP_KEY = "startup"
+"""The generation of the stored startup (:class:`Generation`: number and saving server)."""
 CONFIRMED_KEY = "confirmed-commit"
 """The pending confirmed commit (:class:`ConfirmedRecord` as JSON), while there is one."""
 LOCK_KEY = "lock:"
@@ -91,6 +104,12 @@ COMMIT_WAIT = 30.0
 """Seconds a commit waits for another server's commit to finish before it is refused."""
 POLL = 2.0
 """Seconds between checks of the database when no notification comes."""
+KEEP_LOCKS_EVERY = 1.0
+"""Seconds between checks that the connections holding this server's locks still do."""
+ORPHAN_GRACE = 5.0
+"""Seconds a non-persistent confirmed commit's server must look dead before another
+server rolls the commit back: several times KEEP_LOCKS_EVERY, so that a live server
+whose connection broke has taken its lock again."""
 
 
 _instances = itertools.count(1)
@@ -156,6 +175,9 @@ class SharedDatastores(SqliteDatastores):
         self._owner_conn: psycopg.Connection[Any] | None = None
         self.holds_confirmed = False
         """This server holds CONFIRMED_LOCK: the pending confirmed commit is its own."""
+        self.startup_generation = Generation(0, "")
+        """The generation of the startup this server serves (read or saved): number and
+        server, as two servers saving at once may both write the same number."""
 
     # -- a pending confirmed commit ------------------------------------------------------
 
@@ -196,6 +218,23 @@ class SharedDatastores(SqliteDatastores):
             except psycopg.Error:
                 self._owner_conn.close()  # the lock goes with the session
         self.holds_confirmed = False
+
+    def keep_confirmed_lock(self) -> bool:
+        """CONFIRMED_LOCK still held, or taken again on a new connection if the old one
+        broke (the database let it go with it); False if another server has it now."""
+        conn = self._owner_conn
+        if self.holds_confirmed and conn is not None and not conn.closed:
+            try:
+                conn.execute("SELECT 1")
+                return True
+            except psycopg.Error:
+                conn.close()
+        self.holds_confirmed = False
+        faults.point("confirmed-lock-retake")
+        if self._take_confirmed_lock():  # psycopg.Error while the database is unreachable
+            log.warning("the pending confirmed commit's lock was taken again on a new connection")
+            return True
+        return False
 
     def update_confirmed(self, record: ConfirmedRecord) -> None:
         with self.storage.transaction():
@@ -250,9 +289,21 @@ class SharedDatastores(SqliteDatastores):
         with self.storage.transaction():
             return self.storage.get(self.TABLE, "running"), self.stored_generation()
 
+    def stored_startup_generation(self) -> Generation:
+        return Generation.decode(self.storage.get(TABLE, STARTUP_KEY))
+
+    def read_startup(self) -> bytes | None:
+        """Startup and its generation, as one committed state of the database."""
+        with self.storage.transaction():
+            document = self.storage.get(self.TABLE, "startup")
+            self.startup_generation = self.stored_startup_generation()
+        return document
+
     def read(self, name: str) -> bytes | None:
         if name == BACKUP:
             return self._read_backup()
+        if name == "startup":
+            return self.read_startup()
         if name != "running" or self.generation is not None:
             return super().read(name)
         # The first read of running is the server loading it: its base generation.
@@ -263,6 +314,14 @@ class SharedDatastores(SqliteDatastores):
     def write(self, name: str, data: bytes) -> None:
         if name == BACKUP:
             self._write_backup(data)
+            return
+        if name == "startup":
+            with self.storage.transaction():
+                saved = Generation(self.stored_startup_generation().number + 1, self.name)
+                super().write(name, data)
+                self.storage.put(TABLE, STARTUP_KEY, saved.encode())
+                self.postgres.notify(CHANNEL, "startup")
+            self.startup_generation = saved
             return
         if name != "running":
             super().write(name, data)
@@ -404,6 +463,13 @@ class PostgresSharedRunning:
         self.keys_changed: Callable[[frozenset[str] | None], None] | None = None
         """Told which VPNs' key material another server changed between commits (None: any
         may have, a notification may have been lost): nc_server.shared_keys."""
+        self._keeper: asyncio.Task[None] | None = None
+        self._adopted_while_locked = False
+        """Another server's commit was adopted while a session here held running's lock:
+        the lock had been lost (its connection broke), so it is not taken again."""
+        self._owner_dead: tuple[tuple[str, int], float] | None = None
+        """The pending confirmed commit (server, session) whose server was first seen dead,
+        and when (time.monotonic()): rolled back after ORPHAN_GRACE."""
 
     # -- connections ---------------------------------------------------------------
 
@@ -553,12 +619,22 @@ class PostgresSharedRunning:
         self._roll_back_orphan(record)
 
     def _roll_back_orphan(self, record: ConfirmedRecord) -> None:
-        """A non-persistent confirmed commit dies with its session, so with its server."""
+        """A non-persistent confirmed commit dies with its session, so with its server: once
+        that server has looked dead for ORPHAN_GRACE seconds (a live server whose database
+        connection broke takes its lock again meanwhile: KEEP_LOCKS_EVERY)."""
         if record.persist is not None or self.datastores.owner_alive():
+            self._owner_dead = None
             return
         key = (record.server, record.session_id)
         if self._orphan == key:
             return  # its rollback is under way
+        now = time.monotonic()
+        if self._owner_dead is None or self._owner_dead[0] != key:
+            self._owner_dead = (key, now)
+            log.info("server %s holds no lock on its pending confirmed commit", record.server)
+            return
+        if now - self._owner_dead[1] < ORPHAN_GRACE:
+            return
         self._orphan = key
         log.warning("server %s died with a confirmed commit pending: rolling back", record.server)
         self.server.confirmed.roll_back_soon("cancel")
@@ -579,7 +655,17 @@ class PostgresSharedRunning:
     async def _catch_up_locked(self) -> NewerRunning | None:
         newer = await self._adopt_newer()
         self._sync_confirmed()
+        self._sync_startup()
         return newer
+
+    def _sync_startup(self) -> None:
+        """Serve the startup another server saved (copy-config, delete-config)."""
+        stored = self.datastores.stored_startup_generation()
+        if stored == self.datastores.startup_generation:
+            return
+        document = self.datastores.read_startup()
+        self.server.adopt_startup(document)
+        log.info("startup: adopted the one saved by %s", stored.committed_by or "another server")
 
     async def _adopt_newer(self) -> NewerRunning | None:
         ours = self.datastores.generation
@@ -591,6 +677,8 @@ class PostgresSharedRunning:
         if document is None or stored.number <= ours:
             return None
         started = time.monotonic()
+        if self.server.locks.get("running") is not None:
+            self._adopted_while_locked = True  # the lock was lost: see _keep_running_lock
         await self.server.adopt_running(document)
         self.datastores.generation = stored.number
         self.adopted_at = time.monotonic()
@@ -604,6 +692,7 @@ class PostgresSharedRunning:
 
     async def start(self) -> None:
         self._follower = asyncio.get_running_loop().create_task(self._follow())
+        self._keeper = asyncio.get_running_loop().create_task(self._keep_locks())
 
     async def _follow(self) -> None:
         first = True
@@ -714,6 +803,7 @@ class PostgresSharedRunning:
             self.datastores.storage.put(
                 TABLE, LOCK_KEY + name, f"{self.datastores.name}\n{session_id}".encode()
             )
+            self._adopted_while_locked = False
 
     async def unlock(self, name: str) -> None:
         async with self._lock_conn_use:
@@ -728,16 +818,103 @@ class PostgresSharedRunning:
             if holder is not None and holder.server == self.datastores.name:
                 self.datastores.storage.delete(TABLE, LOCK_KEY + name)
 
+    async def _keep_locks(self) -> None:
+        """Every KEEP_LOCKS_EVERY seconds: are the connections that hold this server's
+        locks still up?  A broken one's lock is taken again, or its holder told."""
+        while True:
+            await asyncio.sleep(KEEP_LOCKS_EVERY)
+            try:
+                await self._keep_running_lock()
+                await self._keep_confirmed_lock()
+            except asyncio.CancelledError:
+                raise
+            except (RpcError, psycopg.Error) as exc:
+                detail = exc.message if isinstance(exc, RpcError) else str(exc)
+                log.warning(
+                    "keeping this server's locks: %s; trying again",
+                    redact_text(" ".join(detail.split()), self.url),
+                )
+
+    async def _keep_running_lock(self) -> None:
+        holder = self.server.locks.get("running")
+        if holder is None:
+            return
+        async with self._lock_conn_use:
+            conn = self._lock_conn
+            if conn is not None and not conn.closed:
+                try:
+                    await conn.execute("SELECT 1")
+                    return
+                except psycopg.Error:
+                    await conn.close()
+            if self.server.locks.get("running") != holder:
+                return  # unlocked meanwhile: the lock went with the connection
+            # The database let the lock go with the connection: take it again, if it is
+            # still what it was (nobody else committed or locked meanwhile).
+            faults.point("lock-retake")
+            conn = self._lock_conn = await self._connect()
+            cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (RUNNING_LOCK,))
+            row = await cur.fetchone()
+            taken = bool(row is not None and row[0])
+            stored = self.datastores.stored_generation()
+            changed = self._adopted_while_locked or stored.number != self.datastores.generation
+            if taken and not changed:
+                log.warning(
+                    "running's lock (session %d) was taken again on a new database "
+                    "connection: nothing changed running meanwhile",
+                    holder,
+                )
+                return
+            if taken:
+                await conn.execute("SELECT pg_advisory_unlock(%s)", (RUNNING_LOCK,))
+        why = (
+            f"server {stored.committed_by} changed running meanwhile"
+            if changed
+            else f"{_described(self._holder('running'))} took it meanwhile"
+        )
+        self._lock_lost(holder, why)
+
+    def _lock_lost(self, holder: int, why: str) -> None:
+        """Running's lock of session ``holder`` went with its database connection, and
+        running may have changed since: the session is ended (as if killed) rather than
+        left believing it still holds the lock."""
+        log.error(
+            "running's lock of session %d was lost when its database connection broke (%s): "
+            "the session is ended",
+            holder,
+            why,
+        )
+        if self.server.locks.get("running") == holder:
+            del self.server.locks["running"]
+            self.server.lock_times.pop("running", None)
+        mine = self._holder("running")
+        if mine is not None and mine.server == self.datastores.name:
+            self.datastores.storage.delete(TABLE, LOCK_KEY + "running")
+        session = self.server.sessions.get(holder)
+        if session is not None:
+            session.close("other")
+
+    async def _keep_confirmed_lock(self) -> None:
+        pending = self.server.confirmed.pending
+        if pending is None or pending.server is not None:
+            return  # none pending, or another server's
+        if not await asyncio.to_thread(self.datastores.keep_confirmed_lock):
+            log.error(
+                "the pending confirmed commit's lock was lost with its database connection "
+                "and another server holds it now"
+            )
+
     # -- lifecycle ---------------------------------------------------------------------
 
     async def stop(self) -> None:
-        if self._follower is not None:
-            self._follower.cancel()
-            try:
-                await self._follower
-            except asyncio.CancelledError:
-                pass
-            self._follower = None
+        for task in (self._follower, self._keeper):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        self._follower = self._keeper = None
         for conn in (self._commit_conn, self._lock_conn):
             if conn is not None and not conn.closed:
                 await conn.close()

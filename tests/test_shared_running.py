@@ -24,6 +24,7 @@ from lxml import etree
 from ncclient.operations.rpc import RPCError
 
 from nc_core import faults
+from nc_server.shared_running import CONFIRMED_LOCK, RUNNING_LOCK
 from tests.controller import vpn_xml
 from tests.netconf_server import ADMIN, ServerProcess, free_port, ncclient_connect
 from tests.waiting import wait_for
@@ -50,8 +51,9 @@ def running(m: Any) -> etree._Element:
     return etree.fromstring(reply.data_xml.encode())
 
 
-def customers(m: Any) -> dict[str, str]:
-    root = running(m)
+def customers(m: Any, source: str = "running") -> dict[str, str]:
+    reply = m.get_config(source=source, filter=("subtree", f'<vpn-service xmlns="{SVC}"/>'))
+    root = etree.fromstring(reply.data_xml.encode())
     return {
         vpn.findtext("s:id", namespaces=NS): vpn.findtext("s:customer", namespaces=NS)
         for vpn in root.iterfind(".//s:vpn", NS)
@@ -443,3 +445,132 @@ def test_adduser_waits_for_a_commit_in_progress_and_keeps_it(
     wait_for(lambda: can_log_in(b, OPERATOR), 10, "the new account on b")
     with ncclient_connect(b) as mb:
         wait_for(lambda: "jade" in customers(mb), 10, "the commit on b")
+
+
+# -- startup ---------------------------------------------------------------------------
+
+
+def test_a_startup_saved_on_one_server_is_served_by_the_other(
+    pair: tuple[ServerProcess, ServerProcess],
+) -> None:
+    a, b = pair
+    with ncclient_connect(a) as ma, ncclient_connect(b) as mb:
+        ma.edit_config(target="running", config=config(vpn_xml("jade")))
+        ma.copy_config(source="running", target="startup")
+        wait_for(lambda: "jade" in customers(mb, "startup"), 10, "a's startup on b")
+        mb.delete_config(target="startup")
+        wait_for(lambda: not customers(ma, "startup"), 10, "b's deletion on a")
+        assert "jade" in customers(ma)  # running untouched
+
+
+# -- locks whose database connection breaks ----------------------------------------------
+
+
+def backend_holding(url: str, key: int) -> int | None:
+    """The database backend (pid) holding session-level advisory lock ``key`` exclusively."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND mode = 'ExclusiveLock' AND objsubid = 1 "
+            "AND classid::bigint = %s AND objid::bigint = %s",
+            (key >> 32, key & 0xFFFFFFFF),
+        ).fetchone()
+    return None if row is None else int(row[0])
+
+
+def break_connection_holding(url: str, key: int) -> int:
+    """Cut the database connection holding lock ``key`` (as a failover or a network cut
+    would); its backend's pid."""
+    pid = backend_holding(url, key)
+    assert pid is not None, "nobody holds the lock"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    wait_for(lambda: backend_holding(url, key) != pid, 10, "the connection cut")
+    return pid
+
+
+@pytest.fixture
+def lock_retakes_stop(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Servers started after this stop (SIGSTOP) where they are about to take a lock again
+    whose connection broke; the file returned names the step once reached."""
+    report = tmp_path / "reached"
+    monkeypatch.setenv(faults.ENV, "lock-retake=stop,confirmed-lock-retake=stop")
+    monkeypatch.setenv(faults.REPORT_ENV, str(report))
+    return report
+
+
+def reached(report: Path, step: str) -> bool:
+    return report.exists() and step in report.read_text().split()
+
+
+def test_the_running_lock_is_taken_again_when_its_database_connection_breaks(
+    pair: tuple[ServerProcess, ServerProcess], postgres_url: str
+) -> None:
+    a, b = pair
+    with ncclient_connect(a) as ma, ncclient_connect(b) as mb:
+        ma.lock(target="running")
+        break_connection_holding(postgres_url, RUNNING_LOCK)
+        wait_for(lambda: "was taken again" in a.log_path.read_text(), 10, "a's lock again")
+        assert backend_holding(postgres_url, RUNNING_LOCK) is not None
+        refused = edit_running(mb, config(vpn_xml("jade")))
+        assert refused is not None and refused.tag == "in-use"
+        assert edit_running(ma, config(vpn_xml("amber"))) is None  # still the holder
+        ma.unlock(target="running")
+        assert locked(mb)
+
+
+def test_a_session_whose_lock_lapsed_while_another_server_committed_is_ended(
+    lock_retakes_stop: Path, pair: tuple[ServerProcess, ServerProcess], postgres_url: str
+) -> None:
+    """Between the connection's break and the lock taken again, b could commit: a's
+    session must not go on believing that nobody else changed running."""
+    a, b = pair
+    assert a.proc is not None
+    ma = ncclient_connect(a)  # ended by the server: never closed here
+    with ncclient_connect(b) as mb:
+        ma.lock(target="running")
+        break_connection_holding(postgres_url, RUNNING_LOCK)
+        wait_for(lambda: reached(lock_retakes_stop, "lock-retake"), 10, "a about to take it")
+        try:
+            assert edit_running(mb, config(vpn_xml("jade"))) is None  # no lock any more
+        finally:
+            os.killpg(a.proc.pid, signal.SIGCONT)
+        wait_for(lambda: not ma.connected, 10, "the lock holder's session ended")
+        log = a.log_path.read_text()
+        assert "lock of session" in log and "was lost" in log and "changed running" in log
+        assert locked(mb)
+        with ncclient_connect(a) as again:
+            wait_for(lambda: "jade" in customers(again), 10, "b's commit on a")
+
+
+def test_a_confirmed_commit_outlives_a_broken_database_connection_of_its_server(
+    lock_retakes_stop: Path, pair: tuple[ServerProcess, ServerProcess], postgres_url: str
+) -> None:
+    """b sees no server holding the commit's lock while a's connection is down: it must
+    give a time to take it again rather than roll the commit back at once."""
+    a, b = pair
+    assert a.proc is not None
+    with ncclient_connect(a) as ma, ncclient_connect(b) as mb:
+        ma.edit_config(target="running", config=config(vpn_xml("kept")))
+        ma.edit_config(target="candidate", config=config(vpn_xml("jade")))
+        ma.commit(confirmed=True, timeout="600")
+        wait_for(lambda: "jade" in customers(mb), 10, "jade on b")
+        break_connection_holding(postgres_url, CONFIRMED_LOCK)
+        wait_for(lambda: reached(lock_retakes_stop, "confirmed-lock-retake"), 10, "a stopped")
+        try:
+            wait_for(
+                lambda: "holds no lock on its pending confirmed commit" in b.log_path.read_text(),
+                10,
+                "b sees the commit without a live server",
+            )
+        finally:
+            os.killpg(a.proc.pid, signal.SIGCONT)
+        wait_for(
+            lambda: "confirmed commit's lock was taken again" in a.log_path.read_text(),
+            10,
+            "a holds it again",
+        )
+        ma.commit()  # the confirmation
+        for m in (ma, mb):
+            wait_for(lambda m=m: set(customers(m)) == {"kept", "jade"}, 10, "jade kept")
+        assert "died with a confirmed commit pending" not in b.log_path.read_text()
