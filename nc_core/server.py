@@ -159,6 +159,10 @@ class ServerOptions:
     name: str = "cevpn"
     yang_dirs: tuple[Path, ...] = ()
     """Extra directories searched for the application's YANG modules."""
+    spare_keep_seconds: float = 5.0
+    """Seconds the configuration a commit replaced is kept for the next edit's copy of
+    running (nc_core.spare_tree), then let go: a burst of edits is patched, and a server
+    that has been idle for a while holds one copy of a large configuration, not two."""
     metrics_listen: tuple[str, int] | None = None
     """Where to serve Prometheus metrics (nc_core.metrics); None: no metrics at all."""
 
@@ -229,6 +233,7 @@ class NetconfServer:
         running (nc_core.spare_tree)."""
         self.spare_copies = 0
         """Edits whose copy of running was made from the spare (tests look)."""
+        self._spare_timer: asyncio.TimerHandle | None = None
         self.persistence = self.app.persistence(options.state_dir)
         self.datastores = {
             "running": Datastore("running", persistence=self.persistence),
@@ -986,6 +991,7 @@ class NetconfServer:
         drop_later(self._spare)
         patch = remembered_patch(running.root, canonical)
         self._spare = None if patch is None else Spare(patch)
+        self._let_spare_go_later()
         drop_later(running.root)
         free_later(running.tree)
         running.root, running.tree = canonical, new_tree
@@ -1023,6 +1029,26 @@ class NetconfServer:
                 "the application could not be taken back to running after a failed commit"
             )
             await self.app.abort(back)
+
+    def _let_spare_go_later(self) -> None:
+        if self._spare_timer is not None:
+            self._spare_timer.cancel()
+            self._spare_timer = None
+        if self._spare is not None:
+            self._spare_timer = asyncio.get_running_loop().call_later(
+                self.options.spare_keep_seconds, self._let_spare_go, self._spare
+            )
+
+    def _let_spare_go(self, spare: Spare) -> None:
+        """No edit came for spare_keep_seconds: the replaced configuration is freed (with
+        what still refers to it: the remembered patch, the validator's last check)."""
+        self._spare_timer = None
+        if self._spare is not spare:
+            return
+        self._spare = None
+        self.validator.forget_check_of(spare.patch.old)
+        forget_patch(spare.patch)
+        drop_later(spare)
 
     def private_copy(self, root: etree._Element) -> etree._Element:
         """A copy of a datastore tree for an edit to change: of running's, made from the

@@ -77,6 +77,7 @@ from nc_server.storage import Storage
 if TYPE_CHECKING:
     from nc_core.session import Session
     from nc_server.shared_contacts import ContactTeller
+    from nc_server.shared_keys import KeyJournal, Rows
     from nc_server.storage_postgresql import PostgresStorage
 
 log = logging.getLogger("cevpn.server")
@@ -211,6 +212,9 @@ class Controller:
         self._validating = False
         """A commit is being validated: the key material it makes reaches the other servers
         with the commit itself, not as news (nc_server.shared_keys)."""
+        self.key_journal: KeyJournal | None = None
+        """With several servers: the key material rows this server's commits made, and
+        those of the commits it adopts (nc_server.shared_keys)."""
         self.call_home = CallHomeDesk(self.jobs, self.ce_reachable)
         """CEs behind a NAT that dial in (RFC 8071)."""
 
@@ -281,10 +285,15 @@ class Controller:
                 continue
             if txn.reason == "replicated":
                 # Another server committed and compiled this running, making any key
-                # material it needed: compile with that material (read again; only the pairs
-                # that differ are compiled again), never with new material of this server's,
-                # or the two would push different keys to the CEs they own.
-                self.keys.reload_vpn(vid)
+                # material it needed: compile with that material (read again: the rows its
+                # commits wrote, or the whole VPN if they are not known; only the pairs
+                # that differ are compiled again), never with new material of this
+                # server's, or the two would push different keys to the CEs they own.
+                rows = None if self.key_journal is None else self.key_journal.rows_for(vid)
+                if rows is None:
+                    self.keys.reload_vpn(vid)
+                elif rows:
+                    self.keys.reload_rows(vid, rows)
             try:
                 configs = self._compile(vpn, dry=txn.dry_run)
             except CompileError as exc:
@@ -451,7 +460,10 @@ class Controller:
 
         if not self.jobs.enabled:
             return  # offline: no CE is touched, nothing to own
-        self.keys.written = lambda vpns: self._announce_keys(storage, name, vpns)
+        from nc_server.shared_keys import KeyJournal
+
+        self.key_journal = KeyJournal()
+        self.keys.written = lambda rows: self._announce_keys(storage, name, rows)
         from nc_server.shared_contacts import ContactTeller
 
         self._contacts = ContactTeller(name, storage.notify)
@@ -465,20 +477,29 @@ class Controller:
             holding=self.jobs.southbound.called_sites,
         )
 
-    def _announce_keys(self, storage: PostgresStorage, name: str, vpns: frozenset[str]) -> None:
-        """Key material of ``vpns`` is being written (inside its transaction): the other
-        servers hear of it when it commits, unless a commit is being validated."""
-        from nc_server.shared_keys import CHANNEL, KeyNews
+    def _announce_keys(
+        self, storage: PostgresStorage, name: str, rows: frozenset[tuple[str, str]]
+    ) -> None:
+        """Key material is being written (inside its transaction): the other servers hear
+        of it when it commits, or, made by a commit's compile, read it when they adopt
+        that commit (nc_server.shared_keys.KeyJournal)."""
+        from nc_server.shared_keys import CHANNEL, KeyNews, vpn_of
 
-        if not self._validating:
-            storage.notify(CHANNEL, KeyNews(name, vpns).payload())
+        if self._validating:
+            assert self.key_journal is not None
+            self.key_journal.wrote(rows)
+        else:
+            vpns = frozenset(vpn_of(key) for _, key in rows)
+            storage.notify(CHANNEL, KeyNews(name, vpns, rows).payload())
 
-    def keys_changed_elsewhere(self, vpns: frozenset[str] | None) -> None:
-        """Another server changed these VPNs' key material between commits (None: any VPN
-        may have): read it again, compile what differs and provision it to this server's
-        CEs (nc_server.shared_keys)."""
-        for vid in sorted(self.vpns if vpns is None else vpns & self.vpns.keys()):
-            if self.keys.reload_vpn(vid):
+    def keys_changed_elsewhere(self, changes: Mapping[str, Rows] | None) -> None:
+        """Another server changed key material between commits: these rows of these VPNs
+        (None for a VPN: any row; None: any VPN may have changed).  Read it again, compile
+        what differs and provision it to this server's CEs (nc_server.shared_keys)."""
+        vids = self.vpns.keys() if changes is None else changes.keys() & self.vpns.keys()
+        for vid in sorted(vids):
+            rows = None if changes is None else changes[vid]
+            if self.keys.reload_vpn(vid) if rows is None else self.keys.reload_rows(vid, rows):
                 log.info("VPN %s: key material changed by another server", vid)
                 self._recompile(vid)
         self.rekeys.changed()

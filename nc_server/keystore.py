@@ -327,10 +327,10 @@ class KeyStore:
         self._epoch = 0
         """Raised whenever loaded material is dropped after a failure: marks before it are void."""
         self._changes: dict[str, ChangeLog] = {}
-        self.written: Callable[[frozenset[str]], None] | None = None
-        """Told, inside the storage transaction that writes them, which VPNs' material a
-        flush wrote: with several servers on one database, the others must read it again
-        (nc_server.shared_keys)."""
+        self.written: Callable[[frozenset[tuple[str, str]]], None] | None = None
+        """Told, inside the storage transaction that writes them, which rows (table, key)
+        a write wrote: with several servers on one database, the others must read them
+        again (nc_server.shared_keys)."""
 
     def __repr__(self) -> str:
         return f"<KeyStore vpns_loaded={len(self._vpns)} pending_writes={len(self._pending)}>"
@@ -393,7 +393,7 @@ class KeyStore:
                     else:
                         self._storage.put(table, key, value)
                 if self.written is not None:
-                    self.written(frozenset(key.split("/", 1)[0] for _, key in pending))
+                    self.written(frozenset(pending))
         except BaseException:
             self._drop_loaded()
             raise
@@ -428,6 +428,79 @@ class KeyStore:
             self._changed(vpn, pair)
         return bool(pairs)
 
+    def reload_rows(self, vpn: str, rows: Iterable[tuple[str, str]]) -> bool:
+        """Another server wrote these rows (table, key) of the VPN's material (the key
+        material a commit's compile made, a rekey): read just those again, as
+        :meth:`reload_vpn` reads the whole VPN.  True if anything differs.
+
+        A VPN not loaded here is read whole when first needed; a row of its profile, CA
+        or certificates reads it whole now (its marks are void either way).
+        """
+        if self._batch_depth:
+            raise RuntimeError("material cannot be read again inside a batch")
+        state = self._vpns.get(vpn)
+        if state is None:
+            return False
+        wanted: dict[str, list[str]] = {}
+        for table, key in rows:
+            if table not in (TABLE_PSK, TABLE_SA) or not key.startswith(f"{vpn}/"):
+                return self.reload_vpn(vpn)
+            wanted.setdefault(table, []).append(key)
+        pairs: set[tuple[str, str]] = set()
+        intern = sys.intern
+        keys = wanted.get(TABLE_PSK, [])
+        found = self._storage.get_many(TABLE_PSK, keys) if keys else {}
+        for key in keys:
+            _, site_a, site_b = key.split("/")
+            pair = (intern(site_a), intern(site_b))
+            raw = found.get(key)
+            was = state.psks.get(pair)
+            if raw is None:
+                if state.psks.pop(pair, None) is not None:
+                    pairs.add(pair)
+                continue
+            data = json.loads(raw)
+            now = PskRecord(data["key"], _epoch(data["created"]))
+            state.psks[pair] = now
+            if was is None or was.key != now.key:
+                pairs.add(pair)
+        keys = wanted.get(TABLE_SA, [])
+        found = self._storage.get_many(TABLE_SA, keys) if keys else {}
+        for key in keys:
+            _, source, target = key.split("/")
+            direction = (intern(source), intern(target))
+            raw = found.get(key)
+            after = None
+            if raw is not None:
+                data = json.loads(raw)
+                after = SaSlot(
+                    SaRecord.from_json(data["current"]),
+                    None if data.get("next") is None else SaRecord.from_json(data["next"]),
+                )
+            before = state.sas.get(direction)
+            if before is not None:
+                used = state.spis.get(direction[1], set())
+                used.discard(before.current.spi)
+                if before.next is not None:
+                    used.discard(before.next.spi)
+                state.rekeying.get(direction[1], set()).discard(direction[0])
+                del state.sas[direction]
+            if after is not None:
+                state.sas[direction] = after
+                used = state.spis.setdefault(direction[1], set())
+                used.add(after.current.spi)
+                if after.next is not None:
+                    used.add(after.next.spi)
+                    state.rekeying.setdefault(direction[1], set()).add(direction[0])
+            if (before is None) != (after is None) or (
+                before is not None and after is not None and _slot_differs(before, after)
+            ):
+                first, second = direction
+                pairs.add((first, second) if first < second else (second, first))
+        for pair in sorted(pairs):
+            self._changed(vpn, pair)
+        return bool(pairs)
+
     def _drop_loaded(self) -> None:
         """Forget what was loaded: storage may not hold what was handed out (a write
         failed), so no compiler may trust its mark either (see :meth:`changed_pairs`)."""
@@ -443,10 +516,13 @@ class KeyStore:
             self._pending[(table, key)] = data
             return
         try:
-            if data is None:
-                self._storage.delete(table, key)
-            else:
-                self._storage.put(table, key, data)
+            with self._storage.transaction():
+                if data is None:
+                    self._storage.delete(table, key)
+                else:
+                    self._storage.put(table, key, data)
+                if self.written is not None:
+                    self.written(frozenset({(table, key)}))
         except BaseException:
             self._drop_loaded()  # the cache already changed: reload what storage has
             raise

@@ -84,6 +84,7 @@ class ServiceApplication(ServiceDatastore):
             server.shared = self.shared
             # Each CE provisioned by one live server (nc_server.ownership).
             self.controller.share_ownership(datastores.postgres, datastores.name)
+            datastores.key_journal = self.controller.key_journal
             # One key material (nc_server.shared_keys).
             self.shared.keys_changed = self.controller.keys_changed_elsewhere
             # A CE heard here, provisioned there (nc_server.shared_contacts).

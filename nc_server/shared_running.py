@@ -58,7 +58,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -80,6 +80,7 @@ from nc_server.storage_postgresql import (
 
 if TYPE_CHECKING:
     from nc_core.server import NetconfServer
+    from nc_server.shared_keys import KeyJournal, Rows
 
 log = logging.getLogger("cevpn.shared")
 
@@ -88,6 +89,10 @@ CHANNEL = "cevpn_running"
 TABLE = "cluster"
 """The storage table of what the servers share about running."""
 GENERATION_KEY = "running"
+KEYS_KEY = "keys:"
+"""+ a generation: the key material rows its commit's compile wrote (shared_keys.KeyJournal)."""
+KEYS_KEPT = 1_000
+"""Generations whose key material rows are kept; a server further behind reads VPNs whole."""
 STARTUP_KEY = "startup"
 """The generation of the stored startup (:class:`Generation`: number and saving server)."""
 CONFIRMED_KEY = "confirmed-commit"
@@ -175,6 +180,9 @@ class SharedDatastores(SqliteDatastores):
         self._owner_conn: psycopg.Connection[Any] | None = None
         self.holds_confirmed = False
         """This server holds CONFIRMED_LOCK: the pending confirmed commit is its own."""
+        self.key_journal: KeyJournal | None = None
+        """The key material rows of this server's commits, and of those it adopts (set by
+        the application when it shares key material: nc_server.shared_keys)."""
         self.startup_generation = Generation(0, "")
         """The generation of the startup this server serves (read or saved): number and
         server, as two servers saving at once may both write the same number."""
@@ -326,9 +334,13 @@ class SharedDatastores(SqliteDatastores):
         if name != "running":
             super().write(name, data)
             return
+        journal = self.key_journal
+        record = None if journal is None else journal.pending()
         with self.storage.transaction():
-            new = self._store_running(data, self.stored_generation())
+            new = self._store_running(data, self.stored_generation(), record)
         self.generation = new  # committed: never before (a failed COMMIT leaves it as it was)
+        if journal is not None:
+            journal.published()
 
     def delete(self, name: str) -> None:
         if name == BACKUP:
@@ -399,11 +411,15 @@ class SharedDatastores(SqliteDatastores):
             super().publish(name)
             return
         data = self._staged.pop(name)
+        journal = self.key_journal
+        record = None if journal is None else journal.pending()
         with self.storage.transaction():
             stored = self.stored_generation()
             self._check_base(stored)
-            new = self._store_running(data, stored)
+            new = self._store_running(data, stored, record)
         self.generation = new  # committed: never before (a failed COMMIT leaves it as it was)
+        if journal is not None:
+            journal.published()
 
     def _check_base(self, stored: Generation) -> None:
         """The fence: under the commit lock no other server can commit, so this fails only
@@ -415,7 +431,7 @@ class SharedDatastores(SqliteDatastores):
                 "make the change again"
             )
 
-    def _store_running(self, data: bytes, stored: Generation) -> int:
+    def _store_running(self, data: bytes, stored: Generation, keys: bytes | None = None) -> int:
         """Write running as the generation after ``stored``, in the caller's transaction;
         that generation, which becomes this server's once the transaction commits.
 
@@ -425,8 +441,20 @@ class SharedDatastores(SqliteDatastores):
         new = Generation(stored.number + 1, self.name)
         self.storage.put(self.TABLE, "running", data)
         self.storage.put(TABLE, GENERATION_KEY, new.encode())
+        if keys is not None:
+            self.storage.put(TABLE, f"{KEYS_KEY}{new.number}", keys)
+        self.storage.delete(TABLE, f"{KEYS_KEY}{new.number - KEYS_KEPT}")
         self.postgres.notify(CHANNEL, str(new.number))
         return new.number
+
+    def key_rows_between(self, after: int, upto: int) -> dict[str, Rows] | None:
+        """The key material rows the commits of generations ``after`` + 1 to ``upto`` wrote,
+        by VPN; None when one of them is not known (pruned, or committed without a record)."""
+        if upto - after > KEYS_KEPT:
+            return None
+        keys = [f"{KEYS_KEY}{n}" for n in range(after + 1, upto + 1)]
+        found = self.storage.get_many(TABLE, keys)
+        return shared_keys.merge_records(found.get(key) for key in keys)
 
 
 @dataclass(frozen=True)
@@ -460,7 +488,7 @@ class PostgresSharedRunning:
         self.ce_heard: Callable[[str, str, str], None] | None = None
         """Told (server, site, source) when another server heard from a CE: the owner
         reacts (nc_server.shared_contacts)."""
-        self.keys_changed: Callable[[frozenset[str] | None], None] | None = None
+        self.keys_changed: Callable[[Mapping[str, Rows] | None], None] | None = None
         """Told which VPNs' key material another server changed between commits (None: any
         may have, a notification may have been lost): nc_server.shared_keys."""
         self._keeper: asyncio.Task[None] | None = None
@@ -679,14 +707,23 @@ class PostgresSharedRunning:
         started = time.monotonic()
         if self.server.locks.get("running") is not None:
             self._adopted_while_locked = True  # the lock was lost: see _keep_running_lock
-        await self.server.adopt_running(document)
+        journal = self.datastores.key_journal
+        incoming = None
+        if journal is not None:  # the material those commits made: read just that
+            incoming = journal.incoming = self.datastores.key_rows_between(ours, stored.number)
+        try:
+            await self.server.adopt_running(document)
+        finally:
+            if journal is not None:
+                journal.incoming = None
         self.datastores.generation = stored.number
         self.adopted_at = time.monotonic()
         log.info(
-            "running: adopted generation %d committed by %s (%.0f ms)",
+            "running: adopted generation %d committed by %s (%.0f ms; key material: %s)",
             stored.number,
             stored.committed_by,
             (self.adopted_at - started) * 1000,
+            _described_rows(incoming),
         )
         return NewerRunning(stored.number, stored.committed_by)
 
@@ -738,18 +775,15 @@ class PostgresSharedRunning:
                 return
 
     async def _key_news(self, payloads: list[str]) -> None:
-        vpns: set[str] | None = set()
+        changes: dict[str, Rows] | None = {}
         for payload in payloads:
             news = shared_keys.KeyNews.parse(payload)
             if news is None:
                 log.warning("key material: a notification not understood was ignored")
             elif news.server != self.datastores.name:
-                if not news.vpns:
-                    vpns = None  # every VPN
-                elif vpns is not None:
-                    vpns |= news.vpns
-        if vpns is None or vpns:
-            await self._keys_changed(None if vpns is None else frozenset(vpns))
+                changes = shared_keys.merge_changes(changes, news.changes())
+        if changes is None or changes:
+            await self._keys_changed(changes)
 
     def _contact_news(self, payload: str) -> None:
         news = shared_contacts.ContactNews.parse(payload)
@@ -758,14 +792,14 @@ class PostgresSharedRunning:
         elif news.server != self.datastores.name and self.ce_heard is not None:
             self.ce_heard(news.server, news.site, news.source)
 
-    async def _keys_changed(self, vpns: frozenset[str] | None) -> None:
+    async def _keys_changed(self, changes: Mapping[str, Rows] | None) -> None:
         """Under the configuration lock, as an adoption: a commit validated with the old
         material must not be applied after the new material was read.  If it cannot be
         read (the database), the follower connects again and reads every VPN."""
         if self.keys_changed is None:
             return
         async with self.server.config_lock:
-            self.keys_changed(vpns)
+            self.keys_changed(changes)
 
     async def _catch_up_logged(self) -> None:
         try:
@@ -955,3 +989,12 @@ def _described(holder: LockHolder | None) -> str:
     if holder is None:
         return "a session of another server"
     return f"session {holder.session_id} of server {holder.server}"
+
+
+def _described_rows(incoming: dict[str, Rows] | None) -> str:
+    if incoming is None:
+        return "the VPNs compiled read whole"
+    whole = sorted(vpn for vpn, rows in incoming.items() if rows is None)
+    count = sum(len(rows) for rows in incoming.values() if rows is not None)
+    text = f"{count} rows read"
+    return text + (f", VPNs {', '.join(whole)} read whole" if whole else "")

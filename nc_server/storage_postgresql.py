@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import unquote
@@ -252,6 +252,14 @@ class PostgresStorage:
                 "SELECT value FROM cevpn_kv WHERE tbl = %s AND key = %s", (table, key)
             ).fetchone()
         return None if row is None else bytes(row[0])
+
+    def get_many(self, table: str, keys: Collection[str]) -> dict[str, bytes]:
+        with self._reading() as conn:
+            rows = conn.execute(
+                "SELECT key, value FROM cevpn_kv WHERE tbl = %s AND key = ANY(%s)",
+                (table, list(keys)),
+            ).fetchall()
+        return {str(k): bytes(v) for k, v in rows}
 
     def put(self, table: str, key: str, value: bytes) -> None:
         with self.transaction():

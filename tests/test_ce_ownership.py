@@ -269,6 +269,16 @@ def test_each_ce_has_exactly_one_owner_and_a_new_site_is_provisioned_by_its_owne
     wait_for(pushed_the_new_peer, 60, "every CE pushed its new peer")
     for s, count in before.items():
         assert {server for _, server in cluster.commits(s)[count:]} == {names[owners[s][0]]}, s
+    # a compiled b's commit with the key material b made, reading just the rows b's commit
+    # wrote (nc_server.shared_keys.KeyJournal), not the whole VPN: the same configurations.
+    adopted = re.findall(
+        r"committed by .*; key material: (.*)\)", (cluster.tmp / "a.log").read_text()
+    )
+    assert adopted and re.fullmatch(r"[1-9]\d* rows read", adopted[-1]), adopted
+    views = {key: cluster.provisioning(key) for key in ("a", "b")}
+    assert {s: views["a"][s]["target-version"] for s in owners} == {
+        s: views["b"][s]["target-version"] for s in owners
+    }
 
 
 @pytest.mark.parametrize("cluster", [KILL_N], indirect=True)

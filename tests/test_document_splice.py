@@ -8,6 +8,7 @@ import contextlib
 from collections.abc import Iterator
 from copy import deepcopy
 from pathlib import Path
+from typing import Any
 
 import pytest
 from lxml import etree
@@ -188,9 +189,9 @@ def test_a_hint_about_another_document_than_the_committed_one_is_not_used(
 
 
 @contextlib.contextmanager
-def server_with_peers(tmp_path: Path, peers: int = 40) -> Iterator[InProcessServer]:
+def server_with_peers(tmp_path: Path, peers: int = 40, **options: Any) -> Iterator[InProcessServer]:
     """An in-process CE server whose running configuration holds ``peers`` peers."""
-    server = InProcessServer(tmp_path, Refusing())
+    server = InProcessServer(tmp_path, Refusing(), **options)
     with server.connect() as m:
         body = preconfiguration() + "".join(ce_peer(i) for i in range(peers))
         m.edit_config(target="running", config=ce_config(body))

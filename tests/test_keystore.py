@@ -7,7 +7,7 @@ import json
 import logging
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -97,6 +97,10 @@ class CountingStorage(SqliteStorage):
     def get(self, table: str, key: str) -> bytes | None:
         self.reads += 1
         return super().get(table, key)
+
+    def get_many(self, table: str, keys: Collection[str]) -> dict[str, bytes]:
+        self.reads += 1
+        return super().get_many(table, keys)
 
     def scan(self, table: str, prefix: str = "") -> list[tuple[str, bytes]]:
         self.reads += 1
@@ -798,21 +802,98 @@ def test_a_certificate_made_by_another_store_voids_the_marks(ks, db):
     assert other.site_certificate("v1", "a") == ks.site_certificate("v1", "a")
 
 
-def test_every_flush_names_the_vpns_it_wrote_inside_its_transaction(ks, db):
-    told: list[tuple[frozenset[str], bool]] = []
+def test_every_flush_names_the_rows_it_wrote_inside_its_transaction(ks, db):
+    told: list[tuple[frozenset[tuple[str, str]], bool]] = []
     outside = SqliteStorage(db)
 
-    def written(vpns: frozenset[str]) -> None:
+    def written(rows: frozenset[tuple[str, str]]) -> None:
         # Told before the transaction commits: another connection does not see it yet.
-        told.append((vpns, bool(outside.scan(TABLE_SA, "v1/"))))
+        told.append((rows, bool(outside.scan(TABLE_SA, "v1/"))))
 
     ks.written = written
     with ks.batch():
         ks.ikeless_sa("v1", "a", "b", "outbound", GCM)
         ks.pre_shared_key("v2", "a", "b", 32)
-    assert told == [(frozenset({"v1", "v2"}), False)]
+    assert told == [(frozenset({(TABLE_SA, "v1/a/b"), (TABLE_PSK, "v2/a/b")}), False)]
     assert outside.scan(TABLE_SA, "v1/")
     with ks.dry_run():
         ks.ikeless_sa("v3", "a", "b", "outbound", GCM)
     assert len(told) == 1  # nothing written, nothing told
+    ks.pre_shared_key("v4", "a", "b", 32)  # outside a batch: told all the same
+    assert told[-1] == (frozenset({(TABLE_PSK, "v4/a/b")}), True)
     outside.close()
+
+
+def written_rows(ks: KeyStore) -> list[tuple[str, str]]:
+    """Record the rows ``ks`` writes from now on."""
+    rows: list[tuple[str, str]] = []
+    ks.written = rows.extend
+    return rows
+
+
+def test_reading_again_the_rows_another_store_wrote_gives_its_material_and_logs_their_pairs(ks, db):
+    sites = ["a", "b", "c", "d"]
+    for first, second in [("a", "b"), ("a", "c"), ("b", "c")]:
+        ks.pre_shared_key("v1", first, second, 32)
+        ks.ikeless_sa("v1", first, second, "outbound", GCM)
+        ks.ikeless_sa("v1", second, first, "outbound", GCM)
+    other = reopen(db)  # holds the mesh of a, b, c too
+    other.pre_shared_key("v1", "a", "b", 32)
+    mark = other.material_mark("v1")
+    rows = written_rows(ks)
+    with ks.batch():  # d joins; a <-> b is rekeyed
+        for peer in ["a", "b", "c"]:
+            ks.pre_shared_key("v1", peer, "d", 32)
+            ks.ikeless_sa("v1", peer, "d", "outbound", GCM)
+            ks.ikeless_sa("v1", "d", peer, "outbound", GCM)
+        ks.begin_rekey("v1", [("a", "b")])
+    assert other.reload_rows("v1", rows)
+    assert other.changed_pairs("v1", mark) == {("a", "d"), ("b", "d"), ("c", "d"), ("a", "b")}
+    for first in sites:
+        for second in sites:
+            if first != second:
+                for direction in ("outbound", "inbound"):
+                    assert other.ikeless_sa("v1", first, second, direction, GCM) == ks.ikeless_sa(
+                        "v1", first, second, direction, GCM
+                    )
+                assert other.pre_shared_key("v1", first, second, 32) == ks.pre_shared_key(
+                    "v1", first, second, 32
+                )
+    # The SPIs and the rekey under way were read with them: b's promotion works there.
+    assert other.awaits_receiver("v1", "b")
+    assert other.receiver_applied("v1", "b").directions == (("a", "b"),)
+    assert not other.awaits_receiver("v1", "b")
+
+
+def test_reading_rows_reads_only_those_rows(db, clock):
+    ks = KeyStore(SqliteStorage(db), clock)
+    counting = CountingStorage(db)
+    other = KeyStore(counting, clock)
+    for n in range(30):
+        ks.pre_shared_key("v1", "a", f"s{n:02d}", 32)
+    other.pre_shared_key("v1", "a", "s00", 32)  # loaded there
+    rows = written_rows(ks)
+    ks.pre_shared_key("v1", "a", "z", 32)
+    counting.reads = 0
+    assert other.reload_rows("v1", rows)
+    assert counting.reads <= 1  # one get_many, never the VPN's scan
+    assert other.pre_shared_key("v1", "a", "z", 32) == ks.pre_shared_key("v1", "a", "z", 32)
+
+
+def test_a_certificate_row_read_again_reads_the_whole_vpn(ks, db):
+    other = reopen(db)
+    other.ikeless_sa("v1", "a", "b", "outbound", GCM)
+    mark = other.material_mark("v1")
+    rows = written_rows(ks)
+    ks.site_certificate("v1", "a")
+    assert other.reload_rows("v1", rows)
+    assert other.changed_pairs("v1", mark) is None  # a whole compile
+    assert other.site_certificate("v1", "a") == ks.site_certificate("v1", "a")
+
+
+def test_rows_of_a_vpn_not_loaded_are_left_for_its_first_read(ks, db):
+    other = reopen(db)
+    rows = written_rows(ks)
+    ks.pre_shared_key("v1", "a", "b", 32)
+    assert not other.reload_rows("v1", rows)
+    assert other.pre_shared_key("v1", "a", "b", 32) == ks.pre_shared_key("v1", "a", "b", 32)

@@ -18,6 +18,7 @@ from tests.in_process import InProcessServer
 from tests.test_document_splice import configuration, patch_of, peer, server_with_peers
 from tests.test_shared_candidate import config as ce_config
 from tests.test_shared_candidate import peer as ce_peer
+from tests.waiting import wait_for
 
 NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
 
@@ -111,3 +112,19 @@ def test_a_pending_confirmed_commit_keeps_its_rollback_configuration_whole(
         assert lab.run(lambda: lab.server.spare_copies) == 0  # the rollback holds it
         m.dispatch(to_ele(f'<cancel-commit xmlns="{NC}"/>'))
     assert running_bytes(lab) == before
+
+
+def test_a_spare_no_edit_came_for_is_let_go_and_the_next_copy_is_made_whole(
+    tmp_path: Path,
+) -> None:
+    """An idle server holds one copy of its configuration, not two."""
+    with server_with_peers(tmp_path, spare_keep_seconds=0) as lab:
+        with lab.connect() as m:
+            m.edit_config(target="candidate", config=ce_config(ce_peer(1, prefix=1)))
+            m.commit()
+            wait_for(lambda: lab.run(lambda: lab.server._spare) is None, 10, "the spare let go")
+            m.edit_config(target="candidate", config=ce_config(ce_peer(2, prefix=2)))
+            m.commit()
+            assert running_bytes(lab) == candidate_bytes(lab)
+            assert b"site-2" in running_bytes(lab) and b"site-1" in running_bytes(lab)
+        assert lab.run(lambda: lab.server.spare_copies) == 0
