@@ -226,6 +226,11 @@ async def agent(
     result["in_use_mb_per_agent"] = (
         result["in_use_mb_loaded"] - result["in_use_mb_empty"]
     ) / agents
+    # Idle: the configuration the last commit replaced is let go (ServerOptions).
+    await asyncio.sleep(ServerOptions.spare_keep_seconds)
+    gc.collect()
+    result["rss_mb_per_agent_idle"] = (rss_mb() - result["rss_mb_empty"]) / agents
+    result["in_use_mb_per_agent_idle"] = (in_use_mb() - result["in_use_mb_empty"]) / agents
     server = servers[0][0]
     if trace:
         after = tracemalloc.take_snapshot()

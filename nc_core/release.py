@@ -11,12 +11,22 @@ a libyang tree's explicit ``free()``.
 
 Nothing is kept longer than one turn of the loop, and without a running loop (tools,
 tests calling the validator directly) things are let go of at once, as before.
+
+:func:`trim_after_release` then asks glibc to give the free pages back to the system
+(``malloc_trim``): freed nodes of a large configuration leave the heap full of holes that
+Python's and libxml2's small allocations only partly fill again, so a CE agent that let
+go of a 1,000-peer configuration kept some 6 MB more resident than it used.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import logging
+from collections.abc import Callable
 from typing import Any
+
+log = logging.getLogger("cevpn.release")
 
 
 class _Pending:
@@ -25,12 +35,16 @@ class _Pending:
     def __init__(self) -> None:
         self.kept: list[Any] = []
         self.frees: list[Any] = []
+        self.trim = False
 
     def release(self) -> None:
         frees, self.frees = self.frees, []
         self.kept = []
         for tree in frees:
             tree.free()
+        if self.trim:
+            self.trim = False
+            trim_heap()
 
 
 _pending: dict[asyncio.AbstractEventLoop, _Pending] = {}
@@ -75,3 +89,32 @@ def _release(loop: asyncio.AbstractEventLoop) -> None:
     pending = _pending.pop(loop, None)
     if pending is not None:
         pending.release()
+
+
+def trim_after_release() -> None:
+    """Give the heap's free pages back to the system once what is pending is let go of
+    (at once without a running loop)."""
+    pending = _pending_of_running_loop()
+    if pending is None:
+        trim_heap()
+    else:
+        pending.trim = True
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        function = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None  # not glibc: its allocator keeps its own ways
+    function.argtypes = [ctypes.c_size_t]
+    function.restype = ctypes.c_int
+    return function
+
+
+_TRIM = _malloc_trim()
+
+
+def trim_heap() -> None:
+    """``malloc_trim(0)``: every whole free page of the heap back to the system."""
+    if _TRIM is not None:
+        _TRIM(0)

@@ -44,7 +44,7 @@ from nc_core.merge import MergeConflict, merge3
 from nc_core.nacm import Nacm
 from nc_core.nmda import CAPABILITIES as NMDA_CAPABILITIES
 from nc_core.redaction import for_user
-from nc_core.release import drop_later, free_later
+from nc_core.release import drop_later, free_later, trim_after_release
 from nc_core.schema import Schema, SchemaIndex
 from nc_core.session import BASE_10, BASE_11, Session
 from nc_core.spare_tree import Spare, copy_from_spare
@@ -74,6 +74,10 @@ if TYPE_CHECKING:
     from nc_core.transport_ssh import Listener
 
 log = logging.getLogger("cevpn.netconf")
+
+TRIM_AFTER_BYTES = 256 * 1024
+"""A running configuration this large (its document) gives the heap's free pages back to
+the system when the configuration it replaced is let go (nc_core.release)."""
 
 BASE_MODULES: tuple[str, ...] = (
     "ietf-netconf",
@@ -161,8 +165,9 @@ class ServerOptions:
     """Extra directories searched for the application's YANG modules."""
     spare_keep_seconds: float = 5.0
     """Seconds the configuration a commit replaced is kept for the next edit's copy of
-    running (nc_core.spare_tree), then let go: a burst of edits is patched, and a server
-    that has been idle for a while holds one copy of a large configuration, not two."""
+    running (nc_core.spare_tree), then let go, and the heap trimmed after a large commit
+    (nc_core.release): a burst of edits is patched, and a server that has been idle for a
+    while holds one copy of a large configuration, not two, and no holes."""
     metrics_listen: tuple[str, int] | None = None
     """Where to serve Prometheus metrics (nc_core.metrics); None: no metrics at all."""
 
@@ -233,7 +238,7 @@ class NetconfServer:
         running (nc_core.spare_tree)."""
         self.spare_copies = 0
         """Edits whose copy of running was made from the spare (tests look)."""
-        self._spare_timer: asyncio.TimerHandle | None = None
+        self._settle_timer: asyncio.TimerHandle | None = None
         self.persistence = self.app.persistence(options.state_dir)
         self.datastores = {
             "running": Datastore("running", persistence=self.persistence),
@@ -991,7 +996,7 @@ class NetconfServer:
         drop_later(self._spare)
         patch = remembered_patch(running.root, canonical)
         self._spare = None if patch is None else Spare(patch)
-        self._let_spare_go_later()
+        self._settle_later()
         drop_later(running.root)
         free_later(running.tree)
         running.root, running.tree = canonical, new_tree
@@ -1030,25 +1035,27 @@ class NetconfServer:
             )
             await self.app.abort(back)
 
-    def _let_spare_go_later(self) -> None:
-        if self._spare_timer is not None:
-            self._spare_timer.cancel()
-            self._spare_timer = None
-        if self._spare is not None:
-            self._spare_timer = asyncio.get_running_loop().call_later(
-                self.options.spare_keep_seconds, self._let_spare_go, self._spare
-            )
+    def _settle_later(self) -> None:
+        """After a commit: once no edit came for spare_keep_seconds, :meth:`_settle`."""
+        if self._settle_timer is not None:
+            self._settle_timer.cancel()
+        self._settle_timer = asyncio.get_running_loop().call_later(
+            self.options.spare_keep_seconds, self._settle, self._spare
+        )
 
-    def _let_spare_go(self, spare: Spare) -> None:
-        """No edit came for spare_keep_seconds: the replaced configuration is freed (with
-        what still refers to it: the remembered patch, the validator's last check)."""
-        self._spare_timer = None
-        if self._spare is not spare:
-            return
-        self._spare = None
-        self.validator.forget_check_of(spare.patch.old)
-        forget_patch(spare.patch)
-        drop_later(spare)
+    def _settle(self, spare: Spare | None) -> None:
+        """No edit came for a while: the replaced configuration is freed (with what still
+        refers to it: the remembered patch, the validator's last check), and after a
+        large configuration's commit the heap's free pages go back to the system."""
+        self._settle_timer = None
+        if spare is not None and self._spare is spare:
+            self._spare = None
+            self.validator.forget_check_of(spare.patch.old)
+            forget_patch(spare.patch)
+            drop_later(spare)
+        known = self._running_document
+        if known is not None and len(known[1]) >= TRIM_AFTER_BYTES:
+            trim_after_release()  # freed nodes leave holes between live ones
 
     def private_copy(self, root: etree._Element) -> etree._Element:
         """A copy of a datastore tree for an edit to change: of running's, made from the

@@ -12,11 +12,19 @@ from __future__ import annotations
 import gc
 import tracemalloc
 from copy import deepcopy
+from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bench.agent_commit_bench import peer
+from nc_core import release
 from nc_core.datastore import free
+from tests.test_document_splice import server_with_peers
+from tests.test_shared_candidate import config as ce_config
+from tests.test_shared_candidate import peer as ce_peer
 from tests.test_validator_memo import CE, configuration, fresh, server  # noqa: F401
+from tests.waiting import wait_for
 
 PEERS = 999
 MEMO_BOUND = 600_000
@@ -50,3 +58,48 @@ def test_the_validators_memo_of_999_peers_keeps_no_serialised_copies(server: Any
         tracemalloc.stop()
     held = sum(d.size_diff for d in kept if "nc_core" in str(d.traceback))
     assert held < MEMO_BOUND, [(str(d.traceback), d.size_diff) for d in kept[:5]]
+
+
+def rss_bytes() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_trimming_the_heap_gives_the_pages_freed_between_kept_chunks_back() -> None:
+    """What a let-go configuration leaves: free chunks between live ones, which glibc keeps
+    resident until asked (the top of the heap alone goes back by itself)."""
+    chunks = [bytes(1024) + i.to_bytes(4, "big") for i in range(100_000)]  # malloc, not pymalloc
+    kept = chunks[::16]
+    del chunks
+    gc.collect()
+    before = rss_bytes()
+    release.trim_heap()
+    after = rss_bytes()
+    assert before - after > 30 * 2**20, (before, after)
+    assert len(kept) == 6250
+
+
+def test_after_a_large_configurations_commit_an_idle_server_gives_its_free_pages_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trims: list[int] = []
+    monkeypatch.setattr(release, "trim_heap", lambda: trims.append(1))
+    for peers, expected in ((40, 0), (400, 1)):
+        where = tmp_path / str(peers)
+        where.mkdir()
+        with server_with_peers(where, peers=peers, spare_keep_seconds=0) as lab:
+
+            def settled(lab: Any = lab) -> bool:  # the idle timer fired, the loop turned
+                return bool(lab.run(lambda: lab.server._settle_timer is None))
+
+            wait_for(settled, 10, "settled after loading")
+            trims.clear()
+            with lab.connect() as m:
+                m.edit_config(target="candidate", config=ce_config(ce_peer(1, prefix=1)))
+                m.commit()
+            wait_for(settled, 10, "settled after the commit")
+            assert lab.run(lambda lab=lab: lab.server._spare) is None
+            lab.run(lambda: None)  # the loop's next turn: what was let go is freed
+        assert len(trims) == expected, (peers, trims)
