@@ -249,6 +249,7 @@ def test_each_ce_has_exactly_one_owner_and_a_new_site_is_provisioned_by_its_owne
     before = {f"s{n}": len(cluster.commits(f"s{n}")) for n in range(1, cluster.n + 1)}
     ctl = cluster.ctl
     ctl.server = cluster.servers["b"]
+    a_log_before = len((cluster.tmp / "a.log").read_text())
     port = ctl.add_site("jade", f"s{cluster.n + 1}", cluster.n + 1, f"10.{cluster.n + 1}.0.0/24")
     agent = ctl.enrol("jade", f"s{cluster.n + 1}", port)
     agent.start()
@@ -271,10 +272,10 @@ def test_each_ce_has_exactly_one_owner_and_a_new_site_is_provisioned_by_its_owne
         assert {server for _, server in cluster.commits(s)[count:]} == {names[owners[s][0]]}, s
     # a compiled b's commit with the key material b made, reading just the rows b's commit
     # wrote (nc_server.shared_keys.KeyJournal), not the whole VPN: the same configurations.
-    adopted = re.findall(
-        r"committed by .*; key material: (.*)\)", (cluster.tmp / "a.log").read_text()
-    )
-    assert adopted and re.fullmatch(r"[1-9]\d* rows read", adopted[-1]), adopted
+    a_log = (cluster.tmp / "a.log").read_text()[a_log_before:]
+    adopted = re.findall(r"committed by .*; key material: (.*)\)", a_log)
+    assert all(re.fullmatch(r"\d+ rows read", text) for text in adopted), adopted
+    assert any(re.fullmatch(r"[1-9]\d* rows read", text) for text in adopted), adopted
     views = {key: cluster.provisioning(key) for key in ("a", "b")}
     assert {s: views["a"][s]["target-version"] for s in owners} == {
         s: views["b"][s]["target-version"] for s in owners
@@ -455,16 +456,14 @@ def test_keys_rotated_through_one_server_reach_the_ces_the_other_server_owns(
     cluster: Cluster,
 ) -> None:
     before = {site: sa_spis(agent) for site, agent in cluster.ctl.agents.items()}
-    for key in ("a", "b"):
-        assert (
-            "key material changed by another server" not in (cluster.tmp / f"{key}.log").read_text()
-        )
+    a_log_before = len((cluster.tmp / "a.log").read_text())
     cluster.ctl.server = cluster.servers["b"]
     cluster.ctl.rpc(
         f'<rotate-keys xmlns="{SVC_NS}"><vpn>jade</vpn><what>ikeless-sas</what></rotate-keys>'
     )
     wait_for(lambda: tunnels_agree(cluster, before), 120, "every tunnel on the rotated SAs")
-    assert "key material changed by another server" in (cluster.tmp / "a.log").read_text()
+    a_log = (cluster.tmp / "a.log").read_text()[a_log_before:]
+    assert "key material changed by another server" in a_log
 
 
 def test_a_ce_back_on_another_server_is_pushed_by_its_owner_at_once(cluster: Cluster) -> None:
