@@ -159,6 +159,9 @@ class Fetched:
     config: dict[str, Any]
     for_the_ce: bool
     """False: an operator asked, who must not see key material."""
+    unchanged: bool = False
+    """The caller said it runs this version already: the configuration is not sent (a
+    periodic fetch of a 1,000-peer CE would otherwise move a megabyte for nothing)."""
 
 
 @dataclass
@@ -701,7 +704,13 @@ class Controller:
                 self._receiver_applied(rec, config)
             elif was in ("unreachable", "failed") and view.autodiscovery == "push":
                 prov.want(site)  # it answers: push now, not at the next back-off retry
-        return Fetched(site, config.version, config.config, for_the_ce=own is not None)
+        return Fetched(
+            site,
+            config.version,
+            config.config,
+            for_the_ce=own is not None,
+            unchanged=applied_version is not None and applied_version == config.version,
+        )
 
     # -- what CEs say of their tunnels (nc_server.southbound.TunnelWatch) -------------
 

@@ -246,6 +246,8 @@ class ServiceApplication(ServiceDatastore):
     def _fetched_xml(self, fetched: Fetched) -> list[etree._Element]:
         version = etree.Element(q("version"))
         version.text = fetched.version
+        if fetched.unchanged:
+            return [version]
         holder = etree.Element(q("configuration"))
         ce = self.controller.codec.to_xml(fetched.config, fetched.site)
         if not fetched.for_the_ce:

@@ -326,6 +326,46 @@ def test_a_ce_cannot_fetch_another_sites_configuration(tmp_path: Path) -> None:
             m.close_session()
 
 
+def test_a_ce_that_runs_the_current_version_fetches_the_version_only(tmp_path: Path) -> None:
+    """A periodic fetch of a CE that is up to date moves no configuration (at 1,000 peers
+    it would be a megabyte, serialised and parsed for nothing)."""
+    from lxml import etree
+
+    from nc_core.client import Endpoint, connect
+
+    with controller(tmp_path) as ctl:
+        mesh(ctl, "pink", 2)
+        ctl.in_sync("pink-s1", "pink-s2")
+        agent = ctl.agents["pink-s1"]
+        m = connect(
+            Endpoint(
+                host="127.0.0.1",
+                port=ctl.server.port,
+                host_keys=[ctl.server.host_key_line],
+                username="ce-pink-s1",
+                key_file=agent.state_dir / "vpn_server_client_key",
+            )
+        )
+        try:
+
+            def fetch(applied: str) -> etree._Element:
+                request = (
+                    f'<fetch-ce-configuration xmlns="{SVC_NS}">{applied}</fetch-ce-configuration>'
+                )
+                return etree.fromstring(m.dispatch(etree.fromstring(request)).xml.encode())
+
+            whole = fetch("")
+            version = whole.findtext(f".//{{{SVC_NS}}}version")
+            assert version and whole.find(f".//{{{SVC_NS}}}configuration") is not None
+            same = fetch(f"<applied-version>{version}</applied-version>")
+            assert same.findtext(f".//{{{SVC_NS}}}version") == version
+            assert same.find(f".//{{{SVC_NS}}}configuration") is None
+            older = fetch("<applied-version>1999-01-01T00:00:00Z</applied-version>")
+            assert older.find(f".//{{{SVC_NS}}}configuration") is not None
+        finally:
+            m.close_session()
+
+
 def test_audit_finds_a_locally_changed_ce_and_repairs_it(tmp_path: Path) -> None:
     with controller(tmp_path) as ctl:
         mesh(ctl, "olive", 2)
