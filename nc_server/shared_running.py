@@ -932,7 +932,9 @@ class PostgresSharedRunning:
         pending = self.server.confirmed.pending
         if pending is None or pending.server is not None:
             return  # none pending, or another server's
-        if not await asyncio.to_thread(self.datastores.keep_confirmed_lock):
+        # On the loop, as every use of that connection: a worker thread taking the lock
+        # again while the loop confirms the commit would keep a lock nothing releases.
+        if not self.datastores.keep_confirmed_lock():
             log.error(
                 "the pending confirmed commit's lock was lost with its database connection "
                 "and another server holds it now"
