@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import logging
 from collections.abc import Callable
 from typing import Any
-
-log = logging.getLogger("cevpn.release")
 
 
 class _Pending:

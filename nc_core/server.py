@@ -394,6 +394,9 @@ class NetconfServer:
             session.close("closed")
         self.confirmed.shutdown()
         self.filters.close()
+        if self._settle_timer is not None:
+            self._settle_timer.cancel()
+            self._settle_timer = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
