@@ -122,7 +122,21 @@ def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     import uvloop
 
-    uvloop.run(serve(spec))
+    # CEVPN_FARM_PROFILE=DIR: a cProfile of this farm's event loop, written to DIR/<pid>.prof
+    # when it stops (where the agents' CPU goes at scale; the profiler slows them).
+    where = os.environ.get("CEVPN_FARM_PROFILE")
+    if not where:
+        uvloop.run(serve(spec))
+        return
+    import cProfile
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        uvloop.run(serve(spec))
+    finally:
+        profiler.disable()
+        profiler.dump_stats(str(Path(where) / f"{os.getpid()}.prof"))
 
 
 if __name__ == "__main__":
