@@ -153,6 +153,12 @@ class Puller:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.fetches = 0
+        self._listening: Any = None
+        """The notification session while it is up: fetches go over it rather than over a
+        new SSH connection each (at 1,000 CEs fetching every 300 s, 3.3 handshakes a
+        second for the server)."""
+        self.fetch_connections = 0
+        """SSH connections opened for fetches (tests look)."""
 
     def settings(self) -> PullSettings | None:
         return settings_from(
@@ -199,7 +205,7 @@ class Puller:
         # fetches again at once, so the server learns it (and may answer a certificate
         # issued for the request just sent).  Three rounds at most, on one SSH connection:
         # a handshake costs both ends far more than the RPC.
-        session = _ServerSession(settings.endpoints)
+        session = _ServerSession(settings.endpoints, self._listening)
         try:
             for _ in range(3):
                 running = self.server.datastores["running"].root
@@ -226,6 +232,7 @@ class Puller:
                     break
                 changed = True
         finally:
+            self.fetch_connections += session.opened
             await asyncio.to_thread(session.close)
         return changed
 
@@ -310,6 +317,7 @@ class Puller:
                 manager.create_subscription(
                     filter=("subtree", f'<configuration-available xmlns="{SVC_NS}"/>')
                 )
+                self._listening = manager
                 while not self._stop.is_set() and manager.connected:
                     note = manager.take_notification(block=True, timeout=1.0)
                     if note is not None and self._loop is not None:
@@ -317,6 +325,7 @@ class Puller:
             except Exception as exc:
                 log.debug("notification session ended: %s", exc)
             finally:
+                self._listening = None
                 with contextlib.suppress(Exception):
                     manager.close_session()
 
@@ -333,17 +342,36 @@ def _connect_any(endpoints: list[Endpoint]) -> Any:
 
 
 class _ServerSession:
-    """One NETCONF session to the VPN server for the rounds of one fetch (a thread's)."""
+    """The NETCONF session to the VPN server for the rounds of one fetch (a thread's): the
+    notification session if it is up (ncclient lets one thread wait for notifications
+    while another makes RPCs), else one of its own, opened once for all the rounds."""
 
-    def __init__(self, endpoints: list[Endpoint]) -> None:
+    def __init__(self, endpoints: list[Endpoint], shared: Any = None) -> None:
         self.endpoints = endpoints
+        self.shared = shared
         self.manager: Any = None
+        self.opened = 0
 
     def fetch(
         self, applied: str | None, csr: str | None = None
     ) -> tuple[str, etree._Element | None]:
+        shared = self.shared
+        if (
+            self.manager is None
+            and shared is not None
+            and shared.connected
+            and _interleaves(shared)
+        ):
+            try:
+                return _fetch(shared, applied, csr)
+            except (SiteRemoved, NcRpcError):
+                raise  # the server's answer, whichever session carried it
+            except Exception as exc:
+                log.debug("fetch over the notification session: %s; over a new one", exc)
+                self.shared = None
         if self.manager is None or not self.manager.connected:
             self.manager = _connect_any(self.endpoints)
+            self.opened += 1
         return _fetch(self.manager, applied, csr)
 
     def close(self) -> None:
@@ -351,6 +379,14 @@ class _ServerSession:
             with contextlib.suppress(Exception):
                 self.manager.close_session()
             self.manager = None
+
+
+INTERLEAVE = "urn:ietf:params:netconf:capability:interleave:1.0"
+
+
+def _interleaves(manager: Any) -> bool:
+    """Does the server take RPCs on a session with a subscription (RFC 5277 :interleave)?"""
+    return INTERLEAVE in manager.server_capabilities
 
 
 def _fetch(
