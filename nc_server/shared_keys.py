@@ -23,8 +23,8 @@ The material a commit's compile makes is not announced on its own: a
 :class:`KeyJournal` collects the rows written while commits are validated, and
 the commit that publishes running stores them beside its generation
 (nc_server.shared_running).  A server adopting that running reads those rows
-only, not the whole VPN (a 1,000-site mesh holds some 1.5 million rows: a site
-added writes about 3,000).  A generation whose rows are not known (pruned, or
+only, not the whole VPN (a 1,000-site IKE-less mesh holds about a million rows,
+one per direction: a site added writes about 2,000).  A generation whose rows are not known (pruned, or
 more than :data:`MAX_ROWS` in one VPN) makes it read the VPN whole, as before.
 """
 
