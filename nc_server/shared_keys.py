@@ -24,8 +24,9 @@ The material a commit's compile makes is not announced on its own: a
 the commit that publishes running stores them beside its generation
 (nc_server.shared_running).  A server adopting that running reads those rows
 only, not the whole VPN (a 1,000-site IKE-less mesh holds about a million rows,
-one per direction: a site added writes about 2,000).  A generation whose rows are not known (pruned, or
-more than :data:`MAX_ROWS` in one VPN) makes it read the VPN whole, as before.
+one per direction: a site added writes about 2,000).  A generation whose rows
+are not known (pruned, or more than :data:`MAX_ROWS` in one VPN) makes it read
+the VPN whole, as before.
 """
 
 from __future__ import annotations
