@@ -268,6 +268,28 @@ class _VpnState:
     ca: CertificateAuthority | None = None
     ca_pem: str = ""
 
+    def put_slot(self, direction: tuple[str, str], slot: SaSlot) -> None:
+        """A direction's SAs as read from storage, with the receiver's SPIs and rekey."""
+        source, target = direction
+        self.sas[direction] = slot
+        used = self.spis.setdefault(target, set())
+        used.add(slot.current.spi)
+        if slot.next is not None:
+            used.add(slot.next.spi)
+            self.rekeying.setdefault(target, set()).add(source)
+
+    def drop_slot(self, direction: tuple[str, str]) -> SaSlot | None:
+        """Forget a direction's SAs, their SPIs and rekey; what it held."""
+        slot = self.sas.pop(direction, None)
+        if slot is not None:
+            source, target = direction
+            used = self.spis.get(target, set())
+            used.discard(slot.current.spi)
+            if slot.next is not None:
+                used.discard(slot.next.spi)
+            self.rekeying.get(target, set()).discard(source)
+        return slot
+
 
 _LOG_KEEP = 65_536
 """Changed pairs a VPN's change log keeps at least: older marks get None (ask every pair)."""
@@ -454,15 +476,11 @@ class KeyStore:
             _, site_a, site_b = key.split("/")
             pair = (intern(site_a), intern(site_b))
             raw = found.get(key)
-            was = state.psks.get(pair)
-            if raw is None:
-                if state.psks.pop(pair, None) is not None:
-                    pairs.add(pair)
-                continue
-            data = json.loads(raw)
-            now = PskRecord(data["key"], _epoch(data["created"]))
-            state.psks[pair] = now
-            if was is None or was.key != now.key:
+            was = state.psks.pop(pair, None)
+            now = None if raw is None else _psk_record(raw)
+            if now is not None:
+                state.psks[pair] = now
+            if (None if was is None else was.key) != (None if now is None else now.key):
                 pairs.add(pair)
         keys = wanted.get(TABLE_SA, [])
         found = self._storage.get_many(TABLE_SA, keys) if keys else {}
@@ -470,28 +488,10 @@ class KeyStore:
             _, source, target = key.split("/")
             direction = (intern(source), intern(target))
             raw = found.get(key)
-            after = None
-            if raw is not None:
-                data = json.loads(raw)
-                after = SaSlot(
-                    SaRecord.from_json(data["current"]),
-                    None if data.get("next") is None else SaRecord.from_json(data["next"]),
-                )
-            before = state.sas.get(direction)
-            if before is not None:
-                used = state.spis.get(direction[1], set())
-                used.discard(before.current.spi)
-                if before.next is not None:
-                    used.discard(before.next.spi)
-                state.rekeying.get(direction[1], set()).discard(direction[0])
-                del state.sas[direction]
+            before = state.drop_slot(direction)
+            after = None if raw is None else _sa_slot(raw)
             if after is not None:
-                state.sas[direction] = after
-                used = state.spis.setdefault(direction[1], set())
-                used.add(after.current.spi)
-                if after.next is not None:
-                    used.add(after.next.spi)
-                    state.rekeying.setdefault(direction[1], set()).add(direction[0])
+                state.put_slot(direction, after)
             if (before is None) != (after is None) or (
                 before is not None and after is not None and _slot_differs(before, after)
             ):
@@ -550,24 +550,10 @@ class KeyStore:
         intern = sys.intern  # one string object per site name, however many pairs
         for key, raw in self._storage.scan(TABLE_PSK, prefix):
             _, site_a, site_b = key.split("/")
-            data = json.loads(raw)
-            state.psks[(intern(site_a), intern(site_b))] = PskRecord(
-                data["key"], _epoch(data["created"])
-            )
+            state.psks[(intern(site_a), intern(site_b))] = _psk_record(raw)
         for key, raw in self._storage.scan(TABLE_SA, prefix):
             _, source, target = key.split("/")
-            data = json.loads(raw)
-            slot = SaSlot(
-                SaRecord.from_json(data["current"]),
-                None if data.get("next") is None else SaRecord.from_json(data["next"]),
-            )
-            source, target = intern(source), intern(target)
-            state.sas[(source, target)] = slot
-            used = state.spis.setdefault(target, set())
-            used.add(slot.current.spi)
-            if slot.next is not None:
-                used.add(slot.next.spi)
-                state.rekeying.setdefault(target, set()).add(source)
+            state.put_slot((intern(source), intern(target)), _sa_slot(raw))
         for key, raw in self._storage.scan(TABLE_CERT, prefix):
             _, site = key.split("/")
             data = json.loads(raw)
@@ -1085,12 +1071,7 @@ class KeyStore:
                 self._changed(vpn, pair)
                 self._write(TABLE_PSK, f"{vpn}/{pair[0]}/{pair[1]}", None)
             for from_site, to_site in [d for d in state.sas if site in d]:
-                slot = state.sas.pop((from_site, to_site))
-                used = state.spis.get(to_site, set())
-                used.discard(slot.current.spi)
-                if slot.next is not None:
-                    used.discard(slot.next.spi)
-                    state.rekeying.get(to_site, set()).discard(from_site)
+                state.drop_slot((from_site, to_site))
                 self._write_slot(vpn, from_site, to_site, None)
             state.spis.pop(site, None)
             state.rekeying.pop(site, None)
@@ -1164,6 +1145,22 @@ def _iso_second(second: int) -> str:
 @functools.lru_cache(maxsize=4096)
 def _epoch(text: str) -> float:
     return datetime.fromisoformat(text).timestamp()
+
+
+def _psk_record(raw: bytes) -> PskRecord:
+    """A stored pre-shared key (table ``keystore/psk``)."""
+    data = json.loads(raw)
+    return PskRecord(data["key"], _epoch(data["created"]))
+
+
+def _sa_slot(raw: bytes) -> SaSlot:
+    """A stored direction's SAs (table ``keystore/ikeless-sa``)."""
+    data = json.loads(raw)
+    following = data.get("next")
+    return SaSlot(
+        SaRecord.from_json(data["current"]),
+        None if following is None else SaRecord.from_json(following),
+    )
 
 
 if TYPE_CHECKING:
