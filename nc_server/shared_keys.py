@@ -138,12 +138,11 @@ class KeyJournal:
 
     def wrote(self, rows: Iterable[tuple[str, str]]) -> None:
         for vpn, keys in by_vpn(rows).items():
-            known = self._written.get(vpn, set())
-            if vpn in self._written and known is None:
-                continue
-            assert known is not None
-            known |= keys
-            self._written[vpn] = None if len(known) > MAX_ROWS else known
+            known = self._written.setdefault(vpn, set())
+            if known is not None:  # None: already too many, the VPN is read whole
+                known |= keys
+                if len(known) > MAX_ROWS:
+                    self._written[vpn] = None
 
     def pending(self) -> bytes:
         """The record of what this server wrote since its last published commit (JSON)."""
@@ -171,19 +170,16 @@ def encode_rows(written: Mapping[str, Iterable[tuple[str, str]] | None]) -> byte
 def merge_records(records: Iterable[bytes | None]) -> dict[str, Rows] | None:
     """What several commits' records name together; None if one is missing or unreadable
     (the VPNs are then read whole)."""
-    merged: dict[str, set[tuple[str, str]] | None] = {}
+    merged: dict[str, Rows] | None = {}
     for record in records:
         if record is None:
             return None
         try:
-            data = json.loads(record)
-            for vpn, rows in data.items():
-                if rows is None or merged.get(vpn, set()) is None:
-                    merged[vpn] = None
-                    continue
-                known = merged.setdefault(vpn, set())
-                assert known is not None
-                known.update((str(table), str(key)) for table, key in rows)
+            parsed = {
+                str(vpn): None if rows is None else frozenset((str(t), str(k)) for t, k in rows)
+                for vpn, rows in json.loads(record).items()
+            }
         except (ValueError, TypeError, AttributeError):
             return None
-    return {vpn: None if rows is None else frozenset(rows) for vpn, rows in merged.items()}
+        merged = merge_changes(merged, parsed)
+    return merged

@@ -810,16 +810,25 @@ class PostgresSharedRunning:
 
     # -- locks -------------------------------------------------------------------------
 
+    async def _lock_connection_up(self) -> bool:
+        """Is the connection for running's lock up?  A broken one (the database failed
+        over, a cut) is closed: its lock went with it.  The caller holds _lock_conn_use."""
+        conn = self._lock_conn
+        if conn is None or conn.closed:
+            return False
+        try:
+            await conn.execute("SELECT 1")
+            return True
+        except psycopg.Error:
+            await conn.close()
+            return False
+
     async def lock(self, name: str, session_id: int) -> None:
         async with self._lock_conn_use:
+            if not await self._lock_connection_up():
+                self._lock_conn = await self._connect()
             conn = self._lock_conn
-            if conn is not None and not conn.closed:
-                try:
-                    await conn.execute("SELECT 1")
-                except psycopg.Error:
-                    await conn.close()  # broken (the database failed over): connect again
-            if conn is None or conn.closed:
-                conn = self._lock_conn = await self._connect()
+            assert conn is not None
             try:
                 cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (RUNNING_LOCK,))
                 row = await cur.fetchone()
@@ -874,13 +883,8 @@ class PostgresSharedRunning:
         if holder is None:
             return
         async with self._lock_conn_use:
-            conn = self._lock_conn
-            if conn is not None and not conn.closed:
-                try:
-                    await conn.execute("SELECT 1")
-                    return
-                except psycopg.Error:
-                    await conn.close()
+            if await self._lock_connection_up():
+                return
             if self.server.locks.get("running") != holder:
                 return  # unlocked meanwhile: the lock went with the connection
             # The database let the lock go with the connection: take it again, if it is
