@@ -107,6 +107,10 @@ class Bench:
         processes (they need ``database``, a PostgreSQL URL)."""
         self.database = database
         self.others: list[subprocess.Popen[bytes]] = []
+        self.observer_cpu = 0.0
+        """CPU seconds this process spent as the bench, not as the server: looking at the
+        records for in-sync (each look is O(sites), every 0.2 s of a step that lasts
+        minutes at 1,000 sites) and the OSS client's thread.  Taken off the server's."""
 
     async def run(self) -> dict[str, Any]:
         from nc_core.client import Endpoint, connect
@@ -175,6 +179,7 @@ class Bench:
                 f'<config xmlns="{NC}"><vpn-service xmlns="{SVC}"><vpn><id>bench</id>'
                 "<topology><type>full-mesh</type></topology></vpn></vpn-service></config>",
             )
+            result["server_idle_cpu_ms_per_s"] = await self._idle_cpu(IDLE_WINDOW)
             result["B_add_site"] = await self._measure(
                 app,
                 oss,
@@ -260,14 +265,17 @@ class Bench:
         counts as the server's (every 50 ms, that was 2 ms per CE at 200 CEs)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            began = time.thread_time()  # the look runs on the event loop's thread
             versions = self._versions(app)
-            if all(
+            done = all(
                 (v := versions.get(f"s{n:03d}")) is not None
                 and v[0] is not None
                 and v[0] == v[1]
                 and (previous is None or v[1] != previous[f"s{n:03d}"])
                 for n in range(1, self.sites + 1)
-            ):
+            )
+            self.observer_cpu += time.thread_time() - began
+            if done:
                 return
             await asyncio.sleep(0.2)
         raise RuntimeError("the CEs did not all become in-sync in time")
@@ -286,11 +294,20 @@ class Bench:
         profiler = cProfile.Profile() if profile is not None else None
         collector = CollectorTime()
         gc.callbacks.append(collector)
+        self.observer_cpu = 0.0
         cpu_server, cpu_agents = self._cpu()
         if profiler is not None:
             profiler.enable()  # this thread: the event loop, where the server runs
         started = time.perf_counter()
-        await asyncio.to_thread(oss.edit_config, target="running", config=edit)
+
+        def commit() -> None:  # the OSS client, in a thread of this process
+            began = time.thread_time()
+            try:
+                oss.edit_config(target="running", config=edit)
+            finally:
+                self.observer_cpu += time.thread_time() - began
+
+        await asyncio.to_thread(commit)
         committed = time.perf_counter()
         await self._all_in_sync(app, previous, 900)
         done = time.perf_counter()
@@ -298,6 +315,8 @@ class Bench:
             profiler.disable()
             profiler.dump_stats(str(profile))
         cpu_server_end, cpu_agents_end = self._cpu()
+        observer = self.observer_cpu
+        cpu_server_end -= observer
         gc.callbacks.remove(collector)
         # The exchanges this process's server made (with several servers, its share).
         ownership = app.controller.jobs.ownership
@@ -323,6 +342,7 @@ class Bench:
             "server_cpu_per_ce_ms": (cpu_server_end - cpu_server) / self.sites * 1000,
             "agent_cpu_per_ce_ms": (cpu_agents_end - cpu_agents) / self.sites * 1000,
             "server_cpu_s": cpu_server_end - cpu_server,
+            "observer_cpu_s": observer,
             "exchange_ms_p50": _percentile(exchanges, 50),
             "exchange_ms_p99": _percentile(exchanges, 99),
             "ssh_connections_opened": sum(r.timings.sessions for r in records),
@@ -330,6 +350,15 @@ class Bench:
             "gc_collections": collector.collections,
             "standing_links": app.controller.jobs.southbound.open_links(),
         }
+
+    async def _idle_cpu(self, seconds: float) -> float:
+        """The servers' CPU per second with no change under way (SSH keepalives to and from
+        every CE, the CEs' periodic fetches, timers): what part of a step's server CPU is
+        the standing cost of holding the CEs, not the change."""
+        before, _ = self._cpu()
+        await asyncio.sleep(seconds)
+        after, _ = self._cpu()
+        return (after - before) / seconds * 1000
 
     def _cpu(self) -> tuple[float, float]:
         """CPU seconds used so far by the servers (this process and the others) and by the
@@ -412,6 +441,11 @@ class CollectorTime:
         self.collections[generation] = self.collections.get(generation, 0) + 1
 
 
+IDLE_WINDOW = 15.0
+"""Seconds of quiet measured between steps A and B (one SSH keepalive interval,
+nc_core.netconf_client.KEEPALIVE_INTERVAL)."""
+
+
 def _percentile(ordered: list[float], pct: float) -> float:
     """Nearest-rank percentile of an ascending list."""
     if not ordered:
@@ -422,6 +456,10 @@ def _percentile(ordered: list[float], pct: float) -> float:
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:
     """The issue's metric set, from the raw result.
+
+    The server's CPU excludes what this process spent as the bench (its looks for
+    in-sync, the OSS client), not the standing cost of the CEs' links
+    (``server_idle_cpu_ms_per_s`` measures it apart).
 
     ``projected_site_add_s`` is the site add if every CE had its own CPU: the
     server's CPU time for the whole add (it is one process on one core, so
@@ -441,6 +479,8 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
         "server_rss_mb": result["server_rss_mb"],
         "projected_site_add_s": b["server_cpu_s"] + c["exchange_ms_p99"] / 1000,
         "ssh_connections_opened_site_add": b["ssh_connections_opened"],
+        "server_idle_cpu_ms_per_s": result["server_idle_cpu_ms_per_s"],
+        "bench_observer_cpu_s_site_add": b["observer_cpu_s"],
     }
 
 
@@ -479,6 +519,7 @@ def main() -> None:
     print(f"VPN server, full mesh of {n} CE agents (--dataplane none), 2 cores shared")
     print(f"  {args.servers} server(s) on one {where} database")
     print(f"  enrol: {result['enrol_per_ce_ms']:.1f} ms per CE (one session, sequential)")
+    print(f"  server CPU with nothing under way: {result['server_idle_cpu_ms_per_s']:.1f} ms/s")
     for key, title in (("A_full_mesh", f"A. initial full mesh ({n - 1} peers per CE)"),
                        ("B_add_site", "B. one site added (1 peer per CE)"),
                        ("C_one_at_a_time", "C. a site added, CEs one at a time")):  # fmt: skip
@@ -487,7 +528,8 @@ def main() -> None:
         print(f"  {title}: all {n} CEs in-sync after {r['wall_s']:.2f} s ({rate})")
         print(f"     CPU per CE: server {r['server_cpu_per_ce_ms']:.1f} ms, agent "
               f"{r['agent_cpu_per_ce_ms']:.1f} ms (2 cores for both); server's garbage "
-              f"collector {r['gc_ms']:.0f} ms {r['gc_collections']}")  # fmt: skip
+              f"collector {r['gc_ms']:.0f} ms {r['gc_collections']}; the bench's own "
+              f"{r['observer_cpu_s'] * 1000:.0f} ms taken off")  # fmt: skip
         print(f"     per CE {r['per_ce_ms']:.1f} ms in flight; shares: SSH {r['share_ssh']:.0%}, "
               f"NETCONF {r['share_netconf']:.0%}, compile {r['share_compile']:.0%} "
               f"({r['compile_s']:.2f} s)")  # fmt: skip

@@ -48,6 +48,20 @@ log = logging.getLogger("cevpn.agent.pull")
 CE_NS = "urn:cevpn:yang:cevpn-ce"
 SVC_NS = "urn:cevpn:yang:cevpn-service"
 ORPHAN_FILE = "orphan-since"
+PUSH_RECHECK = 30.0
+"""Seconds after which a CE that the server told a push was under way fetches again, if
+that push has not brought the version by then (its pull-interval, if shorter)."""
+
+
+@dataclass(frozen=True)
+class FetchReply:
+    """What fetch-ce-configuration answered."""
+
+    version: str
+    ce: etree._Element | None
+    """The configuration; None when the CE runs the version already or it is being pushed."""
+    being_pushed: bool = False
+    """The server is pushing ``version`` to this CE now (the request said defer-to-push)."""
 
 
 @dataclass
@@ -159,6 +173,11 @@ class Puller:
         second for the server)."""
         self.fetch_connections = 0
         """SSH connections opened for fetches (tests look)."""
+        self._server_defers = True
+        """Does the VPN server know defer-to-push (one older than it refuses the leaf)?"""
+        self.awaiting_push: str | None = None
+        """The version the server said it was pushing at the last fetch (None: it did not):
+        the next fetch comes after PUSH_RECHECK, not a whole pull-interval."""
 
     def settings(self) -> PullSettings | None:
         return settings_from(
@@ -185,6 +204,8 @@ class Puller:
         while True:
             settings = self.settings()
             interval = settings.pull_interval if settings else 60.0
+            if self.awaiting_push is not None:
+                interval = min(interval, PUSH_RECHECK)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=interval)
             self._wake.clear()
@@ -201,11 +222,12 @@ class Puller:
         if settings is None:
             raise RuntimeError("this CE has no VPN server in its pre-configuration")
         changed = False
+        self.awaiting_push = None
         # A fetch reports the version running here; after applying a new one the agent
         # fetches again at once, so the server learns it (and may answer a certificate
         # issued for the request just sent).  Three rounds at most, on one SSH connection:
         # a handshake costs both ends far more than the RPC.
-        session = _ServerSession(settings.endpoints, self._listening)
+        session = _ServerSession(settings.endpoints, self._listening, self._server_defers)
         try:
             for _ in range(3):
                 running = self.server.datastores["running"].root
@@ -214,7 +236,7 @@ class Puller:
                 )
                 csr = self._certificate_request(running)
                 try:
-                    version, ce = await asyncio.to_thread(session.fetch, current, csr)
+                    reply = await asyncio.to_thread(session.fetch, current, csr)
                 except SiteRemoved as exc:
                     self.last_error = str(exc)
                     self.watch.succeeded()  # the server answered, for this site
@@ -228,11 +250,31 @@ class Puller:
                 self.last_fetch = date_and_time(now(), "seconds")
                 self.last_error = None
                 (self.state_dir / ORPHAN_FILE).unlink(missing_ok=True)
-                if version == current or not await self._commit(ce):
+                if reply.version == current:
+                    break
+                if reply.being_pushed:
+                    # The server's push of this version is on its way (this fetch raced
+                    # it): applying the whole configuration here would be the same change
+                    # made twice, and at 1,000 peers several times the pushed edit's work.
+                    log.info(
+                        "version %s is being pushed by the VPN server: left to the push "
+                        "(fetching again in %.0f s if it does not arrive)",
+                        reply.version, min(settings.pull_interval, PUSH_RECHECK),
+                    )  # fmt: skip
+                    self.awaiting_push = reply.version
+                    break
+                if reply.ce is None:
+                    log.warning(
+                        "the VPN server answered version %s without its configuration",
+                        reply.version,
+                    )
+                    break
+                if not await self._commit(reply.ce):
                     break
                 changed = True
         finally:
             self.fetch_connections += session.opened
+            self._server_defers = session.defer
             await asyncio.to_thread(session.close)
         return changed
 
@@ -346,15 +388,15 @@ class _ServerSession:
     notification session if it is up (ncclient lets one thread wait for notifications
     while another makes RPCs), else one of its own, opened once for all the rounds."""
 
-    def __init__(self, endpoints: list[Endpoint], shared: Any = None) -> None:
+    def __init__(self, endpoints: list[Endpoint], shared: Any = None, defer: bool = True) -> None:
         self.endpoints = endpoints
         self.shared = shared
         self.manager: Any = None
         self.opened = 0
+        self.defer = defer
+        """Ask with defer-to-push (False once a server that does not know it refused it)."""
 
-    def fetch(
-        self, applied: str | None, csr: str | None = None
-    ) -> tuple[str, etree._Element | None]:
+    def fetch(self, applied: str | None, csr: str | None = None) -> FetchReply:
         shared = self.shared
         if (
             self.manager is None
@@ -363,7 +405,7 @@ class _ServerSession:
             and _interleaves(shared)
         ):
             try:
-                return _fetch(shared, applied, csr)
+                return self._ask(shared, applied, csr)
             except (SiteRemoved, NcRpcError):
                 raise  # the server's answer, whichever session carried it
             except Exception as exc:
@@ -372,7 +414,19 @@ class _ServerSession:
         if self.manager is None or not self.manager.connected:
             self.manager = _connect_any(self.endpoints)
             self.opened += 1
-        return _fetch(self.manager, applied, csr)
+        return self._ask(self.manager, applied, csr)
+
+    def _ask(self, manager: Any, applied: str | None, csr: str | None) -> FetchReply:
+        try:
+            return _fetch(manager, applied, csr, defer=self.defer)
+        except NcRpcError as exc:
+            said = f"{exc.message or ''} {exc.info or ''}"
+            if not (self.defer and exc.tag == "unknown-element" and "defer-to-push" in said):
+                raise
+        # A server older than defer-to-push: ask as before, from now on.
+        log.info("the VPN server does not know defer-to-push: fetching without it")
+        self.defer = False
+        return _fetch(manager, applied, csr, defer=False)
 
     def close(self) -> None:
         if self.manager is not None:
@@ -390,13 +444,15 @@ def _interleaves(manager: Any) -> bool:
 
 
 def _fetch(
-    manager: Any, applied: str | None, csr: str | None = None
-) -> tuple[str, etree._Element | None]:
+    manager: Any, applied: str | None, csr: str | None = None, *, defer: bool = True
+) -> FetchReply:
     request = default_ns_element(SVC_NS, "fetch-ce-configuration")
     if applied:
         etree.SubElement(request, qn(SVC_NS, "applied-version")).text = applied
     if csr:
         etree.SubElement(request, qn(SVC_NS, "certificate-request")).text = csr
+    if defer:
+        etree.SubElement(request, qn(SVC_NS, "defer-to-push"))
     try:
         reply = manager.dispatch(request)
     except NcRpcError as exc:
@@ -404,9 +460,11 @@ def _fetch(
             raise SiteRemoved(str(exc.message or exc)) from None
         raise
     data = etree.fromstring(reply.xml.encode())
-    version = data.findtext(f".//{qn(SVC_NS, 'version')}") or ""
-    ce = data.find(f".//{qn(SVC_NS, 'configuration')}/{qn(CE_NS, 'ce')}")
-    return version, ce
+    return FetchReply(
+        version=data.findtext(f".//{qn(SVC_NS, 'version')}") or "",
+        ce=data.find(f".//{qn(SVC_NS, 'configuration')}/{qn(CE_NS, 'ce')}"),
+        being_pushed=data.find(f".//{qn(SVC_NS, 'being-pushed')}") is not None,
+    )
 
 
 class UnknownPeerWatch:

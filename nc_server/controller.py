@@ -162,6 +162,9 @@ class Fetched:
     unchanged: bool = False
     """The caller said it runs this version already: the configuration is not sent (a
     periodic fetch of a 1,000-peer CE would otherwise move a megabyte for nothing)."""
+    being_pushed: bool = False
+    """The caller lets a push bring it the version (defer-to-push) and this server is
+    pushing it now: the configuration is not sent."""
 
 
 @dataclass
@@ -661,9 +664,13 @@ class Controller:
         site: str | None,
         applied_version: str | None = None,
         certificate_request: str | None = None,
+        *,
+        defer_to_push: bool = False,
     ) -> Fetched:
         """Seed 3.5 'pull': a CE fetches its own configuration; seed 3.6: a removed CE
-        learns it is removed."""
+        learns it is removed.  ``defer_to_push``: the CE would rather wait for a push of
+        this server under way than apply the configuration itself (its safety-net fetch
+        racing the push of a commit)."""
         own = self.site_of_user(user)
         if site is None:
             if own is None:
@@ -694,10 +701,20 @@ class Controller:
         prov = self.jobs.provisioner
         rec = prov.record(view.vpn, site)
         rec.last_contact = now_text()
+        being_pushed = False
         if own is not None and applied_version is not None:
             rec.applied_version = applied_version or None
             in_sync = applied_version == config.version
             was = rec.status
+            # Judged before the status changes: a CE that was unreachable or refused its
+            # last push gets the configuration, whatever the server does next.
+            being_pushed = (
+                defer_to_push
+                and not in_sync
+                and was not in ("unreachable", "failed")
+                and view.autodiscovery == "push"
+                and self.jobs.pushing(site)
+            )
             prov.set_status(rec, "in-sync" if in_sync else "pending")
             if in_sync:
                 rec.retry_count, rec.next_attempt = 0, None
@@ -710,6 +727,7 @@ class Controller:
             config.config,
             for_the_ce=own is not None,
             unchanged=applied_version is not None and applied_version == config.version,
+            being_pushed=being_pushed,
         )
 
     # -- what CEs say of their tunnels (nc_server.southbound.TunnelWatch) -------------

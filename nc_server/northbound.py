@@ -212,6 +212,7 @@ class ServiceApplication(ServiceDatastore):
                 args.get("site"),
                 args.get("applied-version"),
                 args.get("certificate-request"),
+                defer_to_push="defer-to-push" in args,
             )
             return self._fetched_xml(fetched)
         if name == "resynchronise":
@@ -248,6 +249,8 @@ class ServiceApplication(ServiceDatastore):
         version.text = fetched.version
         if fetched.unchanged:
             return [version]
+        if fetched.being_pushed:
+            return [version, etree.Element(q("being-pushed"))]
         holder = etree.Element(q("configuration"))
         ce = self.controller.codec.to_xml(fetched.config, fetched.site)
         if not fetched.for_the_ce:

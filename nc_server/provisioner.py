@@ -155,6 +155,10 @@ class Provisioner:
         task = asyncio.get_running_loop().create_task(self._run(site))
         self._running[site] = task
 
+    def busy(self, site: str) -> bool:
+        """Is a job for ``site`` waiting for a slot or running (not merely a retry timer)?"""
+        return site in self._running
+
     async def _run(self, site: str) -> None:
         try:
             while True:

@@ -230,6 +230,18 @@ class ProvisioningJobs:
         self.job_done(kind, status, time.perf_counter() - started)
         return status
 
+    def pushing(self, site: str) -> bool:
+        """Is a push to the CE under way here: its job queued or running on this server,
+        which provisions it and holds a live standing link to it?  (A fetch by that CE
+        may then leave the new version to the push.)"""
+        return (
+            self._provisioner is not None
+            and self._provisioner.busy(site)
+            and site not in self._removing
+            and self.ownership.epoch(site) is not None
+            and self.southbound.link_alive(site)
+        )
+
     def release(self, site: str) -> None:
         """Another server provisions the CE now: no more jobs nor link here (quietly)."""
         self.provisioner.drop(site)

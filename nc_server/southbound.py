@@ -436,6 +436,12 @@ class Southbound:
             site for site, link in self.links.items() if link.called_from is not None and link.alive
         }
 
+    def link_alive(self, site: str) -> bool:
+        """Does the CE have a live standing link (its sessions open, its keepalives
+        answered)?"""
+        link = self.links.get(site)
+        return link is not None and link.alive
+
     def called_from(self, site: str) -> str | None:
         """Where the call-home CE's live link comes from, if it has one."""
         link = self.links.get(site)

@@ -180,8 +180,18 @@ class Controller:
         self.agents[site] = agent
         return agent
 
-    def add_site(self, vpn: str, site: str, n: int, prefix: str, *, role: str | None = None) -> int:
-        port = free_port()
+    def add_site(
+        self,
+        vpn: str,
+        site: str,
+        n: int,
+        prefix: str,
+        *,
+        role: str | None = None,
+        port: int | None = None,
+    ) -> int:
+        """Add a site whose CE is managed at 127.0.0.1:``port`` (a free port if None)."""
+        port = port or free_port()
         role_xml = f"<role>{role}</role>" if role else ""
         self.edit(
             f'<vpn-service xmlns="{SVC_NS}"><vpn><id>{vpn}</id><site><id>{site}</id>'

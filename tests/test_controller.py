@@ -362,6 +362,12 @@ def test_a_ce_that_runs_the_current_version_fetches_the_version_only(tmp_path: P
             assert same.find(f".//{{{SVC_NS}}}configuration") is None
             older = fetch("<applied-version>1999-01-01T00:00:00Z</applied-version>")
             assert older.find(f".//{{{SVC_NS}}}configuration") is not None
+            # Nothing is being pushed to it: defer-to-push changes nothing.
+            deferring = fetch(
+                "<applied-version>1999-01-01T00:00:00Z</applied-version><defer-to-push/>"
+            )
+            assert deferring.find(f".//{{{SVC_NS}}}being-pushed") is None
+            assert deferring.find(f".//{{{SVC_NS}}}configuration") is not None
         finally:
             m.close_session()
 
@@ -666,3 +672,80 @@ def test_a_ces_fetches_go_over_its_notification_session_not_new_connections(
                     changed = etree.fromstring(reply.xml.encode()).findtext(f"{{{CE_NS}}}changed")
                     assert changed == "false"
             assert int(state().findtext(f".//{{{mon}}}in-sessions") or 0) == before
+
+
+def test_a_ce_fetching_while_its_push_is_under_way_leaves_the_version_to_the_push(
+    tmp_path: Path,
+) -> None:
+    """A CE's safety-net fetch that races the push of a commit (the push still queued, or
+    on its way) is told the version is being pushed and applies nothing itself: at 1,000
+    peers applying the whole fetched configuration was several times the pushed edit's
+    work, and the push then found it done.  A client that does not say defer-to-push gets
+    the configuration as before."""
+    from lxml import etree
+
+    from nc_core.client import Endpoint, connect
+    from tests.tcp_relay import TcpRelay
+
+    with controller(tmp_path) as ctl:
+        ctl.edit(vpn_xml("plum"))
+        ctl.join("plum", "plum-s1", 1, "10.1.0.0/24")
+        listen = free_port()
+        with TcpRelay(listen) as relay:
+            # The server reaches plum-s2 only through the relay; the CE reaches the server
+            # directly (its notification session, its fetches).
+            ctl.add_site("plum", "plum-s2", 2, "10.2.0.0/24", port=relay.port)
+            agent = ctl.enrol("plum", "plum-s2", relay.port, "--listen", f"127.0.0.1:{listen}")
+            agent.port = listen
+            agent.start()
+            ctl.in_sync("plum-s1", "plum-s2")
+            old = agent.running_ce()["version"]
+            relay.hold()
+            ctl.add_site("plum", "plum-s3", 3, "10.3.0.0/24")  # plum-s2's push now stalls
+            as_ce = connect(
+                Endpoint(
+                    host="127.0.0.1",
+                    port=ctl.server.port,
+                    host_keys=[ctl.server.host_key_line],
+                    username="ce-plum-s2",
+                    key_file=agent.state_dir / "vpn_server_client_key",
+                )
+            )
+            try:
+
+                def fetch(defer: bool) -> etree._Element:
+                    request = (
+                        f'<fetch-ce-configuration xmlns="{SVC_NS}">'
+                        f"<applied-version>{old}</applied-version>"
+                        + ("<defer-to-push/>" if defer else "")
+                        + "</fetch-ce-configuration>"
+                    )
+                    reply = as_ce.dispatch(etree.fromstring(request)).xml.encode()
+                    return etree.fromstring(reply)
+
+                wait_for(
+                    lambda: fetch(True).find(f".//{{{SVC_NS}}}being-pushed") is not None,
+                    30,
+                    "the server to say plum-s2's new version is being pushed",
+                )
+                deferred = fetch(True)
+                new = deferred.findtext(f".//{{{SVC_NS}}}version")
+                assert new and new != old
+                assert deferred.find(f".//{{{SVC_NS}}}configuration") is None
+                whole = fetch(False)  # an agent older than defer-to-push
+                assert whole.find(f".//{{{SVC_NS}}}being-pushed") is None
+                assert whole.find(f".//{{{SVC_NS}}}configuration") is not None
+            finally:
+                as_ce.close_session()
+            # The agent's own fetch (refresh-configuration) while the push stalls.
+            with agent.connect_as_server(ctl.server) as m:
+                reply = m.dispatch(etree.fromstring(f'<refresh-configuration xmlns="{CE_NS}"/>'))
+                changed = etree.fromstring(reply.xml.encode()).findtext(f"{{{CE_NS}}}changed")
+            assert changed == "false"
+            assert agent.running_ce()["version"] == old
+            log = (tmp_path / "plum-s2.log").read_text()
+            assert f"version {new} is being pushed by the VPN server: left to the push" in log
+            relay.release()
+            wait_for(lambda: agent.running_ce()["version"] == new, 60, "the push to reach plum-s2")
+            ctl.in_sync("plum-s2")
+            assert agent.running_ce()["peers"] == ["plum-s1", "plum-s3"]

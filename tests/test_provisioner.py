@@ -90,3 +90,40 @@ def test_work_asked_for_while_running_runs_once_more_not_in_parallel() -> None:
 
     asyncio.run(main())
     assert most == 1 and calls == 2
+
+
+def test_a_ce_is_busy_while_its_job_waits_for_a_slot_or_runs_not_while_a_retry_waits() -> None:
+    """What a CE's fetch is told (nc_server.controller.fetch: being-pushed) rests on this."""
+    seen: dict[str, list[bool]] = {"a": [], "b": []}
+
+    async def main() -> None:
+        gate = asyncio.Event()
+        outcomes = {"a": ["in-sync"], "b": [CeUnreachable("down"), "in-sync"]}
+
+        async def job(rec: CeRecord) -> str:
+            if rec.site == "a":
+                await gate.wait()
+            result = outcomes[rec.site].pop(0)
+            if isinstance(result, Exception):
+                raise result
+            return str(result)
+
+        prov = Provisioner(job, lambda *a: None, max_concurrent=1, retry_limit=3600)
+        prov.record("v", "a")
+        prov.record("v", "b")
+        assert not prov.busy("a")
+        prov.want("a")
+        prov.want("b")
+        await asyncio.sleep(0)  # a runs (held at the gate), b waits for the slot
+        seen["a"].append(prov.busy("a"))
+        seen["b"].append(prov.busy("b"))
+        gate.set()
+        while prov.records["b"].status != "unreachable":
+            await asyncio.sleep(0.01)
+        await prov.settle()
+        seen["a"].append(prov.busy("a"))
+        seen["b"].append(prov.busy("b"))  # its retry is only a timer now
+        await prov.close()
+
+    asyncio.run(main())
+    assert seen == {"a": [True, False], "b": [True, False]}
