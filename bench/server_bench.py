@@ -20,8 +20,10 @@ C. site N+2 is added with max-concurrent-provisioning 1: each CE's
 
 ``--json`` writes the metric set (see summary()) and the raw result;
 ``--profile`` writes a cProfile of this process (the server's event loop)
-over step B, for ``python -m pstats`` (the profiler slows the server, so a
-profiled run's CPU figures are not comparable with an unprofiled one's).
+over step B, and of the quiet window before it beside it
+(``FILE.idle.prof``), for ``python -m pstats`` (the profiler slows the
+server, so a profiled run's CPU figures are not comparable with an
+unprofiled one's).
 
 ``--servers K`` runs K VPN servers on one PostgreSQL database (a throw-away
 cluster, lab/postgres.py): this process's and K - 1 ``cevpn-server``
@@ -179,7 +181,13 @@ class Bench:
                 f'<config xmlns="{NC}"><vpn-service xmlns="{SVC}"><vpn><id>bench</id>'
                 "<topology><type>full-mesh</type></topology></vpn></vpn-service></config>",
             )
+            stats = app.server.stats
+            opened, dropped = stats.in_sessions, stats.dropped_sessions
             result["server_idle_cpu_ms_per_s"] = await self._idle_cpu(IDLE_WINDOW)
+            # Sessions the CEs opened to this server meanwhile (fetches over a connection of
+            # their own, notification sessions made again): each is an SSH handshake.
+            result["idle_sessions_opened"] = stats.in_sessions - opened
+            result["idle_sessions_dropped"] = stats.dropped_sessions - dropped
             result["B_add_site"] = await self._measure(
                 app,
                 oss,
@@ -355,8 +363,16 @@ class Bench:
         """The servers' CPU per second with no change under way (SSH keepalives to and from
         every CE, the CEs' periodic fetches, timers): what part of a step's server CPU is
         the standing cost of holding the CEs, not the change."""
+        import cProfile
+
+        profiler = cProfile.Profile() if self.profile is not None else None
         before, _ = self._cpu()
+        if profiler is not None:
+            profiler.enable()
         await asyncio.sleep(seconds)
+        if profiler is not None and self.profile is not None:
+            profiler.disable()
+            profiler.dump_stats(str(self.profile.with_suffix(".idle.prof")))
         after, _ = self._cpu()
         return (after - before) / seconds * 1000
 
@@ -519,7 +535,9 @@ def main() -> None:
     print(f"VPN server, full mesh of {n} CE agents (--dataplane none), 2 cores shared")
     print(f"  {args.servers} server(s) on one {where} database")
     print(f"  enrol: {result['enrol_per_ce_ms']:.1f} ms per CE (one session, sequential)")
-    print(f"  server CPU with nothing under way: {result['server_idle_cpu_ms_per_s']:.1f} ms/s")
+    print(f"  server CPU with nothing under way: {result['server_idle_cpu_ms_per_s']:.1f} ms/s "
+          f"({result['idle_sessions_opened']} sessions opened and "
+          f"{result['idle_sessions_dropped']} dropped in {IDLE_WINDOW:.0f} s)")  # fmt: skip
     for key, title in (("A_full_mesh", f"A. initial full mesh ({n - 1} peers per CE)"),
                        ("B_add_site", "B. one site added (1 peer per CE)"),
                        ("C_one_at_a_time", "C. a site added, CEs one at a time")):  # fmt: skip

@@ -260,6 +260,11 @@ def engine_metrics(server: NetconfServer) -> Iterable[Metric]:
             "NETCONF sessions ended otherwise than by close-session or kill-session",
             stats.dropped_sessions,
         ),
+        (
+            "sessions_refused",
+            "NETCONF sessions refused at their opening for a limit (server, account, connection)",
+            stats.refused_sessions,
+        ),
         ("bad_rpcs", "Messages refused as no valid <rpc>", stats.in_bad_rpcs),
         ("notifications_sent", "Notifications sent to subscribers", stats.out_notifications),
         (

@@ -186,6 +186,8 @@ class ServerStats:
     out_notifications: int = 0
     dropped_subscribers: int = 0
     """Sessions closed for leaving notifications unread (not in RFC 6022: metrics only)."""
+    refused_sessions: int = 0
+    """Sessions refused at their opening for a limit (admit_session; metrics only)."""
 
 
 @dataclass
@@ -270,6 +272,11 @@ class NetconfServer:
         self.password_guard = PasswordGuard()
         self.channels: Counter[str] = Counter()
         """NETCONF channels admitted per user (admit_session), open or opening."""
+        self.quota_channels: Counter[str] = Counter()
+        """Of those, the ones admitted on the user's own quota (Application.session_quota),
+        which max_sessions does not count."""
+        self.limited_channels = 0
+        """The channels max_sessions counts (all but the quota ones)."""
         self.unauthenticated = 0
         """SSH connections not authenticated yet (the transport counts them)."""
         self.input_held = 0
@@ -542,16 +549,44 @@ class NetconfServer:
         options = self.options
         if on_connection >= options.max_sessions_per_connection:
             return f"this SSH connection has {on_connection} sessions already (the limit)"
-        total = sum(self.channels.values())
+        quota = self.app.session_quota(user)
+        if quota is not None:
+            held = self.quota_channels[user]
+            if held >= quota:
+                return f"user {user!r} has {held} sessions already (the limit of this account)"
+            return None
+        total = self.limited_channels
         if total >= options.max_sessions:
             return f"the server has {total} sessions (the limit)"
-        mine = self.channels[user]
+        mine = self.channels[user] - self.quota_channels[user]
         if mine >= options.max_sessions_per_user:
             return f"user {user!r} has {mine} sessions already (the limit per user)"
         if total >= options.max_sessions - options.reserved_admin_sessions:
             if not self.is_administrator(user):
                 return "the remaining sessions are kept for administrators"
         return None
+
+    def channel_opened(self, user: str) -> bool:
+        """A channel admit_session admitted is open; True if it is on the user's quota
+        (to be given back to channel_closed)."""
+        self.channels[user] += 1
+        quota = self.app.session_quota(user) is not None
+        if quota:
+            self.quota_channels[user] += 1
+        else:
+            self.limited_channels += 1
+        return quota
+
+    def channel_closed(self, user: str, quota: bool) -> None:
+        self.channels[user] -= 1
+        if self.channels[user] <= 0:
+            del self.channels[user]
+        if quota:
+            self.quota_channels[user] -= 1
+            if self.quota_channels[user] <= 0:
+                del self.quota_channels[user]
+        else:
+            self.limited_channels -= 1
 
     # -- who may change things ------------------------------------------------------
 

@@ -183,6 +183,16 @@ class Application:
         """A client completed its hello: who is connected is news to some applications (a
         VPN server learns that a CE it could not reach is back)."""
 
+    def session_quota(self, user: str) -> int | None:
+        """Sessions ``user`` may hold outside ServerOptions.max_sessions; None (every
+        account here): its sessions count against max_sessions.
+
+        For accounts that are devices the application enrolled (the VPN server's
+        CEs, one notification session each): the server then holds as many device
+        sessions as there are devices, operators' sessions stay bounded by
+        max_sessions, and one device's key never takes more than its quota."""
+        return None
+
     async def started(self) -> None:
         """The server listens and its running configuration has been applied."""
 

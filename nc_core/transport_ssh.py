@@ -154,25 +154,29 @@ class _NetconfSSHServer(asyncssh.SSHServer):
         username = str(self.conn.get_extra_info("username") or "")
         why = self.nc.admit_session(username, self.channels)
         if why is not None:
+            self.nc.stats.refused_sessions += 1
             log.warning("session of %r from %s refused: %s", username, self.peer, why)
             raise asyncssh.ChannelOpenError(
                 asyncssh.OPEN_RESOURCE_SHORTAGE, f"NETCONF session refused: {why}"
             )
         self.channels += 1
-        self.nc.channels[username] += 1
+        quota = self.nc.channel_opened(username)
         return _NetconfChannel(
-            self.nc, self.conn, self.peer, username, self._channel_closed, self._others_open
+            self.nc,
+            self.conn,
+            self.peer,
+            username,
+            lambda user: self._channel_closed(user, quota),
+            self._others_open,
         )
 
     def _others_open(self) -> bool:
         """Whether a channel other than the one asking is still open on this connection."""
         return self.channels > 1
 
-    def _channel_closed(self, username: str) -> None:
+    def _channel_closed(self, username: str, quota: bool) -> None:
         self.channels -= 1
-        self.nc.channels[username] -= 1
-        if self.nc.channels[username] <= 0:
-            del self.nc.channels[username]
+        self.nc.channel_closed(username, quota)
 
 
 class _NetconfChannel(asyncssh.SSHServerSession[bytes]):

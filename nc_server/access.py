@@ -25,6 +25,13 @@ from nc_core.xmlutil import MON_NS, NACM_NS, default_ns_element, qn
 SVC_NS = "urn:cevpn:yang:cevpn-service"
 OPERATORS = "operators"
 CE_AGENTS = "cevpn-ce-agents"
+CE_SESSIONS = 4
+"""NETCONF sessions an enrolled CE's account may hold, outside the server's max-sessions
+(nc_core Application.session_quota): its notification session, a fetch over a connection
+of its own when that session is down, and room for a reconnection that overlaps an old
+session not yet seen dead.  With one shared limit, a server holding more CEs than
+max-sessions left the others retrying, each retry an SSH handshake (at 1,000 CEs and
+the former 256 sessions, most of the server's idle CPU)."""
 
 _RULES = f"""
 <nacm xmlns="{NACM_NS}">

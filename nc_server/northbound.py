@@ -29,6 +29,7 @@ from nc_core.transaction import Transaction
 from nc_core.transport_ssh import host_key_line
 from nc_core.xmlutil import default_ns_element
 from nc_server import alarms as server_alarms
+from nc_server.access import CE_SESSIONS
 from nc_server.controller import AuditResult, Controller, Fetched
 from nc_server.enrolment import bundle_xml, ce_username
 from nc_server.provisioner import CeRecord
@@ -170,6 +171,11 @@ class ServiceApplication(ServiceDatastore):
         site = self.controller.site_of_user(session.user)
         if site is not None:
             self.controller.ce_reachable(site, session.source_host)
+
+    def session_quota(self, user: str) -> int | None:
+        """An enrolled CE's account holds a few sessions of its own, outside max-sessions:
+        a server holds as many CEs as it provisions, and operators keep theirs."""
+        return CE_SESSIONS if self.controller.site_of_user(user) is not None else None
 
     async def started(self) -> None:
         listener = self.server.listener

@@ -23,6 +23,7 @@ from paramiko.ssh_exception import ChannelException
 
 from nc_core.asyncssh_import import asyncssh
 from nc_core.session import Session
+from nc_core.transaction import Application
 from tests.in_process import InProcessServer
 
 NC = "urn:ietf:params:xml:ns:netconf:base:1.0"
@@ -53,8 +54,8 @@ def until(condition: Callable[[], Any], what: str, timeout: float = 30) -> Any:
 def make_server(tmp_path: Path) -> Iterator[Callable[..., InProcessServer]]:
     servers: list[InProcessServer] = []
 
-    def make(**options: Any) -> InProcessServer:
-        srv = InProcessServer(tmp_path / f"state{len(servers)}", users=USERS, **options)
+    def make(app: Application | None = None, **options: Any) -> InProcessServer:
+        srv = InProcessServer(tmp_path / f"state{len(servers)}", app, users=USERS, **options)
         servers.append(srv)
         return srv
 
@@ -268,3 +269,51 @@ def test_connections_that_never_log_in_are_capped(make_server):
     until(lambda: srv.run(lambda: srv.server.unauthenticated) == 0, "the idle ones are gone")
     with srv.connect("admin") as m:
         m.get_config("running")
+
+
+class DevicesApplication(Application):
+    """An application whose 'ce-*' accounts are devices with a quota of their own."""
+
+    def session_quota(self, user: str) -> int | None:
+        return 2 if user.startswith("ce-") else None
+
+
+def test_device_accounts_on_a_quota_of_their_own_do_not_count_against_max_sessions(
+    make_server,
+):
+    srv = make_server(DevicesApplication(), max_sessions=3, reserved_admin_sessions=1)
+    devices = [srv.connect("ce-site"), srv.connect("ce-site")]
+    try:
+        viewers = [srv.connect("viewer"), srv.connect("viewer")]  # the unreserved two
+        try:
+            with pytest.raises(ChannelException, match="Resource shortage"):
+                srv.connect("viewer")
+            with srv.connect("admin") as admin:  # the reserved one
+                admin.get_config("running")
+        finally:
+            for m in viewers:
+                m.close_session()
+    finally:
+        for m in devices:
+            m.close_session()
+
+
+def test_a_device_account_cannot_hold_more_than_its_quota(make_server):
+    srv = make_server(DevicesApplication(), max_sessions_per_user=10)
+    held = [srv.connect("ce-site"), srv.connect("ce-site")]
+    try:
+        before = srv.server.stats.refused_sessions
+        with pytest.raises(ChannelException, match="Resource shortage"):
+            srv.connect("ce-site")
+        assert srv.server.stats.refused_sessions == before + 1
+        with srv.connect("viewer") as viewer:
+            viewer.get_config("running")
+    finally:
+        for m in held:
+            m.close_session()
+    until(
+        lambda: srv.run(lambda: not srv.server.quota_channels and srv.server.limited_channels == 0),
+        "every channel is given back to its own count",
+    )
+    with srv.connect("ce-site") as again:
+        again.get_config("running")

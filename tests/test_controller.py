@@ -749,3 +749,32 @@ def test_a_ce_fetching_while_its_push_is_under_way_leaves_the_version_to_the_pus
             wait_for(lambda: agent.running_ce()["version"] == new, 60, "the push to reach plum-s2")
             ctl.in_sync("plum-s2")
             assert agent.running_ce()["peers"] == ["plum-s1", "plum-s3"]
+
+
+def test_every_enrolled_ce_keeps_its_notification_session_beyond_max_sessions(
+    tmp_path: Path,
+) -> None:
+    """An enrolled CE's account holds its sessions on a quota of its own
+    (nc_server.access.CE_SESSIONS): a server holding more CEs than --max-sessions keeps a
+    notification session to each (before, the CEs past the limit were refused and retried,
+    each retry an SSH handshake, and never heard configuration-available)."""
+    from lxml import etree
+
+    from tests.netconf_server import ncclient_connect
+
+    mon = "urn:ietf:params:xml:ns:yang:ietf-netconf-monitoring"
+    with controller(tmp_path, server_args=("--max-sessions", "4")) as ctl:
+        mesh(ctl, "navy", 6)
+        ctl.in_sync(*(f"navy-s{i}" for i in range(1, 7)))
+
+        def ce_accounts() -> set[str]:
+            with ncclient_connect(ctl.server) as m:
+                reply = m.get(filter=("subtree", f'<netconf-state xmlns="{mon}"/>'))
+            state = etree.fromstring(reply.data_xml.encode())
+            return {u.text or "" for u in state.iter(f"{{{mon}}}username") if u.text != "admin"}
+
+        wait_for(
+            lambda: ce_accounts() == {f"ce-navy-s{i}" for i in range(1, 7)},
+            60,
+            "a notification session of every CE",
+        )
