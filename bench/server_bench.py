@@ -175,6 +175,10 @@ class Bench:
             result["enrol_per_ce_ms"] = (time.perf_counter() - started) / self.sites * 1000
             self.farms = await asyncio.to_thread(start_farms, specs, self.per_process, self.work)
             await self._all_in_sync(app, None, 600)
+            # A CE that fetched its configuration at start-up is in-sync before the push the
+            # server queued for it when it logged in has run: let those end, or step A
+            # would count them (and their new SSH connections).
+            await app.controller.provisioner.settle()
             result["A_full_mesh"] = await self._measure(
                 app,
                 oss,
