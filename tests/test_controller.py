@@ -778,3 +778,48 @@ def test_every_enrolled_ce_keeps_its_notification_session_beyond_max_sessions(
             60,
             "a notification session of every CE",
         )
+
+
+def test_a_version_a_ce_fetched_itself_is_not_pushed_to_it_again(tmp_path: Path) -> None:
+    """A CE that comes up and fetches the current version while the server's push to it
+    waits in the queue (one push at a time here, the slot held by a push whose path
+    stalls) is not sent that version again when its push's turn comes: before, that push
+    sent the whole configuration a second time."""
+    from tests.tcp_relay import TcpRelay
+
+    with controller(tmp_path, **{"max-concurrent-provisioning": 1}) as ctl:
+        ctl.edit(vpn_xml("sand"))
+        listen = free_port()
+        with TcpRelay(listen) as relay:
+            ctl.add_site("sand", "sand-a", 1, "10.1.0.0/24", port=relay.port)
+            a = ctl.enrol("sand", "sand-a", relay.port, "--listen", f"127.0.0.1:{listen}")
+            a.port = listen
+            a.start()
+            ctl.in_sync("sand-a")
+            b = ctl.enrol("sand", "sand-b", ctl.add_site("sand", "sand-b", 2, "10.2.0.0/24"))
+            wait_for(lambda: ctl.status("sand-b") == "unreachable", 30, "sand-b unreachable")
+            relay.hold()
+            ctl.add_site("sand", "sand-c", 3, "10.3.0.0/24")
+            a_target = ctl.provisioning()["sand-a"]["target-version"]
+            wait_for(
+                lambda: f"CE sand-a: pushing version {a_target}" in ctl.server.log_path.read_text(),
+                30,
+                "sand-a's push to take the one slot (and stall in the relay)",
+            )
+            b.start()  # it fetches at start-up; its push waits for the slot
+            target = lambda: ctl.provisioning()["sand-b"].get("target-version")  # noqa: E731
+            wait_for(
+                lambda: b.running_ce()["version"] == target() and ctl.status("sand-b") == "in-sync",
+                30,
+                "sand-b to run the current version by its own fetch",
+            )
+            pulled = b.running_ce()["version"]
+            relay.release()
+            ctl.in_sync("sand-a")
+        # A change after it: sand-b's queued job has run by the time this reaches it.
+        ctl.add_site("sand", "sand-d", 4, "10.4.0.0/24")
+        wait_for(lambda: b.running_ce()["version"] not in (pulled, None), 60, "sand-d on sand-b")
+        ctl.in_sync("sand-b")
+        log = ctl.server.log_path.read_text()
+        assert f"CE sand-b: pushing version {pulled}" not in log
+        assert b.running_ce()["peers"] == ["sand-a", "sand-c", "sand-d"]
