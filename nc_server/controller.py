@@ -719,7 +719,6 @@ class Controller:
             if in_sync:
                 rec.retry_count, rec.next_attempt = 0, None
                 self._receiver_applied(rec, config)
-                self.jobs.ce_runs(site, config)
             elif was in ("unreachable", "failed") and view.autodiscovery == "push":
                 prov.want(site)  # it answers: push now, not at the next back-off retry
         return Fetched(

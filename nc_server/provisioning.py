@@ -230,21 +230,6 @@ class ProvisioningJobs:
         self.job_done(kind, status, time.perf_counter() - started)
         return status
 
-    def ce_runs(self, site: str, config: CeConfig) -> None:
-        """The CE says it runs ``config``'s version (it fetched it): a push of that version
-        queued for it (it logged in, or was behind) then finds nothing to do, where it
-        would have sent the whole configuration again, and the next push is the
-        difference from it.  Only for a CE this server provisions: what a CE confirmed
-        is its owner's to record."""
-        epoch = self.ownership.epoch(site)
-        if epoch is None:
-            return
-        known = self.applied.get(site)
-        if known.version != config.version:
-            # The port stays what was known: a pull leaves the pre-configuration alone, so
-            # a CE told to move its management port has not moved.
-            self.applied.record(site, config.version, config.config, known.port, epoch)
-
     def pushing(self, site: str) -> bool:
         """Is a push to the CE under way here: its job queued or running on this server,
         which provisions it and holds a live standing link to it?  (A fetch by that CE
