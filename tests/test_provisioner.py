@@ -98,28 +98,34 @@ def test_a_ce_is_busy_while_its_job_waits_for_a_slot_or_runs_not_while_a_retry_w
 
     async def main() -> None:
         gate = asyncio.Event()
+        a_running = asyncio.Event()
+        b_unreachable = asyncio.Event()
         outcomes = {"a": ["in-sync"], "b": [CeUnreachable("down"), "in-sync"]}
 
         async def job(rec: CeRecord) -> str:
             if rec.site == "a":
+                a_running.set()
                 await gate.wait()
             result = outcomes[rec.site].pop(0)
             if isinstance(result, Exception):
                 raise result
             return str(result)
 
-        prov = Provisioner(job, lambda *a: None, max_concurrent=1, retry_limit=3600)
+        def status(rec: CeRecord, old: str, error: str | None) -> None:
+            if rec.site == "b" and rec.status == "unreachable":
+                b_unreachable.set()
+
+        prov = Provisioner(job, status, max_concurrent=1, retry_limit=3600)
         prov.record("v", "a")
         prov.record("v", "b")
         assert not prov.busy("a")
         prov.want("a")
         prov.want("b")
-        await asyncio.sleep(0)  # a runs (held at the gate), b waits for the slot
+        await a_running.wait()  # a holds the one slot at the gate; b waits for it
         seen["a"].append(prov.busy("a"))
         seen["b"].append(prov.busy("b"))
         gate.set()
-        while prov.records["b"].status != "unreachable":
-            await asyncio.sleep(0.01)
+        await b_unreachable.wait()
         await prov.settle()
         seen["a"].append(prov.busy("a"))
         seen["b"].append(prov.busy("b"))  # its retry is only a timer now
