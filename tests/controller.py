@@ -86,6 +86,21 @@ class Agent:
             )
         )
 
+    def connect_to_server(self, server: ServerProcess) -> Any:
+        """A NETCONF session to the VPN server with this CE's own account and key, as its
+        fetches use."""
+        from nc_core.client import Endpoint, connect
+
+        return connect(
+            Endpoint(
+                host="127.0.0.1",
+                port=server.port,
+                host_keys=[server.host_key_line],
+                username=f"ce-{self.site}",
+                key_file=self.state_dir / "vpn_server_client_key",
+            )
+        )
+
     def running_ce(self) -> dict[str, Any]:
         """The agent's running /ce as a dict of peers and versions (read locally, as root)."""
         root = etree.fromstring(stored_running(self.state_dir))

@@ -331,21 +331,10 @@ def test_a_ce_that_runs_the_current_version_fetches_the_version_only(tmp_path: P
     it would be a megabyte, serialised and parsed for nothing)."""
     from lxml import etree
 
-    from nc_core.client import Endpoint, connect
-
     with controller(tmp_path) as ctl:
         mesh(ctl, "pink", 2)
         ctl.in_sync("pink-s1", "pink-s2")
-        agent = ctl.agents["pink-s1"]
-        m = connect(
-            Endpoint(
-                host="127.0.0.1",
-                port=ctl.server.port,
-                host_keys=[ctl.server.host_key_line],
-                username="ce-pink-s1",
-                key_file=agent.state_dir / "vpn_server_client_key",
-            )
-        )
+        m = ctl.agents["pink-s1"].connect_to_server(ctl.server)
         try:
 
             def fetch(applied: str) -> etree._Element:
@@ -684,7 +673,6 @@ def test_a_ce_fetching_while_its_push_is_under_way_leaves_the_version_to_the_pus
     the configuration as before."""
     from lxml import etree
 
-    from nc_core.client import Endpoint, connect
     from tests.tcp_relay import TcpRelay
 
     with controller(tmp_path) as ctl:
@@ -702,15 +690,7 @@ def test_a_ce_fetching_while_its_push_is_under_way_leaves_the_version_to_the_pus
             old = agent.running_ce()["version"]
             relay.hold()
             ctl.add_site("plum", "plum-s3", 3, "10.3.0.0/24")  # plum-s2's push now stalls
-            as_ce = connect(
-                Endpoint(
-                    host="127.0.0.1",
-                    port=ctl.server.port,
-                    host_keys=[ctl.server.host_key_line],
-                    username="ce-plum-s2",
-                    key_file=agent.state_dir / "vpn_server_client_key",
-                )
-            )
+            as_ce = agent.connect_to_server(ctl.server)
             try:
 
                 def fetch(defer: bool) -> etree._Element:
