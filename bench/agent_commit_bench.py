@@ -1,6 +1,6 @@
 """The CE agent's commit of a one-peer change, on a CE holding many peers.
 
-    python -m bench.agent_commit_bench [--peers 1000] [--changes 200] [--json FILE]
+    python -m bench.agent_commit_bench [--peers 1000] [--changes 200] [--pause 0] [--json FILE]
 
 Two real agents (``cevpn-agent --dataplane none``, their own processes, real
 SSH) are loaded with ``--peers`` and with 10 IKE-less peers (SA keys and
@@ -19,6 +19,11 @@ SSH handshake the server pays per push is not the commit's cost.  The
 10-peer agent is the reference in the same run: the ratio of the two says how
 far from proportional to the change a commit is (1.0: not at all dependent
 on the size of the configuration).
+
+``--pause S`` waits S seconds before each change, as a CE sees its pushes in
+production (minutes apart): with S above the agent's spare_keep_seconds (5 s)
+each change finds an agent that has settled (nc_core/server.py ``_settle``),
+not one warm from the change before.
 """
 
 from __future__ import annotations
@@ -73,6 +78,14 @@ def config(body: str) -> str:
     return f'<config xmlns="{NC}"><ce xmlns="{CE}" xmlns:t="{T}">{body}</ce></config>'
 
 
+def version(n: int) -> str:
+    """The configuration-version the VPN server replaces with every change it pushes."""
+    return (
+        f'<configuration-version xmlns:nc="{NC}" nc:operation="replace">v{n:016x}'
+        "</configuration-version>"
+    )
+
+
 def preconfiguration(server_key: str) -> str:
     """A CE's pre-configuration as an enrolment leaves it (the server's keys: any key)."""
     return (
@@ -95,8 +108,10 @@ class Agent:
         self.process.start("--dataplane", "none", "--log-level", "WARNING")
         self.a = self._connect(key)
         self.b = self._connect(key)
-        body = preconfiguration(Path(pub).read_text().strip()) + "".join(
-            peer(i) for i in range(peers)
+        body = (
+            preconfiguration(Path(pub).read_text().strip())
+            + version(0)
+            + "".join(peer(i) for i in range(peers))
         )
         self.a.rpc_ok(
             f"<edit-config><target><running/></target>{config(body)}</edit-config>", timeout=600
@@ -118,22 +133,24 @@ class Agent:
         )
 
     def change(self, n: int) -> str:
-        """The edit of change ``n``: add a peer, change a prefix, remove the added peer."""
+        """The edit of change ``n``: add a peer, change a prefix, remove the added peer;
+        each with a new configuration-version, as the VPN server sends every change."""
         kind = n % 3
         if kind == 0 or self.added is None:
             self.added = self.next_new
             self.next_new += 1
-            return config(peer(self.added))
+            return config(version(n + 1) + peer(self.added))
         if kind == 1:
             self.generation += 1
             victim = n % self.peers
             return config(
-                f"<peer><name>site-{victim}</name><tunnel><remote-prefix>"
+                f"{version(n + 1)}<peer><name>site-{victim}</name><tunnel><remote-prefix>"
                 f"172.31.{self.generation % 250}.0/24</remote-prefix></tunnel></peer>"
             )
         gone, self.added = self.added, None
         return config(
-            f'<peer xmlns:nc="{NC}" nc:operation="remove"><name>site-{gone}</name></peer>'
+            f'{version(n + 1)}<peer xmlns:nc="{NC}" nc:operation="remove"><name>site-{gone}'
+            "</name></peer>"
         )
 
     def exchange(self, n: int) -> None:
@@ -197,7 +214,7 @@ def summary(agent: Agent) -> dict[str, Any]:
     return out
 
 
-def run(peers: int, changes: int, warmup: int) -> dict[str, Any]:
+def run(peers: int, changes: int, warmup: int, pause: float = 0.0) -> dict[str, Any]:
     from nc_server.enrolment import new_ed25519
 
     with tempfile.TemporaryDirectory(prefix="cevpn-agent-commit-") as tmp:
@@ -221,13 +238,21 @@ def run(peers: int, changes: int, warmup: int) -> dict[str, Any]:
                 agent.times = {k: [] for k in agent.times}
                 agent.cpu = []
             for n in range(warmup, warmup + changes):
+                if pause:
+                    time.sleep(pause)  # the pace of the changes is the measured condition
                 big.exchange(n)
                 small.exchange(n)
             counts = (big.peer_count(), small.peer_count())
         finally:
             big.close()
             small.close()
-    result = {"changes": changes, "load_s": load_s, "big": summary(big), "small": summary(small)}
+    result = {
+        "changes": changes,
+        "pause_s": pause,
+        "load_s": load_s,
+        "big": summary(big),
+        "small": summary(small),
+    }
     result["peer_counts_after"] = counts
     result["ratio_p50"] = (
         result["big"]["exchange"]["p50_ms"] / result["small"]["exchange"]["p50_ms"]
@@ -243,13 +268,17 @@ def main() -> None:
     parser.add_argument("--peers", type=int, default=1000)
     parser.add_argument("--changes", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=6)
+    parser.add_argument(
+        "--pause", type=float, default=0.0, help="seconds before each change (6: settled agents)"
+    )
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
-    result = run(args.peers, args.changes, args.warmup)
+    result = run(args.peers, args.changes, args.warmup, args.pause)
     big, small = result["big"], result["small"]
     print(
         f"CE agent (--dataplane none), one-peer change, {result['changes']} changes "
-        f"(add/change/remove), 2 cores shared; {big['peers']} peers loaded in "
+        f"(add/change/remove), {result['pause_s']:g} s apart, 2 cores shared; "
+        f"{big['peers']} peers loaded in "
         f"{result['load_s']:.1f} s"
     )
     print(

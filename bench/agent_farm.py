@@ -123,7 +123,9 @@ def main() -> None:
     import uvloop
 
     # CEVPN_FARM_PROFILE=DIR: a cProfile of this farm's event loop, written to DIR/<pid>.prof
-    # when it stops (where the agents' CPU goes at scale; the profiler slows them).
+    # when it stops (where the agents' CPU goes at scale; the profiler slows them).  With
+    # CEVPN_FARM_PROFILE_ON_SIGNAL set, it profiles only between SIGUSR1 and SIGUSR2
+    # (one step of bench/server_bench.py, --profile-farms), written at SIGUSR2.
     where = os.environ.get("CEVPN_FARM_PROFILE")
     if not where:
         uvloop.run(serve(spec))
@@ -131,12 +133,26 @@ def main() -> None:
     import cProfile
 
     profiler = cProfile.Profile()
+    out = str(Path(where) / f"{os.getpid()}.prof")
+    if os.environ.get("CEVPN_FARM_PROFILE_ON_SIGNAL"):
+
+        def begin(*_: Any) -> None:
+            profiler.enable()
+
+        def end(*_: Any) -> None:
+            profiler.disable()
+            profiler.dump_stats(out)
+
+        signal.signal(signal.SIGUSR1, begin)
+        signal.signal(signal.SIGUSR2, end)
+        uvloop.run(serve(spec))
+        return
     profiler.enable()
     try:
         uvloop.run(serve(spec))
     finally:
         profiler.disable()
-        profiler.dump_stats(str(Path(where) / f"{os.getpid()}.prof"))
+        profiler.dump_stats(out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """VPN server at scale: provisioning a full mesh of real CE agents, then propagating one added site.
 
     python -m bench.server_bench [--sites 200] [--per-process 50] [--json FILE] [--profile FILE]
+                                 [--profile-farms DIR] [--profile-step B]
                                  [--servers 1] [--postgresql]
 
 The server runs in this process (so its own accounting can be read: compile
@@ -20,10 +21,11 @@ C. site N+2 is added with max-concurrent-provisioning 1: each CE's
 
 ``--json`` writes the metric set (see summary()) and the raw result;
 ``--profile`` writes a cProfile of this process (the server's event loop)
-over step B, and of the quiet window before it beside it
+over step B (``--profile-step``), and of the quiet window before A-B beside it
 (``FILE.idle.prof``), for ``python -m pstats`` (the profiler slows the
 server, so a profiled run's CPU figures are not comparable with an
-unprofiled one's).
+unprofiled one's).  ``--profile-farms DIR`` profiles every agent farm over
+the same step (``DIR/<pid>.prof``, one per farm process of 50 agents).
 
 ``--servers K`` runs K VPN servers on one PostgreSQL database (a throw-away
 cluster, lab/postgres.py): this process's and K - 1 ``cevpn-server``
@@ -49,6 +51,7 @@ import gc
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -95,6 +98,8 @@ class Bench:
         work: Path,
         profile: Path | None = None,
         *,
+        profile_farms: Path | None = None,
+        profile_step: str = "B",
         servers: int = 1,
         database: str | None = None,
     ) -> None:
@@ -102,7 +107,10 @@ class Bench:
         self.per_process = per_process
         self.work = work
         self.profile = profile
-        """Where step B's cProfile goes (None: not profiled)."""
+        """Where the profiled step's cProfile goes (None: not profiled)."""
+        self.profile_farms = profile_farms
+        """Where the farms write their profiles of that step (None: not profiled)."""
+        self.profile_step = profile_step
         self.farms: list[subprocess.Popen[bytes]] = []
         self.servers = servers
         """VPN servers on the one database: this process's and servers - 1 cevpn-server
@@ -173,6 +181,10 @@ class Bench:
                 specs.append({"state_dir": str(self.work / f"ce-s{n:03d}"),
                               "port": ports[n - 1], "bundle": str(path)})  # fmt: skip
             result["enrol_per_ce_ms"] = (time.perf_counter() - started) / self.sites * 1000
+            if self.profile_farms is not None:
+                # Inherited by the farms: each profiles between SIGUSR1 and SIGUSR2.
+                os.environ["CEVPN_FARM_PROFILE"] = str(self.profile_farms)
+                os.environ["CEVPN_FARM_PROFILE_ON_SIGNAL"] = "1"
             self.farms = await asyncio.to_thread(start_farms, specs, self.per_process, self.work)
             await self._all_in_sync(app, None, 600)
             # A CE that fetched its configuration at start-up is in-sync before the push the
@@ -180,6 +192,7 @@ class Bench:
             # would count them (and their new SSH connections).
             await app.controller.provisioner.settle()
             result["A_full_mesh"] = await self._measure(
+                "A",
                 app,
                 oss,
                 f'<config xmlns="{NC}"><vpn-service xmlns="{SVC}"><vpn><id>bench</id>'
@@ -187,19 +200,23 @@ class Bench:
             )
             stats = app.server.stats
             opened, dropped = stats.in_sessions, stats.dropped_sessions
-            result["server_idle_cpu_ms_per_s"] = await self._idle_cpu(IDLE_WINDOW)
+            (
+                result["server_idle_cpu_ms_per_s"],
+                result["agents_idle_cpu_ms_per_s"],
+            ) = await self._idle_cpu(IDLE_WINDOW)
             # Sessions the CEs opened to this server meanwhile (fetches over a connection of
             # their own, notification sessions made again): each is an SSH handshake.
             result["idle_sessions_opened"] = stats.in_sessions - opened
             result["idle_sessions_dropped"] = stats.dropped_sessions - dropped
             result["B_add_site"] = await self._measure(
+                "B",
                 app,
                 oss,
                 f'<config xmlns="{NC}"><vpn-service xmlns="{SVC}"><vpn><id>bench</id>'
                 f"{site_xml(self.sites + 1, ports[-1])}</vpn></vpn-service></config>",
-                profile=self.profile,
             )
             result["C_one_at_a_time"] = await self._measure(
+                "C",
                 app,
                 oss,
                 f'<config xmlns="{NC}"><vpn-service xmlns="{SVC}"><server>'
@@ -292,9 +309,7 @@ class Bench:
             await asyncio.sleep(0.2)
         raise RuntimeError("the CEs did not all become in-sync in time")
 
-    async def _measure(
-        self, app: Any, oss: Any, edit: str, profile: Path | None = None
-    ) -> dict[str, Any]:
+    async def _measure(self, step: str, app: Any, oss: Any, edit: str) -> dict[str, Any]:
         import cProfile
 
         from nc_server.southbound import Timings
@@ -303,11 +318,16 @@ class Bench:
         for n in range(1, self.sites + 1):
             app.controller.provisioner.records[f"s{n:03d}"].timings = Timings()
         app.controller.compile_seconds = 0.0
+        profile = self.profile if step == self.profile_step else None
         profiler = cProfile.Profile() if profile is not None else None
+        farms_profiled = self.profile_farms is not None and step == self.profile_step
         collector = CollectorTime()
         gc.callbacks.append(collector)
         self.observer_cpu = 0.0
         cpu_server, cpu_agents = self._cpu()
+        if farms_profiled:
+            for farm in self.farms:
+                farm.send_signal(signal.SIGUSR1)
         if profiler is not None:
             profiler.enable()  # this thread: the event loop, where the server runs
         started = time.perf_counter()
@@ -326,6 +346,9 @@ class Bench:
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(str(profile))
+        if farms_profiled:
+            for farm in self.farms:
+                farm.send_signal(signal.SIGUSR2)
         cpu_server_end, cpu_agents_end = self._cpu()
         observer = self.observer_cpu
         cpu_server_end -= observer
@@ -363,22 +386,23 @@ class Bench:
             "standing_links": app.controller.jobs.southbound.open_links(),
         }
 
-    async def _idle_cpu(self, seconds: float) -> float:
-        """The servers' CPU per second with no change under way (SSH keepalives to and from
-        every CE, the CEs' periodic fetches, timers): what part of a step's server CPU is
-        the standing cost of holding the CEs, not the change."""
+    async def _idle_cpu(self, seconds: float) -> tuple[float, float]:
+        """The servers' and the agent farms' CPU per second with no change under way (SSH
+        keepalives to and from every CE, the CEs' periodic fetches and notification
+        sessions, timers): what part of a step's CPU is the standing cost of holding the
+        CEs, not the change."""
         import cProfile
 
         profiler = cProfile.Profile() if self.profile is not None else None
-        before, _ = self._cpu()
+        before, agents_before = self._cpu()
         if profiler is not None:
             profiler.enable()
         await asyncio.sleep(seconds)
         if profiler is not None and self.profile is not None:
             profiler.disable()
             profiler.dump_stats(str(self.profile.with_suffix(".idle.prof")))
-        after, _ = self._cpu()
-        return (after - before) / seconds * 1000
+        after, agents_after = self._cpu()
+        return (after - before) / seconds * 1000, (agents_after - agents_before) / seconds * 1000
 
     def _cpu(self) -> tuple[float, float]:
         """CPU seconds used so far by the servers (this process and the others) and by the
@@ -500,6 +524,7 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
         "projected_site_add_s": b["server_cpu_s"] + c["exchange_ms_p99"] / 1000,
         "ssh_connections_opened_site_add": b["ssh_connections_opened"],
         "server_idle_cpu_ms_per_s": result["server_idle_cpu_ms_per_s"],
+        "agents_idle_cpu_ms_per_s": result["agents_idle_cpu_ms_per_s"],
         "bench_observer_cpu_s_site_add": b["observer_cpu_s"],
     }
 
@@ -509,7 +534,13 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=200)
     parser.add_argument("--per-process", type=int, default=50)
     parser.add_argument("--json", type=Path, help="write the metric set and raw result here")
-    parser.add_argument("--profile", type=Path, help="write a cProfile of step B here")
+    parser.add_argument("--profile", type=Path, help="write a cProfile of the server here")
+    parser.add_argument(
+        "--profile-farms", type=Path, help="each agent farm writes its cProfile in this folder"
+    )
+    parser.add_argument(
+        "--profile-step", choices="ABC", default="B", help="the step profiled (default B)"
+    )
     parser.add_argument(
         "--servers", type=int, default=1,
         help="VPN servers on one PostgreSQL database (a throw-away cluster; 1: SQLite)",
@@ -531,6 +562,7 @@ def main() -> None:
         os.chmod(tmp, 0o700)
         bench = Bench(
             args.sites, args.per_process, Path(tmp), args.profile,
+            profile_farms=args.profile_farms, profile_step=args.profile_step,
             servers=args.servers, database=database,
         )  # fmt: skip
         result = asyncio.run(bench.run())
@@ -539,7 +571,8 @@ def main() -> None:
     print(f"VPN server, full mesh of {n} CE agents (--dataplane none), 2 cores shared")
     print(f"  {args.servers} server(s) on one {where} database")
     print(f"  enrol: {result['enrol_per_ce_ms']:.1f} ms per CE (one session, sequential)")
-    print(f"  server CPU with nothing under way: {result['server_idle_cpu_ms_per_s']:.1f} ms/s "
+    print(f"  CPU with nothing under way: server {result['server_idle_cpu_ms_per_s']:.1f} ms/s, "
+          f"agents {result['agents_idle_cpu_ms_per_s']:.1f} ms/s "
           f"({result['idle_sessions_opened']} sessions opened and "
           f"{result['idle_sessions_dropped']} dropped in {IDLE_WINDOW:.0f} s)")  # fmt: skip
     for key, title in (("A_full_mesh", f"A. initial full mesh ({n - 1} peers per CE)"),

@@ -51,6 +51,15 @@ def spliced_document(old_data: bytes, patch: EntryPatch) -> Spliced | None:
         data = data[:at] + data[at + len(gone_text) :]
         starts.append(at)
         ends.append(len(data) - at)
+    for previous_leaf, leaf in patch.leaves:
+        found = _place(data, previous_leaf)
+        text = entry_bytes(leaf)
+        if found is None or text is None:
+            return None
+        at, old_text = found
+        data = data[:at] + text + data[at + len(old_text) :]
+        starts.append(at)
+        ends.append(len(data) - at - len(text))
     for entry, previous in zip(patch.changed, patch.previous, strict=True):
         text = entry_bytes(entry)
         if text is None:
@@ -81,10 +90,11 @@ def spliced_document(old_data: bytes, patch: EntryPatch) -> Spliced | None:
 
 
 def entry_bytes(entry: etree._Element) -> bytes | None:
-    """How ``entry`` is serialised inside its document, or None when that is not known
-    from the entry alone (it declares namespaces or has attributes, or a tail)."""
+    """How ``entry`` (a list entry, or a leaf with a value) is serialised inside its
+    document, or None when that is not known from the entry alone (it declares
+    namespaces or has attributes, or a tail, or is empty)."""
     parent = entry.getparent()
-    if parent is None or entry.attrib or entry.tail or len(entry) == 0:
+    if parent is None or entry.attrib or entry.tail or (len(entry) == 0 and not entry.text):
         return None
     if dict(entry.nsmap) != dict(parent.nsmap):
         return None  # declarations of its own: printed in its start tag

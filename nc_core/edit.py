@@ -837,6 +837,10 @@ class EntryPatch:
     """Entries of ``new``."""
     previous: tuple[etree._Element | None, ...]
     """For each of ``changed``, the entry of ``old`` it replaces (None: a new entry)."""
+    leaves: tuple[tuple[etree._Element, etree._Element], ...] = ()
+    """Leaves beside the entries (children of the list's parent) whose value changed: the
+    leaf of ``old`` and the leaf of ``new`` (nc_core.schema.EntryScopedList.free_leaves),
+    in document order."""
 
 
 _PATCHES: dict[int, EntryPatch] = {}
@@ -875,12 +879,27 @@ def _diff_patch(patch: EntryPatch, index: SchemaIndex, only: set[str] | None) ->
         if snode is None:
             raise LookupError(tag)
     changes = [Change("delete", entry) for entry in patch.removed]
+    # The new parent's children in document order, as a whole comparison reports them:
+    # the changed leaves before the entries (all entries of one list are contiguous).
+    first_entry = patch.changed[0] if patch.changed else None
+    leaves = [new for _, new in patch.leaves]
+    changes += [Change("update", leaf) for leaf in leaves if _precedes(leaf, first_entry)]
     for entry, previous in zip(patch.changed, patch.previous, strict=True):
         if previous is None:
             changes.append(Change("create", entry))
         elif etree.tostring(previous) != etree.tostring(entry):
             _diff_children(previous, entry, snode, index, changes)
+    changes += [Change("update", leaf) for leaf in leaves if not _precedes(leaf, first_entry)]
     return changes
+
+
+def _precedes(leaf: etree._Element, entry: etree._Element | None) -> bool:
+    """Whether ``leaf`` comes before ``entry`` among their parent's children (True when
+    there is no entry)."""
+    if entry is None:
+        return True
+    parent = leaf.getparent()
+    return parent is not None and parent.index(leaf) < parent.index(entry)
 
 
 def _children_by_identity(

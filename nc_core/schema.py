@@ -450,6 +450,13 @@ class EntryScopedList:
     plain: bool = False
     """Ordered by the system, and neither it nor a container above it in a choice: an
     edit that merges entries into the existing containers above changes nothing else."""
+    free_leaves: frozenset[str] = frozenset()
+    """Clark tags of the leaves beside the entries (children of the list's parent) that no
+    constraint reads and that have none of their own but their type (no must, when,
+    leafref or instance-identifier, not in a choice): a new value of one of them, the
+    leaf present before and after, leaves every other node exactly as valid as it was,
+    and a node-by-node check says whether it is valid.  The VPN server changes such a
+    leaf, the configuration's version, with every peer it adds."""
 
 
 _XPATH_TOKEN = re.compile(
@@ -675,11 +682,15 @@ def entry_scoped_lists(index: SchemaIndex) -> dict[tuple[str, ...], EntryScopedL
     local = {id(n): tuple(_local_path(n.path)) for n in nodes}
     candidates = {id(n): n for n in nodes if n.kind == "list" and n.config and _outside_lists(n)}
     unsafe: set[int] = set()
+    read: set[tuple[str, ...]] | None = set()
+    """Every position a constraint's paths reach (None: one the analysis cannot follow)."""
     for node in nodes:
         constraints = [(e, False) for e in _musts(node)]
         constraints += [(e, False) for e in _whens(node)]
         constraints += [(e, True) for e in _leafrefs(node)]
         for expr, is_leafref in constraints:
+            if read is not None and not _positions_read(expr, local[id(node)], read):
+                read = None
             for list_id in candidates:
                 if list_id in unsafe:
                     continue
@@ -701,7 +712,67 @@ def entry_scoped_lists(index: SchemaIndex) -> dict[tuple[str, ...], EntryScopedL
             # held by (nc_core.shared_tree patches trees in place).  Validated whole.
             continue
         plain = not lst.user_ordered and not _in_a_case(index, tags)
-        found[tags] = EntryScopedList(tags, lst.key_tags, uniques, plain)
+        free = _free_leaves(index, tags, read)
+        found[tags] = EntryScopedList(tags, lst.key_tags, uniques, plain, free)
+    return found
+
+
+def _positions_read(expr: str, where: tuple[str, ...], read: set[tuple[str, ...]]) -> bool:
+    """Add to ``read`` every position the paths of a constraint at ``where`` reach (with
+    the contexts :func:`_judged_alone` follows); False if the analysis cannot follow it."""
+
+    def visit(position: tuple[str, ...], own: bool) -> None:
+        read.add(position)
+
+    try:
+        for context in [where] if not where else [where, where[:-1]]:
+            _Paths(expr, context, 0, visit).run()
+    except _Unsafe:
+        return False
+    return True
+
+
+def _free_leaves(
+    index: SchemaIndex, tags: tuple[str, ...], read: set[tuple[str, ...]] | None
+) -> frozenset[str]:
+    """The :attr:`EntryScopedList.free_leaves` beside the list at ``tags``."""
+    if read is None:
+        return frozenset()
+    parent: SchemaNode | None = None
+    for tag in tags[:-1]:
+        ns, _, name = tag[1:].partition("}")
+        parent = index.top_node(ns, name) if parent is None else parent.child(ns, name)
+        if parent is None:
+            return frozenset()
+    if parent is None or parent.kind != "container" or _in_a_case(index, tags[:-1]):
+        return frozenset()
+    free = set()
+    for leaf in parent.children().values():
+        if leaf.kind != "leaf" or not leaf.config or leaf.cases or leaf.is_key:
+            continue
+        if _musts(leaf) or _whens(leaf) or _leafrefs(leaf) or _instance_identifier(leaf):
+            continue
+        if leaf.snode.parent() is None or leaf.snode.parent().nodetype() != lib.LYS_CONTAINER:
+            continue  # in a choice: another case's nodes come and go with it
+        position = tuple(_local_path(leaf.path))
+        if any(p[: len(position)] == position for p in read):
+            continue
+        free.add(f"{{{leaf.namespace}}}{leaf.name}")
+    return frozenset(free)
+
+
+def _instance_identifier(node: SchemaNode) -> bool:
+    found = False
+
+    def look(ytype: Any) -> None:
+        nonlocal found
+        if ytype.base() == libyang.Type.INST:
+            found = True
+        elif ytype.base() == libyang.Type.UNION:
+            for member in ytype.union_types():
+                look(member)
+
+    look(node.snode.type())
     return found
 
 

@@ -63,6 +63,14 @@ def copy_from_spare(spare: Spare, source: etree._Element) -> etree._Element | No
         return None
     if any(e.getparent() is not new_parent for e in patch.changed):
         return None
+    if any(a.getparent() is not old_parent or b.getparent() is not new_parent
+           for a, b in patch.leaves):  # fmt: skip
+        return None
+    for leaf, value in patch.leaves:
+        copy = deepcopy(value)
+        copy.tail = leaf.tail
+        leaf.addnext(copy)
+        old_parent.remove(leaf)
     for gone in patch.removed:
         old_parent.remove(gone)
     fresh = []

@@ -26,7 +26,7 @@ from collections import Counter
 from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from _libyang import ffi, lib
 from lxml import etree
@@ -189,13 +189,14 @@ class Validator:
             return None
         old = valid.canonical
         assert old is not None
-        found: _EntryChanges = (
+        found = _EntryChanges(
             scoped,
             [e for e in changed if e is not None],
             list(record.changed),
             set(record.removed),
             list(record.fresh),
             self._entries_before(valid, old, scoped),
+            record.leaves,
         )
         quick = self._incremental(
             root, set(), valid, found, canonical_already=root is record.canonical
@@ -223,7 +224,7 @@ class Validator:
         libyang prints: a whole copy of the configuration less per commit."""
         old = valid.canonical
         assert old is not None
-        scoped, changed, keys, removed, fresh, before = found
+        scoped, changed, keys, removed, fresh, before, leaves = found
         partial = _without_unchanged(root, scoped, set(map(id, changed)))
         try:
             checked = self.schema.parse_config(serialize(partial), "xml")
@@ -234,13 +235,17 @@ class Validator:
             printed = self.canonical_of(checked)
             canonical = None
             made: list[etree._Element] | None = None  # the entries of ``keys`` in canonical
-            if canonical_already and _same_entries(changed, printed, scoped, keys):
+            if (
+                canonical_already
+                and _same_entries(changed, printed, scoped, keys)
+                and _same_leaves(root, printed, scoped, leaves)
+            ):
                 canonical, made = root, changed
             if canonical is None:
-                canonical = _patched_canonical(old, scoped, printed, keys, removed, fresh)
+                canonical = _patched_canonical(old, scoped, printed, keys, removed, fresh, leaves)
             if canonical is None or not _unique_holds(canonical, keys, scoped, made):
                 return None
-            tree = self._patched_tree(valid, scoped, checked, keys, removed, fresh)
+            tree = self._patched_tree(valid, scoped, checked, keys, removed, fresh, leaves)
         finally:
             if tree is None:
                 checked.free()  # else the pending tree owns it
@@ -249,7 +254,12 @@ class Validator:
         if made is None or remembered_patch(old, canonical) is None:
             # (The candidate's check remembered the patch from ``old`` to ``canonical``
             # already when ``canonical`` is the checked candidate.)
-            patch = _entry_patch(old, canonical, scoped, keys, removed, made)
+            differing = _changed_leaves(old, canonical, scoped, leaves)
+            patch = (
+                None
+                if differing is None
+                else _entry_patch(old, canonical, scoped, keys, removed, made, differing)
+            )
             if patch is not None:
                 remember_patch(patch)
         entries = dict(before)
@@ -315,10 +325,11 @@ class Validator:
 
     def _edited_entries(
         self, old: etree._Element, edit: etree._Element | None, default_operation: str
-    ) -> tuple[EntryScopedList, list[tuple[str, ...]]] | None:
-        """The list and the keys of the entries an edit names, when it names nothing
-        else: no operation above them, containers ``old`` has (creating one could drop
-        another case of a choice), keys written as they are stored."""
+    ) -> tuple[EntryScopedList, list[tuple[str, ...]], tuple[str, ...]] | None:
+        """The list and the keys of the entries an edit names, and the free leaves beside
+        them it names, when it names nothing else: no operation above them, containers
+        ``old`` has (creating one could drop another case of a choice), keys written as
+        they are stored."""
         if edit is None or default_operation == "replace":
             return None
         if self._lists is None:
@@ -338,7 +349,9 @@ class Validator:
                     return None  # more than is worth looking at one by one
                 level, held = [c for c in level[0] if isinstance(c.tag, str)], found
             else:
-                if not level or len(level) > FEW_ENTRIES:
+                leaves = tuple(c.tag for c in level if c.tag in scoped.free_leaves)
+                level = [c for c in level if c.tag not in scoped.free_leaves]
+                if len(level) > FEW_ENTRIES or not (level or leaves):
                     return None  # nothing, or more than is worth looking at one by one
                 if any(c.tag != scoped.tags[-1] for c in level):
                     continue
@@ -352,7 +365,7 @@ class Validator:
                             return None
                         key.append(text)
                     keys.append(tuple(key))
-                return (scoped, keys) if len(keys) <= FEW_ENTRIES else None
+                return (scoped, keys, leaves) if len(keys) <= FEW_ENTRIES else None
         return None
 
     def _named_changes(
@@ -362,11 +375,16 @@ class Validator:
         memo: _Valid | None,
         scoped: EntryScopedList,
         named: list[tuple[str, ...]],
+        named_leaves: tuple[str, ...] = (),
     ) -> _EntryChanges | None:
-        """:meth:`_entry_changes` when only the ``named`` entries can have changed."""
+        """:meth:`_entry_changes` when only the ``named`` entries and free leaves can have
+        changed."""
         before = self._entries_before(memo, old, scoped)
         parent = _parent_of(new, scoped)
         if parent is None:
+            return None
+        leaves = _differing_leaves(_parent_of(old, scoped), parent, named_leaves)
+        if leaves is None:
             return None
         changed: list[tuple[etree._Element, tuple[str, ...]]] = []
         removed: set[tuple[str, ...]] = set()
@@ -388,20 +406,21 @@ class Validator:
             fresh.sort(key=lambda pair: order[id(pair[0])])
         changed.sort(key=lambda pair: parent.index(pair[0]))
         everything = changed + fresh
-        return (
+        return _EntryChanges(
             scoped,
             [e for e, _ in everything],
             [k for _, k in everything],
             removed,
             [k for _, k in fresh],
             before,
+            leaves,
         )
 
     def _checked_entries(
         self,
         old: etree._Element,
         new: etree._Element,
-        named: tuple[EntryScopedList, list[tuple[str, ...]]] | None = None,
+        named: tuple[EntryScopedList, list[tuple[str, ...]], tuple[str, ...]] | None = None,
         copy_of: etree._Element | None = None,
         *,
         owned: bool = False,
@@ -420,7 +439,7 @@ class Validator:
             found = self._entry_changes(old, new, memo)
         if found is None:
             return None
-        scoped, changed, keys, removed, fresh, before = found
+        scoped, changed, keys, removed, fresh, before, leaves = found
         partial = _without_unchanged(new, scoped, set(map(id, changed)))
         try:
             tree = self.parse_only(partial)
@@ -435,10 +454,10 @@ class Validator:
         if owned and named is not None:
             # Only the named entries can differ from ``old``: everything else in ``new`` is
             # the copy of ``old`` the edit was made on, canonical already.
-            made = _canonical_entries_into(new, scoped, printed, keys)
+            made = _canonical_entries_into(new, scoped, printed, keys, leaves)
             canonical = None if made is None else new
         if canonical is None:
-            canonical = _patched_canonical(old, scoped, printed, keys, removed, fresh)
+            canonical = _patched_canonical(old, scoped, printed, keys, removed, fresh, leaves)
         if canonical is None:
             return None
         if made is None:
@@ -452,7 +471,10 @@ class Validator:
             for key, entry in zip(keys, made, strict=True)
             if before.get(key) != digest(etree.tostring(entry))
         ]
-        patch = _entry_patch(old, canonical, scoped, keys, removed, made)
+        changed_leaves = _changed_leaves(old, canonical, scoped, leaves)
+        if changed_leaves is None:
+            return None
+        patch = _entry_patch(old, canonical, scoped, keys, removed, made, changed_leaves)
         if patch is not None:
             remember_patch(patch)
         if memo is not None and memo.canonical is not None:
@@ -463,8 +485,9 @@ class Validator:
                 tuple(differing),
                 frozenset(removed),
                 tuple(fresh),
+                changed_leaves,
             )
-        return canonical, bool(removed or differing)
+        return canonical, bool(removed or differing or changed_leaves)
 
     def canonical_of(self, tree: Any) -> etree._Element:
         """:meth:`canonical` of a tree the memo does not know."""
@@ -479,6 +502,7 @@ class Validator:
         keys: list[tuple[str, ...]],
         removed: set[tuple[str, ...]],
         fresh: list[tuple[str, ...]],
+        leaves: tuple[str, ...] = (),
     ) -> SharedTree | None:
         """The remembered tree with the changed entries of ``checked`` in it, made when
         first needed (nc_core.shared_tree): in place once the remembered tree has no
@@ -498,10 +522,16 @@ class Validator:
                     return None
             elif self._find(base.cdata, scoped, key) == ffi.NULL:
                 return None
+        for tag in leaves:
+            if ffi.NULL in (
+                self._find_leaf(base.cdata, scoped, tag),
+                self._find_leaf(checked.cdata, scoped, tag),
+            ):
+                return None
         fresh_keys = set(fresh)
 
         def apply(tree: Any, source: Any) -> None:
-            self._patch_into(tree, source, scoped, keys, removed, fresh_keys)
+            self._patch_into(tree, source, scoped, keys, removed, fresh_keys, leaves)
 
         # Never a list at the top of the tree (entry_scoped_lists leaves those out): the
         # node a tree is held by is never an entry the patch removes.
@@ -515,12 +545,27 @@ class Validator:
         keys: list[tuple[str, ...]],
         removed: set[tuple[str, ...]],
         fresh: set[tuple[str, ...]],
+        leaves: tuple[str, ...] = (),
     ) -> None:
         """Put the entries of ``keys`` in ``source_tree`` into ``tree`` (new ones after
-        the others, changed ones in their place), remove those of ``removed``;
-        LookupError if one is not there."""
+        the others, changed ones in their place), remove those of ``removed``, and put
+        the free ``leaves`` of ``source_tree`` in place of ``tree``'s; LookupError if one
+        is not there."""
         node_p = ffi.new("struct lyd_node **")
         flags = lib.LYD_DUP_RECURSIVE | lib.LYD_DUP_WITH_FLAGS
+        for tag in leaves:
+            target = self._find_leaf(tree, scoped, tag)
+            source = self._find_leaf(source_tree, scoped, tag)
+            if target == ffi.NULL or source == ffi.NULL:
+                raise LookupError(tag)
+            parent = ffi.cast("struct lyd_node *", target.parent)
+            if lib.lyd_dup_single(source, ffi.NULL, flags, node_p) != lib.LY_SUCCESS:
+                raise LookupError(tag)
+            lib.lyd_free_tree(target)
+            # libyang puts a leaf among its siblings in schema order.
+            if lib.lyd_insert_child(parent, node_p[0]) != lib.LY_SUCCESS:
+                lib.lyd_free_tree(node_p[0])
+                raise LookupError(tag)
         for key in removed:
             node = self._find(tree, scoped, key)
             if node == ffi.NULL:
@@ -577,6 +622,18 @@ class Validator:
             return ffi.NULL
         return node_p[0]
 
+    def _find_leaf(self, tree: Any, scoped: EntryScopedList, tag: str) -> Any:
+        """A free leaf beside the list's entries (ffi.NULL: not there)."""
+        parent_path = self._list_path(scoped).rpartition("/")[0]
+        ns, _, name = tag[1:].partition("}")
+        module = self.index.namespaces[ns]
+        path = f"{parent_path}/{module}:{name}"
+        node_p = ffi.new("struct lyd_node **")
+        if lib.lyd_find_path(tree, path.encode(), 0, node_p) != lib.LY_SUCCESS:
+            lib.ly_err_clean(self.schema.ctx.cdata, ffi.NULL)
+            return ffi.NULL
+        return node_p[0]
+
     def _find_parent(self, tree: Any, scoped: EntryScopedList) -> Any:
         path = self._list_path(scoped).rpartition("/")[0]
         node_p = ffi.new("struct lyd_node **")
@@ -626,7 +683,7 @@ class Validator:
         change = _entry_change(old, new, self._lists)
         if change is None:
             return None
-        scoped, _, new_parent = change
+        scoped, _, new_parent, leaves = change
         before = self._entries_before(valid, old, scoped)
         now = _entries(new_parent, scoped)
         if abs(len(now) - len(before)) > FEW_ENTRIES:
@@ -648,13 +705,14 @@ class Validator:
         ]
         if len(changed) + len(before) - len(kept) > FEW_ENTRIES:
             return None
-        return (
+        return _EntryChanges(
             scoped,
             [e for e, _ in changed],
             [k for _, k in changed],
             set(before) - present,
             fresh,
             before,
+            leaves,
         )
 
     def _remember(self, valid: _Valid) -> Any:
@@ -740,17 +798,23 @@ class Validator:
         return self.canonical(tree), tree
 
 
-_EntryChanges = tuple[
-    EntryScopedList,
-    list[etree._Element],
-    list[tuple[str, ...]],
-    set[tuple[str, ...]],
-    list[tuple[str, ...]],
-    dict[tuple[str, ...], bytes],
-]
-"""The list, its changed or new entries and their keys, the removed keys, the new keys
-(in order, after all others), and every entry before, serialised and digested
-(:func:`digest`), by key."""
+class _EntryChanges(NamedTuple):
+    """How a configuration differs from the one before in the entries of one entry-scoped
+    list (and in leaves beside them that nothing reads)."""
+
+    scoped: EntryScopedList
+    changed: list[etree._Element]
+    """Its changed or new entries."""
+    keys: list[tuple[str, ...]]
+    """Their keys."""
+    removed: set[tuple[str, ...]]
+    """The removed keys."""
+    fresh: list[tuple[str, ...]]
+    """The new keys, in order (after all others)."""
+    before: dict[tuple[str, ...], bytes]
+    """Every entry before, serialised and digested (:func:`digest`), by key."""
+    leaves: tuple[str, ...] = ()
+    """Tags of the leaves of ``scoped.free_leaves`` whose value differs."""
 
 
 @dataclass
@@ -766,6 +830,8 @@ class _Checked:
     """Keys of the entries it added or changed (their canonical form differs)."""
     removed: frozenset[tuple[str, ...]]
     fresh: tuple[tuple[str, ...], ...]
+    leaves: tuple[str, ...] = ()
+    """Tags of the free leaves whose canonical value it changed."""
     _data: bytes | None = None
 
     def data(self) -> bytes:
@@ -863,12 +929,16 @@ def _entry_patch(
     keys: list[tuple[str, ...]],
     removed: set[tuple[str, ...]],
     made: list[etree._Element] | None = None,
+    leaves: tuple[str, ...] = (),
 ) -> EntryPatch | None:
     """What :func:`nc_core.edit.diff` needs to compare ``old`` and ``new`` (the patched
-    canonical form of a change) by their changed entries only; ``made``: the entries of
-    ``keys`` in ``new``, when known."""
+    canonical form of a change) by their changed entries (and free ``leaves``) only;
+    ``made``: the entries of ``keys`` in ``new``, when known."""
     old_parent, new_parent = _parent_of(old, scoped), _parent_of(new, scoped)
     if old_parent is None or new_parent is None:
+        return None
+    pairs = [(old_parent.find(tag), new_parent.find(tag)) for tag in leaves]
+    if any(a is None or b is None for a, b in pairs):
         return None
     gone = [_find_entry(old_parent, scoped, key) for key in removed]
     changed: list[etree._Element | None] = (
@@ -884,6 +954,12 @@ def _entry_patch(
         tuple(sorted((e for e in gone if e is not None), key=old_parent.index)),
         tuple(e for e in changed if e is not None),
         tuple(previous),
+        tuple(
+            sorted(
+                ((a, b) for a, b in pairs if a is not None and b is not None),
+                key=lambda pair: new_parent.index(pair[1]),
+            )
+        ),
     )
 
 
@@ -927,11 +1003,12 @@ def _entry_change(
     old: etree._Element,
     new: etree._Element,
     lists: dict[tuple[str, ...], EntryScopedList],
-) -> tuple[EntryScopedList, etree._Element, etree._Element] | None:
+) -> tuple[EntryScopedList, etree._Element, etree._Element, tuple[str, ...]] | None:
     """The entry-scoped list in whose entries alone ``new`` differs from ``old`` (both
-    datastore roots), with its parent in each; None if the difference is anywhere else
-    (or in the entries of more than one list).  Two equal roots may give a list (whose
-    entries then show no change) rather than None: either way nothing needs checking."""
+    datastore roots), with its parent in each, and the tags of the free leaves beside
+    them whose values differ; None if the difference is anywhere else (or in the entries
+    of more than one list).  Two equal roots may give a list (whose entries then show no
+    change) rather than None: either way nothing needs checking."""
     path: list[str] = []
     o, n = old, new
     while True:
@@ -939,15 +1016,17 @@ def _entry_change(
         n_children = [c for c in n if isinstance(c.tag, str)]
         entry_tag = None
         scoped = None
+        leaves: tuple[str, ...] | None = None
         for candidate in lists.values():
             if candidate.tags[:-1] == tuple(path):
                 o_others = [c for c in o_children if c.tag != candidate.tags[-1]]
                 n_others = [c for c in n_children if c.tag != candidate.tags[-1]]
-                if _same(o_others, n_others) and _contiguous(n_children, candidate.tags[-1]):
+                leaves = _same_but_free_leaves(o_others, n_others, candidate.free_leaves)
+                if leaves is not None and _contiguous(n_children, candidate.tags[-1]):
                     entry_tag, scoped = candidate.tags[-1], candidate
                     break
-        if entry_tag is not None and scoped is not None:
-            return scoped, o, n
+        if entry_tag is not None and scoped is not None and leaves is not None:
+            return scoped, o, n, leaves
         if [c.tag for c in o_children] != [c.tag for c in n_children]:
             return None
         pairs = list(zip(o_children, n_children, strict=True))
@@ -973,10 +1052,88 @@ def _entry_change(
             return None
 
 
-def _same(a: list[etree._Element], b: list[etree._Element]) -> bool:
-    return len(a) == len(b) and all(
-        x.tag == y.tag and etree.tostring(x) == etree.tostring(y) for x, y in zip(a, b, strict=True)
-    )
+def _same_but_free_leaves(
+    a: list[etree._Element], b: list[etree._Element], free: frozenset[str]
+) -> tuple[str, ...] | None:
+    """The tags of the free leaves (:attr:`EntryScopedList.free_leaves`) in which the
+    nodes ``a`` and ``b`` differ, present in both with another value; None if they differ
+    otherwise."""
+    if len(a) != len(b):
+        return None
+    leaves = []
+    for x, y in zip(a, b, strict=True):
+        if x.tag != y.tag:
+            return None
+        if etree.tostring(x) == etree.tostring(y):
+            continue
+        if x.tag not in free or not _plain_leaf(x) or not _plain_leaf(y):
+            return None
+        leaves.append(str(y.tag))
+    return tuple(leaves)
+
+
+def _plain_leaf(leaf: etree._Element) -> bool:
+    """A leaf with a value, as a datastore holds it: no children, no attributes."""
+    return len(leaf) == 0 and not leaf.attrib and bool(leaf.text)
+
+
+def _differing_leaves(
+    old_parent: etree._Element | None, new_parent: etree._Element, tags: tuple[str, ...]
+) -> tuple[str, ...] | None:
+    """Of the free leaves ``tags`` (children of the list's parent in each tree), those
+    whose values differ; None if one is not a single plain leaf in both."""
+    if old_parent is None:
+        return None
+    differing = []
+    for tag in dict.fromkeys(tags):
+        before, now = old_parent.findall(tag), new_parent.findall(tag)
+        if len(before) != 1 or len(now) != 1:
+            return None
+        if not (_plain_leaf(before[0]) and _plain_leaf(now[0])):
+            return None
+        if before[0].text != now[0].text:
+            differing.append(tag)
+    return tuple(differing)
+
+
+def _changed_leaves(
+    old: etree._Element, new: etree._Element, scoped: EntryScopedList, tags: tuple[str, ...]
+) -> tuple[str, ...] | None:
+    """:func:`_differing_leaves` between two canonical datastores."""
+    new_parent = _parent_of(new, scoped)
+    if new_parent is None:
+        return None if tags else ()
+    return _differing_leaves(_parent_of(old, scoped), new_parent, tags)
+
+
+def _same_leaves(
+    mine: etree._Element, checked: etree._Element, scoped: EntryScopedList, tags: tuple[str, ...]
+) -> bool:
+    """Whether the free leaves ``tags`` of ``mine`` are exactly as ``checked`` has them."""
+    if not tags:
+        return True
+    parent, printed = _parent_of(mine, scoped), _parent_of(checked, scoped)
+    if parent is None or printed is None:
+        return False
+    for tag in tags:
+        a, b = parent.find(tag), printed.find(tag)
+        if a is None or b is None or etree.tostring(a) != etree.tostring(b):
+            return False
+    return True
+
+
+def _put_leaves(parent: etree._Element, printed: etree._Element, tags: tuple[str, ...]) -> bool:
+    """Put the leaves ``tags`` of ``printed`` (moved out of it) in place of those of
+    ``parent``; False, ``parent`` unchanged, if one is missing."""
+    pairs = [(parent.find(tag), printed.find(tag)) for tag in tags]
+    if any(a is None or b is None for a, b in pairs):
+        return False
+    for a, b in pairs:
+        assert a is not None and b is not None
+        b.tail = a.tail
+        a.addnext(b)
+        parent.remove(a)
+    return True
 
 
 def _contiguous(children: list[etree._Element], tag: str) -> bool:
@@ -1054,14 +1211,15 @@ def _patched_canonical(
     keys: list[tuple[str, ...]],
     removed: set[tuple[str, ...]],
     fresh: list[tuple[str, ...]],
+    leaves: tuple[str, ...] = (),
 ) -> etree._Element | None:
     """``old``'s canonical form with the canonical entries of ``checked`` in place of the
-    changed ones, new ones after the others, removed ones gone; None if an entry is not
-    where it should be."""
+    changed ones, new ones after the others, removed ones gone, and its free ``leaves``;
+    None if an entry or leaf is not where it should be."""
     out = deepcopy(old)
     parent = _parent_of(out, scoped)
     printed = _parent_of(checked, scoped)
-    if parent is None or printed is None:
+    if parent is None or printed is None or not _put_leaves(parent, printed, leaves):
         return None
     for key in removed:
         gone = _find_entry(parent, scoped, key)
@@ -1108,10 +1266,11 @@ def _canonical_entries_into(
     scoped: EntryScopedList,
     checked: etree._Element,
     keys: list[tuple[str, ...]],
+    leaves: tuple[str, ...] = (),
 ) -> list[etree._Element] | None:
     """Replace, in place, the entries of these keys in ``new`` (a private tree) by their
-    canonical form printed in ``checked``, and return them (in the order of ``keys``);
-    None, ``new`` unchanged, if an entry is not found.
+    canonical form printed in ``checked``, and return them (in the order of ``keys``),
+    and the free ``leaves`` likewise; None, ``new`` unchanged, if one is not found.
 
     Removed entries are gone from ``new`` already and new ones are where the edit put
     them: after the others (checked before) or, for a list that had none, wherever the
@@ -1129,6 +1288,9 @@ def _canonical_entries_into(
         pairs.append((replaced, entry))
     if pairs and len(_entries(parent, scoped)) == len(pairs):
         return None  # no entry was there before: its place among the parent's children
+    if any(parent.find(t) is None or printed.find(t) is None for t in leaves):
+        return None
+    _put_leaves(parent, printed, leaves)
     for replaced, entry in pairs:
         entry.tail = None
         replaced.addnext(entry)

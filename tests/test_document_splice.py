@@ -53,6 +53,7 @@ def patch_of(
     removed: tuple[str, ...] = (),
     changed: tuple[str, ...] = (),
     fresh: tuple[str, ...] = (),
+    leaves: tuple[str, ...] = (),
 ) -> EntryPatch:
     return EntryPatch(
         old,
@@ -61,7 +62,14 @@ def patch_of(
         tuple(peer(old, n) for n in removed),
         tuple(peer(new, n) for n in changed),
         tuple(None if n in fresh else peer(old, n) for n in changed),
+        tuple((leaf(old, n), leaf(new, n)) for n in leaves),
     )
+
+
+def leaf(root: etree._Element, name: str) -> etree._Element:
+    found = root.find(f"{{{CE}}}ce/{{{CE}}}{name}")
+    assert found is not None
+    return found
 
 
 def assert_same_as_whole(old: etree._Element, new: etree._Element, spliced: Spliced | None) -> None:
@@ -124,6 +132,27 @@ def test_removals_changes_and_additions_together_make_the_whole_documents_bytes(
         ),
     )
     assert_same_as_whole(old, new, spliced)
+
+
+def test_a_changed_leaf_beside_the_entries_makes_the_whole_documents_bytes() -> None:
+    """The VPN server changes the configuration's version with every peer it adds."""
+    old = configuration(50)
+    new = deepcopy(old)
+    leaf(new, "site-id").text = "ü-site-2"
+    added = deepcopy(peer(new, "site-3"))
+    added[0].text = "site-50"
+    peer(new, "site-49").addnext(added)
+    patch = patch_of(old, new, changed=("site-50",), fresh=("site-50",), leaves=("site-id",))
+    assert_same_as_whole(old, new, spliced_document(document_bytes(old), patch))
+
+
+def test_a_leaf_whose_bytes_occur_twice_is_not_placed() -> None:
+    old = configuration(5)
+    etree.SubElement(peer(old, "site-2"), f"{{{CE}}}site-id").text = "é-site"
+    new = deepcopy(old)
+    leaf(new, "site-id").text = "other"
+    patch = patch_of(old, new, leaves=("site-id",))
+    assert spliced_document(document_bytes(old), patch) is None
 
 
 def test_an_entry_whose_bytes_occur_twice_is_not_placed() -> None:
@@ -241,3 +270,36 @@ def test_a_commit_after_a_failed_apply_is_journalled_as_running_is(
     lab.app.fail_apply = False  # type: ignore[attr-defined]
     commit_each(lab, [ce_peer(3, prefix=3)])
     assert stored_is_running(lab, tmp_path)
+
+
+def server_push(version: int, edit: str) -> str:
+    """An edit as the VPN server sends it (nc_server.ce_config): a new configuration
+    version with every change, each part replaced."""
+    return (
+        f'<configuration-version xmlns:nc="{NC}" nc:operation="replace">v{version}'
+        f"</configuration-version>{edit}"
+    )
+
+
+def test_the_vpn_servers_pushes_are_validated_and_journalled_by_their_entries(
+    lab: InProcessServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its configuration-version is a leaf nothing reads: changing it with a peer keeps a
+    one-peer change proportional to the change (before, it was validated, compared and
+    serialised whole: 177 ms of CPU against 8 at 1,000 peers)."""
+    commit_each(lab, [server_push(1, ce_peer(1, prefix=1))])  # the version appears: whole
+    counts = lab.run(lambda: lab.server.validator.counts.copy())
+    whole: list[object] = []
+    monkeypatch.setattr(server_module, "document_bytes", lambda root: whole.append(root))
+    replaced = ce_peer(41).replace("<peer>", f'<peer xmlns:nc="{NC}" nc:operation="replace">', 1)
+    remove = f'<peer xmlns:nc="{NC}" nc:operation="remove"><name>site-41</name></peer>'
+    commit_each(lab, [server_push(2, replaced), server_push(3, remove), server_push(4, "")])
+    after = lab.run(lambda: lab.server.validator.counts.copy())
+    assert whole == []
+    assert after["whole"] == counts["whole"]
+    assert after["checked-entries"] - counts["checked-entries"] == 3
+    assert stored_is_running(lab, tmp_path)
+    with lab.connect() as m:
+        got = m.get_config(source="running", filter=("subtree", f'<ce xmlns="{CE}"/>'))
+    assert "<configuration-version>v4</configuration-version>" in got.xml
+    assert "site-41" not in got.xml

@@ -168,3 +168,54 @@ def test_the_ce_peer_list_qualifies_with_its_unique_sp_address() -> None:
     peer = found[(f"{{{ce}}}ce", f"{{{ce}}}peer")]
     assert peer.keys == (f"{{{ce}}}name",)
     assert peer.uniques == (((f"{{{ce}}}sp-address",),),)
+
+
+FREE_LEAVES = """
+module freeleaves {
+  yang-version 1.1;
+  namespace "urn:test:freeleaves";
+  prefix f;
+
+  container top {
+    leaf version { type string { length "1..8"; } }
+    leaf read-by-an-entry { type string; }
+    leaf read-from-elsewhere { type uint8; }
+    leaf with-a-must { type string; must "string-length(.) > 1"; }
+    leaf with-a-when { type string; when "../read-by-an-entry"; }
+    leaf a-leafref { type leafref { path "/f:top/f:entry/f:name"; } }
+    leaf an-instance-identifier { type instance-identifier; }
+    choice either {
+      leaf in-a-case { type string; }
+      leaf in-another { type string; }
+    }
+    list entry {
+      key name;
+      leaf name { type string; }
+      leaf x { type string; must "not(. = /f:top/f:read-by-an-entry)"; }
+    }
+  }
+  container elsewhere {
+    leaf y { type uint8; must ". < /f:top/f:read-from-elsewhere"; }
+  }
+}
+"""
+
+
+def test_a_leaf_beside_the_entries_that_nothing_reads_is_free(tmp_path: Path):
+    """A new value of a free leaf leaves every other node as valid as it was; any
+    constraint of its own, on it, or in another case of a choice leaves it out."""
+    (tmp_path / "freeleaves.yang").write_text(FREE_LEAVES)
+    found = entry_scoped_lists(SchemaIndex(Schema(["freeleaves"], search_dirs=(tmp_path,))))
+    (scoped,) = [s for tags, s in found.items() if tags[-1] == "{urn:test:freeleaves}entry"]
+    assert {tag.partition("}")[2] for tag in scoped.free_leaves} == {"version"}
+
+
+def test_the_ce_configuration_version_is_a_free_leaf_beside_the_peers() -> None:
+    """The VPN server changes it with every peer it adds (nc_server.ce_config)."""
+    from nc_core.schema import CE_MODULES
+
+    ce = "urn:cevpn:yang:cevpn-ce"
+    found = entry_scoped_lists(SchemaIndex(Schema(CE_MODULES)))
+    assert found[(f"{{{ce}}}ce", f"{{{ce}}}peer")].free_leaves == {
+        f"{{{ce}}}configuration-version"
+    }

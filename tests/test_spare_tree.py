@@ -15,7 +15,7 @@ from ncclient.xml_ import to_ele
 from nc_core.datastore import document_bytes
 from nc_core.spare_tree import Spare, copy_from_spare
 from tests.in_process import InProcessServer
-from tests.test_document_splice import configuration, patch_of, peer, server_with_peers
+from tests.test_document_splice import configuration, leaf, patch_of, peer, server_with_peers
 from tests.test_shared_candidate import config as ce_config
 from tests.test_shared_candidate import peer as ce_peer
 from tests.waiting import wait_for
@@ -40,6 +40,26 @@ def test_a_copy_from_the_spare_has_the_bytes_of_the_configuration_it_copies() ->
     new = changed(old)
     spare = Spare(
         patch_of(old, new, removed=("site-3",), changed=("site-7", "site-50"), fresh=("site-50",))
+    )
+    del old
+    copy = copy_from_spare(spare, new)
+    assert copy is not None and copy is not new
+    assert document_bytes(copy) == document_bytes(new)
+
+
+def test_a_copy_from_the_spare_has_the_changed_leaf_beside_the_entries() -> None:
+    old = configuration(50)
+    new = changed(old)
+    leaf(new, "site-id").text = "another-site"
+    spare = Spare(
+        patch_of(
+            old,
+            new,
+            removed=("site-3",),
+            changed=("site-7", "site-50"),
+            fresh=("site-50",),
+            leaves=("site-id",),
+        )
     )
     del old
     copy = copy_from_spare(spare, new)

@@ -61,7 +61,8 @@ def configuration(server: NetconfServer, body: str) -> etree._Element:
         f"<endpoint><address>198.51.100.1</address><host-key>{HOST_KEY}</host-key></endpoint>"
         "<username>ce</username></vpn-server><management><server-username>s</server-username>"
         f"<server-authorized-key>{HOST_KEY}</server-authorized-key></management>"
-        f"</pre-configuration>{body}</ce></config>"
+        "</pre-configuration><configuration-version>v1</configuration-version>"
+        f"{body}</ce></config>"
     )
     Editor(server.index).apply(root, config, "merge")
     return root
@@ -225,7 +226,19 @@ EDITS = {
     "change a peer's keying": "<peer><name>site-5</name><ike><pre-shared-key>"
     "0123456789abcdef0123</pre-shared-key></ike></peer>",
     "change something else too": peer(62) + "<minimum-strength>t:strength-128</minimum-strength>",
+    # What the VPN server sends (nc_server.ce_config): a new configuration-version, a leaf
+    # beside the peers that no constraint reads, with every change.
+    "a new version with a new peer, as the server sends them": '<configuration-version '
+    'nc:operation="replace">v2</configuration-version>'
+    + peer(63).replace("<peer>", '<peer nc:operation="replace">', 1),
+    "a new version alone": "<configuration-version>v3</configuration-version>",
+    "a new version and a removed peer": "<configuration-version>v4</configuration-version>"
+    '<peer nc:operation="remove"><name>site-11</name></peer>',
+    "the version removed and a peer added": '<configuration-version nc:operation="remove"/>'
+    + peer(64),
 }
+VALIDATED_WHOLE = {"change something else too", "the version removed and a peer added"}
+"""Changes outside the peers and the free leaves beside them."""
 
 
 @pytest.mark.parametrize("name", sorted(EDITS))
@@ -236,7 +249,7 @@ def test_a_valid_change_makes_what_full_validation_makes(server, name):
     canonical = validator.canonical(first)
     new = edited(server, canonical, EDITS[name])
     tree = validator.validate(new)
-    assert validator.counts["changed-entries"] == (name != "change something else too")
+    assert validator.counts["changed-entries"] == (name not in VALIDATED_WHOLE)
     reference = server.schema.parse_config(serialize(new), "xml")
     try:
         assert with_defaults(tree) == with_defaults(reference)
@@ -245,7 +258,7 @@ def test_a_valid_change_makes_what_full_validation_makes(server, name):
         # and the next change starts from it
         again = validator.validate(edited(server, made, peer(70)))
         free(again)
-        assert validator.counts["changed-entries"] == (name != "change something else too") + 1
+        assert validator.counts["changed-entries"] == (name not in VALIDATED_WHOLE) + 1
     finally:
         for t in (first, tree, reference):
             free(t)
@@ -263,6 +276,8 @@ INVALID = {
     "removing the gateway peer": '<peer nc:operation="remove"><name>site-1</name></peer>',
     "a default route to another peer than the gateway": "<peer><name>site-2</name><tunnel>"
     "<remote-prefix>0.0.0.0/0</remote-prefix></tunnel></peer>",
+    "a new peer with a version too long": peer(50)
+    + f"<configuration-version>{'v' * 65}</configuration-version>",
     "an outbound SA alone": "<peer><name>site-91</name><sp-address>10.1.9.1</sp-address>"
     "<ikeless><outbound><spi>4242</spi><encryption-algorithm>t:encr-aes-gcm-16-256"
     "</encryption-algorithm><encryption-key>"
@@ -323,7 +338,7 @@ def test_an_edit_of_the_candidate_is_checked_into_the_same_canonical_form(server
     new = edited(server, old, NODE_EDITS[name])
     canonical, differs = validator.checked_nodes(old, new)
     assert (etree.tostring(canonical), differs) == whole_check(server, old, new)
-    assert validator.counts["checked-entries"] == (name != "change something else too")
+    assert validator.counts["checked-entries"] == (name not in VALIDATED_WHOLE)
 
 
 NODE_ERRORS = {
@@ -332,6 +347,8 @@ NODE_ERRORS = {
     "an SPI out of range": peer(40).replace("<spi>4176</spi>", "<spi>12</spi>"),
     "two bad values in two peers": "<peer><name>site-3</name><sp-address>x</sp-address></peer>"
     "<peer><name>site-4</name><sp-address>y</sp-address></peer>",
+    "a version too long": f"<configuration-version>{'v' * 65}</configuration-version>"
+    + peer(40),
 }
 
 
@@ -363,7 +380,7 @@ def test_committing_a_checked_candidate_makes_what_full_validation_makes(server,
     tree = validator.validate(committed)
     reference = server.schema.parse_config(serialize(committed), "xml")
     try:
-        entries_only = name != "change something else too"
+        entries_only = name not in VALIDATED_WHOLE
         assert validator.counts["recorded"] == entries_only
         assert with_defaults(tree) == with_defaults(reference)
         made = validator.canonical(tree)
@@ -443,7 +460,7 @@ def test_an_edit_naming_its_entries_is_checked_into_the_same_canonical_form(serv
     new = edited(server, old, NODE_EDITS[name])
     canonical, differs = validator.checked_nodes(old, new, edit_config(NODE_EDITS[name]))
     assert (etree.tostring(canonical), differs) == whole_check(server, old, new)
-    assert validator.counts["named-entries"] == (name != "change something else too")
+    assert validator.counts["named-entries"] == (name not in VALIDATED_WHOLE)
 
 
 def test_an_edit_replacing_the_container_names_no_entries(server):
