@@ -216,6 +216,4 @@ def test_the_ce_configuration_version_is_a_free_leaf_beside_the_peers() -> None:
 
     ce = "urn:cevpn:yang:cevpn-ce"
     found = entry_scoped_lists(SchemaIndex(Schema(CE_MODULES)))
-    assert found[(f"{{{ce}}}ce", f"{{{ce}}}peer")].free_leaves == {
-        f"{{{ce}}}configuration-version"
-    }
+    assert found[(f"{{{ce}}}ce", f"{{{ce}}}peer")].free_leaves == {f"{{{ce}}}configuration-version"}

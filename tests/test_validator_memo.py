@@ -228,7 +228,7 @@ EDITS = {
     "change something else too": peer(62) + "<minimum-strength>t:strength-128</minimum-strength>",
     # What the VPN server sends (nc_server.ce_config): a new configuration-version, a leaf
     # beside the peers that no constraint reads, with every change.
-    "a new version with a new peer, as the server sends them": '<configuration-version '
+    "a new version with a new peer, as the server sends them": "<configuration-version "
     'nc:operation="replace">v2</configuration-version>'
     + peer(63).replace("<peer>", '<peer nc:operation="replace">', 1),
     "a new version alone": "<configuration-version>v3</configuration-version>",
@@ -347,8 +347,7 @@ NODE_ERRORS = {
     "an SPI out of range": peer(40).replace("<spi>4176</spi>", "<spi>12</spi>"),
     "two bad values in two peers": "<peer><name>site-3</name><sp-address>x</sp-address></peer>"
     "<peer><name>site-4</name><sp-address>y</sp-address></peer>",
-    "a version too long": f"<configuration-version>{'v' * 65}</configuration-version>"
-    + peer(40),
+    "a version too long": f"<configuration-version>{'v' * 65}</configuration-version>" + peer(40),
 }
 
 
