@@ -125,6 +125,9 @@ class Patch:
     apply: Callable[[Any, Any], None]
     list_steps: tuple[tuple[str, str], ...]
     """The patched list's data path, (module, name) per step."""
+    leaf_steps: tuple[tuple[tuple[str, str], ...], ...] = ()
+    """The data paths of the leaves beside the list whose value the patch changes
+    (nc_core.schema.EntryScopedList.free_leaves): there before and after."""
 
     def make(self) -> Any:
         base = self.base
@@ -164,22 +167,27 @@ class Patch:
     def same_existence(self, path: str) -> bool:
         """Whether the base has a node at ``path`` exactly when the patched tree has: a
         node outside the list, or one above it (the patch changes entries only, never
-        the containers holding them)."""
-        return self._where(path) in ("outside", "above")
+        the containers holding them), or a changed leaf beside it (changed in value)."""
+        return self._where(path) in ("outside", "above", "changed leaf")
 
     def _where(self, path: str) -> str:
         if not _PLAIN_PATH.fullmatch(path):
             return "unknown"
         module = ""
-        steps = path[1:].split("/")
-        for depth, step in enumerate(steps):
+        steps: list[tuple[str, str]] = []
+        for step in path[1:].split("/"):
             prefix, _, name = step.rpartition(":")
             module = prefix or module
             if not module:
                 return "unknown"  # not a path libyang finds anything at
+            steps.append((module, name))
+        for leaf in self.leaf_steps:
+            if tuple(steps[: len(leaf)]) == leaf:
+                return "changed leaf"
+        for depth, step_name in enumerate(steps):
             if depth >= len(self.list_steps):
                 return "inside"
-            if (module, name) != self.list_steps[depth]:
+            if step_name != self.list_steps[depth]:
                 return "outside"
         return "above" if len(steps) < len(self.list_steps) else "inside"
 

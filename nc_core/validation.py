@@ -535,7 +535,9 @@ class Validator:
 
         # Never a list at the top of the tree (entry_scoped_lists leaves those out): the
         # node a tree is held by is never an entry the patch removes.
-        return SharedTree.patched(base, Patch(base, checked, apply, self._list_steps(scoped)))
+        steps = self._list_steps(scoped)
+        leaf_steps = tuple((*steps[:-1], self._step(tag)) for tag in leaves)
+        return SharedTree.patched(base, Patch(base, checked, apply, steps, leaf_steps))
 
     def _patch_into(
         self,
@@ -605,11 +607,12 @@ class Validator:
                 child = child.next
 
     def _list_steps(self, scoped: EntryScopedList) -> tuple[tuple[str, str], ...]:
-        steps = []
-        for tag in scoped.tags:
-            ns, _, name = tag[1:].partition("}")
-            steps.append((self.index.namespaces[ns], name))
-        return tuple(steps)
+        return tuple(self._step(tag) for tag in scoped.tags)
+
+    def _step(self, tag: str) -> tuple[str, str]:
+        """(module, name) of a Clark tag."""
+        ns, _, name = tag[1:].partition("}")
+        return self.index.namespaces[ns], name
 
     def _find(self, tree: Any, scoped: EntryScopedList, key: tuple[str, ...]) -> Any:
         path = self._list_path(scoped) + "".join(

@@ -26,6 +26,7 @@ from tests.test_validator_memo import (
 )
 
 PRE = "/cevpn-ce:ce/pre-configuration"
+VERSION = "/cevpn-ce:ce/configuration-version"
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +61,29 @@ def test_a_one_peer_change_is_handed_out_pending_and_read_outside_the_peers_unma
     assert isinstance(new, LazyNode) and new.shared_tree.pending is not None
     txn = Transaction(validator.canonical(old), validator.canonical(new), old, new, [], None, 0)
     assert txn.new_at(PRE) == txn.old_at(PRE) is not None
-    assert txn.new_at("/cevpn-ce:ce/configuration-version") is None
+    assert txn.new_at(VERSION) == "v1"
     assert has_node(new, "/cevpn-ce:ce")
-    assert not has_node(new, "/cevpn-ce:ce/configuration-version")
+    assert has_node(new, VERSION)
+    assert not has_node(new, "/cevpn-ce:ce/certificates/certificate")
     assert new.shared_tree.pending is not None  # nothing above made it
+    free(old)
+    free(new)
+
+
+def test_a_changed_leaf_beside_the_peers_is_read_from_the_change(server):
+    """The configuration's version, changed with a peer as the VPN server pushes it: a
+    free leaf (nc_core.schema), patched with the entries, never read from the base."""
+    validator, old = start(server)
+    new = changed(
+        server, validator, old, peer(10) + "<configuration-version>v2</configuration-version>"
+    )
+    assert isinstance(new, LazyNode) and new.shared_tree.pending is not None
+    assert validator.counts["changed-entries"] == 1
+    assert has_node(new, VERSION)
+    assert new.shared_tree.pending is not None  # there before and after: not made for that
+    txn = Transaction(validator.canonical(old), validator.canonical(new), old, new, [], None, 0)
+    assert (txn.old_at(VERSION), txn.new_at(VERSION)) == ("v1", "v2")
+    assert is_whole_validation(server, new, validator)
     free(old)
     free(new)
 
