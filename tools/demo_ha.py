@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -205,6 +206,22 @@ def provisioning(m: Any) -> dict[str, dict[str, str]]:
     return out
 
 
+def owner_name(leaves: dict[str, str]) -> str | None:
+    """ "A" or "B": which of this demo's servers the owner leaf names."""
+    found = re.search(r"\(pid (\d+)", leaves.get("owner", ""))
+    return None if found is None else SERVER_PIDS.get(int(found.group(1)))
+
+
+def as_owners_report(
+    on_a: dict[str, dict[str, str]], on_b: dict[str, dict[str, str]]
+) -> dict[str, dict[str, str]]:
+    """Each site's provisioning leaves as the server provisioning it reports them."""
+    return {
+        site: on_b.get(site, leaves) if owner_name(leaves) == "B" else leaves
+        for site, leaves in on_a.items()
+    }
+
+
 def statuses(prov: dict[str, dict[str, str]]) -> dict[str, str]:
     return {site: leaves.get("status", "") for site, leaves in prov.items()}
 
@@ -333,6 +350,19 @@ class Demo:
             self.report.check(what, False, f"not within {timeout:.0f} s")
         return took
 
+    def first_to_boot(self, ops_a: Any, n_sites: int) -> tuple[list[int], list[int]]:
+        """The sites whose CEs boot before A is killed, and the others: half of them,
+        those A provisions first (which server provisions a CE is rendezvous hashing of
+        the servers' names, pids included: it differs from run to run), so that A is
+        killed in the middle of its own work."""
+        wait_until(lambda: all(p.get("owner") for p in provisioning(ops_a).values()), 10, 0.05)
+        prov = provisioning(ops_a)
+        mine = [n for n in range(1, n_sites + 1) if owner_name(prov.get(site_id(n), {})) == "A"]
+        others = [n for n in range(1, n_sites + 1) if n not in mine]
+        ordered = mine + others
+        half = max(1, n_sites // 2)
+        return sorted(ordered[:half]), sorted(ordered[half:])
+
     def start_agents(self, numbers: list[int], name: str) -> None:
         specs = []
         for n in numbers:
@@ -439,21 +469,25 @@ class Demo:
         r.check("B's running holds the VPN and its sites too", took is not None,
                 f"{on_b} sites on B{lag}")  # fmt: skip
 
-        first = list(range(1, n_sites // 2 + 1))
-        later = list(range(n_sites // 2 + 1, n_sites + 1))
+        first, later = self.first_to_boot(ops_a, n_sites)
         r.step(f"The CEs of sites {site_id(first[0])}..{site_id(first[-1])} boot "
                "(agents without a data plane); provisioning starts")  # fmt: skip
         self.start_agents(first, "farm-1")
         seen_a: dict[str, dict[str, str]] = {}
+        watch_b = b.connect()
 
         def under_way() -> bool:
+            # Each server reports the CEs it provisions; the others stay pending there.
             nonlocal seen_a
-            seen_a = provisioning(ops_a)
+            seen_a = as_owners_report(provisioning(ops_a), provisioning(watch_b))
             return bool(in_sync(seen_a))
 
-        self.wait("provisioning under way on A", under_way, 60)
+        self.wait("provisioning under way", under_way, 60)
+        with contextlib.suppress(Exception):
+            watch_b.close_session()
         done = in_sync(seen_a)
-        r.say("A reports: " + " ".join(f"{s}={st}" for s, st in sorted(statuses(seen_a).items())))
+        r.say("their owners report: "
+              + " ".join(f"{s}={st}" for s, st in sorted(statuses(seen_a).items())))  # fmt: skip
         r.say("who provisions: " + owners(seen_a))
         r.check("mid-provisioning: some CEs in-sync, some not yet",
                 0 < len(done) < n_sites, f"{len(done)}/{n_sites} in-sync", fatal=True)  # fmt: skip
