@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Callable
 from copy import deepcopy
@@ -30,12 +29,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lxml import etree
-from ncclient.operations.rpc import RPCError as NcRpcError
 
 from nc_agent.alarms import CONFIGURATION_FETCH_FAILURE, AlarmList
 from nc_agent.own_key import certificate_request, certifies_own_key
-from nc_core.client import Endpoint, connect
+from nc_core.endpoint import Endpoint
 from nc_core.errors import RpcError
+from nc_core.netconf_client import (
+    NetconfSession,
+    RpcFailed,
+    SessionLost,
+    connect_ssh,
+)
 from nc_core.notifications import date_and_time, now
 from nc_core.xmlutil import default_ns_element, qn
 
@@ -51,6 +55,17 @@ ORPHAN_FILE = "orphan-since"
 PUSH_RECHECK = 30.0
 """Seconds after which a CE that the server told a push was under way fetches again, if
 that push has not brought the version by then (its pull-interval, if shorter)."""
+FETCH_TIMEOUT = 120.0
+"""Seconds a fetch may wait for the server's answer (a 1,000-peer configuration is ~1 MB,
+compiled on demand when the server has not kept it)."""
+LINK_KEEPALIVE = 60.0
+"""Seconds between SSH keepalives on the notification session's connection: a server that
+vanished is noticed within 3 of them, and the server, which holds one such connection per
+CE, answers a keepalive per CE a minute rather than four."""
+LINK_KEEPALIVE_COUNT = 3
+STEADY = 30.0
+"""A notification session that lasted less than this did not stay up: the next one waits
+the back-off (a server that ends every session at once is not dialled in a loop)."""
 
 
 @dataclass(frozen=True)
@@ -163,11 +178,8 @@ class Puller:
         self.last_error: str | None = None
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self.fetches = 0
-        self._listening: Any = None
+        self._listening: _ServerLink | None = None
         """The notification session while it is up: fetches go over it rather than over a
         new SSH connection each (at 1,000 CEs fetching every 300 s, 3.3 handshakes a
         second for the server)."""
@@ -185,13 +197,11 @@ class Puller:
         )
 
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._tasks.append(self._loop.create_task(self._periodic()))
-        self._thread = threading.Thread(target=self._listen, name="pull-notify", daemon=True)
-        self._thread.start()
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._periodic()))
+        self._tasks.append(loop.create_task(self._listen()))
 
     async def stop(self) -> None:
-        self._stop.set()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -236,7 +246,7 @@ class Puller:
                 )
                 csr = self._certificate_request(running)
                 try:
-                    reply = await asyncio.to_thread(session.fetch, current, csr)
+                    reply = await session.fetch(current, csr)
                 except SiteRemoved as exc:
                     self.last_error = str(exc)
                     self.watch.succeeded()  # the server answered, for this site
@@ -275,7 +285,7 @@ class Puller:
         finally:
             self.fetch_connections += session.opened
             self._server_defers = session.defer
-            await asyncio.to_thread(session.close)
+            await session.close()
         return changed
 
     def _certificate_request(self, running: etree._Element) -> str | None:
@@ -339,112 +349,159 @@ class Puller:
 
     # -- notify-then-pull ---------------------------------------------------------
 
-    def _listen(self) -> None:
-        """A subscription to the server's configuration-available notifications (thread)."""
+    async def _listen(self) -> None:
+        """A subscription to the server's configuration-available notifications, kept up
+        on the event loop (one SSH connection, no thread)."""
         delay = 1.0
-        while not self._stop.is_set():
+        while True:
             settings = self.settings()
             if settings is None:
-                self._stop.wait(5.0)
+                await asyncio.sleep(5.0)
                 continue
+            began = time.monotonic()
             try:
-                manager = _connect_any(settings.endpoints)
-            except Exception as exc:
+                link = await _ServerLink.open(
+                    settings.endpoints, LINK_KEEPALIVE, LINK_KEEPALIVE_COUNT
+                )
+            except SessionLost as exc:
                 log.debug("notification session: %s", exc)
-                self._stop.wait(delay)
+                await asyncio.sleep(delay)
                 delay = min(delay * 2, 60.0)
                 continue
-            delay = 1.0
             try:
-                manager.create_subscription(
-                    filter=("subtree", f'<configuration-available xmlns="{SVC_NS}"/>')
-                )
-                self._listening = manager
-                while not self._stop.is_set() and manager.connected:
-                    note = manager.take_notification(block=True, timeout=1.0)
-                    if note is not None and self._loop is not None:
-                        self._loop.call_soon_threadsafe(self.trigger, "configuration-available")
-            except Exception as exc:
-                log.debug("notification session ended: %s", exc)
+                link.session.on_notification = self._notified
+                await link.session.rpc(_SUBSCRIPTION, FETCH_TIMEOUT)
+                self._listening = link
+                await link.session.wait_closed()
+                log.debug("notification session ended")
+            except (SessionLost, RpcFailed) as exc:
+                log.debug("notification session: %s", exc)
             finally:
                 self._listening = None
-                with contextlib.suppress(Exception):
-                    manager.close_session()
+                await link.close()
+            if time.monotonic() - began >= STEADY:
+                delay = 1.0
+            else:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+
+    def _notified(self, notification: etree._Element) -> None:
+        self.trigger("configuration-available")
 
 
-def _connect_any(endpoints: list[Endpoint]) -> Any:
-    last: Exception | None = None
-    for endpoint in endpoints:
-        try:
-            return connect(endpoint)
-        except Exception as exc:
-            last = exc
-    assert last is not None
-    raise last
+_SUBSCRIPTION = (
+    '<create-subscription xmlns="urn:ietf:params:xml:ns:netconf:notification:1.0">'
+    f'<filter type="subtree"><configuration-available xmlns="{SVC_NS}"/></filter>'
+    "</create-subscription>"
+)
+INTERLEAVE = "urn:ietf:params:netconf:capability:interleave:1.0"
+
+
+class _ServerLink:
+    """One NETCONF session to the VPN server on an SSH connection of its own
+    (nc_core.netconf_client: asyncio, the server's host key pinned, replies bounded)."""
+
+    def __init__(self, conn: Any, session: NetconfSession) -> None:
+        self.conn = conn
+        self.session = session
+
+    @classmethod
+    async def open(
+        cls,
+        endpoints: list[Endpoint],
+        keepalive_interval: float = LINK_KEEPALIVE,
+        keepalive_count: int = LINK_KEEPALIVE_COUNT,
+    ) -> _ServerLink:
+        """The first of ``endpoints`` (in order) that answers."""
+        last: SessionLost | None = None
+        for endpoint in endpoints:
+            try:
+                conn = await connect_ssh(
+                    endpoint,
+                    keepalive_interval=keepalive_interval,
+                    keepalive_count_max=keepalive_count,
+                )
+            except (SessionLost, OSError, ValueError) as exc:
+                last = exc if isinstance(exc, SessionLost) else SessionLost(str(exc))
+                continue
+            try:
+                session = await NetconfSession.open(
+                    conn, f"VPN server {endpoint.host}", timeout=endpoint.timeout
+                )
+            except SessionLost as exc:
+                conn.close()
+                last = exc
+                continue
+            return cls(conn, session)
+        raise last or SessionLost("no VPN server endpoint")
+
+    @property
+    def alive(self) -> bool:
+        return self.session.alive
+
+    @property
+    def interleaves(self) -> bool:
+        """Does the server take RPCs on a session with a subscription (RFC 5277)?"""
+        return INTERLEAVE in self.session.capabilities
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.session.close()
+        self.conn.close()
 
 
 class _ServerSession:
-    """The NETCONF session to the VPN server for the rounds of one fetch (a thread's): the
-    notification session if it is up (ncclient lets one thread wait for notifications
-    while another makes RPCs), else one of its own, opened once for all the rounds."""
+    """The NETCONF session to the VPN server for the rounds of one fetch: the
+    notification session if it is up (the server interleaves RPCs with notifications),
+    else one of its own, opened once for all the rounds."""
 
-    def __init__(self, endpoints: list[Endpoint], shared: Any = None, defer: bool = True) -> None:
+    def __init__(
+        self, endpoints: list[Endpoint], shared: _ServerLink | None = None, defer: bool = True
+    ) -> None:
         self.endpoints = endpoints
         self.shared = shared
-        self.manager: Any = None
+        self.link: _ServerLink | None = None
         self.opened = 0
         self.defer = defer
         """Ask with defer-to-push (False once a server that does not know it refused it)."""
 
-    def fetch(self, applied: str | None, csr: str | None = None) -> FetchReply:
+    async def fetch(self, applied: str | None, csr: str | None = None) -> FetchReply:
         shared = self.shared
-        if (
-            self.manager is None
-            and shared is not None
-            and shared.connected
-            and _interleaves(shared)
-        ):
+        if self.link is None and shared is not None and shared.alive and shared.interleaves:
             try:
-                return self._ask(shared, applied, csr)
-            except (SiteRemoved, NcRpcError):
+                return await self._ask(shared.session, applied, csr)
+            except (SiteRemoved, RpcFailed):
                 raise  # the server's answer, whichever session carried it
-            except Exception as exc:
+            except SessionLost as exc:
                 log.debug("fetch over the notification session: %s; over a new one", exc)
                 self.shared = None
-        if self.manager is None or not self.manager.connected:
-            self.manager = _connect_any(self.endpoints)
+        if self.link is None or not self.link.alive:
+            self.link = await _ServerLink.open(self.endpoints)
             self.opened += 1
-        return self._ask(self.manager, applied, csr)
+        return await self._ask(self.link.session, applied, csr)
 
-    def _ask(self, manager: Any, applied: str | None, csr: str | None) -> FetchReply:
+    async def _ask(
+        self, session: NetconfSession, applied: str | None, csr: str | None
+    ) -> FetchReply:
         try:
-            return _fetch(manager, applied, csr, defer=self.defer)
-        except NcRpcError as exc:
-            said = f"{exc.message or ''} {exc.info or ''}"
+            return await _fetch(session, applied, csr, defer=self.defer)
+        except RpcFailed as exc:
+            said = f"{exc.message} {exc.path or ''} {exc.info}"
             if not (self.defer and exc.tag == "unknown-element" and "defer-to-push" in said):
                 raise
         # A server older than defer-to-push: ask as before, from now on.
         log.info("the VPN server does not know defer-to-push: fetching without it")
         self.defer = False
-        return _fetch(manager, applied, csr, defer=False)
+        return await _fetch(session, applied, csr, defer=False)
 
-    def close(self) -> None:
-        if self.manager is not None:
-            with contextlib.suppress(Exception):
-                self.manager.close_session()
-            self.manager = None
-
-
-INTERLEAVE = "urn:ietf:params:netconf:capability:interleave:1.0"
+    async def close(self) -> None:
+        if self.link is not None:
+            await self.link.close()
+            self.link = None
 
 
-def _interleaves(manager: Any) -> bool:
-    """Does the server take RPCs on a session with a subscription (RFC 5277 :interleave)?"""
-    return INTERLEAVE in manager.server_capabilities
-
-
-def _fetch(
-    manager: Any, applied: str | None, csr: str | None = None, *, defer: bool = True
+async def _fetch(
+    session: NetconfSession, applied: str | None, csr: str | None = None, *, defer: bool = True
 ) -> FetchReply:
     request = default_ns_element(SVC_NS, "fetch-ce-configuration")
     if applied:
@@ -454,12 +511,11 @@ def _fetch(
     if defer:
         etree.SubElement(request, qn(SVC_NS, "defer-to-push"))
     try:
-        reply = manager.dispatch(request)
-    except NcRpcError as exc:
-        if getattr(exc, "_app_tag", None) == "site-removed":
-            raise SiteRemoved(str(exc.message or exc)) from None
+        data = await session.rpc(request, FETCH_TIMEOUT)
+    except RpcFailed as exc:
+        if exc.app_tag == "site-removed":
+            raise SiteRemoved(exc.message or str(exc)) from None
         raise
-    data = etree.fromstring(reply.xml.encode())
     return FetchReply(
         version=data.findtext(f".//{qn(SVC_NS, 'version')}") or "",
         ce=data.find(f".//{qn(SVC_NS, 'configuration')}/{qn(CE_NS, 'ce')}"),

@@ -112,6 +112,7 @@ class RpcFailed(Exception):
         app_tag: str | None = None,
         path: str | None = None,
         severity: str = "error",
+        info: str = "",
     ) -> None:
         super().__init__(message or tag)
         self.tag = tag
@@ -119,6 +120,8 @@ class RpcFailed(Exception):
         self.app_tag = app_tag
         self.path = path
         self.severity = severity
+        self.info = info
+        """The texts of ``<error-info>`` (a ``bad-element``'s name, for one), space-separated."""
 
 
 @lru_cache(maxsize=16)
@@ -405,4 +408,10 @@ def rpc_failed(error: etree._Element) -> RpcFailed:
         app_tag=(error.findtext(qn(NC_NS, "error-app-tag")) or "").strip() or None,
         path=(error.findtext(qn(NC_NS, "error-path")) or "").strip() or None,
         severity=(error.findtext(qn(NC_NS, "error-severity")) or "error").strip(),
+        info=" ".join(
+            (e.text or "").strip()
+            for info in error.iterfind(qn(NC_NS, "error-info"))
+            for e in info.iter()
+            if isinstance(e.tag, str) and (e.text or "").strip()
+        ),
     )

@@ -150,6 +150,24 @@ def test_an_rpc_error_keeps_its_tag_and_message_and_the_session_stays_usable(set
     asyncio.run(run())
 
 
+def test_an_rpc_error_keeps_its_error_info(setup: Setup) -> None:
+    """The element a server did not know is named in error-info (bad-element): a client
+    that sent an optional leaf an older server lacks tells that case from others."""
+
+    async def run() -> None:
+        conn, session = await _session(setup.endpoint)
+        with pytest.raises(RpcFailed) as failed:
+            await session.rpc(
+                f'<get-config xmlns="{NC_NS}"><source><running/></source><no-such-leaf/>'
+                "</get-config>"
+            )
+        assert failed.value.tag == "unknown-element"
+        assert "no-such-leaf" in failed.value.info.split()
+        conn.close()
+
+    asyncio.run(run())
+
+
 def test_two_sessions_share_one_ssh_connection(setup: Setup) -> None:
     async def run() -> None:
         conn, first = await _session(setup.endpoint)
