@@ -164,6 +164,11 @@ class Patch:
         the patched list: one the base has exactly as the patched tree has it."""
         return self._where(path) == "outside"
 
+    def changed_leaf(self, path: str) -> bool:
+        """Whether ``path`` names one of the changed leaves beside the list, which
+        ``checked`` holds exactly as the patched tree will (while the patch is pending)."""
+        return self.checked is not None and self._where(path) == "changed leaf"
+
     def same_existence(self, path: str) -> bool:
         """Whether the base has a node at ``path`` exactly when the patched tree has: a
         node outside the list, or one above it (the patch changes entries only, never
@@ -194,7 +199,9 @@ class Patch:
 
 class LazyNode(libyang.DNode):
     """A handle of a pending :class:`SharedTree`: reads outside the patched list from
-    the base, anything else (``cdata``) makes the tree first."""
+    the base, reads of a changed leaf beside it from the patch's checked tree, anything
+    else (``cdata``) makes the tree first.  A node found through it is read at once, as
+    any node of a tree that may be freed (the checked tree goes when the tree is made)."""
 
     def __init__(self, shared: SharedTree) -> None:
         super().__init__(shared.context, None)
@@ -214,8 +221,13 @@ class LazyNode(libyang.DNode):
     def find_path(self, path: str, output: bool = False) -> Any:
         shared = self.__dict__.get("lazy")
         patch = None if shared is None else shared.pending
-        if patch is not None and not output and patch.outside(path):
-            return libyang.DNode.new(self.context, patch.base.cdata).find_path(path)
+        if patch is not None and not output:
+            if patch.outside(path):
+                return libyang.DNode.new(self.context, patch.base.cdata).find_path(path)
+            if patch.changed_leaf(path):
+                # The configuration's version, read by every commit of a pushed change:
+                # without making (copying, at 1,000 peers) the whole tree for it.
+                return libyang.DNode.new(self.context, patch.checked.cdata).find_path(path)
         return super().find_path(path, output)
 
 

@@ -80,9 +80,9 @@ def test_a_changed_leaf_beside_the_peers_is_read_from_the_change(server):
     assert isinstance(new, LazyNode) and new.shared_tree.pending is not None
     assert validator.counts["changed-entries"] == 1
     assert has_node(new, VERSION)
-    assert new.shared_tree.pending is not None  # there before and after: not made for that
     txn = Transaction(validator.canonical(old), validator.canonical(new), old, new, [], None, 0)
     assert (txn.old_at(VERSION), txn.new_at(VERSION)) == ("v1", "v2")
+    assert new.shared_tree.pending is not None  # read from the change, not made for that
     assert is_whole_validation(server, new, validator)
     free(old)
     free(new)
