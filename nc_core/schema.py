@@ -16,7 +16,7 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -762,18 +762,7 @@ def _free_leaves(
 
 
 def _instance_identifier(node: SchemaNode) -> bool:
-    found = False
-
-    def look(ytype: Any) -> None:
-        nonlocal found
-        if ytype.base() == libyang.Type.INST:
-            found = True
-        elif ytype.base() == libyang.Type.UNION:
-            for member in ytype.union_types():
-                look(member)
-
-    look(node.snode.type())
-    return found
+    return any(t.base() == libyang.Type.INST for t in _member_types(node))
 
 
 def _in_a_case(index: SchemaIndex, tags: tuple[str, ...]) -> bool:
@@ -823,19 +812,23 @@ def _whens(node: SchemaNode) -> list[str]:
         return []
 
 
-def _leafrefs(node: SchemaNode) -> list[str]:
+def _member_types(node: SchemaNode) -> Iterator[Any]:
+    """A leaf's or leaf-list's type, or each member type of its unions (none for others)."""
     if node.kind not in ("leaf", "leaf-list"):
-        return []
-    paths = []
+        return
 
-    def collect(ytype: Any) -> None:
-        if ytype.base() == libyang.Type.LEAFREF:
-            paths.append(ytype.leafref_path())
-        elif ytype.base() == libyang.Type.UNION:
+    def members(ytype: Any) -> Iterator[Any]:
+        if ytype.base() == libyang.Type.UNION:
             for member in ytype.union_types():
-                collect(member)
+                yield from members(member)
+        else:
+            yield ytype
 
-    collect(node.snode.type())
+    yield from members(node.snode.type())
+
+
+def _leafrefs(node: SchemaNode) -> list[str]:
+    paths = [t.leafref_path() for t in _member_types(node) if t.base() == libyang.Type.LEAFREF]
     return [p for p in paths if p]
 
 

@@ -619,26 +619,20 @@ class Validator:
             f"[{name}={_quoted(value)}]"
             for name, value in zip(self._key_names(scoped), key, strict=True)
         )
-        node_p = ffi.new("struct lyd_node **")
-        if lib.lyd_find_path(tree, path.encode(), 0, node_p) != lib.LY_SUCCESS:
-            lib.ly_err_clean(self.schema.ctx.cdata, ffi.NULL)
-            return ffi.NULL
-        return node_p[0]
+        return self._find_path(tree, path)
 
     def _find_leaf(self, tree: Any, scoped: EntryScopedList, tag: str) -> Any:
         """A free leaf beside the list's entries (ffi.NULL: not there)."""
         parent_path = self._list_path(scoped).rpartition("/")[0]
         ns, _, name = tag[1:].partition("}")
         module = self.index.namespaces[ns]
-        path = f"{parent_path}/{module}:{name}"
-        node_p = ffi.new("struct lyd_node **")
-        if lib.lyd_find_path(tree, path.encode(), 0, node_p) != lib.LY_SUCCESS:
-            lib.ly_err_clean(self.schema.ctx.cdata, ffi.NULL)
-            return ffi.NULL
-        return node_p[0]
+        return self._find_path(tree, f"{parent_path}/{module}:{name}")
 
     def _find_parent(self, tree: Any, scoped: EntryScopedList) -> Any:
-        path = self._list_path(scoped).rpartition("/")[0]
+        return self._find_path(tree, self._list_path(scoped).rpartition("/")[0])
+
+    def _find_path(self, tree: Any, path: str) -> Any:
+        """The node at the data path ``path`` in ``tree`` (ffi.NULL: not there)."""
         node_p = ffi.new("struct lyd_node **")
         if lib.lyd_find_path(tree, path.encode(), 0, node_p) != lib.LY_SUCCESS:
             lib.ly_err_clean(self.schema.ctx.cdata, ffi.NULL)
