@@ -21,7 +21,6 @@ one place: :meth:`Validator.checked_nodes` may take over a tree the caller hands
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -34,6 +33,15 @@ from lxml import etree
 from nc_core.datastore import free, serialize, validation_errors
 from nc_core.edit import EntryPatch, new_datastore, remember_patch, remembered_patch
 from nc_core.errors import RpcErrors
+from nc_core.list_entries import (
+    ListEntries,
+    counter,
+    digest,
+    entries_of,
+    find_entry,
+    key_of,
+    parent_of,
+)
 from nc_core.release import drop_later, free_later
 from nc_core.schema import (
     EntryScopedList,
@@ -44,11 +52,6 @@ from nc_core.schema import (
 )
 from nc_core.shared_tree import Patch, Release, SharedTree
 from nc_core.xmlutil import NC_NS, XmlRejected, parse_message, qn
-
-
-def digest(data: bytes) -> bytes:
-    """What the memo keeps of a serialised configuration instead of its bytes."""
-    return hashlib.blake2b(data, digest_size=32).digest()
 
 
 @dataclass
@@ -66,10 +69,10 @@ class _Valid:
     configuration): trees handed out are replaced, never changed in place, as the
     server's datastore trees are."""
     _canonical_digest: bytes | None = None
-    entries: dict[tuple[str, ...], dict[tuple[str, ...], bytes]] = field(default_factory=dict)
-    """Per entry-scoped list, the digest of each entry's serialised canonical form by its
-    key (what a change is compared with: the bytes were another 0.8 MB on a CE holding
-    1,000 peers)."""
+    lists: dict[tuple[str, ...], ListEntries] = field(default_factory=dict)
+    """Per entry-scoped list, its entries in ``canonical`` by key, and the digests of
+    those a change was compared with (digests, not the bytes: those were another 0.8 MB
+    on a CE holding 1,000 peers)."""
 
     def canonical_digest(self) -> bytes | None:
         """``canonical`` serialised, digested (made when first needed: a commit the
@@ -184,18 +187,22 @@ class Validator:
             if serialize(root) != record.data():
                 return None
         scoped = record.scoped
-        changed = [_find_entry(_parent_of(root, scoped), scoped, key) for key in record.changed]
-        if any(e is None for e in changed):
-            return None
         old = valid.canonical
         assert old is not None
+        before = self._entries_before(valid, old, scoped)
+        parent = parent_of(root, scoped)
+        changed = [
+            find_entry(parent, scoped, key, near=before.position(key)) for key in record.changed
+        ]
+        if any(e is None for e in changed):
+            return None
         found = _EntryChanges(
             scoped,
             [e for e in changed if e is not None],
             list(record.changed),
             set(record.removed),
             list(record.fresh),
-            self._entries_before(valid, old, scoped),
+            before,
             record.leaves,
         )
         quick = self._incremental(
@@ -242,7 +249,9 @@ class Validator:
             ):
                 canonical, made = root, changed
             if canonical is None:
-                canonical = _patched_canonical(old, scoped, printed, keys, removed, fresh, leaves)
+                canonical = _patched_canonical(
+                    old, scoped, printed, keys, removed, fresh, leaves, before
+                )
             if canonical is None or not _unique_holds(canonical, keys, scoped, made):
                 return None
             tree = self._patched_tree(valid, scoped, checked, keys, removed, fresh, leaves)
@@ -258,25 +267,23 @@ class Validator:
             patch = (
                 None
                 if differing is None
-                else _entry_patch(old, canonical, scoped, keys, removed, made, differing)
+                else _entry_patch(old, canonical, scoped, keys, removed, made, differing, before)
             )
             if patch is not None:
                 remember_patch(patch)
-        entries = dict(before)
-        for key in removed:
-            del entries[key]
+        parent = parent_of(canonical, scoped)
         if made is None:
-            parent = _parent_of(canonical, scoped)
-            found_entries = [_find_entry(parent, scoped, key) for key in keys]
+            found_entries = [find_entry(parent, scoped, key, before.position(key)) for key in keys]
             if any(e is None for e in found_entries):
                 tree.release()
                 return None
             made = [e for e in found_entries if e is not None]
-        for key, entry in zip(keys, made, strict=True):
-            entries[key] = digest(etree.tostring(entry))
-        return self._remember(
-            _Valid(inputs, tree, canonical=canonical, entries={scoped.tags: entries})
+        after = before.changed_to(
+            parent,
+            removed,
+            {key: digest(etree.tostring(e)) for key, e in zip(keys, made, strict=True)},
         )
+        return self._remember(_Valid(inputs, tree, canonical=canonical, lists={scoped.tags: after}))
 
     def checked_nodes(
         self,
@@ -380,26 +387,27 @@ class Validator:
         """:meth:`_entry_changes` when only the ``named`` entries and free leaves can have
         changed."""
         before = self._entries_before(memo, old, scoped)
-        parent = _parent_of(new, scoped)
+        parent = parent_of(new, scoped)
         if parent is None:
             return None
-        leaves = _differing_leaves(_parent_of(old, scoped), parent, named_leaves)
+        leaves = _differing_leaves(parent_of(old, scoped), parent, named_leaves)
         if leaves is None:
             return None
         changed: list[tuple[etree._Element, tuple[str, ...]]] = []
         removed: set[tuple[str, ...]] = set()
         fresh: list[tuple[etree._Element, tuple[str, ...]]] = []
         for key in dict.fromkeys(named):
-            entry = _find_entry(parent, scoped, key)
+            entry = find_entry(parent, scoped, key, near=before.position(key))
             if entry is None:
                 if key in before:
                     removed.add(key)
             elif key not in before:
                 fresh.append((entry, key))
-            elif before[key] != digest(etree.tostring(entry)):
+            elif before.digest(key) != digest(etree.tostring(entry)):
                 changed.append((entry, key))
         if fresh:
-            tail = parent.findall(scoped.tags[-1])[-len(fresh) :]
+            last = parent.iterchildren(scoped.tags[-1], reversed=True)
+            tail = [e for _, e in zip(fresh, last, strict=False)][::-1]
             order = {id(e): i for i, e in enumerate(tail)}
             if set(order) != {id(e) for e, _ in fresh}:
                 return None  # new entries are not all after the others
@@ -454,27 +462,29 @@ class Validator:
         if owned and named is not None:
             # Only the named entries can differ from ``old``: everything else in ``new`` is
             # the copy of ``old`` the edit was made on, canonical already.
-            made = _canonical_entries_into(new, scoped, printed, keys, leaves)
+            made = _canonical_entries_into(new, scoped, printed, keys, leaves, before)
             canonical = None if made is None else new
         if canonical is None:
-            canonical = _patched_canonical(old, scoped, printed, keys, removed, fresh, leaves)
+            canonical = _patched_canonical(
+                old, scoped, printed, keys, removed, fresh, leaves, before
+            )
         if canonical is None:
             return None
         if made is None:
-            parent = _parent_of(canonical, scoped)
-            found_entries = [_find_entry(parent, scoped, key) for key in keys]
+            parent = parent_of(canonical, scoped)
+            found_entries = [find_entry(parent, scoped, key, before.position(key)) for key in keys]
             if any(e is None for e in found_entries):
                 return None
             made = [e for e in found_entries if e is not None]
         differing = [
             key
             for key, entry in zip(keys, made, strict=True)
-            if before.get(key) != digest(etree.tostring(entry))
+            if before.digest(key) != digest(etree.tostring(entry))
         ]
         changed_leaves = _changed_leaves(old, canonical, scoped, leaves)
         if changed_leaves is None:
             return None
-        patch = _entry_patch(old, canonical, scoped, keys, removed, made, changed_leaves)
+        patch = _entry_patch(old, canonical, scoped, keys, removed, made, changed_leaves, before)
         if patch is not None:
             remember_patch(patch)
         if memo is not None and memo.canonical is not None:
@@ -654,20 +664,17 @@ class Validator:
 
     def _entries_before(
         self, valid: _Valid | None, old: etree._Element, scoped: EntryScopedList
-    ) -> dict[tuple[str, ...], bytes]:
-        """Each entry of ``old`` serialised and digested (:func:`digest`), by key
-        (remembered for the memo's canonical form, which ``old`` must be when ``valid``
-        is given)."""
+    ) -> ListEntries:
+        """The entries of ``old`` by key, with their digests (:func:`digest`) as they are
+        asked for (kept with the memo's canonical form, which ``old`` must be when
+        ``valid`` is given)."""
         if valid is not None:
-            cached = valid.entries.get(scoped.tags)
+            cached = valid.lists.get(scoped.tags)
             if cached is not None:
                 return cached
-        made = {
-            _key(e, scoped): digest(etree.tostring(e))
-            for e in _entries(_parent_of(old, scoped), scoped)
-        }
+        made = ListEntries(parent_of(old, scoped), scoped)
         if valid is not None:
-            valid.entries[scoped.tags] = made
+            valid.lists[scoped.tags] = made
         return made
 
     def _entry_changes(
@@ -681,11 +688,12 @@ class Validator:
         if change is None:
             return None
         scoped, _, new_parent, leaves = change
-        before = self._entries_before(valid, old, scoped)
-        now = _entries(new_parent, scoped)
+        entries = self._entries_before(valid, old, scoped)
+        before = entries.digests()
+        now = entries_of(new_parent, scoped)
         if abs(len(now) - len(before)) > FEW_ENTRIES:
             return None
-        keys = [_key(e, scoped) for e in now]
+        keys = [key_of(e, scoped) for e in now]
         if len(set(keys)) != len(keys) or any(not all(k) for k in keys):
             return None  # duplicate or missing keys: the whole check names them
         present = set(keys)
@@ -708,7 +716,7 @@ class Validator:
             [k for _, k in changed],
             set(before) - present,
             fresh,
-            before,
+            entries,
             leaves,
         )
 
@@ -765,7 +773,7 @@ class Validator:
             root = parsed
         if mine and valid is not None:
             valid.canonical = root
-            valid.entries = {}
+            valid.lists = {}
         return root
 
     def load_document(self, path: Path) -> etree._Element:
@@ -808,8 +816,8 @@ class _EntryChanges(NamedTuple):
     """The removed keys."""
     fresh: list[tuple[str, ...]]
     """The new keys, in order (after all others)."""
-    before: dict[tuple[str, ...], bytes]
-    """Every entry before, serialised and digested (:func:`digest`), by key."""
+    before: ListEntries
+    """The entries before, by key, with their digests."""
     leaves: tuple[str, ...] = ()
     """Tags of the leaves of ``scoped.free_leaves`` whose value differs."""
 
@@ -838,87 +846,6 @@ class _Checked:
         return self._data
 
 
-_FINDERS: dict[
-    tuple[str, ...], tuple[etree.XPath, dict[tuple[tuple[str, ...], ...], etree.XPath]]
-] = {}
-
-
-def _finder(scoped: EntryScopedList) -> etree.XPath:
-    """An XPath finding an entry among its parent's children by its key values ($k0...)."""
-    found = _FINDERS.get(scoped.tags)
-    if found is None:
-        namespaces, name = _xpath_names(scoped.tags[-1:] + scoped.keys)
-        test = " and ".join(f"{name[k]} = $k{i}" for i, k in enumerate(scoped.keys))
-        found = _FINDERS[scoped.tags] = (
-            etree.XPath(f"{name[scoped.tags[-1]]}[{test}]", namespaces=namespaces),
-            {},
-        )
-    return found[0]
-
-
-def _counter(scoped: EntryScopedList, unique: tuple[tuple[str, ...], ...]) -> etree.XPath:
-    """An XPath counting the parent's entries whose ``unique`` leaves have the values
-    $v0...: canonical values, equal exactly when their text is."""
-    _finder(scoped)
-    cache = _FINDERS[scoped.tags][1]
-    found = cache.get(unique)
-    if found is None:
-        tags = scoped.tags[-1:] + tuple(t for path in unique for t in path)
-        namespaces, name = _xpath_names(tags)
-        test = " and ".join(
-            "/".join(name[t] for t in path) + f" = $v{i}" for i, path in enumerate(unique)
-        )
-        found = cache[unique] = etree.XPath(
-            f"count({name[scoped.tags[-1]]}[{test}])", namespaces=namespaces
-        )
-    return found
-
-
-def _xpath_names(tags: tuple[str, ...]) -> tuple[dict[str, str], dict[str, str]]:
-    namespaces: dict[str, str] = {}
-    names: dict[str, str] = {}
-    for tag in tags:
-        ns, _, local_name = tag[1:].partition("}")
-        prefix = next((p for p, n in namespaces.items() if n == ns), f"n{len(namespaces)}")
-        namespaces[prefix] = ns
-        names[tag] = f"{prefix}:{local_name}"
-    return namespaces, names
-
-
-def _find_entry(
-    parent: etree._Element | None, scoped: EntryScopedList, key: tuple[str, ...]
-) -> etree._Element | None:
-    """The entry of ``parent`` (canonical data: key values exactly as written) with this
-    key.
-
-    Canonical entries start with their keys: read there, a look-up among 1,000 peers
-    costs a tenth of the XPath that compares every entry's key leaves wherever they are
-    (which an entry not starting with its keys is left to)."""
-    if parent is None:
-        return None
-    keys = scoped.keys
-    count = len(keys)
-    for entry in parent.iterchildren(scoped.tags[-1]):
-        if len(entry) < count:
-            break
-        for position, tag in enumerate(keys):
-            leaf = entry[position]
-            if leaf.tag != tag or len(leaf):
-                break
-            if (leaf.text or "") != key[position]:
-                break
-        else:
-            return entry
-        if leaf.tag != tag or len(leaf):
-            break  # not an entry starting with its keys: the XPath looks
-    else:
-        return None
-    found = _finder(scoped)(parent, **{f"k{i}": v for i, v in enumerate(key)})
-    if isinstance(found, list) and found and isinstance(found[0], etree._Element):
-        return found[0]
-    return None
-
-
 def _entry_patch(
     old: etree._Element,
     new: etree._Element,
@@ -927,21 +854,27 @@ def _entry_patch(
     removed: set[tuple[str, ...]],
     made: list[etree._Element] | None = None,
     leaves: tuple[str, ...] = (),
+    before: ListEntries | None = None,
 ) -> EntryPatch | None:
     """What :func:`nc_core.edit.diff` needs to compare ``old`` and ``new`` (the patched
     canonical form of a change) by their changed entries (and free ``leaves``) only;
-    ``made``: the entries of ``keys`` in ``new``, when known."""
-    old_parent, new_parent = _parent_of(old, scoped), _parent_of(new, scoped)
+    ``made``: the entries of ``keys`` in ``new``, when known; ``before``: the entries of
+    ``old``, when known."""
+    old_parent, new_parent = parent_of(old, scoped), parent_of(new, scoped)
     if old_parent is None or new_parent is None:
         return None
     pairs = [(old_parent.find(tag), new_parent.find(tag)) for tag in leaves]
     if any(a is None or b is None for a, b in pairs):
         return None
-    gone = [_find_entry(old_parent, scoped, key) for key in removed]
+    if before is None or before.parent is not old_parent:
+        before = ListEntries(old_parent, scoped)
+    gone = [before.find(key) for key in removed]
     changed: list[etree._Element | None] = (
-        list(made) if made is not None else [_find_entry(new_parent, scoped, key) for key in keys]
+        list(made)
+        if made is not None
+        else [find_entry(new_parent, scoped, key, before.position(key)) for key in keys]
     )
-    previous = [_find_entry(old_parent, scoped, key) for key in keys]
+    previous = [before.find(key) for key in keys]
     if any(e is None for e in gone) or any(e is None for e in changed):
         return None
     return EntryPatch(
@@ -968,32 +901,6 @@ look-up among all entries, so past a few the whole configuration is cheaper (a
 
 def _quoted(value: str) -> str:
     return f"'{value}'" if "'" not in value else f'"{value}"'
-
-
-def _parent_of(root: etree._Element, scoped: EntryScopedList) -> etree._Element | None:
-    node: etree._Element | None = root
-    for tag in scoped.tags[:-1]:
-        if node is None:
-            return None
-        node = node.find(tag)
-    return node
-
-
-def _entries(parent: etree._Element | None, scoped: EntryScopedList) -> list[etree._Element]:
-    return [] if parent is None else parent.findall(scoped.tags[-1])
-
-
-def _key(entry: etree._Element, scoped: EntryScopedList) -> tuple[str, ...]:
-    """An entry's key values as written (keys come first in canonical data: tried there
-    before searching)."""
-    values = []
-    count = len(entry)
-    for position, tag in enumerate(scoped.keys):
-        child = entry[position] if position < count else None
-        if child is None or child.tag != tag:
-            child = entry.find(tag)
-        values.append("" if child is None else (child.text or ""))
-    return tuple(values)
 
 
 def _entry_change(
@@ -1097,10 +1004,10 @@ def _changed_leaves(
     old: etree._Element, new: etree._Element, scoped: EntryScopedList, tags: tuple[str, ...]
 ) -> tuple[str, ...] | None:
     """:func:`_differing_leaves` between two canonical datastores."""
-    new_parent = _parent_of(new, scoped)
+    new_parent = parent_of(new, scoped)
     if new_parent is None:
         return None if tags else ()
-    return _differing_leaves(_parent_of(old, scoped), new_parent, tags)
+    return _differing_leaves(parent_of(old, scoped), new_parent, tags)
 
 
 def _same_leaves(
@@ -1109,7 +1016,7 @@ def _same_leaves(
     """Whether the free leaves ``tags`` of ``mine`` are exactly as ``checked`` has them."""
     if not tags:
         return True
-    parent, printed = _parent_of(mine, scoped), _parent_of(checked, scoped)
+    parent, printed = parent_of(mine, scoped), parent_of(checked, scoped)
     if parent is None or printed is None:
         return False
     for tag in tags:
@@ -1150,11 +1057,11 @@ def _unique_holds(
     entries of ``keys`` in ``canonical``, when known."""
     if not scoped.uniques or not keys:
         return True
-    parent = _parent_of(canonical, scoped)
+    parent = parent_of(canonical, scoped)
     if parent is None:
         return False
     for position, key in enumerate(keys):
-        entry = made[position] if made is not None else _find_entry(parent, scoped, key)
+        entry = made[position] if made is not None else find_entry(parent, scoped, key)
         if entry is None:
             return False
         for unique in scoped.uniques:
@@ -1165,7 +1072,7 @@ def _unique_holds(
                     break
                 values.append(leaf.text or "")
             else:
-                count = _counter(scoped, unique)(
+                count = counter(scoped, unique)(
                     parent, **{f"v{i}": v for i, v in enumerate(values)}
                 )
                 if count != 1:
@@ -1209,37 +1116,42 @@ def _patched_canonical(
     removed: set[tuple[str, ...]],
     fresh: list[tuple[str, ...]],
     leaves: tuple[str, ...] = (),
+    before: ListEntries | None = None,
 ) -> etree._Element | None:
     """``old``'s canonical form with the canonical entries of ``checked`` in place of the
     changed ones, new ones after the others, removed ones gone, and its free ``leaves``;
-    None if an entry or leaf is not where it should be."""
+    None if an entry or leaf is not where it should be.  ``before``: the entries of
+    ``old``, whose positions are those of its copy until one is taken out (so the removed
+    ones go last)."""
     out = deepcopy(old)
-    parent = _parent_of(out, scoped)
-    printed = _parent_of(checked, scoped)
+    parent = parent_of(out, scoped)
+    printed = parent_of(checked, scoped)
     if parent is None or printed is None or not _put_leaves(parent, printed, leaves):
         return None
-    for key in removed:
-        gone = _find_entry(parent, scoped, key)
-        if gone is None:
-            return None
-        parent.remove(gone)
+    if before is None:
+        before = ListEntries(parent_of(old, scoped), scoped)
     new_keys = set(fresh)
     for key in keys:
-        entry = _find_entry(printed, scoped, key)
+        entry = find_entry(printed, scoped, key)
         if entry is None:
             return None
         if key in new_keys:
-            siblings = parent.findall(scoped.tags[-1])
-            if siblings:
-                siblings[-1].addnext(entry)
+            last = next(parent.iterchildren(scoped.tags[-1], reversed=True), None)
+            if last is not None:
+                last.addnext(entry)
             else:
                 _insert_in_schema_order(parent, entry, checked, scoped)
             continue
-        replaced = _find_entry(parent, scoped, key)
+        replaced = find_entry(parent, scoped, key, before.position(key))
         if replaced is None:
             return None
         replaced.addnext(entry)
         parent.remove(replaced)
+    for key in removed:
+        gone = find_entry(parent, scoped, key, before.position(key))
+        if gone is None:
+            return None
+        parent.remove(gone)
     return out
 
 
@@ -1250,9 +1162,9 @@ def _same_entries(
     keys: list[tuple[str, ...]],
 ) -> bool:
     """Whether ``mine``, the entries of these keys, are each exactly as ``checked`` has it."""
-    printed = _parent_of(checked, scoped)
+    printed = parent_of(checked, scoped)
     for entry, key in zip(mine, keys, strict=True):
-        theirs = _find_entry(printed, scoped, key)
+        theirs = find_entry(printed, scoped, key)
         if theirs is None or etree.tostring(entry) != etree.tostring(theirs):
             return False
     return True
@@ -1264,26 +1176,29 @@ def _canonical_entries_into(
     checked: etree._Element,
     keys: list[tuple[str, ...]],
     leaves: tuple[str, ...] = (),
+    before: ListEntries | None = None,
 ) -> list[etree._Element] | None:
     """Replace, in place, the entries of these keys in ``new`` (a private tree) by their
     canonical form printed in ``checked``, and return them (in the order of ``keys``),
     and the free ``leaves`` likewise; None, ``new`` unchanged, if one is not found.
+    ``before``: the entries of the tree ``new`` is an edited copy of (where to look
+    first).
 
     Removed entries are gone from ``new`` already and new ones are where the edit put
     them: after the others (checked before) or, for a list that had none, wherever the
     edit put it, so that case is left to :func:`_patched_canonical`."""
-    parent = _parent_of(new, scoped)
-    printed = _parent_of(checked, scoped)
+    parent = parent_of(new, scoped)
+    printed = parent_of(checked, scoped)
     if parent is None or printed is None:
         return None
     pairs = []
     for key in keys:
-        entry = _find_entry(printed, scoped, key)
-        replaced = _find_entry(parent, scoped, key)
+        entry = find_entry(printed, scoped, key)
+        replaced = find_entry(parent, scoped, key, None if before is None else before.position(key))
         if entry is None or replaced is None:
             return None
         pairs.append((replaced, entry))
-    if pairs and len(_entries(parent, scoped)) == len(pairs):
+    if pairs and len(entries_of(parent, scoped)) == len(pairs):
         return None  # no entry was there before: its place among the parent's children
     if any(parent.find(t) is None or printed.find(t) is None for t in leaves):
         return None
@@ -1299,7 +1214,7 @@ def _insert_in_schema_order(
     parent: etree._Element, entry: etree._Element, checked: etree._Element, scoped: EntryScopedList
 ) -> None:
     """The first entry of a list: where libyang printed it among the parent's children."""
-    printed = _parent_of(checked, scoped)
+    printed = parent_of(checked, scoped)
     assert printed is not None
     before = [c.tag for c in printed if isinstance(c.tag, str)]
     position = before.index(entry.tag)

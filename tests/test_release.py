@@ -6,6 +6,7 @@ import asyncio
 import gc
 import weakref
 
+from nc_core import release
 from nc_core.release import drop_later, free_later
 from tests.waiting import next_turn
 
@@ -74,3 +75,55 @@ def test_a_loop_that_closed_before_its_turn_has_its_trees_freed_by_the_next_loop
 
     asyncio.run(another())
     assert tree.freed == 1
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_trim_long_after_the_last_is_made_at_once() -> None:
+    clock, made = _Clock(), []
+    pacer = release.TrimPacer(every=10.0, clock=clock, trim=lambda: made.append(clock.now))
+    pacer.trim()
+    clock.now += 10.0
+    pacer.trim()
+    assert made == [1000.0, 1010.0]
+
+
+def test_trims_asked_for_within_the_pace_make_one_trim_when_it_has_passed() -> None:
+    clock, made = _Clock(), []
+    pacer = release.TrimPacer(every=10.0, clock=clock, trim=lambda: made.append(clock.now))
+
+    async def main() -> None:
+        pacer.trim()
+        clock.now += 1.0
+        pacer.trim()
+        clock.now += 2.0
+        pacer.trim()
+        assert made == [1000.0]  # the two later ones wait for the pace
+        assert pacer._due is not None
+        clock.now = 1010.0
+        pacer._due._run()  # the timer's callback, as the loop runs it when due
+        assert made == [1000.0, 1010.0]
+        assert pacer._due is None
+
+    asyncio.run(main())
+
+
+def test_a_trim_due_on_a_loop_that_closed_does_not_block_the_next() -> None:
+    clock, made = _Clock(), []
+    pacer = release.TrimPacer(every=10.0, clock=clock, trim=lambda: made.append(clock.now))
+
+    async def ask() -> None:
+        pacer.trim()
+
+    asyncio.run(ask())
+    clock.now += 1.0
+    asyncio.run(ask())  # deferred on a loop that then closed: never runs
+    clock.now += 1.0
+    pacer.trim()  # no loop here: made at once
+    assert made == [1000.0, 1002.0]
