@@ -486,8 +486,9 @@ class CollectorTime:
 
 
 IDLE_WINDOW = 15.0
-"""Seconds of quiet measured between steps A and B (one SSH keepalive interval,
-nc_core.netconf_client.KEEPALIVE_INTERVAL)."""
+"""Seconds of quiet measured between steps A and B (half an SSH keepalive interval,
+nc_core.netconf_client.KEEPALIVE_INTERVAL: the links' keepalives are spread over it, as
+the links were opened at different times)."""
 
 
 def _percentile(ordered: list[float], pct: float) -> float:
