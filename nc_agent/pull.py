@@ -41,6 +41,7 @@ from nc_core.netconf_client import (
     connect_ssh,
 )
 from nc_core.notifications import date_and_time, now
+from nc_core.tasks import stop_tasks
 from nc_core.xmlutil import default_ns_element, qn
 
 if TYPE_CHECKING:
@@ -202,9 +203,7 @@ class Puller:
         self._tasks.append(loop.create_task(self._listen()))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stop_tasks(self._tasks)  # cancelled again if a cancellation was lost
 
     def trigger(self, why: str) -> None:
         log.info("fetching the configuration: %s", why)

@@ -34,6 +34,7 @@ from typing import Any
 
 from nc_core.asyncssh_import import asyncssh
 from nc_core.netconf_client import ENCRYPTION_PREFERENCE
+from nc_core.tasks import stop_tasks
 
 log = logging.getLogger("cevpn.netconf.call-home")
 
@@ -112,10 +113,7 @@ class CallHomeDialer:
         self.endpoints = ()
         task = self._stop_task()
         if task is not None:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+            await stop_tasks([task])  # cancelled again if a cancellation was lost
 
     def _stop_task(self) -> asyncio.Task[None] | None:
         task, self._task = self._task, None

@@ -25,6 +25,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from nc_core.notifications import date_and_time
+from nc_core.tasks import stop_tasks
 from nc_server.southbound import CeBusy, CeRefused, CeUnreachable, NotConfirmed, Timings
 
 log = logging.getLogger("cevpn.server.provisioning")
@@ -241,6 +242,4 @@ class Provisioner:
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
-        for task in list(self._running.values()):
-            task.cancel()
-        await asyncio.gather(*list(self._running.values()), return_exceptions=True)
+        await stop_tasks(list(self._running.values()))  # again if a cancellation was lost

@@ -70,6 +70,7 @@ from nc_core.confirmed_commit import BACKUP, PendingCommit
 from nc_core.datastore import free
 from nc_core.errors import RpcError
 from nc_core.shared_running import NewerRunning
+from nc_core.tasks import stop_tasks
 from nc_server import shared_contacts, shared_keys
 from nc_server.storage import SqliteDatastores, StorageError
 from nc_server.storage_postgresql import (
@@ -947,13 +948,7 @@ class PostgresSharedRunning:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def stop(self) -> None:
-        for task in (self._follower, self._keeper):
-            if task is not None:
-                task.cancel()
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
+        await stop_tasks([t for t in (self._follower, self._keeper) if t is not None])
         self._follower = self._keeper = None
         for conn in (self._commit_conn, self._lock_conn):
             if conn is not None and not conn.closed:
