@@ -241,6 +241,19 @@ class ListEntries:
         digests.update(changed)
         made = ListEntries(parent, self.scoped, digests)
         made._complete = self._complete
+        if self._positions is not None and self._all_indexed and not removed:
+            # The same positions, new entries after the last (made again once an entry is
+            # removed: the ones after it moved).  A wrong one only costs a scan: every
+            # position is checked before it is trusted, and every key is in the index.
+            positions = dict(self._positions)
+            end = max(positions.values(), default=-1)
+            for key in changed:
+                if key[0] not in positions:
+                    end += 1
+                    positions[key[0]] = end
+                elif self.find(key) is None:
+                    positions[key[0]] = -1  # a new entry sharing an old one's first key
+            made._positions, made._all_indexed = positions, True
         return made
 
 

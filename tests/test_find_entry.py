@@ -4,6 +4,8 @@ leaves wherever they are; and by the index of where each key is (ListEntries).""
 
 from __future__ import annotations
 
+from copy import deepcopy
+
 from lxml import etree
 
 from nc_core.list_entries import AT_END, ListEntries, digest
@@ -114,3 +116,19 @@ def test_a_key_not_in_the_list_is_looked_for_from_the_end_of_a_changed_copy() ->
     assert _find_entry(changed, LIST, ("9", "x9"), near=AT_END) is changed[5]
     assert _find_entry(changed, LIST, ("1", "x1"), near=AT_END) is changed[1]
     assert _find_entry(changed, LIST, ("7", "x7"), near=AT_END) is None
+
+
+def test_the_index_after_a_change_finds_what_a_new_index_finds() -> None:
+    old = parent("<x/>" + "".join(f"<entry><a>{i}</a><b>x{i}</b></entry>" for i in range(5)))
+    before = ListEntries(old, LIST)
+    assert before.find(("2", "x2")) is old[3]  # the index is made
+    new = deepcopy(old)
+    new[3].find(f"{{{N}}}b").text = "x2"  # an entry changed in place (same key)
+    for text in ("<entry><a>7</a><b>x7</b></entry>", "<entry><a>1</a><b>y</b></entry>"):
+        new[-1].addnext(etree.fromstring(text.replace("<entry>", f'<entry xmlns="{N}">')))
+    after = before.changed_to(new, set(), {("2", "x2"): b"", ("7", "x7"): b"", ("1", "y"): b""})
+    fresh = ListEntries(new, LIST)
+    for key in [(str(i), f"x{i}") for i in range(8)] + [("1", "y"), ("9", "x9")]:
+        assert after.find(key) is fresh.find(key) is _find_entry(new, LIST, key)
+    assert after.position(("7", "x7")) == 6
+    assert after.position(("1", "y")) is None  # shares its first key with ("1", "x1")
