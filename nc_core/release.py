@@ -135,11 +135,12 @@ class TrimPacer:
         self,
         every: float = TRIM_EVERY,
         clock: Callable[[], float] = time.monotonic,
-        trim: Callable[[], None] = trim_heap,
+        trim: Callable[[], None] | None = None,
     ) -> None:
         self.every = every
         self.clock = clock
         self._trim = trim
+        """What trims (None: :func:`trim_heap`)."""
         self._last: float | None = None
         self._due: asyncio.TimerHandle | None = None
         self._due_on: asyncio.AbstractEventLoop | None = None
@@ -173,7 +174,7 @@ class TrimPacer:
             self._due = self._due_on = None
         self._last = now
         self.trims += 1
-        self._trim()
+        (self._trim or trim_heap)()
 
 
 _pacer = TrimPacer()

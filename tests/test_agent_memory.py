@@ -27,10 +27,11 @@ from tests.test_validator_memo import CE, configuration, fresh, server  # noqa: 
 from tests.waiting import wait_for
 
 PEERS = 999
-MEMO_BOUND = 600_000
+MEMO_BOUND = 700_000
 """Bytes tracemalloc may see the validator keep for 999 peers after a whole validation
 and a one-peer change: 2.4 MB when it kept serialised copies (measured, with the
-schema's own objects), under 0.6 MB since."""
+schema's own objects), under 0.6 MB since, 0.64 MB with the index of where each key is
+(nc_core/list_entries.py: 1 ms less per push)."""
 
 
 def test_the_validators_memo_of_999_peers_keeps_no_serialised_copies(server: Any) -> None:  # noqa: F811
@@ -85,7 +86,8 @@ def test_after_a_large_configurations_commit_an_idle_server_gives_its_free_pages
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     trims: list[int] = []
-    monkeypatch.setattr(release, "trim_heap", lambda: trims.append(1))
+    # Every trim asked for counts (the pace is tests/test_release.py's).
+    monkeypatch.setattr(release, "_pacer", release.TrimPacer(every=0, trim=lambda: trims.append(1)))
     for peers, expected in ((40, 0), (400, 1)):
         where = tmp_path / str(peers)
         where.mkdir()
