@@ -53,11 +53,14 @@ Output configurations share sub-trees with each other and with the cache
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import contextlib
 import gc
 import hashlib
+import logging
 import operator
+import time
 from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +73,8 @@ from nc_server.compile_rules import (
     paired,
     partners,
 )
+
+log = logging.getLogger("cevpn.compiler")
 
 # --------------------------------------------------------------------------
 # Output
@@ -347,6 +352,8 @@ class CompileCache:
             if old is None or changes is None:
                 records = self._every_entry(rules, fingerprints, old)
                 memos = _assemble_sites(rules, records, old)
+                if sites * sites >= _PAUSE_COLLECTOR_FROM:
+                    _full_collection_soon()
             else:
                 records, memos = self._incremental(rules, fingerprints, old, changes)
         cache = VpnCache(
@@ -713,6 +720,46 @@ def _config(top: dict[str, Any], peers: list[dict[str, Any]], version: str) -> d
 
 _PAUSE_COLLECTOR_FROM = 10_000
 """Tunnels (sites squared) from which the cyclic garbage collector is paused for a compile."""
+
+
+_full_collection_due = False
+
+
+def _full_collection_soon() -> None:
+    """One full collection at the event loop's next turn, after a large VPN was compiled
+    whole (whatever the number of VPNs the same commit compiled).
+
+    Why: the collector runs a full collection once the objects promoted to the oldest
+    generation since the last one outnumber a quarter of those it found there then.
+    After a server's start-up, or the commit that builds a large mesh, that quarter is
+    small and the new configurations are many: the first full collection came soon, at
+    a moment of its own choosing, and traversed all of them (at 1,000 sites, some 3 GB:
+    6.4 s, the event loop stalled for all of it, in the middle of the next site's
+    provisioning in bench/server_bench.py).  Made right after the commit that compiled
+    them, it costs the same once, in a commit that took minutes anyway, and leaves the
+    quarter large: the next full collection is far away.  Not without a running loop
+    (tools, tests): nothing is stalled there."""
+    global _full_collection_due
+    if _full_collection_due:
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    _full_collection_due = True
+    loop.call_soon(_full_collection)
+
+
+def _full_collection() -> None:
+    global _full_collection_due
+    _full_collection_due = False
+    started = time.perf_counter()
+    found = gc.collect()
+    log.info(
+        "full garbage collection after a large compile: %.2f s, %d unreachable objects",
+        time.perf_counter() - started,
+        found,
+    )
 
 
 @contextlib.contextmanager
