@@ -45,8 +45,8 @@ BASE_11 = "urn:ietf:params:netconf:base:1.1"
 
 KEEPALIVE_INTERVAL = 30.0
 """Seconds between SSH keepalive requests on an idle connection.  A VPN server holds one
-such connection per CE: at 1,000 CEs, a keepalive every 15 s was 67 round trips a second,
-about a quarter of the server's CPU with nothing under way."""
+such connection per CE: at 1,000 CEs, a keepalive every 15 s was 67 round trips a second
+on its event loop with nothing under way."""
 KEEPALIVE_COUNT_MAX = 1
 """Keepalives that may go unanswered: the connection is declared dead when the next
 interval passes too (one minute without an answer, as before at four of 15 s)."""
