@@ -722,7 +722,8 @@ _PAUSE_COLLECTOR_FROM = 10_000
 """Tunnels (sites squared) from which the cyclic garbage collector is paused for a compile."""
 
 
-_full_collection_due = False
+_full_collection_on: asyncio.AbstractEventLoop | None = None
+"""The loop a full collection is due on (it is the process's: one is enough)."""
 
 
 def _full_collection_soon() -> None:
@@ -739,20 +740,21 @@ def _full_collection_soon() -> None:
     them, it costs the same once, in a commit that took minutes anyway, and leaves the
     quarter large: the next full collection is far away.  Not without a running loop
     (tools, tests): nothing is stalled there."""
-    global _full_collection_due
-    if _full_collection_due:
-        return
+    global _full_collection_on
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         return
-    _full_collection_due = True
+    due_on = _full_collection_on
+    if due_on is not None and not due_on.is_closed():
+        return  # one is coming (a loop that closed before its turn makes none)
+    _full_collection_on = loop
     loop.call_soon(_full_collection)
 
 
 def _full_collection() -> None:
-    global _full_collection_due
-    _full_collection_due = False
+    global _full_collection_on
+    _full_collection_on = None
     started = time.perf_counter()
     found = gc.collect()
     log.info(

@@ -75,3 +75,18 @@ def test_a_small_vpn_makes_no_collection(collections) -> None:
 def test_without_a_running_loop_nothing_is_collected(collections) -> None:
     VpnCompiler(FakeKeys()).compile(parse_vpn(doc(3)))
     assert collections == [] and gc.isenabled()
+
+
+def test_a_collection_due_on_a_loop_that_closed_does_not_stop_the_next(
+    collections, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closed = asyncio.new_event_loop()
+    closed.close()  # it had a collection due at a turn that never came
+    monkeypatch.setattr(compile_cache, "_full_collection_on", closed)
+
+    async def main() -> None:
+        VpnCompiler(FakeKeys()).compile(parse_vpn(doc(3)))
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert collections == [1]
