@@ -577,9 +577,7 @@ def peers_serialised_by_a_pushed_change(server, monkeypatch, peers: int) -> int:
     return written.count("peer")
 
 
-def test_a_pushed_change_after_a_whole_one_serialises_only_the_peers_it_names(
-    server, monkeypatch
-):
+def test_a_pushed_change_after_a_whole_one_serialises_only_the_peers_it_names(server, monkeypatch):
     """The first small change after a configuration validated whole (a CE's full mesh,
     then a site added) compares the peers it names with what they were, not every peer
     (which cost a CE holding 1,000 peers 8 ms per push)."""
