@@ -76,20 +76,11 @@ def find_entry(
         )
         if found is not None:
             return found
-    keys = scoped.keys
-    count = len(keys)
     for entry in parent.iterchildren(scoped.tags[-1]):
-        if len(entry) < count:
-            break
-        for position, tag in enumerate(keys):
-            leaf = entry[position]
-            if leaf.tag != tag or len(leaf):
-                break
-            if (leaf.text or "") != key[position]:
-                break
-        else:
+        same = _leading_keys_are(entry, scoped, key)
+        if same:
             return entry
-        if leaf.tag != tag or len(leaf):
+        if same is None:
             break  # not an entry starting with its keys: the XPath looks
     else:
         return None
@@ -106,18 +97,12 @@ def find_entry(
 def _last_entry(parent: etree._Element, scoped: EntryScopedList, key: Key) -> etree._Element | None:
     """:func:`find_entry` looking from the last entry back, among those starting with
     their keys (None when it reaches one that does not: the forward scan decides)."""
-    keys = scoped.keys
     for entry in parent.iterchildren(scoped.tags[-1], reversed=True):
-        if len(entry) < len(keys):
-            return None
-        for position, tag in enumerate(keys):
-            leaf = entry[position]
-            if leaf.tag != tag or len(leaf):
-                return None
-            if (leaf.text or "") != key[position]:
-                break
-        else:
+        same = _leading_keys_are(entry, scoped, key)
+        if same:
             return entry
+        if same is None:
+            return None
     return None
 
 
@@ -129,13 +114,25 @@ def _entry_at(
     if position < 0 or position >= len(parent):
         return None
     entry = parent[position]
-    if entry.tag != scoped.tags[-1] or len(entry) < len(scoped.keys):
+    if entry.tag != scoped.tags[-1] or not _leading_keys_are(entry, scoped, key):
         return None
-    for at, tag in enumerate(scoped.keys):
-        leaf = entry[at]
-        if leaf.tag != tag or len(leaf) or (leaf.text or "") != key[at]:
-            return None
     return entry
+
+
+def _leading_keys_are(entry: etree._Element, scoped: EntryScopedList, key: Key) -> bool | None:
+    """Whether ``entry`` starts with key leaves of these values: True, False (its key
+    leaves are first but another value is met), or None when it does not start with its
+    key leaves (leaves of other names first, or a key leaf with children): canonical
+    entries do, others are left to the XPath."""
+    if len(entry) < len(scoped.keys):
+        return None
+    for position, tag in enumerate(scoped.keys):
+        leaf = entry[position]
+        if leaf.tag != tag or len(leaf):
+            return None
+        if (leaf.text or "") != key[position]:
+            return False
+    return True
 
 
 class ListEntries:
