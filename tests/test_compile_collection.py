@@ -13,6 +13,7 @@ import pytest
 from nc_server import compile_cache
 from nc_server.compiler import VpnCompiler
 from tests.test_compiler import FakeKeys, parse_vpn, site, vpn_doc
+from tests.waiting import next_turn
 
 
 def doc(count: int, vpn_id: str = "acme") -> dict[str, Any]:
@@ -32,7 +33,7 @@ def test_a_large_vpn_compiled_whole_is_followed_by_one_full_collection(collectio
     async def main() -> None:
         VpnCompiler(FakeKeys()).compile(parse_vpn(doc(3)))
         assert collections == []  # not during the commit's own turn
-        await asyncio.sleep(0)
+        await next_turn()
         assert collections == [1]
 
     asyncio.run(main())
@@ -43,8 +44,7 @@ def test_several_vpns_compiled_in_one_commit_make_one_collection(collections) ->
         keys = FakeKeys()
         for vpn_id in ("a", "b", "c"):
             VpnCompiler(keys).compile(parse_vpn(doc(3, vpn_id)))
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
+        await next_turn()
         assert collections == [1]
 
     asyncio.run(main())
@@ -54,10 +54,10 @@ def test_a_site_added_to_a_compiled_vpn_makes_no_collection(collections) -> None
     async def main() -> None:
         compiler = VpnCompiler(FakeKeys())
         compiler.compile(parse_vpn(doc(3)))
-        await asyncio.sleep(0)
+        await next_turn()
         collections.clear()
         compiler.compile(parse_vpn(doc(4)))  # incremental: a few new entries
-        await asyncio.sleep(0)
+        await next_turn()
         assert collections == []
 
     asyncio.run(main())
@@ -66,7 +66,7 @@ def test_a_site_added_to_a_compiled_vpn_makes_no_collection(collections) -> None
 def test_a_small_vpn_makes_no_collection(collections) -> None:
     async def main() -> None:
         VpnCompiler(FakeKeys()).compile(parse_vpn(doc(2)))
-        await asyncio.sleep(0)
+        await next_turn()
         assert collections == []
 
     asyncio.run(main())
@@ -86,7 +86,7 @@ def test_a_collection_due_on_a_loop_that_closed_does_not_stop_the_next(
 
     async def main() -> None:
         VpnCompiler(FakeKeys()).compile(parse_vpn(doc(3)))
-        await asyncio.sleep(0)
+        await next_turn()
 
     asyncio.run(main())
     assert collections == [1]

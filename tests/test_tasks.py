@@ -9,11 +9,12 @@ import logging
 import pytest
 
 from nc_core.tasks import stop_tasks
+from tests.waiting import next_turn
 
 
 def test_tasks_that_end_when_cancelled_are_stopped() -> None:
     async def main() -> None:
-        tasks = [asyncio.create_task(asyncio.sleep(3600)) for _ in range(3)]
+        tasks = [asyncio.create_task(asyncio.Event().wait()) for _ in range(3)]
         assert await stop_tasks(tasks) == []
         assert all(t.cancelled() for t in tasks)
 
@@ -29,7 +30,7 @@ def test_a_loop_that_lost_its_cancellation_is_cancelled_again() -> None:
     async def keeps_a_link_up() -> None:
         while True:
             try:
-                await asyncio.sleep(3600)
+                await asyncio.Event().wait()  # until cancelled
             except asyncio.CancelledError:
                 if swallowed:
                     raise
@@ -37,7 +38,7 @@ def test_a_loop_that_lost_its_cancellation_is_cancelled_again() -> None:
 
     async def main() -> None:
         task = asyncio.create_task(keeps_a_link_up())
-        await asyncio.sleep(0)
+        await next_turn()  # the task has started
         assert await stop_tasks([task]) == []
         assert task.cancelled() and swallowed == [True]
 
@@ -77,13 +78,13 @@ def test_a_task_that_will_not_stop_is_named_and_left_behind(
     async def stubborn() -> None:
         while True:
             try:
-                await asyncio.sleep(3600)
+                await asyncio.Event().wait()  # until cancelled
             except asyncio.CancelledError:
                 pass
 
     async def main() -> None:
         task = asyncio.create_task(stubborn(), name="stubborn-loop")
-        await asyncio.sleep(0)
+        await next_turn()  # the task has started
         with caplog.at_level(logging.ERROR, logger="cevpn.tasks"):
             assert await stop_tasks([task], grace=0.2) == [task]
         assert "stubborn-loop did not stop" in caplog.text and "stubborn" in caplog.text
@@ -98,7 +99,7 @@ def test_a_task_that_failed_before_the_stop_does_not_fail_the_stop() -> None:
 
     async def main() -> None:
         task = asyncio.create_task(fails())
-        await asyncio.sleep(0)
+        await next_turn()  # the task has started
         assert await stop_tasks([task]) == []
 
     asyncio.run(main())

@@ -513,6 +513,20 @@ def test_a_candidate_known_as_a_copy_of_running_is_checked_against_it_without_co
             free(t)
 
 
+def counting_serialisations(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """From now on, the local name of every element lxml serialises (``etree.tostring``,
+    which nc_core.validation and nc_core.list_entries call), in order."""
+    written: list[str] = []
+    tostring = etree.tostring
+
+    def counting(node: etree._Element, *args: object, **kwargs: object) -> bytes:
+        written.append(etree.QName(node).localname)
+        return tostring(node, *args, **kwargs)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(etree, "tostring", counting)
+    return written
+
+
 def test_where_two_configurations_differ_is_found_without_writing_out_the_ce(server, monkeypatch):
     """Finding that a change lies in the peer entries alone serialises only what lies
     beside the path to the list (at 1,000 peers the CE's whole configuration was written
@@ -526,14 +540,7 @@ def test_where_two_configurations_differ_is_found_without_writing_out_the_ce(ser
     one_peer = configuration(server, body + "".join(peer(i) for i in (1, 2, 3, 4)))
     elsewhere = configuration(server, "<minimum-strength>t:strength-256</minimum-strength>"
                               + "".join(peer(i) for i in range(1, 4)))  # fmt: skip
-    written: list[str] = []
-    tostring = etree.tostring
-
-    def counting(node: etree._Element, *args: object, **kwargs: object) -> bytes:
-        written.append(etree.QName(node).localname)
-        return tostring(node, *args, **kwargs)  # type: ignore[no-any-return]
-
-    monkeypatch.setattr(validation.etree, "tostring", counting)
+    written = counting_serialisations(monkeypatch)
     found = validation._entry_change(old, one_peer, lists)
     assert found is not None and found[0].tags[-1] == f"{{{CE}}}peer"
     assert "ce" not in written and "peer" not in written
@@ -553,15 +560,8 @@ def peers_serialised_by_a_pushed_change(server, monkeypatch, peers: int) -> int:
         "<peer><name>site-7</name><tunnel><remote-prefix>172.31.0.0/24</remote-prefix>"
         "</tunnel></peer>" + peer(200)
     )
-    written: list[str] = []
-    tostring = etree.tostring
-
-    def counting(node: etree._Element, *args: object, **kwargs: object) -> bytes:
-        written.append(etree.QName(node).localname)
-        return tostring(node, *args, **kwargs)  # type: ignore[no-any-return]
-
     work = edited(server, running, edit)
-    monkeypatch.setattr(etree, "tostring", counting)
+    written = counting_serialisations(monkeypatch)
     candidate, differs = validator.checked_nodes(
         running, work, edit_config(edit), copy_of=running, owned=True
     )
