@@ -13,6 +13,10 @@ add: compile / diff
     the compile of the mesh with one more site, cache warm from the
     previous compile, and ``diff_configs`` of the two results.  The site is
     added and removed again ``--repeats`` times; the median is reported.
+    The new site's id sorts before every other (``--added last``: after),
+    so that it is the first peer of every CE's list: what a site costs
+    where it lands in the lists must show here (in server_bench, "s1000"
+    sorts after "s100", a tenth of the way down).
 server path
     what the server does for an operator's commit that adds the site, from
     the validated datastore to the per-CE configurations and their deltas:
@@ -64,24 +68,32 @@ GOAL_SECONDS = 0.3
 GOAL_SITES = 1000
 
 
-def site_entry(i: int) -> dict[str, Any]:
+FIRST_ID = "a-new"
+"""The id of the added site with ``--added first``: it sorts before every "sNNNN"."""
+
+
+def site_entry(i: int, site_id: str | None = None) -> dict[str, Any]:
     """Site i: its own CE address and /24, as an operator would configure it."""
     address = ipaddress.ip_address("100.64.0.0") + i
     return {
-        "id": f"s{i:04d}",
+        "id": site_id or f"s{i:04d}",
         "ce-address": str(address),
         "local-prefix": [f"10.{i // 250}.{i % 250}.0/24"],
     }
 
 
-def service_document(sites: int) -> dict[str, Any]:
-    """A cevpn-service datastore with one full-mesh VPN of ``sites`` sites."""
-    vpn = {
-        "id": VPN,
-        "customer": "ACME",
-        "site": [site_entry(i + 1) for i in range(sites)],
-    }
+def service_document(sites: int, added: str | None = None) -> dict[str, Any]:
+    """A cevpn-service datastore with one full-mesh VPN of ``sites`` sites, plus the added
+    site when ``added`` is "first" or "last" (where its id sorts)."""
+    entries = [site_entry(i + 1) for i in range(sites)]
+    if added is not None:
+        entries.append(added_site(sites, added))
+    vpn = {"id": VPN, "customer": "ACME", "site": entries}
     return {SVC: {"vpn": [vpn]}}
+
+
+def added_site(sites: int, added: str) -> dict[str, Any]:
+    return site_entry(sites + 1, FIRST_ID if added == "first" else None)
 
 
 def validated(schema: Schema, document: dict[str, Any]) -> Any:
@@ -119,12 +131,13 @@ class SizeResult:
 
 
 def measure_compiler(
-    schema: Schema, sites: int, repeats: int, state: Path
+    schema: Schema, sites: int, repeats: int, state: Path, added: str
 ) -> tuple[float, float, float]:
     """fresh, add compile, add diff (medians of ``repeats`` adds) with the real key store."""
     keys = KeyStore(SqliteStorage.in_state_dir(state))
     compiler = VpnCompiler(keys)
-    trees = [validated(schema, service_document(n)) for n in (sites, sites + 1)]
+    documents = (service_document(sites), service_document(sites, added))
+    trees = [validated(schema, document) for document in documents]
     try:
         base, grown = (printed_vpn(tree) for tree in trees)
     finally:
@@ -147,7 +160,7 @@ def measure_compiler(
         # The site leaves again, its keys with it (as the server forgets a removed
         # site's): the next add starts from n sites and makes its n PSKs again.
         old = compile_kept(base)
-        keys.forget_site(VPN, site_entry(sites + 1)["id"])
+        keys.forget_site(VPN, added_site(sites, added)["id"])
     return fresh, statistics.median(compiles), statistics.median(diffs)
 
 
@@ -179,13 +192,13 @@ async def commit(app: ServiceApplication, txn: Transaction) -> tuple[float, floa
 
 
 def measure_server(
-    schema: Schema, sites: int, repeats: int, state: Path
+    schema: Schema, sites: int, repeats: int, state: Path, added: str
 ) -> tuple[float, float, float]:
     """yang validation, validate, apply+after-commit of the commit adding site n+1 (medians:
     the site is added and removed again ``repeats`` times)."""
     app = ServiceApplication(state, provisioning=False)
     base = validated(schema, service_document(sites))
-    yang, grown = timed(validated, schema, service_document(sites + 1))
+    yang, grown = timed(validated, schema, service_document(sites, added))
 
     async def run() -> tuple[float, float]:
         await commit(app, transaction(None, base, schema, "startup"))
@@ -207,12 +220,14 @@ def measure_server(
     return yang, validate, apply
 
 
-def measure(sites: int, repeats: int) -> SizeResult:
+def measure(sites: int, repeats: int, added: str) -> SizeResult:
     schema = service_schema()
     with tempfile.TemporaryDirectory() as compiler_dir, tempfile.TemporaryDirectory() as app_dir:
-        fresh, add_compile, add_diff = measure_compiler(schema, sites, repeats, Path(compiler_dir))
+        fresh, add_compile, add_diff = measure_compiler(
+            schema, sites, repeats, Path(compiler_dir), added
+        )
         gc.collect()
-        yang, validate, apply = measure_server(schema, sites, repeats, Path(app_dir))
+        yang, validate, apply = measure_server(schema, sites, repeats, Path(app_dir), added)
     gc.collect()
     return SizeResult(sites, fresh, add_compile, add_diff, yang, validate + apply, validate, apply)
 
@@ -239,10 +254,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sites", type=int, default=GOAL_SITES)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--added", choices=("first", "last"), default="first", help="where the new site sorts"
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     sizes = sorted({200, args.sites})
-    results = [measure(n, args.repeats) for n in sizes]
+    results = [measure(n, args.repeats, args.added) for n in sizes]
     print(report(results))
     if args.json:
         payload = [{**asdict(r), "add": r.add} for r in results]

@@ -97,18 +97,21 @@ IKE-less SA suite (:func:`sa_suite`)
     survives a server outage of two intervals before the hard limit.
 
 Canonical JSON
-    A site's version is computed over the canonical JSON of its configuration
-    (:func:`canonical_json`).  A peer entry is written in that form here, as it
-    is built (:class:`PeerEntry`), because the encoded tunnel container is
-    shared between entries exactly like the container itself: encoding it
-    once per distinct tunnel instead of once per entry is what keeps a
-    1,000-site mesh affordable.
+    A site's version is computed over the digests of the canonical JSON of
+    its configuration's parts (:func:`canonical_json`, :func:`section_digest`;
+    how, in :mod:`nc_server.compile_cache`).  A peer entry is written in that
+    form here, as it is built, and only its digest is kept
+    (:class:`PeerEntry`): the encoded tunnel container is shared between
+    entries exactly like the container itself, and encoding it once per
+    distinct tunnel instead of once per entry is what keeps a 1,000-site
+    mesh affordable.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import ipaddress
 import json
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -139,11 +142,17 @@ _SA_LEAVES = (
 # json.dumps(sort_keys=True, separators=(",", ":")) without building an encoder per call.
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
 _encode = _ENCODER.encode
+_sha256 = hashlib.sha256
 
 
 def canonical_json(value: Any) -> str:
     """The canonical form versions are computed over: sorted keys, no blanks, ASCII."""
     return _encode(value)
+
+
+def section_digest(value: Any) -> bytes:
+    """sha256 of ``value``'s canonical JSON: what a site's version is made of."""
+    return hashlib.sha256(_encode(value).encode()).digest()
 
 
 # --------------------------------------------------------------------------
@@ -694,10 +703,11 @@ class Tunnel:
 
 @dataclass(slots=True)  # not frozen: one per peer entry, and a frozen one costs 3x to make
 class PeerEntry:
-    """One ``peer`` list entry (RFC 7951 JSON) and its canonical JSON.  Read-only."""
+    """One ``peer`` list entry (RFC 7951 JSON) and its digest.  Read-only."""
 
     content: dict[str, Any]
-    canonical: bytes
+    digest: bytes
+    """sha256 of the entry's canonical JSON (== :func:`section_digest` of ``content``)."""
 
 
 @dataclass(slots=True)  # not frozen: one per entry and compile in an IKE-less VPN
@@ -979,7 +989,7 @@ class VpnRules:
             entry = {"name": peer, "sp-address": address[peer], "tunnel": shared.container}
             entry["ike"] = {leaf: material}
             data = f"{prefix}{encode_basestring_ascii(material)}}}{shared.tail}"
-            return PeerEntry(entry, data.encode())
+            return PeerEntry(entry, _sha256(data.encode()).digest())
 
         return build
 
@@ -992,7 +1002,8 @@ class VpnRules:
             keying["replay-window"] = self.replay_window
         entry = {"name": peer, "sp-address": self.address[peer], "tunnel": shared.container}
         entry["ikeless"] = keying
-        return PeerEntry(entry, f'{{"ikeless":{_encode(keying)}{shared.tail}'.encode())
+        data = f'{{"ikeless":{_encode(keying)}{shared.tail}'
+        return PeerEntry(entry, _sha256(data.encode()).digest())
 
     # -- CE top level ------------------------------------------------------
 

@@ -16,8 +16,9 @@ one concern:
 :mod:`nc_server.compile_cache`
     The incremental engine: fingerprints of what entries depend on, the
     per-VPN cache of peer entries, which entries to build again, and the
-    assembly of each :class:`CeConfig` with its version from cached canonical
-    JSON.  Its docstring says why a compile after a small change is cheap.
+    assembly of each :class:`CeConfig` with its version from the digests of
+    its parts' canonical JSON, kept in the cache.  Its docstring says why a
+    compile after a small change is cheap.
 
 Callers import from here only; the names below are the whole interface.
 """

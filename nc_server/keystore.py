@@ -267,21 +267,32 @@ class _VpnState:
     certs: dict[str, CertRecord] = field(default_factory=dict)
     ca: CertificateAuthority | None = None
     ca_pem: str = ""
+    oldest: float | None = None
+    """The creation time of the oldest ``current`` SA of a direction not being rekeyed
+    (``next`` is None), when :attr:`oldest_known`: when the next rekey is due.  Kept as
+    slots change, so that a commit adding a site's 2,000 SAs to a million does not make
+    the rekey scheduler look at every one (87 ms at 1,000 sites); found again by a scan
+    only after the oldest one itself went (:meth:`oldest_waiting`)."""
+    oldest_known: bool = True
 
     def put_slot(self, direction: tuple[str, str], slot: SaSlot) -> None:
         """A direction's SAs as read from storage, with the receiver's SPIs and rekey."""
         source, target = direction
+        self.waiting_gone(self.sas.get(direction))
         self.sas[direction] = slot
         used = self.spis.setdefault(target, set())
         used.add(slot.current.spi)
         if slot.next is not None:
             used.add(slot.next.spi)
             self.rekeying.setdefault(target, set()).add(source)
+        else:
+            self.waiting_added(slot)
 
     def drop_slot(self, direction: tuple[str, str]) -> SaSlot | None:
         """Forget a direction's SAs, their SPIs and rekey; what it held."""
         slot = self.sas.pop(direction, None)
         if slot is not None:
+            self.waiting_gone(slot)
             source, target = direction
             used = self.spis.get(target, set())
             used.discard(slot.current.spi)
@@ -289,6 +300,33 @@ class _VpnState:
                 used.discard(slot.next.spi)
             self.rekeying.get(target, set()).discard(source)
         return slot
+
+    def waiting_added(self, slot: SaSlot) -> None:
+        """``slot`` waits for its rekey now (a new direction, or ``next`` promoted)."""
+        if self.oldest_known and (self.oldest is None or slot.current.created < self.oldest):
+            self.oldest = slot.current.created
+
+    def waiting_gone(self, slot: SaSlot | None) -> None:
+        """``slot`` no longer waits (dropped, replaced, or its ``next`` about to be set): call
+        before the change.  Only the oldest one's going makes the oldest unknown."""
+        if (
+            slot is not None
+            and slot.next is None
+            and self.oldest is not None
+            and slot.current.created <= self.oldest
+        ):
+            self.oldest_known = False
+
+    def oldest_waiting(self) -> float | None:
+        """:attr:`oldest`, found again by a scan when unknown."""
+        if not self.oldest_known:
+            self.oldest = self.scan_oldest()
+            self.oldest_known = True
+        return self.oldest
+
+    def scan_oldest(self) -> float | None:
+        created = [slot.current.created for slot in self.sas.values() if slot.next is None]
+        return min(created) if created else None
 
 
 _LOG_KEEP = 65_536
@@ -747,10 +785,12 @@ class KeyStore:
                 raise ValueError(f"site {from_site}: an SA joins two different sites")
             slot = SaSlot(self._new_sa(state, to_site, suite))
             state.sas[(from_site, to_site)] = slot
+            state.waiting_added(slot)
             self._write_slot(vpn, from_site, to_site, slot)
         elif not (slot.next or slot.current).matches(suite):
             if slot.next is not None:
                 state.spis[to_site].discard(slot.next.spi)
+            state.waiting_gone(slot)
             slot.next = self._new_sa(state, to_site, suite)
             state.rekeying.setdefault(to_site, set()).add(from_site)
             self._write_slot(vpn, from_site, to_site, slot)
@@ -819,6 +859,7 @@ class KeyStore:
                 if slot is None:
                     continue
                 if slot.next is None:
+                    state.waiting_gone(slot)
                     slot.next = self._new_sa(state, to_site, slot.current.suite())
                     state.rekeying.setdefault(to_site, set()).add(from_site)
                     self._write_slot(vpn, from_site, to_site, slot)
@@ -854,6 +895,7 @@ class KeyStore:
                     continue
                 state.spis[site].discard(slot.current.spi)
                 slot.current, slot.next = slot.next, None
+                state.waiting_added(slot)
                 self._write_slot(vpn, from_site, site, slot)
                 promoted.append((from_site, site))
             senders.difference_update(source for source, _ in promoted)
@@ -862,10 +904,8 @@ class KeyStore:
     def next_rekey_at(self, vpn: str, interval_seconds: float) -> float | None:
         """When (epoch seconds) the VPN's oldest current SA is due for a rekey; None when it
         has none that is not already being replaced."""
-        created = [
-            slot.current.created for slot in self._state(vpn).sas.values() if slot.next is None
-        ]
-        return min(created) + interval_seconds if created else None
+        oldest = self._state(vpn).oldest_waiting()
+        return None if oldest is None else oldest + interval_seconds
 
     def due_for_rekey(
         self, vpn: str, interval_seconds: float, now: datetime | None = None

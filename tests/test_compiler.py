@@ -242,9 +242,17 @@ class FakeKeys:
 
 
 def canonical_version(config: Mapping[str, Any]) -> str:
-    body = {k: v for k, v in config.items() if k != "configuration-version"}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
-    return "v" + hashlib.sha256(text.encode()).hexdigest()[:16]
+    """What a version is (nc_server/compile_cache.py), computed here from the configuration
+    itself: sha256 over the digest of every section but the peers and each peer's digest,
+    each digest the sha256 of the canonical JSON."""
+
+    def digest(value: Any) -> bytes:
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).digest()
+
+    body = {k: v for k, v in config.items() if k not in ("configuration-version", "peer")}
+    parts = [digest(body)] + [digest(entry) for entry in config.get("peer", [])]
+    return "v" + hashlib.sha256(b"".join(parts)).hexdigest()[:16]
 
 
 def validate(configs: Iterable[CeConfig]) -> None:
@@ -900,7 +908,7 @@ def test_a_changed_input_changes_the_versions_it_touches() -> None:
     assert all(before[s].version != after[s].version for s in before)
 
 
-def test_version_is_sha256_of_the_canonical_json() -> None:
+def test_version_is_the_sha256_of_the_digests_of_the_canonical_json() -> None:
     result = compiled(hub_and_spoke(2, 2, **{"internet-gateway": ["spoke-2"]}))
     for config in result.values():
         assert config.version.startswith("v") and len(config.version) == 17

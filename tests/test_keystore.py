@@ -455,6 +455,63 @@ def test_due_for_rekey_counts_from_the_new_sa_after_promotion(ks, clock):
     assert ks.due_for_rekey("v1", 3600, clock.now) == []
 
 
+def test_the_next_rekey_follows_every_change_of_the_sas(ks, clock, db):
+    """next_rekey_at is kept as SAs come, are rekeyed, promoted and dropped: at each step
+    it is the oldest current SA not being rekeyed, plus the interval."""
+    start = clock.now.timestamp()
+
+    def due_at(seconds_after_start: float) -> float:
+        return start + seconds_after_start + 100
+
+    ks.ikeless_sa("v1", "a", "b", "outbound", GCM)  # created at +0
+    assert ks.next_rekey_at("v1", 100) == due_at(0)
+    clock.advance(10)
+    ks.ikeless_sa("v1", "b", "a", "outbound", GCM)  # +10
+    assert ks.next_rekey_at("v1", 100) == due_at(0)
+    clock.advance(10)
+    ks.begin_rekey("v1", [("a", "b")])  # a->b's next made at +20
+    assert ks.next_rekey_at("v1", 100) == due_at(10)
+    clock.advance(10)
+    ks.ikeless_sa("v1", "c", "a", "outbound", GCM)  # +30
+    ks.receiver_applied("v1", "b")  # a->b's current is the one made at +20
+    assert ks.next_rekey_at("v1", 100) == due_at(10)
+    ks.begin_rekey("v1", [("b", "a")])  # b->a's next made at +30
+    assert ks.next_rekey_at("v1", 100) == due_at(20)
+    clock.advance(10)
+    ks.ikeless_sa("v1", "a", "b", "inbound", CBC)  # a changed suite: a->b is rekeyed
+    assert ks.next_rekey_at("v1", 100) == due_at(30)
+    ks.forget_site("v1", "c")
+    assert ks.next_rekey_at("v1", 100) is None  # both others are being rekeyed
+    other = reopen(db, clock)  # another server promotes b->a, this one reloads
+    other.receiver_applied("v1", "a")
+    ks.reload_rows("v1", [(TABLE_SA, "v1/b/a")])
+    assert ks.next_rekey_at("v1", 100) == due_at(30)
+    ks.forget_site("v1", "a")
+    assert ks.next_rekey_at("v1", 100) is None
+    assert reopen(db, clock).next_rekey_at("v1", 100) is None
+
+
+def test_new_sas_keep_the_next_rekey_without_looking_at_every_sa(ks, clock, monkeypatch):
+    """A commit adding a site adds SAs to a VPN that may hold a million: the next rekey
+    is known without a scan of them (a scan only after the oldest one went)."""
+    scans: list[int] = []
+    scan = keystore_module._VpnState.scan_oldest
+    monkeypatch.setattr(
+        keystore_module._VpnState, "scan_oldest", lambda self: scans.append(1) or scan(self)
+    )
+    ks.ikeless_sa("v1", "a", "b", "outbound", GCM)
+    first = ks.next_rekey_at("v1", 100)
+    for site in "cdef":
+        clock.advance(1)
+        ks.ikeless_sa("v1", site, "a", "outbound", GCM)
+        ks.ikeless_sa("v1", "a", site, "outbound", GCM)
+        assert ks.next_rekey_at("v1", 100) == first
+    assert scans == []
+    ks.begin_rekey("v1", [("a", "b")])
+    assert ks.next_rekey_at("v1", 100) == first + 1
+    assert scans == [1]
+
+
 # --- certificates ------------------------------------------------------------
 
 
