@@ -53,6 +53,7 @@ from typing import Any, TypeVar
 from nc_core.datastore import free
 from nc_core.edit import new_datastore
 from nc_core.schema import Schema, service_schema
+from nc_core.server import NetconfServer, ServerOptions
 from nc_core.transaction import Transaction
 from nc_server.compiler import VpnCompiler, diff_configs
 from nc_server.keystore import KeyStore
@@ -197,6 +198,7 @@ def measure_server(
     """yang validation, validate, apply+after-commit of the commit adding site n+1 (medians:
     the site is added and removed again ``repeats`` times)."""
     app = ServiceApplication(state, provisioning=False)
+    NetconfServer(ServerOptions(state_dir=state), app)  # attached as cevpn-server attaches it
     base = validated(schema, service_document(sites))
     yang, grown = timed(validated, schema, service_document(sites, added))
 
