@@ -804,6 +804,8 @@ class VpnRules:
         self.suite = ikeless_suite(m)
         self.ospf = m.protocol == "ospf"
         self.replay_window: int | None = m.esp.get("replay-window")
+        self._lifetimes: dict[tuple[Any, Any], dict[str, Any]] = {}
+        """One ``lifetime`` container per distinct value (every SA of a VPN has the same)."""
         if m.keying == "ikeless":
             check_sa(m, {"encryption-algorithm": self.suite.encryption}, "IKE-less suite")
             if self.suite.integrity is not None:
@@ -968,16 +970,26 @@ class VpnRules:
         return psk
 
     def _ikeless_material(self, a: str, b: str) -> tuple[IkelessMaterial, IkelessMaterial]:
+        """Both ends' SAs.  A direction's SA is its sender's outbound and its receiver's
+        inbound: one dict for both unless a rekey is rolling out (the receiver has the
+        next SA already), which halves what a million IKE-less entries hold."""
+        a_to_b, b_to_a = self._sa(a, b, "outbound"), self._sa(b, a, "outbound")
+        into_b, into_a = self._sa(a, b, "inbound"), self._sa(b, a, "inbound")
         return (
-            IkelessMaterial(self._sa(a, b, "outbound"), self._sa(b, a, "inbound")),
-            IkelessMaterial(self._sa(b, a, "outbound"), self._sa(a, b, "inbound")),
+            IkelessMaterial(a_to_b, b_to_a if into_a == b_to_a else into_a),
+            IkelessMaterial(b_to_a, a_to_b if into_b == a_to_b else into_b),
         )
 
     def _sa(self, src: str, dst: str, direction: Literal["outbound", "inbound"]) -> dict[str, Any]:
         explicit = self.explicit.sa.get((src, dst))
         if explicit is not None:
             return explicit
-        return sa_leaves(self.keys.ikeless_sa(self.vpn.id, src, dst, direction, self.suite))
+        sa = sa_leaves(self.keys.ikeless_sa(self.vpn.id, src, dst, direction, self.suite))
+        lifetime = sa.get("lifetime")
+        if lifetime is not None:
+            key = (lifetime.get("soft-seconds"), lifetime.get("hard-seconds"))
+            sa["lifetime"] = self._lifetimes.setdefault(key, lifetime)
+        return sa
 
     def _ike_builder(self, leaf: str) -> Callable[[str, str, str], PeerEntry]:
         """Entries whose keying is ``ike/<leaf>``: a string, written straight into the JSON."""

@@ -76,6 +76,36 @@ def test_each_step_of_an_ikeless_rekey_is_compiled(store: KeyStore) -> None:
     _same_as_fresh(_compiled(compiler, store, vpn), store, vpn)
 
 
+def _ikeless(result: dict[str, CeConfig], site: str, peer: str) -> dict[str, Any]:
+    entry = next(e for e in result[site].config["peer"] if e["name"] == peer)
+    keying: dict[str, Any] = entry["ikeless"]
+    return keying
+
+
+def test_an_sa_is_one_object_for_its_sender_and_its_receiver(store: KeyStore) -> None:
+    """A million IKE-less entries hold half as many SAs when a direction's SA is shared by
+    its sender's outbound and its receiver's inbound (the output is read-only)."""
+    vpn = mesh(3, keying="ikeless")
+    result = _compiled(VpnCompiler(store), store, vpn)
+    sent = _ikeless(result, "site-1", "site-2")["outbound"]
+    assert _ikeless(result, "site-2", "site-1")["inbound"] is sent
+    lifetimes = {id(_ikeless(result, s, p)["outbound"]["lifetime"]) for s, p in
+                 [("site-1", "site-2"), ("site-2", "site-3"), ("site-3", "site-1")]}  # fmt: skip
+    assert len(lifetimes) == 1
+
+
+def test_while_a_rekey_rolls_out_the_receiver_holds_the_next_sa(store: KeyStore) -> None:
+    vpn = mesh(2, keying="ikeless")
+    compiler = VpnCompiler(store)
+    before = _compiled(compiler, store, vpn)
+    old = _ikeless(before, "site-1", "site-2")["outbound"]
+    store.begin_rekey(VPN, [("site-1", "site-2")])
+    during = _compiled(compiler, store, vpn)
+    assert _ikeless(during, "site-1", "site-2")["outbound"] == old
+    assert _ikeless(during, "site-2", "site-1")["inbound"]["spi"] != old["spi"]
+    _same_as_fresh(during, store, vpn)
+
+
 def test_keys_a_dry_run_made_and_dropped_are_asked_again(store: KeyStore) -> None:
     """<validate> of an added site makes keys for its pairs and drops them; the commit
     that follows must not reuse what the dry run's compile saw."""
