@@ -39,10 +39,10 @@ A site's version is a hash of hashes: sha256 over the digest of its
 configuration's other sections followed by every peer entry's digest (each
 the sha256 of the entry's canonical JSON, made once when the entry is
 built, :class:`~nc_server.compile_rules.PeerEntry`).  Adding a site to a
-1,000-site mesh then hashes 32 KB per site instead of the half of its
-0.8 MB of JSON that sorts after the new peer, and the cache keeps 32 bytes
-per entry rather than its JSON.  A
-site whose entries and other sections did not change keeps its previous
+1,000-site mesh then hashes 32 KB per site, wherever the new site sorts,
+instead of the part of its 0.8 MB of JSON that sorts after it, and the
+cache keeps 32 bytes per entry rather than its JSON.  A site whose entries
+and other sections did not change keeps its previous
 :class:`CeConfig` object, and a changed one records what changed
 (:class:`PeerChanges`), so that comparing two compiles costs what changed.
 The cache's own lists and records are edited in place, but only once
