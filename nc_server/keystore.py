@@ -276,7 +276,8 @@ class _VpnState:
     oldest_known: bool = True
 
     def put_slot(self, direction: tuple[str, str], slot: SaSlot) -> None:
-        """A direction's SAs as read from storage, with the receiver's SPIs and rekey."""
+        """A direction's SAs (read from storage, or new), with the receiver's SPIs and
+        rekey."""
         source, target = direction
         self.waiting_gone(self.sas.get(direction))
         self.sas[direction] = slot
@@ -300,6 +301,12 @@ class _VpnState:
                 used.discard(slot.next.spi)
             self.rekeying.get(target, set()).discard(source)
         return slot
+
+    def begin_next(self, direction: tuple[str, str], slot: SaSlot, sa: SaRecord) -> None:
+        """``sa`` is the direction's ``next`` SA now: its rekey is under way."""
+        self.waiting_gone(slot)
+        slot.next = sa
+        self.rekeying.setdefault(direction[1], set()).add(direction[0])
 
     def waiting_added(self, slot: SaSlot) -> None:
         """``slot`` waits for its rekey now (a new direction, or ``next`` promoted)."""
@@ -325,6 +332,7 @@ class _VpnState:
         return self.oldest
 
     def scan_oldest(self) -> float | None:
+        """The oldest waiting SA's creation time, from every slot (what is kept otherwise)."""
         created = [slot.current.created for slot in self.sas.values() if slot.next is None]
         return min(created) if created else None
 
@@ -784,15 +792,12 @@ class KeyStore:
             if from_site == to_site:
                 raise ValueError(f"site {from_site}: an SA joins two different sites")
             slot = SaSlot(self._new_sa(state, to_site, suite))
-            state.sas[(from_site, to_site)] = slot
-            state.waiting_added(slot)
+            state.put_slot((from_site, to_site), slot)
             self._write_slot(vpn, from_site, to_site, slot)
         elif not (slot.next or slot.current).matches(suite):
             if slot.next is not None:
                 state.spis[to_site].discard(slot.next.spi)
-            state.waiting_gone(slot)
-            slot.next = self._new_sa(state, to_site, suite)
-            state.rekeying.setdefault(to_site, set()).add(from_site)
+            state.begin_next((from_site, to_site), slot, self._new_sa(state, to_site, suite))
             self._write_slot(vpn, from_site, to_site, slot)
         if direction == "inbound":
             return (slot.next or slot.current).to_yang()
@@ -859,9 +864,8 @@ class KeyStore:
                 if slot is None:
                     continue
                 if slot.next is None:
-                    state.waiting_gone(slot)
-                    slot.next = self._new_sa(state, to_site, slot.current.suite())
-                    state.rekeying.setdefault(to_site, set()).add(from_site)
+                    next_sa = self._new_sa(state, to_site, slot.current.suite())
+                    state.begin_next((from_site, to_site), slot, next_sa)
                     self._write_slot(vpn, from_site, to_site, slot)
                 pending.append((from_site, to_site))
         return RekeyStep(tuple(sorted(pending)))
