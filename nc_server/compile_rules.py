@@ -145,6 +145,11 @@ _encode = _ENCODER.encode
 _sha256 = hashlib.sha256
 
 
+def _digest(canonical: str) -> bytes:
+    """sha256 of canonical JSON text: the one digest versions are made of."""
+    return _sha256(canonical.encode()).digest()
+
+
 def canonical_json(value: Any) -> str:
     """The canonical form versions are computed over: sorted keys, no blanks, ASCII."""
     return _encode(value)
@@ -152,7 +157,7 @@ def canonical_json(value: Any) -> str:
 
 def section_digest(value: Any) -> bytes:
     """sha256 of ``value``'s canonical JSON: what a site's version is made of."""
-    return hashlib.sha256(_encode(value).encode()).digest()
+    return _digest(_encode(value))
 
 
 # --------------------------------------------------------------------------
@@ -1001,7 +1006,7 @@ class VpnRules:
             entry = {"name": peer, "sp-address": address[peer], "tunnel": shared.container}
             entry["ike"] = {leaf: material}
             data = f"{prefix}{encode_basestring_ascii(material)}}}{shared.tail}"
-            return PeerEntry(entry, _sha256(data.encode()).digest())
+            return PeerEntry(entry, _digest(data))
 
         return build
 
@@ -1015,7 +1020,7 @@ class VpnRules:
         entry = {"name": peer, "sp-address": self.address[peer], "tunnel": shared.container}
         entry["ikeless"] = keying
         data = f'{{"ikeless":{_encode(keying)}{shared.tail}'
-        return PeerEntry(entry, _sha256(data.encode()).digest())
+        return PeerEntry(entry, _digest(data))
 
     # -- CE top level ------------------------------------------------------
 
