@@ -2,7 +2,7 @@
 
     python -m bench.server_bench [--sites 200] [--per-process 50] [--json FILE] [--profile FILE]
                                  [--profile-farms DIR] [--profile-step B]
-                                 [--servers 1] [--postgresql]
+                                 [--servers 1] [--postgresql] [--census FILE]
 
 The server runs in this process (so its own accounting can be read: compile
 time, and per CE the time spent opening SSH connections and in NETCONF
@@ -26,6 +26,8 @@ over step B (``--profile-step``), and of the quiet window before A-B beside it
 server, so a profiled run's CPU figures are not comparable with an
 unprofiled one's).  ``--profile-farms DIR`` profiles every agent farm over
 the same step (``DIR/<pid>.prof``, one per farm process of 50 agents).
+``--census FILE`` writes the server's live objects by type after step A
+(where its memory is).
 
 ``--servers K`` runs K VPN servers on one PostgreSQL database (a throw-away
 cluster, lab/postgres.py): this process's and K - 1 ``cevpn-server``
@@ -102,6 +104,7 @@ class Bench:
         profile_step: str = "B",
         servers: int = 1,
         database: str | None = None,
+        census: Path | None = None,
     ) -> None:
         self.sites = sites
         self.per_process = per_process
@@ -113,6 +116,8 @@ class Bench:
         self.profile_step = profile_step
         self.farms: list[subprocess.Popen[bytes]] = []
         self.servers = servers
+        self.census = census
+        """Where to write a census of this process's heap after step A (None: none)."""
         """VPN servers on the one database: this process's and servers - 1 cevpn-server
         processes (they need ``database``, a PostgreSQL URL)."""
         self.database = database
@@ -198,6 +203,9 @@ class Bench:
                 f'<config xmlns="{NC}"><vpn-service xmlns="{SVC}"><vpn><id>bench</id>'
                 "<topology><type>full-mesh</type></topology></vpn></vpn-service></config>",
             )
+            result["rss_after_full_mesh_mb"] = rss_mb()
+            if self.census is not None:
+                write_census(self.census)
             stats = app.server.stats
             opened, dropped = stats.in_sessions, stats.dropped_sessions
             (
@@ -499,6 +507,39 @@ def _percentile(ordered: list[float], pct: float) -> float:
     return ordered[rank - 1]
 
 
+def write_census(path: Path, top: int = 40) -> None:
+    """The live objects of this process by type, the largest total first: where the
+    server's memory is, read after a full collection (``sys.getsizeof`` counts each object
+    alone, not what it refers to, so the totals add up without double counting)."""
+    gc.collect()
+    counts: dict[str, list[int]] = {}
+    for obj in gc.get_objects():
+        kind = type(obj)
+        entry = counts.setdefault(f"{kind.__module__}.{kind.__qualname__}", [0, 0])
+        entry[0] += 1
+        entry[1] += sys.getsizeof(obj)
+    # Objects the collector does not track (str, bytes, numbers) are reached through
+    # the tracked containers that hold them.
+    untracked: dict[str, list[int]] = {}
+    seen: set[int] = set()
+    for obj in gc.get_objects():
+        for item in gc.get_referents(obj):
+            if gc.is_tracked(item) or id(item) in seen:
+                continue
+            seen.add(id(item))
+            kind = type(item)
+            entry = untracked.setdefault(f"{kind.__module__}.{kind.__qualname__}", [0, 0])
+            entry[0] += 1
+            entry[1] += sys.getsizeof(item)
+    lines = [f"RSS {rss_mb():.0f} MB"]
+    for title, table in (("tracked", counts), ("untracked, reached", untracked)):
+        total = sum(size for _, size in table.values())
+        lines.append(f"{title}: {total / 2**20:.0f} MB")
+        for name, (count, size) in sorted(table.items(), key=lambda kv: -kv[1][1])[:top]:
+            lines.append(f"  {size / 2**20:10.1f} MB {count:12,d}  {name}")
+    path.write_text("\n".join(lines) + "\n")
+
+
 def summary(result: dict[str, Any]) -> dict[str, Any]:
     """The issue's metric set, from the raw result.
 
@@ -547,6 +588,9 @@ def main() -> None:
         help="VPN servers on one PostgreSQL database (a throw-away cluster; 1: SQLite)",
     )  # fmt: skip
     parser.add_argument("--postgresql", action="store_true", help="PostgreSQL even with one server")
+    parser.add_argument(
+        "--census", type=Path, help="write a census of the server's heap after step A here"
+    )
     args = parser.parse_args()
     import logging
 
@@ -564,7 +608,7 @@ def main() -> None:
         bench = Bench(
             args.sites, args.per_process, Path(tmp), args.profile,
             profile_farms=args.profile_farms, profile_step=args.profile_step,
-            servers=args.servers, database=database,
+            servers=args.servers, database=database, census=args.census,
         )  # fmt: skip
         result = asyncio.run(bench.run())
     n = result["sites"]
@@ -572,6 +616,8 @@ def main() -> None:
     print(f"VPN server, full mesh of {n} CE agents (--dataplane none), 2 cores shared")
     print(f"  {args.servers} server(s) on one {where} database")
     print(f"  enrol: {result['enrol_per_ce_ms']:.1f} ms per CE (one session, sequential)")
+    print(f"  server RSS: {result['rss_after_full_mesh_mb']:.0f} MB after A, "
+          f"{result['server_rss_mb']:.0f} MB at the end")  # fmt: skip
     print(f"  CPU with nothing under way: server {result['server_idle_cpu_ms_per_s']:.1f} ms/s, "
           f"agents {result['agents_idle_cpu_ms_per_s']:.1f} ms/s "
           f"({result['idle_sessions_opened']} sessions opened and "

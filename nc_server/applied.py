@@ -124,7 +124,9 @@ class AppliedLedger:
                 for site in set(sites) - allowed:
                     self._known.pop(site, None)  # another server's now: read it from there
                 sites = [site for site in sites if site in allowed]
+            rows: dict[tuple[str, str], bytes | None] = {}
             for site in sites:
                 known = self._known[site]
                 record = {"version": known.version, "port": known.port}
-                self.storage.put(APPLIED, site, json.dumps(record).encode())
+                rows[(APPLIED, site)] = json.dumps(record).encode()
+            self.storage.write_many(rows)

@@ -455,11 +455,7 @@ class KeyStore:
             # cast: Storage.transaction() is annotated as returning an Iterator,
             # but every implementation returns a context manager (@contextmanager).
             with self._storage.transaction():
-                for (table, key), value in pending.items():
-                    if value is None:
-                        self._storage.delete(table, key)
-                    else:
-                        self._storage.put(table, key, value)
+                self._storage.write_many(pending)
                 if self.written is not None:
                     self.written(frozenset(pending))
         except BaseException:

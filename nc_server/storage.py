@@ -5,7 +5,7 @@ VPN database itself), the key material it generates, enrolment records and
 the last configuration each CE confirmed.  The interface is deliberately a
 handful of key-value operations on named tables, grouped in transactions, so
 that the PostgreSQL implementation (nc_server.storage_postgresql: one table,
-the same five statements) replaces SQLite for a replicated deployment without
+the same statements) replaces SQLite for a replicated deployment without
 touching any caller; :func:`open_storage` picks one from ``--database``.
 
 SQLite runs in WAL mode with synchronous=FULL: a committed transaction
@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Protocol
@@ -67,6 +67,13 @@ class Storage(Protocol):
     def put(self, table: str, key: str, value: bytes) -> None: ...
 
     def delete(self, table: str, key: str) -> None: ...
+
+    def write_many(self, rows: Mapping[tuple[str, str], bytes | None]) -> None:
+        """Put each (table, key) -> value and delete each (table, key) -> None, in one
+        transaction (the caller's, if one is open), with a statement per batch of rows
+        rather than one per row: a full mesh's key material is a million rows, and on
+        PostgreSQL a statement is a round trip to the database."""
+        ...
 
     def scan(self, table: str, prefix: str = "") -> list[tuple[str, bytes]]:
         """All (key, value) of ``table`` whose key starts with ``prefix``, in key order."""
@@ -141,6 +148,17 @@ class SqliteStorage:
     def delete(self, table: str, key: str) -> None:
         with self.transaction():
             self._db.execute("DELETE FROM kv WHERE tbl = ? AND key = ?", (table, key))
+
+    def write_many(self, rows: Mapping[tuple[str, str], bytes | None]) -> None:
+        puts = [(table, key, value) for (table, key), value in rows.items() if value is not None]
+        gone = [(table, key) for (table, key), value in rows.items() if value is None]
+        with self.transaction():
+            if puts:
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO kv (tbl, key, value) VALUES (?, ?, ?)", puts
+                )
+            if gone:
+                self._db.executemany("DELETE FROM kv WHERE tbl = ? AND key = ?", gone)
 
     def scan(self, table: str, prefix: str = "") -> list[tuple[str, bytes]]:
         with self._lock:

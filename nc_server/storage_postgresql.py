@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import unquote
@@ -98,6 +98,13 @@ nc_server.shared_running's)."""
 URL_SCHEMES = ("postgresql://", "postgres://")
 CONNECT_TIMEOUT = 10
 POOL_SIZE = 8
+WRITE_CHUNK = 5000
+"""Keys per DELETE statement of :meth:`PostgresStorage.write_many`."""
+COPY_MIN = 1000
+"""Rows from which :meth:`PostgresStorage.write_many` copies them in (binary COPY into a
+temporary table, then one INSERT): 6.6 us a row here, against 18 us through arrays and
+156 us through one INSERT per row (40,000 key material rows).  Fewer rows go in one
+INSERT of arrays, without the temporary table's catalog work."""
 POOL_WAIT = 10.0
 """Seconds a use of the storage waits for a connection before it fails (database down)."""
 RECONNECT = 5.0
@@ -277,6 +284,35 @@ class PostgresStorage:
                 "DELETE FROM cevpn_kv WHERE tbl = %s AND key = %s", (table, key)
             )
 
+    def write_many(self, rows: Mapping[tuple[str, str], bytes | None]) -> None:
+        puts = [(table, key, value) for (table, key), value in rows.items() if value is not None]
+        gone: dict[str, list[str]] = {}
+        for (table, key), value in rows.items():
+            if value is None:
+                gone.setdefault(table, []).append(key)
+        with self.transaction():
+            conn = self._local.connection
+            assert conn is not None
+            if len(puts) >= COPY_MIN:
+                _copy_in(conn, puts)
+            elif puts:
+                conn.execute(
+                    "INSERT INTO cevpn_kv (tbl, key, value)"
+                    " SELECT * FROM unnest(%s::text[], %s::text[], %s::bytea[])"
+                    " ON CONFLICT (tbl, key) DO UPDATE SET value = EXCLUDED.value",
+                    (
+                        [table for table, _, _ in puts],
+                        [key for _, key, _ in puts],
+                        [value for _, _, value in puts],
+                    ),
+                )
+            for table, keys in gone.items():
+                for start in range(0, len(keys), WRITE_CHUNK):
+                    conn.execute(
+                        "DELETE FROM cevpn_kv WHERE tbl = %s AND key = ANY(%s)",
+                        (table, keys[start : start + WRITE_CHUNK]),
+                    )
+
     def scan(self, table: str, prefix: str = "") -> list[tuple[str, bytes]]:
         with self._reading() as conn:
             if prefix:
@@ -333,6 +369,26 @@ class PostgresStorage:
     def close(self) -> None:
         self._pool.close()
         _REDACTING.urls.discard(self.url)
+
+
+def _copy_in(conn: psycopg.Connection[Any], rows: list[tuple[str, str, bytes]]) -> None:
+    """Upsert many rows in the open transaction: binary COPY into a temporary table, one
+    INSERT ... ON CONFLICT from it, and the table dropped (by the transaction's end if
+    anything fails: a rolled-back CREATE leaves nothing)."""
+    conn.execute(
+        'CREATE TEMPORARY TABLE cevpn_kv_in (tbl text, key text COLLATE "C", value bytea)'
+        " ON COMMIT DROP"
+    )
+    with conn.cursor() as cur:
+        with cur.copy("COPY cevpn_kv_in (tbl, key, value) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(["text", "text", "bytea"])
+            for row in rows:
+                copy.write_row(row)
+        cur.execute(
+            "INSERT INTO cevpn_kv (tbl, key, value) SELECT tbl, key, value FROM cevpn_kv_in"
+            " ON CONFLICT (tbl, key) DO UPDATE SET value = EXCLUDED.value"
+        )
+        cur.execute("DROP TABLE cevpn_kv_in")
 
 
 def _durable(conn: psycopg.Connection[Any]) -> None:

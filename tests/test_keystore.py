@@ -7,7 +7,7 @@ import json
 import logging
 import re
 import stat
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -113,6 +113,10 @@ class CountingStorage(SqliteStorage):
     def delete(self, table: str, key: str) -> None:
         self.writes += 1
         super().delete(table, key)
+
+    def write_many(self, rows: Mapping[tuple[str, str], bytes | None]) -> None:
+        self.writes += len(rows)
+        super().write_many(rows)
 
     @contextmanager
     def transaction(self) -> Iterator[None]:

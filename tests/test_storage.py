@@ -96,6 +96,49 @@ def test_percent_and_underscore_in_a_prefix_mean_themselves(store: Storage) -> N
     assert [k for k, _ in store.scan("t", "a\\")] == ["a\\b/1"]
 
 
+def test_write_many_puts_replaces_and_deletes_rows_of_several_tables(store: Storage) -> None:
+    store.put("t", "old", b"1")
+    store.put("t", "gone", b"2")
+    store.put("u", "gone", b"3")
+    store.write_many(
+        {("t", "old"): b"\x00new\xff", ("t", "n\u00e9"): b"4", ("t", "gone"): None,
+         ("u", "gone"): None, ("u", "absent"): None, ("u", "x"): b"5"}
+    )  # fmt: skip
+    assert store.scan("t") == [("n\u00e9", b"4"), ("old", b"\x00new\xff")]
+    assert store.scan("u") == [("x", b"5")]
+
+
+def test_write_many_of_more_rows_than_one_statement_takes_writes_them_all(store: Storage) -> None:
+    rows: dict[tuple[str, str], bytes | None] = {
+        ("t", f"k{n:05d}"): str(n).encode() for n in range(12_001)
+    }
+    store.write_many(rows)
+    assert len(store.scan("t")) == 12_001 and store.get("t", "k12000") == b"12000"
+    store.write_many({("t", f"k{n:05d}"): None for n in range(0, 12_001, 2)})
+    assert [k for k, _ in store.scan("t")] == [f"k{n:05d}" for n in range(1, 12_001, 2)]
+
+
+def test_two_large_write_manys_in_one_transaction_keep_the_last_value(store: Storage) -> None:
+    with store.transaction():
+        store.write_many({("t", f"k{n}"): b"first" for n in range(3000)})
+        store.write_many({("t", f"k{n}"): b"second" for n in range(0, 3000, 3)})
+    values = dict(store.scan("t"))
+    assert len(values) == 3000 and values["k0"] == b"second" and values["k1"] == b"first"
+
+
+def test_write_many_joins_the_open_transaction_and_rolls_back_with_it(
+    open_store: Callable[[], Storage],
+) -> None:
+    store, other = open_store(), open_store()
+    store.put("t", "a", b"1")
+    with pytest.raises(RuntimeError), store.transaction():
+        store.write_many({("t", "a"): None, ("t", "b"): b"2"})
+        assert store.get("t", "a") is None and store.get("t", "b") == b"2"
+        assert other.get("t", "b") is None  # not committed yet
+        raise RuntimeError("abort")
+    assert store.scan("t") == [("a", b"1")] and other.scan("t") == [("a", b"1")]
+
+
 def test_a_failed_transaction_writes_nothing(store: Storage) -> None:
     store.put("t", "a", b"1")
     with pytest.raises(RuntimeError), store.transaction():
