@@ -196,6 +196,7 @@ class Bench:
             # server queued for it when it logged in has run: let those end, or step A
             # would count them (and their new SSH connections).
             await app.controller.provisioner.settle()
+            result["standing_links_before_full_mesh"] = app.controller.jobs.southbound.open_links()
             result["A_full_mesh"] = await self._measure(
                 "A",
                 app,
@@ -616,6 +617,7 @@ def main() -> None:
     print(f"VPN server, full mesh of {n} CE agents (--dataplane none), 2 cores shared")
     print(f"  {args.servers} server(s) on one {where} database")
     print(f"  enrol: {result['enrol_per_ce_ms']:.1f} ms per CE (one session, sequential)")
+    print(f"  standing links to CEs before A: {result['standing_links_before_full_mesh']}")
     print(f"  server RSS: {result['rss_after_full_mesh_mb']:.0f} MB after A, "
           f"{result['server_rss_mb']:.0f} MB at the end")  # fmt: skip
     print(f"  CPU with nothing under way: server {result['server_idle_cpu_ms_per_s']:.1f} ms/s, "

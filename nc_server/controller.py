@@ -719,6 +719,7 @@ class Controller:
             if in_sync:
                 rec.retry_count, rec.next_attempt = 0, None
                 self._receiver_applied(rec, config)
+                self._fetched_in_sync(site, config)
             elif was in ("unreachable", "failed") and view.autodiscovery == "push":
                 prov.want(site)  # it answers: push now, not at the next back-off retry
         return Fetched(
@@ -729,6 +730,23 @@ class Controller:
             unchanged=applied_version is not None and applied_version == config.version,
             being_pushed=being_pushed,
         )
+
+    def _fetched_in_sync(self, site: str, config: CeConfig) -> None:
+        """The CE says it runs the version it fetched: a version names one configuration,
+        so the server now knows what the CE holds, as after a push of its own.  Its next
+        push is then the change from it, confirmed over the standing link's second
+        session, instead of a whole resynchronisation confirmed over a brand-new
+        connection: what every CE that came up by fetching (its first start, a server
+        restart) cost at the next change, a thousand new SSH connections at once when that
+        change is a full mesh.  Only the CE's owner keeps such a record."""
+        epoch = self.jobs.ownership.epoch(site)
+        if epoch is None:
+            return
+        ledger = self.jobs.applied
+        known = ledger.get(site)
+        if known.version == config.version and known.config is not None:
+            return
+        ledger.record(site, config.version, config.config, known.port, epoch)
 
     # -- what CEs say of their tunnels (nc_server.southbound.TunnelWatch) -------------
 

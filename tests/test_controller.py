@@ -626,6 +626,40 @@ def test_a_server_killed_and_restarted_keeps_its_ces_in_sync_and_goes_on(tmp_pat
         assert ctl.agents["onyx-s1"].running_ce()["peers"] == ["onyx-s2", "onyx-s3"]
 
 
+def test_a_ce_in_sync_by_its_own_fetch_gets_the_next_change_as_an_edit_over_one_connection(
+    tmp_path: Path,
+) -> None:
+    """After a restart the server no longer knows what its CEs hold.  A CE that then
+    fetches and says it runs the current version tells it (a version names one
+    configuration): its next push is the change alone, confirmed over the standing link's
+    second session, not its whole configuration confirmed over a brand-new connection."""
+    import re
+
+    from lxml import etree
+
+    with controller(tmp_path) as ctl:
+        mesh(ctl, "sand", 2)
+        ctl.in_sync("sand-s1", "sand-s2")
+        ctl.server.kill9()
+        ctl.server.start()
+        ctl.in_sync("sand-s1", "sand-s2")
+        restarted_at = len(ctl.server.log_path.read_text())
+        with ctl.agents["sand-s1"].connect_as_server(ctl.server) as agent:
+            reply = agent.dispatch(etree.fromstring(f'<refresh-configuration xmlns="{CE_NS}"/>'))
+            assert etree.fromstring(reply.xml.encode()).findtext(f"{{{CE_NS}}}changed") == "false"
+        ctl.join("sand", "sand-s3", 3, "10.3.0.0/24")
+        ctl.in_sync("sand-s1", "sand-s2", "sand-s3")
+        log = ctl.server.log_path.read_text()[restarted_at:]
+        pushed = re.findall(r"CE sand-s1: pushing version \S+ to \S+ port \d+: (.*)", log)
+        confirmed = re.findall(
+            r"CE sand-s1: version \S+ committed and confirmed \(\d+ RPCs, (\d+) new session", log
+        )
+        assert pushed and "whole configuration" not in pushed[-1]
+        assert confirmed and confirmed[-1] == "1"  # the link; no connection for the confirm
+        # sand-s2 said nothing since the restart: the server resynchronised it whole.
+        assert "CE sand-s2: pushing version" in log
+
+
 def test_a_ces_fetches_go_over_its_notification_session_not_new_connections(
     tmp_path: Path,
 ) -> None:
