@@ -332,12 +332,22 @@ class SharedOwnership:
                 keep = busy | (set(self.owned) - self._releasing)
                 calls = Calls(call_home, held, mine)
                 changes = plan(self.name, rows, live, known, busy=keep, calls=calls)
-                for change in changes:
+                if changes:
+                    # One statement for them all: the transaction holds OWNERSHIP_LOCK, and
+                    # a statement per CE (a round trip each, through a loaded event loop)
+                    # made the renewal that assigns a thousand CEs outlast its own
+                    # timeouts, rolled back and tried again at every renewal, while the
+                    # other servers' renewals timed out waiting for the lock.
                     await conn.execute(
-                        "INSERT INTO cevpn_ce_owner (site, server, epoch) VALUES (%s, %s, %s)"
+                        "INSERT INTO cevpn_ce_owner (site, server, epoch)"
+                        " SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[])"
                         " ON CONFLICT (site) DO UPDATE SET server = EXCLUDED.server,"
                         " epoch = EXCLUDED.epoch, since = now()",
-                        (change.site, change.server, change.epoch),
+                        (
+                            [change.site for change in changes],
+                            [change.server for change in changes],
+                            [change.epoch for change in changes],
+                        ),
                     )
         except BaseException:
             self._releasing = set()

@@ -226,3 +226,40 @@ def test_exactly_one_live_server_leads_the_rekeys_and_another_takes_over_when_it
             await b.stop()
 
     asyncio.run(scenario())
+
+
+def test_one_renewal_assigns_thousands_of_new_ces_and_a_stopped_servers_all_move_at_once(
+    storage: PostgresStorage,
+) -> None:
+    """The rows a renewal changes are written in one statement: 3,000 CEs enrolled at
+    once are all owned after it, split between the two servers, and when one stops the
+    other's next renewal takes its share whole, each CE at the next epoch."""
+    many = {f"ce-{n:05d}" for n in range(3000)}
+
+    def big_owner(name: str) -> SharedOwnership:
+        return SharedOwnership(
+            storage, name, known_sites=lambda: many, busy=set,
+            changed=lambda gained, lost: None, call_home=frozenset, holding=frozenset,
+            times=STEADY,
+        )  # fmt: skip
+
+    async def scenario() -> None:
+        a, b = big_owner("a"), big_owner("b")
+        await a.start()
+        await b.start()
+        try:
+            await wait_for_async(
+                lambda: set(a.owned) | set(b.owned) == many and bool(a.owned) and bool(b.owned),
+                30,
+                "every CE owned, by both",
+            )
+            rows = storage.query("SELECT site, server, epoch FROM cevpn_ce_owner")
+            assert {str(site) for site, _, _ in rows} == many
+            of_a = dict(a.owned)
+            await a.stop()
+            await wait_for_async(lambda: set(b.owned) == many, 30, "b owns every CE")
+            assert all(b.owned[site] == epoch + 1 for site, epoch in of_a.items())
+        finally:
+            await b.stop()
+
+    asyncio.run(scenario())
