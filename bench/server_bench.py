@@ -116,11 +116,11 @@ class Bench:
         self.profile_step = profile_step
         self.farms: list[subprocess.Popen[bytes]] = []
         self.servers = servers
-        self.census = census
-        """Where to write a census of this process's heap after step A (None: none)."""
         """VPN servers on the one database: this process's and servers - 1 cevpn-server
         processes (they need ``database``, a PostgreSQL URL)."""
         self.database = database
+        self.census = census
+        """Where to write a census of this process's heap after step A (None: none)."""
         self.others: list[subprocess.Popen[bytes]] = []
         self.observer_cpu = 0.0
         """CPU seconds this process spent as the bench, not as the server: looking at the
