@@ -559,10 +559,7 @@ class KeyStore:
             return
         try:
             with self._storage.transaction():
-                if data is None:
-                    self._storage.delete(table, key)
-                else:
-                    self._storage.put(table, key, data)
+                self._storage.write_many({(table, key): data})
                 if self.written is not None:
                     self.written(frozenset({(table, key)}))
         except BaseException:
