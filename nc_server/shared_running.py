@@ -440,11 +440,14 @@ class SharedDatastores(SqliteDatastores):
         been made: this server's generation stays the one before, so that the follower
         adopts the commit if the database (the promoted standby) has it."""
         new = Generation(stored.number + 1, self.name)
-        self.storage.put(self.TABLE, "running", data)
-        self.storage.put(TABLE, GENERATION_KEY, new.encode())
+        rows: dict[tuple[str, str], bytes | None] = {
+            (self.TABLE, "running"): data,
+            (TABLE, GENERATION_KEY): new.encode(),
+            (TABLE, f"{KEYS_KEY}{new.number - KEYS_KEPT}"): None,
+        }
         if keys is not None:
-            self.storage.put(TABLE, f"{KEYS_KEY}{new.number}", keys)
-        self.storage.delete(TABLE, f"{KEYS_KEY}{new.number - KEYS_KEPT}")
+            rows[(TABLE, f"{KEYS_KEY}{new.number}")] = keys
+        self.storage.write_many(rows)
         self.postgres.notify(CHANNEL, str(new.number))
         return new.number
 
