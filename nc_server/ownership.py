@@ -5,14 +5,17 @@ nothing stored, nothing checked).  With several servers on one PostgreSQL
 database (:class:`SharedOwnership`), the rules of nc_server.leases run on two
 tables (nc_server.storage_postgresql, schema version 2):
 
-- ``cevpn_server_lease``: each server's lease, renewed every second; its
-  expiry is the database's ``now()`` + TTL, so every server judges it by the
-  same clock.
-- ``cevpn_ce_owner``: site -> server, epoch.  Every renewal runs in one
-  transaction, under an advisory lock all servers take: renew, read who is
-  live, take over the CEs of servers whose lease expired (epoch + 1, one log
-  line per dead server), give new CEs their rendezvous owner, hand over this
-  server's CEs another live server now wins (only those with no push in flight).
+- ``cevpn_server_lease``: each server's lease, renewed every second by a
+  thread of its own (nc_server.lease_keepalive), so that a busy event loop
+  does not lose it; its expiry is the database's ``now()`` + TTL, so every
+  server judges it by the same clock.
+- ``cevpn_ce_owner``: site -> server, epoch.  Every second an ownership round
+  runs on the event loop, in one transaction, under an advisory lock all
+  servers take: read who is live, take over the CEs of servers whose lease
+  expired (their rows locked and checked again, epoch + 1, one log line per
+  dead server), give new CEs their rendezvous owner, hand over this server's
+  CEs another live server now wins (only those with no push in flight), and
+  renew this server's lease as well.
 - ``cevpn_ce_caller``: site -> server, for each call-home CE's connection a
   server holds (RFC 8071).  Each server rewrites its own rows in every
   renewal, from its live links; a call-home CE is owned by the server holding
@@ -37,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import psycopg
 
+from nc_server.lease_keepalive import RENEW_SQL, LeaseKeepAlive
 from nc_server.leases import (
     Calls,
     Change,
@@ -166,6 +170,11 @@ class SharedOwnership:
         """The call-home sites whose CE's connection this server holds, alive, now."""
         self.times = times or LeaseTimes.from_environment()
         self.lease = LocalLease(self.times, clock)
+        self.keepalive = LeaseKeepAlive(
+            storage.url if storage else "", name, self.lease, self.times, clock
+        )
+        self._revivals_seen = 0
+        self._heartbeat: asyncio.TimerHandle | None = None
         self.owned: dict[str, int] = {}
         """This server's CEs and their epochs, as of its last successful renewal."""
         self.owners: dict[str, str] = {}
@@ -179,7 +188,9 @@ class SharedOwnership:
         """CEs whose push was refused while ownership was in doubt (:meth:`defer`)."""
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._task: asyncio.Task[None] | None = None
-        self._renewal_failed = False
+        self._round_failed = False
+        self.rounds = 0
+        """Ownership rounds done (each one renews the lease as well)."""
 
     # -- what provisioning asks --------------------------------------------------------
 
@@ -225,31 +236,41 @@ class SharedOwnership:
         try:
             await self.renew()
         except (psycopg.Error, OSError) as exc:
-            self._renewal_failed = True
+            self._round_failed = True
             log.warning(
                 "ownership: first lease renewal failed (%s); retrying",
                 _brief(exc, self.storage.url),
             )
+        self._beating()
+        self.keepalive.start()
         self._task = asyncio.get_running_loop().create_task(self._renewing())
+
+    def _beating(self) -> None:
+        """The event loop's heartbeat, which the keep-alive renews the lease only while
+        it hears (a hung loop loses the lease; a busy one does not)."""
+        self.keepalive.beat()
+        period = min(0.25, self.times.stall / 4)
+        self._heartbeat = asyncio.get_running_loop().call_later(period, self._beating)
 
     async def _renewing(self) -> None:
         while True:
             await asyncio.sleep(self.times.renew)
             try:
                 await self.renew()
-                if self._renewal_failed:
-                    log.info("ownership: lease renewed again")
-                self._renewal_failed = False
+                if self._round_failed:
+                    log.info("ownership: ownership round done again")
+                self._round_failed = False
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if not self._renewal_failed:
+                if not self._round_failed:
+                    # The lease itself is the keep-alive's: it says when that fails.
                     log.warning(
-                        "ownership: lease renewal failed (%s); pushes stop within %.1f s",
+                        "ownership: ownership round failed (%s); takeovers and handovers"
+                        " wait for the next one",
                         _brief(exc, self.storage.url),
-                        self.lease.remaining(),
                     )
-                self._renewal_failed = True
+                self._round_failed = True
                 if self._conn is not None:
                     await self._conn.close()
                     self._conn = None
@@ -261,21 +282,21 @@ class SharedOwnership:
                 autocommit=True,
                 connect_timeout=max(1, int(self.times.renew * 2)),
             )
-            # A renewal that cannot finish in time is worth nothing: give up and retry.
+            # A round that cannot finish in time is worth nothing: give up and retry.
             timeout_ms = int(self.times.renew * 1000)
             await self._conn.execute(f"SET statement_timeout = {timeout_ms}")
-            # A server frozen inside its renewal (SIGSTOP, a pause) must not keep the
-            # ownership lock from the others, who are to take its CEs over: the database
-            # ends its session, and its transaction with it, after this long.
+            # A server frozen inside its round (SIGSTOP, a pause, a busy loop) must not
+            # keep the ownership lock from the others, who may be taking CEs over: the
+            # database ends its session, and its transaction with it, after this long.
             await self._conn.execute(f"SET idle_in_transaction_session_timeout = {timeout_ms}")
         return self._conn
 
     async def renew(self) -> None:
-        """One renewal: the lease, dead servers' CEs, new CEs, handovers (one transaction)."""
+        """One ownership round: dead servers' CEs, new CEs, handovers, and the lease
+        (one transaction)."""
         from nc_server.storage_postgresql import OWNERSHIP_LOCK
 
         conn = await self._connection()
-        was_valid = self.lease.valid()
         busy = set(self.busy())
         call_home = set(self.call_home())
         mine = set(self.holding()) & call_home
@@ -294,10 +315,13 @@ class SharedOwnership:
         try:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (OWNERSHIP_LOCK,))
+                # The row is made if it is missing (the first round, or another server
+                # took this one's CEs and deleted it), but not locked: the keep-alive's
+                # renewals go on while this round runs.  This server's lease is renewed
+                # by the round's last statement, so it counts as live here.
                 await conn.execute(
                     "INSERT INTO cevpn_server_lease (server, expires) VALUES"
-                    " (%s, now() + make_interval(secs => %s))"
-                    " ON CONFLICT (server) DO UPDATE SET expires = EXCLUDED.expires",
+                    " (%s, now() + make_interval(secs => %s)) ON CONFLICT (server) DO NOTHING",
                     (self.name, self.times.ttl),
                 )
                 cur = await conn.execute(
@@ -306,8 +330,23 @@ class SharedOwnership:
                     (self.times.grace,),
                 )
                 leases = await cur.fetchall()
-                live = sorted(str(s) for s, alive, _ in leases if alive)
-                dead = {str(s): expires for s, alive, expires in leases if not alive}
+                dead = {
+                    str(s): expires
+                    for s, alive, expires in leases
+                    if not alive and str(s) != self.name
+                }
+                if dead:
+                    # Judged dead on a snapshot: lock the rows and judge them again on
+                    # their latest version, so that a keep-alive renewing one now either
+                    # commits first (and its server is live) or waits and finds it gone.
+                    cur = await conn.execute(
+                        "SELECT server FROM cevpn_server_lease WHERE server = ANY(%s)"
+                        " AND expires + make_interval(secs => %s) <= now() FOR UPDATE",
+                        (list(dead), self.times.grace),
+                    )
+                    still = {str(server) for (server,) in await cur.fetchall()}
+                    dead = {server: at for server, at in dead.items() if server in still}
+                live = sorted({str(s) for s, _, _ in leases} - set(dead) | {self.name})
                 if dead:
                     await conn.execute(
                         "DELETE FROM cevpn_server_lease WHERE server = ANY(%s)", (list(dead),)
@@ -349,10 +388,12 @@ class SharedOwnership:
                             [change.epoch for change in changes],
                         ),
                     )
+                await conn.execute(RENEW_SQL, (self.times.ttl, self.name))
         except BaseException:
             self._releasing = set()
             raise
         self.lease.renewed(sent)
+        self.rounds += 1
         for change in changes:
             rows[change.site] = Owner(change.server, change.epoch)
         self._log_changes(changes, dead)
@@ -372,8 +413,11 @@ class SharedOwnership:
         self._releasing = set()
         gained = {site for site, epoch in owned.items() if before.get(site) != epoch}
         lost = {site for site, epoch in before.items() if owned.get(site) != epoch}
-        if not was_valid:
-            gained = set(owned)  # pushes were refused meanwhile: go over every CE again
+        if self.lease.revivals != self._revivals_seen:
+            # The lease lapsed and is valid again (or this is the first round): pushes
+            # were refused meanwhile, so every CE is gone over again.
+            self._revivals_seen = self.lease.revivals
+            gained = set(owned)
         # Pushes refused since the last renewal (the lease ran short while this one was
         # on its way, or the CE was about to be handed over and was not after all): the
         # CEs still this server's are gone over again, or they would wait for ever.
@@ -411,6 +455,11 @@ class SharedOwnership:
     async def stop(self) -> None:
         """Stop pushing, then give the lease up so that the others take the CEs at once."""
         self.lease.lapse()
+        await asyncio.to_thread(self.keepalive.stop)
+        self.lease.lapse()  # a renewal under way when it was told to stop
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
         if self._task is not None:
             self._task.cancel()
             try:

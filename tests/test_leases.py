@@ -142,6 +142,27 @@ def test_a_lease_is_valid_from_the_sending_of_its_renewal_minus_the_margin() -> 
     assert not lease.valid()
 
 
+def test_a_renewal_that_makes_a_lapsed_lease_valid_again_is_counted_as_a_revival() -> None:
+    """The ownership round goes over every CE again when it sees the count change: pushes
+    were refused while the lease had lapsed (whichever thread renewed it back)."""
+    clock = Clock()
+    lease = LocalLease(LeaseTimes(ttl=4.0, renew=1.0, margin=1.0, grace=1.0), clock)
+    lease.renewed(lease.sending())
+    assert lease.revivals == 1  # the first renewal: nothing was valid before
+    clock.now += 1
+    lease.renewed(lease.sending())
+    assert lease.revivals == 1  # renewed while valid
+    clock.now += 5
+    stale = clock.now - 3.5  # answered too late to make it valid
+    lease.renewed(stale)
+    assert lease.revivals == 1 and not lease.valid()
+    lease.renewed(lease.sending())
+    assert lease.revivals == 2
+    lease.lapse()
+    lease.renewed(lease.sending())
+    assert lease.revivals == 3
+
+
 def test_fencing_leaves_margin_and_grace_between_the_last_push_and_a_takeover() -> None:
     """Whatever the database's delay, the last moment the old owner may send is at least
     margin + grace before the earliest moment the database lets another take over."""
@@ -162,9 +183,12 @@ def test_lease_times_are_checked_and_overridable_from_the_environment(
 ) -> None:
     with pytest.raises(ValueError):
         LeaseTimes(ttl=2.0, renew=1.0, margin=1.0)
+    with pytest.raises(ValueError):
+        LeaseTimes(stall=0)
     monkeypatch.setenv("CEVPN_LEASE_TTL", "8")
     monkeypatch.setenv("CEVPN_LEASE_GRACE", "2")
-    assert LeaseTimes.from_environment() == LeaseTimes(ttl=8.0, grace=2.0)
+    monkeypatch.setenv("CEVPN_LEASE_STALL", "30")
+    assert LeaseTimes.from_environment() == LeaseTimes(ttl=8.0, grace=2.0, stall=30.0)
 
 
 def test_the_shared_ownership_refuses_a_push_without_a_valid_lease_or_at_another_epoch() -> None:
@@ -193,3 +217,24 @@ def test_the_shared_ownership_refuses_a_push_without_a_valid_lease_or_at_another
     with pytest.raises(Fenced):
         own.check("s1", 2)
     assert own.epoch("s1") is None
+
+
+def test_the_keepalive_does_not_renew_for_an_event_loop_that_stopped_turning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A hung loop loses its lease (its CEs go to the other servers); the keep-alive
+    does not even reach for the database while the heartbeat is older than ``stall``."""
+    from nc_server.lease_keepalive import LeaseKeepAlive
+
+    clock = Clock()
+    times = LeaseTimes(stall=5.0)
+    lease = LocalLease(times, clock)
+    keepalive = LeaseKeepAlive("postgresql://nobody@192.0.2.1/none", "a", lease, times, clock)
+    keepalive.beat()
+    clock.now += 5.5
+    with caplog.at_level("INFO", logger="cevpn.ownership"):
+        assert keepalive.renew_once() is None
+        assert keepalive.renew_once() is None
+    assert keepalive._conn is None
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "event loop has not turned for 5.5 s" in warnings[0]

@@ -1,17 +1,22 @@
 """CE ownership (nc_server.ownership) on a real PostgreSQL, two owners in one process.
 
 Short lease times make a takeover a matter of seconds; one owner "freezes"
-(its renewals stop, as in a stopped process) and the other takes its CEs
-over with epoch + 1, while the frozen one's own clock has already stopped
-its pushes and its records at the old epoch are refused.
+(its event loop stops turning, or the whole process stops) and the other takes
+its CEs over with epoch + 1, while the frozen one's own clock has already
+stopped its pushes and its records at the old epoch are refused.  An owner
+whose loop is only busy keeps its lease (nc_server.lease_keepalive), and a
+lease renewed while another server judges it dead is never both renewed and
+taken over.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterator
 
+import psycopg
 import pytest
 
 from nc_server.leases import Fenced, LeaseTimes
@@ -21,12 +26,43 @@ from tests.waiting import wait_for_async
 
 pytestmark = pytest.mark.timeout(120)
 
-TIMES = LeaseTimes(ttl=1.5, renew=0.3, margin=0.3, grace=0.3)
+TIMES = LeaseTimes(ttl=1.5, renew=0.3, margin=0.3, grace=0.3, stall=0.3)
 STEADY = LeaseTimes(ttl=5.0, renew=0.3, margin=0.5, grace=0.5)
 """For a test in which no server may seem dead until one is made to: renewals late by
 more than a second under a loaded CI (two test workers and PostgreSQL on 2 cores) must
 not let another server take its CEs."""
 SITES = {f"site-{n}" for n in range(40)}
+
+
+def freeze_loop(own: SharedOwnership) -> None:
+    """The owner's event loop stops turning for it: no heartbeat, no ownership round
+    (nothing is given up; its keep-alive thread runs on, as in a hung loop)."""
+    assert own._task is not None and own._heartbeat is not None
+    own._task.cancel()
+    own._heartbeat.cancel()
+
+
+async def kill(own: SharedOwnership) -> None:
+    """The owner's process dies: its loop and its keep-alive stop, nothing is given up."""
+    freeze_loop(own)
+    await asyncio.to_thread(own.keepalive.stop)
+
+
+async def forget(own: SharedOwnership) -> None:
+    """Close what a frozen or killed owner left open in this test process."""
+    own.lease.lapse()
+    await asyncio.to_thread(own.keepalive.stop)
+    if own._conn is not None:
+        await own._conn.close()
+
+
+def lock_waiters(storage: PostgresStorage) -> int:
+    """Sessions of the test's database waiting on a lock now."""
+    rows = storage.query(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+    )
+    return int(rows[0][0])
 
 
 @pytest.fixture
@@ -79,14 +115,13 @@ def test_a_frozen_owner_is_fenced_before_its_ces_are_taken_over_with_a_new_epoch
             assert set(a.owners) == SITES
             of_a = dict(a.owned)
             assert a.epoch(next(iter(of_a))) is not None
-            # a freezes: its renewals stop (its loop is cancelled, nothing is given up).
-            assert a._task is not None
-            a._task.cancel()
+            # a's loop hangs: its keep-alive, hearing no heartbeat, stops renewing.
+            freeze_loop(a)
             frozen = time.monotonic()
             await wait_for_async(lambda: set(b.owned) == SITES, 10, "b owns every CE")
             took = time.monotonic() - frozen
-            print(f"takeover {took:.2f} s after the last renewal could have been sent")
-            assert took <= TIMES.ttl + TIMES.grace + 2 * TIMES.renew + 0.5
+            print(f"takeover {took:.2f} s after the loop last turned")
+            assert took <= TIMES.stall + TIMES.ttl + TIMES.grace + 2 * TIMES.renew + 0.5
             # a's own clock stopped its pushes before the takeover.
             assert not a.lease.valid()
             for site, epoch in of_a.items():
@@ -101,9 +136,7 @@ def test_a_frozen_owner_is_fenced_before_its_ces_are_taken_over_with_a_new_epoch
             assert set().union(*(gained for gained, _ in events_b)) == SITES
         finally:
             await b.stop()
-            a.lease.lapse()
-            if a._conn is not None:
-                await a._conn.close()
+            await forget(a)
 
     asyncio.run(scenario())
 
@@ -163,14 +196,11 @@ def test_a_call_home_ce_is_owned_by_the_server_holding_its_call_and_moves_with_i
             assert also in a.owned and also not in b.owned
             # a dies without giving anything up: b takes the CEs that call it, the others
             # go to the rendezvous winner among the live, which is b alone.
-            assert a._task is not None
-            a._task.cancel()
+            await kill(a)
             await wait_for_async(lambda: set(b.owned) == SITES, 10, "b owns every CE")
         finally:
             await b.stop()
-            a.lease.lapse()
-            if a._conn is not None:
-                await a._conn.close()
+            await forget(a)
 
     asyncio.run(scenario())
 
@@ -261,5 +291,135 @@ def test_one_renewal_assigns_thousands_of_new_ces_and_a_stopped_servers_all_move
             assert all(b.owned[site] == epoch + 1 for site, epoch in of_a.items())
         finally:
             await b.stop()
+
+    asyncio.run(scenario())
+
+
+BUSY = LeaseTimes(ttl=3.0, renew=0.3, margin=0.5, grace=0.5)
+"""Lease times for the busy loop: it stays busy past ttl + grace, well short of stall."""
+
+
+def test_a_busy_event_loop_keeps_the_lease_and_every_ce_at_its_epoch(
+    storage: PostgresStorage,
+) -> None:
+    """The event loop of both servers is busy (here: blocked) for longer than a lease
+    lasts: their keep-alive threads keep both leases, so when the loop turns again
+    nobody takes anybody's CEs over.  Renewed on the loop alone, both leases expired."""
+
+    async def scenario() -> None:
+        events_a: list[tuple[set[str], set[str]]] = []
+        a, b = owner(storage, "a", events_a, times=BUSY), owner(storage, "b", [], times=BUSY)
+        await a.start()
+        await b.start()
+        try:
+            await wait_for_async(
+                lambda: bool(a.owned) and bool(b.owned) and set(a.owned) | set(b.owned) == SITES,
+                10,
+                "every CE owned, by both",
+            )
+            of_a, of_b = dict(a.owned), dict(b.owned)
+            events_a.clear()
+            renewed: list[bool | None] = []
+            renew_a = a.keepalive.renew_once
+
+            def counted() -> bool | None:
+                renewed.append(renew_a())
+                return renewed[-1]
+
+            a.keepalive.renew_once = counted  # type: ignore[method-assign]
+            # Busy: the loop does not turn until the leases as they stood have expired,
+            # grace included, by the database's clock.
+            rows = storage.query(
+                "SELECT EXTRACT(EPOCH FROM max(expires) - now()) FROM cevpn_server_lease"
+            )
+            busy_until = time.monotonic() + float(rows[0][0]) + BUSY.grace + 1.0
+            while time.monotonic() < busy_until:
+                time.sleep(0.05)
+            assert True in renewed, renewed
+            assert a.lease.valid() and b.lease.valid()
+            after = (a.rounds, b.rounds)
+            await wait_for_async(
+                lambda: a.rounds >= after[0] + 2 and b.rounds >= after[1] + 2,
+                10,
+                "two ownership rounds each since",
+            )
+            assert (a.owned, b.owned) == (of_a, of_b)
+            assert events_a == []
+        finally:
+            await a.stop()
+            await b.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_lease_renewed_while_another_server_judges_it_dead_keeps_its_ces(
+    storage: PostgresStorage, postgres_url: str
+) -> None:
+    """b's round sees a's lease expired, but a's keep-alive is renewing it at that very
+    moment: b locks the row, waits, judges it again on the renewed row, and takes
+    nothing.  (On the snapshot alone b would take a's CEs while a, renewed, pushed on.)"""
+
+    async def scenario() -> None:
+        a, b = owner(storage, "a", [], times=STEADY), owner(storage, "b", [], times=STEADY)
+        try:
+            for _ in range(3):
+                await a.renew()
+                await b.renew()
+            of_a = dict(a.owned)
+            assert of_a and set(of_a) | set(b.owned) == SITES
+            storage.query(
+                "UPDATE cevpn_server_lease SET expires = now() - interval '1 hour'"
+                " WHERE server = 'a'"
+            )
+            with psycopg.connect(postgres_url) as keepalive:  # a's, mid-renewal
+                keepalive.execute(
+                    "UPDATE cevpn_server_lease SET expires = now() + interval '1 minute'"
+                    " WHERE server = 'a'"
+                )
+                judging = asyncio.get_running_loop().create_task(b.renew())
+                await wait_for_async(lambda: lock_waiters(storage) == 1, 10, "b waits")
+                assert not judging.done()
+                keepalive.commit()
+            await judging
+            assert set(b.owned).isdisjoint(of_a)
+            assert "a" in b.live
+            await a.renew()
+            assert a.owned == of_a
+        finally:
+            await a.stop()
+            await b.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_lease_taken_over_while_its_keepalive_renews_it_is_lapsed_not_renewed(
+    storage: PostgresStorage, postgres_url: str
+) -> None:
+    """b is taking a's CEs over (a's lease row locked, about to be deleted) when a's
+    keep-alive sends its renewal: the renewal waits, finds no row, and a stops pushing
+    at once rather than counting a lease it no longer has."""
+
+    async def scenario() -> None:
+        a = owner(storage, "a", [], times=STEADY)
+        try:
+            await a.renew()
+            assert a.lease.valid() and a.owned
+            results: list[bool | None] = []
+            with psycopg.connect(postgres_url) as taker:
+                taker.execute("SELECT 1 FROM cevpn_server_lease WHERE server = 'a' FOR UPDATE")
+                renewal = threading.Thread(target=lambda: results.append(a.keepalive.renew_once()))
+                renewal.start()
+                await wait_for_async(lambda: lock_waiters(storage) == 1, 10, "a's renewal waits")
+                assert results == []
+                taker.execute("DELETE FROM cevpn_server_lease WHERE server = 'a'")
+                taker.commit()
+            await asyncio.to_thread(renewal.join, 10)
+            assert results == [False]
+            assert not a.lease.valid()
+            first = dict(a.owned)
+            await a.renew()  # a fresh lease
+            assert a.lease.valid() and a.owned == first
+        finally:
+            await a.stop()
 
     asyncio.run(scenario())
