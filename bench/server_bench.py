@@ -246,7 +246,9 @@ class Bench:
             # Did a server lose its lease under the load (CEs then change hands mid-bench)?
             logs = [self.work / f"server-{k}.log" for k in range(2, self.servers + 1)]
             result["lease_troubles"] = sum(
-                text.count("lease renewal failed") + text.count("is dead")
+                text.count("lease renewal failed")
+                + text.count("is dead")
+                + text.count("the event loop has not turned")
                 for text in (path.read_text(errors="replace") for path in logs)
             )
             listener.close()

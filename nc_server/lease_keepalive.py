@@ -26,8 +26,11 @@ the CEs taken.  An ``UPDATE`` that commits first makes the taker see a live leas
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
+import traceback
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -71,12 +74,16 @@ class LeaseKeepAlive:
         self._stalled = False
         self._busy_peak = 0.0
         """The longest the loop had not turned, in the busy stretch under way (seconds)."""
+        self._busy_where: Counter[str] = Counter()
+        """Where the loop was, sampled at each renewal of the busy stretch under way."""
+        self._loop_thread: int | None = None
 
     # -- on the event loop -------------------------------------------------------------
 
     def beat(self) -> None:
         """The event loop turned (called from a callback it runs every fraction of a second)."""
         self._beat = self.clock()
+        self._loop_thread = threading.get_ident()
 
     def start(self) -> None:
         self._beat = self.clock()
@@ -142,13 +149,18 @@ class LeaseKeepAlive:
         """Whether the event loop turned recently enough to renew; logs a hung loop, and
         a busy stretch the lease would not have survived without this thread."""
         idle = self.clock() - self._beat
+        long_stretch = self.times.ttl - self.times.margin
+        if idle > long_stretch:
+            self._busy_peak = max(self._busy_peak, idle)
+            self._busy_where[self._where_the_loop_is()] += 1
         if idle > self.times.stall:
             if not self._stalled:
                 log.warning(
-                    "ownership: the event loop has not turned for %.1f s: the lease is no"
-                    " longer renewed, pushes stop within %.1f s and the CEs go to the other"
-                    " servers",
+                    "ownership: the event loop has not turned for %.1f s (in %s): the lease"
+                    " is no longer renewed, pushes stop within %.1f s and the CEs go to the"
+                    " other servers",
                     idle,
+                    self._busy_where.most_common(1)[0][0],
                     self.lease.remaining(),
                 )
             self._stalled = True
@@ -156,18 +168,30 @@ class LeaseKeepAlive:
         if self._stalled:
             log.info("ownership: the event loop turns again; renewing the lease")
             self._stalled = False
-        long_stretch = self.times.ttl - self.times.margin
-        if idle > long_stretch:
-            self._busy_peak = max(self._busy_peak, idle)
-        elif self._busy_peak:
-            log.info(
-                "ownership: the event loop was busy for at least %.1f s; the lease was"
-                " kept all along",
+        if idle <= long_stretch and self._busy_peak:
+            where = "; ".join(f"{n}x {at}" for at, n in self._busy_where.most_common(3))
+            log.warning(
+                "ownership: the event loop was busy for at least %.1f s (sampled in: %s);"
+                " the lease was kept all along",
                 self._busy_peak,
+                where,
                 extra={"step": "loop-busy", "seconds": round(self._busy_peak, 1)},
             )
             self._busy_peak = 0.0
+            self._busy_where.clear()
         return True
+
+    def _where_the_loop_is(self) -> str:
+        """The event loop thread's innermost frames (code locations only, never values):
+        what an operator, or the next developer, needs to know of a long busy stretch."""
+        frame = sys._current_frames().get(self._loop_thread or -1)
+        if frame is None:
+            return "unknown"
+        frames = traceback.extract_stack(frame)[-6:]
+        return " < ".join(
+            f"{f.name} ({'/'.join(f.filename.split('/')[-2:])}:{f.lineno})"
+            for f in reversed(frames)
+        )
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
