@@ -87,6 +87,8 @@ class LeaseKeepAlive:
 
     def start(self) -> None:
         self._beat = self.clock()
+        # A lease the first ownership round could not make is not "gone": no warning.
+        self._gone = not self.lease.valid()
         self._stop.clear()
         self._thread = threading.Thread(
             target=self._run, name=f"lease-keepalive-{self.name}", daemon=True
@@ -149,7 +151,8 @@ class LeaseKeepAlive:
         """Whether the event loop turned recently enough to renew; logs a hung loop, and
         a busy stretch the lease would not have survived without this thread."""
         idle = self.clock() - self._beat
-        long_stretch = self.times.ttl - self.times.margin
+        # Longer than this, the lease would not have survived on the loop alone.
+        long_stretch = min(self.times.ttl - self.times.margin, self.times.stall)
         if idle > long_stretch:
             self._busy_peak = max(self._busy_peak, idle)
             self._busy_where[self._where_the_loop_is()] += 1

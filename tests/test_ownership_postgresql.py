@@ -300,11 +300,13 @@ BUSY = LeaseTimes(ttl=3.0, renew=0.3, margin=0.5, grace=0.5)
 
 
 def test_a_busy_event_loop_keeps_the_lease_and_every_ce_at_its_epoch(
-    storage: PostgresStorage,
+    storage: PostgresStorage, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The event loop of both servers is busy (here: blocked) for longer than a lease
     lasts: their keep-alive threads keep both leases, so when the loop turns again
-    nobody takes anybody's CEs over.  Renewed on the loop alone, both leases expired."""
+    nobody takes anybody's CEs over.  Renewed on the loop alone, both leases expired.
+    The busy stretch is logged, with where the loop was."""
+    caplog.set_level("WARNING", logger="cevpn.ownership")
 
     async def scenario() -> None:
         events_a: list[tuple[set[str], set[str]]] = []
@@ -345,6 +347,14 @@ def test_a_busy_event_loop_keeps_the_lease_and_every_ce_at_its_epoch(
             )
             assert (a.owned, b.owned) == (of_a, of_b)
             assert events_a == []
+            busy = await wait_for_async(
+                lambda: [r.getMessage() for r in caplog.records if "was busy" in r.getMessage()],
+                10,
+                "the busy stretch logged",
+            )
+            assert "the lease was kept all along" in busy[0]
+            assert "scenario (tests/test_ownership_postgresql.py:" in busy[0]
+            assert not [r for r in caplog.records if "is dead" in r.getMessage()]
         finally:
             await a.stop()
             await b.stop()
