@@ -37,7 +37,7 @@ from typing import Any
 import psycopg
 
 from nc_server.leases import LeaseTimes, LocalLease
-from nc_server.storage_postgresql import redact_text
+from nc_server.storage_postgresql import redact_error
 
 log = logging.getLogger("cevpn.ownership")
 
@@ -124,7 +124,7 @@ class LeaseKeepAlive:
             if not self._failing:
                 log.warning(
                     "ownership: lease renewal failed (%s); pushes stop within %.1f s",
-                    redact_text(" ".join(str(exc).split()) or type(exc).__name__, self.url),
+                    redact_error(exc, self.url),
                     self.lease.remaining(),
                 )
             self._failing = True

@@ -40,7 +40,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import psycopg
 
-from nc_server.lease_keepalive import RENEW_SQL, LeaseKeepAlive
 from nc_server.leases import (
     Calls,
     Change,
@@ -170,6 +169,9 @@ class SharedOwnership:
         """The call-home sites whose CE's connection this server holds, alive, now."""
         self.times = times or LeaseTimes.from_environment()
         self.lease = LocalLease(self.times, clock)
+        # Imported here, as the PostgreSQL storage is: a server on SQLite never loads them.
+        from nc_server.lease_keepalive import LeaseKeepAlive
+
         self.keepalive = LeaseKeepAlive(
             storage.url if storage else "", name, self.lease, self.times, clock
         )
@@ -294,6 +296,7 @@ class SharedOwnership:
     async def renew(self) -> None:
         """One ownership round: dead servers' CEs, new CEs, handovers, and the lease
         (one transaction)."""
+        from nc_server.lease_keepalive import RENEW_SQL
         from nc_server.storage_postgresql import OWNERSHIP_LOCK
 
         conn = await self._connection()
@@ -483,7 +486,8 @@ class SharedOwnership:
 
 
 def _brief(exc: BaseException, url: str) -> str:
-    """The error in one line, never with the database's password."""
-    from nc_server.storage_postgresql import redact_text
+    """The error in one line, never with the database's password (imported when an
+    error is told: a server on SQLite never loads the PostgreSQL storage)."""
+    from nc_server.storage_postgresql import redact_error
 
-    return redact_text(" ".join(str(exc).split()) or type(exc).__name__, url)
+    return redact_error(exc, url)

@@ -155,6 +155,12 @@ def redact_text(text: str, url: str) -> str:
     return text
 
 
+def redact_error(exc: BaseException, url: str) -> str:
+    """The error in one line (its type's name if it says nothing), never with ``url``'s
+    password: what a log line about a failed statement or connection shows."""
+    return redact_text(" ".join(str(exc).split()) or type(exc).__name__, url)
+
+
 class _RedactingFilter(logging.Filter):
     """Takes the passwords of the open storages out of psycopg's own log records."""
 

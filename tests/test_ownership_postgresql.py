@@ -22,7 +22,7 @@ import pytest
 from nc_server.leases import Fenced, LeaseTimes
 from nc_server.ownership import SharedOwnership
 from nc_server.storage_postgresql import PostgresStorage
-from tests.waiting import wait_for_async
+from tests.waiting import wait_for, wait_for_async
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -54,6 +54,14 @@ async def forget(own: SharedOwnership) -> None:
     await asyncio.to_thread(own.keepalive.stop)
     if own._conn is not None:
         await own._conn.close()
+
+
+async def rounds(first: SharedOwnership, second: SharedOwnership, times: int = 3) -> None:
+    """Ownership rounds in turn, ``times`` each (three: both live, every CE owned, no
+    handover left)."""
+    for _ in range(times):
+        await first.renew()
+        await second.renew()
 
 
 def lock_waiters(storage: PostgresStorage) -> int:
@@ -190,9 +198,7 @@ def test_a_call_home_ce_is_owned_by_the_server_holding_its_call_and_moves_with_i
             # end): a keeps it.
             also = max(SITES)
             calls_b.add(also)
-            for _ in range(3):
-                await b.renew()
-                await a.renew()
+            await rounds(b, a)
             assert also in a.owned and also not in b.owned
             # a dies without giving anything up: b takes the CEs that call it, the others
             # go to the rendezvous winner among the live, which is b alone.
@@ -216,9 +222,7 @@ def test_a_push_refused_while_ownership_was_in_doubt_is_retried_after_the_next_r
         events_a: list[tuple[set[str], set[str]]] = []
         a, b = owner(storage, "a", events_a, times=STEADY), owner(storage, "b", [], times=STEADY)
         try:
-            for _ in range(3):  # both live, every CE owned, no handover left
-                await a.renew()
-                await b.renew()
+            await rounds(a, b)
             assert set(a.owned) | set(b.owned) == SITES and a.owned and b.owned
             events_a.clear()
             await a.renew()
@@ -244,9 +248,7 @@ def test_exactly_one_live_server_leads_the_rekeys_and_another_takes_over_when_it
         a, b = owner(storage, "a", [], times=STEADY), owner(storage, "b", [], times=STEADY)
         try:
             assert not a.leads() and not b.leads()  # no lease yet
-            for _ in range(2):
-                await a.renew()
-                await b.renew()
+            await rounds(a, b, 2)
             assert (a.leads(), b.leads()) == (True, False)  # the first live by name
             await a.stop()
             assert not a.leads()
@@ -329,14 +331,18 @@ def test_a_busy_event_loop_keeps_the_lease_and_every_ce_at_its_epoch(
                 return renewed[-1]
 
             a.keepalive.renew_once = counted  # type: ignore[method-assign]
-            # Busy: the loop does not turn until the leases as they stood have expired,
-            # grace included, by the database's clock.
-            rows = storage.query(
-                "SELECT EXTRACT(EPOCH FROM max(expires) - now()) FROM cevpn_server_lease"
+            # Busy: the loop does not turn (wait_for blocks it) until, by the database's
+            # clock, both leases as they stood are past their expiry and grace: dead to
+            # any round that ran then, had nothing renewed them.
+            stood = storage.query(
+                "SELECT max(expires) + make_interval(secs => %s) FROM cevpn_server_lease",
+                (BUSY.grace,),
+            )[0][0]
+            wait_for(
+                lambda: storage.query("SELECT now() > %s", (stood,))[0][0],
+                30,
+                "the leases as they stood past their grace, by the database's clock",
             )
-            busy_until = time.monotonic() + float(rows[0][0]) + BUSY.grace + 1.0
-            while time.monotonic() < busy_until:
-                time.sleep(0.05)
             assert True in renewed, renewed
             assert a.lease.valid() and b.lease.valid()
             after = (a.rounds, b.rounds)
@@ -372,9 +378,7 @@ def test_a_lease_renewed_while_another_server_judges_it_dead_keeps_its_ces(
     async def scenario() -> None:
         a, b = owner(storage, "a", [], times=STEADY), owner(storage, "b", [], times=STEADY)
         try:
-            for _ in range(3):
-                await a.renew()
-                await b.renew()
+            await rounds(a, b)
             of_a = dict(a.owned)
             assert of_a and set(of_a) | set(b.owned) == SITES
             storage.query(
